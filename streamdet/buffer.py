@@ -1,0 +1,233 @@
+"""Per-source ring buffer of preprocessed frames, and the sliding windows taken from it.
+
+The capture thread preprocesses each frame once, straight into a preallocated slot; the
+inference thread copies a window of the newest 16 frames out in one strided copy. Every frame is
+written twice (slot k and k + capacity), so any 16 consecutive frames are contiguous along the
+time axis: a window is a view, never a gather, and never re-preprocessed.
+
+Example:
+    >>> import numpy as np
+    >>> ring = RingBuffer("cam", length=4, stride=2, frame_shape=(1, 2, 2))
+    >>> for i in range(6):
+    ...     _ = ring.write_frame(np.full((1, 2, 2), i, np.float32), FrameMeta(i, float(i), float(i)))
+    >>> w = ring.take_window()
+    >>> (w.first_frame, w.last_frame)
+    (0, 3)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    """Where a frame came from: its index in the source and its capture times."""
+
+    index: int
+    wall_time: float  # UTC epoch seconds
+    monotonic: float  # time.monotonic() at capture
+
+
+@dataclass(frozen=True)
+class Window:
+    """A window of consecutive frames taken from a ring buffer."""
+
+    source: str
+    first_frame: int
+    last_frame: int
+    frame_times: np.ndarray  # (length,) UTC epoch seconds of each frame
+    last_monotonic: float  # monotonic capture time of the newest frame
+    seq: int  # sequence number (frames written to this ring) of the newest frame
+
+    @property
+    def first_time(self) -> float:
+        return float(self.frame_times[0])
+
+    @property
+    def last_time(self) -> float:
+        return float(self.frame_times[-1])
+
+
+class RingBuffer:
+    """Preallocated ring of preprocessed frames for one source.
+
+    Args:
+        name: source name carried by its windows.
+        length: frames per window.
+        stride: a window is ready every ``stride`` frames (after the first ``length``).
+        frame_shape: shape of one preprocessed frame, (C, H, W).
+        capacity: frames kept (default ``length + stride + 8``).
+        lossless: True (file replay): the writer waits rather than overwrite a frame of a window
+            the reader has not taken. False (live): the writer never waits; windows overwritten
+            before they were taken are counted in ``windows_skipped``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        length: int = 16,
+        stride: int = 8,
+        frame_shape: tuple[int, int, int] = (3, 112, 112),
+        capacity: int | None = None,
+        lossless: bool = False,
+    ) -> None:
+        if length < 1 or stride < 1:
+            raise ValueError(f"length and stride must be >= 1, but got {length}, {stride}")
+        capacity = capacity if capacity is not None else length + stride + 8
+        if capacity <= length:
+            raise ValueError(f"capacity must exceed the window length {length}, but got {capacity}")
+        self.name = name
+        self.length = length
+        self.stride = stride
+        self.capacity = capacity
+        self.lossless = lossless
+        # (C, 2 * capacity, H, W): frame seq n lives at time index n % capacity and n % capacity + capacity.
+        c, h, w = frame_shape
+        self._frames = np.zeros((c, 2 * capacity, h, w), np.float32)
+        self._index = np.zeros(capacity, np.int64)
+        self._wall = np.zeros(capacity, np.float64)
+        self._mono = np.zeros(capacity, np.float64)
+
+        # The lock protects every attribute below and the slots of published frames. Invariants:
+        # frames with seq in [max(0, _written - capacity), _written) are published and intact;
+        # _segment_start <= _written; each seq in _ready ends a window of `length` frames that
+        # all belong to the segment starting at or after _segment_start at the time it was added.
+        self._lock = threading.Lock()
+        self._taken = threading.Condition(self._lock)  # notified when a window is taken or on close
+        self._written = 0  # frames published so far (the next frame's seq)
+        self._segment_start = 0  # seq of the first frame after the latest gap
+        self._ready: deque[int] = deque(maxlen=capacity // stride + 2)
+        self._closed = False
+        self.frames_written = 0
+        self.windows_taken = 0
+        self.windows_skipped = 0
+        self.gaps = 0
+
+    # -- writer side (one capture thread) ---------------------------------------------------
+
+    def slot(self, timeout: float | None = None) -> np.ndarray | None:
+        """The (C, H, W) view the next frame should be written into.
+
+        In lossless mode it waits until writing cannot destroy an untaken window; returns None if
+        that takes longer than ``timeout`` or the ring is closed.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self.lossless and not self._closed and self._would_overwrite_ready():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._taken.wait(remaining)
+            if self._closed:
+                return None
+            return self._frames[:, self._written % self.capacity]
+
+    def _would_overwrite_ready(self) -> bool:
+        if not self._ready:
+            return False
+        overwritten = self._written - self.capacity  # seq whose slot the next write reuses
+        return overwritten >= self._ready[0] - self.length + 1
+
+    def commit(self, meta: FrameMeta) -> None:
+        """Publish the frame just written into ``slot()``."""
+        with self._lock:
+            seq = self._written
+            k = seq % self.capacity
+            self._frames[:, k + self.capacity] = self._frames[:, k]
+            self._index[k] = meta.index
+            self._wall[k] = meta.wall_time
+            self._mono[k] = meta.monotonic
+            self._written = seq + 1
+            self.frames_written += 1
+            in_segment = seq - self._segment_start + 1
+            if in_segment >= self.length and (in_segment - self.length) % self.stride == 0:
+                if len(self._ready) == self._ready.maxlen:
+                    self.windows_skipped += 1
+                self._ready.append(seq)
+
+    def write_frame(self, frame: np.ndarray, meta: FrameMeta, timeout: float | None = None) -> bool:
+        """Copy an already preprocessed frame in and publish it. False if closed or timed out."""
+        target = self.slot(timeout)
+        if target is None:
+            return False
+        target[...] = frame
+        self.commit(meta)
+        return True
+
+    def mark_gap(self) -> None:
+        """No window may span this point (reconnect, dropped frames, resolution change)."""
+        with self._lock:
+            if self._segment_start != self._written:
+                self.gaps += 1
+            self._segment_start = self._written
+
+    # -- reader side (the inference thread) ---------------------------------------------------
+
+    def ready(self) -> bool:
+        with self._lock:
+            return bool(self._ready)
+
+    def take_window(self, out: np.ndarray | None = None, *, newest: bool = False) -> Window | None:
+        """Copy a ready window into ``out`` (C, length, H, W) and describe it; None if none ready.
+
+        Args:
+            out: destination (e.g. a slot of a pinned batch tensor); allocated when None.
+            newest: take the newest ready window and count the older ones as skipped (live
+                sources when inference lags); otherwise the oldest (replay: nothing skipped).
+        """
+        with self._lock:
+            oldest_intact = self._written - self.capacity
+            while self._ready and self._ready[0] - self.length + 1 < oldest_intact:
+                self._ready.popleft()  # overwritten before anyone took it
+                self.windows_skipped += 1
+            if not self._ready:
+                return None
+            if newest:
+                self.windows_skipped += len(self._ready) - 1
+                end = self._ready[-1]
+                self._ready.clear()
+            else:
+                end = self._ready.popleft()
+            start = end - self.length + 1
+            k0 = start % self.capacity
+            # (C, 2*cap, H, W)[:, k0:k0+length] is the window: contiguous in time, no wrap.
+            view = self._frames[:, k0 : k0 + self.length]
+            if out is None:
+                out = view.copy()
+            else:
+                np.copyto(out, view)
+            slots = (np.arange(start, end + 1)) % self.capacity
+            window = Window(
+                source=self.name,
+                first_frame=int(self._index[slots[0]]),
+                last_frame=int(self._index[slots[-1]]),
+                frame_times=self._wall[slots].copy(),
+                last_monotonic=float(self._mono[slots[-1]]),
+                seq=end,
+            )
+            self.windows_taken += 1
+            self._taken.notify_all()
+            return window
+
+    def close(self) -> None:
+        """Wake a waiting writer; later writes are refused."""
+        with self._lock:
+            self._closed = True
+            self._taken.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        """True once the writer is done (source ended) or the run stops."""
+        with self._lock:
+            return self._closed
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._ready)

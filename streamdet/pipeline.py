@@ -1,0 +1,348 @@
+"""The pipeline: the one module that knows every stage and wires them.
+
+sources -> capture threads -> ring buffers -> inference thread -> event tracker -> sinks
+
+One stop event is shared by every thread. Stopping (SIGINT/SIGTERM, ``--max-seconds``, all
+sources ended, or a stage that crashed) sets it, wakes every waiter, ends open events with
+``shutdown``, flushes the files and joins each thread with a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamdet.buffer import FrameMeta, RingBuffer
+from streamdet.capture import Backoff, CaptureThread, Status, StatusChange, make_opener
+from streamdet.config import RunConfig
+from streamdet.errors import StreamdetError
+from streamdet.events import ClassRule, EventChange, EventTracker, TrackerSettings
+from streamdet.inference import Engine, InferenceThread, WindowResult
+from streamdet.models.weights import Checkpoint
+from streamdet.sinks.jsonl import EventLog
+from streamdet.sinks.overlay import OverlaySink
+from streamdet.sources import SourceKind, check_file_source, source_kind
+
+log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 1.5
+
+
+class StageError(StreamdetError):
+    """A pipeline stage failed; the run stopped."""
+
+
+def tracker_settings(cfg: RunConfig, class_names: tuple[str, ...]) -> TrackerSettings:
+    """Event tracker settings from the ``events`` section, checked against the model's classes."""
+    ev = cfg.events
+    unknown = [label for label in ev.classes if label not in class_names]
+    if unknown:
+        raise StreamdetError(f"events.classes: unknown class(es) {unknown}; the model has {list(class_names)}")
+    background = ev.background if ev.background in class_names else None
+    if ev.background is not None and background is None:
+        log.warning("events.background %r is not a class of this model: every class can make events",
+                    ev.background)
+    rules = {
+        label: ClassRule(
+            enter=o.threshold if o.threshold is not None else ev.threshold,
+            exit=o.exit_threshold if o.exit_threshold is not None else ev.exit_threshold,
+        )
+        for label, o in ev.classes.items()
+    }
+    return TrackerSettings(
+        class_names=class_names,
+        default_rule=ClassRule(enter=ev.threshold, exit=ev.exit_threshold),
+        rules=rules,
+        smoothing=ev.smoothing,
+        open_windows=ev.open_windows,
+        min_duration_s=ev.min_duration_s,
+        background=background,
+        update_min_delta=ev.update_min_delta,
+        update_min_interval_s=ev.update_min_interval_s,
+    )
+
+
+def _percentile(values: deque[float] | list[float], q: float) -> float:
+    return float(np.percentile(np.fromiter(values, float), q)) if values else float("nan")
+
+
+@dataclass
+class SourceSummary:
+    name: str
+    frames_read: int = 0
+    frames_used: int = 0
+    frames_skipped: int = 0
+    windows: int = 0
+    windows_skipped: int = 0
+    reconnects: int = 0
+    offline_s: float = 0.0
+    status: str = "online"
+
+
+@dataclass
+class RunSummary:
+    """What a run did; printed at exit."""
+
+    run_id: str
+    seconds: float
+    sources: list[SourceSummary]
+    windows: int
+    events: int
+    lines: int
+    inference_ms_p50: float
+    inference_ms_p99: float
+    latency_ms_p50: float
+    latency_ms_p99: float
+    precision: str
+    device: str
+    event_counts: dict[str, int] = field(default_factory=dict)
+
+
+class Pipeline:
+    """Runs every stage of a configured detector until stopped.
+
+    Args:
+        cfg: validated configuration (sources, window, events, sinks).
+        checkpoint: the model and its classes and preprocessing.
+        engine: inference path from :func:`streamdet.inference.build_engine`.
+        max_seconds: stop after this long (None: until the sources end or a signal).
+        print_fn: where progress lines go.
+    """
+
+    def __init__(self, cfg: RunConfig, checkpoint: Checkpoint, engine: Engine, *,
+                 max_seconds: float | None = None, print_fn: Callable[[str], None] = print) -> None:
+        if not cfg.sources:
+            raise StreamdetError("no sources: give --source URL or list sources in the config")
+        for s in cfg.sources:
+            check_file_source(s.url)
+        self.cfg = cfg
+        self.checkpoint = checkpoint
+        self.engine = engine
+        self.max_seconds = max_seconds
+        self.print = print_fn
+        self.stop_event = threading.Event()
+        self._wake = threading.Event()
+        self._events_lock = threading.Lock()  # protects the tracker, the log and the counters below
+        self.tracker = EventTracker(tracker_settings(cfg, checkpoint.class_names))
+        self._latency_ms: deque[float] = deque(maxlen=4096)
+        self._event_counts: dict[str, int] = {}
+        self._events_opened = 0
+        self._status: dict[str, str] = {}
+        self._stop_reason = ""
+        self.error: BaseException | None = None
+
+        self.log_sink: EventLog | None = None
+        if cfg.sinks.events.path:
+            rotate = int(cfg.sinks.events.rotate_mb * 1e6) if cfg.sinks.events.rotate_mb else None
+            self.log_sink = EventLog(
+                cfg.sinks.events.path,
+                {"name": checkpoint.name, "sha256": checkpoint.sha256},
+                stride=cfg.window.stride,
+                length=cfg.window.length,
+                rotate_bytes=rotate,
+            )
+        self.run_id = self.log_sink.run_id if self.log_sink else "-"
+
+        self.rings: list[RingBuffer] = []
+        self.captures: list[CaptureThread] = []
+        live: set[str] = set()
+        for s in cfg.sources:
+            kind = source_kind(s.url)
+            lossless = kind is SourceKind.FILE and not s.realtime
+            if not lossless:
+                live.add(s.name)
+            ring = RingBuffer(s.name, length=cfg.window.length, stride=cfg.window.stride, lossless=lossless,
+                              frame_shape=(3, checkpoint.contract.crop, checkpoint.contract.crop))
+            self.rings.append(ring)
+            opts = s.options
+            self.captures.append(CaptureThread(
+                s.name,
+                make_opener(s.url, open_timeout_s=opts.open_timeout_s, read_timeout_s=opts.read_timeout_s,
+                            fps=opts.fps),
+                ring,
+                checkpoint.contract,
+                self.stop_event,
+                kind=kind,
+                realtime=bool(s.realtime),
+                on_status=self._on_status,
+                on_frame=self._on_frame,
+                reconnect=opts.reconnect,
+                backoff=Backoff(opts.backoff_initial_s, opts.backoff_max_s),
+            ))
+        self.live_sources = frozenset(live)
+        overlay_cfg = cfg.sinks.overlay
+        self.overlay: OverlaySink | None = None
+        if overlay_cfg.video or overlay_cfg.display:
+            self.overlay = OverlaySink(
+                checkpoint.class_names, video_path=overlay_cfg.video, display=overlay_cfg.display,
+                sources=[s.name for s in cfg.sources],
+                lossless=frozenset(s.name for s in cfg.sources) - self.live_sources,
+                top_k=overlay_cfg.top_k, stop_event=self.stop_event,
+            )
+        self.inference = InferenceThread(
+            self.rings, engine, self._on_results, self.stop_event,
+            max_batch=cfg.model.max_batch, newest_only=self.live_sources, wake=self._wake,
+            device=engine.device, on_source_done=self._on_source_done,
+        )
+        self._by_name = {c.source_name: c for c in self.captures}
+
+    # -- callbacks from other threads ---------------------------------------------------------
+
+    def _on_frame(self, source: str, meta: FrameMeta, frame: np.ndarray, used: bool) -> None:
+        if used:
+            self._wake.set()
+        if self.overlay is not None:
+            self.overlay.put_frame(source, meta.index, frame, self._by_name[source].fps or 10.0)
+
+    def _on_status(self, change: StatusChange) -> None:
+        self._wake.set()
+        with self._events_lock:
+            self._status[change.source] = change.status.value
+            if self.log_sink and change.status is not Status.ENDED:
+                self.log_sink.write_status(change.source, change.status.value, change.reason, change.wall_time)
+            if change.status is Status.OFFLINE:
+                self._emit(self.tracker.close_source(change.source, "stream_lost"), None)
+        if self.overlay is not None:
+            self.overlay.set_view(change.source, status=change.status.value)
+
+    def _on_source_done(self, source: str) -> None:
+        """Every window of an ended source has been scored: end its events."""
+        if self.stop_event.is_set():
+            return
+        with self._events_lock:
+            self._emit(self.tracker.close_source(source, "stream_ended"), None)
+            if self.log_sink:
+                self.log_sink.write_status(source, "offline", "ended", time.time())
+        if self.overlay is not None:
+            self.overlay.source_ended(source)
+
+    def _on_results(self, results: list[WindowResult]) -> None:
+        with self._events_lock:
+            for r in results:
+                changes = self.tracker.update(r.source, r.first_frame, r.last_frame, r.first_time,
+                                              r.last_time, r.probs)
+                self._emit(changes, r)
+                # capture of the window's newest frame -> its lines written
+                latency = (time.monotonic() - r.last_monotonic) * 1000.0
+                self._latency_ms.append(latency)
+                if self.overlay is not None:
+                    self.overlay.add_result(r.source, r.last_frame, r.probs, r.inference_ms, latency)
+                    self.overlay.set_view(r.source, open_events=[
+                        (e.label, e.score) for e in self.tracker.open_events(r.source)])
+
+    def _emit(self, changes: list[EventChange], result: WindowResult | None) -> None:
+        for change in changes:
+            if change.type == "new":
+                self._events_opened += 1
+                self._event_counts[change.label] = self._event_counts.get(change.label, 0) + 1
+            latency = None if result is None else (time.monotonic() - result.last_monotonic) * 1000.0
+            if self.log_sink:
+                self.log_sink.write_event(change, latency_ms=latency)
+            if change.type in ("new", "end"):
+                log.info("%s %s %s score %.2f%s", change.type, change.source, change.label, change.score,
+                         f" ({change.end_reason})" if change.end_reason else "")
+
+    # -- running ------------------------------------------------------------------------------
+
+    def stop(self, reason: str = "stop requested") -> None:
+        if not self.stop_event.is_set():
+            self._stop_reason = reason
+        self.stop_event.set()
+        self._wake.set()
+
+    def run(self) -> RunSummary:
+        started = time.monotonic()
+        threads: list[threading.Thread] = [*self.captures, self.inference]
+        if self.overlay is not None:
+            self.overlay.start()
+        self.inference.start()
+        for c in self.captures:
+            c.start()
+        next_progress = started + self.cfg.progress_interval_s
+        last_windows, last_t = 0, started
+        try:
+            while not self.stop_event.wait(0.05):
+                now = time.monotonic()
+                failed = [c for c in self.captures if c.error is not None]
+                if failed:
+                    self.error = failed[0].error
+                    self.stop("source failed")
+                    break
+                if self.inference.all_done:
+                    self.stop("all sources ended")
+                    break
+                if self.max_seconds is not None and now - started >= self.max_seconds:
+                    self.stop(f"--max-seconds {self.max_seconds:g} reached")
+                    break
+                if now >= next_progress:
+                    done = self.inference.windows_done
+                    self.print(self._progress_line((done - last_windows) / max(now - last_t, 1e-9)))
+                    last_windows, last_t = done, now
+                    next_progress = now + self.cfg.progress_interval_s
+        finally:
+            self.stop(self._stop_reason or "stopping")
+            for ring in self.rings:
+                ring.close()
+            stop_started = time.monotonic()
+            for t in threads:
+                t.join(JOIN_TIMEOUT_S)
+            alive = [t.name for t in threads if t.is_alive()]
+            if alive:
+                log.warning("threads still running after stop (left to exit with the process): %s", alive)
+            with self._events_lock:
+                self._emit(self.tracker.close_all("shutdown"), None)
+            if self.overlay is not None:
+                self.overlay.finish()
+                self.overlay.join(JOIN_TIMEOUT_S * 4)
+            if self.log_sink:
+                self.log_sink.close()
+            log.debug("stopped in %.2f s", time.monotonic() - stop_started)
+        if self.inference.error is not None:
+            raise StageError(f"inference failed: {type(self.inference.error).__name__}: {self.inference.error}")
+        if self.overlay is not None and self.overlay.error is not None:
+            err = self.overlay.error
+            if isinstance(err, StreamdetError):
+                raise err
+            raise StageError(f"overlay failed: {type(err).__name__}: {err}")
+        if self.error is not None:
+            if isinstance(self.error, StreamdetError):
+                raise self.error
+            raise StageError(str(self.error))
+        return self.summary(time.monotonic() - started)
+
+    def _progress_line(self, windows_per_s: float) -> str:
+        parts = []
+        for c, ring in zip(self.captures, self.rings):
+            parts.append(f"{c.source_name}: {c.stats.fps_in:.1f} fps, skipped {c.stats.frames_skipped} frames/"
+                         f"{ring.windows_skipped} windows")
+        inf = self.inference.inference_ms
+        with self._events_lock:
+            lat = list(self._latency_ms)
+        return (f"[progress] {'; '.join(parts)} | {windows_per_s:.1f} windows/s | inference ms p50 "
+                f"{_percentile(inf, 50):.0f} p99 {_percentile(inf, 99):.0f} | latency ms p50 "
+                f"{_percentile(lat, 50):.0f} p99 {_percentile(lat, 99):.0f} | events {self._events_opened}")
+
+    def summary(self, seconds: float) -> RunSummary:
+        sources = []
+        for c, ring in zip(self.captures, self.rings):
+            sources.append(SourceSummary(
+                c.source_name, c.stats.frames_read, c.stats.frames_used, c.stats.frames_skipped,
+                ring.windows_taken, ring.windows_skipped, c.stats.reconnects, c.stats.offline_s,
+                self._status.get(c.source_name, "never online"),
+            ))
+        inf = self.inference.inference_ms
+        lat = list(self._latency_ms)
+        return RunSummary(
+            run_id=self.run_id, seconds=seconds, sources=sources, windows=self.inference.windows_done,
+            events=self._events_opened, lines=self.log_sink.lines_written if self.log_sink else 0,
+            inference_ms_p50=_percentile(inf, 50), inference_ms_p99=_percentile(inf, 99),
+            latency_ms_p50=_percentile(lat, 50), latency_ms_p99=_percentile(lat, 99),
+            precision=self.engine.precision, device=str(self.engine.device),
+            event_counts=dict(self._event_counts),
+        )

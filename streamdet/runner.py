@@ -1,0 +1,146 @@
+"""``streamdet run``: from command-line arguments to a finished pipeline and its summary."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from streamdet.config import RunConfig, load_config
+from streamdet.errors import ConfigError
+from streamdet.models.weights import Checkpoint, default_class_names, load_checkpoint
+from streamdet.sources import SourceKind, source_kind, source_name
+
+log = logging.getLogger(__name__)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    over: dict[str, Any] = {}
+    if args.source:
+        taken: set[str] = set()
+        sources = []
+        for url in args.source:
+            name = source_name(url, taken)
+            taken.add(name)
+            sources.append({"name": name, "url": url, "realtime": False})
+        over["sources"] = sources
+    model: dict[str, Any] = {}
+    if args.weights:
+        model["weights"] = args.weights
+    if args.device:
+        model["device"] = args.device
+    if args.precision:
+        model["precision"] = args.precision
+    if model:
+        over["model"] = model
+    sinks: dict[str, Any] = {}
+    if args.events:
+        sinks["events"] = {"path": args.events}
+    overlay: dict[str, Any] = {}
+    if args.output_video:
+        overlay["video"] = args.output_video
+    if args.display:
+        overlay["display"] = True
+    if overlay:
+        sinks["overlay"] = overlay
+    if sinks:
+        over["sinks"] = sinks
+    return over
+
+
+def resolve_inputs(cfg: RunConfig, config_dir: Path, cli_sources: bool, cli_weights: bool) -> RunConfig:
+    """Relative input paths in a config file are relative to that file's folder."""
+
+    def resolve(p: str) -> str:
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else (config_dir / path))
+
+    if not cli_sources:
+        for s in cfg.sources:
+            if source_kind(s.url) is SourceKind.FILE:
+                s.url = resolve(s.url.removeprefix("file://"))
+    if cfg.model.weights and not cli_weights:
+        cfg.model.weights = resolve(cfg.model.weights)
+    if cfg.truth:
+        cfg.truth = resolve(cfg.truth)
+    return cfg
+
+
+def load_model(cfg: RunConfig) -> Checkpoint:
+    """The configured checkpoint, or a randomly initialised model (which detects nothing)."""
+    m = cfg.model
+    if m.weights:
+        suffix = Path(m.weights).suffix
+        if suffix == ".safetensors":
+            return load_checkpoint(m.weights)
+        return load_checkpoint(m.weights, num_classes=m.num_classes, width=m.width)
+    import torch
+
+    from streamdet.models.c3d import C3D_BN
+    from streamdet.preprocess import DEFAULT_CONTRACT
+
+    log.warning("no weights given: the model is randomly initialised and its events are meaningless")
+    torch.manual_seed(0)
+    model = C3D_BN(num_classes=m.num_classes, width=m.width).eval()
+    return Checkpoint(model, default_class_names(m.num_classes), DEFAULT_CONTRACT, "random-init", "-")
+
+
+def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
+    from streamdet.inference import build_engine
+    from streamdet.pipeline import Pipeline
+
+    config_path = Path(args.config) if args.config else default_config
+    if not args.config and not default_config.exists():
+        raise ConfigError(f"no config given and the bundled demo config {default_config} is missing")
+    cfg = load_config(config_path, _overrides(args))
+    cfg = resolve_inputs(cfg, config_path.resolve().parent, bool(args.source), bool(args.weights))
+    checkpoint = load_model(cfg)
+    engine = build_engine(checkpoint.model, cfg.model.device, cfg.model.precision)
+    pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=args.max_seconds)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        pipeline.stop(f"signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    summary = pipeline.run()
+    print(format_summary(summary, cfg))
+    if cfg.truth and cfg.sinks.events.path:
+        print(evaluate_against_truth(cfg.sinks.events.path, cfg.truth, summary.run_id))
+    return 0
+
+
+def format_summary(summary: Any, cfg: RunConfig) -> str:
+    lines = [
+        f"[summary] run {summary.run_id}: {summary.seconds:.1f} s, {summary.windows} windows, "
+        f"{summary.events} events, {summary.lines} log lines, {summary.precision} on {summary.device}",
+        f"[summary] inference ms p50 {summary.inference_ms_p50:.1f} p99 {summary.inference_ms_p99:.1f}; "
+        f"latency ms p50 {summary.latency_ms_p50:.1f} p99 {summary.latency_ms_p99:.1f}",
+    ]
+    for s in summary.sources:
+        lines.append(
+            f"[summary] {s.name}: {s.frames_read} frames read, {s.frames_used} used, "
+            f"{s.frames_skipped} skipped, {s.windows} windows ({s.windows_skipped} skipped), "
+            f"{s.reconnects} reconnects, {s.offline_s:.1f} s offline"
+        )
+    if summary.event_counts:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.event_counts.items()))
+        lines.append(f"[summary] events by label: {counts}")
+    if cfg.sinks.events.path:
+        lines.append(f"[summary] event log: {cfg.sinks.events.path}")
+    if cfg.sinks.overlay.video:
+        lines.append(f"[summary] annotated video: {cfg.sinks.overlay.video}")
+    return "\n".join(lines)
+
+
+def evaluate_against_truth(events_path: str, truth_path: str, run_id: str) -> str:
+    try:
+        from streamdet.evaluation import evaluate_event_log
+    except ImportError:
+        return "[summary] event evaluation unavailable in this build"
+    result = evaluate_event_log(events_path, truth_path, run_id=run_id)
+    return f"[summary] against {truth_path}: {result}"

@@ -1,0 +1,1 @@
+"""Sinks: where detections go (the JSONL event log, annotated frames)."""

@@ -1,0 +1,203 @@
+"""The JSONL event log: one JSON object per line, written through and crash-safe.
+
+Every line is flushed as it is written; ``new``, ``end`` and ``status`` lines are also fsynced,
+so after a power cut or SIGKILL every line but possibly the last parses. On open, a torn last
+line is cut off and every event that has a ``new`` but no ``end`` gets an ``end`` with
+``end_reason: crash_recovery``. Optional size-based rotation happens on line boundaries.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from streamdet.events import EventChange
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "streamdet.event/1"
+_ROTATED_KEEP = 5
+
+
+def iso_utc(epoch_s: float) -> str:
+    """UTC epoch seconds -> ``2026-11-26T13:40:00.123Z``."""
+    t = dt.datetime.fromtimestamp(epoch_s, tz=dt.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def rotated_paths(path: Path) -> list[Path]:
+    """Rotated files of ``path``, oldest first, then ``path`` itself."""
+    return [path.with_name(f"{path.name}.{i}") for i in range(_ROTATED_KEEP, 0, -1)] + [path]
+
+
+def read_lines(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Parsed lines of an event log and its rotated files, oldest first; torn lines skipped."""
+    for p in rotated_paths(Path(path)):
+        if not p.exists():
+            continue
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict):
+                    yield obj
+
+
+class EventLog:
+    """Appends event and status lines to a JSONL file.
+
+    Args:
+        path: the log file (parent folders are created).
+        model: ``{"name": ..., "sha256": ...}`` of the model in use.
+        stride: window stride, recorded in each line's ``window``.
+        length: window length.
+        rotate_bytes: start a new file past this size (None: never).
+
+    Example:
+        >>> import tempfile
+        >>> with EventLog(tempfile.mktemp(suffix=".jsonl"), {"name": "m", "sha256": "0"}) as log_:
+        ...     log_.write_status("cam", "online", "opened", 0.0)["type"]
+        'status'
+    """
+
+    def __init__(self, path: str | os.PathLike[str], model: dict[str, str], *, stride: int = 8,
+                 length: int = 16, rotate_bytes: int | None = None, run_id: str | None = None) -> None:
+        self.path = Path(path)
+        self.model = dict(model)
+        self.stride = stride
+        self.length = length
+        self.rotate_bytes = rotate_bytes
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self._lock = threading.Lock()  # protects _seq, _file and the file's contents
+        self._seq = 0
+        self.lines_written = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.recovered = self._recover()
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    # -- crash recovery -----------------------------------------------------------------------
+
+    def _recover(self) -> int:
+        """Cut a torn last line and end events left open by a crash. Returns events ended."""
+        if self.path.exists():
+            with open(self.path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    cut = data.rfind(b"\n") + 1
+                    f.truncate(cut)
+                    log.warning("%s: removed a torn last line (%d bytes) left by a crash",
+                                self.path, len(data) - cut)
+        open_events: dict[str, dict[str, Any]] = {}
+        for obj in read_lines(self.path):
+            kind, event_id = obj.get("type"), obj.get("id")
+            if kind in ("new", "update") and event_id:
+                open_events[event_id] = obj
+            elif kind == "end" and event_id:
+                open_events.pop(event_id, None)
+        if not open_events:
+            return 0
+        with open(self.path, "a", encoding="utf-8") as f:
+            for last in open_events.values():
+                line = dict(last, type="end", end_reason="crash_recovery", run_id=self.run_id,
+                            seq=self._next_seq(), latency_ms=None)
+                f.write(json.dumps(line, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.warning("%s: ended %d event(s) left open by a crash", self.path, len(open_events))
+        return len(open_events)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _write(self, obj: dict[str, Any], durable: bool) -> dict[str, Any]:
+        with self._lock:
+            obj["seq"] = self._next_seq()
+            line = json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n"
+            if self.rotate_bytes and self._file.tell() > 0 and self._file.tell() + len(line) > self.rotate_bytes:
+                self._rotate()
+            self._file.write(line)
+            self._file.flush()
+            if durable:
+                os.fsync(self._file.fileno())
+            self.lines_written += 1
+        return obj
+
+    def _rotate(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        paths = rotated_paths(self.path)  # [.5, .4, ..., .1, path]
+        if paths[0].exists():
+            paths[0].unlink()
+        for older, newer in zip(paths, paths[1:]):
+            if newer.exists():
+                os.replace(newer, older)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write_event(self, change: EventChange, *, latency_ms: float | None) -> dict[str, Any]:
+        """Append one ``new``/``update``/``end`` line; returns what was written."""
+        obj: dict[str, Any] = {
+            "schema": SCHEMA,
+            "type": change.type,
+            "id": change.id,
+            "run_id": self.run_id,
+            "seq": 0,
+            "source": change.source,
+            "label": change.label,
+            "score": round(float(change.score), 4),
+            "peak_score": round(float(change.peak_score), 4),
+            "threshold": change.threshold,
+            "start_time": iso_utc(change.start_time),
+            "end_time": iso_utc(change.end_time),
+            "start_frame": change.start_frame,
+            "end_frame": change.end_frame,
+            "window": {
+                "first_frame": change.window_first_frame,
+                "last_frame": change.window_last_frame,
+                "stride": self.stride,
+                "length": self.length,
+            },
+            "latency_ms": None if latency_ms is None else round(latency_ms, 1),
+            "end_reason": change.end_reason,
+            "model": self.model,
+        }
+        return self._write(obj, durable=change.type != "update")
+
+    def write_status(self, source: str, status: str, reason: str, wall_time: float) -> dict[str, Any]:
+        """Append a ``status`` line (``online`` / ``offline``)."""
+        obj = {
+            "schema": SCHEMA,
+            "type": "status",
+            "run_id": self.run_id,
+            "seq": 0,
+            "source": source,
+            "status": status,
+            "reason": reason,
+            "time": iso_utc(wall_time),
+        }
+        return self._write(obj, durable=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                self._file.close()
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
