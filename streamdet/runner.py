@@ -12,7 +12,7 @@ from typing import Any
 from streamdet.config import RunConfig, load_config
 from streamdet.errors import ConfigError
 from streamdet.models.weights import Checkpoint, default_class_names, load_checkpoint
-from streamdet.sources import SourceKind, source_kind, source_name
+from streamdet.sources import SourceKind, check_file_source, source_kind, source_name
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
         raise ConfigError(f"no config given and the bundled demo config {default_config} is missing")
     cfg = load_config(config_path, _overrides(args))
     cfg = resolve_inputs(cfg, config_path.resolve().parent, bool(args.source), bool(args.weights))
+    for s in cfg.sources:  # fail fast, before the model is built
+        check_file_source(s.url)
     checkpoint = load_model(cfg)
     engine = build_engine(checkpoint.model, cfg.model.device, cfg.model.precision)
     pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=args.max_seconds)

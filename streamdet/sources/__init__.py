@@ -105,6 +105,8 @@ def _configure_ffmpeg_once() -> None:
         os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp|analyzeduration;500000")
         os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # quiet: FFmpeg may print URLs
+        # OpenCV's own log lines can contain URLs with passwords; we report failures ourselves.
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # cv2.setLogLevel: not in OpenCV 5
 
 
 class OpenCVSource:

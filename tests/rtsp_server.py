@@ -1,0 +1,172 @@
+"""A small RTSP test server: a video file (or a test pattern) as live H.264, looping forever.
+
+Runs with Debian's system python, which has GStreamer's introspection bindings (`gi`)::
+
+    /usr/bin/python3 tests/rtsp_server.py --port 8554 --video tests/.assets/vtest.avi --path /cam
+    /usr/bin/python3 tests/rtsp_server.py --port 8554 --pattern --user u --password p
+
+How a file is served: for each client, ``ffmpeg -stream_loop -1`` decodes the file to raw I420
+frames of ``--size`` at ``--fps`` and writes them to a pipe; the media's ``appsrc`` reads one
+frame per buffer and stamps it ``n / fps``. The pipeline is not live, so the RTSP server's sinks
+pace it in real time. ``x264enc`` encodes with no B-frames and a keyframe every ``--gop``
+frames, so a client (OpenCV's FFmpeg backend) opens the stream in well under a second.
+
+Prints ``READY`` on stdout once listening. SIGTERM and SIGINT stop it cleanly (exit status 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+
+ENCODER = "x264enc tune=zerolatency speed-preset=ultrafast bframes=0 key-int-max={gop}"
+PAYLOADER = "rtph264pay name=pay0 pt=96 config-interval=1"
+
+
+class LoopingFileFeeder:
+    """Feeds one media's ``appsrc`` with raw frames of a file that ffmpeg decodes in a loop."""
+
+    def __init__(self, video: str, width: int, height: int, fps: int) -> None:
+        self.frame_bytes = width * height * 3 // 2  # I420: Y plane + U and V at quarter size
+        self.frame_duration = Gst.SECOND // fps
+        self.frames_pushed = 0
+        self.ffmpeg = subprocess.Popen(
+            ["ffmpeg", "-nostdin", "-loglevel", "error", "-stream_loop", "-1", "-i", video,
+             "-vf", f"fps={fps},scale={width}:{height}", "-pix_fmt", "yuv420p",
+             "-f", "rawvideo", "pipe:1"],
+            stdout=subprocess.PIPE,
+        )
+
+    def on_need_data(self, appsrc: Gst.Element, _length: int) -> None:
+        """Push the next frame; end the stream if ffmpeg died."""
+        data = self.ffmpeg.stdout.read(self.frame_bytes)
+        if len(data) < self.frame_bytes:
+            appsrc.emit("end-of-stream")
+            return
+        buffer = Gst.Buffer.new_wrapped(data)
+        buffer.pts = buffer.dts = self.frames_pushed * self.frame_duration
+        buffer.duration = self.frame_duration
+        self.frames_pushed += 1
+        appsrc.emit("push-buffer", buffer)
+
+    def stop(self, *_args: object) -> None:
+        """Kill the ffmpeg decoder (idempotent)."""
+        if self.ffmpeg.poll() is None:
+            self.ffmpeg.kill()
+        self.ffmpeg.wait()
+        self.ffmpeg.stdout.close()
+
+
+class LoopingFileFactory(GstRtspServer.RTSPMediaFactory):
+    """Media factory giving each client its own decoder, starting at the file's first frame."""
+
+    def __init__(self, video: str, width: int, height: int, fps: int, gop: int) -> None:
+        super().__init__()
+        self.video, self.width, self.height, self.fps = video, width, height, fps
+        self.feeders: list[LoopingFileFeeder] = []
+        caps = f"video/x-raw,format=I420,width={width},height={height},framerate={fps}/1"
+        self.set_launch(
+            f"( appsrc name=src is-live=false format=time caps={caps} "
+            f"! queue ! {ENCODER.format(gop=gop)} ! {PAYLOADER} )"
+        )
+        self.connect("media-configure", self._on_media_configure)
+
+    def _on_media_configure(self, _factory: object, media: GstRtspServer.RTSPMedia) -> None:
+        feeder = LoopingFileFeeder(self.video, self.width, self.height, self.fps)
+        self.feeders.append(feeder)
+        appsrc = media.get_element().get_by_name_recurse_up("src")
+        appsrc.connect("need-data", feeder.on_need_data)
+        media.connect("unprepared", feeder.stop)
+
+    def stop_all(self) -> None:
+        """Kill every decoder still running."""
+        for feeder in self.feeders:
+            feeder.stop()
+
+
+def make_pattern_factory(width: int, height: int, fps: int, gop: int) -> GstRtspServer.RTSPMediaFactory:
+    """A factory serving GStreamer's moving ``ball`` test pattern."""
+    factory = GstRtspServer.RTSPMediaFactory()
+    caps = f"video/x-raw,format=I420,width={width},height={height},framerate={fps}/1"
+    factory.set_launch(
+        f"( videotestsrc pattern=ball is-live=true ! {caps} "
+        f"! {ENCODER.format(gop=gop)} ! {PAYLOADER} )"
+    )
+    factory.set_shared(True)
+    return factory
+
+
+def require_basic_auth(server: GstRtspServer.RTSPServer,
+                       factory: GstRtspServer.RTSPMediaFactory, user: str, password: str) -> None:
+    """Allow only ``user:password`` (HTTP basic auth) to access and construct the media."""
+    token = GstRtspServer.RTSPToken()
+    token.set_string("media.factory.role", user)
+    auth = GstRtspServer.RTSPAuth()
+    auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+    server.set_auth(auth)
+    permissions = GstRtspServer.RTSPPermissions()
+    permissions.add_role_from_structure(Gst.Structure.new_from_string(
+        f"{user}, media.factory.access=(boolean)true, media.factory.construct=(boolean)true"
+    ))
+    factory.set_permissions(permissions)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--path", default="/cam", help="mount point, e.g. /cam")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--video", help="any video file ffmpeg can decode; served in a loop")
+    source.add_argument("--pattern", action="store_true", help="serve videotestsrc instead")
+    parser.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the stream")
+    parser.add_argument("--fps", type=int, default=10)
+    parser.add_argument("--gop", type=int, default=10, help="frames between keyframes")
+    parser.add_argument("--user", help="require HTTP basic auth with this user")
+    parser.add_argument("--password", help="password for --user")
+    args = parser.parse_args(argv)
+    if (args.user is None) != (args.password is None):
+        parser.error("--user and --password go together")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    width, height = (int(v) for v in args.size.split("x"))
+    Gst.init(None)
+
+    if args.video:
+        factory = LoopingFileFactory(args.video, width, height, args.fps, args.gop)
+    else:
+        factory = make_pattern_factory(width, height, args.fps, args.gop)
+    server = GstRtspServer.RTSPServer()
+    server.set_address("127.0.0.1")
+    server.set_service(str(args.port))
+    if args.user is not None:
+        require_basic_auth(server, factory, args.user, args.password)
+    server.get_mount_points().add_factory(args.path, factory)
+
+    loop = GLib.MainLoop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signum, loop.quit)
+    if server.attach(None) == 0:
+        print(f"cannot listen on 127.0.0.1:{args.port}", file=sys.stderr)
+        return 1
+    print("READY", flush=True)
+    try:
+        loop.run()
+    finally:
+        if isinstance(factory, LoopingFileFactory):
+            factory.stop_all()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
