@@ -26,6 +26,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see '{self.prog} --help')\n")
 
 
+def _width(text: str) -> float:
+    """``--width``: a channel multiplier in (0, 4], checked while parsing so it is a usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid width {text!r}: expected a number in (0, 4]") from None
+    if not 0.0 < value <= 4.0:
+        raise argparse.ArgumentTypeError(f"invalid width {text!r}: expected a number in (0, 4]")
+    return value
+
+
+def _num_classes(text: str) -> int:
+    """``--num-classes``: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid class count {text!r}: expected an integer >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid class count {text!r}: expected an integer >= 1")
+    return value
+
+
 def default_config_path() -> Path:
     """The bundled demo config (``configs/default.yaml`` of the source tree)."""
     return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -89,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="model size, FLOPs, device and preprocessing")
     info.add_argument("--weights", help="checkpoint to describe")
-    info.add_argument("--width", type=float, default=1.0, help="width without weights (default 1.0)")
-    info.add_argument("--num-classes", type=int, default=8, help="classes without weights (default 8)")
+    info.add_argument("--width", type=_width, default=1.0, help="width without weights (default 1.0)")
+    info.add_argument("--num-classes", type=_num_classes, default=8, help="classes without weights (default 8)")
     info.set_defaults(func=_cmd_info)
 
     validate = sub.add_parser("validate", help="check a config file")
@@ -122,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a usage error: argparse has printed it
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE

@@ -18,15 +18,35 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from streamdet.errors import ConfigError
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+_NUMBER_TYPES = (int, float, int | None, float | None)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: `max_batch: yes` would silently mean 1.
+        if isinstance(value, bool) and info.field_name is not None:
+            if cls.model_fields[info.field_name].annotation in _NUMBER_TYPES:
+                raise ValueError(f"Input should be a number, not a boolean ({str(value).lower()})")
+        return value
 
 
 class SourceOptions(_Model):
@@ -163,13 +183,14 @@ class RunConfig(_Model):
         None, description="Ground-truth events JSON for the first source: event F1 is printed at exit."
     )
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> RunConfig:
-        names = [s.name for s in self.sources]
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"source names must be unique, but {dupes} repeat")
-        return self
+        return sources
 
 
 def _substitute_env(value: Any, path: str, problems: list[str]) -> Any:
@@ -242,10 +263,11 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
     data = read_yaml(path) if path is not None else {}
     if overrides:
         data = _deep_merge(data, overrides)
+    where = f"{path}: " if path is not None else ""
     problems: list[str] = []
     data = _substitute_env(data, "", problems)
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise ConfigError(where + "; ".join(problems))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
@@ -255,5 +277,4 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
             details.append(f"{_format_loc(tuple(err['loc']))}: {msg}")
-        where = f"{path}: " if path is not None else ""
         raise ConfigError(where + "; ".join(details)) from None

@@ -18,6 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from streamdet.errors import WeightsError
-from streamdet.models.c3d import C3D_BN, conv_names
+from streamdet.models.c3d import C3D_BN, CROP_SIZE, conv_names
 from streamdet.preprocess import DEFAULT_CONTRACT, PreprocessContract
 
 ARCH = "c3d_bn"
@@ -125,17 +128,41 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+_UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _torch_load_problem(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line (torch's own text is many lines
+    of advice, including to retry with ``weights_only=False``, which we never do)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        unsafe = _UNSAFE_GLOBAL.search(str(exc))
+        if unsafe:
+            return f"refused: unpickling it would call {unsafe.group(1)}, which is not a tensor"
+        return "refused: not a pickle of plain tensors (corrupt, or unsafe objects)"
+    lines = str(exc).strip().splitlines()
+    first = lines[0].split(". ")[0].rstrip(".") if lines else ""
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"unreadable PyTorch file, truncated or corrupt ({detail})"
+
+
+def _check_is_file(path: Path) -> None:
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a directory, not a weights file")
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+
+
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Load a plain PyTorch state dict with ``weights_only=True``: pickles that run code are refused."""
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
+    _check_is_file(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise on the CLI's stderr
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
         raise WeightsError(
-            f"{path}: refused or unreadable PyTorch file ({_first_line(exc)}); "
-            "only plain state dicts of tensors are accepted"
+            f"{path}: {_torch_load_problem(exc)}; only plain state dicts of tensors are accepted"
         ) from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
@@ -180,8 +207,7 @@ def load_checkpoint(
         WeightsError: missing, truncated or unsafe file, wrong architecture or class count.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
+    _check_is_file(path)
     sha = file_sha256(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -194,7 +220,7 @@ def load_checkpoint(
             raise WeightsError(f"{path}: architecture {meta.get('arch')!r} is not {ARCH!r}")
         try:
             file_width = float(meta["width"]) if "width" in meta else (width or 1.0)
-            names = tuple(json.loads(meta["class_names"])) if "class_names" in meta else None
+            names = _class_names(json.loads(meta["class_names"])) if "class_names" in meta else None
             file_classes = int(meta["num_classes"]) if "num_classes" in meta else None
             contract = (
                 PreprocessContract.from_dict(json.loads(meta["preprocess"]))
@@ -202,6 +228,8 @@ def load_checkpoint(
                 else DEFAULT_CONTRACT
             )
             extra = json.loads(meta.get("extra", "{}"))
+            if not isinstance(extra, dict):
+                raise ValueError(f"extra must be a JSON object, but got {type(extra).__name__}")
         except (ValueError, TypeError, KeyError) as exc:
             raise WeightsError(f"{path}: corrupt metadata ({_first_line(exc)})") from exc
         if file_classes is None:
@@ -217,7 +245,9 @@ def load_checkpoint(
             raise WeightsError(f"{path}: checkpoint has {file_classes} classes, but {num_classes} were asked for")
         if width is not None and abs(width - file_width) > 1e-9:
             raise WeightsError(f"{path}: checkpoint has width {file_width}, but width {width} was asked for")
-        model = C3D_BN(num_classes=file_classes, width=file_width)
+        if contract.crop != CROP_SIZE:
+            raise WeightsError(f"{path}: preprocessing crop {contract.crop} does not fit C3D_BN (needs {CROP_SIZE})")
+        model = _build_model(path, file_classes, file_width)
         _load_into(model, tensors, path)
         return Checkpoint(model.eval(), names, contract, path.name, sha, extra)
 
@@ -226,9 +256,22 @@ def load_checkpoint(
     names = tuple(class_names) if class_names else default_class_names(n)
     if len(names) != n:
         raise WeightsError(f"{path}: {len(names)} class names for {n} classes")
-    model = C3D_BN(num_classes=n, width=width or 1.0)
+    model = _build_model(path, n, width or 1.0)
     _load_into(model, state, path)
     return Checkpoint(model.eval(), names, DEFAULT_CONTRACT, path.name, sha, {})
+
+
+def _class_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+        raise ValueError(f"class_names must be a JSON list of strings, but got {json.dumps(value)[:80]}")
+    return tuple(value)
+
+
+def _build_model(path: Path, num_classes: int, width: float) -> C3D_BN:
+    try:
+        return C3D_BN(num_classes=num_classes, width=width)
+    except ValueError as exc:  # e.g. width "nan" or num_classes "0" in the metadata
+        raise WeightsError(f"{path}: cannot build C3D_BN ({exc})") from exc
 
 
 SPORTS1M_CLASSES = 487
@@ -252,8 +295,9 @@ def import_sports1m(
     if not isinstance(state, Mapping):
         source = Path(state)
         state = load_state_dict_file(source)
-    torch.manual_seed(seed)
-    model = C3D_BN(num_classes=num_classes, width=1.0)
+    with torch.random.fork_rng(devices=[]):  # seeds fc8 without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = C3D_BN(num_classes=num_classes, width=1.0)
     target = model.state_dict()
     wanted = [f"{n}.{p}" for n in conv_names() + ["fc6", "fc7"] for p in ("weight", "bias")]
     problems = []
