@@ -1,0 +1,94 @@
+"""Shared helpers of the benchmarks: real windows from a video, the model, summary statistics."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from streamdet.models.c3d import C3D_BN, CLIP_LENGTH
+from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_VIDEO = REPO / "tests" / ".assets" / "vtest.avi"
+
+
+def real_windows(video: str | Path, n: int, *, stride: int = 8, skip: int = 0) -> torch.Tensor:
+    """``n`` preprocessed (3, 16, 112, 112) windows of ``video``, one every ``stride`` frames.
+
+    Frames are read in order (after skipping ``skip``); the video is rewound when it ends.
+    """
+    cap = cv2.VideoCapture(str(video))
+    if not cap.isOpened():
+        raise FileNotFoundError(f"cannot open video {video}")
+    frames: list[np.ndarray] = []
+    need = skip + CLIP_LENGTH + (n - 1) * stride
+    while len(frames) < need:
+        ok, frame = cap.read()
+        if not ok:
+            if not frames:
+                raise RuntimeError(f"{video} has no readable frames")
+            cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            continue
+        frames.append(preprocess_frame(frame, DEFAULT_CONTRACT))
+    cap.release()
+    stack = np.stack(frames[skip:], axis=1)  # (3, T, 112, 112)
+    windows = [stack[:, i * stride:i * stride + CLIP_LENGTH] for i in range(n)]
+    return torch.from_numpy(np.ascontiguousarray(np.stack(windows)))  # (n, 3, 16, 112, 112)
+
+
+def load_model(weights: str | None, num_classes: int, width: float) -> tuple[C3D_BN, str]:
+    """The model to benchmark and a description: a checkpoint, or seeded random weights."""
+    if weights:
+        from streamdet.models.weights import load_checkpoint
+
+        ckpt = load_checkpoint(weights)
+        return ckpt.model.eval(), f"checkpoint {weights} (sha256 {ckpt.sha256[:12]})"
+    torch.manual_seed(0)
+    model = C3D_BN(num_classes=num_classes, width=width).eval()
+    # Random-init BN statistics are identities; make them non-trivial so folding is exercised.
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 0.2 - 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return model, f"random init (seed 0), width {width}, {num_classes} classes"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        load = open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        load = ["?"]
+    return (f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+            f"cv2 {cv2.__version__}, load average at start {' '.join(load)}")
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def median_spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    return statistics.median(values), min(values), max(values)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")

@@ -1,0 +1,258 @@
+"""Building blocks of the fast inference paths: a traceable C3D, oneDNN-prepacked convolutions,
+torch.compile with a persistent cache, and CUDA graphs for fixed batch sizes.
+
+``streamdet.inference.build_engine`` assembles these; nothing here changes global state except
+:func:`compile_net` (Inductor's cache directory and freezing flag, which only affect compiles).
+
+Example:
+    >>> import torch
+    >>> from streamdet.models.c3d import C3D_BN, fuse_bn
+    >>> net = InferenceNet(fuse_bn(C3D_BN(num_classes=3, width=0.0625)))
+    >>> net(torch.zeros(1, 3, 16, 112, 112)).shape
+    torch.Size([1, 3])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamdet.models.c3d import C3D_BN, conv_names
+
+log = logging.getLogger(__name__)
+
+# conv name -> name of the pool after it (the C3D layout; pool names follow the conv's stage).
+_POOL_AFTER = {"conv1": "pool1", "conv2": "pool2", "conv3b": "pool3", "conv4b": "pool4", "conv5b": "pool5"}
+
+
+def default_cache_dir() -> Path:
+    """Where compiled and int8 artifacts are kept: ``$STREAMDET_CACHE_DIR`` or ~/.cache/streamdet."""
+    env = os.environ.get("STREAMDET_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "streamdet"
+
+
+def weights_key(model: nn.Module) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes, bytes): a cache key."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class InferenceNet(nn.Module):
+    """C3D_BN with BatchNorm folded, as a plain conv -> ReLU -> pool stack.
+
+    No shape checks and no Identity layers between a conv and its ReLU, so FX quantization fuses
+    conv+ReLU and torch.compile traces it without graph breaks. Shares (does not copy) the
+    layers of ``fused``.
+
+    Args:
+        fused: a C3D_BN from :func:`streamdet.models.c3d.fuse_bn`.
+    """
+
+    def __init__(self, fused: C3D_BN) -> None:
+        super().__init__()
+        for name in conv_names():
+            if not isinstance(getattr(fused, f"{name}_bn"), nn.Identity):
+                raise ValueError(f"InferenceNet needs a BN-folded model, but {name}_bn is not folded")
+        self.num_classes = fused.num_classes
+        self.convs = nn.ModuleList(getattr(fused, name) for name in conv_names())
+        self.pools = nn.ModuleList(
+            getattr(fused, _POOL_AFTER[name]) if name in _POOL_AFTER else nn.Identity() for name in conv_names()
+        )
+        self.fc6, self.fc7, self.fc8 = fused.fc6, fused.fc7, fused.fc8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, pool in zip(self.convs, self.pools, strict=True):
+            x = pool(F.relu(conv(x)))
+        x = torch.flatten(x, 1)  # (B, C5, 1, 4, 4) -> (B, C5 * 16)
+        x = F.relu(self.fc6(x))
+        x = F.relu(self.fc7(x))
+        return self.fc8(x)
+
+
+def onednn_prepack_available() -> bool:
+    """True when this PyTorch build can prepack 3D conv weights for oneDNN."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class PackedConv3dReLU(nn.Module):
+    """Conv3d + ReLU with its weight reordered once into oneDNN's blocked layout.
+
+    Eager ``F.conv3d`` reorders the weight on every call (up to ~17 ms for conv5 in bf16 at
+    batch 1); this does it once, at build time, and fuses the ReLU.
+
+    Args:
+        conv: a 3x3x3 Conv3d (stride 1, padding 1, groups 1).
+        dtype: float32 or bfloat16.
+        input_size: (B, C, T, H, W) the weight layout is chosen for (other shapes still work).
+    """
+
+    def __init__(self, conv: nn.Conv3d, dtype: torch.dtype, input_size: Sequence[int]) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.bias is None:
+            raise ValueError(f"PackedConv3dReLU needs groups=1 and a bias, but got {conv}")
+        self.padding = list(conv.padding) if isinstance(conv.padding, tuple) else [int(conv.padding)] * 3
+        self.stride = list(conv.stride)
+        self.dilation = list(conv.dilation)
+        with torch.no_grad():
+            weight = conv.weight.detach().to(dtype).contiguous()
+            self.weight = torch._C._nn.mkldnn_reorder_conv3d_weight(  # type: ignore[call-arg]
+                weight.to_mkldnn(), self.padding, self.stride, self.dilation, 1, list(input_size)
+            )
+            self.bias = conv.bias.detach().to(dtype).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "relu", [None], ""
+        )
+
+
+class PackedNet(nn.Module):
+    """:class:`InferenceNet` with prepacked oneDNN conv+ReLU layers, in ``dtype``, channels_last_3d.
+
+    Args:
+        net: the fp32 inference net (its fc layers are copied to ``dtype``).
+        dtype: float32 or bfloat16.
+        batch: batch size the conv weight layouts are chosen for.
+    """
+
+    def __init__(self, net: InferenceNet, dtype: torch.dtype, batch: int = 1) -> None:
+        super().__init__()
+        self.num_classes = net.num_classes
+        self.dtype = dtype
+        convs: list[nn.Module] = []
+        t, h, w = 16, 112, 112
+        for conv, pool in zip(net.convs, net.pools, strict=True):
+            assert isinstance(conv, nn.Conv3d)
+            convs.append(PackedConv3dReLU(conv, dtype, (batch, conv.in_channels, t, h, w)))
+            if isinstance(pool, nn.MaxPool3d):
+                k, p = pool.kernel_size, pool.padding
+                assert isinstance(k, tuple) and isinstance(p, tuple)
+                t, h, w = ((d + 2 * pp - kk) // kk + 1 for d, kk, pp in zip((t, h, w), k, p, strict=True))
+        self.convs = nn.ModuleList(convs)
+        self.pools = net.pools
+        self.fc6 = _linear_copy(net.fc6, dtype)
+        self.fc7 = _linear_copy(net.fc7, dtype)
+        self.fc8 = _linear_copy(net.fc8, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, pool in zip(self.convs, self.pools, strict=True):
+            x = pool(conv(x))
+        x = torch.flatten(x, 1)  # (B, C5, 1, 4, 4) -> (B, C5 * 16)
+        x = F.relu(self.fc6(x))
+        x = F.relu(self.fc7(x))
+        return self.fc8(x)
+
+
+def _linear_copy(fc: nn.Linear, dtype: torch.dtype) -> nn.Linear:
+    out = nn.Linear(fc.in_features, fc.out_features, bias=fc.bias is not None, dtype=dtype)
+    with torch.no_grad():
+        out.weight.copy_(fc.weight)
+        if fc.bias is not None:
+            out.bias.copy_(fc.bias)
+    return out.eval()
+
+
+def compile_net(net: nn.Module, cache_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    """torch.compile ``net`` with Inductor and weight freezing, caching kernels in ``cache_dir``.
+
+    Compilation happens lazily: on the first call (batch-specialised), and once more on the first
+    other batch size, which compiles a graph dynamic in the batch (Dynamo's automatic dynamic
+    shapes), so the inference thread's varying batches never recompile again. Each compile takes
+    8 to 15 s on 2 busy cores.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_dir = cache_dir / "inductor"
+    inductor_dir.mkdir(parents=True, exist_ok=True)
+    # Inductor reads this when it first compiles; set before any compile in this process.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(inductor_dir))
+    inductor_config.freezing = True  # weights become constants: prepacked, folded
+    return torch.compile(net, dynamic=None)
+
+
+class GraphedForward:
+    """Run ``forward`` through CUDA graphs captured for a few fixed batch sizes.
+
+    A batch of n runs on the smallest captured size >= n (the padding rows are zeros and their
+    outputs are dropped); a batch larger than every size runs ``forward`` directly. A graph is
+    captured on first use of its size. Control flow is plain Python, so it is tested on CPU with
+    a fake ``capture``.
+
+    Args:
+        forward: the model call on device tensors of shape (B, 3, 16, 112, 112).
+        sizes: batch sizes to capture, e.g. (1, 4, 16).
+        example: a (1, ...) device tensor giving the input's dtype, device and memory format.
+        capture: ``capture(forward, static_input) -> (replay, static_output)``; CUDA graph
+            capture by default.
+    """
+
+    def __init__(
+        self,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        sizes: Sequence[int],
+        example: torch.Tensor,
+        capture: Callable[..., tuple[Callable[[], None], torch.Tensor]] | None = None,
+    ) -> None:
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"sizes must be positive batch sizes, but got {list(sizes)}")
+        self.forward = forward
+        self.sizes = sorted(set(int(s) for s in sizes))
+        self._example = example
+        self._capture = capture or cuda_graph_capture
+        # size -> (static input, replay, static output); filled lazily, used by one thread only.
+        self._graphs: dict[int, tuple[torch.Tensor, Callable[[], None], torch.Tensor]] = {}
+
+    def size_for(self, n: int) -> int | None:
+        """The captured size a batch of ``n`` runs on, or None to run eagerly."""
+        return next((s for s in self.sizes if s >= n), None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        size = self.size_for(n)
+        if size is None:
+            return self.forward(x)
+        if size not in self._graphs:
+            shape = (size, *self._example.shape[1:])
+            static_in = torch.zeros(shape, dtype=self._example.dtype, device=self._example.device)
+            static_in = static_in.contiguous(memory_format=_memory_format(self._example))
+            replay, static_out = self._capture(self.forward, static_in)
+            self._graphs[size] = (static_in, replay, static_out)
+        static_in, replay, static_out = self._graphs[size]
+        static_in[:n].copy_(x)
+        if n < size:
+            static_in[n:].zero_()
+        replay()
+        return static_out[:n].clone()
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def cuda_graph_capture(
+    forward: Callable[[torch.Tensor], torch.Tensor], static_in: torch.Tensor
+) -> tuple[Callable[[], None], torch.Tensor]:
+    """Capture ``forward(static_in)`` as a CUDA graph (after warm-up on a side stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up: cuDNN autotuning and allocator pools settle
+            forward(static_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = forward(static_in)
+    return graph.replay, static_out

@@ -1,0 +1,308 @@
+"""The inference engine: every path against fp32, fallback on a wrong path, int8 on real windows,
+and the CUDA-only control flow (pinned memory, non-blocking copies, autocast dtype, cudnn flag set
+once, CUDA graphs) through fakes, so it runs on the CPU."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamdet import inference
+from streamdet.fastpath import GraphedForward, InferenceNet, onednn_prepack_available, weights_key
+from streamdet.inference import PATHS, Engine, build_engine, build_path, check_engine
+from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, fuse_bn
+
+WIDTH = 0.0625
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model() -> C3D_BN:
+    """A small C3D_BN with non-trivial BatchNorm statistics, so BN folding is exercised."""
+    torch.manual_seed(0)
+    m = C3D_BN(num_classes=5, width=WIDTH).eval()
+    gen = torch.Generator().manual_seed(1)
+    for bn in (mod for mod in m.modules() if isinstance(mod, torch.nn.BatchNorm3d)):
+        bn.running_mean.copy_(torch.rand(bn.num_features, generator=gen) * 0.2 - 0.1)
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+        bn.weight.data.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
+    return m
+
+
+@pytest.fixture(scope="module")
+def real_clips() -> torch.Tensor:
+    """Six preprocessed windows of OpenCV's vtest.avi (people walking), one every 8 frames."""
+    import cv2
+    from assets import vtest_path
+
+    from streamdet.preprocess import preprocess_frame
+
+    cap = cv2.VideoCapture(str(vtest_path()))
+    frames = []
+    for _ in range(100 + 16 + 5 * 8):
+        ok, frame = cap.read()
+        assert ok, "vtest.avi ended early"
+        frames.append(preprocess_frame(frame))
+    cap.release()
+    stack = np.stack(frames[100:], axis=1)  # (3, T, 112, 112)
+    return torch.from_numpy(np.stack([stack[:, i * 8:i * 8 + 16] for i in range(6)]))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+CPU_PATHS = [p for p in PATHS if not p.endswith("-autocast") and not p.endswith("-compiled")]
+
+
+@pytest.mark.parametrize(
+    ("path", "max_rel"),
+    [(p, 1e-5 if p.startswith("fp32") else 0.05) for p in CPU_PATHS],
+)
+def test_each_cpu_path_matches_unfused_fp32(model: C3D_BN, real_clips: torch.Tensor, path: str,
+                                            max_rel: float, tmp_path: Path) -> None:
+    if path.endswith("-packed") and not onednn_prepack_available():
+        pytest.skip("this PyTorch build has no oneDNN prepacking")
+    engine = build_path(model, CPU, path, calibration_clips=real_clips, cache_dir=tmp_path)
+    with torch.no_grad():
+        expected = model(real_clips)
+    for batch in (1, 4):  # packed weights are laid out for batch 1; other batches must still work
+        out = engine(real_clips[:batch])
+        assert out.dtype == torch.float32 and out.shape == (batch, 5)
+        assert _rel(out, expected[:batch]) < max_rel
+    assert engine.path == path
+
+
+@pytest.mark.slow
+def test_compiled_path_matches_fp32(model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path) -> None:
+    engine = build_path(model, CPU, "bf16-compiled", cache_dir=tmp_path)
+    with torch.no_grad():
+        expected = model(real_clips[:2])
+    assert _rel(engine(real_clips[:2]), expected) < 0.05
+
+
+def test_engine_leaves_the_model_untouched(model: C3D_BN, tmp_path: Path) -> None:
+    before = weights_key(model)
+    build_engine(model, "cpu", "bf16", cache_dir=tmp_path)
+    assert weights_key(model) == before
+    assert isinstance(model.conv1_bn, torch.nn.BatchNorm3d)
+
+
+def test_inference_net_needs_folded_bn(model: C3D_BN) -> None:
+    with pytest.raises(ValueError, match="BN-folded"):
+        InferenceNet(model)
+    assert InferenceNet(fuse_bn(model)).num_classes == 5
+
+
+def test_int8_agrees_on_top1_with_fp32_on_real_windows(model: C3D_BN, real_clips: torch.Tensor,
+                                                       tmp_path: Path) -> None:
+    engine = build_path(model, CPU, "int8", calibration_clips=real_clips[:4], cache_dir=tmp_path)
+    with torch.no_grad():
+        expected = model(real_clips)
+    out = engine(real_clips)
+    assert float((out.argmax(1) == expected.argmax(1)).float().mean()) >= 5 / 6
+    assert _rel(out, expected) < 0.05
+
+
+def test_int8_calibration_is_cached_and_reused(model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    first = build_path(model, CPU, "int8", calibration_clips=real_clips[:2], cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("int8-calib-*.pt"))) == 1
+    with caplog.at_level(logging.INFO, logger="streamdet.quantize"):
+        second = build_path(model, CPU, "int8", calibration_clips=real_clips[:2], cache_dir=tmp_path)
+    assert "loaded calibration statistics" in caplog.text
+    torch.testing.assert_close(first(real_clips[:2]), second(real_clips[:2]))
+
+
+def test_build_engine_falls_back_to_fp32_with_a_warning_when_a_path_is_wrong(
+    model: C3D_BN, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    real_candidate = inference._candidate
+
+    def bad_candidate(m: C3D_BN, device: torch.device, precision: str, **kw: object) -> Engine:
+        engine = real_candidate(m, device, precision, **kw)
+        if precision != "fp32":
+            wrong = engine.model
+            engine.model = lambda x: -wrong(x)  # type: ignore[assignment, operator]  # flips top-1
+        return engine
+
+    monkeypatch.setattr(inference, "_candidate", bad_candidate)
+    with caplog.at_level(logging.WARNING, logger="streamdet.inference"):
+        engine = build_engine(model, "cpu", "bf16", cache_dir=tmp_path)
+    assert engine.precision == "fp32"
+    assert "disagrees with fp32" in caplog.text
+    x = torch.randn(2, *INPUT_SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_check_engine_rejects_non_finite_output(model: C3D_BN) -> None:
+    reference = build_path(model, CPU, "fp32-eager")
+    nan = Engine(lambda x: torch.full((x.shape[0], 5), float("nan")), CPU, "bf16", 5, input_dtype=torch.float32)
+    ok, _, rel = check_engine(nan, reference, torch.randn(2, *INPUT_SHAPE))
+    assert not ok and not np.isfinite(rel)
+
+
+@pytest.mark.parametrize(
+    ("device", "bf16_supported", "has_amx", "expected"),
+    [
+        ("cuda", True, False, "bf16"),
+        ("cuda", False, False, "fp16"),
+        ("cpu", False, True, "bf16"),
+        ("cpu", False, False, "fp32"),
+    ],
+)
+def test_auto_precision_per_device(monkeypatch: pytest.MonkeyPatch, device: str, bf16_supported: bool,
+                                   has_amx: bool, expected: str) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: has_amx)
+    assert inference._auto_precision(torch.device(device)) == expected
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_cuda_paths_use_autocast_with_the_precision_dtype(monkeypatch: pytest.MonkeyPatch, model: C3D_BN,
+                                                          precision: str, dtype: torch.dtype) -> None:
+    # _prepare would move the model to CUDA; keep it on the CPU and look at the engine's plan.
+    monkeypatch.setattr(inference, "_prepare", lambda m, device: fuse_bn(m))
+    engine = inference._candidate(model, torch.device("cuda"), precision)
+    assert engine.path == f"{precision}-autocast"
+    assert engine._autocast_dtype is dtype
+    assert engine._input_dtype is torch.float32  # fp32 input; autocast casts inside
+
+
+def test_fp16_is_refused_on_cpu(model: C3D_BN) -> None:
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        inference._candidate(model, CPU, "fp16")
+
+
+def test_cudnn_benchmark_is_set_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "_cuda_configured", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    inference._configure_cuda()
+    assert torch.backends.cudnn.benchmark is True
+    torch.backends.cudnn.benchmark = False  # someone turns it off: a second build must not flip it
+    inference._configure_cuda()
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_engine_copies_input_non_blocking(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, object]] = []
+    real_to = torch.Tensor.to
+
+    def spy(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(kwargs)
+        return real_to(self, *args, **kwargs)
+
+    engine = Engine(lambda x: x.float().mean(dim=(2, 3, 4)), CPU, "fp32", 3, input_dtype=torch.float32)
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    engine(torch.zeros(2, *INPUT_SHAPE))
+    assert calls and calls[0].get("non_blocking") is True
+
+
+def test_inference_thread_pins_its_batch_for_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    pinned: list[bool] = []
+    real_empty = torch.empty
+
+    def fake_empty(*args: object, pin_memory: bool = False, **kwargs: object) -> torch.Tensor:
+        pinned.append(pin_memory)
+        return real_empty(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "empty", fake_empty)
+    inference.InferenceThread([], lambda x: x, lambda r: None, __import__("threading").Event(),
+                              max_batch=2, device=torch.device("cuda"))
+    assert pinned == [True]
+
+
+class _FakeGraphs:
+    """Stands in for CUDA graph capture: replay re-runs forward on the static input."""
+
+    def __init__(self) -> None:
+        self.captured: list[int] = []
+
+    def __call__(self, forward, static_in):  # type: ignore[no-untyped-def]
+        self.captured.append(static_in.shape[0])
+        static_out = forward(static_in)
+
+        def replay() -> None:
+            static_out.copy_(forward(static_in))
+
+        return replay, static_out
+
+
+def test_graphed_forward_pads_to_the_next_captured_size_and_captures_once() -> None:
+    capture = _FakeGraphs()
+    seen: list[int] = []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return x.sum(dim=(1, 2, 3, 4)).unsqueeze(1)
+
+    example = torch.zeros(1, *INPUT_SHAPE).contiguous(memory_format=torch.channels_last_3d)
+    graphed = GraphedForward(forward, (4, 1), example, capture=capture)
+    x = torch.randn(3, *INPUT_SHAPE)
+    out = graphed(x)
+    torch.testing.assert_close(out, forward(x))
+    assert out.shape == (3, 1)
+    graphed(torch.randn(2, *INPUT_SHAPE))
+    graphed(torch.randn(1, *INPUT_SHAPE))
+    assert capture.captured == [4, 1]  # size 4 reused for batches 3 and 2
+    seen.clear()
+    graphed(torch.randn(6, *INPUT_SHAPE))  # larger than any captured size: runs directly
+    assert seen == [6] and capture.captured == [4, 1]
+
+
+def test_graphed_forward_zeroes_padding_rows() -> None:
+    capture = _FakeGraphs()
+    example = torch.zeros(1, *INPUT_SHAPE)
+    graphed = GraphedForward(lambda x: x.amax(dim=(1, 2, 3, 4)).unsqueeze(1), (4,), example, capture=capture)
+    graphed(torch.full((4, *INPUT_SHAPE), 7.0))
+    graphed(torch.ones(1, *INPUT_SHAPE))
+    static_in = graphed._graphs[4][0]
+    assert float(static_in[1:].abs().max()) == 0.0
+
+
+def test_engine_uses_cuda_graphs_when_asked(model: C3D_BN) -> None:
+    engine = build_path(model, CPU, "fp32-eager")
+    capture = _FakeGraphs()
+    engine.use_cuda_graphs((2,), capture=capture)
+    x = torch.randn(1, *INPUT_SHAPE)
+    with torch.no_grad():
+        torch.testing.assert_close(engine(x), model(x), rtol=1e-4, atol=1e-4)
+    assert capture.captured == [2]
+
+
+def test_build_engine_rejects_unknown_precision(model: C3D_BN) -> None:
+    with pytest.raises(ValueError, match="precision must be one of"):
+        build_engine(model, "cpu", "int4")
+
+
+def test_calibration_windows_come_from_the_video() -> None:
+    from assets import vtest_path
+
+    from streamdet.quantize import calibration_windows
+
+    clips = calibration_windows(vtest_path(), 3)
+    assert clips.shape == (3, *INPUT_SHAPE) and clips.dtype == torch.float32
+    assert float(clips.std()) > 0.1  # real footage, not a constant
+
+
+def test_start_up_check_reuses_cached_fp32_logits(model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    build_engine(model, "cpu", "bf16", check_clips=real_clips[:2], cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("fp32-logits-*.pt"))) == 1
+    with caplog.at_level(logging.INFO, logger="streamdet.inference"):
+        engine = build_engine(model, "cpu", "bf16", check_clips=real_clips[:2], cache_dir=tmp_path)
+    assert "reference logits loaded" in caplog.text
+    assert engine.precision == "bf16"
+
+
+def test_a_corrupt_cache_entry_is_recomputed(model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path) -> None:
+    build_engine(model, "cpu", "fp32", check_clips=real_clips[:1], cache_dir=tmp_path)
+    (entry,) = tmp_path.glob("fp32-logits-*.pt")
+    entry.write_bytes(b"not a tensor")
+    engine = build_engine(model, "cpu", "fp32", check_clips=real_clips[:1], cache_dir=tmp_path)
+    assert engine.precision == "fp32"
