@@ -96,7 +96,10 @@ class RingBuffer:
         self._mono = np.zeros(capacity, np.float64)
 
         # The lock protects every attribute below and the slots of published frames. Invariants:
-        # frames with seq in [max(0, _written - capacity), _written) are published and intact;
+        # frames with seq in [max(0, _written - capacity + 1), _written) are published and intact;
+        # seq _written - capacity is intact too unless the writer holds its slot (slot() hands
+        # it out before commit(), and it is filled without the lock): a live writer may hold it
+        # at any time, a lossless one never while a ready window includes that frame;
         # _segment_start <= _written; each seq in _ready ends a window of `length` frames that
         # all belong to the segment starting at or after _segment_start at the time it was added.
         self._lock = threading.Lock()
@@ -183,7 +186,8 @@ class RingBuffer:
                 sources when inference lags); otherwise the oldest (replay: nothing skipped).
         """
         with self._lock:
-            oldest_intact = self._written - self.capacity
+            # A live writer may be filling the slot of seq _written - capacity right now.
+            oldest_intact = self._written - self.capacity + (0 if self.lossless else 1)
             while self._ready and self._ready[0] - self.length + 1 < oldest_intact:
                 self._ready.popleft()  # overwritten before anyone took it
                 self.windows_skipped += 1

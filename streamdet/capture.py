@@ -3,6 +3,15 @@
 A capture thread never waits on inference for live sources: when the ring is full the oldest
 frames are overwritten and the windows lost are counted by the ring. File replays
 (``realtime: false``) wait instead, so no frame and no window is ever skipped.
+
+Each :class:`CaptureThread` is a supervisor: every open of its source runs in a session thread
+(open, then read until the source fails or ends) and the supervisor is the watchdog of that
+session. A read that blocks for the read timeout ends the session as a stall even when it returns
+a frame (after a hang FFmpeg flushes stale frames, each one a full timeout apart). A session
+that makes no progress at all (no new frame for ``stall_timeout_s``, or an open far past its
+timeout) is retired and abandoned: it can never write to the ring or report a status again, its
+thread is left to die in its blocking call, and a new session opens the source. More than
+``MAX_ABANDONED_THREADS`` abandoned threads alive at once stop the run with an error.
 """
 
 from __future__ import annotations
@@ -18,9 +27,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from streamdet.buffer import FrameMeta, RingBuffer
-from streamdet.errors import SourceError, StreamdetError
+from streamdet.errors import SourceError
 from streamdet.preprocess import PreprocessContract, preprocess_frame
-from streamdet.sources import OpenCVSource, SourceKind, VideoSource, redact_text, redact_url, source_kind
+from streamdet.sources import (
+    OpenCVSource,
+    SourceKind,
+    VideoSource,
+    redact_text,
+    redact_url,
+    source_kind,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +66,93 @@ class CaptureStats:
     frames_used: int = 0  # sampled by the frame step and written to the ring
     frames_skipped: int = 0  # read but not used because the ring was busy (live)
     reconnects: int = 0
-    stalls: int = 0
-    offline_s: float = 0.0
+    stalls: int = 0  # sessions ended because no frame came in time (slow read or watchdog)
+    abandoned: int = 0  # session threads left blocked in a read or open
+    offline_s: float = 0.0  # completed outages; see offline_total() for the current one too
+    offline_since: float | None = None  # monotonic start of the current outage
     fps_in: float = 0.0
     started: float = field(default_factory=time.monotonic)
+
+    def offline_total(self, now: float | None = None) -> float:
+        """Seconds offline so far, the outage in progress included."""
+        since = self.offline_since
+        current = 0.0 if since is None else (time.monotonic() if now is None else now) - since
+        return self.offline_s + max(current, 0.0)
 
 
 Opener = Callable[[], VideoSource]
 
+MAX_ABANDONED_THREADS = 8  # alive at once, over all sources of a run; one more stops the run
+OPEN_GRACE_S = 5.0  # an open may overrun its own timeout this long before it is abandoned
+RELEASE_GRACE_S = 5.0  # a release blocking longer than this is abandoned
+SESSION_JOIN_S = 1.0  # how long a stopping supervisor waits for its session thread
+SLOW_READ_FRACTION = 0.9  # a read blocking this fraction of the read timeout is a stall
+
+
+class StuckThreadsError(SourceError):
+    """Too many capture threads are blocked in reads or opens that never returned."""
+
+
+class AbandonedThreads:
+    """The session threads left blocked in a call that never returned, with a bound.
+
+    One registry is shared by the captures of a run. Threads that finally return drop out.
+
+    Example:
+        >>> graveyard = AbandonedThreads(limit=8)
+        >>> graveyard.alive()
+        0
+    """
+
+    def __init__(self, limit: int = MAX_ABANDONED_THREADS) -> None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, but got {limit}")
+        self.limit = limit
+        self._lock = threading.Lock()  # protects _threads
+        self._threads: list[threading.Thread] = []
+
+    def add(self, thread: threading.Thread) -> int:
+        """Record an abandoned thread; returns how many abandoned threads are alive."""
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            if thread.is_alive():
+                self._threads.append(thread)
+            return len(self._threads)
+
+    def alive(self) -> int:
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            return len(self._threads)
+
+
+class _Session:
+    """One open of a source, run in its own thread; retired when its generation is stale.
+
+    Written by its thread: ``phase`` ("opening", "reading", "releasing"), ``heartbeat``
+    (monotonic time of the open start, the open, then each frame), ``outcome``, ``open_error``,
+    ``error``; ``done`` is set last. The supervisor reads them (single attributes: atomic).
+    """
+
+    def __init__(self, generation: int, reconnecting: bool) -> None:
+        self.generation = generation
+        self.reconnecting = reconnecting  # an open before this one was tried
+        self.opened_at: float | None = None
+        self.phase = "opening"
+        self.heartbeat = time.monotonic()
+        self.phase_started = self.heartbeat
+        self.outcome = ""
+        self.open_error: SourceError | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def enter(self, phase: str) -> None:
+        self.phase_started = self.heartbeat = time.monotonic()
+        self.phase = phase  # last: the watchdog never sees the new phase with the old times
+
 
 class Backoff:
-    """Exponential backoff with full jitter, reset after a healthy period.
+    """Exponential backoff with jitter (each delay uniform in [cap/2, cap]), reset after a healthy period.
 
     Example:
         >>> b = Backoff(0.5, 30.0, rng=random.Random(0))
@@ -100,6 +192,14 @@ class CaptureThread(threading.Thread):
         on_status: called (in this thread) on each online/offline/ended change.
         on_frame: called (in this thread) with every decoded frame, e.g. for the overlay.
         reconnect: reopen lost cameras/streams with backoff.
+        backoff: reconnect delays (default 0.5 s doubling to 30 s, with jitter).
+        read_timeout_s: the source's read timeout; a read that blocks this long (even one that
+            returns a frame) ends the session as a stall. None: reads are not timed.
+        stall_timeout_s: watchdog: a session with no new frame for this long is abandoned and the
+            source reopened. None: no watchdog. Only sources that reconnect are watched.
+        open_timeout_s: the source's open timeout; an open still blocked ``OPEN_GRACE_S`` after
+            it is abandoned too.
+        abandoned: registry of abandoned threads shared by a run's captures (default: own).
     """
 
     def __init__(
@@ -116,6 +216,10 @@ class CaptureThread(threading.Thread):
         on_frame: Callable[[str, FrameMeta, np.ndarray, bool], None] | None = None,
         reconnect: bool = True,
         backoff: Backoff | None = None,
+        read_timeout_s: float | None = None,
+        stall_timeout_s: float | None = None,
+        open_timeout_s: float = 10.0,
+        abandoned: AbandonedThreads | None = None,
     ) -> None:
         super().__init__(name=f"capture-{name}", daemon=True)
         self.source_name = name
@@ -129,12 +233,21 @@ class CaptureThread(threading.Thread):
         self.on_frame = on_frame
         self.reconnect = reconnect and kind is not SourceKind.FILE
         self.backoff = backoff or Backoff(0.5, 30.0)
+        self.read_timeout_s = read_timeout_s
+        self.stall_timeout_s = stall_timeout_s if self.reconnect else None
+        self.open_timeout_s = open_timeout_s
+        self.abandoned = abandoned if abandoned is not None else AbandonedThreads()
         self.stats = CaptureStats()
-        self.error: StreamdetError | None = None
+        self.error: BaseException | None = None  # SourceError, or a crash of this thread
         self.last_frame_monotonic = time.monotonic()
         self.fps: float | None = None  # the open source's frame rate
         self._frame_index = -1
         self._shape: tuple[int, ...] | None = None
+        # Held while a session publishes (ring commit, status) and while the supervisor retires
+        # one: protects _generation, so a retired session can never publish again.
+        self._publish_lock = threading.Lock()
+        self._generation = 0
+        self._online = False  # last status reported was ONLINE (read under _publish_lock)
 
     def _status(self, status: Status, reason: str) -> None:
         change = StatusChange(self.source_name, status, reason, time.time(), self._frame_index)
@@ -142,67 +255,201 @@ class CaptureThread(threading.Thread):
         self.on_status(change)
 
     def run(self) -> None:
-        first = True
-        offline_since: float | None = None
+        try:
+            self._run()
+        except BaseException as exc:  # a crash stops the whole run with this error, never hangs it
+            log.error("%s: capture failed: %s: %s", self.source_name, type(exc).__name__,
+                      redact_text(str(exc)))
+            self.error = exc
+            self.stop_event.set()
+            self.ring.close()
+
+    def _run(self) -> None:
+        attempts = 0
         while not self.stop_event.is_set():
-            try:
-                source = self._opener()
-            except SourceError as exc:
-                if first and (not self.reconnect or self.kind is SourceKind.CAMERA):
+            attempts += 1
+            session = self._start_session(reconnecting=attempts > 1)
+            stalled = self._supervise(session)
+            if self.stop_event.is_set():
+                return
+            if stalled and attempts == 1 and session.opened_at is None and self.kind is SourceKind.CAMERA:
+                # Like a camera that fails to open: a clear error now, not a retry loop.
+                self._retire(session)
+                self.abandoned.add(session.thread)
+                self.error = SourceError(f"{self.source_name}: the camera's open never returned "
+                                         f"({stalled.removeprefix('stalled: ')})")
+                self._status(Status.ENDED, str(self.error))
+                self.ring.close()
+                return
+            if stalled:
+                self._abandon(session, stalled)
+            elif session.error is not None:
+                raise session.error
+            elif session.open_error is not None:
+                exc = session.open_error
+                if attempts == 1 and (not self.reconnect or self.kind is SourceKind.CAMERA):
                     self.error = exc
                     self._status(Status.ENDED, redact_text(str(exc)))
                     self.ring.close()
                     return
-                if first:
-                    self._status(Status.OFFLINE, redact_text(str(exc)))
-                    offline_since = time.monotonic()
-                first = False
                 if not self.reconnect:
                     self._status(Status.ENDED, "gave up")
                     self.ring.close()
                     return
-                if self.stop_event.wait(self.backoff.next_delay()):
+                log.debug("%s: open failed: %s", self.source_name, redact_text(str(exc)))
+                self._go_offline(redact_text(str(exc)))
+            else:
+                self.ring.mark_gap()  # no window spans an outage or a reopen
+                outcome = session.outcome
+                if outcome == "stopped":
                     return
-                continue
-            if offline_since is not None:
-                self.stats.offline_s += time.monotonic() - offline_since
-                offline_since = None
-            if not first:
-                self.stats.reconnects += 1
-            first = False
-            self._status(Status.ONLINE, "opened")
-            opened_at = time.monotonic()
-            try:
-                ended = self._read_loop(source)
-            finally:
-                source.release()
-            self.ring.mark_gap()  # no window spans an outage or a reopen
-            if self.stop_event.is_set():
-                return
-            if ended == "ended" or not self.reconnect:
-                self._status(Status.ENDED, "end of file" if self.kind is SourceKind.FILE else ended)
-                self.ring.close()
-                return
-            self._status(Status.OFFLINE, ended)
-            offline_since = time.monotonic()
-            self.backoff.healthy_for(time.monotonic() - opened_at)
+                if outcome == "ended" or not self.reconnect:
+                    self._status(Status.ENDED, "end of file" if self.kind is SourceKind.FILE else outcome)
+                    self.ring.close()
+                    return
+                if outcome.startswith("stalled"):
+                    self.stats.stalls += 1
+                self._go_offline(outcome)
+            if session.opened_at is not None:
+                self.backoff.healthy_for(time.monotonic() - session.opened_at)
             if self.stop_event.wait(self.backoff.next_delay()):
                 return
 
-    def _read_loop(self, source: VideoSource) -> str:
-        """Read until the source fails or ends. Returns why: 'ended' or 'read failed'."""
+    # -- sessions and their watchdog ------------------------------------------------------------
+
+    def _start_session(self, *, reconnecting: bool) -> _Session:
+        with self._publish_lock:
+            self._generation += 1
+            session = _Session(self._generation, reconnecting)
+        session.thread = threading.Thread(target=self._session_main, args=(session,),
+                                          name=f"{self.name}-{session.generation}", daemon=True)
+        session.thread.start()
+        return session
+
+    def _supervise(self, session: _Session) -> str:
+        """Wait until ``session`` ends; returns why it must be abandoned ('' if it ended)."""
+        while not session.done.is_set():
+            if self.stop_event.is_set():
+                session.done.wait(SESSION_JOIN_S)
+                return ""
+            stuck = self._stuck(session, time.monotonic())
+            if stuck:
+                return stuck
+            session.done.wait(0.1)
+        return ""
+
+    def _stuck(self, session: _Session, now: float) -> str:
+        """Why ``session`` is making no progress ('' while it is), as the watchdog sees it."""
+        if self.stall_timeout_s is None:
+            return ""
+        phase = session.phase
+        if phase == "reading" and now - session.heartbeat > self.stall_timeout_s:
+            return f"stalled: no frame for {now - session.heartbeat:.1f} s"
+        if phase == "opening" and now - session.phase_started > self.open_timeout_s + OPEN_GRACE_S:
+            return f"stalled: open blocked for {now - session.phase_started:.1f} s"
+        if phase == "releasing" and now - session.phase_started > RELEASE_GRACE_S:
+            return f"stalled: release blocked for {now - session.phase_started:.1f} s"
+        return ""
+
+    def _retire(self, session: _Session) -> None:
+        """From now on ``session`` can neither commit a frame nor report a status."""
+        with self._publish_lock:
+            if session.generation == self._generation:
+                self._generation += 1
+
+    def _abandon(self, session: _Session, why: str) -> None:
+        """Retire a stuck session, then report the stall; its thread is left to die.
+
+        Retired first: from then on the session can neither commit a frame nor report ONLINE,
+        so the OFFLINE line and the ring's gap come after everything it published.
+        """
+        self._retire(session)
+        self._go_offline(why)
+        self.ring.mark_gap()  # no window spans the stall
+        self.stats.stalls += 1
+        self.stats.abandoned += 1
+        assert session.thread is not None
+        alive = self.abandoned.add(session.thread)
+        log.warning("%s: %s; its thread is abandoned (%d abandoned thread(s) alive, limit %d)",
+                    self.source_name, why, alive, self.abandoned.limit)
+        if alive > self.abandoned.limit:
+            raise StuckThreadsError(
+                f"{self.source_name}: {alive} capture threads are stuck in calls that never returned "
+                f"(limit {self.abandoned.limit}); stopping instead of leaking more"
+            )
+
+    def _session_main(self, session: _Session) -> None:
+        """Body of a session thread: open, report online, read until done, release."""
+        try:
+            try:
+                source = self._opener()
+            except SourceError as exc:
+                session.open_error = exc
+                return
+            try:
+                with self._publish_lock:
+                    if session.generation != self._generation:
+                        session.outcome = "retired"
+                        return
+                    session.opened_at = time.monotonic()
+                    session.enter("reading")
+                    self._went_online(session.reconnecting)
+                session.outcome = self._read_loop(source, session)
+            finally:
+                session.enter("releasing")
+                source.release()
+        except BaseException as exc:  # the supervisor re-raises it in its own thread
+            session.error = exc
+        finally:
+            session.done.set()
+
+    def _went_online(self, reconnecting: bool) -> None:
+        """Account for the outage that ends now and report ONLINE (under ``_publish_lock``)."""
+        now = time.monotonic()
+        since = self.stats.offline_since
+        if since is not None:
+            self.stats.offline_s += now - since
+            self.stats.offline_since = None
+        if reconnecting:
+            self.stats.reconnects += 1
+        self._online = True
+        self._status(Status.ONLINE, "opened")
+
+    def _go_offline(self, reason: str) -> None:
+        """Report OFFLINE once per outage and start timing it (supervisor thread only)."""
+        if self._online or self.stats.offline_since is None:
+            self._online = False
+            self.stats.offline_since = time.monotonic()
+            self._status(Status.OFFLINE, reason)
+
+    def _current(self, session: _Session) -> bool:
+        return session.generation == self._generation
+
+    def _read_loop(self, source: VideoSource, session: _Session) -> str:
+        """Read until the source fails, ends, stalls or the session is retired. Returns why."""
         self.fps = source.fps
         step = self.contract.step_for(source.fps) if source.fps else self.contract.frame_step
         pace = self.kind is SourceKind.FILE and self.realtime and source.fps
+        slow_read = None if self.read_timeout_s is None else self.read_timeout_s * SLOW_READ_FRACTION
         t0 = time.monotonic()
+        # A replay (file, realtime false) is stamped on the file's own timeline from the open, so
+        # stream times, and the events that depend on them, do not depend on decoding speed.
+        replay_clock = (time.time(), source.fps or self.contract.fps) if not self.realtime else None
         n_in_session = 0
         fps_window_start, fps_window_count = time.monotonic(), 0
         while not self.stop_event.is_set():
+            read_started = time.monotonic()
             frame = source.read()
             now_mono = time.monotonic()
+            if not self._current(session):
+                return "retired"
             if frame is None:
                 return "ended" if self.kind is SourceKind.FILE else "read failed"
-            wall = time.time()
+            if slow_read is not None and self.reconnect and now_mono - read_started >= slow_read:
+                # After a hang FFmpeg returns stale frames, each after a full timeout: reopen.
+                return f"stalled: a read blocked {now_mono - read_started:.1f} s"
+            session.heartbeat = now_mono
+            wall = replay_clock[0] + n_in_session / replay_clock[1] if replay_clock else time.time()
             self._frame_index += 1
             self.stats.frames_read += 1
             self.last_frame_monotonic = now_mono
@@ -214,8 +461,8 @@ class CaptureThread(threading.Thread):
             used = n_in_session % step == 0
             n_in_session += 1
             if used:
-                self._write(frame, meta)
-            if self.on_frame is not None:
+                self._write(frame, meta, session)
+            if self.on_frame is not None and self._current(session):
                 self.on_frame(self.source_name, meta, frame, used)
             if pace:
                 due = t0 + n_in_session / source.fps
@@ -224,7 +471,7 @@ class CaptureThread(threading.Thread):
                     break
         return "stopped"
 
-    def _write(self, frame: np.ndarray, meta: FrameMeta) -> None:
+    def _write(self, frame: np.ndarray, meta: FrameMeta, session: _Session) -> None:
         shape = frame.shape
         if self._shape is not None and shape != self._shape:
             log.info("%s: resolution changed %s -> %s", self.source_name, self._shape[:2], shape[:2])
@@ -234,15 +481,22 @@ class CaptureThread(threading.Thread):
             slot = self.ring.slot(timeout=0.5)
             if slot is not None:
                 break
+            if self.ring.closed:
+                return
         else:
             return
-        try:
-            preprocess_frame(frame, self.contract, out=slot)
-        except ValueError:
-            self.stats.frames_skipped += 1
-            self.ring.mark_gap()
-            return
-        self.ring.commit(meta)
+        # Only the current session may fill the slot and publish it: a retired one that wakes up
+        # from a stuck read finds a newer generation and drops its frame.
+        with self._publish_lock:
+            if not self._current(session):
+                return
+            try:
+                preprocess_frame(frame, self.contract, out=slot)
+            except ValueError:
+                self.stats.frames_skipped += 1
+                self.ring.mark_gap()
+                return
+            self.ring.commit(meta)
         self.stats.frames_used += 1
 
 
@@ -257,4 +511,5 @@ def make_opener(url: str, *, open_timeout_s: float = 10.0, read_timeout_s: float
     return open_source
 
 
-__all__ = ["Backoff", "CaptureStats", "CaptureThread", "Status", "StatusChange", "make_opener", "source_kind"]
+__all__ = ["AbandonedThreads", "Backoff", "CaptureStats", "CaptureThread", "Status", "StatusChange",
+           "StuckThreadsError", "make_opener", "source_kind"]

@@ -149,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version or a usage error: argparse has printed it
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if not getattr(args, "func", None):
-        parser.print_help()
+        print("error: a command is required: info, validate, run, ... (see 'streamdet --help')",
+              file=sys.stderr)
         return EXIT_USAGE
     import logging
 

@@ -8,18 +8,30 @@ result on.
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from streamdet.buffer import RingBuffer, Window
-from streamdet.models.c3d import INPUT_SHAPE, C3D_BN, fuse_bn
+from streamdet.fastpath import (
+    GraphedForward,
+    InferenceNet,
+    PackedNet,
+    compile_net,
+    default_cache_dir,
+    onednn_prepack_available,
+    weights_key,
+)
+from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, fuse_bn
 
 log = logging.getLogger(__name__)
 
@@ -53,33 +65,53 @@ class Engine:
 
     Attributes:
         device: where the model runs.
-        precision: the path in use (``fp32``, ``bf16``, ``fp16``, ``int8``).
+        precision: the numeric path in use (``fp32``, ``bf16``, ``fp16``, ``int8``).
+        path: how it runs, e.g. ``bf16-packed`` (see :data:`PATHS`).
         num_classes: logits per clip.
     """
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str,
-                 num_classes: int, autocast_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], device: torch.device, precision: str,
+                 num_classes: int, autocast_dtype: torch.dtype | None = None, *,
+                 input_dtype: torch.dtype | None = None, path: str | None = None) -> None:
         self.model = model
         self.device = device
         self.precision = precision
+        self.path = path or precision
         self.num_classes = num_classes
         self._autocast_dtype = autocast_dtype
-        self._input_dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+        if input_dtype is None:
+            params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+            input_dtype = params[0].dtype if params and autocast_dtype is None else torch.float32
+        self._input_dtype = input_dtype
+        self._graphed: GraphedForward | None = None  # CUDA graphs, when use_cuda_graphs was called
+
+    def __repr__(self) -> str:
+        return f"Engine(path={self.path!r}, device={str(self.device)!r}, num_classes={self.num_classes})"
+
+    def use_cuda_graphs(self, sizes: Sequence[int], capture: Callable[..., Any] | None = None) -> None:
+        """Replay CUDA graphs for these batch sizes (a batch is padded up to the next size)."""
+        example = torch.zeros((1, *INPUT_SHAPE), dtype=self._input_dtype, device=self.device)
+        example = example.contiguous(memory_format=torch.channels_last_3d)
+        self._graphed = GraphedForward(self._run, sizes, example, capture=capture)
+
+    def _transfer(self, clips: torch.Tensor) -> torch.Tensor:
+        # From the pinned host batch the copy is asynchronous on CUDA; on the CPU it is a no-op.
+        x = clips.to(self.device, non_blocking=True)
+        return x.to(dtype=self._input_dtype, memory_format=torch.channels_last_3d)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        if self._autocast_dtype is None:
+            return self.model(x)
+        with torch.autocast(self.device.type, dtype=self._autocast_dtype):
+            return self.model(x)
 
     def __call__(self, clips: torch.Tensor) -> torch.Tensor:
         if clips.dim() != 5 or tuple(clips.shape[1:]) != INPUT_SHAPE:
             raise ValueError(f"expected (B, {', '.join(map(str, INPUT_SHAPE))}), but got {tuple(clips.shape)}")
         with torch.inference_mode():
-            x = clips.to(self.device, non_blocking=True)
-            x = x.to(memory_format=torch.channels_last_3d)
-            if self._autocast_dtype is not None:
-                ctx = torch.autocast(self.device.type, dtype=self._autocast_dtype)
-            else:
-                ctx = contextlib.nullcontext()
-                x = x.to(self._input_dtype)
-            with ctx:
-                logits = self.model(x)
-            return logits.float()
+            x = self._transfer(clips)
+            forward = self._graphed or self._run
+            return forward(x).float()
 
 
 def _prepare(model: C3D_BN, device: torch.device) -> C3D_BN:
@@ -87,24 +119,75 @@ def _prepare(model: C3D_BN, device: torch.device) -> C3D_BN:
     return fused.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
 
 
-def _candidate(model: C3D_BN, device: torch.device, precision: str) -> Engine:
+# Every way this package can run the model. build_engine picks one per precision and device;
+# the benchmarks time them all.
+PATHS = ("fp32-eager", "fp32-packed", "fp32-compiled", "bf16-eager", "bf16-packed", "bf16-compiled",
+         "bf16-autocast", "fp16-autocast", "int8")
+
+
+def build_path(model: C3D_BN, device: torch.device, path: str, *,
+               calibration_clips: torch.Tensor | None = None, cache_dir: str | Path | None = None) -> Engine:
+    """Build one named inference path (no check against fp32; see :func:`build_engine`).
+
+    Args:
+        model: a C3D_BN (left untouched).
+        device: CPU or CUDA device.
+        path: one of :data:`PATHS`. ``*-eager``: BN folded, channels_last_3d, weights in the
+            dtype; ``*-packed``: conv weights reordered once for oneDNN with ReLU fused (CPU);
+            ``*-compiled``: torch.compile with Inductor freezing (cached in ``cache_dir``);
+            ``*-autocast``: fp32 weights under autocast (CUDA); ``int8``: FX static int8,
+            calibrated on ``calibration_clips`` (CPU).
+        calibration_clips: real windows for int8 calibration.
+        cache_dir: compile and calibration cache; :func:`~streamdet.fastpath.default_cache_dir`
+            when None.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, but got {path!r}")
     num_classes = model.num_classes
-    if precision == "fp32":
-        return Engine(_prepare(model, device), device, "fp32", num_classes)
-    if precision == "bf16":
-        if device.type == "cpu":
-            # bf16 weights in eager mode: the oneDNN bf16 kernels (AMX) without autocast overhead.
-            return Engine(_prepare(model, device).to(torch.bfloat16), device, "bf16", num_classes)
-        return Engine(_prepare(model, device), device, "bf16", num_classes, autocast_dtype=torch.bfloat16)
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ValueError("precision fp16 needs CUDA; use bf16 or fp32 on CPU")
-        return Engine(_prepare(model, device), device, "fp16", num_classes, autocast_dtype=torch.float16)
-    if precision == "int8":
+    precision = path.split("-")[0]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if path == "int8":
         from streamdet.quantize import build_int8_engine
 
-        return build_int8_engine(model, device)
-    raise ValueError(f"precision must be one of {PRECISIONS}, but got {precision!r}")
+        return build_int8_engine(model, device, calibration_clips=calibration_clips, cache_dir=cache)
+    if path.endswith("-autocast"):
+        if device.type != "cuda":
+            raise ValueError(f"path {path} needs CUDA; on the CPU use bf16-packed or fp32-packed")
+        return Engine(_prepare(model, device), device, precision, num_classes, autocast_dtype=dtype, path=path)
+    if path.endswith("-eager"):
+        return Engine(_prepare(model, device).to(dtype), device, precision, num_classes, path=path)
+    if path.endswith("-packed"):
+        if device.type != "cpu" or not onednn_prepack_available():
+            raise ValueError(f"path {path} needs a CPU PyTorch build with oneDNN")
+        net = PackedNet(InferenceNet(_prepare(model, device)), dtype)
+        return Engine(net, device, precision, num_classes, input_dtype=dtype, path=path)
+    if path.endswith("-compiled"):
+        plain = InferenceNet(_prepare(model, device)).to(dtype).eval()
+        return Engine(compile_net(plain, cache), device, precision, num_classes, input_dtype=dtype, path=path)
+    raise ValueError(f"path must be one of {PATHS}, but got {path!r}")
+
+
+def _preferred_path(device: torch.device, precision: str, compile: bool) -> str:
+    if precision == "int8":
+        return "int8"
+    if device.type == "cuda":
+        if precision in ("bf16", "fp16"):
+            return f"{precision}-autocast"
+        return "fp32-compiled" if compile else "fp32-eager"
+    if precision == "fp16":
+        raise ValueError("precision fp16 needs CUDA; use bf16 or fp32 on CPU")
+    if compile:
+        return f"{precision}-compiled"
+    return f"{precision}-packed" if onednn_prepack_available() else f"{precision}-eager"
+
+
+def _candidate(model: C3D_BN, device: torch.device, precision: str, *, compile: bool = False,
+               calibration_clips: torch.Tensor | None = None, cache_dir: Path | None = None) -> Engine:
+    if precision not in PRECISIONS or precision == "auto":
+        raise ValueError(f"precision must be one of {PRECISIONS[1:]}, but got {precision!r}")
+    path = _preferred_path(device, precision, compile)
+    return build_path(model, device, path, calibration_clips=calibration_clips, cache_dir=cache_dir)
 
 
 def _auto_precision(device: torch.device) -> str:
@@ -113,22 +196,72 @@ def _auto_precision(device: torch.device) -> str:
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
-def check_engine(engine: Engine, reference: Engine, clips: torch.Tensor, *,
-                 max_rel_error: float = 0.05) -> tuple[bool, float, float]:
+_cuda_configured = False
+
+
+def _configure_cuda() -> None:
+    """Set process-wide CUDA flags once: cuDNN autotuning (input shapes are fixed per batch size)."""
+    global _cuda_configured
+    if _cuda_configured:
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    _cuda_configured = True
+
+
+def check_engine(engine: Callable[[torch.Tensor], torch.Tensor], reference: Callable[[torch.Tensor], torch.Tensor],
+                 clips: torch.Tensor, *, max_rel_error: float = 0.05, batch: int = 4,
+                 expected: torch.Tensor | None = None) -> tuple[bool, float, float]:
     """Compare ``engine`` with an fp32 ``reference`` on ``clips``.
+
+    Args:
+        expected: the reference's logits on ``clips`` when already known (then it is not run).
 
     Returns:
         (ok, top-1 agreement in [0, 1], relative error ||a - b|| / ||b|| of the logits).
     """
-    a = engine(clips).cpu()
-    b = reference(clips).cpu()
+    a = torch.cat([engine(clips[i:i + batch]).cpu() for i in range(0, clips.shape[0], batch)])
+    b = expected if expected is not None else _run_batched(reference, clips, batch)
     agree = float((a.argmax(1) == b.argmax(1)).float().mean())
     rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
-    return agree == 1.0 and rel <= max_rel_error, agree, rel
+    ok = bool(np.isfinite(rel)) and agree == 1.0 and rel <= max_rel_error
+    return ok, agree, rel
+
+
+def _run_batched(fn: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor, batch: int = 4) -> torch.Tensor:
+    return torch.cat([fn(clips[i:i + batch]).cpu() for i in range(0, clips.shape[0], batch)])
+
+
+def _reference_logits(model: C3D_BN, reference: Engine, clips: torch.Tensor, cache: Path) -> torch.Tensor:
+    """fp32 logits of ``clips``, cached by the weights' and clips' sha256 (fp32 is the slow part
+    of a start-up check: ~1 s per clip for the full C3D_BN on a CPU)."""
+    key = hashlib.sha256(weights_key(model).encode())
+    key.update(clips.detach().float().cpu().contiguous().numpy().tobytes())
+    path = cache / f"fp32-logits-{key.hexdigest()[:32]}.pt"
+    if path.is_file():
+        try:
+            logits = torch.load(path, weights_only=True)
+            if isinstance(logits, torch.Tensor) and logits.shape == (clips.shape[0], model.num_classes):
+                log.info("inference: fp32 reference logits loaded from %s", path)
+                return logits
+        except Exception as exc:  # a corrupt cache entry costs a recomputation, nothing more
+            log.warning("inference: ignoring unreadable cache entry %s: %s", path, exc)
+    logits = _run_batched(reference, clips)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(logits, tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("inference: could not cache fp32 reference logits in %s: %s", cache, exc)
+    return logits
 
 
 def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: str = "auto", *,
-                 check_clips: torch.Tensor | None = None) -> Engine:
+                 check_clips: torch.Tensor | None = None, compile: bool = False,
+                 cache_dir: str | Path | None = None, max_rel_error: float = 0.05,
+                 cuda_graph_sizes: Sequence[int] = ()) -> Engine:
     """Build the fastest correct inference path for ``model`` on ``device``.
 
     Args:
@@ -136,9 +269,15 @@ def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: s
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a torch.device.
         precision: ``auto`` picks bf16 on CPUs with AMX/AVX512-BF16 and on CUDA (fp16 where bf16
             is unsupported), fp32 elsewhere; or force ``fp32``/``bf16``/``fp16``/``int8``.
-        check_clips: windows (B, 3, 16, 112, 112) to check a reduced-precision path against
-            fp32 with; random clips when None. A path that disagrees on top-1 or errs more than
-            5% falls back to fp32 with a warning.
+        check_clips: real windows (B, 3, 16, 112, 112) to check a reduced-precision path against
+            fp32 with, and to calibrate int8 on; random clips when None. A path that disagrees
+            on top-1 or errs more than ``max_rel_error`` falls back to fp32 with a warning.
+        compile: torch.compile the path (Inductor, weights frozen): faster per clip, but the
+            first start compiles for tens of seconds (kernels are cached in ``cache_dir``).
+        cache_dir: compiled kernels and int8 calibration statistics; ``$STREAMDET_CACHE_DIR`` or
+            ~/.cache/streamdet when None.
+        max_rel_error: largest relative logit error accepted against fp32.
+        cuda_graph_sizes: on CUDA, batch sizes to replay as CUDA graphs (e.g. ``(1, 4, 8)``).
 
     Returns:
         A callable mapping a (B, 3, 16, 112, 112) float32 tensor to (B, num_classes) logits.
@@ -155,21 +294,38 @@ def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: s
     model = model.eval()
     chosen = _auto_precision(dev) if precision == "auto" else precision
     if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # set once, here: fixed input shapes
-    engine = _candidate(model, dev, chosen)
-    if chosen == "fp32":
-        return engine
-    reference = _candidate(model, dev, "fp32")
+        _configure_cuda()
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if check_clips is None:
         gen = torch.Generator().manual_seed(0)
         check_clips = torch.randn((2, *INPUT_SHAPE), generator=gen)
-    ok, agree, rel = check_engine(engine, reference, check_clips)
+    t0 = time.perf_counter()
+    log.info("inference: building the %s path on %s%s", chosen, dev,
+             " (torch.compile: tens of seconds on a cold cache)" if compile else "")
+    engine = _candidate(model, dev, chosen, compile=compile, calibration_clips=check_clips, cache_dir=cache)
+    if dev.type == "cuda" and cuda_graph_sizes:
+        engine.use_cuda_graphs(cuda_graph_sizes)
+    # Reference: the model as trained (BN not folded), fp32, eager.
+    ref_model = model if dev.type == "cpu" else copy.deepcopy(model).to(dev)
+    reference = Engine(ref_model, dev, "fp32", model.num_classes, input_dtype=torch.float32, path="fp32-reference")
+    log.info("inference: checking %s against fp32 on %d windows (the first call also compiles/warms up)",
+             engine.path, check_clips.shape[0])
+    expected = _reference_logits(model, reference, check_clips, cache)
+    ok, agree, rel = check_engine(engine, reference, check_clips, max_rel_error=max_rel_error, expected=expected)
     if not ok:
-        log.warning("precision %s disagrees with fp32 (top-1 agreement %.0f%%, relative error %.3g): "
-                    "using fp32", chosen, agree * 100, rel)
-        return reference
-    log.info("inference path: %s on %s (top-1 agreement %.0f%%, relative error %.2g vs fp32)",
-             chosen, dev, agree * 100, rel)
+        log.warning("precision %s (%s) disagrees with fp32 (top-1 agreement %.0f%%, relative error %.3g): "
+                    "using fp32", chosen, engine.path, agree * 100, rel)
+        if chosen == "fp32":
+            return reference
+        engine = _candidate(model, dev, "fp32", cache_dir=cache)
+        ok, agree, rel = check_engine(engine, reference, check_clips, max_rel_error=max_rel_error,
+                                      expected=expected)
+        if not ok:
+            log.warning("path %s disagrees with the model too (relative error %.3g): using plain eager fp32",
+                        engine.path, rel)
+            return reference
+    log.info("inference path: %s on %s (top-1 agreement %.0f%%, relative error %.2g vs fp32; ready in %.1f s)",
+             engine.path, dev, agree * 100, rel, time.perf_counter() - t0)
     return engine
 
 
@@ -209,6 +365,10 @@ class InferenceThread(threading.Thread):
         device: the engine's device (pinned host memory for CUDA).
         on_source_done: called once per source whose ring is closed and drained (after its
             last window's results), so its events can end after every window was seen.
+        fixed_batch: run every forward pass at exactly ``max_batch`` (padding with stale slots),
+            so a window's scores never depend on how many others happened to be ready. Kernels
+            pick different algorithms per batch size, which moves logits by ~1e-6: enough to
+            flip a threshold now and then. Replays use it for run-to-run identical events.
     """
 
     def __init__(
@@ -223,6 +383,7 @@ class InferenceThread(threading.Thread):
         wake: threading.Event | None = None,
         device: torch.device | None = None,
         on_source_done: Callable[[str], None] = lambda source: None,
+        fixed_batch: bool = False,
     ) -> None:
         super().__init__(name="inference", daemon=True)
         self.rings = list(rings)
@@ -230,6 +391,7 @@ class InferenceThread(threading.Thread):
         self.on_result = on_result
         self.stop_event = stop_event
         self.max_batch = max_batch
+        self.fixed_batch = fixed_batch
         self.newest_only = newest_only
         self.wake = wake or threading.Event()
         self.on_source_done = on_source_done
@@ -277,6 +439,7 @@ class InferenceThread(threading.Thread):
                     continue
                 self.idle.clear()
                 self._infer(windows)
+                self._report_drained()  # a source may end while others keep inference busy
         except BaseException as exc:  # reported by the pipeline, which stops everything
             self.error = exc
             self.stop_event.set()
@@ -295,8 +458,8 @@ class InferenceThread(threading.Thread):
     def _infer(self, windows: list[Window]) -> None:
         n = len(windows)
         t0 = time.perf_counter()
-        logits = self.engine(self._batch[:n])
-        probs = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        logits = self.engine(self._batch if self.fixed_batch else self._batch[:n])
+        probs = torch.softmax(logits[:n].float(), dim=1).cpu().numpy()
         ms = (time.perf_counter() - t0) * 1000.0
         self.inference_ms.append(ms)
         if len(self.inference_ms) > 4096:

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from streamdet.buffer import FrameMeta, RingBuffer
-from streamdet.capture import Backoff, CaptureThread, Status, StatusChange, make_opener
+from streamdet.capture import (
+    AbandonedThreads,
+    Backoff,
+    CaptureThread,
+    Status,
+    StatusChange,
+    make_opener,
+)
 from streamdet.config import RunConfig
 from streamdet.errors import StreamdetError
 from streamdet.events import ClassRule, EventChange, EventTracker, TrackerSettings
@@ -83,6 +90,7 @@ class SourceSummary:
     reconnects: int = 0
     offline_s: float = 0.0
     status: str = "online"
+    stalls: int = 0
 
 
 @dataclass
@@ -151,6 +159,9 @@ class Pipeline:
 
         self.rings: list[RingBuffer] = []
         self.captures: list[CaptureThread] = []
+        # Capture threads stuck in a read that never returns are abandoned; past this many
+        # alive at once (all sources together) the run stops with an error.
+        self.abandoned = AbandonedThreads()
         live: set[str] = set()
         for s in cfg.sources:
             kind = source_kind(s.url)
@@ -174,6 +185,10 @@ class Pipeline:
                 on_frame=self._on_frame,
                 reconnect=opts.reconnect,
                 backoff=Backoff(opts.backoff_initial_s, opts.backoff_max_s),
+                read_timeout_s=opts.read_timeout_s if kind is not SourceKind.FILE else None,
+                stall_timeout_s=opts.stall_timeout_s,
+                open_timeout_s=opts.open_timeout_s,
+                abandoned=self.abandoned,
             ))
         self.live_sources = frozenset(live)
         overlay_cfg = cfg.sinks.overlay
@@ -187,10 +202,21 @@ class Pipeline:
             )
         self.inference = InferenceThread(
             self.rings, engine, self._on_results, self.stop_event,
-            max_batch=cfg.model.max_batch, newest_only=self.live_sources, wake=self._wake,
+            max_batch=self._batch_size(cfg, engine),
+            fixed_batch=not self.live_sources, newest_only=self.live_sources, wake=self._wake,
             device=engine.device, on_source_done=self._on_source_done,
         )
         self._by_name = {c.source_name: c for c in self.captures}
+
+    def _batch_size(self, cfg: RunConfig, engine: Engine) -> int:
+        """A pure replay runs every batch at one fixed size, so its events repeat exactly.
+
+        On a CPU batching does not raise per-clip throughput, so such a replay takes one window
+        per pass rather than padding; on CUDA it pads every pass to ``max_batch``.
+        """
+        if not self.live_sources and engine.device.type == "cpu":
+            return 1
+        return cfg.model.max_batch
 
     # -- callbacks from other threads ---------------------------------------------------------
 
@@ -225,6 +251,10 @@ class Pipeline:
     def _on_results(self, results: list[WindowResult]) -> None:
         with self._events_lock:
             for r in results:
+                if self._status.get(r.source) == "offline":
+                    # Scored after its source went offline (a window from before the outage):
+                    # its events already ended with stream_lost; none may open during the outage.
+                    continue
                 changes = self.tracker.update(r.source, r.first_frame, r.last_frame, r.first_time,
                                               r.last_time, r.probs)
                 self._emit(changes, r)
@@ -290,8 +320,9 @@ class Pipeline:
             for ring in self.rings:
                 ring.close()
             stop_started = time.monotonic()
+            deadline = stop_started + JOIN_TIMEOUT_S  # one budget for all: stop within 2 s
             for t in threads:
-                t.join(JOIN_TIMEOUT_S)
+                t.join(max(0.0, deadline - time.monotonic()))
             alive = [t.name for t in threads if t.is_alive()]
             if alive:
                 log.warning("threads still running after stop (left to exit with the process): %s", alive)
@@ -303,6 +334,10 @@ class Pipeline:
             if self.log_sink:
                 self.log_sink.close()
             log.debug("stopped in %.2f s", time.monotonic() - stop_started)
+        # A capture that crashed set the stop event itself: the loop above never saw its error.
+        failed = next((c for c in self.captures if c.error is not None), None)
+        if self.error is None and failed is not None:
+            self.error = failed.error
         if self.inference.error is not None:
             raise StageError(f"inference failed: {type(self.inference.error).__name__}: {self.inference.error}")
         if self.overlay is not None and self.overlay.error is not None:
@@ -313,14 +348,19 @@ class Pipeline:
         if self.error is not None:
             if isinstance(self.error, StreamdetError):
                 raise self.error
-            raise StageError(str(self.error))
+            where = f"capture of {failed.source_name} failed: " if failed is not None else ""
+            raise StageError(f"{where}{type(self.error).__name__}: {self.error}")
         return self.summary(time.monotonic() - started)
 
     def _progress_line(self, windows_per_s: float) -> str:
         parts = []
-        for c, ring in zip(self.captures, self.rings):
-            parts.append(f"{c.source_name}: {c.stats.fps_in:.1f} fps, skipped {c.stats.frames_skipped} frames/"
-                         f"{ring.windows_skipped} windows")
+        for c, ring in zip(self.captures, self.rings, strict=True):
+            part = (f"{c.source_name}: {c.stats.fps_in:.1f} fps, skipped {c.stats.frames_skipped} frames/"
+                    f"{ring.windows_skipped} windows")
+            if c.stats.reconnects or c.stats.stalls or c.stats.offline_since is not None:
+                part += (f", {c.stats.reconnects} reconnects, {c.stats.stalls} stalls, "
+                         f"{c.stats.offline_total():.1f} s offline")
+            parts.append(part)
         inf = self.inference.inference_ms
         with self._events_lock:
             lat = list(self._latency_ms)
@@ -330,11 +370,11 @@ class Pipeline:
 
     def summary(self, seconds: float) -> RunSummary:
         sources = []
-        for c, ring in zip(self.captures, self.rings):
+        for c, ring in zip(self.captures, self.rings, strict=True):
             sources.append(SourceSummary(
                 c.source_name, c.stats.frames_read, c.stats.frames_used, c.stats.frames_skipped,
-                ring.windows_taken, ring.windows_skipped, c.stats.reconnects, c.stats.offline_s,
-                self._status.get(c.source_name, "never online"),
+                ring.windows_taken, ring.windows_skipped, c.stats.reconnects, c.stats.offline_total(),
+                self._status.get(c.source_name, "never online"), c.stats.stalls,
             ))
         inf = self.inference.inference_ms
         lat = list(self._latency_ms)

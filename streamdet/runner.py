@@ -127,7 +127,7 @@ def format_summary(summary: Any, cfg: RunConfig) -> str:
         lines.append(
             f"[summary] {s.name}: {s.frames_read} frames read, {s.frames_used} used, "
             f"{s.frames_skipped} skipped, {s.windows} windows ({s.windows_skipped} skipped), "
-            f"{s.reconnects} reconnects, {s.offline_s:.1f} s offline"
+            f"{s.reconnects} reconnects, {s.stalls} stalls, {s.offline_s:.1f} s offline"
         )
     if summary.event_counts:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.event_counts.items()))

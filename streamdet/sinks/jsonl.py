@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from streamdet.events import EventChange
+from streamdet.sources import redact_text
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class EventLog:
         paths = rotated_paths(self.path)  # [.5, .4, ..., .1, path]
         if paths[0].exists():
             paths[0].unlink()
-        for older, newer in zip(paths, paths[1:]):
+        for older, newer in zip(paths, paths[1:], strict=False):
             if newer.exists():
                 os.replace(newer, older)
         self._file = open(self.path, "a", encoding="utf-8")
@@ -184,7 +185,7 @@ class EventLog:
             "seq": 0,
             "source": source,
             "status": status,
-            "reason": reason,
+            "reason": redact_text(reason),  # reasons quote errors, which may quote a URL
             "time": iso_utc(wall_time),
         }
         return self._write(obj, durable=True)

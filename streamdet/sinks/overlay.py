@@ -119,7 +119,9 @@ class OverlaySink(threading.Thread):
         # The condition's lock protects _views, _results and _ended.
         self._cond = threading.Condition()
         self._views = {s: SourceView() for s in sources}
-        self._results: dict[str, deque[_Result]] = {s: deque(maxlen=8) for s in sources}
+        # Per source, in window order; pruned as frames are drawn (see _view_for). The bound is
+        # far above what a replay can run ahead (frame queue + ring) and caps a stalled sink.
+        self._results: dict[str, deque[_Result]] = {s: deque(maxlen=256) for s in sources}
         self._ended: set[str] = set()
         self._writers: dict[str, cv2.VideoWriter] = {}
         self.frames_written = 0
@@ -207,9 +209,13 @@ class OverlaySink(threading.Thread):
                 ):
                     self._cond.wait(0.2)
             view = self._views[source]
-            known = [r for r in self._results[source] if r.last_frame <= index]
-            if known:
-                r = known[-1]
+            results = self._results[source]
+            # Frames of a source come in index order: a result followed by one that also ends at
+            # or before this frame will never be shown again.
+            while len(results) > 1 and results[1].last_frame <= index:
+                results.popleft()
+            if results and results[0].last_frame <= index:
+                r = results[0]
                 view.probs, view.window_last_frame = r.probs, r.last_frame
                 view.inference_ms, view.latency_ms = r.inference_ms, r.latency_ms
             return SourceView(view.probs, view.window_last_frame, list(view.open_events), view.status,

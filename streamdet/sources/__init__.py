@@ -23,7 +23,8 @@ import numpy as np
 
 from streamdet.errors import SourceError
 
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]*)@")
+# The password runs to the last "@" of the authority, so a raw "@" in it (p@ss) is masked too.
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^/\s]*)@")
 _secrets: set[str] = set()
 _secrets_lock = threading.Lock()
 
@@ -135,6 +136,15 @@ class OpenCVSource:
         self.url = url
         self.kind = source_kind(url)
         shown = redact_url(url)
+        try:
+            self._open(url, shown, open_timeout_s, read_timeout_s)
+        except cv2.error as exc:  # e.g. a malformed URL or a corrupt header; never a traceback
+            raise SourceError(f"{shown}: cannot open ({redact_text(' '.join(str(exc).split()))})") from None
+        reported = self._cap.get(cv2.CAP_PROP_FPS)
+        self.fps = fps or (reported if reported and 0 < reported <= 1000 else None)
+        self.frame_count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+
+    def _open(self, url: str, shown: str, open_timeout_s: float, read_timeout_s: float) -> None:
         if self.kind is SourceKind.CAMERA:
             self._cap = cv2.VideoCapture(int(url))
             if not self._cap.isOpened():
@@ -155,13 +165,14 @@ class OpenCVSource:
             ]
             self._cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
             if not self._cap.isOpened():
-                raise SourceError(f"{shown}: cannot open stream (unreachable, refused or timed out)")
-        reported = self._cap.get(cv2.CAP_PROP_FPS)
-        self.fps = fps or (reported if reported and 0 < reported <= 1000 else None)
-        self.frame_count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+                self._cap.release()
+                raise SourceError(f"{shown}: cannot open stream (unreachable, refused, unauthorized or timed out)")
 
     def read(self) -> np.ndarray | None:
-        ok, frame = self._cap.read()
+        try:
+            ok, frame = self._cap.read()
+        except cv2.error:  # a corrupt packet the decoder cannot survive: treat as a failed read
+            return None
         if not ok or frame is None or frame.size == 0:
             return None
         return frame

@@ -1,0 +1,321 @@
+"""Tests of capture threads: pacing, lossless replay, frame step, gaps, stopping, and a real file.
+
+A fake source stands in for OpenCV where the threading logic is under test; the last tests read
+the real ``vtest.avi``.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import pytest
+
+from streamdet.buffer import FrameMeta, RingBuffer, Window
+from streamdet.capture import Backoff, CaptureThread, Status, StatusChange, make_opener
+from streamdet.errors import SourceError
+from streamdet.preprocess import PreprocessContract
+from streamdet.sources import SourceKind
+
+CONTRACT = PreprocessContract(resize=(16, 16), crop=8, fps=10.0)  # tiny frames, fast
+FRAME_SHAPE = (3, CONTRACT.crop, CONTRACT.crop)
+
+
+class FakeSource:
+    """Frames from a list, then None (end of file / lost stream). Counts its reads."""
+
+    def __init__(self, frames: Iterable[np.ndarray], fps: float | None = 10.0) -> None:
+        self._frames = iter(frames)
+        self.fps = fps
+        self.released = False
+
+    def read(self) -> np.ndarray | None:
+        return next(self._frames, None)
+
+    def release(self) -> None:
+        self.released = True
+
+
+def frames(n: int, size: tuple[int, int] = (32, 24), start: int = 0) -> list[np.ndarray]:
+    """``n`` BGR frames of ``size`` (width, height); frame i is filled with (start + i) % 256."""
+    width, height = size
+    return [np.full((height, width, 3), (start + i) % 256, np.uint8) for i in range(n)]
+
+
+def endless(size: tuple[int, int] = (32, 24)) -> Iterable[np.ndarray]:
+    i = 0
+    while True:
+        yield np.full((size[1], size[0], 3), i % 256, np.uint8)
+        i += 1
+
+
+class Reader(threading.Thread):
+    """Takes every window of ``ring`` (oldest first) until it is closed and drained."""
+
+    def __init__(self, ring: RingBuffer) -> None:
+        super().__init__(daemon=True)
+        self.ring = ring
+        self.windows: list[Window] = []
+
+    def run(self) -> None:
+        while not (self.ring.closed and self.ring.pending() == 0):
+            window = self.ring.take_window()
+            if window is None:
+                time.sleep(0.001)
+            else:
+                self.windows.append(window)
+
+
+def make_capture(source_or_opener: FakeSource | Callable[[], FakeSource], *, kind: SourceKind = SourceKind.FILE,
+                 realtime: bool = False, lossless: bool | None = None, stride: int = 8,
+                 contract: PreprocessContract = CONTRACT, **kwargs) -> CaptureThread:
+    lossless = (kind is SourceKind.FILE and not realtime) if lossless is None else lossless
+    ring = RingBuffer("src", length=16, stride=stride, frame_shape=FRAME_SHAPE, lossless=lossless)
+    opener = source_or_opener if callable(source_or_opener) else (lambda: source_or_opener)
+    return CaptureThread("src", opener, ring, contract, threading.Event(), kind=kind, realtime=realtime,
+                         **kwargs)
+
+
+def spans(windows: list[Window]) -> list[tuple[int, int]]:
+    return [(w.first_frame, w.last_frame) for w in windows]
+
+
+@pytest.mark.timeout(20)
+def test_replay_writes_every_frame_and_skips_no_window() -> None:
+    statuses: list[StatusChange] = []
+    source = FakeSource(frames(100))
+    capture = make_capture(source, on_status=statuses.append)
+    reader = Reader(capture.ring)
+    reader.start()
+
+    capture.start()
+    capture.join(10)
+    reader.join(10)
+
+    assert not capture.is_alive() and capture.error is None
+    assert (capture.stats.frames_read, capture.stats.frames_used, capture.stats.frames_skipped) == (100, 100, 0)
+    assert spans(reader.windows) == [(s, s + 15) for s in range(0, 85, 8)]
+    assert capture.ring.windows_skipped == 0
+    assert [(s.status, s.reason) for s in statuses] == [(Status.ONLINE, "opened"), (Status.ENDED, "end of file")]
+    assert source.released
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("fps", [25.0, None], ids=["file-fps", "no-fps-uses-contract"])
+def test_a_replay_is_stamped_on_the_files_own_timeline(fps: float | None) -> None:
+    """Regression: replayed frames were stamped with the wall clock when they were decoded.
+
+    Stream-time rules of the event tracker (``update_min_interval_s``, ``min_duration_s``)
+    then depended on how fast this machine decoded and how long inference made capture wait,
+    so a replay's ``update`` lines changed from run to run.
+    """
+    metas: list[FrameMeta] = []
+    used_metas: list[FrameMeta] = []
+
+    def on_frame(name: str, meta: FrameMeta, frame: np.ndarray, used: bool) -> None:
+        metas.append(meta)
+        if used:
+            used_metas.append(meta)
+
+    capture = make_capture(FakeSource(frames(40), fps=fps), on_frame=on_frame)
+    reader = Reader(capture.ring)
+    reader.start()
+    before = time.time()
+    capture.start()
+    capture.join(10)
+    reader.join(10)
+
+    step = 1 / (fps or CONTRACT.fps)
+    assert before <= metas[0].wall_time <= time.time()
+    np.testing.assert_allclose([m.wall_time - metas[0].wall_time for m in metas],
+                               [i * step for i in range(40)], atol=1e-5)
+    assert reader.windows
+    for k, window in enumerate(reader.windows):  # windows carry the same stamps
+        np.testing.assert_array_equal(window.frame_times, [m.wall_time for m in used_metas[8 * k:8 * k + 16]])
+
+
+@pytest.mark.timeout(20)
+def test_lossless_replay_waits_for_a_slow_reader_instead_of_skipping() -> None:
+    capture = make_capture(FakeSource(frames(60)))
+    capture.start()
+    time.sleep(0.3)  # nobody reads: the writer must be waiting on the ring, not overwriting
+    assert capture.is_alive()
+    assert capture.stats.frames_used < 60
+
+    reader = Reader(capture.ring)
+    reader.start()
+    capture.join(10)
+    reader.join(10)
+
+    assert capture.stats.frames_used == 60
+    assert spans(reader.windows) == [(s, s + 15) for s in range(0, 45, 8)]
+    assert capture.ring.windows_skipped == 0
+
+
+@pytest.mark.timeout(20)
+def test_realtime_file_is_paced_at_its_fps_and_skips_windows_when_nobody_reads() -> None:
+    capture = make_capture(FakeSource(frames(60), fps=100.0), realtime=True, stride=2,
+                           contract=PreprocessContract(resize=(16, 16), crop=8, fps=100.0))
+    assert not capture.ring.lossless
+
+    started = time.monotonic()
+    capture.start()
+    capture.join(10)
+    elapsed = time.monotonic() - started
+
+    assert elapsed >= 0.55, f"60 frames at 100 fps took only {elapsed:.2f} s"
+    assert capture.stats.frames_used == 60
+    assert capture.ring.windows_skipped > 0  # overwritten, never waited for
+
+
+@pytest.mark.timeout(20)
+def test_frame_step_follows_the_contract_fps() -> None:
+    """A 30 fps file for a model trained at 10 fps: every 3rd frame goes into the ring."""
+    used: list[int] = []
+    capture = make_capture(FakeSource(frames(90), fps=30.0),
+                           on_frame=lambda name, meta, frame, is_used: used.append(meta.index) if is_used else None)
+    reader = Reader(capture.ring)
+    reader.start()
+    capture.start()
+    capture.join(10)
+    reader.join(10)
+
+    assert used == list(range(0, 90, 3))
+    assert (capture.stats.frames_read, capture.stats.frames_used) == (90, 30)
+    assert spans(reader.windows) == [(0, 45), (24, 69)]
+
+
+@pytest.mark.timeout(20)
+def test_a_resolution_change_marks_a_gap_no_window_spans() -> None:
+    source = FakeSource(frames(40, (32, 24)) + frames(40, (40, 30), start=40))
+    capture = make_capture(source)
+    reader = Reader(capture.ring)
+    reader.start()
+    capture.start()
+    capture.join(10)
+    reader.join(10)
+
+    assert spans(reader.windows) == [(0, 15), (8, 23), (16, 31), (24, 39), (40, 55), (48, 63), (56, 71), (64, 79)]
+
+
+@pytest.mark.timeout(20)
+def test_a_lost_stream_reconnects_and_no_window_spans_the_outage() -> None:
+    sessions = [FakeSource(frames(30)), FakeSource(frames(30, start=30))]
+    statuses: list[StatusChange] = []
+    captures: list[CaptureThread] = []
+
+    def opener() -> FakeSource:
+        if sessions:
+            return sessions.pop(0)
+        captures[0].stop_event.set()  # third open: the test is over
+        raise SourceError("gone")
+
+    capture = make_capture(opener, kind=SourceKind.STREAM, lossless=True, on_status=statuses.append,
+                           backoff=Backoff(0.01, 0.02))
+    captures.append(capture)
+    reader = Reader(capture.ring)
+    reader.start()
+    capture.start()
+    capture.join(10)
+    capture.ring.close()
+    reader.join(10)
+
+    assert capture.stats.reconnects == 1
+    assert [s.status for s in statuses] == [Status.ONLINE, Status.OFFLINE, Status.ONLINE, Status.OFFLINE]
+    # Frame indices keep counting across the reconnect; windows restart after it.
+    assert spans(reader.windows) == [(0, 15), (8, 23), (30, 45), (38, 53)]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("realtime", [True, False], ids=["live", "lossless-blocked"])
+def test_stop_ends_capture_within_a_second(realtime: bool) -> None:
+    capture = make_capture(FakeSource(endless(), fps=20.0), realtime=realtime)
+    capture.start()
+    time.sleep(0.3)  # lossless: the ring is full and nobody reads, so the writer waits
+
+    stopped = time.monotonic()
+    capture.stop_event.set()
+    capture.join(2.0)
+
+    assert not capture.is_alive()
+    assert time.monotonic() - stopped < 1.0
+
+
+@pytest.mark.timeout(20)
+def test_a_file_that_cannot_be_opened_ends_with_its_error_and_closes_the_ring() -> None:
+    statuses: list[StatusChange] = []
+
+    def opener() -> FakeSource:
+        raise SourceError("clip.mp4: cannot decode video")
+
+    capture = make_capture(opener, on_status=statuses.append)
+    capture.start()
+    capture.join(5)
+
+    assert isinstance(capture.error, SourceError)
+    assert capture.ring.closed
+    assert [s.status for s in statuses] == [Status.ENDED]
+
+
+@pytest.mark.timeout(20)
+def test_a_crashing_frame_callback_stops_the_run_with_the_error_instead_of_hanging() -> None:
+    """Regression: an unexpected exception killed the capture thread silently.
+
+    The ring stayed open, so the inference thread waited for its windows forever and the
+    pipeline never ended; now the error is recorded, the stop event set and the ring closed.
+    """
+
+    def on_frame(name: str, meta: FrameMeta, frame: np.ndarray, used: bool) -> None:
+        if meta.index == 5:
+            raise RuntimeError("overlay queue exploded")
+
+    capture = make_capture(FakeSource(frames(50)), on_frame=on_frame)
+    capture.start()
+    capture.join(5)
+
+    assert not capture.is_alive()
+    assert isinstance(capture.error, RuntimeError)
+    assert capture.stop_event.is_set()
+    assert capture.ring.closed
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_the_cap_and_resets_when_healthy() -> None:
+    backoff = Backoff(0.5, 4.0, healthy_after=60.0, rng=random.Random(0))
+
+    delays = [backoff.next_delay() for _ in range(6)]
+
+    caps = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert all(cap / 2 <= d <= cap for d, cap in zip(delays, caps, strict=True))
+    backoff.healthy_for(10.0)
+    assert backoff.next_delay() >= 2.0  # not healthy long enough: still capped high
+    backoff.healthy_for(60.0)
+    assert backoff.next_delay() <= 0.5
+
+
+@pytest.mark.timeout(60)
+def test_real_file_replay_reads_every_frame_with_increasing_timestamps(vtest_video) -> None:
+    metas: list[FrameMeta] = []
+    ring = RingBuffer("vtest", length=16, stride=8, lossless=True)
+    capture = CaptureThread("vtest", make_opener(str(vtest_video)), ring, PreprocessContract(),
+                            threading.Event(), kind=SourceKind.FILE, realtime=False,
+                            on_frame=lambda name, meta, frame, used: metas.append(meta))
+    reader = Reader(ring)
+    reader.start()
+    capture.start()
+    capture.join(50)
+    reader.join(5)
+
+    assert capture.error is None and capture.fps == pytest.approx(10.0)
+    assert abs(len(metas) - 795) <= 2
+    assert [m.index for m in metas] == list(range(len(metas)))
+    assert capture.stats.frames_used == len(metas)
+    assert all(a.monotonic <= b.monotonic for a, b in zip(metas, metas[1:], strict=False))
+    assert all(a.wall_time < b.wall_time for a, b in zip(metas, metas[1:], strict=False))
+    assert len(reader.windows) == (len(metas) - 16) // 8 + 1
+    assert ring.windows_skipped == 0
+    for w in reader.windows:
+        assert w.last_frame - w.first_frame == 15
+        assert np.all(np.diff(w.frame_times) > 0)

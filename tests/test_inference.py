@@ -1,0 +1,314 @@
+"""Tests of inference: the engine's numeric paths and input checks, and the batching thread.
+
+The thread is tested with a recording fake engine, so batches can be checked window by window;
+the engine tests use a real C3D_BN at width 0.0625.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from streamdet import inference
+from streamdet.buffer import FrameMeta, RingBuffer
+from streamdet.inference import InferenceThread, WindowResult, build_engine, check_engine
+from streamdet.models.c3d import C3D_BN, INPUT_SHAPE
+
+FRAME_SHAPE = (3, 112, 112)
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> C3D_BN:
+    torch.manual_seed(0)
+    return C3D_BN(num_classes=3, width=0.0625).eval()
+
+
+def test_fp32_engine_matches_the_unfused_model(tiny_model: C3D_BN) -> None:
+    clips = torch.randn((2, *INPUT_SHAPE), generator=torch.Generator().manual_seed(1))
+
+    engine = build_engine(tiny_model, "cpu", "fp32")
+
+    assert engine.precision == "fp32" and engine.num_classes == 3
+    with torch.inference_mode():
+        expected = tiny_model(clips)
+    torch.testing.assert_close(engine(clips), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_engine_is_checked_against_fp32(tiny_model: C3D_BN) -> None:
+    clips = torch.randn((2, *INPUT_SHAPE), generator=torch.Generator().manual_seed(2))
+    reference = build_engine(tiny_model, "cpu", "fp32")
+
+    engine = build_engine(tiny_model, "cpu", "bf16", check_clips=clips)
+
+    assert engine.precision in ("bf16", "fp32")  # fp32 when bf16 failed its check
+    ok, agree, rel = check_engine(engine, reference, clips)
+    assert ok, f"the engine in use disagrees with fp32: top-1 {agree:.0%}, relative error {rel:.3g}"
+
+
+def test_a_reduced_precision_path_that_fails_its_check_falls_back_to_fp32(
+    tiny_model: C3D_BN, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(inference, "check_engine", lambda *args, **kwargs: (False, 0.5, 0.3))
+
+    with caplog.at_level(logging.WARNING, logger="streamdet.inference"):
+        engine = build_engine(tiny_model, "cpu", "bf16")
+
+    assert engine.precision == "fp32"
+    assert "disagrees with fp32" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("shape", "expectation"),
+    [
+        ((1, *INPUT_SHAPE), contextlib.nullcontext()),
+        ((2, 3, 8, 112, 112), pytest.raises(ValueError, match=r"expected \(B, 3, 16, 112, 112\)")),
+        ((2, 3, 16, 64, 64), pytest.raises(ValueError, match=r"but got \(2, 3, 16, 64, 64\)")),
+        ((3, 16, 112, 112), pytest.raises(ValueError, match="expected")),
+    ],
+)
+def test_engine_checks_the_clip_shape(tiny_model: C3D_BN, shape: tuple[int, ...], expectation) -> None:
+    engine = build_engine(tiny_model, "cpu", "fp32")
+    with expectation:
+        assert engine(torch.zeros(shape)).shape == (shape[0], 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expectation"),
+    [
+        ({"precision": "fp64"}, pytest.raises(ValueError, match="precision must be one of")),
+        ({"device": "tpu"}, pytest.raises(ValueError, match="device must be auto, cpu or cuda")),
+    ],
+)
+def test_build_engine_rejects_unknown_options(tiny_model: C3D_BN, kwargs: dict, expectation) -> None:
+    with expectation:
+        build_engine(tiny_model, **kwargs)
+
+
+# -- the inference thread --------------------------------------------------------------------
+
+
+def value(tag: int, index: int) -> float:
+    """Pixel value of frame ``index`` of source number ``tag``."""
+    return tag * 1000.0 + index
+
+
+def filled_ring(name: str, tag: int, n_frames: int, *, stride: int = 8, lossless: bool = True,
+                close: bool = False) -> RingBuffer:
+    ring = RingBuffer(name, length=16, stride=stride, frame_shape=FRAME_SHAPE, capacity=n_frames + 1,
+                      lossless=lossless)
+    for i in range(n_frames):
+        ring.write_frame(np.full(FRAME_SHAPE, value(tag, i), np.float32), FrameMeta(i, T0 + i / 10, float(i)))
+    if close:
+        ring.close()
+    return ring
+
+
+class RecordingEngine:
+    """Fake engine: keeps a copy of each batch; logits favour class 1 by the clip's first pixel."""
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        self.batches: list[torch.Tensor] = []
+        self.fail_on_call = fail_on_call
+        self.device = torch.device("cpu")
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        if len(self.batches) == self.fail_on_call:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        self.batches.append(clips.clone())
+        logits = torch.zeros((clips.shape[0], 2))
+        logits[:, 1] = clips[:, 0, 0, 0, 0] / 1000.0
+        return logits
+
+
+class Collector:
+    """on_result / on_source_done callbacks that record what happened, in order."""
+
+    def __init__(self, stop_after_done: int | None = None, stop_event: threading.Event | None = None) -> None:
+        self.results: list[list[WindowResult]] = []
+        self.log: list[tuple[str, str]] = []
+        self._stop_after_done = stop_after_done
+        self._stop_event = stop_event
+
+    def on_result(self, results: list[WindowResult]) -> None:
+        self.results.append(results)
+        self.log += [("result", r.source) for r in results]
+
+    def on_source_done(self, source: str) -> None:
+        self.log.append(("done", source))
+        done = sum(1 for kind, _ in self.log if kind == "done")
+        if self._stop_after_done is not None and done == self._stop_after_done:
+            assert self._stop_event is not None
+            self._stop_event.set()
+
+
+def run_thread(rings: list[RingBuffer], engine: RecordingEngine, **kwargs) -> tuple[InferenceThread, Collector]:
+    """Runs an InferenceThread until every ring is drained (rings must be closed) or it fails."""
+    stop_event = threading.Event()
+    collector = Collector(stop_after_done=len(rings), stop_event=stop_event)
+    thread = InferenceThread(rings, engine, collector.on_result, stop_event,
+                             on_source_done=collector.on_source_done, **kwargs)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the inference thread did not stop"
+    return thread, collector
+
+
+@pytest.mark.timeout(30)
+def test_windows_of_several_sources_share_batches_and_each_result_matches_its_window() -> None:
+    rings = [filled_ring("a", 1, 40, close=True), filled_ring("b", 2, 40, close=True),
+             filled_ring("c", 3, 24, close=True)]  # 4, 4 and 2 windows
+    engine = RecordingEngine()
+
+    thread, collector = run_thread(rings, engine, max_batch=4)
+
+    assert thread.error is None
+    assert [len(b) for b in engine.batches] == [4, 4, 2]
+    assert thread.windows_done == 10
+    tags = {"a": 1, "b": 2, "c": 3}
+    for batch, results in zip(engine.batches, collector.results, strict=True):
+        for clip, r in zip(batch, results, strict=True):
+            # the batch slot holds this result's window: frames first_frame..last_frame of its source
+            expected = [value(tags[r.source], i) for i in range(r.first_frame, r.last_frame + 1)]
+            assert clip[0, :, 0, 0].tolist() == expected
+            np.testing.assert_allclose(r.frame_times, T0 + np.arange(r.first_frame, r.last_frame + 1) / 10)
+            assert r.last_monotonic == float(r.last_frame)
+            expected_p1 = torch.softmax(torch.tensor([0.0, expected[0] / 1000.0]), 0)[1].item()
+            assert r.probs == pytest.approx([1 - expected_p1, expected_p1], rel=1e-5)
+            assert r.batch_size == len(results) and r.inference_ms >= 0
+    per_source = {name: [(r.first_frame, r.last_frame) for rs in collector.results for r in rs if r.source == name]
+                  for name in tags}
+    assert per_source == {"a": [(0, 15), (8, 23), (16, 31), (24, 39)],
+                          "b": [(0, 15), (8, 23), (16, 31), (24, 39)],
+                          "c": [(0, 15), (8, 23)]}
+
+
+@pytest.mark.timeout(30)
+def test_round_robin_gives_every_source_its_share_of_small_batches() -> None:
+    rings = [filled_ring(name, tag, 64, close=True) for tag, name in enumerate("abc", 1)]  # 7 windows each
+
+    _, collector = run_thread(rings, RecordingEngine(), max_batch=2)
+
+    first_six = [r.source for rs in collector.results[:3] for r in rs]
+    assert sorted(first_six) == ["a", "a", "b", "b", "c", "c"]
+    assert [len(rs) for rs in collector.results] == [2] * 10 + [1]
+
+
+@pytest.mark.timeout(30)
+def test_newest_only_sources_give_one_window_per_batch_and_count_the_skipped() -> None:
+    live = filled_ring("cam", 1, 48, lossless=False, close=True)  # windows end at 15, 23, 31, 39, 47
+    replay = filled_ring("file", 2, 48, close=True)
+
+    _, collector = run_thread([live, replay], RecordingEngine(), max_batch=8, newest_only=frozenset({"cam"}))
+
+    cam = [(r.first_frame, r.last_frame) for rs in collector.results for r in rs if r.source == "cam"]
+    assert cam == [(32, 47)]
+    assert live.windows_skipped == 4
+    assert len([r for rs in collector.results for r in rs if r.source == "file"]) == 5
+    assert replay.windows_skipped == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_source_is_reported_done_once_after_its_last_result() -> None:
+    rings = [filled_ring("a", 1, 40, close=True), filled_ring("b", 2, 16, close=True)]
+
+    thread, collector = run_thread(rings, RecordingEngine(), max_batch=2)
+
+    assert thread.all_done
+    for name in ("a", "b"):
+        assert collector.log.count(("done", name)) == 1
+        done_at = collector.log.index(("done", name))
+        assert all(entry != ("result", name) for entry in collector.log[done_at:])
+    assert collector.log.count(("result", "a")) == 4
+
+
+@pytest.mark.timeout(30)
+def test_an_ended_source_is_reported_done_while_other_sources_still_have_windows() -> None:
+    """Regression: on_source_done ran only when no source at all had a window ready.
+
+    While a long replay kept inference busy, a source that had ended kept its events open and
+    the overlay held back its last frames, waiting for the source to be reported done.
+    """
+    short = filled_ring("short", 1, 16, close=True)  # one window
+    long = filled_ring("long", 2, 96)  # eleven windows, still open
+    stop_event = threading.Event()
+    collector = Collector()
+    thread = InferenceThread([short, long], RecordingEngine(), collector.on_result, stop_event, max_batch=2,
+                             on_source_done=collector.on_source_done)
+    thread.start()
+    try:
+        assert _wait_for(lambda: thread.windows_done == 12 and thread.idle.is_set())
+    finally:
+        stop_event.set()
+        thread.join(5)
+
+    done_at = collector.log.index(("done", "short"))
+    assert collector.log[:done_at] == [("result", "short"), ("result", "long")]
+
+
+@pytest.mark.timeout(30)
+def test_an_open_ring_is_not_done_until_closed_and_drained() -> None:
+    ring = filled_ring("a", 1, 16)
+    stop_event = threading.Event()
+    collector = Collector()
+    wake = threading.Event()
+    thread = InferenceThread([ring], RecordingEngine(), collector.on_result, stop_event, wake=wake,
+                             on_source_done=collector.on_source_done)
+    thread.start()
+    try:
+        assert _wait_for(lambda: thread.windows_done == 1)
+        assert thread.idle.wait(5)
+        assert collector.log == [("result", "a")]
+        ring.close()
+        wake.set()
+        assert _wait_for(lambda: ("done", "a") in collector.log)
+    finally:
+        stop_event.set()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+@pytest.mark.timeout(30)
+def test_an_engine_crash_is_recorded_and_stops_the_run() -> None:
+    rings = [filled_ring("a", 1, 40, close=True)]
+    stop_event = threading.Event()
+    collector = Collector()
+    thread = InferenceThread(rings, RecordingEngine(fail_on_call=1), collector.on_result, stop_event,
+                             max_batch=2)
+
+    thread.start()
+    thread.join(10)
+
+    assert not thread.is_alive()
+    assert isinstance(thread.error, RuntimeError) and "illegal memory access" in str(thread.error)
+    assert stop_event.is_set()
+    assert len(collector.results) == 1
+
+
+@pytest.mark.timeout(30)
+def test_a_result_callback_crash_is_recorded_and_stops_the_run() -> None:
+    stop_event = threading.Event()
+
+    def on_result(results: list[WindowResult]) -> None:
+        raise ValueError("probs must be finite")
+
+    thread = InferenceThread([filled_ring("a", 1, 16, close=True)], RecordingEngine(), on_result, stop_event)
+    thread.start()
+    thread.join(10)
+
+    assert isinstance(thread.error, ValueError)
+    assert stop_event.is_set()
+
+
+def _wait_for(condition, timeout: float = 5.0) -> bool:
+    done = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return True
+        done.wait(0.01)
+    return condition()

