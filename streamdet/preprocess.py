@@ -5,7 +5,7 @@ the preprocessing it was trained with. The contract travels inside every checkpo
 
 C3D resizes every frame to 128x171 and centre-crops 112x112. We compute the same crop without
 resizing the whole frame: the source region that maps onto the centre crop is cut out first and
-resized straight to 112x112 (see ``_resize_region``: under 0.1 ms for a 720p frame).
+resized straight to 112x112 (see ``_resize_region``: 6-11x faster than one INTER_AREA resize).
 
 Example:
     >>> import numpy as np
