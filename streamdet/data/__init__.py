@@ -1,0 +1,1 @@
+"""Training data: the synthetic event generator and clip data sets."""

@@ -1,0 +1,488 @@
+"""Event-level evaluation: match detected events to ground truth by temporal IoU.
+
+A detection matches a true event with the same label when their temporal IoU is at least
+``iou`` (0.3 by default). Matching is one-to-one, greedy by IoU (highest first). From the matches:
+precision, recall, F1 and the onset delay (detection start minus true start) at p50 and p90.
+
+Intervals are compared in frame numbers when both sides have them, otherwise in seconds.
+Frame intervals are inclusive (``start_frame..end_frame``), seconds are ``[start, end)``.
+
+Inputs:
+
+- The event log (JSONL) written by ``streamdet run``: a line with ``"type": "end"`` closes an event
+  and carries ``id``, ``source``, ``label``, ``start_frame``, ``end_frame``, ``start_time``,
+  ``end_time`` (ISO-8601 UTC such as ``2026-11-26T13:40:00.123Z``, or seconds). A ``"type": "new"``
+  line whose event never ends counts as an event up to the last frame (and time) seen in the log.
+  Runs append to one log: only the lines of one run count (``run_id``; by default the latest).
+  ISO times are turned into seconds from the stream start: the ``time``/``start_time`` of a
+  ``"type": "start"`` line when there is one, else the truth's ``start_utc``.
+- Ground truth JSON, as written by :func:`streamdet.data.synthetic.make_stream`::
+
+    {"format": "streamdet-truth/1", "fps": 10.0, "frame_count": 900,
+     "events": [{"label": "enter", "start_frame": 31, "end_frame": 42,
+                 "start_time": 3.1, "end_time": 4.3}, ...]}
+
+  ``start_frame``/``end_frame`` are inclusive; times are seconds from the first frame
+  (``end_time = (end_frame + 1) / fps``). Events with only times, or a bare list of events, work too.
+
+Example:
+    >>> truth = [Interval("fall", 10, 19)]
+    >>> found = [Interval("fall", 14, 25), Interval("run", 40, 50)]
+    >>> m = event_metrics(found, truth)
+    >>> (m.tp, m.fp, m.fn, round(m.f1, 3))
+    (1, 1, 0, 0.667)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from streamdet.errors import ConfigError
+
+DEFAULT_IOU = 0.3
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An event on a time line: inclusive frames, or seconds when ``unit == 's'``."""
+
+    label: str
+    start: float
+    end: float
+    unit: str = "frame"  # "frame" (inclusive ends) or "s" (half-open)
+    id: str | None = None
+
+    def bounds(self) -> tuple[float, float]:
+        """Half-open [start, stop)."""
+        return (self.start, self.end + 1) if self.unit == "frame" else (self.start, self.end)
+
+
+def temporal_iou(a: Interval, b: Interval) -> float:
+    """Intersection over union of two intervals in the same unit."""
+    if a.unit != b.unit:
+        raise ValueError(f"intervals must share a unit, but got {a.unit!r} and {b.unit!r}")
+    a0, a1 = a.bounds()
+    b0, b1 = b.bounds()
+    inter = max(0.0, min(a1, b1) - max(a0, b0))
+    union = max(a1, b1) - min(a0, b0)
+    return inter / union if union > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Match:
+    detection: int
+    truth: int
+    iou: float
+
+
+def match_events(
+    detections: Sequence[Interval], truth: Sequence[Interval], iou: float = DEFAULT_IOU
+) -> list[Match]:
+    """One-to-one matches of same-label pairs with IoU >= ``iou``, highest IoU first."""
+    candidates = []
+    for i, d in enumerate(detections):
+        for j, t in enumerate(truth):
+            if d.label == t.label:
+                v = temporal_iou(d, t)
+                if v >= iou:
+                    candidates.append((v, i, j))
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+    used_d: set[int] = set()
+    used_t: set[int] = set()
+    matches = []
+    for v, i, j in candidates:
+        if i not in used_d and j not in used_t:
+            used_d.add(i)
+            used_t.add(j)
+            matches.append(Match(i, j, v))
+    return sorted(matches, key=lambda m: m.truth)
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _ratio(a: int, b: int) -> float:
+    return a / b if b else float("nan")
+
+
+@dataclass
+class EventMetrics:
+    """Event-level detection quality. Delays are in seconds when a frame rate was known."""
+
+    tp: int
+    fp: int
+    fn: int
+    onset_delays: list[float] = field(default_factory=list)
+    delay_unit: str = "s"
+    per_label: dict[str, dict[str, float]] = field(default_factory=dict)
+    iou: float = DEFAULT_IOU
+
+    @property
+    def precision(self) -> float:
+        return _ratio(self.tp, self.tp + self.fp)
+
+    @property
+    def recall(self) -> float:
+        return _ratio(self.tp, self.tp + self.fn)
+
+    @property
+    def f1(self) -> float:
+        # No events anywhere is a perfect score; otherwise 2PR/(P+R) == 2TP/(2TP+FP+FN).
+        if self.tp + self.fp + self.fn == 0:
+            return 1.0
+        return 2 * self.tp / (2 * self.tp + self.fp + self.fn)
+
+    @property
+    def delay_p50(self) -> float:
+        return _percentile(self.onset_delays, 50)
+
+    @property
+    def delay_p90(self) -> float:
+        return _percentile(self.onset_delays, 90)
+
+    def to_dict(self) -> dict[str, Any]:
+        def clean(v: float) -> float | None:
+            return None if isinstance(v, float) and math.isnan(v) else v
+
+        return {
+            "tp": self.tp,
+            "fp": self.fp,
+            "fn": self.fn,
+            "iou": self.iou,
+            "precision": clean(self.precision),
+            "recall": clean(self.recall),
+            "f1": clean(self.f1),
+            "onset_delay_p50": clean(self.delay_p50),
+            "onset_delay_p90": clean(self.delay_p90),
+            "delay_unit": self.delay_unit,
+            "per_label": {
+                k: {kk: clean(vv) for kk, vv in v.items()} for k, v in self.per_label.items()
+            },
+        }
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def summary(self) -> str:
+        u = self.delay_unit
+        return (
+            f"events: truth {self.tp + self.fn}, detected {self.tp + self.fp}, matched {self.tp} (IoU >= {self.iou:g})  "
+            f"precision {self.precision:.3f} recall {self.recall:.3f} F1 {self.f1:.3f}  "
+            f"onset delay p50 {self.delay_p50:.2f} {u} p90 {self.delay_p90:.2f} {u}"
+        )
+
+
+def event_metrics(
+    detections: Sequence[Interval],
+    truth: Sequence[Interval],
+    *,
+    iou: float = DEFAULT_IOU,
+    fps: float | None = None,
+) -> EventMetrics:
+    """Precision, recall, F1 and onset delays of ``detections`` against ``truth``.
+
+    Args:
+        detections, truth: intervals in one unit (frames or seconds).
+        iou: temporal IoU a match needs.
+        fps: frame rate, to report frame-based onset delays in seconds.
+    """
+    units = {i.unit for i in (*detections, *truth)}
+    if len(units) > 1:
+        raise ValueError(f"detections and truth must share a unit, but got {sorted(units)}")
+    matches = match_events(detections, truth, iou)
+    unit = units.pop() if units else "frame"
+    scale = 1.0
+    delay_unit = "s"
+    if unit == "frame":
+        if fps:
+            scale = 1.0 / fps
+        else:
+            delay_unit = "frames"
+    delays = [(detections[m.detection].start - truth[m.truth].start) * scale for m in matches]
+    per_label: dict[str, dict[str, float]] = {}
+    for label in sorted({i.label for i in (*detections, *truth)}):
+        tp = sum(1 for m in matches if truth[m.truth].label == label)
+        n_det = sum(1 for d in detections if d.label == label)
+        n_true = sum(1 for t in truth if t.label == label)
+        fp, fn = n_det - tp, n_true - tp
+        per_label[label] = {
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "precision": _ratio(tp, tp + fp),
+            "recall": _ratio(tp, tp + fn),
+            "f1": 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else 1.0,
+        }
+    return EventMetrics(
+        len(matches),
+        len(detections) - len(matches),
+        len(truth) - len(matches),
+        delays,
+        delay_unit,
+        per_label,
+        iou,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def parse_time(value: Any) -> float | datetime | None:
+    """Seconds (a number) or an aware UTC datetime (an ISO-8601 string), or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"time must be a number or an ISO-8601 string, but got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith("Z"):
+            text = text[:-1] + "+00:00"
+        dt = datetime.fromisoformat(text)
+        return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    raise ValueError(f"time must be a number or an ISO-8601 string, but got {value!r}")
+
+
+@dataclass
+class _LogEvent:
+    label: str
+    id: str | None
+    start_frame: int | None = None
+    end_frame: int | None = None
+    start_time: float | datetime | None = None
+    end_time: float | datetime | None = None
+
+
+@dataclass
+class EventLog:
+    """Events read from a JSONL log."""
+
+    events: list[_LogEvent]
+    last_frame: int | None
+    last_time: float | datetime | None
+    origin: datetime | None
+
+
+def read_event_log(
+    path: str | os.PathLike[str], *, source: str | None = None, run_id: str | None = None
+) -> EventLog:
+    """Read the events of a ``streamdet run`` JSONL log.
+
+    Args:
+        path: the log. Runs append to it, so lines carry a ``run_id``.
+        source: only events of this source.
+        run_id: only lines of this run; ``None`` takes the run of the last line that has one
+            (the latest run), or every line when no line has a ``run_id``.
+
+    Raises:
+        ConfigError: missing file or a line that is not JSON (a torn last line is skipped).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: event log not found")
+    records: list[dict[str, Any]] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if n == len(lines):  # torn by a crash while writing: the log's own rule
+                break
+            raise ConfigError(f"{path}:{n}: not JSON ({exc.msg})") from exc
+        if isinstance(rec, dict):
+            records.append(rec)
+    if run_id is None:
+        run_id = next(
+            (str(r["run_id"]) for r in reversed(records) if r.get("run_id") is not None), None
+        )
+    open_events: dict[str, _LogEvent] = {}
+    closed: list[_LogEvent] = []
+    last_frame: int | None = None
+    last_time: float | datetime | None = None
+    origin: datetime | None = None
+    for rec in records:
+        if run_id is not None and rec.get("run_id") not in (None, run_id):
+            continue
+        if source is not None and rec.get("source") not in (None, source):
+            continue
+        for key in ("frame", "start_frame", "end_frame", "last_frame"):
+            v = rec.get(key)
+            if isinstance(v, int) and not isinstance(v, bool):
+                last_frame = v if last_frame is None else max(last_frame, v)
+        for key in ("time", "start_time", "end_time"):
+            try:
+                t = parse_time(rec.get(key))
+            except ValueError:
+                t = None
+            if t is not None and (
+                last_time is None or (type(t) is type(last_time) and t > last_time)
+            ):  # type: ignore[operator]
+                last_time = t
+        kind = rec.get("type")
+        if kind == "start":
+            t = parse_time(rec.get("time", rec.get("start_time")))
+            if isinstance(t, datetime) and origin is None:
+                origin = t
+            continue
+        if kind not in ("new", "end") or "label" not in rec:
+            continue
+        key = f"{rec.get('source')}|{rec.get('id')}"
+        ev = open_events.get(key) or _LogEvent(
+            str(rec["label"]), None if rec.get("id") is None else str(rec.get("id"))
+        )
+        if rec.get("start_frame") is not None:
+            ev.start_frame = int(rec["start_frame"])
+        if rec.get("start_time") is not None:
+            ev.start_time = parse_time(rec["start_time"])
+        if kind == "new":
+            open_events[key] = ev
+        else:
+            ev.end_frame = None if rec.get("end_frame") is None else int(rec["end_frame"])
+            ev.end_time = parse_time(rec.get("end_time"))
+            open_events.pop(key, None)
+            closed.append(ev)
+    for ev in open_events.values():  # never ended: up to the last frame/time seen
+        ev.end_frame = last_frame
+        ev.end_time = last_time
+        closed.append(ev)
+    return EventLog(closed, last_frame, last_time, origin)
+
+
+@dataclass
+class Truth:
+    events: list[dict[str, Any]]
+    fps: float | None
+    start_utc: datetime | None
+
+
+def read_truth(path: str | os.PathLike[str]) -> Truth:
+    """Read a truth JSON (``streamdet-truth/1``, ``{"events": [...]}`` or a bare list)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: truth file not found")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc.msg})") from exc
+    if isinstance(doc, list):
+        doc = {"events": doc}
+    if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
+        raise ConfigError(f"{path}: expected a JSON object with an 'events' list")
+    for i, ev in enumerate(doc["events"]):
+        if not isinstance(ev, dict) or "label" not in ev:
+            raise ConfigError(f"{path}: events[{i}] has no label")
+        has_frames = "start_frame" in ev and "end_frame" in ev
+        has_times = "start_time" in ev and "end_time" in ev
+        if not (has_frames or has_times):
+            raise ConfigError(
+                f"{path}: events[{i}] needs start_frame/end_frame or start_time/end_time"
+            )
+    fps = doc.get("fps")
+    start = parse_time(doc.get("start_utc")) if doc.get("start_utc") else None
+    return Truth(
+        doc["events"], float(fps) if fps else None, start if isinstance(start, datetime) else None
+    )
+
+
+def _seconds(t: float | datetime | None, origin: datetime | None, what: str) -> float:
+    if t is None:
+        raise ConfigError(f"{what}: no time")
+    if isinstance(t, datetime):
+        if origin is None:
+            raise ConfigError(
+                f"{what}: ISO times need the stream start: a 'type': 'start' line in the log or 'start_utc' in the truth"
+            )
+        return (t - origin).total_seconds()
+    return float(t)
+
+
+def to_intervals(
+    log: EventLog, truth: Truth
+) -> tuple[list[Interval], list[Interval], float | None]:
+    """Detections and truth as intervals in a shared unit: frames when both have them, else seconds."""
+    frames_ok = all(
+        e.start_frame is not None and e.end_frame is not None for e in log.events
+    ) and all("start_frame" in t and "end_frame" in t for t in truth.events)
+    if frames_ok:
+        dets = [
+            Interval(e.label, float(e.start_frame), float(e.end_frame), "frame", e.id)
+            for e in log.events
+        ]  # type: ignore[arg-type]
+        trues = [
+            Interval(str(t["label"]), float(t["start_frame"]), float(t["end_frame"]), "frame")
+            for t in truth.events
+        ]
+        return dets, trues, truth.fps
+    origin = log.origin or truth.start_utc
+    dets = []
+    for e in log.events:
+        if e.start_time is not None:
+            s, t_end = (
+                _seconds(e.start_time, origin, "event log"),
+                _seconds(e.end_time, origin, "event log"),
+            )
+        elif e.start_frame is not None and e.end_frame is not None and truth.fps:
+            s, t_end = e.start_frame / truth.fps, (e.end_frame + 1) / truth.fps
+        else:
+            raise ConfigError("event log: an event has neither times nor frames")
+        dets.append(Interval(e.label, s, t_end, "s", e.id))
+    trues = []
+    for t in truth.events:
+        if "start_time" in t and "end_time" in t:
+            s, t_end = float(t["start_time"]), float(t["end_time"])
+        elif truth.fps:
+            s, t_end = t["start_frame"] / truth.fps, (t["end_frame"] + 1) / truth.fps
+        else:
+            raise ConfigError("truth: frames without fps cannot be compared with times")
+        trues.append(Interval(str(t["label"]), s, t_end, "s"))
+    return dets, trues, None
+
+
+def evaluate_files(
+    events: str | os.PathLike[str],
+    truth: str | os.PathLike[str],
+    *,
+    iou: float = DEFAULT_IOU,
+    source: str | None = None,
+    run_id: str | None = None,
+    ignore_labels: Iterable[str] = ("none",),
+) -> EventMetrics:
+    """Event metrics of a JSONL event log (its latest run unless ``run_id`` is given) against a
+    truth JSON; ``none`` events on either side are ignored."""
+    log = read_event_log(events, source=source, run_id=run_id)
+    t = read_truth(truth)
+    ignore = set(ignore_labels)
+    log.events = [e for e in log.events if e.label not in ignore]
+    t.events = [e for e in t.events if e["label"] not in ignore]
+    dets, trues, fps = to_intervals(log, t)
+    return event_metrics(dets, trues, iou=iou, fps=fps)
+
+
+def evaluate_event_log(
+    events: str | os.PathLike[str],
+    truth: str | os.PathLike[str],
+    *,
+    run_id: str | None = None,
+    iou: float = DEFAULT_IOU,
+) -> EventMetrics:
+    """The events of run ``run_id`` in a log against a truth file; ``str()`` of the result is its
+    one-line summary (with ``F1 <value>``). Used by ``streamdet run`` for its summary."""
+    return evaluate_files(events, truth, iou=iou, run_id=run_id)

@@ -1,0 +1,1 @@
+"""Training, clip evaluation and their CLI commands (see ``commands.add_commands``)."""

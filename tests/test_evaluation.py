@@ -1,0 +1,209 @@
+"""Event-level evaluation: matching rules, event-log reading and the eval-events command."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+
+import pytest
+
+from streamdet.errors import ConfigError
+from streamdet.evaluation import (
+    Interval,
+    evaluate_event_log,
+    evaluate_files,
+    event_metrics,
+    match_events,
+    read_event_log,
+    temporal_iou,
+)
+from streamdet.training.commands import add_commands
+
+
+def run_cli(argv):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_match_needs_the_same_label():
+    truth = [Interval("fall", 10, 19)]
+    assert len(match_events([Interval("fall", 10, 19)], truth)) == 1
+    assert match_events([Interval("run", 10, 19)], truth) == []
+
+
+@pytest.mark.parametrize(("shift", "matched"), [(6, False), (5, True)])
+def test_iou_threshold_of_point_three_decides_a_match(shift, matched):
+    # truth frames 0..9; detection shifted by `shift` frames: IoU = (10 - shift) / (10 + shift)
+    truth = [Interval("enter", 0, 9)]
+    det = [Interval("enter", shift, shift + 9)]
+    assert (temporal_iou(det[0], truth[0]) >= 0.3) == matched
+    assert bool(match_events(det, truth, iou=0.3)) == matched
+
+
+def test_iou_exactly_at_the_threshold_matches():
+    truth, det = [Interval("fall", 0, 2)], [Interval("fall", 0, 9)]  # 3 of 10 frames
+    assert temporal_iou(det[0], truth[0]) == pytest.approx(0.3)
+    assert len(match_events(det, truth, iou=0.3)) == 1
+
+
+def test_each_true_event_matches_at_most_one_detection():
+    truth = [Interval("run", 0, 9)]
+    dets = [Interval("run", 0, 9), Interval("run", 1, 10)]
+    m = event_metrics(dets, truth, fps=10)
+    assert (m.tp, m.fp, m.fn) == (1, 1, 0)
+    assert m.f1 == pytest.approx(2 / 3)
+
+
+def test_onset_delay_is_detection_start_minus_true_start_in_seconds():
+    truth = [Interval("run", 0, 9), Interval("fall", 100, 109)]
+    dets = [Interval("run", 2, 11), Interval("fall", 104, 113)]
+    m = event_metrics(dets, truth, fps=10)
+    assert m.onset_delays == pytest.approx([0.2, 0.4])
+    assert m.delay_p50 == pytest.approx(0.3)
+    assert m.delay_p90 == pytest.approx(0.38)
+
+
+def test_no_events_on_either_side_is_a_perfect_score():
+    assert event_metrics([], []).f1 == 1.0
+
+
+def _write_log(path, lines):
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def test_open_event_counts_up_to_the_last_frame_seen(tmp_path):
+    log = tmp_path / "events.jsonl"
+    _write_log(
+        log,
+        [
+            {
+                "type": "new",
+                "id": "1",
+                "source": "cam",
+                "label": "fall",
+                "start_frame": 40,
+                "start_time": "2026-11-26T13:40:04.000Z",
+            },
+            {"type": "heartbeat", "source": "cam", "frame": 75},
+        ],
+    )
+    events = read_event_log(log).events
+    assert len(events) == 1 and (events[0].start_frame, events[0].end_frame) == (40, 75)
+
+
+def test_eval_events_prints_f1_for_a_run_log(tmp_path, capsys):
+    log, truth = tmp_path / "events.jsonl", tmp_path / "truth.json"
+    _write_log(
+        log,
+        [
+            {
+                "type": "new",
+                "id": "1",
+                "source": "demo",
+                "label": "enter",
+                "start_frame": 10,
+                "start_time": "2026-11-26T13:40:01.000Z",
+            },
+            {
+                "type": "end",
+                "id": "1",
+                "source": "demo",
+                "label": "enter",
+                "start_frame": 10,
+                "end_frame": 22,
+                "start_time": "2026-11-26T13:40:01.000Z",
+                "end_time": "2026-11-26T13:40:02.300Z",
+            },
+            {
+                "type": "end",
+                "id": "2",
+                "source": "demo",
+                "label": "run",
+                "start_frame": 50,
+                "end_frame": 60,
+                "start_time": "2026-11-26T13:40:05.000Z",
+                "end_time": "2026-11-26T13:40:06.100Z",
+            },
+        ],
+    )
+    truth.write_text(
+        json.dumps(
+            {
+                "format": "streamdet-truth/1",
+                "fps": 10.0,
+                "events": [
+                    {"label": "enter", "start_frame": 8, "end_frame": 20},
+                    {"label": "fall", "start_frame": 90, "end_frame": 99},
+                ],
+            }
+        )
+    )
+    assert run_cli(["eval-events", "--events", str(log), "--truth", str(truth)]) == 0
+    out = capsys.readouterr().out
+    assert "F1 0.500" in out  # 1 match, 1 false alarm (run), 1 missed (fall)
+    assert "p50 0.20 s" in out  # detected 2 frames after the true start
+
+
+def test_iso_times_are_matched_from_the_stream_start_when_truth_has_no_frames(tmp_path):
+    log, truth = tmp_path / "events.jsonl", tmp_path / "truth.json"
+    _write_log(
+        log,
+        [
+            {"type": "start", "source": "cam", "time": "2026-11-26T13:40:00.000Z"},
+            {
+                "type": "end",
+                "id": "1",
+                "source": "cam",
+                "label": "light_off",
+                "start_frame": None,
+                "end_frame": None,
+                "start_time": "2026-11-26T13:40:10.000Z",
+                "end_time": "2026-11-26T13:40:12.000Z",
+            },
+        ],
+    )
+    truth.write_text(json.dumps([{"label": "light_off", "start_time": 10.5, "end_time": 12.0}]))
+    m = evaluate_files(log, truth)
+    assert (m.tp, m.fp, m.fn) == (1, 0, 0)
+    assert m.onset_delays == pytest.approx([-0.5])
+
+
+@pytest.mark.parametrize(
+    ("content", "expectation"),
+    [
+        (
+            '{"events": [{"label": "x", "start_frame": 1, "end_frame": 2}]}',
+            contextlib.nullcontext(),
+        ),
+        ('{"events": [{"label": "x"}]}', pytest.raises(ConfigError, match="needs start_frame")),
+        ("not json", pytest.raises(ConfigError, match="not JSON")),
+    ],
+)
+def test_truth_file_problems_are_config_errors(tmp_path, content, expectation):
+    log, truth = tmp_path / "e.jsonl", tmp_path / "t.json"
+    log.write_text("")
+    truth.write_text(content)
+    with expectation:
+        evaluate_files(log, truth)
+
+
+def test_only_the_latest_run_of_an_appended_log_is_evaluated_by_default(tmp_path):
+    log, truth = tmp_path / "events.jsonl", tmp_path / "truth.json"
+    end = {
+        "type": "end",
+        "id": "demo-run-1",
+        "source": "demo",
+        "label": "run",
+        "start_frame": 0,
+        "end_frame": 9,
+    }
+    _write_log(log, [{**end, "run_id": "old", "label": "fall"}, {**end, "run_id": "new"}])
+    truth.write_text(
+        json.dumps({"fps": 10, "events": [{"label": "run", "start_frame": 0, "end_frame": 9}]})
+    )
+    assert evaluate_files(log, truth).f1 == 1.0
+    assert evaluate_files(log, truth, run_id="old").f1 == 0.0
+    assert "F1 1.000" in str(evaluate_event_log(log, truth, run_id="new"))

@@ -1,0 +1,115 @@
+"""Export to TorchScript / ONNX, checked against PyTorch on real windows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+import pytest
+import torch
+
+from streamdet.data.synthetic import CLASSES, make_stream
+from streamdet.errors import WeightsError
+from streamdet.models.c3d import C3D_BN
+from streamdet.models.weights import save_checkpoint
+from streamdet.training.commands import add_commands
+
+
+def run_cli(argv):
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """A tiny checkpoint whose BatchNorm statistics are not the identity, so fusing is exercised."""
+    torch.manual_seed(0)
+    model = C3D_BN(num_classes=len(CLASSES), width=0.0625)
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randn(2, 3, 16, 112, 112) * 2 + 0.5)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_checkpoint(path, model.eval(), class_names=CLASSES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    d = tmp_path_factory.mktemp("v")
+    make_stream(d / "s.mp4", d / "s.json", seed=3, duration_s=7)
+    return d / "s.mp4"
+
+
+def test_torchscript_export_matches_pytorch_on_video_windows(weights, video, tmp_path, capsys):
+    out = tmp_path / "model.pt"
+    assert (
+        run_cli(
+            [
+                "export",
+                "--weights",
+                str(weights),
+                "--format",
+                "torchscript",
+                "--out",
+                str(out),
+                "--video",
+                str(video),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "max abs diff" in printed and "torch.jit.load" in printed
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore", DeprecationWarning
+        )  # torch.jit is deprecated, still supported
+        loaded = torch.jit.load(str(out))
+    assert loaded(torch.zeros(3, 3, 16, 112, 112)).shape == (3, len(CLASSES))  # batch axis is free
+    meta = json.loads((tmp_path / "model.pt.json").read_text())
+    assert json.loads(meta["class_names"]) == list(CLASSES)
+
+
+def test_onnx_export_runs_in_onnxruntime_within_tolerance(weights, video, tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "model.onnx"
+    assert (
+        run_cli(
+            [
+                "export",
+                "--weights",
+                str(weights),
+                "--format",
+                "onnx",
+                "--out",
+                str(out),
+                "--video",
+                str(video),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "onnxruntime" in printed
+    diff = float(printed.split("max abs diff ")[1].split()[0])
+    assert diff < 1e-3
+
+
+def test_export_of_a_missing_checkpoint_is_a_weights_error(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        run_cli(
+            [
+                "export",
+                "--weights",
+                str(tmp_path / "nope.safetensors"),
+                "--format",
+                "torchscript",
+                "--out",
+                str(tmp_path / "m.pt"),
+            ]
+        )
