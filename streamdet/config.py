@@ -107,6 +107,17 @@ class ModelConfig(_Model):
         "auto", description="Numeric path; auto picks the fastest one checked against fp32."
     )
     max_batch: int = Field(8, ge=1, le=1024, description="Most windows run in one forward pass.")
+    threads: int | None = Field(
+        None, ge=1, le=512, description="Torch intra-op threads (null: torch's default, one per core)."
+    )
+    compile: bool = Field(False, description="torch.compile the model: faster, but tens of seconds to start.")
+    calibration: str | None = Field(
+        None,
+        description=(
+            "Video file whose first windows check reduced precision against fp32 and calibrate int8 "
+            "(default: the first file source, else random clips)."
+        ),
+    )
 
 
 class WindowConfig(_Model):

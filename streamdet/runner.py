@@ -66,7 +66,28 @@ def resolve_inputs(cfg: RunConfig, config_dir: Path, cli_sources: bool, cli_weig
         cfg.model.weights = resolve(cfg.model.weights)
     if cfg.truth:
         cfg.truth = resolve(cfg.truth)
+    if cfg.model.calibration:
+        cfg.model.calibration = resolve(cfg.model.calibration)
     return cfg
+
+
+def check_windows(cfg: RunConfig, checkpoint: Checkpoint) -> Any:
+    """Real windows to check reduced precision against fp32 (and calibrate int8) with.
+
+    From ``model.calibration`` or else the first file source; None (random clips) when neither
+    is available or readable.
+    """
+    video = cfg.model.calibration or next(
+        (s.url for s in cfg.sources if source_kind(s.url) is SourceKind.FILE), None)
+    if cfg.model.precision == "fp32" or video is None:
+        return None
+    from streamdet.quantize import calibration_windows
+
+    try:
+        return calibration_windows(video, stride=cfg.window.stride, contract=checkpoint.contract)
+    except ValueError as exc:
+        log.warning("no calibration windows (%s): checking on random clips", exc)
+        return None
 
 
 def load_model(cfg: RunConfig) -> Checkpoint:
@@ -100,7 +121,12 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
     for s in cfg.sources:  # fail fast, before the model is built
         check_file_source(s.url)
     checkpoint = load_model(cfg)
-    engine = build_engine(checkpoint.model, cfg.model.device, cfg.model.precision)
+    if cfg.model.threads:
+        import torch
+
+        torch.set_num_threads(cfg.model.threads)
+    engine = build_engine(checkpoint.model, cfg.model.device, cfg.model.precision,
+                          check_clips=check_windows(cfg, checkpoint), compile=cfg.model.compile)
     pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=args.max_seconds)
 
     def on_signal(signum: int, _frame: object) -> None:
