@@ -1,0 +1,208 @@
+"""The JSONL event log survives SIGKILL at any moment, and rotates without splitting a line.
+
+The crash test kills ``streamdet run`` (a replay of vtest.avi with a tiny model whose scores
+swing, so events open, update and end all the time) 20 times at seeded random moments,
+restarting it on the same log each time, then checks every line of every file. Importing torch
+costs seconds per process, so most runs are forked from a "zygote" process that imported
+everything once and then runs ``streamdet.cli.main`` in each child; every fifth run is a plain
+``python -m streamdet run`` killed at a random moment of its start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from assets import vtest_path
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_pipeline import make_tiny_weights, make_walk_clip
+
+from streamdet.sinks.jsonl import EventLog, read_lines, rotated_paths
+
+KILLS = 20
+SEED = 20261126
+ZYGOTE = """
+import os, signal, sys
+import cv2, numpy, torch  # the slow imports, once
+import streamdet.cli, streamdet.inference, streamdet.pipeline, streamdet.runner  # noqa: F401
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed children are reaped by the kernel
+argv = sys.argv[1:]
+for _ in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1):
+            os.dup2(devnull, fd)
+        os._exit(streamdet.cli.main(argv))
+    print(pid, flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.getbasetemp() / "streamdet-e2e"
+    folder.mkdir(exist_ok=True)
+    return make_tiny_weights(folder, make_walk_clip(folder))
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still exists {timeout} s after SIGKILL")
+
+
+def all_raw_lines(path: Path) -> list[bytes]:
+    return [line for p in rotated_paths(path) if p.exists() for line in p.read_bytes().splitlines(keepends=True)]
+
+
+def check_pairs(lines: list[dict[str, Any]]) -> dict[str, int]:
+    """Every ``new`` is followed by exactly one ``end`` of its id before the id opens again.
+
+    Event ids restart in each run, so a ``new`` and its ``end`` are paired in file order (which
+    is also how crash recovery pairs them). Returns the count of each end reason.
+    """
+    open_ids: set[str] = set()
+    reasons: dict[str, int] = {}
+    for obj in lines:
+        kind, event_id = obj.get("type"), obj.get("id")
+        if kind == "new":
+            assert event_id not in open_ids, f"{event_id} opened twice without an end"
+            open_ids.add(event_id)
+        elif kind == "update":
+            assert event_id in open_ids, f"update of {event_id}, which is not open"
+        elif kind == "end":
+            assert event_id in open_ids, f"end of {event_id}, which is not open (a second end?)"
+            open_ids.discard(event_id)
+            reasons[obj["end_reason"]] = reasons.get(obj["end_reason"], 0) + 1
+    assert not open_ids, f"events never ended: {sorted(open_ids)}"
+    return reasons
+
+
+@pytest.mark.timeout(150)
+def test_twenty_sigkills_at_random_moments_leave_a_log_where_every_event_ends_once(
+    tmp_path: Path, weights: Path
+) -> None:
+    log_path = tmp_path / "events.jsonl"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        # A replay as fast as it decodes: many lines per second, and a run lasts several seconds.
+        "sources": [{"name": "walk", "url": str(vtest_path()), "realtime": False}],
+        "model": {"weights": str(weights), "device": "cpu", "precision": "fp32", "max_batch": 1},
+        "events": {"threshold": 0.6, "exit_threshold": 0.4, "smoothing": 1, "open_windows": 1,
+                   "update_min_delta": 0.0, "update_min_interval_s": 0.0},
+        # Small files so that some kills land around a rotation; 5 files hold the whole test.
+        "sinks": {"events": {"path": str(log_path), "rotate_mb": 0.04}},
+        "progress_interval_s": 60,
+    }))
+    rng = random.Random(SEED)
+    argv = ["run", str(config), "--precision", "fp32", "--device", "cpu"]
+    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, *argv], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    started = time.monotonic()
+    killed_running = 0
+    try:
+        for kill in range(KILLS):
+            lines_before = len(all_raw_lines(log_path))
+            if kill % 5 == 4:  # a whole process, killed at any moment of start-up (imports, recovery, open)
+                proc = subprocess.Popen([sys.executable, "-m", "streamdet", *argv],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(rng.uniform(0.2, 2.5))
+                assert proc.poll() is None, "streamdet run exited early"
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(10)
+            else:  # a forked run, killed while it writes events
+                zygote.stdin.write("go\n")
+                zygote.stdin.flush()
+                pid = int(zygote.stdout.readline())
+                deadline = time.monotonic() + 20
+                while not any(b'"type":"new"' in line for line in all_raw_lines(log_path)[lines_before:]):
+                    assert time.monotonic() < deadline, "the forked run opened no event in 20 s"
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 1.0))
+                os.kill(pid, 0)  # still running (raises if it ended)
+                os.kill(pid, signal.SIGKILL)
+                wait_gone(pid)
+                killed_running += 1
+            # Before recovery: every line but possibly the last of the newest file parses.
+            raw = all_raw_lines(log_path)
+            for line in raw[:-1]:
+                json.loads(line)
+    finally:
+        zygote.kill()
+        zygote.wait(10)
+        zygote.stdin.close()
+        zygote.stdout.close()
+
+    with EventLog(log_path, {"name": "m", "sha256": "-"}):  # the restart after the last kill
+        pass
+    elapsed = time.monotonic() - started
+
+    assert not any(p.exists() for p in rotated_paths(log_path)[:1]), "more than 6 files: lines were dropped"
+    raw = all_raw_lines(log_path)
+    assert all(line.endswith(b"\n") for line in raw)
+    lines = [json.loads(line) for line in raw]  # after recovery every line parses
+    assert lines == list(read_lines(log_path))
+    reasons = check_pairs(lines)
+    assert reasons.get("crash_recovery", 0) >= 5, reasons
+    runs = list(dict.fromkeys(o["run_id"] for o in lines))
+    assert len(runs) >= killed_running
+    for run_id in runs:
+        seqs = [o["seq"] for o in lines if o["run_id"] == run_id]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert elapsed < 80, f"the 20 kill cycles took {elapsed:.0f} s"
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(min_value=0, max_value=400), min_size=1, max_size=120),
+       rotate_bytes=st.integers(min_value=200, max_value=3000))
+def test_rotation_splits_no_line_and_loses_none_while_the_files_hold_them(
+    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], rotate_bytes: int
+) -> None:
+    path = tmp_path_factory.mktemp("rot") / "events.jsonl"
+    with EventLog(path, {"name": "m", "sha256": "-"}, rotate_bytes=rotate_bytes) as log:
+        for n in sizes:
+            log.write_status("cam", "online", "x" * n, 0.0)
+
+    files = [p for p in rotated_paths(path) if p.exists()]
+    lines = [json.loads(line) for p in files for line in p.read_text().splitlines()]
+    for p in files:
+        data = p.read_bytes()
+        assert data.endswith(b"\n")
+        # a file only exceeds the limit when it holds one line longer than the limit
+        assert len(data) <= rotate_bytes or data.count(b"\n") == 1
+    seqs = [o["seq"] for o in lines]
+    assert seqs == sorted(seqs) and seqs == list(range(seqs[0], seqs[-1] + 1))
+    if len(files) < len(rotated_paths(path)):  # nothing rotated out of the kept files yet
+        assert seqs == list(range(1, len(sizes) + 1))
+
+
+@pytest.mark.timeout(30)
+def test_a_kill_between_rotation_renames_loses_no_line(tmp_path: Path) -> None:
+    """A crash after ``events.jsonl`` moved to ``.1`` but before the new file exists."""
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, {"name": "m", "sha256": "-"}, rotate_bytes=10_000) as log:
+        for _ in range(3):
+            log.write_status("cam", "online", "opened", 0.0)
+    os.replace(path, path.with_name("events.jsonl.1"))  # what _rotate does, then the kill
+
+    with EventLog(path, {"name": "m", "sha256": "-"}, rotate_bytes=10_000) as log:
+        log.write_status("cam", "offline", "lost", 0.0)
+
+    assert [o["status"] for o in read_lines(path)] == ["online"] * 3 + ["offline"]
