@@ -125,7 +125,8 @@ class EventChange:
 
     Attributes:
         type: ``new`` when an event is announced, ``update`` when its peak rose, ``end``.
-        id: ``f"{source}-{label}-{n}"``; the same on every line of an event, unique in a run.
+        id: ``f"{id_prefix}{source}-{label}-{n}"``; the same on every line of an event, unique in
+            a run (and across runs when the prefix is the run id).
         source: the video source the event happened on.
         label: class label of the event.
         class_index: index of ``label`` in ``class_names``.
@@ -210,10 +211,13 @@ class EventTracker:
 
     Args:
         settings: thresholds, smoothing and rate limits.
+        id_prefix: put before every event id, e.g. the run id, so ids stay unique in a log
+            that several runs append to.
     """
 
-    def __init__(self, settings: TrackerSettings) -> None:
+    def __init__(self, settings: TrackerSettings, *, id_prefix: str = "") -> None:
         self.settings = settings
+        self.id_prefix = id_prefix
         self._names = settings.class_names
         self._rules = tuple(settings.rule_for(name) for name in self._names)
         self._event_classes = tuple(
@@ -336,7 +340,7 @@ class EventTracker:
             if track.end_time - track.start_time < self.settings.min_duration_s - _TIME_EPS:
                 return None
             self._count += 1
-            track.id = f"{source}-{self._names[i]}-{self._count}"
+            track.id = f"{self.id_prefix}{source}-{self._names[i]}-{self._count}"
             return self._emit("new", source, i, track, window)
         rise, since = track.peak - track.emitted_peak, window.last_time - track.emitted_time
         rose = rise > 0 and rise >= self.settings.update_min_delta - _SCORE_EPS

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -137,7 +138,9 @@ class Pipeline:
         self.stop_event = threading.Event()
         self._wake = threading.Event()
         self._events_lock = threading.Lock()  # protects the tracker, the log and the counters below
-        self.tracker = EventTracker(tracker_settings(cfg, checkpoint.class_names))
+        self.run_id = uuid.uuid4().hex[:12]
+        # Event ids start with the run id: several runs append to one log, each counting from 1.
+        self.tracker = EventTracker(tracker_settings(cfg, checkpoint.class_names), id_prefix=f"{self.run_id}-")
         self._latency_ms: deque[float] = deque(maxlen=4096)
         self._event_counts: dict[str, int] = {}
         self._events_opened = 0
@@ -154,8 +157,8 @@ class Pipeline:
                 stride=cfg.window.stride,
                 length=cfg.window.length,
                 rotate_bytes=rotate,
+                run_id=self.run_id,
             )
-        self.run_id = self.log_sink.run_id if self.log_sink else "-"
 
         self.rings: list[RingBuffer] = []
         self.captures: list[CaptureThread] = []

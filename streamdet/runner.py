@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 from streamdet.config import RunConfig, load_config
-from streamdet.errors import ConfigError
+from streamdet.errors import ConfigError, StreamdetError
 from streamdet.models.weights import Checkpoint, default_class_names, load_checkpoint
-from streamdet.sources import SourceKind, check_file_source, source_kind, source_name
+from streamdet.sources import SourceKind, check_file_source, redact_text, source_kind, source_name
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +137,33 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-    summary = pipeline.run()
+    try:
+        summary = pipeline.run()
+    except StreamdetError as exc:
+        _exit_now_if_threads_stuck(pipeline, f"error: {redact_text(' '.join(str(exc).split()))}", 2)
+        raise
     print(format_summary(summary, cfg))
     if cfg.truth and cfg.sinks.events.path:
         print(evaluate_against_truth(cfg.sinks.events.path, cfg.truth, summary.run_id))
+    _exit_now_if_threads_stuck(pipeline, None, 0)
     return 0
+
+
+def _exit_now_if_threads_stuck(pipeline: Any, message: str | None, code: int) -> None:
+    """Exit at once when abandoned capture threads are still stuck in a read.
+
+    Everything is flushed and closed by now. A normal interpreter exit would wait for nothing,
+    but a stuck read returning during interpreter shutdown can abort the process (exit 134).
+    """
+    if pipeline.abandoned.alive() == 0:
+        return
+    if message:
+        print(message, file=sys.stderr)
+    log.warning("%d capture thread(s) still stuck in a read: exiting without waiting for them",
+                pipeline.abandoned.alive())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def format_summary(summary: Any, cfg: RunConfig) -> str:

@@ -42,8 +42,10 @@ def test_an_open_event_frames_the_whole_picture_in_red() -> None:
     assert tuple(out[-1, -1]) == (40, 40, 230)
 
 
-def test_a_grayscale_frame_comes_back_in_colour_at_the_same_size() -> None:
-    out = draw_overlay(np.zeros((120, 160), np.uint8), NAMES, view())
+@pytest.mark.parametrize("shape", [(120, 160), (120, 160, 1), (120, 160, 4)], ids=["gray", "gray1", "bgra"])
+def test_a_grayscale_or_bgra_frame_comes_back_in_colour_at_the_same_size(shape: tuple[int, ...]) -> None:
+    """Regression: a 4-channel frame was drawn on as if it had 3 channels."""
+    out = draw_overlay(np.zeros(shape, np.uint8), NAMES, view())
     assert out.shape == (120, 160, 3)
 
 

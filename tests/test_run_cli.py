@@ -74,7 +74,15 @@ def log_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def without_volatile(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in obj.items() if k not in VOLATILE} for obj in lines]
+    """Lines without what differs between runs by design; event ids lose their run-id prefix."""
+    out = []
+    for obj in lines:
+        kept = {k: v for k, v in obj.items() if k not in VOLATILE}
+        if "id" in kept:
+            assert kept["id"].startswith(obj["run_id"] + "-"), kept["id"]
+            kept["id"] = kept["id"].removeprefix(obj["run_id"] + "-")
+        out.append(kept)
+    return out
 
 
 def frame_count(path: Path) -> int:

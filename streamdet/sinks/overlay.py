@@ -48,8 +48,10 @@ class SourceView:
 def draw_overlay(frame: np.ndarray, class_names: Sequence[str], view: SourceView, *, top_k: int = 3,
                  source: str = "") -> np.ndarray:
     """Draw scores, events and figures on ``frame`` (BGR uint8, modified in place and returned)."""
-    if frame.ndim == 2:
+    if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 1):
         frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
+    elif frame.ndim == 3 and frame.shape[2] == 4:
+        frame = cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
     h, w = frame.shape[:2]
     scale = max(0.4, min(w, h) / 720.0)
     font = cv2.FONT_HERSHEY_SIMPLEX
