@@ -209,3 +209,28 @@ def rtsp_server(request: pytest.FixtureRequest, tmp_path: Path,
         server.stop()
         if server.log_path.exists() and server.log_path.stat().st_size:
             sys.stderr.write(server.log_path.read_text(errors="replace")[-2000:])
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """``streamdet run`` installs SIGINT/SIGTERM handlers; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+@pytest.fixture(scope="session")
+def assets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder shared by the session's end-to-end tests for clips and tiny weights they make."""
+    folder = tmp_path_factory.getbasetemp() / "streamdet-e2e"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def walk_clip(assets_dir: Path) -> Path:
+    """The first 100 frames of vtest.avi at 320x240 (see tests/tiny_model.py)."""
+    from tiny_model import make_walk_clip
+
+    return make_walk_clip(assets_dir)

@@ -7,7 +7,6 @@ one ``error:`` line from ``streamdet run`` and a non-zero exit, never a tracebac
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import threading
 import time
@@ -31,15 +30,6 @@ from streamdet.models.weights import Checkpoint, save_checkpoint
 from streamdet.pipeline import Pipeline
 from streamdet.preprocess import DEFAULT_CONTRACT, PreprocessContract
 from streamdet.sources import SourceKind
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """``streamdet run`` installs SIGINT/SIGTERM handlers; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 @pytest.fixture(scope="module")

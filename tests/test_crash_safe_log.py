@@ -25,7 +25,7 @@ import yaml
 from assets import vtest_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_pipeline import make_tiny_weights, make_walk_clip
+from tiny_model import make_tiny_weights, make_walk_clip
 
 from streamdet.sinks.jsonl import EventLog, read_lines, rotated_paths
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 from assets import vtest_path
-from test_pipeline import CLIP_FRAMES, make_tiny_weights, make_walk_clip
+from tiny_model import CLIP_FRAMES, make_tiny_weights
 
 from streamdet import inference
 from streamdet.cli import main
@@ -30,29 +30,8 @@ VOLATILE = ("run_id", "start_time", "end_time", "time", "latency_ms")  # differ 
 
 
 @pytest.fixture(scope="module")
-def assets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.getbasetemp() / "streamdet-e2e"
-    folder.mkdir(exist_ok=True)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def walk_clip(assets_dir: Path) -> Path:
-    return make_walk_clip(assets_dir)
-
-
-@pytest.fixture(scope="module")
 def weights(assets_dir: Path, walk_clip: Path) -> Path:
     return make_tiny_weights(assets_dir, walk_clip)
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """``streamdet run`` installs SIGINT/SIGTERM handlers; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 def write_config(path: Path, source: Path, weights: Path, *, realtime: bool, **events: Any) -> Path:

@@ -9,7 +9,6 @@ the annotated video, and the error and traceback of a failed run.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 import traceback
@@ -42,14 +41,6 @@ def assert_clean(text: str | bytes, where: str, *passwords: str) -> None:
     for password in passwords:
         for form in forms(password):
             assert form.encode() not in data, f"{form!r} appears in {where}"
-
-
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
 
 
 @pytest.fixture(scope="module")
