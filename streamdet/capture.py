@@ -454,7 +454,7 @@ class CaptureThread(threading.Thread):
             self.stats.frames_read += 1
             self.last_frame_monotonic = now_mono
             fps_window_count += 1
-            if now_mono - fps_window_start >= 2.0:
+            if now_mono - fps_window_start >= 0.5:  # short, so a brief replay shows its rate too
                 self.stats.fps_in = fps_window_count / (now_mono - fps_window_start)
                 fps_window_start, fps_window_count = now_mono, 0
             meta = FrameMeta(self._frame_index, wall, now_mono)

@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-video", metavar="PATH", help="write an annotated video")
     run.add_argument("--display", action="store_true", help="show annotated frames in a window")
     run.add_argument("--max-seconds", type=float, metavar="N", help="stop after N seconds")
+    run.add_argument("--truth", metavar="PATH",
+                     help="ground-truth events JSON of the first source: print event F1 at exit")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides model.device")
     run.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
                      help="overrides model.precision")

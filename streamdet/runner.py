@@ -29,6 +29,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             taken.add(name)
             sources.append({"name": name, "url": url, "realtime": False})
         over["sources"] = sources
+    if args.truth:
+        over["truth"] = args.truth
+    elif args.source:
+        over["truth"] = None  # the config's truth describes the config's sources, not these
     model: dict[str, Any] = {}
     if args.weights:
         model["weights"] = args.weights
@@ -53,7 +57,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return over
 
 
-def resolve_inputs(cfg: RunConfig, config_dir: Path, cli_sources: bool, cli_weights: bool) -> RunConfig:
+def resolve_inputs(cfg: RunConfig, config_dir: Path, cli_sources: bool, cli_weights: bool,
+                   cli_truth: bool = False) -> RunConfig:
     """Relative input paths in a config file are relative to that file's folder."""
 
     def resolve(p: str) -> str:
@@ -66,7 +71,7 @@ def resolve_inputs(cfg: RunConfig, config_dir: Path, cli_sources: bool, cli_weig
                 s.url = resolve(s.url.removeprefix("file://"))
     if cfg.model.weights and not cli_weights:
         cfg.model.weights = resolve(cfg.model.weights)
-    if cfg.truth:
+    if cfg.truth and not cli_truth:
         cfg.truth = resolve(cfg.truth)
     if cfg.model.calibration:
         cfg.model.calibration = resolve(cfg.model.calibration)
@@ -119,7 +124,8 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
     if not args.config and not default_config.exists():
         raise ConfigError(f"no config given and the bundled demo config {default_config} is missing")
     cfg = load_config(config_path, _overrides(args))
-    cfg = resolve_inputs(cfg, config_path.resolve().parent, bool(args.source), bool(args.weights))
+    cfg = resolve_inputs(cfg, config_path.resolve().parent, bool(args.source), bool(args.weights),
+                         bool(args.truth))
     for s in cfg.sources:  # fail fast, before the model is built
         check_file_source(s.url)
     checkpoint = load_model(cfg)

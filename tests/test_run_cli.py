@@ -189,3 +189,31 @@ def test_a_crashing_engine_exits_non_zero_with_a_clear_error(
     assert code != 0
     assert time.monotonic() - started < 20
     assert "error: inference failed: RuntimeError: CUDA error: device-side assert triggered" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_a_config_truth_scores_its_own_source_but_not_a_source_given_on_the_command_line(
+    tmp_path: Path, walk_clip: Path, weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: with --source replacing the config's video, the summary still scored the new
+    source against the config's truth (F1 0.111 on a held-out stream)."""
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps({"fps": 10, "events": [{"label": "walk", "start_frame": 8, "end_frame": 63}]}))
+    cfg = write_config(tmp_path / "with_truth.yaml", walk_clip, weights, realtime=False)
+    data = yaml.safe_load(cfg.read_text())
+    data["truth"] = str(truth)
+    cfg.write_text(yaml.safe_dump(data))
+    other = tmp_path / "other.avi"
+    other.write_bytes(walk_clip.read_bytes())
+
+    assert main(["run", str(cfg), "--events", str(tmp_path / "a.jsonl")]) == 0
+    assert f"against {truth}" in capsys.readouterr().out
+
+    assert main(["run", str(cfg), "--source", str(other), "--events", str(tmp_path / "b.jsonl")]) == 0
+    assert "against" not in capsys.readouterr().out
+
+    code = main(["run", str(cfg), "--source", str(other), "--truth", str(truth),
+                 "--events", str(tmp_path / "c.jsonl")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"against {truth}" in out and " F1 " in out
