@@ -15,28 +15,25 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from assets import cut_clip, vtest_path
 from conftest import free_port
+from tiny_model import random_checkpoint
 
 from streamdet.buffer import RingBuffer
 from streamdet.capture import CaptureThread
 from streamdet.cli import main
 from streamdet.config import load_config
 from streamdet.inference import build_engine
-from streamdet.models.c3d import C3D_BN
 from streamdet.models.weights import Checkpoint, save_checkpoint
 from streamdet.pipeline import Pipeline
-from streamdet.preprocess import DEFAULT_CONTRACT, PreprocessContract
+from streamdet.preprocess import PreprocessContract
 from streamdet.sources import SourceKind
 
 
 @pytest.fixture(scope="module")
 def checkpoint() -> Checkpoint:
-    torch.manual_seed(0)
-    model = C3D_BN(num_classes=3, width=0.0625).eval()
-    return Checkpoint(model, ("none", "walk", "run"), DEFAULT_CONTRACT, "tiny-random", "-")
+    return random_checkpoint()
 
 
 @pytest.fixture(scope="module")

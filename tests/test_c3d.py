@@ -10,6 +10,7 @@ import contextlib
 
 import pytest
 import torch
+from tiny_model import randomise_bn
 from torch import nn
 
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, conv_names, count_flops, fuse_bn
@@ -55,20 +56,6 @@ def full_model() -> C3D_BN:
 def small_model(num_classes: int = 8, seed: int = 0, **kwargs: float) -> C3D_BN:
     torch.manual_seed(seed)
     return C3D_BN(num_classes=num_classes, width=SMALL, **kwargs)
-
-
-def randomise_bn(model: nn.Module, seed: int = 1) -> nn.Module:
-    """Give every BatchNorm random affine parameters and running statistics, far from identity."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm3d):
-                n = bn.num_features
-                bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                bn.running_var.copy_(torch.rand(n, generator=gen) * 2.5 + 0.2)
-                bn.weight.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                bn.bias.copy_(torch.randn(n, generator=gen) * 0.5)
-    return model
 
 
 def clips(batch: int, seed: int = 0) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
+from tiny_model import random_checkpoint
 
 from streamdet.buffer import RingBuffer
 from streamdet.capture import (
@@ -30,10 +30,9 @@ from streamdet.capture import (
 )
 from streamdet.config import RunConfig, load_config
 from streamdet.inference import build_engine
-from streamdet.models.c3d import C3D_BN
 from streamdet.models.weights import Checkpoint
 from streamdet.pipeline import Pipeline
-from streamdet.preprocess import DEFAULT_CONTRACT, PreprocessContract
+from streamdet.preprocess import PreprocessContract
 from streamdet.sources import SourceKind
 
 FAST_OPTIONS = {"open_timeout_s": 2.0, "read_timeout_s": 1.0, "stall_timeout_s": 2.0,
@@ -42,9 +41,7 @@ FAST_OPTIONS = {"open_timeout_s": 2.0, "read_timeout_s": 1.0, "stall_timeout_s":
 
 @pytest.fixture(scope="module")
 def checkpoint() -> Checkpoint:
-    torch.manual_seed(0)
-    model = C3D_BN(num_classes=3, width=0.0625).eval()
-    return Checkpoint(model, ("none", "walk", "run"), DEFAULT_CONTRACT, "tiny-random", "-")
+    return random_checkpoint()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tiny_model import randomise_bn
 from torch import nn
 
 from streamdet.errors import WeightsError
@@ -32,19 +33,6 @@ CLASSES = ("none", "fall", "fight")
 CUSTOM_CONTRACT = PreprocessContract(
     channel_order="BGR", mean=(90.0, 100.0, 110.0), std=(50.0, 55.0, 60.0), fps=25.0, frame_step=2
 )
-
-
-def randomise_bn(model: nn.Module, seed: int = 1) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for bn in model.modules():
-            if isinstance(bn, nn.BatchNorm3d):
-                n = bn.num_features
-                bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
-                bn.running_var.copy_(torch.rand(n, generator=gen) * 2.5 + 0.2)
-                bn.weight.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                bn.bias.copy_(torch.randn(n, generator=gen) * 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")

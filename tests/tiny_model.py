@@ -14,9 +14,10 @@ import cv2
 import numpy as np
 import torch
 from assets import cut_clip, vtest_path
+from torch import nn
 
 from streamdet.models.c3d import C3D_BN
-from streamdet.models.weights import save_checkpoint
+from streamdet.models.weights import Checkpoint, save_checkpoint
 from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame
 
 CLASS_NAMES = ("none", "walk", "run")
@@ -74,3 +75,24 @@ def make_tiny_weights(folder: Path, clip: Path) -> Path:
         model.fc8.bias.copy_(torch.stack([torch.zeros_like(bias), bias, -bias]))
     save_checkpoint(path, model, class_names=CLASS_NAMES)
     return path
+
+
+def random_checkpoint() -> Checkpoint:
+    """A seeded random 3-class C3D_BN at width 0.0625 (scores every window about the same)."""
+    torch.manual_seed(0)
+    model = C3D_BN(num_classes=3, width=0.0625).eval()
+    return Checkpoint(model, CLASS_NAMES, DEFAULT_CONTRACT, "tiny-random", "-")
+
+
+def randomise_bn(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give every BatchNorm random affine parameters and running statistics, far from identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.BatchNorm3d):
+                n = bn.num_features
+                bn.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                bn.running_var.copy_(torch.rand(n, generator=gen) * 2.5 + 0.2)
+                bn.weight.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                bn.bias.copy_(torch.randn(n, generator=gen) * 0.5)
+    return model
