@@ -7,7 +7,9 @@
 #   bash benchmarks/gpu_bench.sh --graphs     # also bf16 with CUDA graphs
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to PyTorch')"
-python -c "import streamdet" 2>/dev/null || pip install -e . --no-deps -q
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible to PyTorch')"
+# No install needed (GPU machines are often offline): run from the checkout.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader || true
-exec timeout 290 python benchmarks/gpu_bench.py "$@"
+exec timeout 290 "$PY" benchmarks/gpu_bench.py "$@"

@@ -174,6 +174,22 @@ def test_cuda_paths_use_autocast_with_the_precision_dtype(monkeypatch: pytest.Mo
     assert engine._input_dtype is torch.float32  # fp32 input; autocast casts inside
 
 
+@pytest.mark.parametrize(
+    ("device", "precision", "compile", "expected"),
+    [
+        ("cuda", "bf16", True, "bf16-compiled"),  # measured 1.6x autocast on an H100
+        ("cuda", "bf16", False, "bf16-autocast"),
+        ("cuda", "fp16", True, "fp16-autocast"),  # no compiled fp16 path: autocast it is
+        ("cuda", "fp32", True, "fp32-compiled"),
+        ("cuda", "int8", False, "int8"),
+        ("cpu", "bf16", True, "bf16-compiled"),
+    ],
+)
+def test_preferred_path_per_device_precision_and_compile(device: str, precision: str, compile: bool,
+                                                        expected: str) -> None:
+    assert inference._preferred_path(torch.device(device), precision, compile) == expected
+
+
 def test_fp16_is_refused_on_cpu(model: C3D_BN) -> None:
     with pytest.raises(ValueError, match="fp16 needs CUDA"):
         inference._candidate(model, CPU, "fp16")
