@@ -5,7 +5,9 @@ a recording gives the same log. Per source and class, the score is the mean of t
 ``smoothing`` window probabilities. A class opens an event after ``open_windows`` consecutive
 scores at or above its ``enter`` threshold and closes it when the score falls below ``exit``
 (hysteresis). The event starts at the first window of that run, so confirmation does not delay
-the onset.
+the onset. An event spans the frames its windows *stand for*: by default the whole window; with
+``span`` (see :func:`window_span`) the central ``stride`` frames, so overlapping 16-frame windows
+do not stretch a 1-second event by a window length on each side.
 
 Example:
     >>> tracker = EventTracker(TrackerSettings(class_names=("none", "fall"), smoothing=1))
@@ -133,11 +135,12 @@ class EventChange:
         score: smoothed score of the class at this line.
         peak_score: highest smoothed score of the event so far.
         threshold: the class's ``enter`` threshold.
-        start_time: capture time (UTC epoch s) of the first frame of the event's first window.
-        end_time: capture time of the newest frame of the event's latest window whose score
-            kept it open (on ``end`` after a score drop: the window before the drop).
-        start_frame: first frame of the event's first window.
-        end_frame: newest frame of the window that set ``end_time``.
+        start_time: capture time (UTC epoch s) of the first frame of the event's first window's
+            span (the whole window unless ``update`` was given a ``span``).
+        end_time: capture time of the last frame of the span of the event's latest window whose
+            score kept it open (on ``end`` after a score drop: the window before the drop).
+        start_frame: first frame of the first window's span.
+        end_frame: last frame of the span that set ``end_time``.
         window_first_frame: first frame of the window that caused this line (for ``end`` from a
             ``close_*`` call: the source's latest window).
         window_last_frame: newest frame of that window.
@@ -169,6 +172,40 @@ class _Window:
     last_frame: int
     first_time: float
     last_time: float
+    span: tuple[int, int, float, float]  # frames and times the window stands for in an event
+
+
+def window_span(first_frame: int, last_frame: int, frame_times: Sequence[float] | np.ndarray,
+                stride: int) -> tuple[int, int, float, float]:
+    """The part of a window an event is credited with: its central ``stride`` frames.
+
+    Windows overlap when ``stride`` is less than their length, and each one shows an event some
+    frames before and after the event itself. Giving each window only the ``stride`` frames around
+    its centre tiles the stream with no overlap, and an event's extent then follows the frames
+    that made its windows score. With ``stride`` >= the window's length the whole window is used.
+
+    Args:
+        first_frame: index of the window's first frame.
+        last_frame: index of the window's newest frame.
+        frame_times: capture time of each of the window's frames, oldest first.
+        stride: frames between consecutive windows.
+
+    Returns:
+        ``(first_frame, last_frame, first_time, last_time)`` of the span. Frame indices are
+        interpolated between ``first_frame`` and ``last_frame`` (exact when no frame was skipped).
+
+    Example:
+        >>> window_span(0, 15, [t / 10 for t in range(16)], stride=4)
+        (6, 9, 0.6, 0.9)
+    """
+    n = len(frame_times)
+    if n < 1 or stride < 1:
+        raise ValueError(f"need at least one frame time and stride >= 1, but got {n} and {stride}")
+    lo = max(0, (n - stride) // 2)
+    hi = min(n - 1, lo + stride - 1)
+    step = (last_frame - first_frame) / (n - 1) if n > 1 else 0.0
+    return (first_frame + round(lo * step), first_frame + round(hi * step),
+            float(frame_times[lo]), float(frame_times[hi]))
 
 
 @dataclass
@@ -192,7 +229,7 @@ class _Track:
     emitted_time: float = 0.0
 
     def extend(self, score: float, window: _Window) -> None:
-        self.end_time, self.end_frame = window.last_time, window.last_frame
+        self.end_frame, self.end_time = window.span[1], window.span[3]
         self.score, self.peak = score, max(self.peak, score)
         self.windows += 1
 
@@ -234,6 +271,8 @@ class EventTracker:
         first_time: float,
         last_time: float,
         probs: Sequence[float] | np.ndarray,
+        *,
+        span: tuple[int, int, float, float] | None = None,
     ) -> list[EventChange]:
         """Feeds one window of ``source`` and returns the lines it causes, by class index.
 
@@ -244,6 +283,8 @@ class EventTracker:
             first_time: capture time (UTC epoch s) of the first frame.
             last_time: capture time of the newest frame.
             probs: one probability per class, in ``class_names`` order.
+            span: ``(first_frame, last_frame, first_time, last_time)`` of the frames this window
+                stands for in an event's extent (:func:`window_span`); the whole window if None.
 
         Raises:
             ValueError: ``probs`` has the wrong length or a non-finite value, a time is not
@@ -261,7 +302,11 @@ class EventTracker:
             raise ValueError(f"times must be finite, but got {first_time}, {last_time}")
         if last_frame < first_frame:
             raise ValueError(f"last_frame {last_frame} is before first_frame {first_frame}")
-        window = _Window(first_frame, last_frame, first_time, last_time)
+        if span is None:
+            span = (first_frame, last_frame, first_time, last_time)
+        elif not (first_frame <= span[0] <= span[1] <= last_frame and first_time <= span[2] <= span[3] <= last_time):
+            raise ValueError(f"span {span} must lie inside the window {first_frame}..{last_frame}")
+        window = _Window(first_frame, last_frame, first_time, last_time, span)
         state = self._sources.get(source)
         if state is None:
             state = self._sources[source] = _Source(deque(maxlen=self.settings.smoothing), window)
@@ -323,7 +368,7 @@ class EventTracker:
                 state.tracks.pop(i, None)  # the run of windows >= enter is broken
                 return None
             if track is None:
-                track = state.tracks[i] = _Track(window.first_time, window.first_frame)
+                track = state.tracks[i] = _Track(window.span[2], window.span[0])
             track.extend(score, window)
             track.opened = track.windows >= self.settings.open_windows
             if not track.opened:

@@ -30,7 +30,7 @@ from streamdet.capture import (
 )
 from streamdet.config import RunConfig
 from streamdet.errors import StreamdetError
-from streamdet.events import ClassRule, EventChange, EventTracker, TrackerSettings
+from streamdet.events import ClassRule, EventChange, EventTracker, TrackerSettings, window_span
 from streamdet.inference import Engine, InferenceThread, WindowResult
 from streamdet.models.weights import Checkpoint
 from streamdet.sinks.jsonl import EventLog
@@ -141,6 +141,7 @@ class Pipeline:
         self.run_id = uuid.uuid4().hex[:12]
         # Event ids start with the run id: several runs append to one log, each counting from 1.
         self.tracker = EventTracker(tracker_settings(cfg, checkpoint.class_names), id_prefix=f"{self.run_id}-")
+        self._stride = cfg.window.stride  # an event spans the central stride frames of its windows
         self._latency_ms: deque[float] = deque(maxlen=4096)
         self._event_counts: dict[str, int] = {}
         self._events_opened = 0
@@ -258,8 +259,9 @@ class Pipeline:
                     # Scored after its source went offline (a window from before the outage):
                     # its events already ended with stream_lost; none may open during the outage.
                     continue
+                span = window_span(r.first_frame, r.last_frame, r.frame_times, self._stride)
                 changes = self.tracker.update(r.source, r.first_frame, r.last_frame, r.first_time,
-                                              r.last_time, r.probs)
+                                              r.last_time, r.probs, span=span)
                 self._emit(changes, r)
                 # capture of the window's newest frame -> its lines written
                 latency = (time.monotonic() - r.last_monotonic) * 1000.0

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamdet.events import ClassRule, EventChange, EventTracker, TrackerSettings
+from streamdet.events import ClassRule, EventChange, EventTracker, TrackerSettings, window_span
 
 NAMES = ("none", "fall", "fight")
 T0 = 1_700_000_000.0  # stream start, UTC epoch s
@@ -545,3 +545,34 @@ def test_event_log_invariants_hold_on_random_streams(scenario) -> None:
         assert end.end_reason in ("score_drop", "stream_lost", "stream_ended", "shutdown")
         if end.end_reason == "score_drop":
             assert end.score < rule.exit
+
+
+def test_window_span_is_the_central_stride_frames_or_the_whole_window():
+    times = [T0 + t / FPS for t in range(LENGTH)]
+    assert window_span(0, 15, times, stride=8) == (4, 11, times[4], times[11])
+    assert window_span(0, 15, times, stride=1) == (7, 7, times[7], times[7])
+    assert window_span(0, 15, times, stride=16) == (0, 15, times[0], times[15])
+    assert window_span(0, 15, times, stride=40) == (0, 15, times[0], times[15])
+    # frames sampled every 3rd source frame: indices are interpolated, times exact
+    assert window_span(30, 75, times, stride=8)[:2] == (42, 63)
+
+
+def test_an_event_with_spans_covers_the_central_frames_of_its_windows():
+    tracker = EventTracker(TrackerSettings(class_names=NAMES, smoothing=1, open_windows=1))
+    lines = []
+    for k, fall in enumerate([0.0, 0.9, 0.9, 0.9, 0.0]):
+        first, last, t_first, t_last = window(k)
+        times = [T0 + (first + i) / FPS for i in range(LENGTH)]
+        lines += tracker.update("cam", first, last, t_first, t_last, probs(fall=fall),
+                                span=window_span(first, last, times, STRIDE))
+    end = [c for c in lines if c.type == "end"][0]
+    # windows 1..3 cover frames 8..47; their central 8 frames are 12..19, 20..27, 28..35
+    assert (end.start_frame, end.end_frame) == (12, 35)
+    assert end.start_time == pytest.approx(T0 + 1.2) and end.end_time == pytest.approx(T0 + 3.5)
+    assert (end.window_first_frame, end.window_last_frame) == (32, 47)  # the window itself
+
+
+def test_a_span_outside_its_window_is_refused():
+    tracker = EventTracker(TrackerSettings(class_names=NAMES))
+    with pytest.raises(ValueError, match="must lie inside the window"):
+        tracker.update("cam", *window(0), probs(fall=0.9), span=(10, 20, T0 + 1.0, T0 + 2.0))

@@ -143,6 +143,11 @@ def test_replayed_event_times_follow_the_video_timeline(
         # 10 fps: the event spans (end_frame - start_frame) / 10 s of video (ms precision)
         span = seconds(o["end_time"]) - seconds(o["start_time"])
         assert span == pytest.approx((o["end_frame"] - o["start_frame"]) / 10, abs=0.0015)
+        # ... and it covers the central stride frames of its windows, not whole windows
+        window = o["window"]
+        offset = (window["length"] - window["stride"]) // 2
+        assert (o["start_frame"] - offset) % window["stride"] == 0
+        assert o["end_frame"] <= window["last_frame"] - offset
 
 
 @pytest.mark.timeout(30)
