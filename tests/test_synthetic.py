@@ -83,3 +83,24 @@ def test_stream_truth_is_the_same_for_the_same_seed(tmp_path):
     c = make_stream(tmp_path / "c.mp4", tmp_path / "c.json", seed=10, duration_s=12)
     assert a["events"] == b["events"]
     assert a["events"] != c["events"]
+
+
+def test_stream_scenes_change_only_behind_a_camera_tamper(monkeypatch):
+    produced = []  # frames yielded so far, at each new_scene call
+    real_new_scene = synthetic.new_scene
+
+    def recording_new_scene(*args, **kwargs):
+        produced.append(len(frames))
+        return real_new_scene(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "new_scene", recording_new_scene)
+    frames, truth = [], []
+    for frame, event in synthetic.iter_stream(5, duration_s=40.0, new_scene_every=2):
+        frames.append(frame)
+        if event is not None:
+            truth.append(event)
+    changes = produced[1:]  # the first call makes the opening scene
+    assert len(changes) >= 2
+    tampers = [(e.start_frame, e.end_frame) for e in truth if e.label == "camera_tamper"]
+    for at in changes:
+        assert any(start < at <= end for start, end in tampers), (at, tampers)

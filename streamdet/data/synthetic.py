@@ -91,7 +91,7 @@ CLIP_LENGTH = 16
 HEIGHT, WIDTH = 240, 320
 TRUTH_FORMAT = "streamdet-truth/1"
 # Bumped whenever the same seed would give different clips; recorded in truths and checkpoints.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 # A clip labelled with an event overlaps it by at least this share of min(event, clip) length.
 MIN_OVERLAP = 0.6
 # Classes whose meaning is reversed by playing the clip backwards.
@@ -808,10 +808,13 @@ def iter_stream(
     new_scene_every: int = 6,
 ) -> Iterator[tuple[np.ndarray, TruthEvent | None]]:
     """Frames of a long stream; yields ``(frame, event)`` where ``event`` is set on the frame an
-    event ends (its truth). Events alternate with quiet gaps of ``gap_frames`` frames; the scene
-    (background, light, objects) changes with a cut every ``new_scene_every`` events. Event
-    classes are balanced: each next event is one of the classes seen least so far (among those
-    the scene allows: a fall needs a standing object, light_on a dark room)."""
+    event ends (its truth). Events alternate with quiet gaps of ``gap_frames`` frames. Every
+    ``new_scene_every`` events the scene (background, light, objects) changes, and only ever
+    behind a ``camera_tamper``: the view is swapped while the occluder covers the lens, as when
+    someone covers a camera and turns it. (A bare cut is what a fixed camera never shows; it
+    looks like tampering, and unlabelled it would count as a false event.) Event classes are
+    balanced: each next event is one of the classes seen least so far (among those the scene
+    allows: a fall needs a standing object, light_on a dark room)."""
     rng = np.random.default_rng([int(seed), 0x57])
     total = int(round(duration_s * fps))
     scene = new_scene(rng, difficulty, background_frames, dark=False)
@@ -826,28 +829,29 @@ def iter_stream(
                 return
             yield render(scene), None
             produced += 1
-        if events_in_scene >= new_scene_every:
-            old_index = scene.frame_index
-            scene = new_scene(rng, difficulty, background_frames, dark=False)
-            scene.frame_index = old_index
-            events_in_scene = 0
-            for _ in range(gap_frames[0]):  # a quiet stretch after the cut
-                if produced >= total:
-                    return
-                yield render(scene), None
-                produced += 1
-        # Balanced: among the events possible now, one of those seen least so far.
-        possible = [name for name in labels if EVENT_TYPES[name].possible(scene)]
-        fewest = min(counts[name] for name in possible)
-        possible = [name for name in possible if counts[name] == fewest]
-        name = possible[int(rng.integers(len(possible)))]
+        change_scene = events_in_scene >= new_scene_every
+        if change_scene:
+            name = "camera_tamper"
+        else:
+            # Balanced: among the events possible now, one of those seen least so far.
+            possible = [name for name in labels if EVENT_TYPES[name].possible(scene)]
+            fewest = min(counts[name] for name in possible)
+            possible = [name for name in possible if counts[name] == fewest]
+            name = possible[int(rng.integers(len(possible)))]
         counts[name] += 1
         event = EVENT_TYPES[name](scene)
         start = produced
         if start + event.length + 2 > total:
             continue  # not enough room for the whole event: only gaps from here
+        # The view changes in the middle of the tamper's full cover.
+        swap_at = event.cover_in + event.hold // 2 if change_scene else -1  # type: ignore[attr-defined]
         last = None
-        for overlay in event.frames():
+        for i, overlay in enumerate(event.frames()):
+            if i == swap_at:
+                old_index = scene.frame_index
+                scene = new_scene(rng, difficulty, background_frames, dark=False)
+                scene.frame_index = old_index
+                events_in_scene = 0
             frame = render(scene, overlay)
             last = produced
             produced += 1
