@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--heldout", type=Path, default=None, help="also write a held-out stream (seed 7001) here"
     )
+    parser.add_argument(
+        "--heldout-seed", type=int, default=HELDOUT_SEED, help="seed of the held-out stream"
+    )
     parser.add_argument("--duration", type=float, default=DURATION_S, help="demo video length (s)")
     parser.add_argument(
         "--heldout-duration", type=float, default=180.0, help="held-out stream length (s)"
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_video:
         build_stream(args.out, "demo", DEMO_SEED, args.duration, MAX_VIDEO_BYTES)
     if args.heldout is not None:
-        build_stream(args.heldout, "heldout", HELDOUT_SEED, args.heldout_duration)
+        build_stream(args.heldout, "heldout", args.heldout_seed, args.heldout_duration)
     if not args.skip_weights:
         if not args.checkpoint.is_file():
             raise SystemExit(
