@@ -190,7 +190,10 @@ class CaptureThread(threading.Thread):
         kind: camera, file or stream; cameras and streams reconnect, files end.
         realtime: pace a file at its fps (live-like); ignored for cameras and streams.
         on_status: called (in this thread) on each online/offline/ended change.
-        on_frame: called (in this thread) with every decoded frame, e.g. for the overlay.
+        on_frame: called (in this thread) with every decoded frame, e.g. for the overlay. Without
+            it, frames the model does not sample (``frame_step``) are skipped undecoded where the
+            source can (``skip()``: OpenCV's ``grab`` without the colour conversion).
+        on_used: called (in this thread) after each frame written to the ring.
         reconnect: reopen lost cameras/streams with backoff.
         backoff: reconnect delays (default 0.5 s doubling to 30 s, with jitter).
         read_timeout_s: the source's read timeout; a read that blocks this long (even one that
@@ -214,6 +217,7 @@ class CaptureThread(threading.Thread):
         realtime: bool,
         on_status: Callable[[StatusChange], None] = lambda change: None,
         on_frame: Callable[[str, FrameMeta, np.ndarray, bool], None] | None = None,
+        on_used: Callable[[], None] | None = None,
         reconnect: bool = True,
         backoff: Backoff | None = None,
         read_timeout_s: float | None = None,
@@ -231,6 +235,7 @@ class CaptureThread(threading.Thread):
         self.realtime = realtime or kind is not SourceKind.FILE
         self.on_status = on_status
         self.on_frame = on_frame
+        self.on_used = on_used
         self.reconnect = reconnect and kind is not SourceKind.FILE
         self.backoff = backoff or Backoff(0.5, 30.0)
         self.read_timeout_s = read_timeout_s
@@ -435,15 +440,22 @@ class CaptureThread(threading.Thread):
         # A replay (file, realtime false) is stamped on the file's own timeline from the open, so
         # stream times, and the events that depend on them, do not depend on decoding speed.
         replay_clock = (time.time(), source.fps or self.contract.fps) if not self.realtime else None
+        # Frames nobody looks at need no colour conversion: skip them where the source can.
+        skip = getattr(source, "skip", None) if self.on_frame is None else None
         n_in_session = 0
         fps_window_start, fps_window_count = time.monotonic(), 0
         while not self.stop_event.is_set():
+            used = n_in_session % step == 0
             read_started = time.monotonic()
-            frame = source.read()
+            if used or skip is None:
+                frame = source.read()
+                got = frame is not None
+            else:
+                frame, got = None, bool(skip())
             now_mono = time.monotonic()
             if not self._current(session):
                 return "retired"
-            if frame is None:
+            if not got:
                 return "ended" if self.kind is SourceKind.FILE else "read failed"
             if slow_read is not None and self.reconnect and now_mono - read_started >= slow_read:
                 # After a hang FFmpeg returns stale frames, each after a full timeout: reopen.
@@ -458,11 +470,11 @@ class CaptureThread(threading.Thread):
                 self.stats.fps_in = fps_window_count / (now_mono - fps_window_start)
                 fps_window_start, fps_window_count = now_mono, 0
             meta = FrameMeta(self._frame_index, wall, now_mono)
-            used = n_in_session % step == 0
             n_in_session += 1
             if used:
+                assert frame is not None
                 self._write(frame, meta, session)
-            if self.on_frame is not None and self._current(session):
+            if frame is not None and self.on_frame is not None and self._current(session):
                 self.on_frame(self.source_name, meta, frame, used)
             if pace:
                 due = t0 + n_in_session / source.fps
@@ -498,6 +510,8 @@ class CaptureThread(threading.Thread):
                 return
             self.ring.commit(meta)
         self.stats.frames_used += 1
+        if self.on_used is not None:
+            self.on_used()
 
 
 def make_opener(url: str, *, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0,

@@ -106,7 +106,7 @@ class ModelConfig(_Model):
     precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
         "auto", description="Numeric path; auto picks the fastest one checked against fp32."
     )
-    max_batch: int = Field(8, ge=1, le=1024, description="Most windows run in one forward pass.")
+    max_batch: int = Field(8, ge=1, le=1024, description="Most windows run in one forward pass (CUDA; a CPU runs one at a time).")
     threads: int | None = Field(
         None, ge=1, le=512, description="Torch intra-op threads (null: torch's default, one per core)."
     )

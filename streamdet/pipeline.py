@@ -186,7 +186,8 @@ class Pipeline:
                 kind=kind,
                 realtime=bool(s.realtime),
                 on_status=self._on_status,
-                on_frame=self._on_frame,
+                on_frame=self._on_frame if (cfg.sinks.overlay.video or cfg.sinks.overlay.display) else None,
+                on_used=self._wake.set,
                 reconnect=opts.reconnect,
                 backoff=Backoff(opts.backoff_initial_s, opts.backoff_max_s),
                 read_timeout_s=opts.read_timeout_s if kind is not SourceKind.FILE else None,
@@ -212,21 +213,21 @@ class Pipeline:
         )
         self._by_name = {c.source_name: c for c in self.captures}
 
-    def _batch_size(self, cfg: RunConfig, engine: Engine) -> int:
-        """A pure replay runs every batch at one fixed size, so its events repeat exactly.
+    @staticmethod
+    def _batch_size(cfg: RunConfig, engine: Engine) -> int:
+        """Windows per forward pass: ``max_batch`` on CUDA, one on a CPU.
 
-        On a CPU batching does not raise per-clip throughput, so such a replay takes one window
-        per pass rather than padding; on CUDA it pads every pass to ``max_batch``.
+        On a CPU batching does not raise per-clip throughput (int8: 22.0 clips/s at batch 1, 21.3
+        at batch 4), but a window that arrives as a batch starts waits for the whole batch: with
+        8 paced streams, batch 8 gave latency p99 1.7 s and skipped windows, batch 1 0.74 s and
+        none (benchmarks/RESULTS.md). A pure replay also runs every batch at one fixed size, so
+        its events repeat exactly: on CUDA it pads every pass to ``max_batch``.
         """
-        if not self.live_sources and engine.device.type == "cpu":
-            return 1
-        return cfg.model.max_batch
+        return cfg.model.max_batch if engine.device.type == "cuda" else 1
 
     # -- callbacks from other threads ---------------------------------------------------------
 
     def _on_frame(self, source: str, meta: FrameMeta, frame: np.ndarray, used: bool) -> None:
-        if used:
-            self._wake.set()
         if self.overlay is not None:
             self.overlay.put_frame(source, meta.index, frame, self._by_name[source].fps or 10.0)
 

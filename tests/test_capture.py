@@ -188,6 +188,55 @@ def test_frame_step_follows_the_contract_fps() -> None:
     assert spans(reader.windows) == [(0, 45), (24, 69)]
 
 
+class SkippingSource(FakeSource):
+    """A FakeSource that can also skip a frame without returning it (like OpenCV's grab)."""
+
+    def __init__(self, frames: Iterable[np.ndarray], fps: float | None = 10.0) -> None:
+        super().__init__(frames, fps)
+        self.reads = self.skips = 0
+
+    def read(self) -> np.ndarray | None:
+        self.reads += 1
+        return super().read()
+
+    def skip(self) -> bool:
+        self.skips += 1
+        return super().read() is not None
+
+
+@pytest.mark.timeout(20)
+def test_frames_the_model_does_not_sample_are_skipped_undecoded() -> None:
+    source = SkippingSource(frames(90), fps=30.0)
+    woken: list[int] = []
+    capture = make_capture(source, on_used=lambda: woken.append(1))
+    reader = Reader(capture.ring)
+    reader.start()
+    capture.start()
+    capture.join(10)
+    reader.join(10)
+
+    assert (source.reads, source.skips) == (31, 60)  # the 31st read finds the end of the file
+    assert (capture.stats.frames_read, capture.stats.frames_used) == (90, 30)
+    assert len(woken) == 30
+    assert spans(reader.windows) == [(0, 45), (24, 69)]
+    assert capture.error is None
+
+
+@pytest.mark.timeout(20)
+def test_every_frame_is_decoded_when_a_frame_callback_watches_them() -> None:
+    source = SkippingSource(frames(90), fps=30.0)
+    seen: list[int] = []
+    capture = make_capture(source, on_frame=lambda name, meta, frame, used: seen.append(int(frame[0, 0, 0])))
+    reader = Reader(capture.ring)
+    reader.start()
+    capture.start()
+    capture.join(10)
+    reader.join(10)
+
+    assert (source.reads, source.skips) == (91, 0)
+    assert seen == list(range(90))
+
+
 @pytest.mark.timeout(20)
 def test_a_resolution_change_marks_a_gap_no_window_spans() -> None:
     source = FakeSource(frames(40, (32, 24)) + frames(40, (40, 30), start=40))
@@ -296,6 +345,13 @@ def test_backoff_grows_exponentially_with_jitter_up_to_the_cap_and_resets_when_h
 
 
 @pytest.mark.timeout(60)
+def test_real_file_skip_advances_one_frame_like_a_read(vtest_video) -> None:
+    with make_opener(str(vtest_video))() as reader, make_opener(str(vtest_video))() as skipper:
+        expected = [reader.read() for _ in range(5)][4]
+        assert all(skipper.skip() for _ in range(4))
+        assert np.array_equal(skipper.read(), expected)
+
+
 def test_real_file_replay_reads_every_frame_with_increasing_timestamps(vtest_video) -> None:
     metas: list[FrameMeta] = []
     ring = RingBuffer("vtest", length=16, stride=8, lossless=True)

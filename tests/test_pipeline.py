@@ -273,3 +273,19 @@ def test_stop_returns_within_2_s_when_several_sources_are_stuck_in_a_read(
 
     assert "error" not in outcome
     assert elapsed < 2.0, f"stop took {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize(("device", "live", "expected"), [("cpu", True, 1), ("cpu", False, 1),
+                                                          ("cuda", True, 6), ("cuda", False, 6)])
+def test_a_cpu_runs_one_window_per_pass_and_cuda_batches_up_to_max_batch(
+    tmp_path: Path, device: str, live: bool, expected: int
+) -> None:
+    # One window at a time on a CPU: batching there adds latency, not throughput.
+    cfg = config([{"name": "cam", "url": str(tmp_path / "x.mp4"), "realtime": live}], None,
+                 model={"max_batch": 6})
+
+    class OnDevice:
+        def __init__(self, name: str) -> None:
+            self.device = torch.device(name)
+
+    assert Pipeline._batch_size(cfg, OnDevice(device)) == expected

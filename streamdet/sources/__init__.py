@@ -87,7 +87,11 @@ def source_name(url: str, taken: set[str]) -> str:
 
 
 class VideoSource(Protocol):
-    """What capture needs from a source. ``read`` returns None when no frame came."""
+    """What capture needs from a source. ``read`` returns None when no frame came.
+
+    A source may also offer ``skip() -> bool``: advance one frame without returning it (False
+    when no frame came), which capture uses for frames the model does not sample.
+    """
 
     fps: float | None
 
@@ -176,6 +180,14 @@ class OpenCVSource:
         if not ok or frame is None or frame.size == 0:
             return None
         return frame
+
+    def skip(self) -> bool:
+        """Advance one frame without converting it to BGR (``grab``): about half the cost of a
+        ``read`` for H.264 (469 vs 890 us per 768x576 frame here), less for MJPEG."""
+        try:
+            return bool(self._cap.grab())
+        except cv2.error:
+            return False
 
     def release(self) -> None:
         self._cap.release()
