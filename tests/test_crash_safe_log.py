@@ -106,8 +106,9 @@ def test_twenty_sigkills_at_random_moments_leave_a_log_where_every_event_ends_on
         "model": {"weights": str(weights), "device": "cpu", "precision": "fp32", "max_batch": 1},
         "events": {"threshold": 0.6, "exit_threshold": 0.4, "smoothing": 1, "open_windows": 1,
                    "update_min_delta": 0.0, "update_min_interval_s": 0.0},
-        # Small files so that some kills land around a rotation; 5 files hold the whole test.
-        "sinks": {"events": {"path": str(log_path), "rotate_mb": 0.04}},
+        # Small files so that some kills land around a rotation (2 or 3 of them); 5 files hold the
+        # whole test (~165 kB, once over 200 kB: 0.04 MB files were too tight a bound).
+        "sinks": {"events": {"path": str(log_path), "rotate_mb": 0.06}},
         "progress_interval_s": 60,
     }))
     rng = random.Random(SEED)
