@@ -333,24 +333,12 @@ def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: s
 
 @dataclass(frozen=True)
 class WindowResult:
-    """Class probabilities of one window, with where and when its frames came from."""
+    """Class probabilities of one window (which holds where and when its frames came from)."""
 
-    source: str
-    first_frame: int
-    last_frame: int
-    frame_times: np.ndarray  # (16,) UTC epoch seconds of the window's frames
-    last_monotonic: float  # monotonic capture time of the newest frame
+    window: Window
     probs: np.ndarray  # (num_classes,) softmax probabilities
     inference_ms: float  # this batch's forward time
     batch_size: int
-
-    @property
-    def first_time(self) -> float:
-        return float(self.frame_times[0])
-
-    @property
-    def last_time(self) -> float:
-        return float(self.frame_times[-1])
 
 
 class InferenceThread(threading.Thread):
@@ -467,9 +455,7 @@ class InferenceThread(threading.Thread):
         if len(self.inference_ms) > 4096:
             del self.inference_ms[:2048]  # bounded: recent history is enough for percentiles
         results = [
-            WindowResult(w.source, w.first_frame, w.last_frame, w.frame_times, w.last_monotonic,
-                         probs[i], ms, n)
-            for i, w in enumerate(windows)
+            WindowResult(w, probs[i], ms, n) for i, w in enumerate(windows)
         ]
         self.windows_done += n
         self.on_result(results)

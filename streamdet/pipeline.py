@@ -256,28 +256,29 @@ class Pipeline:
     def _on_results(self, results: list[WindowResult]) -> None:
         with self._events_lock:
             for r in results:
-                if self._status.get(r.source) == "offline":
+                w = r.window
+                if self._status.get(w.source) == "offline":
                     # Scored after its source went offline (a window from before the outage):
                     # its events already ended with stream_lost; none may open during the outage.
                     continue
-                span = window_span(r.first_frame, r.last_frame, r.frame_times, self._stride)
-                changes = self.tracker.update(r.source, r.first_frame, r.last_frame, r.first_time,
-                                              r.last_time, r.probs, span=span)
+                span = window_span(w.first_frame, w.last_frame, w.frame_times, self._stride)
+                changes = self.tracker.update(w.source, w.first_frame, w.last_frame, w.first_time,
+                                              w.last_time, r.probs, span=span)
                 self._emit(changes, r)
                 # capture of the window's newest frame -> its lines written
-                latency = (time.monotonic() - r.last_monotonic) * 1000.0
+                latency = (time.monotonic() - w.last_monotonic) * 1000.0
                 self._latency_ms.append(latency)
                 if self.overlay is not None:
-                    self.overlay.add_result(r.source, r.last_frame, r.probs, r.inference_ms, latency)
-                    self.overlay.set_view(r.source, open_events=[
-                        (e.label, e.score) for e in self.tracker.open_events(r.source)])
+                    self.overlay.add_result(w.source, w.last_frame, r.probs, r.inference_ms, latency)
+                    self.overlay.set_view(w.source, open_events=[
+                        (e.label, e.score) for e in self.tracker.open_events(w.source)])
 
     def _emit(self, changes: list[EventChange], result: WindowResult | None) -> None:
         for change in changes:
             if change.type == "new":
                 self._events_opened += 1
                 self._event_counts[change.label] = self._event_counts.get(change.label, 0) + 1
-            latency = None if result is None else (time.monotonic() - result.last_monotonic) * 1000.0
+            latency = None if result is None else (time.monotonic() - result.window.last_monotonic) * 1000.0
             if self.log_sink:
                 self.log_sink.write_event(change, latency_ms=latency)
             if change.type in ("new", "end"):

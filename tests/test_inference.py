@@ -137,7 +137,7 @@ class Collector:
 
     def on_result(self, results: list[WindowResult]) -> None:
         self.results.append(results)
-        self.log += [("result", r.source) for r in results]
+        self.log += [("result", r.window.source) for r in results]
 
     def on_source_done(self, source: str) -> None:
         self.log.append(("done", source))
@@ -174,14 +174,14 @@ def test_windows_of_several_sources_share_batches_and_each_result_matches_its_wi
     for batch, results in zip(engine.batches, collector.results, strict=True):
         for clip, r in zip(batch, results, strict=True):
             # the batch slot holds this result's window: frames first_frame..last_frame of its source
-            expected = [value(tags[r.source], i) for i in range(r.first_frame, r.last_frame + 1)]
+            expected = [value(tags[r.window.source], i) for i in range(r.window.first_frame, r.window.last_frame + 1)]
             assert clip[0, :, 0, 0].tolist() == expected
-            np.testing.assert_allclose(r.frame_times, T0 + np.arange(r.first_frame, r.last_frame + 1) / 10)
-            assert r.last_monotonic == float(r.last_frame)
+            np.testing.assert_allclose(r.window.frame_times, T0 + np.arange(r.window.first_frame, r.window.last_frame + 1) / 10)
+            assert r.window.last_monotonic == float(r.window.last_frame)
             expected_p1 = torch.softmax(torch.tensor([0.0, expected[0] / 1000.0]), 0)[1].item()
             assert r.probs == pytest.approx([1 - expected_p1, expected_p1], rel=1e-5)
             assert r.batch_size == len(results) and r.inference_ms >= 0
-    per_source = {name: [(r.first_frame, r.last_frame) for rs in collector.results for r in rs if r.source == name]
+    per_source = {name: [(r.window.first_frame, r.window.last_frame) for rs in collector.results for r in rs if r.window.source == name]
                   for name in tags}
     assert per_source == {"a": [(0, 15), (8, 23), (16, 31), (24, 39)],
                           "b": [(0, 15), (8, 23), (16, 31), (24, 39)],
@@ -194,7 +194,7 @@ def test_round_robin_gives_every_source_its_share_of_small_batches() -> None:
 
     _, collector = run_thread(rings, RecordingEngine(), max_batch=2)
 
-    first_six = [r.source for rs in collector.results[:3] for r in rs]
+    first_six = [r.window.source for rs in collector.results[:3] for r in rs]
     assert sorted(first_six) == ["a", "a", "b", "b", "c", "c"]
     assert [len(rs) for rs in collector.results] == [2] * 10 + [1]
 
@@ -206,10 +206,10 @@ def test_newest_only_sources_give_one_window_per_batch_and_count_the_skipped() -
 
     _, collector = run_thread([live, replay], RecordingEngine(), max_batch=8, newest_only=frozenset({"cam"}))
 
-    cam = [(r.first_frame, r.last_frame) for rs in collector.results for r in rs if r.source == "cam"]
+    cam = [(r.window.first_frame, r.window.last_frame) for rs in collector.results for r in rs if r.window.source == "cam"]
     assert cam == [(32, 47)]
     assert live.windows_skipped == 4
-    assert len([r for rs in collector.results for r in rs if r.source == "file"]) == 5
+    assert len([r for rs in collector.results for r in rs if r.window.source == "file"]) == 5
     assert replay.windows_skipped == 0
 
 
