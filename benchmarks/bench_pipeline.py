@@ -1,9 +1,10 @@
 """The whole pipeline against the bare model, preprocessing cost, latency, and real-time capacity.
 
 1. Preprocessing: ``preprocess_frame`` at 720p and 1080p (frames of a real video, upscaled),
-   interleaved with the previous one-step INTER_AREA resize it replaced, and the mean absolute
-   difference between the two in normalised units; window assembly (copy from the doubled ring)
-   and the zero-copy window view.
+   interleaved with the previous method it replaced (bilinear to 224x224, 2x area), and the mean
+   and max absolute difference, in normalised units, to that method and to an exact area
+   reference (whole frame INTER_AREA to twice 128x171, centre crop, 2x2 mean); window assembly
+   (copy from the doubled ring) and the zero-copy window view.
 2. Throughput: ``streamdet run``'s pipeline on a real file with ``realtime: false`` against the
    bare engine on the same number of windows in the same batch size (bare runs before and after,
    averaged, so load drift hits both).
@@ -21,7 +22,9 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,16 +48,29 @@ log = logging.getLogger("bench_pipeline")
 
 
 def _previous_preprocess(frame: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """The preprocessing before this change: one INTER_AREA resize of the crop region."""
+    """The preprocessing before this change: bilinear resize of the crop region to 224x224, then a
+    2x area resize, then per-plane normalisation."""
     h, w = frame.shape[:2]
     y0, y1, x0, x1 = DEFAULT_CONTRACT.crop_box(h, w)
-    crop = cv2.resize(frame[y0:y1, x0:x1], (112, 112), interpolation=cv2.INTER_AREA)
+    twice = cv2.resize(frame[y0:y1, x0:x1], (224, 224), interpolation=cv2.INTER_LINEAR)
+    crop = cv2.resize(twice, (112, 112), interpolation=cv2.INTER_AREA)
     channels = cv2.split(crop)
     for plane, bgr_index in zip(out, (2, 1, 0), strict=True):
         plane[...] = channels[bgr_index]
         plane *= DEFAULT_CONTRACT._scale[bgr_index]
         plane += DEFAULT_CONTRACT._offset[bgr_index]
     return out
+
+
+def _area_reference(frame: np.ndarray) -> np.ndarray:
+    """Exact "resize to 128x171 then centre crop 112": INTER_AREA to twice that size (the crop's
+    left edge, 29.5 px, becomes a whole pixel), crop 224x224, 2x2 mean, normalise; (3, 112, 112)."""
+    (rh, rw), c = DEFAULT_CONTRACT.resize, DEFAULT_CONTRACT.crop
+    top, left = rh - c, rw - c  # in the doubled frame
+    big = cv2.resize(frame, (2 * rw, 2 * rh), interpolation=cv2.INTER_AREA)[top:top + 2 * c, left:left + 2 * c]
+    crop = cv2.resize(big, (c, c), interpolation=cv2.INTER_AREA)[:, :, ::-1].astype(np.float32)
+    mean, std = np.asarray(DEFAULT_CONTRACT.mean, np.float32), np.asarray(DEFAULT_CONTRACT.std, np.float32)
+    return ((crop - mean) / std).transpose(2, 0, 1)  # (H, W, 3) RGB -> (3, H, W)
 
 
 def bench_preprocess(video: Path, reps: int) -> list[str]:
@@ -67,10 +83,10 @@ def bench_preprocess(video: Path, reps: int) -> list[str]:
         if i % 25 == 0:
             frames.append(f)
     cap.release()
-    rows = ["| frame | previous (1 INTER_AREA) us | now us | speedup | mean abs diff (normalised) |",
-            "|---|---|---|---|---|"]
+    rows = ["| frame | previous (bilinear 2x + 2x area) us | now us | speedup | "
+            "abs diff to previous, mean / max | abs diff to exact area, previous / now, mean |",
+            "|---|---|---|---|---|---|"]
     out = np.empty((3, 112, 112), np.float32)
-    out2 = np.empty((3, 112, 112), np.float32)
     for label, size in (("720p", (1280, 720)), ("1080p", (1920, 1080))):
         big = [cv2.resize(f, size, interpolation=cv2.INTER_CUBIC) for f in frames]
         times: dict[str, list[float]] = {"old": [], "new": []}
@@ -79,16 +95,21 @@ def bench_preprocess(video: Path, reps: int) -> list[str]:
             random.shuffle(order)
             f = big[r % len(big)]
             for name in order:
-                fn = _previous_preprocess if name == "old" else preprocess_frame
                 t0 = time.perf_counter()
                 if name == "old":
-                    fn(f, out)
+                    _previous_preprocess(f, out)
                 else:
                     preprocess_frame(f, DEFAULT_CONTRACT, out)
                 times[name].append(time.perf_counter() - t0)
-        diff = float(np.mean([np.abs(preprocess_frame(f) - _previous_preprocess(f, out2)).mean() for f in big]))
+        now = [preprocess_frame(f) for f in big]
+        before = [_previous_preprocess(f, np.empty((3, 112, 112), np.float32)) for f in big]
+        exact = [_area_reference(f) for f in big]
+        diff = np.stack([np.abs(a - b) for a, b in zip(now, before, strict=True)])
+        ref_old = float(np.mean([np.abs(a - b).mean() for a, b in zip(before, exact, strict=True)]))
+        ref_new = float(np.mean([np.abs(a - b).mean() for a, b in zip(now, exact, strict=True)]))
         old, new = statistics.median(times["old"]) * 1e6, statistics.median(times["new"]) * 1e6
-        rows.append(f"| {label} | {old:.0f} | {new:.0f} | {old / new:.1f}x | {diff:.4f} |")
+        rows.append(f"| {label} | {old:.0f} | {new:.0f} | {old / new:.1f}x | {diff.mean():.4f} / {diff.max():.3f} | "
+                    f"{ref_old:.4f} / {ref_new:.4f} |")
     # Window assembly from the doubled ring: the copy into the batch, and the zero-copy view.
     ring = RingBuffer("bench", length=16, stride=8)
     frame = np.random.default_rng(0).standard_normal((3, 112, 112)).astype(np.float32)
@@ -128,6 +149,19 @@ def make_clip(video: Path, dst: Path, frames: int, fps: float | None = None) -> 
     return dst
 
 
+def make_h264_clip(video: Path, dst: Path, frames: int, fps: float) -> Path | None:
+    """The first ``frames`` frames of ``video`` as H.264 (what an RTSP camera sends) at ``fps``,
+    with ffmpeg; None when ffmpeg or its x264 encoder is missing."""
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        return None
+    cmd = [ffmpeg, "-hide_banner", "-loglevel", "error", "-y", "-i", str(video), "-frames:v", str(frames),
+           "-vf", f"setpts=N/{fps:g}/TB", "-r", f"{fps:g}", "-c:v", "libx264", "-preset", "veryfast",
+           "-g", str(int(fps * 2)), "-pix_fmt", "yuv420p", str(dst)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    return dst if done.returncode == 0 and dst.is_file() else None
+
+
 def run_pipeline(checkpoint: Checkpoint, engine, sources: list[dict], max_batch: int, out_dir: Path,
                  max_seconds: float | None):  # -> RunSummary
     cfg = RunConfig.model_validate({
@@ -164,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file-frames", type=int, default=400, help="frames of the file run as fast as possible")
     ap.add_argument("--streams", default="1,2,4,6,8,10,12", help="stream counts to try, ascending")
     ap.add_argument("--stream-seconds", type=float, default=20.0, help="length of each paced trial")
+    ap.add_argument("--stream-codec", default="h264", choices=["h264", "mjpg"],
+                    help="codec of the paced streams: h264 (as RTSP cameras send; needs ffmpeg) or mjpg")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true", help="width 0.25, 120 frames, streams 1,2, 8 s trials")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: preprocess,file,streams")
@@ -218,11 +254,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{pipe / bare * 100:.0f}% | {summary.latency_ms_p50:.0f}/{summary.latency_ms_p99:.0f} |")
 
         if "streams" not in skip:
-            clip30 = tmp / "cam30.avi"
-            make_clip(video, clip30, 795, fps=30.0)
+            clip30 = make_h264_clip(video, tmp / "cam30.mp4", 795, 30.0) if args.stream_codec == "h264" else None
+            if clip30 is None:
+                if args.stream_codec == "h264":
+                    print("# ffmpeg with libx264 not found: streams are MJPG instead")
+                clip30 = make_clip(video, tmp / "cam30.avi", 795, fps=30.0)
+            codec = "H.264" if clip30.suffix == ".mp4" else "MJPG"
             step = DEFAULT_CONTRACT.step_for(30.0)
             stride_period_ms = 8 * step / 30.0 * 1e3
-            print(f"\n## Paced 30 fps streams, stride 8 (frame_step {step} for the model's "
+            print(f"\n## Paced 30 fps {codec} streams, stride 8 (frame_step {step} for the model's "
                   f"{DEFAULT_CONTRACT.fps:g} fps: a window every {stride_period_ms:.0f} ms per stream; "
                   f"single-clip inference {infer_ms:.0f} ms, so the p99 target is "
                   f"{stride_period_ms + 1.5 * infer_ms:.0f} ms)\n")

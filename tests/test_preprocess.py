@@ -58,8 +58,10 @@ def random_frame(height: int = 480, width: int = 640, channels: int | None = 3, 
 
 @pytest.mark.parametrize(
     ("height", "width"),
-    [(480, 640), (720, 1280), (1080, 1920), (240, 320), (128, 171), (50, 60), (640, 360), (1280, 720)],
-    ids=["480p", "720p", "1080p", "qvga", "exact-128x171", "tiny-50x60", "portrait-640x360", "portrait-720p"],
+    [(480, 640), (720, 1280), (1080, 1920), (240, 320), (128, 171), (50, 60), (640, 360), (1280, 720),
+     (721, 1279), (256, 342), (255, 341), (100, 2000)],
+    ids=["480p", "720p", "1080p", "qvga", "exact-128x171", "tiny-50x60", "portrait-640x360", "portrait-720p",
+         "odd-721x1279", "region-exactly-2x-crop", "region-just-under-2x-crop", "wide-strip-100x2000"],
 )
 def test_any_frame_size_gives_the_resize_then_centre_crop_content(height: int, width: int) -> None:
     out = preprocess_frame(smooth_frame(height, width))
@@ -68,6 +70,19 @@ def test_any_frame_size_gives_the_resize_then_centre_crop_content(height: int, w
     levels = np.abs(out - reference()) * np.asarray(DEFAULT_CONTRACT.std)[:, None, None]
     assert levels.max() < 4.0
     assert levels.mean() < 1.0
+
+
+@pytest.mark.parametrize(("height", "width"), [(480, 640), (1000, 1000), (2000, 3000)],
+                         ids=["4x4-samples", "8x8-samples", "16x16-samples"])
+def test_small_crop_contracts_supersample_large_frames_with_more_samples(height: int, width: int) -> None:
+    """A (16, 16) resize with an 8 px crop maps a 480x640 frame's 240x320 region onto 8x8
+    pixels: more than 12 source pixels between 2x2 samples, so the grid grows (4x4 ... 16x16)
+    and is averaged back in 2x2 steps; the content still matches resize-then-crop."""
+    contract = PreprocessContract(resize=(16, 16), crop=8)
+    out = preprocess_frame(smooth_frame(height, width), contract)
+    assert out.shape == (3, 8, 8) and out.dtype == np.float32
+    levels = np.abs(out - reference(contract)) * np.asarray(contract.std)[:, None, None]
+    assert levels.max() < 4.0
 
 
 def test_uniform_colour_is_normalised_with_the_contract_mean_and_std() -> None:
@@ -209,6 +224,20 @@ def test_contract_round_trips_through_a_json_dict(contract: PreprocessContract) 
     np.testing.assert_array_equal(
         preprocess_frame(random_frame(), restored), preprocess_frame(random_frame(), contract)
     )
+
+
+def test_crop_box_is_the_same_for_every_frame_size_however_often_it_is_asked() -> None:
+    """crop_box remembers boxes per frame size; answers must not depend on what was asked before."""
+    sizes = [(h, w) for h in range(100, 1300, 37) for w in range(100, 2000, 211)]  # > the cache
+    used = PreprocessContract()
+    first = [used.crop_box(h, w) for h, w in sizes]
+    again = [used.crop_box(h, w) for h, w in reversed(sizes)][::-1]
+    fresh = [PreprocessContract().crop_box(h, w) for h, w in sizes]
+    assert first == again == fresh
+    for (h, w), (y0, y1, x0, x1) in zip(sizes, first, strict=True):
+        assert 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w
+    assert used == PreprocessContract() and hash(used) == hash(PreprocessContract())
+    assert set(used.to_dict()) == {"resize", "crop", "channel_order", "mean", "std", "fps", "frame_step"}
 
 
 @pytest.mark.parametrize(
