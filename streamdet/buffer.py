@@ -177,13 +177,17 @@ class RingBuffer:
         with self._lock:
             return bool(self._ready)
 
-    def take_window(self, out: np.ndarray | None = None, *, newest: bool = False) -> Window | None:
+    def take_window(self, out: np.ndarray | None = None, *, newest: bool = False,
+                    max_lag: int = 1) -> Window | None:
         """Copy a ready window into ``out`` (C, length, H, W) and describe it; None if none ready.
 
         Args:
             out: destination (e.g. a slot of a pinned batch tensor); allocated when None.
-            newest: take the newest ready window and count the older ones as skipped (live
-                sources when inference lags); otherwise the oldest (replay: nothing skipped).
+            newest: live sources: when more than ``max_lag`` windows are ready (inference lags),
+                take the newest and count the older ones as skipped. Otherwise, and always when
+                False (replay: nothing skipped), take the oldest.
+            max_lag: ready windows a live reader may fall behind by before it jumps to the
+                newest; 2 rides out a one-window hiccup without losing a window.
         """
         with self._lock:
             # A live writer may be filling the slot of seq _written - capacity right now.
@@ -193,7 +197,7 @@ class RingBuffer:
                 self.windows_skipped += 1
             if not self._ready:
                 return None
-            if newest:
+            if newest and len(self._ready) > max_lag:
                 self.windows_skipped += len(self._ready) - 1
                 end = self._ready[-1]
                 self._ready.clear()

@@ -350,7 +350,11 @@ class InferenceThread(threading.Thread):
         on_result: called in this thread with each batch's results (in source-fair order).
         stop_event: shared stop signal.
         max_batch: most windows per forward pass.
-        newest_only: names of live sources: when behind, take only their newest window.
+        newest_only: names of live sources: when more than ``live_max_lag`` of their windows are
+            ready, take only the newest (and count the others skipped), so latency stays bounded.
+        live_max_lag: ready windows a live source may fall behind by before that jump. 2 rides out
+            a one-window hiccup (a decode burst, a slow batch) without losing a window, at up to
+            one stride period of extra latency for the windows caught up on.
         wake: set by capture threads whenever a frame is written (so this thread never polls).
         device: the engine's device (pinned host memory for CUDA).
         on_source_done: called once per source whose ring is closed and drained (after its
@@ -374,6 +378,7 @@ class InferenceThread(threading.Thread):
         device: torch.device | None = None,
         on_source_done: Callable[[str], None] = lambda source: None,
         fixed_batch: bool = False,
+        live_max_lag: int = 2,
     ) -> None:
         super().__init__(name="inference", daemon=True)
         self.rings = list(rings)
@@ -383,6 +388,7 @@ class InferenceThread(threading.Thread):
         self.max_batch = max_batch
         self.fixed_batch = fixed_batch
         self.newest_only = newest_only
+        self.live_max_lag = live_max_lag
         self.wake = wake or threading.Event()
         self.on_source_done = on_source_done
         pin = device is not None and device.type == "cuda"
@@ -410,7 +416,7 @@ class InferenceThread(threading.Thread):
                 newest = ring.name in self.newest_only
                 if newest and any(w.source == ring.name for w in windows):
                     continue
-                w = ring.take_window(self._batch_np[len(windows)], newest=newest)
+                w = ring.take_window(self._batch_np[len(windows)], newest=newest, max_lag=self.live_max_lag)
                 if w is not None:
                     windows.append(w)
                     progress = True

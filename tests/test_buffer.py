@@ -32,11 +32,11 @@ def write(ring: RingBuffer, indices: range | list[int]) -> None:
         assert ring.write_frame(frame(i), meta(i), timeout=1.0)
 
 
-def take_all(ring: RingBuffer, *, newest: bool = False) -> list[tuple[Window, np.ndarray]]:
+def take_all(ring: RingBuffer, *, newest: bool = False, max_lag: int = 1) -> list[tuple[Window, np.ndarray]]:
     taken = []
     while True:
         out = np.empty((SHAPE[0], ring.length, *SHAPE[1:]), np.float32)
-        window = ring.take_window(out, newest=newest)
+        window = ring.take_window(out, newest=newest, max_lag=max_lag)
         if window is None:
             return taken
         taken.append((window, out))
@@ -177,6 +177,23 @@ def test_newest_takes_the_latest_window_and_counts_the_older_ones_skipped() -> N
     assert (window.first_frame, window.last_frame) == (6, 9)
     assert_intact(window, clip)
     assert ring.windows_skipped == 3 and ring.pending() == 0
+
+
+@pytest.mark.parametrize(("frames", "expected_last", "skipped"), [(8, [5, 7], 0), (10, [9], 2)])
+def test_a_live_reader_catches_up_on_a_small_lag_and_jumps_past_a_large_one(
+    frames: int, expected_last: list[int], skipped: int
+) -> None:
+    ring = RingBuffer("cam", length=4, stride=2, frame_shape=SHAPE, capacity=32, lossless=False)
+    write(ring, range(4))
+    assert ring.take_window(newest=True, max_lag=2).last_frame == 3  # on time so far
+    write(ring, range(4, frames))  # then windows end at 5, 7 (and 9) before the reader is back
+
+    taken = take_all(ring, newest=True, max_lag=2)
+
+    assert [w.last_frame for w, _ in taken] == expected_last
+    for window, clip in taken:
+        assert_intact(window, clip)
+    assert ring.windows_skipped == skipped
 
 
 def test_live_reader_never_gets_a_window_whose_oldest_slot_the_writer_holds() -> None:

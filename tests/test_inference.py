@@ -200,6 +200,17 @@ def test_round_robin_gives_every_source_its_share_of_small_batches() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_a_live_source_one_window_behind_loses_no_window() -> None:
+    live = filled_ring("cam", 1, 24, lossless=False, close=True)  # windows end at 15 and 23
+
+    _, collector = run_thread([live], RecordingEngine(), max_batch=8, newest_only=frozenset({"cam"}))
+
+    cam = [(r.window.first_frame, r.window.last_frame) for rs in collector.results for r in rs]
+    assert cam == [(0, 15), (8, 23)]
+    assert live.windows_skipped == 0
+
+
+@pytest.mark.timeout(30)
 def test_newest_only_sources_give_one_window_per_batch_and_count_the_skipped() -> None:
     live = filled_ring("cam", 1, 48, lossless=False, close=True)  # windows end at 15, 23, 31, 39, 47
     replay = filled_ring("file", 2, 48, close=True)
