@@ -111,6 +111,11 @@ class ModelConfig(_Model):
         None, ge=1, le=512, description="Torch intra-op threads (null: torch's default, one per core)."
     )
     compile: bool = Field(False, description="torch.compile the model: faster, but tens of seconds to start.")
+    cuda_graphs: bool = Field(
+        False,
+        description="CUDA: replay CUDA graphs for batches of 1, 2, 4, ... up to max_batch (fewer kernel "
+        "launches: 1.8x at batch 1 on an H100). Ignored on a CPU.",
+    )
     calibration: str | None = Field(
         None,
         description=(

@@ -38,6 +38,24 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
+def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """Batch sizes to capture as CUDA graphs: powers of two below ``max_batch``, and ``max_batch``.
+
+    A batch runs on the smallest captured size that holds it, so padding wastes less than half.
+
+    Example:
+        >>> graph_batch_sizes(12)
+        (1, 2, 4, 8, 12)
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, but got {max_batch}")
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_batch)
+
+
 def select_device(requested: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU. Asking for CUDA without one is an error."""
     if requested == "auto":
@@ -305,8 +323,11 @@ def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: s
     log.info("inference: building the %s path on %s%s", chosen, dev,
              " (torch.compile: tens of seconds on a cold cache)" if compile else "")
     engine = _candidate(model, dev, chosen, compile=compile, calibration_clips=check_clips, cache_dir=cache)
-    if dev.type == "cuda" and cuda_graph_sizes:
-        engine.use_cuda_graphs(cuda_graph_sizes)
+    if cuda_graph_sizes:
+        if dev.type == "cuda":
+            engine.use_cuda_graphs(cuda_graph_sizes)
+        else:
+            log.info("inference: CUDA graphs asked for, but the model runs on %s: not used", dev)
     # Reference: the model as trained (BN not folded), fp32, eager.
     ref_model = model if dev.type == "cpu" else copy.deepcopy(model).to(dev)
     reference = Engine(ref_model, dev, "fp32", model.num_classes, input_dtype=torch.float32, path="fp32-reference")

@@ -117,7 +117,7 @@ def load_model(cfg: RunConfig) -> Checkpoint:
 
 
 def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
-    from streamdet.inference import build_engine
+    from streamdet.inference import build_engine, graph_batch_sizes
     from streamdet.pipeline import Pipeline
 
     config_path = Path(args.config) if args.config else default_config
@@ -134,7 +134,8 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
 
         torch.set_num_threads(cfg.model.threads)
     engine = build_engine(checkpoint.model, cfg.model.device, cfg.model.precision,
-                          check_clips=check_windows(cfg, checkpoint), compile=cfg.model.compile)
+                          check_clips=check_windows(cfg, checkpoint), compile=cfg.model.compile,
+                          cuda_graph_sizes=graph_batch_sizes(cfg.model.max_batch) if cfg.model.cuda_graphs else ())
     pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=args.max_seconds)
 
     def on_signal(signum: int, _frame: object) -> None:

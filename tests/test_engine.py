@@ -322,3 +322,16 @@ def test_a_corrupt_cache_entry_is_recomputed(model: C3D_BN, real_clips: torch.Te
     entry.write_bytes(b"not a tensor")
     engine = build_engine(model, "cpu", "fp32", check_clips=real_clips[:1], cache_dir=tmp_path)
     assert engine.precision == "fp32"
+
+
+@pytest.mark.parametrize(("max_batch", "expected"), [(1, (1,)), (2, (1, 2)), (8, (1, 2, 4, 8)), (12, (1, 2, 4, 8, 12))])
+def test_graph_batch_sizes_are_powers_of_two_up_to_max_batch(max_batch: int, expected: tuple[int, ...]) -> None:
+    assert inference.graph_batch_sizes(max_batch) == expected
+
+
+def test_cuda_graphs_are_not_used_on_a_cpu(model: C3D_BN, real_clips: torch.Tensor,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("INFO", logger="streamdet.inference"):
+        engine = build_engine(model, "cpu", "fp32", check_clips=real_clips[:2], cuda_graph_sizes=(1, 2))
+    assert engine._graphed is None
+    assert "CUDA graphs asked for, but the model runs on cpu" in caplog.text

@@ -98,3 +98,10 @@ def test_demo_run_on_cuda_finds_the_demo_events(tmp_path, capsys):
     assert code == 0
     metrics = evaluate_files(events, DEMO / "demo_truth.json")
     assert metrics.f1 >= 0.8, str(metrics)
+
+
+def test_build_engine_replays_cuda_graphs_when_asked(demo_model, demo_windows):
+    engine = build_engine(demo_model, "cuda", "auto", check_clips=demo_windows[:4], cuda_graph_sizes=(1, 2, 4))
+    assert engine._graphed is not None
+    out = engine(demo_windows[:3]).cpu()
+    assert torch.equal(out.argmax(1), _cpu_fp32(demo_model, demo_windows[:3]).argmax(1))

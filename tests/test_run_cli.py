@@ -217,3 +217,25 @@ def test_a_config_truth_scores_its_own_source_but_not_a_source_given_on_the_comm
     out = capsys.readouterr().out
     assert code == 0
     assert f"against {truth}" in out and " F1 " in out
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("cuda_graphs", "expected"), [(True, (1, 2, 4, 6)), (False, ())])
+def test_cuda_graphs_in_the_config_ask_the_engine_for_graphs_up_to_max_batch(
+    tmp_path: Path, walk_clip: Path, weights: Path, monkeypatch: pytest.MonkeyPatch,
+    cuda_graphs: bool, expected: tuple[int, ...]
+) -> None:
+    real_build = inference.build_engine
+    asked: list[tuple[int, ...]] = []
+
+    def build_recording(*args, **kwargs):
+        asked.append(tuple(kwargs["cuda_graph_sizes"]))
+        return real_build(*args, **kwargs)  # on this CPU: logged and not used
+
+    monkeypatch.setattr(inference, "build_engine", build_recording)
+    cfg = write_config(tmp_path / "replay.yaml", walk_clip, weights, realtime=False)
+    text = cfg.read_text().replace("max_batch: 8", f"max_batch: 6\n  cuda_graphs: {str(cuda_graphs).lower()}")
+    cfg.write_text(text)
+
+    assert main(["run", str(cfg), "--events", str(tmp_path / "events.jsonl")]) == 0
+    assert asked == [expected]
