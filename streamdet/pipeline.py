@@ -306,9 +306,9 @@ class Pipeline:
         try:
             while not self.stop_event.wait(0.05):
                 now = time.monotonic()
-                failed = [c for c in self.captures if c.error is not None]
-                if failed:
-                    self.error = failed[0].error
+                crashed = [c for c in self.captures if c.error is not None]
+                if crashed:
+                    self.error = crashed[0].error
                     self.stop("source failed")
                     break
                 if self.inference.all_done:
