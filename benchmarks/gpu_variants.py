@@ -1,0 +1,111 @@
+"""CUDA: how far the full C3D_BN is from the card's bf16 peak, by layout, dtype and compile mode.
+
+    python benchmarks/gpu_variants.py                      # ~2 minutes on an H100
+    python benchmarks/gpu_variants.py --modes default,max-autotune-no-cudagraphs --batches 128,256
+
+Times the same BN-folded net on random input, interleaved (each round times every variant once,
+in shuffled order), median of ``--rounds``:
+autocast vs bf16/fp16 weights, channels_last_3d vs NCDHW, and torch.compile (Inductor) modes.
+Prints ms per batch, clips/s, TFLOP/s and the share of the dense bf16 peak (see gpu_bench.py's
+table). Correctness is gpu_bench.py's job; this script is for choosing a faster path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import load_model  # noqa: E402
+from gpu_bench import peak_for  # noqa: E402
+
+from streamdet.fastpath import InferenceNet  # noqa: E402
+from streamdet.inference import _configure_cuda, _prepare  # noqa: E402
+from streamdet.models.c3d import count_flops  # noqa: E402
+
+
+def variant(net: torch.nn.Module, dtype: torch.dtype, channels_last: bool, autocast: bool) -> Callable:
+    """A forward of ``net`` with fp32 weights under autocast, or with weights in ``dtype``."""
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    m = net if autocast else copy.deepcopy(net).to(dtype)
+    m = m.to(memory_format=fmt)  # type: ignore[call-overload]
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=fmt)
+        if autocast:
+            with torch.autocast("cuda", dtype=dtype):
+                return m(x)
+        return m(x.to(dtype))
+
+    return forward
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="32,128")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--modes", default="default", help="torch.compile modes to time, comma-separated ('' for none)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure")
+        return 1
+    dev = torch.device("cuda")
+    _configure_cuda()
+    model, desc = load_model(None, 8, 1.0)
+    flop = count_flops(model)
+    name = torch.cuda.get_device_name(0)
+    peak = peak_for(name)
+    net = InferenceNet(_prepare(model, dev)).eval()
+    bf16 = torch.bfloat16
+    variants: dict[str, Callable] = {
+        "bf16 autocast, channels_last_3d (the engine's path)": variant(net, bf16, True, True),
+        "bf16 autocast, NCDHW": variant(net, bf16, False, True),
+        "bf16 weights, channels_last_3d": variant(net, bf16, True, False),
+        "fp16 weights, channels_last_3d": variant(net, torch.float16, True, False),
+    }
+    for mode in filter(None, args.modes.split(",")):
+        compiled = torch.compile(copy.deepcopy(net).to(bf16).to(memory_format=torch.channels_last_3d), mode=mode)
+        variants[f"torch.compile mode={mode}, bf16 weights"] = (
+            lambda x, c=compiled: c(x.to(bf16).contiguous(memory_format=torch.channels_last_3d)))
+    print(f"# {name}, torch {torch.__version__}; model {desc}, {flop / 1e9:.1f} GFLOP/clip; "
+          f"bf16 peak {peak or '?'} TFLOP/s\n")
+    print("| variant | batch | ms/batch | clips/s | TFLOP/s | % bf16 peak | warm-up s |")
+    print("|---|---|---|---|---|---|---|")
+    for b in (int(s) for s in args.batches.split(",")):
+        x = torch.randn(b, 3, 16, 112, 112, device=dev)
+        warm: dict[str, float] = {}
+        times: dict[str, list[float]] = {n: [] for n in variants}
+        with torch.inference_mode():
+            for n, f in variants.items():
+                t0 = time.perf_counter()
+                f(x)
+                f(x)
+                torch.cuda.synchronize()
+                warm[n] = time.perf_counter() - t0
+            for _ in range(args.rounds):
+                order = list(variants)
+                random.shuffle(order)
+                for n in order:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    variants[n](x)
+                    torch.cuda.synchronize()
+                    times[n].append(time.perf_counter() - t0)
+        for n, ts in times.items():
+            med = statistics.median(ts)
+            tflops = flop * b / med / 1e12
+            share = f"{tflops / peak * 100:.0f}%" if peak else "?"
+            print(f"| {n} | {b} | {med * 1e3:.1f} | {b / med:.0f} | {tflops:.0f} | {share} | {warm[n]:.1f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
