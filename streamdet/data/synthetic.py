@@ -19,7 +19,8 @@ light_on       the light flickers/ramps from dark to bright (8-16 frames).
 light_off      the light flickers/ramps from bright to dark (8-16 frames).
 camera_tamper  a large occluder (a hand, a cloth) sweeps over the lens from one edge, covers it
                and leaves; or the image is smeared (spray): blur and a colour wash grow
-               (10-22 frames).
+               (10-22 frames). In streams, a change of scene happens only here, behind the
+               cover (the camera turned while covered).
 run            an object crosses the whole view at running speed (14-30 px per frame) without
                stopping (10-18 frames). Walking is not a class: slow movement in place is
                ``none``.
