@@ -14,7 +14,9 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,6 +40,23 @@ def peak_for(name: str) -> float | None:
         if key in name:
             return value
     return None
+
+
+def time_interleaved(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor,
+                     rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each function on ``x``: each round times every one once, in shuffled
+    order, with the device synchronised around each call (warm them up first)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        order = list(fns)
+        random.shuffle(order)
+        for name in order:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fns[name](x)
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,19 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# time budget reached; stopping before batch {b}")
             break
         x = clips.repeat((b + 15) // 16, 1, 1, 1, 1)[:b].pin_memory()
-        times: dict[str, list[float]] = {p: [] for p in paths}
         try:
             for eng in paths.values():
                 eng(x)  # warm-up: cuDNN autotuning, graph capture
-            for _ in range(args.rounds):
-                order = list(paths)
-                random.shuffle(order)
-                for pname in order:
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    paths[pname](x)
-                    torch.cuda.synchronize()
-                    times[pname].append(time.perf_counter() - t0)
+            times = time_interleaved(paths, x, args.rounds)
         except torch.cuda.OutOfMemoryError:
             print(f"# out of memory at batch {b}")
             break

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_model  # noqa: E402
-from gpu_bench import peak_for  # noqa: E402
+from gpu_bench import peak_for, time_interleaved  # noqa: E402
 
 from streamdet.fastpath import InferenceNet  # noqa: E402
 from streamdet.inference import _configure_cuda, _prepare  # noqa: E402
@@ -82,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     for b in (int(s) for s in args.batches.split(",")):
         x = torch.randn(b, 3, 16, 112, 112, device=dev)
         warm: dict[str, float] = {}
-        times: dict[str, list[float]] = {n: [] for n in variants}
         with torch.inference_mode():
             for n, f in variants.items():
                 t0 = time.perf_counter()
@@ -90,15 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 f(x)
                 torch.cuda.synchronize()
                 warm[n] = time.perf_counter() - t0
-            for _ in range(args.rounds):
-                order = list(variants)
-                random.shuffle(order)
-                for n in order:
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    variants[n](x)
-                    torch.cuda.synchronize()
-                    times[n].append(time.perf_counter() - t0)
+            times = time_interleaved(variants, x, args.rounds)
         for n, ts in times.items():
             med = statistics.median(ts)
             tflops = flop * b / med / 1e12
