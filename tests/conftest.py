@@ -20,6 +20,10 @@ from pathlib import Path
 
 import pytest
 from assets import INSTALL_HINT, vtest_path
+from tiny_model import random_checkpoint
+
+from streamdet.inference import build_engine
+from streamdet.models.weights import Checkpoint
 
 # OpenCV's FFmpeg backend reads this once, at the first open in the process, so it is set
 # before any test runs. TCP avoids lost UDP packets; a short analyzeduration opens fast.
@@ -31,6 +35,18 @@ READY_TIMEOUT_S = 15.0  # the first GStreamer start on a machine builds its plug
 STOP_TIMEOUT_S = 5.0
 RTSP_SIZE = (320, 240)  # (width, height) of every served stream
 RTSP_FPS = 10
+
+
+@pytest.fixture(scope="module")
+def checkpoint() -> Checkpoint:
+    """A seeded random tiny model (modules that need one that detects something override this)."""
+    return random_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint: Checkpoint):
+    """The module's ``checkpoint`` on the plain fp32 CPU path (fast to build, exact)."""
+    return build_engine(checkpoint.model, "cpu", "fp32")
 
 
 @pytest.fixture

@@ -18,27 +18,15 @@ import pytest
 import yaml
 from assets import cut_clip, vtest_path
 from conftest import free_port
-from tiny_model import random_checkpoint
 
 from streamdet.buffer import RingBuffer
 from streamdet.capture import CaptureThread
 from streamdet.cli import main
 from streamdet.config import load_config
-from streamdet.inference import build_engine
 from streamdet.models.weights import Checkpoint, save_checkpoint
 from streamdet.pipeline import Pipeline
 from streamdet.preprocess import PreprocessContract
 from streamdet.sources import SourceKind
-
-
-@pytest.fixture(scope="module")
-def checkpoint() -> Checkpoint:
-    return random_checkpoint()
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint: Checkpoint):
-    return build_engine(checkpoint.model, "cpu", "fp32")
 
 
 @pytest.fixture(scope="module")

@@ -22,19 +22,14 @@ from tiny_model import CLIP_FRAMES, make_tiny_weights
 
 from streamdet import capture as capture_module
 from streamdet.config import RunConfig, load_config
-from streamdet.inference import build_engine
 from streamdet.models.weights import Checkpoint, load_checkpoint
 from streamdet.pipeline import Pipeline, StageError
 
 
 @pytest.fixture(scope="module")
 def checkpoint(assets_dir: Path, walk_clip: Path) -> Checkpoint:
+    """The tiny model fitted to make events on the walk clip (conftest's ``engine`` runs it)."""
     return load_checkpoint(make_tiny_weights(assets_dir, walk_clip))
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint: Checkpoint):
-    return build_engine(checkpoint.model, "cpu", "fp32")
 
 
 def config(sources: list[dict[str, Any]], events_path: Path | None, **overrides: Any) -> RunConfig:

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tiny_model import random_checkpoint
 
 from streamdet.buffer import RingBuffer
 from streamdet.capture import (
@@ -29,7 +28,6 @@ from streamdet.capture import (
     StuckThreadsError,
 )
 from streamdet.config import RunConfig, load_config
-from streamdet.inference import build_engine
 from streamdet.models.weights import Checkpoint
 from streamdet.pipeline import Pipeline
 from streamdet.preprocess import PreprocessContract
@@ -37,16 +35,6 @@ from streamdet.sources import SourceKind
 
 FAST_OPTIONS = {"open_timeout_s": 2.0, "read_timeout_s": 1.0, "stall_timeout_s": 2.0,
                 "backoff_initial_s": 0.2, "backoff_max_s": 1.0}
-
-
-@pytest.fixture(scope="module")
-def checkpoint() -> Checkpoint:
-    return random_checkpoint()
-
-
-@pytest.fixture(scope="module")
-def engine(checkpoint: Checkpoint):
-    return build_engine(checkpoint.model, "cpu", "fp32")
 
 
 def stream_config(urls: dict[str, str], events_path: Path, **options: Any) -> RunConfig:
