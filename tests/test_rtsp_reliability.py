@@ -90,6 +90,11 @@ class RunningPipeline:
                 raise AssertionError(f"no {what} within {timeout} s; log tail: {self.lines()[-5:]}")
             time.sleep(0.05)
 
+    def wait_status(self, source: str, status: str, timeout: float, what: str) -> dict[str, Any]:
+        """Waits until ``source``'s latest status line says ``status``; returns that line."""
+        return self.wait_for(lambda ls: (s := last_status(ls, source)) and s["status"] == status and s,
+                             timeout=timeout, what=what)
+
 
 def statuses(lines: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
     return [o for o in lines if o["type"] == "status" and o["source"] == source]
@@ -125,15 +130,14 @@ def test_ten_server_kills_and_restarts_each_come_back_online_within_5_s_with_eve
 
     with RunningPipeline(pipeline, events) as run:
         for cycle in range(10):
-            online = run.wait_for(lambda ls: (s := last_status(ls, "cam")) and s["status"] == "online" and s,
-                                  timeout=15 if cycle == 0 else 5, what=f"online status (cycle {cycle})")
+            online = run.wait_status("cam", "online", timeout=15 if cycle == 0 else 5,
+                                     what=f"online status (cycle {cycle})")
             run.wait_for(lambda ls, seq=online["seq"]: events_after(ls, seq, "cam"), timeout=10,
                          what=f"event after reconnect (cycle {cycle})")
             server.kill()
-            run.wait_for(lambda ls: last_status(ls, "cam")["status"] == "offline", timeout=3,
-                         what=f"offline status after the kill (cycle {cycle})")
+            run.wait_status("cam", "offline", timeout=3, what=f"offline status after the kill (cycle {cycle})")
             server.start()
-        run.wait_for(lambda ls: last_status(ls, "cam")["status"] == "online", timeout=5, what="final online")
+        run.wait_status("cam", "online", timeout=5, what="final online")
 
     lines = run.lines()
     assert "error" not in run.outcome
@@ -155,18 +159,16 @@ def test_a_hung_server_goes_offline_within_the_stall_time_and_recovers_after_it_
     pipeline = Pipeline(stream_config({"cam": server.url}, events), checkpoint, engine, print_fn=lambda s: None)
 
     with RunningPipeline(pipeline, events) as run:
-        online = run.wait_for(lambda ls: (s := last_status(ls, "cam")) and s["status"] == "online" and s,
-                              timeout=15, what="online status")
+        online = run.wait_status("cam", "online", timeout=15, what="online status")
         run.wait_for(lambda ls: events_after(ls, online["seq"], "cam"), timeout=10, what="first event")
         server.pause()
         paused = time.monotonic()
-        run.wait_for(lambda ls: last_status(ls, "cam")["status"] == "offline", timeout=6, what="offline")
+        run.wait_status("cam", "offline", timeout=6, what="offline")
         offline_after = time.monotonic() - paused
         time.sleep(1.0)  # a few reopen attempts against the frozen server
         server.resume()
         resumed = time.monotonic()
-        back = run.wait_for(lambda ls: (s := last_status(ls, "cam")) and s["status"] == "online" and s,
-                            timeout=15, what="online after resume")
+        back = run.wait_status("cam", "online", timeout=15, what="online after resume")
         online_after = time.monotonic() - resumed
         run.wait_for(lambda ls: events_after(ls, back["seq"], "cam"), timeout=10, what="event after resume")
 
@@ -196,8 +198,7 @@ def test_a_server_absent_at_start_is_retried_with_backoff_until_it_appears(
         assert [s["status"] for s in statuses(run.lines(), "cam")] == ["offline"]
         server.start()
         started = time.monotonic()
-        online = run.wait_for(lambda ls: (s := last_status(ls, "cam")) and s["status"] == "online" and s,
-                              timeout=10, what="online status")
+        online = run.wait_status("cam", "online", timeout=10, what="online status")
         online_after = time.monotonic() - started
         run.wait_for(lambda ls: events_after(ls, online["seq"], "cam"), timeout=10, what="event")
 
@@ -221,7 +222,7 @@ def test_when_one_of_two_sources_dies_the_other_keeps_producing_windows(
         for name in ("alive", "dying"):
             run.wait_for(lambda ls, n=name: events_after(ls, 0, n), timeout=15, what=f"event of {name}")
         dying.kill()
-        run.wait_for(lambda ls: last_status(ls, "dying")["status"] == "offline", timeout=3, what="offline")
+        run.wait_status("dying", "offline", timeout=3, what="offline")
         frames, windows, t0 = ring.frames_written, ring.windows_taken, time.monotonic()
         time.sleep(4.0)
         seconds = time.monotonic() - t0
