@@ -141,7 +141,6 @@ class Pipeline:
         self.run_id = uuid.uuid4().hex[:12]
         # Event ids start with the run id: several runs append to one log, each counting from 1.
         self.tracker = EventTracker(tracker_settings(cfg, checkpoint.class_names), id_prefix=f"{self.run_id}-")
-        self._stride = cfg.window.stride  # an event spans the central stride frames of its windows
         self._latency_ms: deque[float] = deque(maxlen=4096)
         self._event_counts: dict[str, int] = {}
         self._events_opened = 0
@@ -166,6 +165,8 @@ class Pipeline:
         # Capture threads stuck in a read that never returns are abandoned; past this many
         # alive at once (all sources together) the run stops with an error.
         self.abandoned = AbandonedThreads()
+        overlay_cfg = cfg.sinks.overlay
+        wants_overlay = bool(overlay_cfg.video or overlay_cfg.display)
         live: set[str] = set()
         for s in cfg.sources:
             kind = source_kind(s.url)
@@ -186,7 +187,7 @@ class Pipeline:
                 kind=kind,
                 realtime=bool(s.realtime),
                 on_status=self._on_status,
-                on_frame=self._on_frame if (cfg.sinks.overlay.video or cfg.sinks.overlay.display) else None,
+                on_frame=self._on_frame if wants_overlay else None,  # otherwise unused frames skip decoding
                 on_used=self._wake.set,
                 reconnect=opts.reconnect,
                 backoff=Backoff(opts.backoff_initial_s, opts.backoff_max_s),
@@ -196,9 +197,8 @@ class Pipeline:
                 abandoned=self.abandoned,
             ))
         self.live_sources = frozenset(live)
-        overlay_cfg = cfg.sinks.overlay
         self.overlay: OverlaySink | None = None
-        if overlay_cfg.video or overlay_cfg.display:
+        if wants_overlay:
             self.overlay = OverlaySink(
                 checkpoint.class_names, video_path=overlay_cfg.video, display=overlay_cfg.display,
                 sources=[s.name for s in cfg.sources],
@@ -261,7 +261,8 @@ class Pipeline:
                     # Scored after its source went offline (a window from before the outage):
                     # its events already ended with stream_lost; none may open during the outage.
                     continue
-                span = window_span(w.first_frame, w.last_frame, w.frame_times, self._stride)
+                # an event spans the central stride frames of its windows
+                span = window_span(w.first_frame, w.last_frame, w.frame_times, self.cfg.window.stride)
                 changes = self.tracker.update(w.source, w.first_frame, w.last_frame, w.first_time,
                                               w.last_time, r.probs, span=span)
                 self._emit(changes, r)
