@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from streamdet import inference
-from streamdet.fastpath import GraphedForward, InferenceNet, onednn_prepack_available, weights_key
+from streamdet.fastpath import (
+    GraphedForward,
+    InferenceNet,
+    PackedConv3dReLU,
+    PackedNet,
+    WidthFoldedConv3dReLU,
+    onednn_prepack_available,
+    weights_key,
+)
 from streamdet.inference import PATHS, Engine, build_engine, build_path, check_engine
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, fuse_bn
 
@@ -75,6 +83,37 @@ def test_each_cpu_path_matches_unfused_fp32(model: C3D_BN, real_clips: torch.Ten
         assert out.dtype == torch.float32 and out.shape == (batch, 5)
         assert _rel(out, expected[:batch]) < max_rel
     assert engine.path == path
+
+
+needs_prepack = pytest.mark.skipif(not onednn_prepack_available(), reason="no oneDNN weight prepacking")
+
+
+@needs_prepack
+@pytest.mark.parametrize(("kernel", "padding"), [((3, 3, 3), (1, 1, 1)), ((1, 3, 5), (0, 1, 2))])
+def test_width_folded_conv_equals_conv_then_relu(kernel: tuple[int, int, int], padding: tuple[int, int, int]) -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 5, kernel, padding=padding).eval()
+    # Odd sizes and batch 2: the folded view must line up pixels at every edge.
+    x = torch.randn(2, 3, 4, 9, 11).contiguous(memory_format=torch.channels_last_3d)
+    folded = WidthFoldedConv3dReLU(conv, torch.float32, (1, 3, 4, 9, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), torch.relu(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_width_folding_refuses_a_conv_it_cannot_fold() -> None:
+    with pytest.raises(ValueError, match="odd kernel width"):
+        WidthFoldedConv3dReLU(torch.nn.Conv3d(3, 4, 3, padding=1, stride=2), torch.float32, (1, 3, 4, 8, 8))
+    with pytest.raises(ValueError, match="odd kernel width"):
+        WidthFoldedConv3dReLU(torch.nn.Conv3d(3, 4, (3, 3, 2), padding=(1, 1, 1)), torch.float32, (1, 3, 4, 8, 8))
+
+
+@needs_prepack
+def test_bf16_packed_net_folds_only_its_three_channel_first_conv(model: C3D_BN) -> None:
+    net = InferenceNet(fuse_bn(model))
+    bf16, fp32 = PackedNet(net, torch.bfloat16), PackedNet(net, torch.float32)
+    assert isinstance(bf16.convs[0], WidthFoldedConv3dReLU)
+    assert all(isinstance(c, PackedConv3dReLU) for c in bf16.convs[1:])
+    assert all(isinstance(c, PackedConv3dReLU) for c in fp32.convs)  # folding gains nothing in fp32
 
 
 @pytest.mark.slow
