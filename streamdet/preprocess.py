@@ -7,10 +7,10 @@ C3D resizes every frame to 128x171 and centre-crops 112x112. We compute the same
 resizing the whole frame: the source region that maps onto the centre crop is taken as a view (no
 copy) and shrunk straight to 112x112 by 2x2 supersampling (``_resize_region``); then one
 transpose gives the colour planes and two numpy passes convert and normalise them into the output
-(or a caller's buffer). Median per 720p frame on a 2-vCPU Xeon: 100-115 us while the machine
-is otherwise idle, 120-170 us while other jobs share the cores; 1.6-2x faster than the previous
-bilinear-then-area resize timed alongside (1080p: 120-205 us). One bilinear resize straight to
-112x112, which aliases, would save only ~30 us.
+(or a caller's buffer). Median per warm 720p frame on a 2-vCPU Xeon: about 110 us, 1.7x faster
+than the previous bilinear-then-area resize and 1.6x slower than one bilinear resize straight to
+112x112, which has 2.8x the error (it aliases); frames just decoded cost 1.5-1.7x more for every
+method (``benchmarks/bench_pipeline.py``).
 
 Example:
     >>> import numpy as np
