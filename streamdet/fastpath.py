@@ -197,9 +197,19 @@ class PackedNet(nn.Module):
         for conv, pool in zip(self.convs, self.pools, strict=True):
             x = pool(conv(x))
         x = torch.flatten(x, 1)  # (B, C5, 1, 4, 4) -> (B, C5 * 16)
+        if x.shape[0] == 1:
+            # One clip reads all 100 MB of fc weights for one row: ATen's matrix-vector product
+            # streams them 1.2-1.5x faster than the matmul nn.Linear calls (same values).
+            v = F.relu(_matvec(self.fc6, x[0]))
+            v = F.relu(_matvec(self.fc7, v))
+            return _matvec(self.fc8, v).unsqueeze(0)
         x = F.relu(self.fc6(x))
         x = F.relu(self.fc7(x))
         return self.fc8(x)
+
+
+def _matvec(fc: nn.Linear, v: torch.Tensor) -> torch.Tensor:
+    return torch.mv(fc.weight, v) if fc.bias is None else torch.addmv(fc.bias, fc.weight, v)
 
 
 def _linear_copy(fc: nn.Linear, dtype: torch.dtype) -> nn.Linear:

@@ -116,6 +116,15 @@ def test_bf16_packed_net_folds_only_its_three_channel_first_conv(model: C3D_BN) 
     assert all(isinstance(c, PackedConv3dReLU) for c in fp32.convs)  # folding gains nothing in fp32
 
 
+@needs_prepack
+def test_packed_net_gives_one_clip_the_same_logits_as_a_batch(model: C3D_BN) -> None:
+    net = PackedNet(InferenceNet(fuse_bn(model)), torch.float32).eval()
+    clips = torch.randn(3, *INPUT_SHAPE).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        one = net(clips[1:2])  # batch 1 takes the matrix-vector route through the fc layers
+        torch.testing.assert_close(one, net(clips)[1:2], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_compiled_path_matches_fp32(model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path) -> None:
     engine = build_path(model, CPU, "bf16-compiled", cache_dir=tmp_path)
