@@ -57,15 +57,22 @@ class InferenceNet(nn.Module):
 
     Args:
         fused: a C3D_BN from :func:`streamdet.models.c3d.fuse_bn`.
+        fold_conv1: run conv1 as :class:`WidthFold` then :func:`width_folded_conv` (new layers;
+            the int8 path's layout, see :class:`WidthFold`).
     """
 
-    def __init__(self, fused: C3D_BN) -> None:
+    def __init__(self, fused: C3D_BN, *, fold_conv1: bool = False) -> None:
         super().__init__()
         for name in conv_names():
             if not isinstance(getattr(fused, f"{name}_bn"), nn.Identity):
                 raise ValueError(f"InferenceNet needs a BN-folded model, but {name}_bn is not folded")
         self.num_classes = fused.num_classes
-        self.convs = nn.ModuleList(getattr(fused, name) for name in conv_names())
+        convs: list[nn.Module] = [getattr(fused, name) for name in conv_names()]
+        if fold_conv1:
+            conv1 = convs[0]
+            assert isinstance(conv1, nn.Conv3d)
+            convs[0] = nn.Sequential(WidthFold(conv1.kernel_size[2]), width_folded_conv(conv1))
+        self.convs = nn.ModuleList(convs)
         self.pools = nn.ModuleList(
             getattr(fused, _POOL_AFTER[name]) if name in _POOL_AFTER else nn.Identity() for name in conv_names()
         )
@@ -117,50 +124,78 @@ class PackedConv3dReLU(nn.Module):
         )
 
 
-class WidthFoldedConv3dReLU(nn.Module):
-    """A conv with few input channels (C3D's conv1: 3) run as one with ``kw`` times as many, its
-    width taps folded into the channels.
+class WidthFold(nn.Module):
+    """(B, C, T, H, W) -> (B, C * taps, T, H, W), channels_last_3d: the channels of each pixel's
+    ``taps`` neighbours along W (zero beyond the edges), for a conv whose width taps are folded
+    into its input channels (see :func:`width_folded_conv`).
 
     In channels_last_3d memory a pixel's channels sit next to its neighbours' along W, so the
-    folded input, whose channels at w are those of pixels w - kw//2 .. w + kw//2, is an
-    overlapping strided view of the width-padded input; one copy (0.6 ms) makes it dense. oneDNN's
-    AMX bf16 kernels waste most of each tile on 3 input channels; with 9 channels and 9 taps
-    instead of 27, conv1 at batch 1 takes 4.4 instead of 5.2 ms on an idle host and 5.0 instead of
-    11.9 ms on a busy one; the whole model is 1.05-1.08x faster (paired rounds, side by side). In
-    fp32 it gains nothing, so :class:`PackedNet` folds only in bf16.
+    folded tensor is an overlapping strided view of the width-padded input; one copy makes it
+    dense (0.6 ms for a C3D clip in bf16).
+
+    Why: oneDNN's AMX kernels waste most of each tile on C3D conv1's 3 input channels. With 9
+    channels and 9 taps instead of 27, conv1 at batch 1 runs 1.2-2.4x faster in bf16 (4.4 instead
+    of 5.2 ms idle, 5.0 instead of 11.9 ms on a busy host) and about 2x in int8 (3.7 instead of
+    7.2 ms); the model is 1.05-1.08x (bf16) and 1.07-1.16x (int8) faster, in paired interleaved
+    rounds. fp32 gains nothing.
+    """
+
+    def __init__(self, taps: int) -> None:
+        super().__init__()
+        if taps < 1 or taps % 2 != 1:
+            raise ValueError(f"taps must be a positive odd number, but got {taps}")
+        self.taps = taps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = self.taps // 2
+        b, c, t, h, w = x.shape
+        padded = F.pad(x, (pad, pad)).contiguous(memory_format=torch.channels_last_3d)
+        s = padded.stride()  # (T H W' C, 1, H W' C, W' C, C): channels innermost, then width
+        folded = padded.as_strided((b, c * self.taps, t, h, w), (s[0], 1, s[2], s[3], c))
+        return folded.contiguous(memory_format=torch.channels_last_3d)
+
+
+def width_folded_conv(conv: nn.Conv3d) -> nn.Conv3d:
+    """The conv that, applied to ``WidthFold(kw)(x)``, equals ``conv(x)``.
 
     Args:
-        conv: a Conv3d with stride 1, dilation 1, groups 1, a bias, an odd kernel width and
-            ``kw // 2`` padding along W.
+        conv: a Conv3d with stride 1, dilation 1, groups 1, a bias, an odd kernel width ``kw``
+            and ``kw // 2`` padding along W.
+    """
+    kt, kh, kw = conv.kernel_size
+    pt, ph, pw = conv.padding if isinstance(conv.padding, tuple) else (int(conv.padding),) * 3
+    if (conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.groups != 1 or conv.bias is None
+            or kw % 2 != 1 or pw != kw // 2):
+        raise ValueError(f"width folding needs stride 1, dilation 1, groups 1, a bias and 'same' padding "
+                         f"along an odd kernel width, but got {conv}")
+    cin, cout = conv.in_channels, conv.out_channels
+    folded = nn.Conv3d(cin * kw, cout, (kt, kh, 1), padding=(pt, ph, 0)).to(conv.weight.device)
+    with torch.no_grad():
+        # folded channel j = tap * cin + c  <->  weight[:, c, :, :, tap]
+        folded.weight.copy_(conv.weight.permute(0, 4, 1, 2, 3).reshape(cout, kw * cin, kt, kh, 1))
+        folded.bias.copy_(conv.bias)
+    return folded.eval()
+
+
+class WidthFoldedConv3dReLU(nn.Module):
+    """:class:`WidthFold`, then a prepacked conv+ReLU (:class:`PackedConv3dReLU`) of the folded
+    conv: the packed path's conv1 in bf16.
+
+    Args:
+        conv: see :func:`width_folded_conv`.
         dtype: float32 or bfloat16.
         input_size: (B, C, T, H, W) of the unfolded input, for the weight layout.
     """
 
     def __init__(self, conv: nn.Conv3d, dtype: torch.dtype, input_size: Sequence[int]) -> None:
         super().__init__()
-        kt, kh, kw = conv.kernel_size
-        pt, ph, pw = conv.padding if isinstance(conv.padding, tuple) else (int(conv.padding),) * 3
-        if (conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.groups != 1 or conv.bias is None
-                or kw % 2 != 1 or pw != kw // 2):
-            raise ValueError(f"WidthFoldedConv3dReLU needs stride 1, dilation 1, groups 1, a bias and "
-                             f"'same' padding along an odd kernel width, but got {conv}")
-        cin, cout = conv.in_channels, conv.out_channels
-        folded = nn.Conv3d(cin * kw, cout, (kt, kh, 1), padding=(pt, ph, 0))
-        with torch.no_grad():
-            # folded channel j = tap * cin + c  <->  weight[:, c, :, :, tap]
-            folded.weight.copy_(conv.weight.permute(0, 4, 1, 2, 3).reshape(cout, kw * cin, kt, kh, 1))
-            folded.bias.copy_(conv.bias)
-        b, _, t, h, w = input_size
-        self.conv = PackedConv3dReLU(folded, dtype, (b, cin * kw, t, h, w))
-        self.pad = pw
+        folded = width_folded_conv(conv)
+        b, c, t, h, w = input_size
+        self.fold = WidthFold(conv.kernel_size[2])
+        self.conv = PackedConv3dReLU(folded, dtype, (b, folded.in_channels, t, h, w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, t, h, w = x.shape
-        padded = F.pad(x, (self.pad, self.pad)).contiguous(memory_format=torch.channels_last_3d)
-        s = padded.stride()  # (T H W' C, 1, H W' C, W' C, C): channels innermost, then width
-        taps = 2 * self.pad + 1
-        folded = padded.as_strided((b, c * taps, t, h, w), (s[0], 1, s[2], s[3], c))
-        return self.conv(folded.contiguous(memory_format=torch.channels_last_3d))
+        return self.conv(self.fold(x))
 
 
 class PackedNet(nn.Module):

@@ -1,7 +1,8 @@
 """Static int8 quantization of C3D_BN with PyTorch's FX graph mode (oneDNN backend, AMX/VNNI).
 
-BatchNorm is folded first, conv+ReLU and linear+ReLU are fused, activations are calibrated on
-real windows (per-tensor, histogram observer) and weights quantized per channel. Calibration
+BatchNorm is folded first, conv1's width taps are folded into its channels (in float, before the
+input is quantized: ``fastpath.WidthFold``), conv+ReLU and linear+ReLU are fused, activations are
+calibrated on real windows (per-tensor, histogram observer) and weights quantized per channel. Calibration
 statistics are cached by the weights' and calibration clips' sha256, so a restart skips the
 calibration forward passes.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from streamdet.fastpath import InferenceNet, default_cache_dir, weights_key
+from streamdet.fastpath import InferenceNet, WidthFold, default_cache_dir, weights_key
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, fuse_bn
 from streamdet.preprocess import DEFAULT_CONTRACT, PreprocessContract
 
@@ -69,6 +70,7 @@ def quantize_int8(
         A module mapping a float32 (B, 3, 16, 112, 112) tensor to float32 logits.
     """
     from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     if calibration_clips.dim() != 5 or tuple(calibration_clips.shape[1:]) != INPUT_SHAPE:
@@ -76,7 +78,7 @@ def quantize_int8(
             f"calibration_clips must be (N, {', '.join(map(str, INPUT_SHAPE))}), but got {tuple(calibration_clips.shape)}"
         )
     t0 = time.perf_counter()
-    net = InferenceNet(fuse_bn(model)).eval()
+    net = InferenceNet(fuse_bn(model), fold_conv1=True).eval()
     example = calibration_clips[:1].float()
     cache_file = None
     if cache_dir is not None:
@@ -84,7 +86,11 @@ def quantize_int8(
         cache_file = Path(cache_dir) / f"int8-calib-{key.hexdigest()[:32]}.pt"
     with _quantized_engine(QUANT_ENGINE), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FX quantization's deprecation notices, once per process
-        prepared = prepare_fx(net, get_default_qconfig_mapping(QUANT_ENGINE), example_inputs=(example,))
+        # The fold stays one float module: traced, FX would quantize before the padding and
+        # requantize after it, which costs what folding saves.
+        qconfig = get_default_qconfig_mapping(QUANT_ENGINE).set_object_type(WidthFold, None)
+        untraced = PrepareCustomConfig().set_non_traceable_module_classes([WidthFold])
+        prepared = prepare_fx(net, qconfig, example_inputs=(example,), prepare_custom_config=untraced)
         if cache_file is not None and cache_file.is_file():
             prepared.load_state_dict(torch.load(cache_file, weights_only=True))
             log.info("int8: loaded calibration statistics from %s", cache_file)

@@ -17,6 +17,7 @@ from streamdet.fastpath import (
     InferenceNet,
     PackedConv3dReLU,
     PackedNet,
+    WidthFold,
     WidthFoldedConv3dReLU,
     onednn_prepack_available,
     weights_key,
@@ -144,6 +145,24 @@ def test_inference_net_needs_folded_bn(model: C3D_BN) -> None:
     with pytest.raises(ValueError, match="BN-folded"):
         InferenceNet(model)
     assert InferenceNet(fuse_bn(model)).num_classes == 5
+
+
+def test_inference_net_with_conv1_folded_gives_the_same_logits(model: C3D_BN) -> None:
+    fused = fuse_bn(model)
+    plain, folded = InferenceNet(fused).eval(), InferenceNet(fused, fold_conv1=True).eval()
+    clips = torch.randn(2, *INPUT_SHAPE).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(clips), plain(clips), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_quantizes_conv1_after_the_float_width_fold(model: C3D_BN, real_clips: torch.Tensor) -> None:
+    from streamdet.quantize import quantize_int8
+
+    quantized = quantize_int8(model, real_clips[:2], cache_dir=None)
+    modules = dict(quantized.named_modules())
+    assert isinstance(modules["convs.0.0"], WidthFold)  # kept in float, not traced and requantized
+    assert modules["convs.0.1"].in_channels == 9  # conv1's 3 taps along W x 3 colours
+    assert "quantized" in type(modules["convs.0.1"]).__module__
 
 
 def test_int8_agrees_on_top1_with_fp32_on_real_windows(model: C3D_BN, real_clips: torch.Tensor,
