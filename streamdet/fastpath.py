@@ -58,7 +58,7 @@ class InferenceNet(nn.Module):
     Args:
         fused: a C3D_BN from :func:`streamdet.models.c3d.fuse_bn`.
         fold_conv1: run conv1 as :class:`WidthFold` then :func:`width_folded_conv` (new layers;
-            the int8 path's layout, see :class:`WidthFold`).
+            the bf16-packed and int8 paths' layout, see :class:`WidthFold`).
     """
 
     def __init__(self, fused: C3D_BN, *, fold_conv1: bool = False) -> None:
@@ -177,29 +177,11 @@ def width_folded_conv(conv: nn.Conv3d) -> nn.Conv3d:
     return folded.eval()
 
 
-class WidthFoldedConv3dReLU(nn.Module):
-    """:class:`WidthFold`, then a prepacked conv+ReLU (:class:`PackedConv3dReLU`) of the folded
-    conv: the packed path's conv1 in bf16.
-
-    Args:
-        conv: see :func:`width_folded_conv`.
-        dtype: float32 or bfloat16.
-        input_size: (B, C, T, H, W) of the unfolded input, for the weight layout.
-    """
-
-    def __init__(self, conv: nn.Conv3d, dtype: torch.dtype, input_size: Sequence[int]) -> None:
-        super().__init__()
-        folded = width_folded_conv(conv)
-        b, c, t, h, w = input_size
-        self.fold = WidthFold(conv.kernel_size[2])
-        self.conv = PackedConv3dReLU(folded, dtype, (b, folded.in_channels, t, h, w))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.fold(x))
-
-
 class PackedNet(nn.Module):
     """:class:`InferenceNet` with prepacked oneDNN conv+ReLU layers, in ``dtype``, channels_last_3d.
+
+    A conv1 folded by ``InferenceNet(fold_conv1=True)`` keeps its :class:`WidthFold` in front of
+    the packed conv (worth it in bf16, not in fp32: see :class:`WidthFold`).
 
     Args:
         net: the fp32 inference net (its fc layers are copied to ``dtype``).
@@ -213,11 +195,11 @@ class PackedNet(nn.Module):
         self.dtype = dtype
         convs: list[nn.Module] = []
         t, h, w = 16, 112, 112
-        for i, (conv, pool) in enumerate(zip(net.convs, net.pools, strict=True)):
+        for layer, pool in zip(net.convs, net.pools, strict=True):
+            fold, conv = (layer[0], layer[1]) if isinstance(layer, nn.Sequential) else (None, layer)
             assert isinstance(conv, nn.Conv3d)
-            size = (batch, conv.in_channels, t, h, w)
-            fold = dtype == torch.bfloat16 and i == 0  # conv1 sees the 3 colour channels
-            convs.append(WidthFoldedConv3dReLU(conv, dtype, size) if fold else PackedConv3dReLU(conv, dtype, size))
+            packed = PackedConv3dReLU(conv, dtype, (batch, conv.in_channels, t, h, w))
+            convs.append(packed if fold is None else nn.Sequential(fold, packed))
             if isinstance(pool, nn.MaxPool3d):
                 k, p = pool.kernel_size, pool.padding
                 assert isinstance(k, tuple) and isinstance(p, tuple)

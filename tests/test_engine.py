@@ -18,9 +18,9 @@ from streamdet.fastpath import (
     PackedConv3dReLU,
     PackedNet,
     WidthFold,
-    WidthFoldedConv3dReLU,
     onednn_prepack_available,
     weights_key,
+    width_folded_conv,
 )
 from streamdet.inference import PATHS, Engine, build_engine, build_path, check_engine
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, fuse_bn
@@ -96,23 +96,24 @@ def test_width_folded_conv_equals_conv_then_relu(kernel: tuple[int, int, int], p
     conv = torch.nn.Conv3d(3, 5, kernel, padding=padding).eval()
     # Odd sizes and batch 2: the folded view must line up pixels at every edge.
     x = torch.randn(2, 3, 4, 9, 11).contiguous(memory_format=torch.channels_last_3d)
-    folded = WidthFoldedConv3dReLU(conv, torch.float32, (1, 3, 4, 9, 11))
+    fold, folded = WidthFold(kernel[2]), width_folded_conv(conv)
+    packed = PackedConv3dReLU(folded, torch.float32, (1, folded.in_channels, 4, 9, 11))
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), torch.relu(conv(x)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed(fold(x)), torch.relu(conv(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_width_folding_refuses_a_conv_it_cannot_fold() -> None:
     with pytest.raises(ValueError, match="odd kernel width"):
-        WidthFoldedConv3dReLU(torch.nn.Conv3d(3, 4, 3, padding=1, stride=2), torch.float32, (1, 3, 4, 8, 8))
+        width_folded_conv(torch.nn.Conv3d(3, 4, 3, padding=1, stride=2))
     with pytest.raises(ValueError, match="odd kernel width"):
-        WidthFoldedConv3dReLU(torch.nn.Conv3d(3, 4, (3, 3, 2), padding=(1, 1, 1)), torch.float32, (1, 3, 4, 8, 8))
+        width_folded_conv(torch.nn.Conv3d(3, 4, (3, 3, 2), padding=(1, 1, 1)))
 
 
 @needs_prepack
-def test_bf16_packed_net_folds_only_its_three_channel_first_conv(model: C3D_BN) -> None:
-    net = InferenceNet(fuse_bn(model))
-    bf16, fp32 = PackedNet(net, torch.bfloat16), PackedNet(net, torch.float32)
-    assert isinstance(bf16.convs[0], WidthFoldedConv3dReLU)
+def test_bf16_packed_path_folds_only_its_three_channel_first_conv(model: C3D_BN) -> None:
+    bf16, fp32 = (build_path(model, CPU, path).model for path in ("bf16-packed", "fp32-packed"))
+    assert isinstance(bf16.convs[0], torch.nn.Sequential)
+    assert isinstance(bf16.convs[0][0], WidthFold) and isinstance(bf16.convs[0][1], PackedConv3dReLU)
     assert all(isinstance(c, PackedConv3dReLU) for c in bf16.convs[1:])
     assert all(isinstance(c, PackedConv3dReLU) for c in fp32.convs)  # folding gains nothing in fp32
 
