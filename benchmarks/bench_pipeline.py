@@ -44,7 +44,7 @@ from streamdet.config import RunConfig  # noqa: E402
 from streamdet.inference import build_engine  # noqa: E402
 from streamdet.models.weights import Checkpoint, default_class_names  # noqa: E402
 from streamdet.pipeline import Pipeline  # noqa: E402
-from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame  # noqa: E402
+from streamdet.preprocess import DEFAULT_CONTRACT, _normalise_into, preprocess_frame  # noqa: E402
 
 log = logging.getLogger("bench_pipeline")
 
@@ -57,10 +57,11 @@ def _previous_preprocess(frame: np.ndarray, out: np.ndarray) -> np.ndarray:
     twice = cv2.resize(frame[y0:y1, x0:x1], (224, 224), interpolation=cv2.INTER_LINEAR)
     crop = cv2.resize(twice, (112, 112), interpolation=cv2.INTER_AREA)
     channels = cv2.split(crop)
-    for plane, bgr_index in zip(out, (2, 1, 0), strict=True):
+    scale, offset = DEFAULT_CONTRACT._plane_scale, DEFAULT_CONTRACT._plane_offset  # RGB order
+    for k, (plane, bgr_index) in enumerate(zip(out, (2, 1, 0), strict=True)):
         plane[...] = channels[bgr_index]
-        plane *= DEFAULT_CONTRACT._scale[bgr_index]
-        plane += DEFAULT_CONTRACT._offset[bgr_index]
+        plane *= scale[k]
+        plane += offset[k]
     return out
 
 
@@ -83,10 +84,7 @@ def _one_resize(frame: np.ndarray, out: np.ndarray) -> np.ndarray:
     h, w = frame.shape[:2]
     y0, y1, x0, x1 = DEFAULT_CONTRACT.crop_box(h, w)
     crop = cv2.resize(frame[y0:y1, x0:x1], (112, 112), interpolation=cv2.INTER_LINEAR)
-    planes = cv2.transpose(crop.reshape(112 * 112, 3)).reshape(3, 112, 112)[::-1]  # BGR -> RGB planes
-    np.multiply(planes, DEFAULT_CONTRACT._plane_scale, out=out)
-    np.add(out, DEFAULT_CONTRACT._plane_offset, out=out)
-    return out
+    return _normalise_into(crop, DEFAULT_CONTRACT, out)
 
 
 PREPROCESS_METHODS = {

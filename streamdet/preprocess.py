@@ -63,8 +63,6 @@ class PreprocessContract:
     std: tuple[float, float, float] = _KINETICS_STD
     fps: float = 10.0
     frame_step: int = 1
-    _scale: np.ndarray = field(init=False, repr=False, compare=False)
-    _offset: np.ndarray = field(init=False, repr=False, compare=False)
     _plane_scale: np.ndarray = field(init=False, repr=False, compare=False)
     _plane_offset: np.ndarray = field(init=False, repr=False, compare=False)
     _boxes: dict[tuple[int, int], tuple[int, int, int, int]] = field(init=False, repr=False, compare=False)
@@ -93,17 +91,12 @@ class PreprocessContract:
             raise ValueError(
                 f"fps must be finite and > 0 and frame_step an integer >= 1, but got {self.fps!r}, {self.frame_step!r}"
             )
-        # x_norm = (x - mean) / std  ==  x * scale + offset. _scale/_offset: channels in BGR (OpenCV)
-        # order; _plane_scale/_plane_offset: shaped (3, 1, 1) in the model's channel order.
+        # x_norm = (x - mean) / std  ==  x * scale + offset, shaped (3, 1, 1) to scale the planes
+        # of a (3, H, W) array, in the model's channel order.
         mean = np.asarray(self.mean, np.float32)
         std = np.asarray(self.std, np.float32)
-        scale, offset = (1.0 / std).astype(np.float32), (-mean / std).astype(np.float32)
-        object.__setattr__(self, "_plane_scale", scale.reshape(3, 1, 1))
-        object.__setattr__(self, "_plane_offset", offset.reshape(3, 1, 1))
-        if self.channel_order == "RGB":
-            scale, offset = scale[::-1], offset[::-1]
-        object.__setattr__(self, "_scale", scale.copy())
-        object.__setattr__(self, "_offset", offset.copy())
+        object.__setattr__(self, "_plane_scale", (1.0 / std).astype(np.float32).reshape(3, 1, 1))
+        object.__setattr__(self, "_plane_offset", (-mean / std).astype(np.float32).reshape(3, 1, 1))
         object.__setattr__(self, "_boxes", {})
 
     def to_dict(self) -> dict[str, Any]:
@@ -242,6 +235,13 @@ def preprocess_frame(
         raise ValueError(f"out must be float32 with shape {(3, size, size)}, but got {out.dtype} {out.shape}")
     y0, y1, x0, x1 = contract.crop_box(*frame.shape[:2])
     crop = _resize_region(frame[y0:y1, x0:x1], size)  # a view of the frame: nothing is copied
+    return _normalise_into(crop, contract, out)
+
+
+def _normalise_into(crop: np.ndarray, contract: PreprocessContract, out: np.ndarray) -> np.ndarray:
+    """(size, size, 3) BGR uint8 crop -> ``out``, (3, size, size) float32 in the contract's
+    channel order, normalised."""
+    size = crop.shape[0]
     # (H, W, 3) BGR uint8 -> (3, H, W) BGR planes, uint8 (a transpose of the (H W, 3) matrix) ...
     planes = cv2.transpose(crop.reshape(size * size, 3)).reshape(3, size, size)
     if contract.channel_order == "RGB":
