@@ -113,16 +113,10 @@ def _time_interleaved(frames, reps: int) -> dict[str, float]:
 def _decoded_frames(video: Path, size: tuple[int, int], tmp: Path, count: int):
     """frames(rep) of an H.264 copy of ``video`` at ``size``, each read just before it is used
     (what a capture thread sees); None without ffmpeg."""
-    ffmpeg = shutil.which("ffmpeg")
-    if ffmpeg is None:
+    clip = make_h264_clip(video, tmp / f"decoded_{size[0]}x{size[1]}.mp4", count, size=size)
+    if clip is None:
         return None
-    dst = tmp / f"decoded_{size[0]}x{size[1]}.mp4"
-    cmd = [ffmpeg, "-hide_banner", "-loglevel", "error", "-y", "-i", str(video), "-frames:v", str(count),
-           "-vf", f"scale={size[0]}:{size[1]}", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
-           str(dst)]
-    if subprocess.run(cmd, capture_output=True).returncode != 0:
-        return None
-    cap = cv2.VideoCapture(str(dst))
+    cap = cv2.VideoCapture(str(clip))
 
     def frames(_rep: int) -> np.ndarray | None:
         ok, f = cap.read()
@@ -203,15 +197,19 @@ def make_clip(video: Path, dst: Path, frames: int, fps: float | None = None) -> 
     return dst
 
 
-def make_h264_clip(video: Path, dst: Path, frames: int, fps: float) -> Path | None:
-    """The first ``frames`` frames of ``video`` as H.264 (what an RTSP camera sends) at ``fps``,
-    with ffmpeg; None when ffmpeg or its x264 encoder is missing."""
+def make_h264_clip(video: Path, dst: Path, frames: int, fps: float | None = None,
+                   size: tuple[int, int] | None = None) -> Path | None:
+    """The first ``frames`` frames of ``video`` as H.264 (what an RTSP camera sends), re-timed at
+    ``fps`` and scaled to ``size`` (width, height) when given, with ffmpeg; None when ffmpeg or
+    its x264 encoder is missing."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         return None
+    filters = ([f"setpts=N/{fps:g}/TB"] if fps else []) + ([f"scale={size[0]}:{size[1]}"] if size else [])
+    timing = ["-r", f"{fps:g}", "-g", str(int(fps * 2))] if fps else []
     cmd = [ffmpeg, "-hide_banner", "-loglevel", "error", "-y", "-i", str(video), "-frames:v", str(frames),
-           "-vf", f"setpts=N/{fps:g}/TB", "-r", f"{fps:g}", "-c:v", "libx264", "-preset", "veryfast",
-           "-g", str(int(fps * 2)), "-pix_fmt", "yuv420p", str(dst)]
+           *(["-vf", ",".join(filters)] if filters else []), *timing, "-c:v", "libx264", "-preset", "veryfast",
+           "-pix_fmt", "yuv420p", str(dst)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     return dst if done.returncode == 0 and dst.is_file() else None
 
