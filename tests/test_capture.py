@@ -352,6 +352,7 @@ def test_real_file_skip_advances_one_frame_like_a_read(vtest_video) -> None:
         assert np.array_equal(skipper.read(), expected)
 
 
+@pytest.mark.timeout(60)
 def test_real_file_replay_reads_every_frame_with_increasing_timestamps(vtest_video) -> None:
     metas: list[FrameMeta] = []
     ring = RingBuffer("vtest", length=16, stride=8, lossless=True)
