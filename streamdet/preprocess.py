@@ -4,13 +4,13 @@ One definition of how a decoded frame becomes model input, so a checkpoint is al
 the preprocessing it was trained with. The contract travels inside every checkpoint.
 
 C3D resizes every frame to 128x171 and centre-crops 112x112. We compute the same crop without
-resizing the whole frame: the source region that maps onto the centre crop is taken as a view (no
-copy) and shrunk straight to 112x112 by 2x2 supersampling (``_resize_region``); then one
-transpose gives the colour planes and two numpy passes convert and normalise them into the output
-(or a caller's buffer). Median per warm 720p frame on a 2-vCPU Xeon: about 110 us, 1.7x faster
-than the previous bilinear-then-area resize and 1.6x slower than one bilinear resize straight to
-112x112, which has 2.8x the error (it aliases); frames just decoded cost 1.5-1.7x more for every
-method (``benchmarks/bench_pipeline.py``).
+resizing the whole frame: each output pixel averages a 2x2 grid of samples centred in its
+footprint of the source region that maps onto the crop (more samples for 8K frames; one area
+resize for regions under twice the crop, see ``_resize_region``). One compiled pass
+(:mod:`streamdet.kernels`) reads the samples and writes the normalised planes into the output or a
+caller's buffer: about 70 us per warm 720p frame on a 2-vCPU Xeon, against about 110 us for the
+same sampling through OpenCV (the fallback without Numba) and 75-85 us for one bilinear resize,
+which has 2.8x the error (it aliases); see ``benchmarks/bench_pipeline.py``.
 
 Example:
     >>> import numpy as np
@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+
+from streamdet import kernels
 
 # Kinetics statistics in 0..255, RGB order (as torchvision's video models).
 _KINETICS_MEAN = (110.2008, 100.6398, 95.9948)
@@ -66,6 +68,9 @@ class PreprocessContract:
     _plane_scale: np.ndarray = field(init=False, repr=False, compare=False)
     _plane_offset: np.ndarray = field(init=False, repr=False, compare=False)
     _boxes: dict[tuple[int, int], tuple[int, int, int, int]] = field(init=False, repr=False, compare=False)
+    _grids: dict[tuple[int, int], np.ndarray | None] = field(init=False, repr=False, compare=False)
+    _kernel_norm: np.ndarray = field(init=False, repr=False, compare=False)
+    _kernel_order: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.resize, (tuple, list)) or len(self.resize) != 2 or not all(
@@ -98,6 +103,13 @@ class PreprocessContract:
         object.__setattr__(self, "_plane_scale", (1.0 / std).astype(np.float32).reshape(3, 1, 1))
         object.__setattr__(self, "_plane_offset", (-mean / std).astype(np.float32).reshape(3, 1, 1))
         object.__setattr__(self, "_boxes", {})
+        object.__setattr__(self, "_grids", {})
+        # For kernels.supersample2, which sums 4 samples: plane k = BGR channel order[k], scaled
+        # by norm[0, k] (a quarter of 1 / std) and offset by norm[1, k].
+        quarter = self._plane_scale.reshape(3) / 4
+        object.__setattr__(self, "_kernel_norm", np.stack([quarter, self._plane_offset.reshape(3)]).astype(np.float32))
+        order = [2, 1, 0] if self.channel_order == "RGB" else [0, 1, 2]
+        object.__setattr__(self, "_kernel_order", np.asarray(order, np.int32))
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
@@ -143,6 +155,29 @@ class PreprocessContract:
                 self._boxes.clear()
             self._boxes[(height, width)] = box
         return box
+
+    def sample_grid(self, height: int, width: int) -> np.ndarray | None:
+        """Where the 2x2 supersampling of a (height, width) frame reads: a (4, crop) int32 array
+        of the two sample rows of each output row (0, 1) and the two sample columns of each
+        output column (2, 3), in frame coordinates; None where the crop region is under twice
+        the crop or needs more than 2 samples per axis (see ``_resize_region``)."""
+        key = (height, width)
+        if key in self._grids:
+            return self._grids[key]
+        y0, y1, x0, x1 = self.crop_box(height, width)
+        h, w, size = y1 - y0, x1 - x0, self.crop
+        grid = None
+        if h >= 2 * size and w >= 2 * size and _taps_per_axis(h, w, size) == 2:
+            # the pixel centres nearest each sample point of a 2 x 2 grid centred in each output
+            # pixel's footprint: what cv2.INTER_NEAREST_EXACT picks resizing to 2 x crop
+            k = np.arange(2 * size) + 0.5
+            rows = y0 + np.minimum(np.floor(k * h / (2 * size)), h - 1).astype(np.int32)
+            cols = x0 + np.minimum(np.floor(k * w / (2 * size)), w - 1).astype(np.int32)
+            grid = np.stack([rows[0::2], rows[1::2], cols[0::2], cols[1::2]]).astype(np.int32)
+        if len(self._grids) >= _BOX_CACHE_SIZE:  # as for crop boxes: bound odd callers
+            self._grids.clear()
+        self._grids[key] = grid
+        return grid
 
 
 DEFAULT_CONTRACT = PreprocessContract()
@@ -233,6 +268,11 @@ def preprocess_frame(
         out = np.empty((3, size, size), np.float32)
     elif out.shape != (3, size, size) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 with shape {(3, size, size)}, but got {out.dtype} {out.shape}")
+    compiled = kernels.get()
+    grid = contract.sample_grid(*frame.shape[:2]) if compiled is not None else None
+    if grid is not None:  # one compiled pass: samples -> normalised planes (kernels.supersample2)
+        compiled.supersample2(frame, grid, contract._kernel_norm, contract._kernel_order, out)
+        return out
     y0, y1, x0, x1 = contract.crop_box(*frame.shape[:2])
     crop = _resize_region(frame[y0:y1, x0:x1], size)  # a view of the frame: nothing is copied
     return _normalise_into(crop, contract, out)

@@ -250,3 +250,16 @@ def walk_clip(assets_dir: Path) -> Path:
     from tiny_model import make_walk_clip
 
     return make_walk_clip(assets_dir)
+
+
+@pytest.fixture(params=["compiled", "opencv"])
+def preprocess_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a preprocessing test through the compiled kernel and through the OpenCV route the
+    package falls back to without Numba."""
+    from streamdet import kernels
+
+    if request.param == "compiled":
+        assert kernels.get() is not None, "Numba kernels failed to load (see the log)"
+    else:
+        monkeypatch.setattr(kernels, "get", lambda: None)
+    return request.param

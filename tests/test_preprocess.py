@@ -13,6 +13,9 @@ import pytest
 
 from streamdet.preprocess import DEFAULT_CONTRACT, PreprocessContract, preprocess_frame
 
+# every test runs through the compiled kernel and through the OpenCV fallback
+pytestmark = pytest.mark.usefixtures("preprocess_route")
+
 CROP = DEFAULT_CONTRACT.crop
 OUT_SHAPE = (3, CROP, CROP)
 

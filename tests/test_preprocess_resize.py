@@ -13,6 +13,9 @@ from assets import vtest_path
 
 from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame
 
+# every test runs through the compiled kernel and through the OpenCV fallback
+pytestmark = pytest.mark.usefixtures("preprocess_route")
+
 CROP = DEFAULT_CONTRACT.crop
 MEAN = np.asarray(DEFAULT_CONTRACT.mean, np.float32)
 STD = np.asarray(DEFAULT_CONTRACT.std, np.float32)

@@ -1,0 +1,125 @@
+"""The compiled kernels: the supersampled crop reads the pixels OpenCV's route reads and gives its
+values up to OpenCV's uint8 rounding; the kernels can be switched off."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from assets import vtest_path
+
+from streamdet import kernels
+from streamdet.preprocess import (
+    DEFAULT_CONTRACT,
+    PreprocessContract,
+    _normalise_into,
+    _resize_region,
+)
+
+# OpenCV's route rounds the 2x2 average to uint8 (at most half a grey level); the kernel does not.
+ROUNDING = 0.5 / min(DEFAULT_CONTRACT.std) + 1e-5
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    k = kernels.get()
+    assert k is not None, "Numba kernels failed to load (see the log)"
+    return k
+
+
+@pytest.fixture(scope="module")
+def real_frames() -> list[np.ndarray]:
+    """Four frames of vtest.avi (768x576), 50 frames apart."""
+    cap = cv2.VideoCapture(str(vtest_path()))
+    frames = []
+    for i in range(200):
+        ok, frame = cap.read()
+        assert ok
+        if i % 50 == 0:
+            frames.append(frame)
+    cap.release()
+    return frames
+
+
+def _opencv_route(frame: np.ndarray, contract: PreprocessContract) -> np.ndarray:
+    y0, y1, x0, x1 = contract.crop_box(*frame.shape[:2])
+    crop = _resize_region(frame[y0:y1, x0:x1], contract.crop)
+    return _normalise_into(crop, contract, np.empty((3, contract.crop, contract.crop), np.float32))
+
+
+def _compiled_route(compiled, frame: np.ndarray, contract: PreprocessContract) -> np.ndarray:
+    grid = contract.sample_grid(*frame.shape[:2])
+    assert grid is not None
+    out = np.empty((3, contract.crop, contract.crop), np.float32)
+    compiled.supersample2(frame, grid, contract._kernel_norm, contract._kernel_order, out)
+    return out
+
+
+@pytest.mark.parametrize(("height", "width"), [(576, 768), (720, 1280), (1080, 1920), (721, 1279), (1280, 720)])
+def test_sample_grid_picks_the_pixels_opencvs_nearest_exact_resize_picks(height: int, width: int) -> None:
+    rows, cols = np.mgrid[0:height, 0:width]
+    # each pixel names itself: B, G = row, column mod 256; R = their high bits
+    coded = np.stack([rows % 256, cols % 256, (rows // 256) * 16 + cols // 256], axis=-1).astype(np.uint8)
+    y0, y1, x0, x1 = DEFAULT_CONTRACT.crop_box(height, width)
+    size = 2 * DEFAULT_CONTRACT.crop
+    picked = cv2.resize(coded[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_NEAREST_EXACT).astype(int)
+    picked_rows = picked[:, 0, 0] + 256 * (picked[:, 0, 2] // 16)  # frame coordinates
+    picked_cols = picked[0, :, 1] + 256 * (picked[0, :, 2] % 16)
+
+    grid = DEFAULT_CONTRACT.sample_grid(height, width)
+
+    assert grid is not None and grid.shape == (4, DEFAULT_CONTRACT.crop)
+    np.testing.assert_array_equal(grid[[0, 1]].T.reshape(-1), picked_rows)
+    np.testing.assert_array_equal(grid[[2, 3]].T.reshape(-1), picked_cols)
+
+
+@pytest.mark.parametrize(("height", "width"), [(240, 320), (4320, 7680)], ids=["region-under-2x", "8k-needs-4-taps"])
+def test_sample_grid_is_none_where_the_opencv_route_takes_over(height: int, width: int) -> None:
+    assert DEFAULT_CONTRACT.sample_grid(height, width) is None
+
+
+@pytest.mark.parametrize("size", [None, (1280, 720), (1920, 1080), (1279, 721)], ids=["native", "720p", "1080p", "odd"])
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_compiled_crop_equals_the_opencv_route_up_to_its_uint8_rounding(
+    compiled, real_frames: list[np.ndarray], size: tuple[int, int] | None, order: str
+) -> None:
+    contract = PreprocessContract(channel_order=order)  # type: ignore[arg-type]
+    for frame in real_frames:
+        frame = frame if size is None else cv2.resize(frame, size, interpolation=cv2.INTER_CUBIC)
+
+        diff = np.abs(_compiled_route(compiled, frame, contract) - _opencv_route(frame, contract))
+
+        assert diff.max() <= ROUNDING
+        assert diff.mean() < ROUNDING / 2
+
+
+def test_compiled_crop_reads_a_strided_frame_and_writes_a_strided_slot(compiled, real_frames) -> None:
+    frame = cv2.resize(real_frames[0], (1280, 720))
+    wide = np.zeros((720, 1400, 3), np.uint8)
+    wide[:, 60:1340] = frame
+    view = wide[:, 60:1340]  # rows 1400 pixels apart
+    clip = np.zeros((3, 4, 112, 112), np.float32)
+    grid = DEFAULT_CONTRACT.sample_grid(720, 1280)
+
+    compiled.supersample2(view, grid, DEFAULT_CONTRACT._kernel_norm, DEFAULT_CONTRACT._kernel_order, clip[:, 2])
+
+    np.testing.assert_array_equal(clip[:, 2], _compiled_route(compiled, frame, DEFAULT_CONTRACT))
+    assert not clip[:, [0, 1, 3]].any()
+
+
+def test_no_jit_environment_variable_turns_the_kernels_off() -> None:
+    code = (
+        "import numpy as np\n"
+        "from streamdet import kernels\n"
+        "from streamdet.preprocess import preprocess_frame\n"
+        "assert kernels.get() is None\n"
+        "print(preprocess_frame(np.zeros((720, 1280, 3), np.uint8)).shape)\n"
+    )
+    env = {**os.environ, "STREAMDET_NO_JIT": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(3, 112, 112)"
