@@ -15,6 +15,7 @@ from streamdet import inference
 from streamdet.fastpath import (
     GraphedForward,
     InferenceNet,
+    NonNegMaxPool3d,
     PackedConv3dReLU,
     PackedNet,
     WidthFold,
@@ -125,6 +126,21 @@ def test_packed_net_gives_one_clip_the_same_logits_as_a_batch(model: C3D_BN) -> 
     with torch.no_grad():
         one = net(clips[1:2])  # batch 1 takes the matrix-vector route through the fc layers
         torch.testing.assert_close(one, net(clips)[1:2], rtol=1e-5, atol=1e-5)
+
+
+@needs_prepack
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_net_pools_with_the_compiled_kernel_and_gets_atens_logits(
+    model: C3D_BN, real_clips: torch.Tensor, dtype: torch.dtype
+) -> None:
+    net = PackedNet(InferenceNet(fuse_bn(model), fold_conv1=dtype == torch.bfloat16), dtype).eval()
+    pools = [p for p in net.pools if not isinstance(p, torch.nn.Identity)]
+    assert len(pools) == 5 and all(isinstance(p, NonNegMaxPool3d) for p in pools)
+    x = real_clips[:2].to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        fast = net(x)
+        net.pools = torch.nn.ModuleList(p.pool if isinstance(p, NonNegMaxPool3d) else p for p in net.pools)
+        assert torch.equal(fast, net(x))
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The compiled kernels: the supersampled crop reads the pixels OpenCV's route reads and gives its
-values up to OpenCV's uint8 rounding; the kernels can be switched off."""
+values up to OpenCV's uint8 rounding; the index-free pool gives ATen's maxima; both can be
+switched off."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import torch
 from assets import vtest_path
+from torch import nn
 
 from streamdet import kernels
+from streamdet.fastpath import NonNegMaxPool3d, nonneg_max_pool
 from streamdet.preprocess import (
     DEFAULT_CONTRACT,
     PreprocessContract,
@@ -109,6 +113,72 @@ def test_compiled_crop_reads_a_strided_frame_and_writes_a_strided_slot(compiled,
 
     np.testing.assert_array_equal(clip[:, 2], _compiled_route(compiled, frame, DEFAULT_CONTRACT))
     assert not clip[:, [0, 1, 3]].any()
+
+
+# --- pooling ----------------------------------------------------------------------------------
+
+C3D_POOLS = [  # (kernel, padding, input (B, C, T, H, W)): C3D's pools at small widths and odd sizes
+    ((1, 2, 2), (0, 0, 0), (2, 8, 16, 112, 112)),
+    ((2, 2, 2), (0, 0, 0), (1, 16, 16, 56, 56)),
+    ((2, 2, 2), (0, 1, 1), (2, 32, 2, 7, 7)),
+    ((2, 2, 2), (0, 1, 1), (1, 5, 3, 7, 9)),
+    ((2, 1, 2), (1, 0, 0), (1, 3, 5, 6, 4)),
+]
+
+
+def _relu_output(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Non-negative values as a ReLU leaves them: many +0 and some -0, in channels_last_3d."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(shape, generator=g)).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    flat = x.permute(0, 2, 3, 4, 1).view(-1)
+    flat[::7] = -0.0
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("kernel", "padding", "shape"), C3D_POOLS)
+def test_nonneg_pool_gives_atens_maxima_in_channels_last(dtype, kernel, padding, shape) -> None:
+    pool = nn.MaxPool3d(kernel, kernel, padding)
+    fast = nonneg_max_pool(pool)
+    x = _relu_output(shape, dtype)
+
+    out = fast(x)
+
+    assert isinstance(fast, NonNegMaxPool3d)
+    assert torch.equal(out, pool(x))
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+def test_nonneg_pool_keeps_infinity_and_positive_nan_as_aten_does() -> None:
+    pool = nn.MaxPool3d((1, 2, 2))
+    x = _relu_output((1, 4, 1, 4, 4), torch.bfloat16)
+    x[0, 0, 0, 0, 0] = float("inf")
+    x[0, 1, 0, 2, 2] = float("nan")
+
+    out, expected = nonneg_max_pool(pool)(x), pool(x)
+
+    assert out[0, 0, 0, 0, 0] == float("inf") and torch.isnan(out[0, 1, 0, 1, 1])
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(expected))
+
+
+@pytest.mark.parametrize(
+    "x",
+    [_relu_output((1, 4, 4, 8, 8), torch.float64), _relu_output((1, 4, 4, 8, 8), torch.float32).contiguous()],
+    ids=["float64", "contiguous-format"],
+)
+def test_nonneg_pool_runs_atens_pool_on_other_dtypes_and_layouts(x: torch.Tensor) -> None:
+    pool = nn.MaxPool3d(2)
+    assert torch.equal(nonneg_max_pool(pool)(x), pool(x))
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [nn.MaxPool3d(3), nn.MaxPool3d(2, stride=1), nn.MaxPool3d(2, ceil_mode=True), nn.MaxPool3d(2, dilation=2),
+     nn.AvgPool3d(2), nn.Identity()],
+    ids=["kernel-3", "stride-1", "ceil-mode", "dilation", "avg-pool", "identity"],
+)
+def test_pools_the_kernel_does_not_cover_are_left_as_they_are(pool: nn.Module) -> None:
+    assert nonneg_max_pool(pool) is pool
 
 
 def test_no_jit_environment_variable_turns_the_kernels_off() -> None:
