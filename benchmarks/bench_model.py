@@ -11,6 +11,7 @@ Usage:
     python benchmarks/bench_model.py                 # full C3D_BN, batch 1,4,16, 5 rounds
     python benchmarks/bench_model.py --quick         # smoke run, under a minute
     python benchmarks/bench_model.py --paths fp32-unfused,bf16-packed,int8 --batches 1 --rounds 9
+    python benchmarks/bench_model.py --paths fp32-unfused,bf16-packed,bf16-packed+aten-pools --batches 1
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_VIDEO, git_rev, load_model, machine, median_spread, real_windows  # noqa: E402
 
-from streamdet.fastpath import InferenceNet  # noqa: E402
+from streamdet.fastpath import InferenceNet, NonNegMaxPool3d  # noqa: E402
 from streamdet.inference import Engine, build_path  # noqa: E402
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, count_flops, fuse_bn  # noqa: E402
 
@@ -41,6 +42,8 @@ BASELINE = "fp32-unfused"
 DEFAULT_PATHS = (BASELINE, "fp32-eager", "fp32-packed", "bf16-eager", "bf16-packed", "bf16-compiled", "int8",
                  "openvino-bf16", "openvino-int8")
 QUICK_PATHS = (BASELINE, "bf16-packed", "int8", "openvino-bf16")
+# "bf16-packed+aten-pools": a packed path with ATen's max_pool3d instead of the compiled pools.
+ATEN_POOLS = "+aten-pools"
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -89,6 +92,12 @@ def build_runner(name: str, model: C3D_BN, calibration: torch.Tensor, cache_dir:
                       path=BASELINE)
     if name.startswith("openvino-"):
         return OpenVinoRunner(model, name.split("-", 1)[1], calibration)
+    if name.endswith(ATEN_POOLS):
+        # the packed path as it was before its pools were compiled: the ATen pools side by side
+        engine = build_path(model, torch.device("cpu"), name.removesuffix(ATEN_POOLS))
+        engine.model.pools = torch.nn.ModuleList(
+            p.pool if isinstance(p, NonNegMaxPool3d) else p for p in engine.model.pools)
+        return engine
     return build_path(model, torch.device("cpu"), name, calibration_clips=calibration, cache_dir=cache_dir)
 
 
