@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import cv2
@@ -74,7 +75,19 @@ def machine() -> str:
     except OSError:
         load = ["?"]
     return (f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"cv2 {cv2.__version__}, load average at start {' '.join(load)}")
+            f"cv2 {cv2.__version__}, load average at start {' '.join(load)}, {kernels_start_up()}")
+
+
+def kernels_start_up() -> str:
+    """Load streamdet's compiled kernels now (Numba: compiled the first time, then read from its
+    cache) and say how long that took, so no timed section pays for it."""
+    from streamdet import kernels
+
+    t0 = time.perf_counter()
+    loaded = kernels.get() is not None
+    if not loaded:
+        return "compiled kernels unavailable (OpenCV and ATen routes)"
+    return f"compiled kernels loaded in {time.perf_counter() - t0:.1f} s (Numba; cached after the first compile)"
 
 
 def git_rev() -> str:
