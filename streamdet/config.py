@@ -108,7 +108,7 @@ class ModelConfig(_Model):
     )
     max_batch: int = Field(8, ge=1, le=1024, description="Most windows run in one forward pass (CUDA; a CPU runs one at a time).")
     threads: int | None = Field(
-        None, ge=1, le=512, description="Torch intra-op threads (null: torch's default, one per core)."
+        None, ge=1, le=512, description="Torch intra-op threads (null: one per core, one fewer on a CPU replaying a file as fast as possible)."
     )
     compile: bool = Field(False, description="torch.compile the model: faster, but tens of seconds to start.")
     cuda_graphs: bool = Field(

@@ -239,3 +239,45 @@ def test_cuda_graphs_in_the_config_ask_the_engine_for_graphs_up_to_max_batch(
 
     assert main(["run", str(cfg), "--events", str(tmp_path / "events.jsonl")]) == 0
     assert asked == [expected]
+
+
+@pytest.mark.parametrize(
+    ("sources", "model", "default", "expected"),
+    [
+        ([{"name": "a", "url": "clip.mp4", "realtime": False}], {}, 2, 1),
+        ([{"name": "a", "url": "clip.mp4"}], {}, 8, 7),  # realtime defaults to false for files
+        ([{"name": "a", "url": "clip.mp4", "realtime": False}], {"threads": 2}, 2, 2),
+        ([{"name": "a", "url": "clip.mp4", "realtime": True}], {}, 2, None),
+        ([{"name": "a", "url": "rtsp://127.0.0.1:8554/cam"}], {}, 2, None),
+        ([{"name": "a", "url": "clip.mp4", "realtime": False}], {}, 1, None),
+        ([{"name": "a", "url": "rtsp://127.0.0.1:8554/cam"}, {"name": "b", "url": "clip.mp4"}], {}, 4, 3),
+    ],
+    ids=["replay-2-cores", "replay-8-cores", "threads-set", "paced-file", "camera", "one-core", "camera-and-replay"],
+)
+def test_a_cpu_run_replaying_a_file_leaves_the_decoder_a_core(
+    monkeypatch: pytest.MonkeyPatch, sources: list[dict[str, Any]], model: dict[str, Any], default: int,
+    expected: int | None,
+) -> None:
+    from streamdet.config import load_config
+    from streamdet.runner import inference_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: default)
+    cfg = load_config(None, {"sources": sources, "model": {"device": "cpu", **model}})
+    assert inference_threads(cfg) == expected
+
+
+def test_a_cuda_run_keeps_torchs_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streamdet.config import load_config
+    from streamdet.runner import inference_threads
+
+    monkeypatch.setattr(inference, "select_device", lambda requested: torch.device("cuda"))
+    cfg = load_config(None, {"sources": [{"name": "a", "url": "clip.mp4"}], "model": {"device": "auto"}})
+    assert inference_threads(cfg) is None
+
+
+def test_a_replay_run_restores_the_callers_torch_thread_count(tmp_path: Path, weights: Path) -> None:
+    before = torch.get_num_threads()
+    code = main(["run", "--source", str(vtest_path()), "--weights", str(weights), "--max-seconds", "1",
+                 "--events", str(tmp_path / "events.jsonl")])
+    assert code == 0
+    assert torch.get_num_threads() == before
