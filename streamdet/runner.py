@@ -132,8 +132,8 @@ def inference_threads(cfg: RunConfig) -> int | None:
     replays = [s.name for s in cfg.sources if source_kind(s.url) is SourceKind.FILE and not s.realtime]
     if not replays or default < 2 or select_device(cfg.model.device).type != "cpu":
         return None
-    log.info("model.threads not set: %d torch threads, leaving a core to decode %s as fast as possible",
-             default - 1, ", ".join(replays))
+    log.info("model.threads not set: inference on %d of %d torch threads, leaving one to decode %s as fast "
+             "as possible", default - 1, default, ", ".join(replays))
     return default - 1
 
 
