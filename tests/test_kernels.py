@@ -139,7 +139,7 @@ def _relu_output(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> t
 @pytest.mark.parametrize(("kernel", "padding", "shape"), C3D_POOLS)
 def test_nonneg_pool_gives_atens_maxima_in_channels_last(dtype, kernel, padding, shape) -> None:
     pool = nn.MaxPool3d(kernel, kernel, padding)
-    fast = nonneg_max_pool(pool)
+    fast = nonneg_max_pool(pool, min_elements=0)
     x = _relu_output(shape, dtype)
 
     out = fast(x)
@@ -155,7 +155,7 @@ def test_nonneg_pool_keeps_infinity_and_positive_nan_as_aten_does() -> None:
     x[0, 0, 0, 0, 0] = float("inf")
     x[0, 1, 0, 2, 2] = float("nan")
 
-    out, expected = nonneg_max_pool(pool)(x), pool(x)
+    out, expected = nonneg_max_pool(pool, min_elements=0)(x), pool(x)
 
     assert out[0, 0, 0, 0, 0] == float("inf") and torch.isnan(out[0, 1, 0, 1, 1])
     assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(expected))
@@ -168,7 +168,19 @@ def test_nonneg_pool_keeps_infinity_and_positive_nan_as_aten_does() -> None:
 )
 def test_nonneg_pool_runs_atens_pool_on_other_dtypes_and_layouts(x: torch.Tensor) -> None:
     pool = nn.MaxPool3d(2)
-    assert torch.equal(nonneg_max_pool(pool)(x), pool(x))
+    assert torch.equal(nonneg_max_pool(pool, min_elements=0)(x), pool(x))
+
+
+def test_nonneg_pool_leaves_small_clips_to_aten(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = nn.MaxPool3d(2)
+    fast = nonneg_max_pool(pool, min_elements=5000)
+    calls: list[int] = []
+    kernel = fast._pool_fn
+    monkeypatch.setattr(fast, "_pool_fn", lambda *a: calls.append(1) or kernel(*a))
+    small, large = _relu_output((2, 8, 4, 8, 8), torch.float32), _relu_output((1, 8, 4, 16, 16), torch.float32)
+
+    assert torch.equal(fast(small), pool(small)) and calls == []  # 2048 elements a clip
+    assert torch.equal(fast(large), pool(large)) and calls == [1]  # 8192
 
 
 @pytest.mark.parametrize(
