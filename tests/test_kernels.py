@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from assets import vtest_path
+from assets import vtest_frames
 from torch import nn
 
 from streamdet import kernels
@@ -37,16 +37,7 @@ def compiled():
 
 @pytest.fixture(scope="module")
 def real_frames() -> list[np.ndarray]:
-    """Four frames of vtest.avi (768x576), 50 frames apart."""
-    cap = cv2.VideoCapture(str(vtest_path()))
-    frames = []
-    for i in range(200):
-        ok, frame = cap.read()
-        assert ok
-        if i % 50 == 0:
-            frames.append(frame)
-    cap.release()
-    return frames
+    return vtest_frames(4, every=50)
 
 
 def _opencv_route(frame: np.ndarray, contract: PreprocessContract) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from assets import vtest_path
+from assets import vtest_frames
 
 from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame
 
@@ -60,16 +60,7 @@ def _bilinear_then_area(frame: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def frames() -> list[np.ndarray]:
-    """Ten frames of vtest.avi (768x576), 30 frames apart."""
-    cap = cv2.VideoCapture(str(vtest_path()))
-    out = []
-    for i in range(300):
-        ok, frame = cap.read()
-        assert ok
-        if i % 30 == 0:
-            out.append(frame)
-    cap.release()
-    return out
+    return vtest_frames(10, every=30)
 
 
 def _resized(frames: list[np.ndarray], size: tuple[int, int] | None) -> list[np.ndarray]:
