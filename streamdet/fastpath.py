@@ -231,8 +231,9 @@ class PackedNet(nn.Module):
 class NonNegMaxPool3d(nn.Module):
     """``pool`` (a MaxPool3d whose stride is its kernel) for non-negative input, such as a ReLU's
     output, in channels_last_3d memory, through :func:`streamdet.kernels.get`'s
-    ``max_pool_nonneg``: 2.7x faster than ATen on C3D's pool1 in bf16 at batch 1 (2.0 ms on one
-    core against 5.4 ms on two), because ATen also computes int64 indices.
+    ``max_pool_nonneg``: 1.4-2.7x faster than ATen on C3D's pool1 in bf16 at batch 1 (2.0-2.9 ms
+    on one core against 3.9-5.5 ms on two), because ATen also computes int64 indices; the whole
+    clip 1.01-1.04x (``benchmarks/bench_layers.py``).
 
     Values equal ATen's for non-negative input (+0 and -0 alike) and for positive NaN; negative
     input is the caller's error and gives wrong maxima, not an exception. Other dtypes and

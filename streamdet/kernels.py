@@ -11,11 +11,12 @@ Why not OpenCV / ATen:
 - ``supersample2``: 2x2 supersampling of a 720p frame's crop region to 112x112 with OpenCV is a
   3-channel nearest-neighbour resize (no SIMD path), a 2x area resize, a transpose and two
   numpy passes: about 110 us. One pass that reads the 4 samples of each output pixel and writes
-  the normalised planes takes about 70 us, less than the issue's one bilinear resize.
+  the normalised planes takes 67-85 us, as long as the issue's one bilinear resize.
 - ``max_pool_nonneg``: ATen's CPU ``max_pool3d`` also writes int64 indices; at batch 1, pool1 of
-  C3D in bf16 takes 4.2 ms. The inputs follow a ReLU, so they are non-negative, and non-negative
-  IEEE floats order like their bit patterns read as signed integers: the max of an int16 (bf16)
-  or int32 (fp32) view is the max of the values, with no conversions. 2.0 ms on one core.
+  C3D in bf16 takes 3.9-5.5 ms. The inputs follow a ReLU, so they are non-negative, and
+  non-negative IEEE floats order like their bit patterns read as signed integers: the max of an
+  int16 (bf16) or int32 (fp32) view is the max of the values, with no conversions. 2.0-2.9 ms on
+  one core (``benchmarks/bench_layers.py``).
 
 Example:
     >>> k = get()
