@@ -256,7 +256,7 @@ class NonNegMaxPool3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         as_int = self._AS_INT.get(x.dtype)
         if (as_int is None or x.dim() != 5 or not x.is_contiguous(memory_format=torch.channels_last_3d)
-                or x[0].numel() < self.min_elements):
+                or x.shape[0] == 0 or x[0].numel() < self.min_elements):
             return self.pool(x)
         b, c, t, h, w = x.shape
         sizes = [(d + 2 * p - k) // k + 1 for d, k, p in zip((t, h, w), self._kernel, self._padding, strict=True)]

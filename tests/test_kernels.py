@@ -172,6 +172,8 @@ def test_nonneg_pool_leaves_small_clips_to_aten(monkeypatch: pytest.MonkeyPatch)
 
     assert torch.equal(fast(small), pool(small)) and calls == []  # 2048 elements a clip
     assert torch.equal(fast(large), pool(large)) and calls == [1]  # 8192
+    empty = torch.empty((0, 8, 4, 16, 16)).contiguous(memory_format=torch.channels_last_3d)
+    assert fast(empty).shape == pool(empty).shape and calls == [1]
 
 
 @pytest.mark.parametrize(
