@@ -32,7 +32,7 @@ from streamdet import kernels
 # Kinetics statistics in 0..255, RGB order (as torchvision's video models).
 _KINETICS_MEAN = (110.2008, 100.6398, 95.9948)
 _KINETICS_STD = (58.1489, 56.4701, 55.3324)
-# Frame sizes whose crop box a contract remembers.
+# Frame sizes whose crop box and sample grid a contract remembers.
 _BOX_CACHE_SIZE = 64
 
 
@@ -67,8 +67,9 @@ class PreprocessContract:
     frame_step: int = 1
     _plane_scale: np.ndarray = field(init=False, repr=False, compare=False)
     _plane_offset: np.ndarray = field(init=False, repr=False, compare=False)
-    _boxes: dict[tuple[int, int], tuple[int, int, int, int]] = field(init=False, repr=False, compare=False)
-    _grids: dict[tuple[int, int], np.ndarray | None] = field(init=False, repr=False, compare=False)
+    # (height, width) -> (crop box, sample grid): a stream has one frame size
+    _geometry: dict[tuple[int, int], tuple[tuple[int, int, int, int], np.ndarray | None]] = field(
+        init=False, repr=False, compare=False)
     _kernel_norm: np.ndarray = field(init=False, repr=False, compare=False)
     _kernel_order: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -102,8 +103,7 @@ class PreprocessContract:
         std = np.asarray(self.std, np.float32)
         object.__setattr__(self, "_plane_scale", (1.0 / std).astype(np.float32).reshape(3, 1, 1))
         object.__setattr__(self, "_plane_offset", (-mean / std).astype(np.float32).reshape(3, 1, 1))
-        object.__setattr__(self, "_boxes", {})
-        object.__setattr__(self, "_grids", {})
+        object.__setattr__(self, "_geometry", {})
         # For kernels.supersample2, which sums 4 samples: plane k = BGR channel order[k], scaled
         # by norm[0, k] (a quarter of 1 / std) and offset by norm[1, k].
         quarter = self._plane_scale.reshape(3) / 4
@@ -140,45 +140,40 @@ class PreprocessContract:
 
     def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """Source region (y0, y1, x0, x1) that becomes the centre crop after the C3D resize."""
-        box = self._boxes.get((height, width))
-        if box is None:
-            rh, rw = self.resize
-            sy, sx = height / rh, width / rw
-            cy0 = (rh - self.crop) / 2.0
-            cx0 = (rw - self.crop) / 2.0
-            y0 = int(round(cy0 * sy))
-            x0 = int(round(cx0 * sx))
-            y1 = max(y0 + 1, int(round((cy0 + self.crop) * sy)))
-            x1 = max(x0 + 1, int(round((cx0 + self.crop) * sx)))
-            box = (y0, min(y1, height), x0, min(x1, width))
-            if len(self._boxes) >= _BOX_CACHE_SIZE:  # a stream has one frame size; bound odd callers
-                self._boxes.clear()
-            self._boxes[(height, width)] = box
-        return box
+        return self._geometry_for(height, width)[0]
 
     def sample_grid(self, height: int, width: int) -> np.ndarray | None:
         """Where the 2x2 supersampling of a (height, width) frame reads: a (4, crop) int32 array
         of the two sample rows of each output row (0, 1) and the two sample columns of each
         output column (2, 3), in frame coordinates; None where the crop region is under twice
         the crop or needs more than 2 samples per axis (see ``_resize_region``)."""
-        key = (height, width)
-        if key in self._grids:
-            return self._grids[key]
-        y0, y1, x0, x1 = self.crop_box(height, width)
-        h, w, size = y1 - y0, x1 - x0, self.crop
-        grid = None
-        if h >= 2 * size and w >= 2 * size and _taps_per_axis(h, w, size) == 2:
-            # the pixel centres nearest each sample point of a 2 x 2 grid centred in each output
-            # pixel's footprint: what cv2.INTER_NEAREST_EXACT picks resizing to 2 x crop
-            k = np.arange(2 * size) + 0.5
-            rows = y0 + np.minimum(np.floor(k * h / (2 * size)), h - 1).astype(np.int32)
-            cols = x0 + np.minimum(np.floor(k * w / (2 * size)), w - 1).astype(np.int32)
-            grid = np.stack([rows[0::2], rows[1::2], cols[0::2], cols[1::2]]).astype(np.int32)
-        if len(self._grids) >= _BOX_CACHE_SIZE:  # as for crop boxes: bound odd callers
-            self._grids.clear()
-        self._grids[key] = grid
-        return grid
+        return self._geometry_for(height, width)[1]
 
+    def _geometry_for(self, height: int, width: int) -> tuple[tuple[int, int, int, int], np.ndarray | None]:
+        geometry = self._geometry.get((height, width))
+        if geometry is None:
+            rh, rw = self.resize
+            sy, sx = height / rh, width / rw
+            cy0 = (rh - self.crop) / 2.0
+            cx0 = (rw - self.crop) / 2.0
+            y0 = int(round(cy0 * sy))
+            x0 = int(round(cx0 * sx))
+            y1 = min(max(y0 + 1, int(round((cy0 + self.crop) * sy))), height)
+            x1 = min(max(x0 + 1, int(round((cx0 + self.crop) * sx))), width)
+            h, w, size = y1 - y0, x1 - x0, self.crop
+            grid = None
+            if h >= 2 * size and w >= 2 * size and _taps_per_axis(h, w, size) == 2:
+                # the pixel centres nearest each sample point of a 2 x 2 grid centred in each
+                # output pixel's footprint: what cv2.INTER_NEAREST_EXACT picks resizing to 2 x crop
+                k = np.arange(2 * size) + 0.5
+                rows = y0 + np.minimum(np.floor(k * h / (2 * size)), h - 1).astype(np.int32)
+                cols = x0 + np.minimum(np.floor(k * w / (2 * size)), w - 1).astype(np.int32)
+                grid = np.stack([rows[0::2], rows[1::2], cols[0::2], cols[1::2]]).astype(np.int32)
+            geometry = ((y0, y1, x0, x1), grid)
+            if len(self._geometry) >= _BOX_CACHE_SIZE:  # a stream has one frame size; bound odd callers
+                self._geometry.clear()
+            self._geometry[(height, width)] = geometry
+        return geometry
 
 DEFAULT_CONTRACT = PreprocessContract()
 
@@ -273,8 +268,14 @@ def preprocess_frame(
     if grid is not None:  # one compiled pass: samples -> normalised planes (kernels.supersample2)
         compiled.supersample2(frame, grid, contract._kernel_norm, contract._kernel_order, out)
         return out
+    return _opencv_preprocess(frame, contract, out)
+
+
+def _opencv_preprocess(frame: np.ndarray, contract: PreprocessContract, out: np.ndarray) -> np.ndarray:
+    """``preprocess_frame`` through OpenCV, for a (H, W, 3) BGR uint8 frame: the route without
+    Numba, and for regions the compiled pass does not take."""
     y0, y1, x0, x1 = contract.crop_box(*frame.shape[:2])
-    crop = _resize_region(frame[y0:y1, x0:x1], size)  # a view of the frame: nothing is copied
+    crop = _resize_region(frame[y0:y1, x0:x1], contract.crop)  # a view of the frame: nothing is copied
     return _normalise_into(crop, contract, out)
 
 

@@ -20,8 +20,7 @@ from streamdet.fastpath import NonNegMaxPool3d, nonneg_max_pool
 from streamdet.preprocess import (
     DEFAULT_CONTRACT,
     PreprocessContract,
-    _normalise_into,
-    _resize_region,
+    _opencv_preprocess,
 )
 
 # OpenCV's route rounds the 2x2 average to uint8 (at most half a grey level); the kernel does not.
@@ -38,12 +37,6 @@ def compiled():
 @pytest.fixture(scope="module")
 def real_frames() -> list[np.ndarray]:
     return vtest_frames(4, every=50)
-
-
-def _opencv_route(frame: np.ndarray, contract: PreprocessContract) -> np.ndarray:
-    y0, y1, x0, x1 = contract.crop_box(*frame.shape[:2])
-    crop = _resize_region(frame[y0:y1, x0:x1], contract.crop)
-    return _normalise_into(crop, contract, np.empty((3, contract.crop, contract.crop), np.float32))
 
 
 def _compiled_route(compiled, frame: np.ndarray, contract: PreprocessContract) -> np.ndarray:
@@ -86,7 +79,8 @@ def test_compiled_crop_equals_the_opencv_route_up_to_its_uint8_rounding(
     for frame in real_frames:
         frame = frame if size is None else cv2.resize(frame, size, interpolation=cv2.INTER_CUBIC)
 
-        diff = np.abs(_compiled_route(compiled, frame, contract) - _opencv_route(frame, contract))
+        opencv = _opencv_preprocess(frame, contract, np.empty((3, contract.crop, contract.crop), np.float32))
+        diff = np.abs(_compiled_route(compiled, frame, contract) - opencv)
 
         assert diff.max() <= ROUNDING
         assert diff.mean() < ROUNDING / 2
