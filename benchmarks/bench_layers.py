@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import git_rev, load_model, machine  # noqa: E402
 
-from streamdet.fastpath import NonNegMaxPool3d, PackedNet, _matvec  # noqa: E402
+from streamdet.fastpath import PackedNet, plain_pool  # noqa: E402
 from streamdet.inference import build_path  # noqa: E402
 from streamdet.models.c3d import INPUT_SHAPE, conv_names  # noqa: E402
 
@@ -40,12 +39,7 @@ def timed_forward(net: PackedNet, pools: list[torch.nn.Module], x: torch.Tensor)
         x = pool(x)
         times += [t1 - t0, time.perf_counter() - t1]
     t0 = time.perf_counter()
-    flat = torch.flatten(x, 1)
-    if flat.shape[0] == 1:
-        v = F.relu(_matvec(net.fc6, flat[0]))
-        _matvec(net.fc8, F.relu(_matvec(net.fc7, v)))
-    else:
-        net.fc8(F.relu(net.fc7(F.relu(net.fc6(flat)))))
+    net.head(x)
     times.append(time.perf_counter() - t0)
     return times
 
@@ -63,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     assert isinstance(net, PackedNet)
     variants = {
         "compiled pools": list(net.pools),
-        "ATen pools": [p.pool if isinstance(p, NonNegMaxPool3d) else p for p in net.pools],
+        "ATen pools": [plain_pool(p) for p in net.pools],
     }
     x = torch.randn(args.batch, *INPUT_SHAPE).to(net.dtype).contiguous(memory_format=torch.channels_last_3d)
     rows: dict[str, list[list[float]]] = {name: [] for name in variants}

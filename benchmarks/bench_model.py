@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_VIDEO, git_rev, load_model, machine, median_spread, real_windows  # noqa: E402
 
-from streamdet.fastpath import InferenceNet, NonNegMaxPool3d  # noqa: E402
+from streamdet.fastpath import InferenceNet, plain_pool  # noqa: E402
 from streamdet.inference import Engine, build_path  # noqa: E402
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, count_flops, fuse_bn  # noqa: E402
 
@@ -103,8 +103,7 @@ def build_runner(name: str, model: C3D_BN, calibration: torch.Tensor, cache_dir:
     if name.endswith(ATEN_POOLS):
         # the packed path as it was before its pools were compiled: the ATen pools side by side
         engine = build_path(model, torch.device("cpu"), name.removesuffix(ATEN_POOLS))
-        engine.model.pools = torch.nn.ModuleList(
-            p.pool if isinstance(p, NonNegMaxPool3d) else p for p in engine.model.pools)
+        engine.model.pools = torch.nn.ModuleList(plain_pool(p) for p in engine.model.pools)
         return engine
     return build_path(model, torch.device("cpu"), name, calibration_clips=calibration, cache_dir=cache_dir)
 

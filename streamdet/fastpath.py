@@ -110,7 +110,7 @@ class PackedConv3dReLU(nn.Module):
         super().__init__()
         if conv.groups != 1 or conv.bias is None:
             raise ValueError(f"PackedConv3dReLU needs groups=1 and a bias, but got {conv}")
-        self.padding = list(conv.padding) if isinstance(conv.padding, tuple) else [int(conv.padding)] * 3
+        self.padding = list(_triple(conv.padding))  # type: ignore[arg-type]
         self.stride = list(conv.stride)
         self.dilation = list(conv.dilation)
         with torch.no_grad():
@@ -165,7 +165,7 @@ def width_folded_conv(conv: nn.Conv3d) -> nn.Conv3d:
             and ``kw // 2`` padding along W.
     """
     kt, kh, kw = conv.kernel_size
-    pt, ph, pw = conv.padding if isinstance(conv.padding, tuple) else (int(conv.padding),) * 3
+    pt, ph, pw = _triple(conv.padding)  # type: ignore[arg-type]
     if (conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.groups != 1 or conv.bias is None
             or kw % 2 != 1 or pw != kw // 2):
         raise ValueError(f"width folding needs stride 1, dilation 1, groups 1, a bias and 'same' padding "
@@ -175,6 +175,7 @@ def width_folded_conv(conv: nn.Conv3d) -> nn.Conv3d:
     with torch.no_grad():
         # folded channel j = tap * cin + c  <->  weight[:, c, :, :, tap]
         folded.weight.copy_(conv.weight.permute(0, 4, 1, 2, 3).reshape(cout, kw * cin, kt, kh, 1))
+        assert folded.bias is not None  # nn.Conv3d's default
         folded.bias.copy_(conv.bias)
     return folded.eval()
 
@@ -203,9 +204,7 @@ class PackedNet(nn.Module):
             packed = PackedConv3dReLU(conv, dtype, (batch, conv.in_channels, t, h, w))
             convs.append(packed if fold is None else nn.Sequential(fold, packed))
             if isinstance(pool, nn.MaxPool3d):
-                k, p = pool.kernel_size, pool.padding
-                assert isinstance(k, tuple) and isinstance(p, tuple)
-                t, h, w = ((d + 2 * pp - kk) // kk + 1 for d, kk, pp in zip((t, h, w), k, p, strict=True))
+                t, h, w = _pooled_size((t, h, w), _triple(pool.kernel_size), _triple(pool.padding))
         self.convs = nn.ModuleList(convs)
         # every pool follows a fused conv+ReLU, so its input is non-negative
         self.pools = nn.ModuleList(nonneg_max_pool(pool) for pool in net.pools)
@@ -216,6 +215,10 @@ class PackedNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv, pool in zip(self.convs, self.pools, strict=True):
             x = pool(conv(x))
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """fc6-fc8 on pool5's output."""
         x = torch.flatten(x, 1)  # (B, C5, 1, 4, 4) -> (B, C5 * 16)
         if x.shape[0] == 1:
             # One clip reads all 100 MB of fc weights for one row: ATen's matrix-vector product
@@ -259,8 +262,7 @@ class NonNegMaxPool3d(nn.Module):
                 or x.shape[0] == 0 or x[0].numel() < self.min_elements):
             return self.pool(x)
         b, c, t, h, w = x.shape
-        sizes = [(d + 2 * p - k) // k + 1 for d, k, p in zip((t, h, w), self._kernel, self._padding, strict=True)]
-        out = torch.empty((b, *sizes, c), dtype=as_int)
+        out = torch.empty((b, *_pooled_size((t, h, w), self._kernel, self._padding), c), dtype=as_int)
         src = x.view(as_int).permute(0, 2, 3, 4, 1)  # (B, T, H, W, C), contiguous
         for n in range(b):
             self._pool_fn(src[n].numpy(), out[n].numpy(), self._kernel, self._padding)
@@ -277,6 +279,18 @@ def nonneg_max_pool(pool: nn.Module, min_elements: int = 1 << 20) -> nn.Module:
             or _triple(pool.stride) != _triple(pool.kernel_size) or _triple(pool.dilation) != (1, 1, 1)):
         return pool
     return NonNegMaxPool3d(pool, compiled.max_pool_nonneg, min_elements)
+
+
+def _pooled_size(size: Sequence[int], kernel: Sequence[int] | np.ndarray,
+                 padding: Sequence[int] | np.ndarray) -> tuple[int, ...]:
+    """(T, H, W) after a max pool whose stride is its kernel."""
+    return tuple((d + 2 * int(p) - int(k)) // int(k) + 1 for d, k, p in zip(size, kernel, padding, strict=True))
+
+
+def plain_pool(pool: nn.Module) -> nn.Module:
+    """The ATen pool behind a :class:`NonNegMaxPool3d` (``pool`` itself otherwise): to time or
+    check the compiled pools against ATen's."""
+    return pool.pool if isinstance(pool, NonNegMaxPool3d) else pool
 
 
 def _triple(v: int | Sequence[int]) -> tuple[int, int, int]:
