@@ -252,6 +252,16 @@ def walk_clip(assets_dir: Path) -> Path:
     return make_walk_clip(assets_dir)
 
 
+@pytest.fixture(scope="session")
+def compiled_kernels():
+    """streamdet.kernels' compiled functions; Numba is a dependency, so failing to load is a failure."""
+    from streamdet import kernels
+
+    loaded = kernels.get()
+    assert loaded is not None, "Numba kernels failed to load (see the log)"
+    return loaded
+
+
 @pytest.fixture(params=["compiled", "opencv"])
 def preprocess_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a preprocessing test through the compiled kernel and through the OpenCV route the
@@ -259,7 +269,7 @@ def preprocess_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     from streamdet import kernels
 
     if request.param == "compiled":
-        assert kernels.get() is not None, "Numba kernels failed to load (see the log)"
+        request.getfixturevalue("compiled_kernels")
     else:
         monkeypatch.setattr(kernels, "get", lambda: None)
     return request.param

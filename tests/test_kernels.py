@@ -15,7 +15,6 @@ import torch
 from assets import vtest_frames
 from torch import nn
 
-from streamdet import kernels
 from streamdet.fastpath import NonNegMaxPool3d, nonneg_max_pool
 from streamdet.preprocess import (
     DEFAULT_CONTRACT,
@@ -28,22 +27,15 @@ ROUNDING = 0.5 / min(DEFAULT_CONTRACT.std) + 1e-5
 
 
 @pytest.fixture(scope="module")
-def compiled():
-    k = kernels.get()
-    assert k is not None, "Numba kernels failed to load (see the log)"
-    return k
-
-
-@pytest.fixture(scope="module")
 def real_frames() -> list[np.ndarray]:
     return vtest_frames(4, every=50)
 
 
-def _compiled_route(compiled, frame: np.ndarray, contract: PreprocessContract) -> np.ndarray:
+def _compiled_route(compiled_kernels, frame: np.ndarray, contract: PreprocessContract) -> np.ndarray:
     grid = contract.sample_grid(*frame.shape[:2])
     assert grid is not None
     out = np.empty((3, contract.crop, contract.crop), np.float32)
-    compiled.supersample2(frame, grid, contract._kernel_norm, contract._kernel_order, out)
+    compiled_kernels.supersample2(frame, grid, contract._kernel_norm, contract._kernel_order, out)
     return out
 
 
@@ -73,20 +65,20 @@ def test_sample_grid_is_none_where_the_opencv_route_takes_over(height: int, widt
 @pytest.mark.parametrize("size", [None, (1280, 720), (1920, 1080), (1279, 721)], ids=["native", "720p", "1080p", "odd"])
 @pytest.mark.parametrize("order", ["RGB", "BGR"])
 def test_compiled_crop_equals_the_opencv_route_up_to_its_uint8_rounding(
-    compiled, real_frames: list[np.ndarray], size: tuple[int, int] | None, order: str
+    compiled_kernels, real_frames: list[np.ndarray], size: tuple[int, int] | None, order: str
 ) -> None:
     contract = PreprocessContract(channel_order=order)  # type: ignore[arg-type]
     for frame in real_frames:
         frame = frame if size is None else cv2.resize(frame, size, interpolation=cv2.INTER_CUBIC)
 
         opencv = _opencv_preprocess(frame, contract, np.empty((3, contract.crop, contract.crop), np.float32))
-        diff = np.abs(_compiled_route(compiled, frame, contract) - opencv)
+        diff = np.abs(_compiled_route(compiled_kernels, frame, contract) - opencv)
 
         assert diff.max() <= ROUNDING
         assert diff.mean() < ROUNDING / 2
 
 
-def test_compiled_crop_reads_a_strided_frame_and_writes_a_strided_slot(compiled, real_frames) -> None:
+def test_compiled_crop_reads_a_strided_frame_and_writes_a_strided_slot(compiled_kernels, real_frames) -> None:
     frame = cv2.resize(real_frames[0], (1280, 720))
     wide = np.zeros((720, 1400, 3), np.uint8)
     wide[:, 60:1340] = frame
@@ -94,9 +86,9 @@ def test_compiled_crop_reads_a_strided_frame_and_writes_a_strided_slot(compiled,
     clip = np.zeros((3, 4, 112, 112), np.float32)
     grid = DEFAULT_CONTRACT.sample_grid(720, 1280)
 
-    compiled.supersample2(view, grid, DEFAULT_CONTRACT._kernel_norm, DEFAULT_CONTRACT._kernel_order, clip[:, 2])
+    compiled_kernels.supersample2(view, grid, DEFAULT_CONTRACT._kernel_norm, DEFAULT_CONTRACT._kernel_order, clip[:, 2])
 
-    np.testing.assert_array_equal(clip[:, 2], _compiled_route(compiled, frame, DEFAULT_CONTRACT))
+    np.testing.assert_array_equal(clip[:, 2], _compiled_route(compiled_kernels, frame, DEFAULT_CONTRACT))
     assert not clip[:, [0, 1, 3]].any()
 
 

@@ -24,6 +24,8 @@ from tiny_model import CLIP_FRAMES, make_tiny_weights
 
 from streamdet import inference
 from streamdet.cli import main
+from streamdet.config import load_config
+from streamdet.runner import inference_threads
 
 REPO = Path(__file__).resolve().parent.parent
 VOLATILE = ("run_id", "start_time", "end_time", "time", "latency_ms")  # differ between runs by design
@@ -258,18 +260,12 @@ def test_a_cpu_run_replaying_a_file_leaves_the_decoder_a_core(
     monkeypatch: pytest.MonkeyPatch, sources: list[dict[str, Any]], model: dict[str, Any], default: int,
     expected: int | None,
 ) -> None:
-    from streamdet.config import load_config
-    from streamdet.runner import inference_threads
-
     monkeypatch.setattr(torch, "get_num_threads", lambda: default)
     cfg = load_config(None, {"sources": sources, "model": {"device": "cpu", **model}})
     assert inference_threads(cfg) == expected
 
 
 def test_a_cuda_run_keeps_torchs_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    from streamdet.config import load_config
-    from streamdet.runner import inference_threads
-
     monkeypatch.setattr(inference, "select_device", lambda requested: torch.device("cuda"))
     cfg = load_config(None, {"sources": [{"name": "a", "url": "clip.mp4"}], "model": {"device": "auto"}})
     assert inference_threads(cfg) is None
