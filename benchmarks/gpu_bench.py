@@ -46,15 +46,16 @@ def time_interleaved(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Ten
                      rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each function on ``x``: each round times every one once, in shuffled
     order, with the device synchronised around each call (warm them up first)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         order = list(fns)
         random.shuffle(order)
         for name in order:
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             fns[name](x)
-            torch.cuda.synchronize()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return times
 

@@ -3,9 +3,10 @@
     python benchmarks/gpu_variants.py                      # ~2 minutes on an H100
     python benchmarks/gpu_variants.py --modes default,max-autotune-no-cudagraphs --batches 128,256
 
-Times the same BN-folded net on random input, interleaved (each round times every variant once,
-in shuffled order), median of ``--rounds``:
-autocast vs bf16/fp16 weights, channels_last_3d vs NCDHW, and torch.compile (Inductor) modes.
+Times the same BN-folded net (channels_last_3d) on random input, interleaved (each round times
+every variant once, in shuffled order), median of ``--rounds``: autocast vs bf16 weights, conv1 as
+it is vs its input zero-padded to more channels (``--pads``), and torch.compile (Inductor, with
+freezing as the engine compiles, one graph per batch size) in each of ``--modes``.
 Prints ms per batch, clips/s, TFLOP/s and the share of the dense bf16 peak (see gpu_bench.py's
 table). Correctness is gpu_bench.py's job; this script is for choosing a faster path.
 """
@@ -21,13 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_model  # noqa: E402
 from gpu_bench import peak_for, time_interleaved  # noqa: E402
 
 from streamdet.fastpath import InferenceNet  # noqa: E402
-from streamdet.inference import _configure_cuda, _prepare  # noqa: E402
+from streamdet.inference import CUDA_CONV1_CHANNELS, _configure_cuda, _prepare  # noqa: E402
 from streamdet.models.c3d import count_flops  # noqa: E402
 
 
@@ -40,7 +42,7 @@ def variant(net: torch.nn.Module, dtype: torch.dtype, channels_last: bool, autoc
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=fmt)
         if autocast:
-            with torch.autocast("cuda", dtype=dtype):
+            with torch.autocast(x.device.type, dtype=dtype):
                 return m(x)
         return m(x.to(dtype))
 
@@ -52,28 +54,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="32,128")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--modes", default="default", help="torch.compile modes to time, comma-separated ('' for none)")
+    ap.add_argument("--pads", default="0,8", help="conv1 input channels to try, comma-separated (0 = as it is)")
+    ap.add_argument("--fp16", action="store_true", help="also fp16 weights (conv1 padded to 8)")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with a small --width)")
+    ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0 = the seed C3D_BN)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure")
-        return 1
-    dev = torch.device("cuda")
-    _configure_cuda()
-    model, desc = load_model(None, 8, 1.0)
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            print("no CUDA device: nothing to measure")
+            return 1
+        _configure_cuda()
+    model, desc = load_model(None, 8, args.width)
     flop = count_flops(model)
-    name = torch.cuda.get_device_name(0)
+    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
     peak = peak_for(name)
-    net = InferenceNet(_prepare(model, dev)).eval()
+    pads = [int(p) for p in args.pads.split(",")]
+    nets = {pad: InferenceNet(_prepare(model, dev), pad_conv1=pad).eval() for pad in pads}
+    engine_pad = CUDA_CONV1_CHANNELS
     bf16 = torch.bfloat16
-    variants: dict[str, Callable] = {
-        "bf16 autocast, channels_last_3d (the engine's path)": variant(net, bf16, True, True),
-        "bf16 autocast, NCDHW": variant(net, bf16, False, True),
-        "bf16 weights, channels_last_3d": variant(net, bf16, True, False),
-        "fp16 weights, channels_last_3d": variant(net, torch.float16, True, False),
-    }
+    cl = torch.channels_last_3d
+    variants: dict[str, Callable] = {}
+    for pad, net in nets.items():
+        mark = " (the engine's path)" if pad == engine_pad else ""
+        variants[f"bf16 autocast, conv1 {pad or 3} ch{mark}"] = variant(net, bf16, True, True)
+        variants[f"bf16 weights, conv1 {pad or 3} ch"] = variant(net, bf16, True, False)
+    if args.fp16:
+        variants["fp16 weights, conv1 8 ch"] = variant(InferenceNet(_prepare(model, dev), pad_conv1=8).eval(),
+                                                       torch.float16, True, False)
+    inductor_config.freezing = True  # as the engine's bf16-compiled path compiles
     for mode in filter(None, args.modes.split(",")):
-        compiled = torch.compile(copy.deepcopy(net).to(bf16).to(memory_format=torch.channels_last_3d), mode=mode)
-        variants[f"torch.compile mode={mode}, bf16 weights"] = (
-            lambda x, c=compiled: c(x.to(bf16).contiguous(memory_format=torch.channels_last_3d)))
+        for pad, net in nets.items():
+            compiled = torch.compile(copy.deepcopy(net).to(bf16).to(memory_format=cl), mode=mode, dynamic=False)
+            variants[f"torch.compile mode={mode}, conv1 {pad or 3} ch"] = (
+                lambda x, c=compiled: c(x.to(bf16).contiguous(memory_format=cl)))
     print(f"# {name}, torch {torch.__version__}; model {desc}, {flop / 1e9:.1f} GFLOP/clip; "
           f"bf16 peak {peak or '?'} TFLOP/s\n")
     print("| variant | batch | ms/batch | clips/s | TFLOP/s | % bf16 peak | warm-up s |")
@@ -86,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 f(x)
                 f(x)
-                torch.cuda.synchronize()
+                if x.is_cuda:
+                    torch.cuda.synchronize()
                 warm[n] = time.perf_counter() - t0
             times = time_interleaved(variants, x, args.rounds)
         for n, ts in times.items():

@@ -61,19 +61,25 @@ class InferenceNet(nn.Module):
         fused: a C3D_BN from :func:`streamdet.models.c3d.fuse_bn`.
         fold_conv1: run conv1 as :class:`WidthFold` then :func:`width_folded_conv` (new layers;
             the bf16-packed and int8 paths' layout, see :class:`WidthFold`).
+        pad_conv1: run conv1 on its input zero-padded to this many channels
+            (:class:`ChannelPad`; the CUDA paths' layout). 0 leaves conv1 as it is.
     """
 
-    def __init__(self, fused: C3D_BN, *, fold_conv1: bool = False) -> None:
+    def __init__(self, fused: C3D_BN, *, fold_conv1: bool = False, pad_conv1: int = 0) -> None:
         super().__init__()
         for name in conv_names():
             if not isinstance(getattr(fused, f"{name}_bn"), nn.Identity):
                 raise ValueError(f"InferenceNet needs a BN-folded model, but {name}_bn is not folded")
         self.num_classes = fused.num_classes
         convs: list[nn.Module] = [getattr(fused, name) for name in conv_names()]
+        conv1 = convs[0]
+        assert isinstance(conv1, nn.Conv3d)
+        if fold_conv1 and pad_conv1:
+            raise ValueError("conv1 can be width-folded or channel-padded, not both")
         if fold_conv1:
-            conv1 = convs[0]
-            assert isinstance(conv1, nn.Conv3d)
             convs[0] = nn.Sequential(WidthFold(conv1.kernel_size[2]), width_folded_conv(conv1))
+        elif pad_conv1:
+            convs[0] = nn.Sequential(ChannelPad(pad_conv1), channel_padded_conv(conv1, pad_conv1))
         self.convs = nn.ModuleList(convs)
         self.pools = nn.ModuleList(
             getattr(fused, _POOL_AFTER[name]) if name in _POOL_AFTER else nn.Identity() for name in conv_names()
@@ -178,6 +184,47 @@ def width_folded_conv(conv: nn.Conv3d) -> nn.Conv3d:
         assert folded.bias is not None  # nn.Conv3d's default
         folded.bias.copy_(conv.bias)
     return folded.eval()
+
+
+class ChannelPad(nn.Module):
+    """(B, C, T, H, W) -> (B, channels, T, H, W), channels_last_3d: the input with zero channels
+    appended, for a conv whose weights are padded the same way (see :func:`channel_padded_conv`).
+
+    Why: cuDNN's tensor-core convolutions in 16-bit want a multiple of 8 input channels; C3D's
+    conv1 has 3 and otherwise runs on a generic kernel (benchmarks/RESULTS.md, GPU section).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, but got {channels}")
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        extra = self.channels - x.shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot pad {x.shape[1]} channels down to {self.channels}")
+        padded = F.pad(x, (0, 0, 0, 0, 0, 0, 0, extra))
+        return padded.contiguous(memory_format=torch.channels_last_3d)
+
+
+def channel_padded_conv(conv: nn.Conv3d, channels: int) -> nn.Conv3d:
+    """The conv that, applied to ``ChannelPad(channels)(x)``, equals ``conv(x)`` (zero weights
+    for the added channels)."""
+    if conv.groups != 1 or channels < conv.in_channels:
+        raise ValueError(f"channel padding needs groups 1 and channels >= {conv.in_channels}, "
+                         f"but got {conv} and {channels}")
+    padded = nn.Conv3d(channels, conv.out_channels, conv.kernel_size, stride=conv.stride,  # type: ignore[arg-type]
+                       padding=conv.padding, dilation=conv.dilation,  # type: ignore[arg-type]
+                       bias=conv.bias is not None)
+    padded = padded.to(device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        padded.weight.zero_()
+        padded.weight[:, :conv.in_channels].copy_(conv.weight)
+        if conv.bias is not None:
+            assert padded.bias is not None
+            padded.bias.copy_(conv.bias)
+    return padded.eval()
 
 
 class PackedNet(nn.Module):

@@ -137,6 +137,17 @@ def _prepare(model: C3D_BN, device: torch.device) -> C3D_BN:
     return fused.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
 
 
+# On CUDA conv1's 3 input channels are zero-padded to 8, the least that cuDNN's 16-bit
+# tensor-core kernels take (fastpath.ChannelPad).
+CUDA_CONV1_CHANNELS = 8
+
+
+def _plain_net(model: C3D_BN, device: torch.device) -> InferenceNet:
+    """BN folded, channels_last_3d, conv -> ReLU -> pool; conv1 channel-padded on CUDA."""
+    pad = CUDA_CONV1_CHANNELS if device.type == "cuda" else 0
+    return InferenceNet(_prepare(model, device), pad_conv1=pad).eval()
+
+
 # Every way this package can run the model. build_engine picks one per precision and device;
 # the benchmarks time them all.
 PATHS = ("fp32-eager", "fp32-packed", "fp32-compiled", "bf16-eager", "bf16-packed", "bf16-compiled",
@@ -172,9 +183,9 @@ def build_path(model: C3D_BN, device: torch.device, path: str, *,
     if path.endswith("-autocast"):
         if device.type != "cuda":
             raise ValueError(f"path {path} needs CUDA; on the CPU use bf16-packed or fp32-packed")
-        return Engine(_prepare(model, device), device, precision, num_classes, autocast_dtype=dtype, path=path)
+        return Engine(_plain_net(model, device), device, precision, num_classes, autocast_dtype=dtype, path=path)
     if path.endswith("-eager"):
-        return Engine(_prepare(model, device).to(dtype), device, precision, num_classes, path=path)
+        return Engine(_plain_net(model, device).to(dtype), device, precision, num_classes, path=path)
     if path.endswith("-packed"):
         if device.type != "cpu" or not onednn_prepack_available():
             raise ValueError(f"path {path} needs a CPU PyTorch build with oneDNN")
@@ -182,7 +193,7 @@ def build_path(model: C3D_BN, device: torch.device, path: str, *,
         net = PackedNet(InferenceNet(_prepare(model, device), fold_conv1=dtype == torch.bfloat16), dtype)
         return Engine(net, device, precision, num_classes, input_dtype=dtype, path=path)
     if path.endswith("-compiled"):
-        plain = InferenceNet(_prepare(model, device)).to(dtype).eval()
+        plain = _plain_net(model, device).to(dtype)
         return Engine(compile_net(plain, cache), device, precision, num_classes, input_dtype=dtype, path=path)
     raise ValueError(f"path must be one of {PATHS}, but got {path!r}")
 

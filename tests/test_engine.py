@@ -13,6 +13,7 @@ import torch
 
 from streamdet import inference
 from streamdet.fastpath import (
+    ChannelPad,
     GraphedForward,
     InferenceNet,
     NonNegMaxPool3d,
@@ -173,6 +174,30 @@ def test_inference_net_with_conv1_folded_gives_the_same_logits(model: C3D_BN) ->
     clips = torch.randn(2, *INPUT_SHAPE).contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
         torch.testing.assert_close(folded(clips), plain(clips), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_net_with_conv1_channel_padded_gives_the_same_logits(model: C3D_BN) -> None:
+    fused = fuse_bn(model)
+    plain, padded = InferenceNet(fused).eval(), InferenceNet(fused, pad_conv1=8).eval()
+    assert padded.convs[0][1].weight.shape[1] == 8
+    clips = torch.randn(2, *INPUT_SHAPE).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        torch.testing.assert_close(padded(clips), plain(clips), rtol=1e-5, atol=1e-5)
+
+
+def test_channel_pad_appends_zero_channels_in_channels_last_3d() -> None:
+    x = torch.rand(2, 3, 4, 5, 6)
+    padded = ChannelPad(8)(x)
+    assert padded.shape == (2, 8, 4, 5, 6)
+    assert padded.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(padded[:, :3], x) and not padded[:, 3:].any()
+    with pytest.raises(ValueError, match="cannot pad 3 channels down to 2"):
+        ChannelPad(2)(x)
+
+
+def test_conv1_cannot_be_both_folded_and_padded(model: C3D_BN) -> None:
+    with pytest.raises(ValueError, match="not both"):
+        InferenceNet(fuse_bn(model), fold_conv1=True, pad_conv1=8)
 
 
 def test_int8_quantizes_conv1_after_the_float_width_fold(model: C3D_BN, real_clips: torch.Tensor) -> None:
