@@ -46,7 +46,8 @@ def time_interleaved(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Ten
                      rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each function on ``x``: each round times every one once, in shuffled
     order, with the device synchronised around each call (warm them up first)."""
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    # Synchronise whenever CUDA runs the functions (x itself may be a pinned host batch).
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         order = list(fns)

@@ -3,9 +3,10 @@
     python benchmarks/gpu_layers.py --batch 128          # ~30 s on an H100/H200
 
 Times each stage of the BN-folded net (bf16 weights, channels_last_3d) alone, the device
-synchronised around each call (median of ``--rounds`` after warm-up), for conv1 as it is and with its input zero-padded to 8
-and 16 channels (``fastpath.ChannelPad``). Prints ms, TFLOP/s and the share of the dense bf16
-peak for convolutions, GB/s for ReLU and pools, and the kernel that took most of each conv's time.
+synchronised around each call (median of ``--rounds`` after warm-up), for conv1 as it is, with
+its input zero-padded to more channels (``fastpath.ChannelPad``) and as one GEMM over its taps
+(``fastpath.GemmConv3d``). Prints ms, TFLOP/s and the share of the dense bf16 peak for
+convolutions, GB/s for ReLU and pools, and the kernel that took most of each conv's time.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_model  # noqa: E402
 from gpu_bench import peak_for  # noqa: E402
+from gpu_variants import conv1_net  # noqa: E402
 
-from streamdet.fastpath import InferenceNet  # noqa: E402
-from streamdet.inference import _configure_cuda, _prepare  # noqa: E402
+from streamdet.inference import _configure_cuda  # noqa: E402
 from streamdet.models.c3d import conv_names  # noqa: E402
 
 
@@ -74,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--pads", default="0,8,16", help="conv1 input channel counts to try (0 = as it is)")
+    ap.add_argument("--conv1", default="3,8,gemm", help="conv1 forms to try: 3 (as it is), a padded input channel "
+                    "count (e.g. 16), gemm (fastpath.GemmConv3d); comma-separated")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with a small --width)")
     ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0 = the seed C3D_BN)")
     args = ap.parse_args(argv)
@@ -91,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     x0 = x0.contiguous(memory_format=torch.channels_last_3d)
     print(f"# {name}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; model {desc}; "
           f"batch {args.batch}; bf16 peak {peak} TFLOP/s\n")
-    print("| conv1 input channels | stage | ms | TFLOP/s or GB/s | % bf16 peak | top kernel |")
+    print("| conv1 | stage | ms | TFLOP/s or GB/s | % bf16 peak | top kernel |")
     print("|---|---|---|---|---|---|")
     names = conv_names()
-    for pad in (int(p) for p in args.pads.split(",")):
-        net = InferenceNet(_prepare(model, dev), pad_conv1=pad).to(torch.bfloat16).eval()
+    for form in args.conv1.split(","):
+        net = conv1_net(model, dev, form).to(torch.bfloat16)
         total = 0.0
         x = x0
         with torch.inference_mode():
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 y = conv(x)
                 ms = median_ms(lambda c=conv, i=x: c(i), args.rounds, dev)
                 tflops = conv_flop(conv, y) / ms / 1e9
-                print(f"| {pad or 3} | {cname} | {ms:.2f} | {tflops:.0f} TFLOP/s | {tflops / peak * 100:.0f}% | "
+                print(f"| {form} | {cname} | {ms:.2f} | {tflops:.0f} TFLOP/s | {tflops / peak * 100:.0f}% | "
                       f"{top_kernel(lambda c=conv, i=x: c(i), dev)} |", flush=True)
                 r = F.relu(y)
                 ms_r = median_ms(lambda i=y: F.relu(i), args.rounds, dev)
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 ms_p = median_ms(lambda q=pool, i=r: q(i), args.rounds, dev) if not isinstance(pool, torch.nn.Identity) else 0.0
                 gb_r = 2 * y.numel() * y.element_size() / ms_r / 1e6
                 gb_p = (r.numel() + p.numel()) * r.element_size() / ms_p / 1e6 if ms_p else 0.0
-                print(f"| {pad or 3} | relu + pool after {cname} | {ms_r:.2f} + {ms_p:.2f} | "
+                print(f"| {form} | relu + pool after {cname} | {ms_r:.2f} + {ms_p:.2f} | "
                       f"{gb_r:.0f} + {gb_p:.0f} GB/s | | |", flush=True)
                 total += ms + ms_r + ms_p
                 x = p
@@ -119,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             ms_fc = median_ms(lambda n=net, f=flat: n.fc8(F.relu(n.fc7(F.relu(n.fc6(f))))), args.rounds, dev)
             total += ms_fc
             whole = median_ms(lambda n=net: n(x0), args.rounds, dev)
-        print(f"| {pad or 3} | fc6-fc8 | {ms_fc:.2f} | | | |")
-        print(f"| {pad or 3} | **sum of stages / whole net** | **{total:.1f} / {whole:.1f}** | | | |", flush=True)
+        print(f"| {form} | fc6-fc8 | {ms_fc:.2f} | | | |")
+        print(f"| {form} | **sum of stages / whole net** | **{total:.1f} / {whole:.1f}** | | | |", flush=True)
     return 0
 
 

@@ -4,8 +4,8 @@
     python benchmarks/gpu_variants.py --modes default,max-autotune-no-cudagraphs --batches 128,256
 
 Times the same BN-folded net (channels_last_3d) on random input, interleaved (each round times
-every variant once, in shuffled order), median of ``--rounds``: autocast vs bf16 weights, conv1 as
-it is vs its input zero-padded to more channels (``--pads``), and torch.compile (Inductor, with
+every variant once, in shuffled order), median of ``--rounds``: autocast vs bf16 weights, conv1
+as it is, with its input zero-padded to more channels, or as one GEMM (``--conv1``), and torch.compile (Inductor, with
 freezing as the engine compiles, one graph per batch size) in each of ``--modes``.
 Prints ms per batch, clips/s, TFLOP/s and the share of the dense bf16 peak (see gpu_bench.py's
 table). Correctness is gpu_bench.py's job; this script is for choosing a faster path.
@@ -29,7 +29,7 @@ from _common import load_model  # noqa: E402
 from gpu_bench import peak_for, time_interleaved  # noqa: E402
 
 from streamdet.fastpath import InferenceNet  # noqa: E402
-from streamdet.inference import CUDA_CONV1_CHANNELS, _configure_cuda, _prepare  # noqa: E402
+from streamdet.inference import _configure_cuda, _prepare  # noqa: E402
 from streamdet.models.c3d import count_flops  # noqa: E402
 
 
@@ -49,13 +49,24 @@ def variant(net: torch.nn.Module, dtype: torch.dtype, channels_last: bool, autoc
     return forward
 
 
+def conv1_net(model: torch.nn.Module, dev: torch.device, form: str) -> InferenceNet:
+    """The BN-folded net with conv1 in ``form``: ``3`` (as it is), a padded input channel count,
+    or ``gemm`` (the CUDA engine's :class:`~streamdet.fastpath.GemmConv3d`)."""
+    fused = _prepare(model, dev)
+    if form == "gemm":
+        return InferenceNet(fused, gemm_conv1=True).eval()
+    channels = int(form)
+    return InferenceNet(fused, pad_conv1=0 if channels == 3 else channels).eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="32,128")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--modes", default="default", help="torch.compile modes to time, comma-separated ('' for none)")
-    ap.add_argument("--pads", default="0,8", help="conv1 input channels to try, comma-separated (0 = as it is)")
-    ap.add_argument("--fp16", action="store_true", help="also fp16 weights (conv1 padded to 8)")
+    ap.add_argument("--conv1", default="3,gemm", help="conv1 forms to try: 3 (as it is), a padded input channel "
+                    "count (e.g. 8), gemm (fastpath.GemmConv3d); comma-separated")
+    ap.add_argument("--fp16", action="store_true", help="also fp16 weights (the last conv1 form)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with a small --width)")
     ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0 = the seed C3D_BN)")
     args = ap.parse_args(argv)
@@ -69,24 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     flop = count_flops(model)
     name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
     peak = peak_for(name)
-    pads = [int(p) for p in args.pads.split(",")]
-    nets = {pad: InferenceNet(_prepare(model, dev), pad_conv1=pad).eval() for pad in pads}
-    engine_pad = CUDA_CONV1_CHANNELS
+    forms = args.conv1.split(",")
+    nets = {form: conv1_net(model, dev, form) for form in forms}
     bf16 = torch.bfloat16
     cl = torch.channels_last_3d
     variants: dict[str, Callable] = {}
-    for pad, net in nets.items():
-        mark = " (the engine's path)" if pad == engine_pad else ""
-        variants[f"bf16 autocast, conv1 {pad or 3} ch{mark}"] = variant(net, bf16, True, True)
-        variants[f"bf16 weights, conv1 {pad or 3} ch"] = variant(net, bf16, True, False)
+    for form, net in nets.items():
+        variants[f"bf16 autocast, conv1 {form}"] = variant(net, bf16, True, True)
+        variants[f"bf16 weights, conv1 {form}"] = variant(net, bf16, True, False)
     if args.fp16:
-        variants["fp16 weights, conv1 8 ch"] = variant(InferenceNet(_prepare(model, dev), pad_conv1=8).eval(),
-                                                       torch.float16, True, False)
+        variants[f"fp16 weights, conv1 {forms[-1]}"] = variant(nets[forms[-1]], torch.float16, True, False)
     inductor_config.freezing = True  # as the engine's bf16-compiled path compiles
     for mode in filter(None, args.modes.split(",")):
-        for pad, net in nets.items():
+        for form, net in nets.items():
             compiled = torch.compile(copy.deepcopy(net).to(bf16).to(memory_format=cl), mode=mode, dynamic=False)
-            variants[f"torch.compile mode={mode}, conv1 {pad or 3} ch"] = (
+            variants[f"torch.compile mode={mode}, conv1 {form}"] = (
                 lambda x, c=compiled: c(x.to(bf16).contiguous(memory_format=cl)))
     print(f"# {name}, torch {torch.__version__}; model {desc}, {flop / 1e9:.1f} GFLOP/clip; "
           f"bf16 peak {peak or '?'} TFLOP/s\n")

@@ -137,15 +137,15 @@ def _prepare(model: C3D_BN, device: torch.device) -> C3D_BN:
     return fused.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
 
 
-# On CUDA conv1's 3 input channels are zero-padded to 8, the least that cuDNN's 16-bit
-# tensor-core kernels take (fastpath.ChannelPad).
-CUDA_CONV1_CHANNELS = 8
+# 44% of an H200's bf16 peak at batch 128 against 40% in the default mode; about a minute more
+# to compile cold (benchmarks/RESULTS.md, GPU section).
+CUDA_COMPILE_MODE = "max-autotune-no-cudagraphs"
 
 
 def _plain_net(model: C3D_BN, device: torch.device) -> InferenceNet:
-    """BN folded, channels_last_3d, conv -> ReLU -> pool; conv1 channel-padded on CUDA."""
-    pad = CUDA_CONV1_CHANNELS if device.type == "cuda" else 0
-    return InferenceNet(_prepare(model, device), pad_conv1=pad).eval()
+    """BN folded, channels_last_3d, conv -> ReLU -> pool; on CUDA conv1 runs as one GEMM over its
+    unfolded taps (fastpath.GemmConv3d), which cuDNN's 3-input-channel kernels are far from."""
+    return InferenceNet(_prepare(model, device), gemm_conv1=device.type == "cuda").eval()
 
 
 # Every way this package can run the model. build_engine picks one per precision and device;
@@ -194,7 +194,9 @@ def build_path(model: C3D_BN, device: torch.device, path: str, *,
         return Engine(net, device, precision, num_classes, input_dtype=dtype, path=path)
     if path.endswith("-compiled"):
         plain = _plain_net(model, device).to(dtype)
-        return Engine(compile_net(plain, cache), device, precision, num_classes, input_dtype=dtype, path=path)
+        # On CUDA Inductor also times its own Triton kernels against cuDNN's for each layer.
+        mode = CUDA_COMPILE_MODE if device.type == "cuda" else None
+        return Engine(compile_net(plain, cache, mode), device, precision, num_classes, input_dtype=dtype, path=path)
     raise ValueError(f"path must be one of {PATHS}, but got {path!r}")
 
 

@@ -14,6 +14,7 @@ import torch
 from streamdet import inference
 from streamdet.fastpath import (
     ChannelPad,
+    GemmConv3d,
     GraphedForward,
     InferenceNet,
     NonNegMaxPool3d,
@@ -195,9 +196,33 @@ def test_channel_pad_appends_zero_channels_in_channels_last_3d() -> None:
         ChannelPad(2)(x)
 
 
-def test_conv1_cannot_be_both_folded_and_padded(model: C3D_BN) -> None:
-    with pytest.raises(ValueError, match="not both"):
+def test_inference_net_with_conv1_as_a_gemm_gives_the_same_logits(model: C3D_BN) -> None:
+    fused = fuse_bn(model)
+    plain, gemm = InferenceNet(fused).eval(), InferenceNet(fused, gemm_conv1=True).eval()
+    clips = torch.randn(2, *INPUT_SHAPE).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        torch.testing.assert_close(gemm(clips), plain(clips), rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_conv_matches_the_conv_at_the_edges_and_pads_its_taps_to_the_alignment() -> None:
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(3, 5, 3, padding=1).eval()
+    gemm = GemmConv3d(conv)
+    assert gemm.weight.shape == (5, 88)  # 27 taps x 3 channels = 81, rounded up to 88
+    x = torch.randn(2, 3, 4, 6, 7)
+    with torch.no_grad():
+        out = gemm(x)
+        torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    with pytest.raises(ValueError, match="stride 1"):
+        GemmConv3d(torch.nn.Conv3d(3, 5, 3, stride=2))
+
+
+def test_conv1_takes_one_layout_change_at_most(model: C3D_BN) -> None:
+    with pytest.raises(ValueError, match="one of them"):
         InferenceNet(fuse_bn(model), fold_conv1=True, pad_conv1=8)
+    with pytest.raises(ValueError, match="one of them"):
+        InferenceNet(fuse_bn(model), pad_conv1=8, gemm_conv1=True)
 
 
 def test_int8_quantizes_conv1_after_the_float_width_fold(model: C3D_BN, real_clips: torch.Tensor) -> None:
