@@ -3,9 +3,8 @@
     python benchmarks/gpu_layers.py --batch 128          # ~30 s on an H100/H200
 
 Times each stage of the BN-folded net (bf16 weights, channels_last_3d) alone, the device
-synchronised around each call (median of ``--rounds`` after warm-up), for conv1 as it is, with
-its input zero-padded to more channels (``fastpath.ChannelPad``) and as one GEMM over its taps
-(``fastpath.GemmConv3d``). Prints ms, TFLOP/s and the share of the dense bf16 peak for
+synchronised around each call (median of ``--rounds`` after warm-up), for conv1 as it is and with
+its input zero-padded to more channels (``fastpath.ChannelPad``). Prints ms, TFLOP/s and the share of the dense bf16 peak for
 convolutions, GB/s for ReLU and pools, and the kernel that took most of each conv's time.
 """
 
@@ -75,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--conv1", default="3,8,gemm", help="conv1 forms to try: 3 (as it is), a padded input channel "
-                    "count (e.g. 16), gemm (fastpath.GemmConv3d); comma-separated")
+    ap.add_argument("--conv1", default="3,8", help="conv1 input channels to try: 3 (as it is) or a padded "
+                    "count; comma-separated")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with a small --width)")
     ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0 = the seed C3D_BN)")
     args = ap.parse_args(argv)

@@ -5,7 +5,7 @@
 
 Times the same BN-folded net (channels_last_3d) on random input, interleaved (each round times
 every variant once, in shuffled order), median of ``--rounds``: autocast vs bf16 weights, conv1
-as it is, with its input zero-padded to more channels, or as one GEMM (``--conv1``), and torch.compile (Inductor, with
+as it is or with its input zero-padded to more channels (``--conv1``), and torch.compile (Inductor, with
 freezing as the engine compiles, one graph per batch size) in each of ``--modes``.
 Prints ms per batch, clips/s, TFLOP/s and the share of the dense bf16 peak (see gpu_bench.py's
 table). Correctness is gpu_bench.py's job; this script is for choosing a faster path.
@@ -50,13 +50,9 @@ def variant(net: torch.nn.Module, dtype: torch.dtype, channels_last: bool, autoc
 
 
 def conv1_net(model: torch.nn.Module, dev: torch.device, form: str) -> InferenceNet:
-    """The BN-folded net with conv1 in ``form``: ``3`` (as it is), a padded input channel count,
-    or ``gemm`` (the CUDA engine's :class:`~streamdet.fastpath.GemmConv3d`)."""
-    fused = _prepare(model, dev)
-    if form == "gemm":
-        return InferenceNet(fused, gemm_conv1=True).eval()
+    """The BN-folded net with conv1's input as it is (``3``) or zero-padded to ``form`` channels."""
     channels = int(form)
-    return InferenceNet(fused, pad_conv1=0 if channels == 3 else channels).eval()
+    return InferenceNet(_prepare(model, dev), pad_conv1=0 if channels == 3 else channels).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="32,128")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--modes", default="default", help="torch.compile modes to time, comma-separated ('' for none)")
-    ap.add_argument("--conv1", default="3,gemm", help="conv1 forms to try: 3 (as it is), a padded input channel "
-                    "count (e.g. 8), gemm (fastpath.GemmConv3d); comma-separated")
+    ap.add_argument("--conv1", default="3,8", help="conv1 input channels to try: 3 (as it is) or a padded "
+                    "count; comma-separated")
     ap.add_argument("--fp16", action="store_true", help="also fp16 weights (the last conv1 form)")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with a small --width)")
     ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0 = the seed C3D_BN)")

@@ -62,13 +62,10 @@ class InferenceNet(nn.Module):
         fold_conv1: run conv1 as :class:`WidthFold` then :func:`width_folded_conv` (new layers;
             the bf16-packed and int8 paths' layout, see :class:`WidthFold`).
         pad_conv1: run conv1 on its input zero-padded to this many channels
-            (:class:`ChannelPad`). 0 leaves conv1 as it is.
-        gemm_conv1: run conv1 as one matrix product over its unfolded taps (:class:`GemmConv3d`;
-            the CUDA paths' layout).
+            (:class:`ChannelPad`; the compiled CUDA path's layout). 0 leaves conv1 as it is.
     """
 
-    def __init__(self, fused: C3D_BN, *, fold_conv1: bool = False, pad_conv1: int = 0,
-                 gemm_conv1: bool = False) -> None:
+    def __init__(self, fused: C3D_BN, *, fold_conv1: bool = False, pad_conv1: int = 0) -> None:
         super().__init__()
         for name in conv_names():
             if not isinstance(getattr(fused, f"{name}_bn"), nn.Identity):
@@ -77,14 +74,12 @@ class InferenceNet(nn.Module):
         convs: list[nn.Module] = [getattr(fused, name) for name in conv_names()]
         conv1 = convs[0]
         assert isinstance(conv1, nn.Conv3d)
-        if int(fold_conv1) + int(bool(pad_conv1)) + int(gemm_conv1) > 1:
-            raise ValueError("conv1 can be width-folded, channel-padded or run as a GEMM: one of them")
+        if fold_conv1 and pad_conv1:
+            raise ValueError("conv1 can be width-folded or channel-padded, not both")
         if fold_conv1:
             convs[0] = nn.Sequential(WidthFold(conv1.kernel_size[2]), width_folded_conv(conv1))
         elif pad_conv1:
             convs[0] = nn.Sequential(ChannelPad(pad_conv1), channel_padded_conv(conv1, pad_conv1))
-        elif gemm_conv1:
-            convs[0] = GemmConv3d(conv1)
         self.convs = nn.ModuleList(convs)
         self.pools = nn.ModuleList(
             getattr(fused, _POOL_AFTER[name]) if name in _POOL_AFTER else nn.Identity() for name in conv_names()
@@ -195,8 +190,10 @@ class ChannelPad(nn.Module):
     """(B, C, T, H, W) -> (B, channels, T, H, W), channels_last_3d: the input with zero channels
     appended, for a conv whose weights are padded the same way (see :func:`channel_padded_conv`).
 
-    Why: cuDNN's tensor-core convolutions in 16-bit want a multiple of 8 input channels; C3D's
-    conv1 has 3 and otherwise runs on a generic kernel (benchmarks/RESULTS.md, GPU section).
+    Why: Inductor's max-autotune times its Triton convolution templates against cuDNN, and those
+    templates want a multiple of 8 input channels in 16-bit; C3D's conv1 has 3. On an H200 the
+    compiled net with conv1 padded to 8 runs at 44% of the bf16 peak at batch 128. cuDNN itself
+    gains nothing from the padding (13 ms for conv1 at batch 128 either way; benchmarks/RESULTS.md).
     """
 
     def __init__(self, channels: int) -> None:
@@ -230,56 +227,6 @@ def channel_padded_conv(conv: nn.Conv3d, channels: int) -> nn.Conv3d:
             assert padded.bias is not None
             padded.bias.copy_(conv.bias)
     return padded.eval()
-
-
-class GemmConv3d(nn.Module):
-    """A conv with few input channels run as one matrix product over its unfolded taps.
-
-    The input (B, C, T, H, W) is padded, its kt*kh*kw shifted views are stacked along the
-    channels (tap-major, zero channels added up to a multiple of ``align``), and one
-    (B*T*H*W, K) x (K, out) product gives the output, in channels_last_3d.
-
-    Why: on an H200, C3D's conv1 (3 input channels) takes 12 ms per 128 clips in cuDNN and 6 ms
-    in Inductor's Triton template, about 2-5% of the bf16 peak, while its output alone needs
-    under 1 ms of memory traffic; a GEMM with K = 81 (padded to 88) streams at memory speed.
-
-    Args:
-        conv: a Conv3d with stride 1, dilation 1, groups 1 and a bias.
-        align: the unfolded channel count is rounded up to a multiple of this (8: 16-byte rows
-            in bf16, as tensor cores want).
-    """
-
-    def __init__(self, conv: nn.Conv3d, align: int = 8) -> None:
-        super().__init__()
-        if conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.groups != 1 or conv.bias is None:
-            raise ValueError(f"GemmConv3d needs stride 1, dilation 1, groups 1 and a bias, but got {conv}")
-        self.kernel_size = tuple(conv.kernel_size)
-        self.padding = _triple(conv.padding)  # type: ignore[arg-type]
-        cout, cin = conv.out_channels, conv.in_channels
-        taps = int(np.prod(self.kernel_size))
-        self.unfolded = -(-taps * cin // align) * align
-        # unfolded channel j = tap * cin + c, tap = (dt * kh + dh) * kw + dw  <->  weight[:, c, dt, dh, dw]
-        w = conv.weight.detach().permute(0, 2, 3, 4, 1).reshape(cout, taps * cin)
-        self.weight = nn.Parameter(F.pad(w, (0, self.unfolded - taps * cin)).contiguous(), requires_grad=False)
-        self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
-
-    def unfold(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> (B, T, H, W, unfolded channels), contiguous."""
-        b, c, t, h, w = x.shape
-        pt, ph, pw = self.padding
-        kt, kh, kw = self.kernel_size
-        padded = F.pad(x, (pw, pw, ph, ph, pt, pt)).permute(0, 2, 3, 4, 1)  # (B, T', H', W', C)
-        t_out, h_out, w_out = t + 2 * pt - kt + 1, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
-        taps = [padded[:, dt:dt + t_out, dh:dh + h_out, dw:dw + w_out]
-                for dt in range(kt) for dh in range(kh) for dw in range(kw)]
-        extra = self.unfolded - len(taps) * c
-        if extra:
-            taps.append(padded.new_zeros((b, t_out, h_out, w_out, extra)))
-        return torch.cat(taps, dim=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(self.unfold(x), self.weight, self.bias)  # (B, T, H, W, out)
-        return y.permute(0, 4, 1, 2, 3)  # channels_last_3d view of (B, out, T, H, W)
 
 
 class PackedNet(nn.Module):

@@ -137,15 +137,11 @@ def _prepare(model: C3D_BN, device: torch.device) -> C3D_BN:
     return fused.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
 
 
-# 44% of an H200's bf16 peak at batch 128 against 40% in the default mode; about a minute more
-# to compile cold (benchmarks/RESULTS.md, GPU section).
+# The compiled CUDA path: Inductor's max-autotune with conv1's input padded to 8 channels ran at
+# 44% of an H200's bf16 peak at batch 128, against 40% in the default mode; compiling cold takes
+# about a minute more (benchmarks/RESULTS.md, GPU section).
 CUDA_COMPILE_MODE = "max-autotune-no-cudagraphs"
-
-
-def _plain_net(model: C3D_BN, device: torch.device) -> InferenceNet:
-    """BN folded, channels_last_3d, conv -> ReLU -> pool; on CUDA conv1 runs as one GEMM over its
-    unfolded taps (fastpath.GemmConv3d), which cuDNN's 3-input-channel kernels are far from."""
-    return InferenceNet(_prepare(model, device), gemm_conv1=device.type == "cuda").eval()
+CUDA_CONV1_CHANNELS = 8
 
 
 # Every way this package can run the model. build_engine picks one per precision and device;
@@ -183,9 +179,9 @@ def build_path(model: C3D_BN, device: torch.device, path: str, *,
     if path.endswith("-autocast"):
         if device.type != "cuda":
             raise ValueError(f"path {path} needs CUDA; on the CPU use bf16-packed or fp32-packed")
-        return Engine(_plain_net(model, device), device, precision, num_classes, autocast_dtype=dtype, path=path)
+        return Engine(_prepare(model, device), device, precision, num_classes, autocast_dtype=dtype, path=path)
     if path.endswith("-eager"):
-        return Engine(_plain_net(model, device).to(dtype), device, precision, num_classes, path=path)
+        return Engine(_prepare(model, device).to(dtype), device, precision, num_classes, path=path)
     if path.endswith("-packed"):
         if device.type != "cpu" or not onednn_prepack_available():
             raise ValueError(f"path {path} needs a CPU PyTorch build with oneDNN")
@@ -193,10 +189,11 @@ def build_path(model: C3D_BN, device: torch.device, path: str, *,
         net = PackedNet(InferenceNet(_prepare(model, device), fold_conv1=dtype == torch.bfloat16), dtype)
         return Engine(net, device, precision, num_classes, input_dtype=dtype, path=path)
     if path.endswith("-compiled"):
-        plain = _plain_net(model, device).to(dtype)
-        # On CUDA Inductor also times its own Triton kernels against cuDNN's for each layer.
-        mode = CUDA_COMPILE_MODE if device.type == "cuda" else None
-        return Engine(compile_net(plain, cache, mode), device, precision, num_classes, input_dtype=dtype, path=path)
+        cuda = device.type == "cuda"
+        # On CUDA Inductor also times its Triton convolutions (which want conv1 channel-padded)
+        # against cuDNN's, layer by layer.
+        plain = InferenceNet(_prepare(model, device), pad_conv1=CUDA_CONV1_CHANNELS if cuda else 0)
+        return Engine(compile_net(plain.to(dtype).eval(), cache, CUDA_COMPILE_MODE if cuda else None), device, precision, num_classes, input_dtype=dtype, path=path)
     raise ValueError(f"path must be one of {PATHS}, but got {path!r}")
 
 
@@ -261,6 +258,21 @@ def check_engine(engine: Callable[[torch.Tensor], torch.Tensor], reference: Call
     rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
     ok = bool(np.isfinite(rel)) and agree == 1.0 and rel <= max_rel_error
     return ok, agree, rel
+
+
+def warm_other_batch_size(engine: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor,
+                          batch: int = 4) -> None:
+    """Call ``engine`` once on a batch size the start-up check (chunks of ``batch``) did not use.
+
+    A compiled engine compiles again, for any batch size, the first time it sees a second size;
+    doing that here keeps the compile (a minute with CUDA's max-autotune) out of a live stream.
+    """
+    seen = {len(chunk) for chunk in torch.split(clips, batch)}
+    if len(seen) > 1:
+        return
+    size = 1 if 1 not in seen else 2
+    log.info("inference: compiling for varying batch sizes too (batch of %d)", size)
+    engine(clips[:1].expand(size, *clips.shape[1:]).contiguous())
 
 
 def _run_batched(fn: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor, batch: int = 4) -> torch.Tensor:
@@ -361,6 +373,8 @@ def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: s
             log.warning("path %s disagrees with the model too (relative error %.3g): using plain eager fp32",
                         engine.path, rel)
             return reference
+    if engine.path.endswith("-compiled"):
+        warm_other_batch_size(engine, check_clips)
     log.info("inference path: %s on %s (top-1 agreement %.0f%%, relative error %.2g vs fp32; ready in %.1f s)",
              engine.path, dev, agree * 100, rel, time.perf_counter() - t0)
     return engine

@@ -14,7 +14,6 @@ import torch
 from streamdet import inference
 from streamdet.fastpath import (
     ChannelPad,
-    GemmConv3d,
     GraphedForward,
     InferenceNet,
     NonNegMaxPool3d,
@@ -26,7 +25,14 @@ from streamdet.fastpath import (
     weights_key,
     width_folded_conv,
 )
-from streamdet.inference import PATHS, Engine, build_engine, build_path, check_engine
+from streamdet.inference import (
+    PATHS,
+    Engine,
+    build_engine,
+    build_path,
+    check_engine,
+    warm_other_batch_size,
+)
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, fuse_bn
 
 WIDTH = 0.0625
@@ -163,6 +169,14 @@ def test_engine_leaves_the_model_untouched(model: C3D_BN, tmp_path: Path) -> Non
     assert isinstance(model.conv1_bn, torch.nn.BatchNorm3d)
 
 
+@pytest.mark.parametrize(("clips", "warmed"), [(8, [1]), (1, [2]), (6, [])])
+def test_a_compiled_engine_is_warmed_on_a_second_batch_size_before_the_stream(clips: int,
+                                                                              warmed: list[int]) -> None:
+    sizes: list[int] = []
+    warm_other_batch_size(lambda x: sizes.append(x.shape[0]), torch.zeros(clips, *INPUT_SHAPE))
+    assert sizes == warmed  # 8 clips ran as 4 + 4, 1 as 1, 6 as 4 + 2 (already two sizes)
+
+
 def test_inference_net_needs_folded_bn(model: C3D_BN) -> None:
     with pytest.raises(ValueError, match="BN-folded"):
         InferenceNet(model)
@@ -196,33 +210,9 @@ def test_channel_pad_appends_zero_channels_in_channels_last_3d() -> None:
         ChannelPad(2)(x)
 
 
-def test_inference_net_with_conv1_as_a_gemm_gives_the_same_logits(model: C3D_BN) -> None:
-    fused = fuse_bn(model)
-    plain, gemm = InferenceNet(fused).eval(), InferenceNet(fused, gemm_conv1=True).eval()
-    clips = torch.randn(2, *INPUT_SHAPE).contiguous(memory_format=torch.channels_last_3d)
-    with torch.no_grad():
-        torch.testing.assert_close(gemm(clips), plain(clips), rtol=1e-5, atol=1e-5)
-
-
-def test_gemm_conv_matches_the_conv_at_the_edges_and_pads_its_taps_to_the_alignment() -> None:
-    torch.manual_seed(0)
-    conv = torch.nn.Conv3d(3, 5, 3, padding=1).eval()
-    gemm = GemmConv3d(conv)
-    assert gemm.weight.shape == (5, 88)  # 27 taps x 3 channels = 81, rounded up to 88
-    x = torch.randn(2, 3, 4, 6, 7)
-    with torch.no_grad():
-        out = gemm(x)
-        torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-5)
-    assert out.is_contiguous(memory_format=torch.channels_last_3d)
-    with pytest.raises(ValueError, match="stride 1"):
-        GemmConv3d(torch.nn.Conv3d(3, 5, 3, stride=2))
-
-
-def test_conv1_takes_one_layout_change_at_most(model: C3D_BN) -> None:
-    with pytest.raises(ValueError, match="one of them"):
+def test_conv1_cannot_be_both_folded_and_padded(model: C3D_BN) -> None:
+    with pytest.raises(ValueError, match="not both"):
         InferenceNet(fuse_bn(model), fold_conv1=True, pad_conv1=8)
-    with pytest.raises(ValueError, match="one of them"):
-        InferenceNet(fuse_bn(model), pad_conv1=8, gemm_conv1=True)
 
 
 def test_int8_quantizes_conv1_after_the_float_width_fold(model: C3D_BN, real_clips: torch.Tensor) -> None:
