@@ -8,8 +8,9 @@
    area reference (whole frame INTER_AREA to twice 128x171, centre crop, 2x2 mean); window
    assembly (copy from the doubled ring) and the zero-copy window view.
 2. Throughput: ``streamdet run``'s pipeline on a real file with ``realtime: false`` against the
-   bare engine on the same number of windows in the same batch size (bare runs before and after,
-   averaged, so load drift hits both).
+   bare engine on the same number of windows (bare runs before and after, averaged, so load
+   drift hits both), in rounds, at each of ``--file-threads`` torch thread counts, and the share
+   of the run the inference thread spent inside the engine (see ``bench_file``).
 3. Real time: N copies of a 30 fps file paced like cameras (``realtime: true``), window stride 8,
    for N = 1, 2, 4, ...; a count holds when no window and under 1% of frames are skipped. Latency
    p50/p99 (capture of the newest frame -> result handled, event line written) per N.
@@ -17,6 +18,7 @@
 Usage:
     python benchmarks/bench_pipeline.py --precision int8
     python benchmarks/bench_pipeline.py --quick
+    python benchmarks/bench_pipeline.py --precision int8 --file-threads 1,2 --file-frames 795 --skip preprocess,streams
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from streamdet.preprocess import (  # noqa: E402
     _opencv_preprocess,
     preprocess_frame,
 )
+from streamdet.runner import inference_threads  # noqa: E402
 
 log = logging.getLogger("bench_pipeline")
 
@@ -228,6 +231,83 @@ def bare_clips_per_s(engine, windows: torch.Tensor, n: int, batch: int) -> float
     return n / (time.perf_counter() - t0)
 
 
+class TimedEngine:
+    """The engine, adding up the seconds spent in its calls (the rest of a run is pipeline)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.seconds = 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self.engine(clips)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def bench_file(checkpoint: Checkpoint, engine, windows: torch.Tensor, clip: Path, args: argparse.Namespace,
+               tmp: Path) -> str:
+    """The file replayed as fast as possible against the bare engine on the same windows.
+
+    Each of ``--file-rounds`` rounds runs, at each of ``--file-threads`` torch thread counts, the
+    bare engine (batch 1 and ``--max-batch``), the pipeline, then the bare engine again; a round's
+    ratio is the pipeline's clips/s over the bare engine's better batch size (mean of before and
+    after), so the host's speed swings hit both. The engine share is the time the inference
+    thread spent inside the engine over the run's length: what the pipeline adds besides any
+    slowdown of the engine itself. With several thread counts, the pipeline at the count
+    ``streamdet run`` picks is also set against the bare engine's best.
+    """
+    expected = (args.file_frames - 16) // 8 + 1
+    default_threads = torch.get_num_threads()
+    counts = [int(t) for t in args.file_threads.split(",")] if args.file_threads else [default_threads]
+    source = {"name": "file", "url": str(clip), "realtime": False}
+    model_cfg = {"device": "cpu", **({"threads": args.threads} if args.threads else {})}
+    run_threads = inference_threads(RunConfig.model_validate({"sources": [source], "model": model_cfg}))
+    run_threads = run_threads or default_threads
+    sizes = sorted({1, args.max_batch})
+    pipe: dict[int, list[float]] = {t: [] for t in counts}
+    bare: dict[int, list[float]] = {t: [] for t in counts}  # the better batch size's clips/s, per round
+    share: dict[int, list[float]] = {t: [] for t in counts}
+    latency: dict[int, list[tuple[float, float]]] = {t: [] for t in counts}
+    windows_run = 0
+    for _ in range(args.file_rounds):
+        for threads in counts:
+            torch.set_num_threads(threads)
+            before = [bare_clips_per_s(engine, windows, expected, b) for b in sizes]
+            timed = TimedEngine(engine)
+            summary = run_pipeline(checkpoint, timed, [source], args.max_batch, tmp, None)
+            after = [bare_clips_per_s(engine, windows, expected, b) for b in sizes]
+            windows_run = summary.windows
+            pipe[threads].append(summary.windows / summary.seconds)
+            bare[threads].append(max((x + y) / 2 for x, y in zip(before, after, strict=True)))
+            share[threads].append(timed.seconds / summary.seconds)
+            latency[threads].append((summary.latency_ms_p50, summary.latency_ms_p99))
+    torch.set_num_threads(default_threads)
+    med = statistics.median
+    lines = [f"{args.file_rounds} rounds of {windows_run} windows; medians, with the range of the per-round ratios\n",
+             "| torch threads | pipeline clips/s | bare clips/s (better batch of 1, " + str(args.max_batch) + ") | "
+             "ratio | engine share of the run | latency p50/p99 ms |", "|---|---|---|---|---|---|"]
+    for t in counts:
+        ratios = [p / b for p, b in zip(pipe[t], bare[t], strict=True)]
+        mark = " (`streamdet run`'s choice)" if t == run_threads else ""
+        lines.append(f"| {t}{mark} | {med(pipe[t]):.2f} | {med(bare[t]):.2f} | {med(ratios) * 100:.0f}% "
+                     f"({min(ratios) * 100:.0f}-{max(ratios) * 100:.0f}%) | {med(share[t]) * 100:.0f}% | "
+                     f"{med(x for x, _ in latency[t]):.0f}/{med(y for _, y in latency[t]):.0f} |")
+    if run_threads in pipe and len(counts) > 1:
+        # per round: streamdet run's choice against the best bare thread count of that round
+        ratios = [pipe[run_threads][r] / max(bare[t][r] for t in counts) for r in range(args.file_rounds)]
+        best_t = max(counts, key=lambda t: med(bare[t]))
+        plural = "s" if run_threads > 1 else ""
+        lines.append(f"\n`streamdet run`'s choice ({run_threads} thread{plural}) against the bare engine's best "
+                     f"thread count in each round: {med(ratios) * 100:.0f}% ({min(ratios) * 100:.0f}-"
+                     f"{max(ratios) * 100:.0f}%); the bare engine was fastest on {best_t} threads (median)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
@@ -238,11 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-classes", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--file-frames", type=int, default=400, help="frames of the file run as fast as possible")
+    ap.add_argument("--file-rounds", type=int, default=3, help="rounds of the file part (ratios are per round)")
     ap.add_argument("--streams", default="1,2,4,6,8,10,12", help="stream counts to try, ascending")
     ap.add_argument("--stream-seconds", type=float, default=20.0, help="length of each paced trial")
     ap.add_argument("--stream-codec", default="h264", choices=["h264", "mjpg"],
                     help="codec of the paced streams: h264 (as RTSP cameras send; needs ffmpeg) or mjpg")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--file-threads", default="",
+                    help="torch thread counts for the file part, e.g. 1,2 (default: --threads or torch's): "
+                         "the pipeline at the count `streamdet run` picks is compared with the bare engine's best")
     ap.add_argument("--quick", action="store_true", help="width 0.25, 120 frames, streams 1,2, 8 s trials")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: preprocess,file,streams")
     args = ap.parse_args(argv)
@@ -251,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.width = 0.25 if args.width == 1.0 and not args.weights else args.width
-        args.file_frames, args.streams, args.stream_seconds = 120, "1,2", 8.0
+        args.file_frames, args.streams, args.stream_seconds, args.file_rounds = 120, "1,2", 8.0, 1
     skip = set(filter(None, args.skip.split(",")))
     video = Path(args.video)
     print(f"# bench_pipeline: {machine()}, git {git_rev()}")
@@ -276,24 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         if "file" not in skip:
             clip = tmp / "file.avi"
             make_clip(video, clip, args.file_frames)  # native fps: the model sees every frame
-            expected = (args.file_frames - 16) // 8 + 1
-            # The bare engine at batch 1 and at max_batch, before and after the run; the faster
-            # batch size is the bar (the pipeline batches whatever is ready, 1..max_batch).
-            sizes = sorted({1, args.max_batch})
-            before = {b: bare_clips_per_s(engine, windows, expected, b) for b in sizes}
-            summary = run_pipeline(checkpoint, engine, [{"name": "file", "url": str(clip), "realtime": False}],
-                                   args.max_batch, tmp, None)
-            pipe = summary.windows / summary.seconds
-            after = {b: bare_clips_per_s(engine, windows, expected, b) for b in sizes}
-            rates = {b: (before[b] + after[b]) / 2 for b in sizes}
-            best = max(rates, key=lambda b: rates[b])
-            bare = rates[best]
-            detail = ", ".join(f"batch {b}: {before[b]:.2f}/{after[b]:.2f}" for b in sizes)
             print("\n## File as fast as possible (realtime: false) vs the bare engine\n")
-            print("| windows | pipeline clips/s | bare clips/s, best batch | bare before/after | ratio | latency p50/p99 ms |")
-            print("|---|---|---|---|---|---|")
-            print(f"| {summary.windows} | {pipe:.2f} | {bare:.2f} (batch {best}) | {detail} | "
-                  f"{pipe / bare * 100:.0f}% | {summary.latency_ms_p50:.0f}/{summary.latency_ms_p99:.0f} |")
+            print(bench_file(checkpoint, engine, windows, clip, args, tmp))
 
         if "streams" not in skip:
             clip30 = make_h264_clip(video, tmp / "cam30.mp4", 795, 30.0) if args.stream_codec == "h264" else None
