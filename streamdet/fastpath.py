@@ -190,10 +190,11 @@ class ChannelPad(nn.Module):
     """(B, C, T, H, W) -> (B, channels, T, H, W), channels_last_3d: the input with zero channels
     appended, for a conv whose weights are padded the same way (see :func:`channel_padded_conv`).
 
-    Why: Inductor's max-autotune times its Triton convolution templates against cuDNN, and those
-    templates want a multiple of 8 input channels in 16-bit; C3D's conv1 has 3. On an H200 the
-    compiled net with conv1 padded to 8 runs at 44% of the bf16 peak at batch 128. cuDNN itself
-    gains nothing from the padding (13 ms for conv1 at batch 128 either way; benchmarks/RESULTS.md).
+    Why: C3D's conv1 has 3 input channels, and 16-bit tensor-core kernels work on multiples of 8.
+    On an H200, Inductor's max-autotune ran the padded conv1 on its Triton template (6.05 ms per
+    128 clips) and the whole net at 44% of the bf16 peak; the unpadded form has not been timed
+    in that mode yet. cuDNN itself gains nothing from the padding (12-13 ms for conv1 at batch 128
+    either way; benchmarks/RESULTS.md, GPU section).
     """
 
     def __init__(self, channels: int) -> None:
@@ -369,7 +370,7 @@ def compile_net(net: nn.Module, cache_dir: Path, mode: str | None = None) -> Cal
     Compilation happens lazily: on the first call (batch-specialised), and once more on the first
     other batch size, which compiles a graph dynamic in the batch (Dynamo's automatic dynamic
     shapes), so the inference thread's varying batches never recompile again. Each compile takes
-    8 to 15 s on 2 busy cores.
+    8 to 15 s on 2 busy cores, and about a minute on CUDA in max-autotune mode (cold cache).
 
     Args:
         mode: torch.compile's mode (None: its default).

@@ -190,10 +190,10 @@ def build_path(model: C3D_BN, device: torch.device, path: str, *,
         return Engine(net, device, precision, num_classes, input_dtype=dtype, path=path)
     if path.endswith("-compiled"):
         cuda = device.type == "cuda"
-        # On CUDA Inductor also times its Triton convolutions (which want conv1 channel-padded)
-        # against cuDNN's, layer by layer.
+        # On CUDA Inductor also times its Triton convolutions against cuDNN's, layer by layer.
         plain = InferenceNet(_prepare(model, device), pad_conv1=CUDA_CONV1_CHANNELS if cuda else 0)
-        return Engine(compile_net(plain.to(dtype).eval(), cache, CUDA_COMPILE_MODE if cuda else None), device, precision, num_classes, input_dtype=dtype, path=path)
+        compiled = compile_net(plain.to(dtype).eval(), cache, CUDA_COMPILE_MODE if cuda else None)
+        return Engine(compiled, device, precision, num_classes, input_dtype=dtype, path=path)
     raise ValueError(f"path must be one of {PATHS}, but got {path!r}")
 
 
