@@ -23,9 +23,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_model  # noqa: E402
 from gpu_bench import peak_for  # noqa: E402
-from gpu_variants import conv1_net  # noqa: E402
+from gpu_variants import add_model_args, conv1_net, device_name, open_device  # noqa: E402
 
-from streamdet.inference import _configure_cuda  # noqa: E402
 from streamdet.models.c3d import conv_names  # noqa: E402
 
 
@@ -74,18 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--conv1", default="3,8", help="conv1 input channels to try: 3 (as it is) or a padded "
-                    "count; comma-separated")
-    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with a small --width)")
-    ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0 = the seed C3D_BN)")
+    add_model_args(ap)
     args = ap.parse_args(argv)
-    dev = torch.device(args.device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            print("no CUDA device: nothing to measure")
-            return 1
-        _configure_cuda()
-    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
+    dev = open_device(args)
+    if dev is None:
+        return 1
+    name = device_name(dev)
     peak = peak_for(name) or float("nan")
     model, desc = load_model(None, 8, args.width)
     x0 = torch.randn(args.batch, 3, 16, 112, 112, device=dev, dtype=torch.bfloat16)

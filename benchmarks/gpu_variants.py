@@ -49,6 +49,29 @@ def variant(net: torch.nn.Module, dtype: torch.dtype, channels_last: bool, autoc
     return forward
 
 
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The options gpu_variants.py and gpu_layers.py share: conv1's forms, device, width."""
+    ap.add_argument("--conv1", default="3,8", help="conv1 input channels to try: 3 (as it is) or a padded "
+                    "count; comma-separated")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with a small --width)")
+    ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0 = the seed C3D_BN)")
+
+
+def open_device(args: argparse.Namespace) -> torch.device | None:
+    """``--device``, with the engine's CUDA flags set; None (and a message) when CUDA is missing."""
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            print("no CUDA device: nothing to measure")
+            return None
+        _configure_cuda()
+    return dev
+
+
+def device_name(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
+
+
 def conv1_net(model: torch.nn.Module, dev: torch.device, form: str) -> InferenceNet:
     """The BN-folded net with conv1's input as it is (``3``) or zero-padded to ``form`` channels."""
     channels = int(form)
@@ -60,21 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="32,128")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--modes", default="default", help="torch.compile modes to time, comma-separated ('' for none)")
-    ap.add_argument("--conv1", default="3,8", help="conv1 input channels to try: 3 (as it is) or a padded "
-                    "count; comma-separated")
     ap.add_argument("--fp16", action="store_true", help="also fp16 weights (the last conv1 form)")
-    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with a small --width)")
-    ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0 = the seed C3D_BN)")
+    add_model_args(ap)
     args = ap.parse_args(argv)
-    dev = torch.device(args.device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            print("no CUDA device: nothing to measure")
-            return 1
-        _configure_cuda()
+    dev = open_device(args)
+    if dev is None:
+        return 1
     model, desc = load_model(None, 8, args.width)
     flop = count_flops(model)
-    name = torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu"
+    name = device_name(dev)
     peak = peak_for(name)
     forms = args.conv1.split(",")
     nets = {form: conv1_net(model, dev, form) for form in forms}
