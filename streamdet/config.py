@@ -110,7 +110,8 @@ class ModelConfig(_Model):
     threads: int | None = Field(
         None, ge=1, le=512, description="Torch intra-op threads (null: one per core, one fewer on a CPU replaying a file as fast as possible)."
     )
-    compile: bool = Field(False, description="torch.compile the model: faster, but tens of seconds to start.")
+    compile: bool = Field(False, description="torch.compile the model: faster, but tens of seconds to start "
+                          "(a few minutes on CUDA; cached after).")
     cuda_graphs: bool = Field(
         False,
         description="CUDA: replay CUDA graphs for batches of 1, 2, 4, ... up to max_batch (fewer kernel "

@@ -260,6 +260,12 @@ def check_engine(engine: Callable[[torch.Tensor], torch.Tensor], reference: Call
     return ok, agree, rel
 
 
+def _compile_notice(device: torch.device) -> str:
+    if device.type == "cuda":
+        return " (torch.compile, autotuning each layer: a few minutes on a cold cache)"
+    return " (torch.compile: tens of seconds on a cold cache)"
+
+
 def warm_other_batch_size(engine: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor,
                           batch: int = 4) -> None:
     """Call ``engine`` once on a batch size the start-up check (chunks of ``batch``) did not use.
@@ -319,7 +325,8 @@ def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: s
             fp32 with, and to calibrate int8 on; random clips when None. A path that disagrees
             on top-1 or errs more than ``max_rel_error`` falls back to fp32 with a warning.
         compile: torch.compile the path (Inductor, weights frozen): faster per clip, but the
-            first start compiles for tens of seconds (kernels are cached in ``cache_dir``).
+            first start compiles for tens of seconds on a CPU and a few minutes on CUDA, where
+            Inductor autotunes each layer (kernels are cached in ``cache_dir``).
         cache_dir: compiled kernels and int8 calibration statistics; ``$STREAMDET_CACHE_DIR`` or
             ~/.cache/streamdet when None.
         max_rel_error: largest relative logit error accepted against fp32.
@@ -347,7 +354,7 @@ def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: s
         check_clips = torch.randn((2, *INPUT_SHAPE), generator=gen)
     t0 = time.perf_counter()
     log.info("inference: building the %s path on %s%s", chosen, dev,
-             " (torch.compile: tens of seconds on a cold cache)" if compile else "")
+             _compile_notice(dev) if compile else "")
     engine = _candidate(model, dev, chosen, compile=compile, calibration_clips=check_clips, cache_dir=cache)
     if cuda_graph_sizes:
         if dev.type == "cuda":
