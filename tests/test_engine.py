@@ -322,6 +322,27 @@ def test_fp16_is_refused_on_cpu(model: C3D_BN) -> None:
         inference._candidate(model, CPU, "fp16")
 
 
+@pytest.mark.parametrize(("device", "mode", "conv1_channels"),
+                         [("cuda", "max-autotune-no-cudagraphs", 8), ("cpu", None, 3)])
+def test_compiled_path_autotunes_and_pads_conv1_on_cuda_only(model: C3D_BN, monkeypatch: pytest.MonkeyPatch,
+                                                             tmp_path: Path, device: str, mode: str | None,
+                                                             conv1_channels: int) -> None:
+    built: dict[str, object] = {}
+
+    def fake_compile(net: torch.nn.Module, cache_dir: Path, mode: str | None = None):
+        built.update(net=net, mode=mode)
+        return net
+
+    monkeypatch.setattr(inference, "compile_net", fake_compile)
+    # Build the CUDA path's module on the CPU: the device decides the layout, not where it lives.
+    monkeypatch.setattr(inference, "_prepare", lambda m, dev: inference.fuse_bn(m))
+    inference.build_path(model, torch.device(device), "bf16-compiled", cache_dir=tmp_path)
+    net = built["net"]
+    assert isinstance(net, InferenceNet) and built["mode"] == mode
+    conv1 = net.convs[0][1] if conv1_channels != 3 else net.convs[0]
+    assert conv1.in_channels == conv1_channels and conv1.weight.dtype == torch.bfloat16
+
+
 def test_cudnn_benchmark_is_set_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(inference, "_cuda_configured", False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
