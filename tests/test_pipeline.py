@@ -140,6 +140,7 @@ def test_the_preprocessing_kernel_is_loaded_before_any_capture_thread_reads(
     assert len(callers) > 1  # the capture thread asks again per frame, and finds it loaded
 
 
+@pytest.mark.timeout(60)
 def test_replayed_event_times_follow_the_video_timeline(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
 ) -> None:
