@@ -42,21 +42,26 @@ def peak_for(name: str) -> float | None:
     return None
 
 
+def synchronize() -> None:
+    """Wait for the GPU, whenever CUDA is present: the timed calls may take a pinned host batch
+    and still run on the device; a no-op on machines without CUDA (the scripts' CPU smoke runs)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_interleaved(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor,
                      rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each function on ``x``: each round times every one once, in shuffled
     order, with the device synchronised around each call (warm them up first)."""
-    # Synchronise whenever CUDA runs the functions (x itself may be a pinned host batch).
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         order = list(fns)
         random.shuffle(order)
         for name in order:
-            sync()
+            synchronize()
             t0 = time.perf_counter()
             fns[name](x)
-            sync()
+            synchronize()
             times[name].append(time.perf_counter() - t0)
     return times
 

@@ -22,27 +22,22 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_model  # noqa: E402
-from gpu_bench import peak_for  # noqa: E402
+from gpu_bench import peak_for, synchronize  # noqa: E402
 from gpu_variants import add_model_args, conv1_net, device_name, open_device  # noqa: E402
 
 from streamdet.models.c3d import conv_names  # noqa: E402
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(fn: Callable[[], object], rounds: int, dev: torch.device) -> float:
+def median_ms(fn: Callable[[], object], rounds: int) -> float:
     """Median milliseconds of ``fn``, device synchronised around each call, after two warm-ups."""
     fn()
     fn()
     times = []
     for _ in range(rounds):
-        sync(dev)
+        synchronize()
         t0 = time.perf_counter()
         fn()
-        sync(dev)
+        synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -54,7 +49,7 @@ def top_kernel(fn: Callable[[], object], dev: torch.device) -> str:
     activity = ProfilerActivity.CUDA if dev.type == "cuda" else ProfilerActivity.CPU
     with profile(activities=[activity]) as prof:
         fn()
-        sync(dev)
+        synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == dev.type.upper()]
     total = sum(e.device_time_total for e in events) or 1.0
     best = max(events, key=lambda e: e.device_time_total, default=None)
@@ -95,14 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode():
             for cname, conv, pool in zip(names, net.convs, net.pools, strict=True):
                 y = conv(x)
-                ms = median_ms(lambda c=conv, i=x: c(i), args.rounds, dev)
+                ms = median_ms(lambda c=conv, i=x: c(i), args.rounds)
                 tflops = conv_flop(conv, y) / ms / 1e9
                 print(f"| {form} | {cname} | {ms:.2f} | {tflops:.0f} TFLOP/s | {tflops / peak * 100:.0f}% | "
                       f"{top_kernel(lambda c=conv, i=x: c(i), dev)} |", flush=True)
                 r = F.relu(y)
-                ms_r = median_ms(lambda i=y: F.relu(i), args.rounds, dev)
+                ms_r = median_ms(lambda i=y: F.relu(i), args.rounds)
                 p = pool(r)
-                ms_p = median_ms(lambda q=pool, i=r: q(i), args.rounds, dev) if not isinstance(pool, torch.nn.Identity) else 0.0
+                ms_p = median_ms(lambda q=pool, i=r: q(i), args.rounds) if not isinstance(pool, torch.nn.Identity) else 0.0
                 gb_r = 2 * y.numel() * y.element_size() / ms_r / 1e6
                 gb_p = (r.numel() + p.numel()) * r.element_size() / ms_p / 1e6 if ms_p else 0.0
                 print(f"| {form} | relu + pool after {cname} | {ms_r:.2f} + {ms_p:.2f} | "
@@ -110,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 total += ms + ms_r + ms_p
                 x = p
             flat = torch.flatten(x, 1)
-            ms_fc = median_ms(lambda n=net, f=flat: n.fc8(F.relu(n.fc7(F.relu(n.fc6(f))))), args.rounds, dev)
+            ms_fc = median_ms(lambda n=net, f=flat: n.fc8(F.relu(n.fc7(F.relu(n.fc6(f))))), args.rounds)
             total += ms_fc
-            whole = median_ms(lambda n=net: n(x0), args.rounds, dev)
+            whole = median_ms(lambda n=net: n(x0), args.rounds)
         print(f"| {form} | fc6-fc8 | {ms_fc:.2f} | | | |")
         print(f"| {form} | **sum of stages / whole net** | **{total:.1f} / {whole:.1f}** | | | |", flush=True)
     return 0

@@ -5,8 +5,8 @@
 
 Times the same BN-folded net (channels_last_3d) on random input, interleaved (each round times
 every variant once, in shuffled order), median of ``--rounds``: autocast vs bf16 weights, conv1
-as it is or with its input zero-padded to more channels (``--conv1``), and torch.compile (Inductor, with
-freezing as the engine compiles, one graph per batch size) in each of ``--modes``.
+as it is or with its input zero-padded to more channels (``--conv1``), and torch.compile
+(Inductor, with freezing as the engine compiles, one graph per batch size) in each of ``--modes``.
 Prints ms per batch, clips/s, TFLOP/s and the share of the dense bf16 peak (see gpu_bench.py's
 table). Correctness is gpu_bench.py's job; this script is for choosing a faster path.
 """
@@ -26,16 +26,17 @@ import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_model  # noqa: E402
-from gpu_bench import peak_for, time_interleaved  # noqa: E402
+from gpu_bench import peak_for, synchronize, time_interleaved  # noqa: E402
 
 from streamdet.fastpath import InferenceNet  # noqa: E402
 from streamdet.inference import _configure_cuda, _prepare  # noqa: E402
 from streamdet.models.c3d import count_flops  # noqa: E402
 
 
-def variant(net: torch.nn.Module, dtype: torch.dtype, channels_last: bool, autocast: bool) -> Callable:
-    """A forward of ``net`` with fp32 weights under autocast, or with weights in ``dtype``."""
-    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+def variant(net: torch.nn.Module, dtype: torch.dtype, autocast: bool) -> Callable:
+    """A channels_last_3d forward of ``net`` with fp32 weights under autocast, or with weights in
+    ``dtype``."""
+    fmt = torch.channels_last_3d
     m = net if autocast else copy.deepcopy(net).to(dtype)
     m = m.to(memory_format=fmt)  # type: ignore[call-overload]
 
@@ -99,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     cl = torch.channels_last_3d
     variants: dict[str, Callable] = {}
     for form, net in nets.items():
-        variants[f"bf16 autocast, conv1 {form}"] = variant(net, bf16, True, True)
-        variants[f"bf16 weights, conv1 {form}"] = variant(net, bf16, True, False)
+        variants[f"bf16 autocast, conv1 {form}"] = variant(net, bf16, autocast=True)
+        variants[f"bf16 weights, conv1 {form}"] = variant(net, bf16, autocast=False)
     if args.fp16:
-        variants[f"fp16 weights, conv1 {forms[-1]}"] = variant(nets[forms[-1]], torch.float16, True, False)
+        variants[f"fp16 weights, conv1 {forms[-1]}"] = variant(nets[forms[-1]], torch.float16, autocast=False)
     inductor_config.freezing = True  # as the engine's bf16-compiled path compiles
     for mode in filter(None, args.modes.split(",")):
         for form, net in nets.items():
@@ -121,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 f(x)
                 f(x)
-                if x.is_cuda:
-                    torch.cuda.synchronize()
+                synchronize()
                 warm[n] = time.perf_counter() - t0
             times = time_interleaved(variants, x, args.rounds)
         for n, ts in times.items():
