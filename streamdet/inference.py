@@ -241,8 +241,12 @@ def _configure_cuda() -> None:
     _cuda_configured = True
 
 
+# The start-up check runs its clips in chunks of this many.
+CHECK_BATCH = 4
+
+
 def check_engine(engine: Callable[[torch.Tensor], torch.Tensor], reference: Callable[[torch.Tensor], torch.Tensor],
-                 clips: torch.Tensor, *, max_rel_error: float = 0.05, batch: int = 4,
+                 clips: torch.Tensor, *, max_rel_error: float = 0.05, batch: int = CHECK_BATCH,
                  expected: torch.Tensor | None = None) -> tuple[bool, float, float]:
     """Compare ``engine`` with an fp32 ``reference`` on ``clips``.
 
@@ -252,7 +256,7 @@ def check_engine(engine: Callable[[torch.Tensor], torch.Tensor], reference: Call
     Returns:
         (ok, top-1 agreement in [0, 1], relative error ||a - b|| / ||b|| of the logits).
     """
-    a = torch.cat([engine(clips[i:i + batch]).cpu() for i in range(0, clips.shape[0], batch)])
+    a = _run_batched(engine, clips, batch)
     b = expected if expected is not None else _run_batched(reference, clips, batch)
     agree = float((a.argmax(1) == b.argmax(1)).float().mean())
     rel = float((a - b).norm() / b.norm().clamp_min(1e-12))
@@ -267,7 +271,7 @@ def _compile_notice(device: torch.device) -> str:
 
 
 def warm_other_batch_size(engine: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor,
-                          batch: int = 4) -> None:
+                          batch: int = CHECK_BATCH) -> None:
     """Call ``engine`` once on a batch size the start-up check (chunks of ``batch``) did not use.
 
     A compiled engine compiles again, for any batch size, the first time it sees a second size;
@@ -281,7 +285,8 @@ def warm_other_batch_size(engine: Callable[[torch.Tensor], torch.Tensor], clips:
     engine(clips[:1].expand(size, *clips.shape[1:]).contiguous())
 
 
-def _run_batched(fn: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor, batch: int = 4) -> torch.Tensor:
+def _run_batched(fn: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor,
+                 batch: int = CHECK_BATCH) -> torch.Tensor:
     return torch.cat([fn(clips[i:i + batch]).cpu() for i in range(0, clips.shape[0], batch)])
 
 

@@ -175,6 +175,7 @@ class PreprocessContract:
             self._geometry[(height, width)] = geometry
         return geometry
 
+
 DEFAULT_CONTRACT = PreprocessContract()
 
 
