@@ -9,8 +9,8 @@
    assembly (copy from the doubled ring) and the zero-copy window view.
 2. Throughput: ``streamdet run``'s pipeline on a real file with ``realtime: false`` against the
    bare engine on the same number of windows (bare runs before and after, averaged, so load
-   drift hits both), in rounds, at each of ``--file-threads`` torch thread counts, and the share
-   of the run the inference thread spent inside the engine (see ``bench_file``).
+   drift hits both), in rounds, for each of ``--file-modes`` (inference workers x torch threads
+   each), and the share of the run the workers spent inside the engine (see ``bench_file``).
 3. Real time: N copies of a 30 fps file paced like cameras (``realtime: true``), window stride 8,
    for N = 1, 2, 4, ...; a count holds when no window and under 1% of frames are skipped. Latency
    p50/p99 (capture of the newest frame -> result handled, event line written) per N.
@@ -18,7 +18,7 @@
 Usage:
     python benchmarks/bench_pipeline.py --precision int8
     python benchmarks/bench_pipeline.py --quick
-    python benchmarks/bench_pipeline.py --precision int8 --file-threads 1,2 --file-frames 795 --skip preprocess,streams
+    python benchmarks/bench_pipeline.py --precision int8 --file-frames 795 --skip preprocess,streams
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from streamdet.preprocess import (  # noqa: E402
     _opencv_preprocess,
     preprocess_frame,
 )
-from streamdet.runner import inference_threads  # noqa: E402
+from streamdet.runner import inference_plan  # noqa: E402
 
 log = logging.getLogger("bench_pipeline")
 
@@ -208,7 +209,8 @@ def make_h264_clip(video: Path, dst: Path, frames: int, fps: float | None = None
 
 
 def run_pipeline(checkpoint: Checkpoint, engine, sources: list[dict], max_batch: int, out_dir: Path,
-                 max_seconds: float | None):  # -> RunSummary
+                 max_seconds: float | None, workers: int = 1, threads_per_worker: int | None = None):
+    # -> RunSummary
     cfg = RunConfig.model_validate({
         "sources": sources,
         "model": {"device": str(engine.device), "precision": engine.precision, "max_batch": max_batch},
@@ -216,27 +218,51 @@ def run_pipeline(checkpoint: Checkpoint, engine, sources: list[dict], max_batch:
         "sinks": {"events": {"path": str(out_dir / "events.jsonl")}},
         "progress_interval_s": 3600,
     })
-    pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=max_seconds, print_fn=lambda line: None)
+    pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=max_seconds, print_fn=lambda line: None,
+                        workers=workers, threads_per_worker=threads_per_worker)
     return pipeline.run()
 
 
-def bare_clips_per_s(engine, windows: torch.Tensor, n: int, batch: int) -> float:
+def bare_clips_per_s(engine, windows: torch.Tensor, n: int, batch: int, callers: int = 1,
+                     threads: int | None = None) -> float:
+    """The engine alone on ``n`` clips in batches of ``batch``, from ``callers`` threads side by
+    side (each on ``threads`` torch threads, when given), as the pipeline's workers call it."""
+    taken = 0
+    lock = threading.Lock()
+
+    def work() -> None:
+        nonlocal taken
+        if threads is not None:
+            torch.set_num_threads(threads)
+        while True:
+            with lock:
+                first = taken
+                b = min(batch, n - first)
+                taken += max(b, 0)
+            if b <= 0:
+                return
+            engine(windows[torch.arange(first, first + b) % windows.shape[0]])
+
     t0 = time.perf_counter()
-    done = 0
-    while done < n:
-        b = min(batch, n - done)
-        idx = torch.arange(done, done + b) % windows.shape[0]
-        engine(windows[idx])
-        done += b
+    if callers == 1 and threads is None:
+        work()
+    else:
+        pool = [threading.Thread(target=work) for _ in range(callers)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
     return n / (time.perf_counter() - t0)
 
 
 class TimedEngine:
-    """The engine, adding up the seconds spent in its calls (the rest of a run is pipeline)."""
+    """The engine, adding up the seconds spent in its calls, from any thread (the rest of a run
+    is pipeline)."""
 
     def __init__(self, engine) -> None:
         self.engine = engine
         self.seconds = 0.0
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str):
         return getattr(self.engine, name)
@@ -246,65 +272,75 @@ class TimedEngine:
         try:
             return self.engine(clips)
         finally:
-            self.seconds += time.perf_counter() - t0
+            with self._lock:
+                self.seconds += time.perf_counter() - t0
+
+
+def parse_modes(text: str) -> list[tuple[int, int]]:
+    """``"1x2,2x1"`` -> [(1, 2), (2, 1)]: inference workers x torch threads per worker."""
+    modes = []
+    for part in filter(None, text.split(",")):
+        workers, _, threads = part.partition("x")
+        modes.append((int(workers), int(threads)))
+    return modes
 
 
 def bench_file(checkpoint: Checkpoint, engine, windows: torch.Tensor, clip: Path, args: argparse.Namespace,
                tmp: Path) -> str:
     """The file replayed as fast as possible against the bare engine on the same windows.
 
-    Each of ``--file-rounds`` rounds runs, at each of ``--file-threads`` torch thread counts, the
-    bare engine (batch 1 and ``--max-batch``), the pipeline, then the bare engine again; a round's
-    ratio is the pipeline's clips/s over the bare engine's better batch size (mean of before and
-    after), so the host's speed swings hit both. The engine share is the time the inference
-    thread spent inside the engine over the run's length: what the pipeline adds besides any
-    slowdown of the engine itself. With several thread counts, the pipeline at the count
-    ``streamdet run`` picks is also set against the bare engine's best.
+    Each of ``--file-rounds`` rounds runs, for each mode of ``--file-modes`` (inference workers x
+    torch threads per worker), the bare engine (called as the workers call it, at batch 1 and
+    ``--max-batch``), the pipeline, then the bare engine again. A mode's bare figure is the better
+    batch size (mean of before and after), so the host's speed swings hit both. Each round sets
+    the pipeline at every mode against the bare engine's best mode of that round: the ratio the
+    target is about. The engine share is the time the workers spent inside the engine, over the
+    run's length times the workers: what the pipeline adds besides any slowdown of the engine.
     """
     expected = (args.file_frames - 16) // 8 + 1
     default_threads = torch.get_num_threads()
-    counts = [int(t) for t in args.file_threads.split(",")] if args.file_threads else [default_threads]
+    modes = parse_modes(args.file_modes) if args.file_modes else [
+        (1, default_threads), *([(1, default_threads - 1), (default_threads, 1)] if default_threads > 1 else [])]
     source = {"name": "file", "url": str(clip), "realtime": False}
-    model_cfg = {"device": "cpu", **({"threads": args.threads} if args.threads else {})}
-    run_threads = inference_threads(RunConfig.model_validate({"sources": [source], "model": model_cfg}))
-    run_threads = run_threads or default_threads
+    cfg = RunConfig.model_validate({"sources": [source], "model": {"device": "cpu"}})
+    run_workers, run_threads = inference_plan(cfg, engine.device, engine.concurrent, default_threads)
+    run_mode = (run_workers, run_threads or default_threads)
     sizes = sorted({1, args.max_batch})
-    pipe: dict[int, list[float]] = {t: [] for t in counts}
-    bare: dict[int, list[float]] = {t: [] for t in counts}  # the better batch size's clips/s, per round
-    share: dict[int, list[float]] = {t: [] for t in counts}
-    latency: dict[int, list[tuple[float, float]]] = {t: [] for t in counts}
+    pipe: dict[tuple[int, int], list[float]] = {m: [] for m in modes}
+    bare: dict[tuple[int, int], list[float]] = {m: [] for m in modes}  # the better batch size, per round
+    share: dict[tuple[int, int], list[float]] = {m: [] for m in modes}
+    latency: dict[tuple[int, int], list[tuple[float, float]]] = {m: [] for m in modes}
     windows_run = 0
     for _ in range(args.file_rounds):
-        for threads in counts:
-            torch.set_num_threads(threads)
-            before = [bare_clips_per_s(engine, windows, expected, b) for b in sizes]
+        for mode in random.sample(modes, len(modes)):
+            workers, threads = mode
+            before = [bare_clips_per_s(engine, windows, expected, b, workers, threads) for b in sizes]
             timed = TimedEngine(engine)
-            summary = run_pipeline(checkpoint, timed, [source], args.max_batch, tmp, None)
-            after = [bare_clips_per_s(engine, windows, expected, b) for b in sizes]
+            summary = run_pipeline(checkpoint, timed, [source], args.max_batch, tmp, None, workers, threads)
+            after = [bare_clips_per_s(engine, windows, expected, b, workers, threads) for b in sizes]
             windows_run = summary.windows
-            pipe[threads].append(summary.windows / summary.seconds)
-            bare[threads].append(max((x + y) / 2 for x, y in zip(before, after, strict=True)))
-            share[threads].append(timed.seconds / summary.seconds)
-            latency[threads].append((summary.latency_ms_p50, summary.latency_ms_p99))
-    torch.set_num_threads(default_threads)
+            pipe[mode].append(summary.windows / summary.seconds)
+            bare[mode].append(max((x + y) / 2 for x, y in zip(before, after, strict=True)))
+            share[mode].append(timed.seconds / (summary.seconds * workers))
+            latency[mode].append((summary.latency_ms_p50, summary.latency_ms_p99))
     med = statistics.median
-    lines = [f"{args.file_rounds} rounds of {windows_run} windows; medians, with the range of the per-round ratios\n",
-             "| torch threads | pipeline clips/s | bare clips/s (better batch of 1, " + str(args.max_batch) + ") | "
-             "ratio | engine share of the run | latency p50/p99 ms |", "|---|---|---|---|---|---|"]
-    for t in counts:
-        ratios = [p / b for p, b in zip(pipe[t], bare[t], strict=True)]
-        mark = " (`streamdet run`'s choice)" if t == run_threads else ""
-        lines.append(f"| {t}{mark} | {med(pipe[t]):.2f} | {med(bare[t]):.2f} | {med(ratios) * 100:.0f}% "
-                     f"({min(ratios) * 100:.0f}-{max(ratios) * 100:.0f}%) | {med(share[t]) * 100:.0f}% | "
-                     f"{med(x for x, _ in latency[t]):.0f}/{med(y for _, y in latency[t]):.0f} |")
-    if run_threads in pipe and len(counts) > 1:
-        # per round: streamdet run's choice against the best bare thread count of that round
-        ratios = [pipe[run_threads][r] / max(bare[t][r] for t in counts) for r in range(args.file_rounds)]
-        best_t = max(counts, key=lambda t: med(bare[t]))
-        plural = "s" if run_threads > 1 else ""
-        lines.append(f"\n`streamdet run`'s choice ({run_threads} thread{plural}) against the bare engine's best "
-                     f"thread count in each round: {med(ratios) * 100:.0f}% ({min(ratios) * 100:.0f}-"
-                     f"{max(ratios) * 100:.0f}%); the bare engine was fastest on {best_t} threads (median)")
+    best = [max(bare[m][r] for m in modes) for r in range(args.file_rounds)]
+    lines = [f"{args.file_rounds} rounds of {windows_run} windows, modes in shuffled order; medians, with the "
+             "range over rounds\n",
+             "| workers x torch threads | pipeline clips/s | bare clips/s (better batch of 1, " + str(args.max_batch)
+             + "; same mode) | pipeline / bare, same mode | **pipeline / bare, best mode of the round** | "
+             "engine share of the run | latency p50/p99 ms |", "|---|---|---|---|---|---|---|"]
+    for m in modes:
+        same = [p / b for p, b in zip(pipe[m], bare[m], strict=True)]
+        vs_best = [p / b for p, b in zip(pipe[m], best, strict=True)]
+        mark = " (`streamdet run`'s choice)" if m == run_mode else ""
+        lines.append(f"| {m[0]} x {m[1]}{mark} | {med(pipe[m]):.2f} | {med(bare[m]):.2f} | "
+                     f"{med(same) * 100:.0f}% ({min(same) * 100:.0f}-{max(same) * 100:.0f}%) | "
+                     f"**{med(vs_best) * 100:.0f}%** ({min(vs_best) * 100:.0f}-{max(vs_best) * 100:.0f}%) | "
+                     f"{med(share[m]) * 100:.0f}% | "
+                     f"{med(x for x, _ in latency[m]):.0f}/{med(y for _, y in latency[m]):.0f} |")
+    fastest = max(modes, key=lambda m: med(bare[m]))
+    lines.append(f"\nThe bare engine was fastest as {fastest[0]} x {fastest[1]} (median over rounds).")
     return "\n".join(lines)
 
 
@@ -324,9 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stream-codec", default="h264", choices=["h264", "mjpg"],
                     help="codec of the paced streams: h264 (as RTSP cameras send; needs ffmpeg) or mjpg")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    ap.add_argument("--file-threads", default="",
-                    help="torch thread counts for the file part, e.g. 1,2 (default: --threads or torch's): "
-                         "the pipeline at the count `streamdet run` picks is compared with the bare engine's best")
+    ap.add_argument("--stream-mode", default="auto",
+                    help="inference workers x torch threads each for the paced streams, e.g. 1x2 (default "
+                         "auto: what streamdet run picks for that many sources)")
+    ap.add_argument("--file-modes", default="",
+                    help="inference workers x torch threads each, for the file part, e.g. 1x2,1x1,2x1 (default: "
+                         "those three, for torch's thread count): each is set against the bare engine's best")
     ap.add_argument("--quick", action="store_true", help="width 0.25, 120 frames, streams 1,2, 8 s trials")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: preprocess,file,streams")
     args = ap.parse_args(argv)
@@ -376,18 +415,25 @@ def main(argv: list[str] | None = None) -> int:
                   f"{DEFAULT_CONTRACT.fps:g} fps: a window every {stride_period_ms:.0f} ms per stream; "
                   f"single-clip inference {infer_ms:.0f} ms, so the p99 target is "
                   f"{stride_period_ms + 1.5 * infer_ms:.0f} ms)\n")
-            print("| streams | windows | windows skipped | frames skipped / read | inference p50/p99 ms | "
-                  "latency p50/p99 ms | held |")
-            print("|---|---|---|---|---|---|---|")
+            print("| streams | workers x threads | windows | windows skipped | frames skipped / read | "
+                  "inference p50/p99 ms | latency p50/p99 ms | held |")
+            print("|---|---|---|---|---|---|---|---|")
             held_max = 0
             for n in (int(s) for s in args.streams.split(",")):
                 sources = [{"name": f"cam{i}", "url": str(clip30), "realtime": True} for i in range(n)]
-                s = run_pipeline(checkpoint, engine, sources, args.max_batch, tmp, args.stream_seconds)
+                if args.stream_mode == "auto":  # as streamdet run would
+                    cfg = RunConfig.model_validate({"sources": sources, "model": {"device": "cpu"}})
+                    workers, per_worker = inference_plan(cfg, engine.device, engine.concurrent,
+                                                         torch.get_num_threads())
+                else:
+                    [(workers, per_worker)] = parse_modes(args.stream_mode)
+                s = run_pipeline(checkpoint, engine, sources, args.max_batch, tmp, args.stream_seconds,
+                                 workers, per_worker)
                 read = sum(x.frames_read for x in s.sources)
                 fskip = sum(x.frames_skipped for x in s.sources)
                 wskip = sum(x.windows_skipped for x in s.sources)
                 held = wskip == 0 and fskip <= 0.01 * max(read, 1)
-                print(f"| {n} | {s.windows} | {wskip} | {fskip}/{read} | {s.inference_ms_p50:.0f}/"
+                print(f"| {n} | {workers} x {per_worker or torch.get_num_threads()} | {s.windows} | {wskip} | {fskip}/{read} | {s.inference_ms_p50:.0f}/"
                       f"{s.inference_ms_p99:.0f} | {s.latency_ms_p50:.0f}/{s.latency_ms_p99:.0f} | "
                       f"{'yes' if held else 'no'} |", flush=True)
                 if not held:

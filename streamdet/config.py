@@ -108,7 +108,13 @@ class ModelConfig(_Model):
     )
     max_batch: int = Field(8, ge=1, le=1024, description="Most windows run in one forward pass (CUDA; a CPU runs one at a time).")
     threads: int | None = Field(
-        None, ge=1, le=512, description="Torch intra-op threads (null: one per core, one fewer on a CPU replaying a file as fast as possible)."
+        None, ge=1, le=512, description="Torch intra-op threads in all (null: one per core)."
+    )
+    workers: int | None = Field(
+        None, ge=1, le=512,
+        description="Inference workers: threads running forward passes side by side, sharing the torch threads "
+        "(null: on a CPU, one per source up to one per thread, and one per thread for a file replayed as fast as "
+        "possible; one on CUDA or with compile).",
     )
     compile: bool = Field(False, description="torch.compile the model: faster, but tens of seconds to start "
                           "(a few minutes on CUDA; cached after).")
@@ -124,6 +130,13 @@ class ModelConfig(_Model):
             "(default: the first file source, else random clips)."
         ),
     )
+
+    @model_validator(mode="after")
+    def _workers_need_a_concurrent_engine(self) -> ModelConfig:
+        if self.workers is not None and self.workers > 1 and self.compile:
+            raise ValueError(f"workers: {self.workers} workers cannot share a torch.compile'd model "
+                             "(compile: true): set workers to 1 or null")
+        return self
 
 
 class WindowConfig(_Model):

@@ -106,6 +106,12 @@ class Engine:
     def __repr__(self) -> str:
         return f"Engine(path={self.path!r}, device={str(self.device)!r}, num_classes={self.num_classes})"
 
+    @property
+    def concurrent(self) -> bool:
+        """True when several threads may call this engine at once: the CPU paths, which keep no
+        state between calls. torch.compile's code and CUDA graphs are not made for that."""
+        return self.device.type == "cpu" and not self.path.endswith("-compiled") and self._graphed is None
+
     def use_cuda_graphs(self, sizes: Sequence[int], capture: Callable[..., Any] | None = None) -> None:
         """Replay CUDA graphs for these batch sizes (a batch is padded up to the next size)."""
         example = torch.zeros((1, *INPUT_SHAPE), dtype=self._input_dtype, device=self.device)
@@ -403,12 +409,20 @@ class WindowResult:
 
 
 class InferenceThread(threading.Thread):
-    """Batches ready windows of all sources and runs the engine on them.
+    """Batches ready windows of all sources and runs the engine on them, on one or more workers.
+
+    Each worker gathers a batch, runs the engine on it and hands the results on; results reach
+    ``on_result`` in the order their batches were gathered, one call at a time, whichever worker
+    finishes first. Several workers suit a CPU with throughput to spare: on 2 cores, two workers
+    on one torch thread each ran 1.3-1.6x as many clips/s as one worker on two threads, beside a
+    decoding thread (an OpenMP team waits at every barrier for whichever of its threads the
+    decoder or the host displaced; independent workers do not). ``benchmarks/RESULTS.md``.
 
     Args:
         rings: one ring buffer per source.
-        engine: from :func:`build_engine`.
-        on_result: called in this thread with each batch's results (in source-fair order).
+        engine: from :func:`build_engine`; with several workers, one whose ``concurrent`` is true.
+        on_result: called with each batch's results (in source-fair order), in gathering order,
+            never from two threads at once.
         stop_event: shared stop signal.
         max_batch: most windows per forward pass.
         newest_only: names of live sources: when more than ``live_max_lag`` of their windows are
@@ -416,7 +430,7 @@ class InferenceThread(threading.Thread):
         live_max_lag: ready windows a live source may fall behind by before that jump. 2 rides out
             a one-window hiccup (a decode burst, a slow batch) without losing a window, at up to
             one stride period of extra latency for the windows caught up on.
-        wake: set by capture threads whenever a frame is written (so this thread never polls).
+        wake: set by capture threads whenever a frame is written (so no worker ever polls).
         device: the engine's device (pinned host memory for CUDA).
         on_source_done: called once per source whose ring is closed and drained (after its
             last window's results), so its events can end after every window was seen.
@@ -424,6 +438,10 @@ class InferenceThread(threading.Thread):
             so a window's scores never depend on how many others happened to be ready. Kernels
             pick different algorithms per batch size, which moves logits by ~1e-6: enough to
             flip a threshold now and then. Replays use it for run-to-run identical events.
+        workers: threads running forward passes side by side, each with its own preallocated
+            batch. This thread is the first; it starts and joins the others.
+        threads_per_worker: torch intra-op threads each worker sets for itself (None: leave the
+            process's setting).
     """
 
     def __init__(
@@ -440,8 +458,14 @@ class InferenceThread(threading.Thread):
         on_source_done: Callable[[str], None] = lambda source: None,
         fixed_batch: bool = False,
         live_max_lag: int = 2,
+        workers: int = 1,
+        threads_per_worker: int | None = None,
     ) -> None:
         super().__init__(name="inference", daemon=True)
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, but got {workers}")
+        if workers > 1 and not getattr(engine, "concurrent", True):
+            raise ValueError(f"{engine!r} cannot run on several threads at once: use one worker")
         self.rings = list(rings)
         self.engine = engine
         self.on_result = on_result
@@ -452,18 +476,27 @@ class InferenceThread(threading.Thread):
         self.live_max_lag = live_max_lag
         self.wake = wake or threading.Event()
         self.on_source_done = on_source_done
+        self.workers = workers
+        self.threads_per_worker = threads_per_worker
         pin = device is not None and device.type == "cuda"
-        # One preallocated host batch for the whole run: (max_batch, 3, 16, 112, 112).
-        self._batch = torch.empty((max_batch, *INPUT_SHAPE), dtype=torch.float32, pin_memory=pin)
-        self._batch_np = self._batch.numpy()
+        # One preallocated host batch per worker for the whole run: (max_batch, 3, 16, 112, 112).
+        self._batches = [torch.empty((max_batch, *INPUT_SHAPE), dtype=torch.float32, pin_memory=pin)
+                         for _ in range(workers)]
         self.inference_ms: list[float] = []
         self.windows_done = 0
-        self.idle = threading.Event()  # set while no window is pending
+        self.idle = threading.Event()  # set while no window is pending or being scored
         self.error: BaseException | None = None
+        # Guards gathering, the counts below and delivery, so that a source is reported done
+        # only once none of its windows is waiting in a ring or in a worker.
+        self._lock = threading.Lock()
         self._next_ring = 0
+        self._gathered = 0  # batches handed to workers so far: the next batch's number
+        self._delivered = 0  # the next batch number on_result gets
+        self._finished: dict[int, list[WindowResult]] = {}  # scored, waiting for an earlier batch
+        self._in_flight: dict[str, int] = {ring.name: 0 for ring in self.rings}
         self._done: set[str] = set()
 
-    def _gather(self) -> list[Window]:
+    def _gather(self, batch: np.ndarray) -> list[Window]:
         windows: list[Window] = []
         n = len(self.rings)
         progress = True
@@ -477,7 +510,7 @@ class InferenceThread(threading.Thread):
                 newest = ring.name in self.newest_only
                 if newest and any(w.source == ring.name for w in windows):
                     continue
-                w = ring.take_window(self._batch_np[len(windows)], newest=newest, max_lag=self.live_max_lag)
+                w = ring.take_window(batch[len(windows)], newest=newest, max_lag=self.live_max_lag)
                 if w is not None:
                     windows.append(w)
                     progress = True
@@ -485,26 +518,50 @@ class InferenceThread(threading.Thread):
         return windows
 
     def run(self) -> None:
+        helpers = [threading.Thread(target=self._work, args=(slot,), name=f"inference-{slot}", daemon=True)
+                   for slot in range(1, self.workers)]
+        for helper in helpers:
+            helper.start()
+        self._work(0)
+        for helper in helpers:
+            helper.join()
+
+    def _work(self, slot: int) -> None:
         try:
+            if self.threads_per_worker is not None:
+                torch.set_num_threads(self.threads_per_worker)  # this thread's OpenMP team
+            batch = self._batches[slot]
+            batch_np = batch.numpy()
             while not self.stop_event.is_set():
                 self.wake.clear()
-                windows = self._gather()
+                with self._lock:
+                    windows = self._gather(batch_np)
+                    number = self._gathered
+                    if windows:
+                        self._gathered += 1
+                        for w in windows:
+                            self._in_flight[w.source] += 1
+                    else:
+                        self._report_drained()
+                        if self._delivered == self._gathered:
+                            self.idle.set()
                 if not windows:
-                    self._report_drained()
-                    self.idle.set()
                     self.wake.wait(0.1)
                     continue
                 self.idle.clear()
-                self._infer(windows)
-                self._report_drained()  # a source may end while others keep inference busy
+                if self.workers > 1 and any(ring.pending() for ring in self.rings):
+                    self.wake.set()  # a wake-up this worker consumed may be another's window
+                self._deliver(number, self._infer(batch, windows))
         except BaseException as exc:  # reported by the pipeline, which stops everything
-            self.error = exc
+            if self.error is None:
+                self.error = exc
             self.stop_event.set()
 
-    def _report_drained(self) -> None:
+    def _report_drained(self) -> None:  # with self._lock held
         for ring in self.rings:
             # closed is read before pending: a closed ring gets no more windows.
-            if ring.name not in self._done and ring.closed and ring.pending() == 0:
+            if (ring.name not in self._done and ring.closed and ring.pending() == 0
+                    and self._in_flight[ring.name] == 0):
                 self._done.add(ring.name)
                 self.on_source_done(ring.name)
 
@@ -512,17 +569,26 @@ class InferenceThread(threading.Thread):
     def all_done(self) -> bool:
         return len(self._done) == len(self.rings)
 
-    def _infer(self, windows: list[Window]) -> None:
+    def _infer(self, batch: torch.Tensor, windows: list[Window]) -> list[WindowResult]:
         n = len(windows)
         t0 = time.perf_counter()
-        logits = self.engine(self._batch if self.fixed_batch else self._batch[:n])
+        logits = self.engine(batch if self.fixed_batch else batch[:n])
         probs = torch.softmax(logits[:n].float(), dim=1).cpu().numpy()
         ms = (time.perf_counter() - t0) * 1000.0
-        self.inference_ms.append(ms)
-        if len(self.inference_ms) > 4096:
-            del self.inference_ms[:2048]  # bounded: recent history is enough for percentiles
-        results = [
-            WindowResult(w, probs[i], ms, n) for i, w in enumerate(windows)
-        ]
-        self.windows_done += n
-        self.on_result(results)
+        return [WindowResult(w, probs[i], ms, n) for i, w in enumerate(windows)]
+
+    def _deliver(self, number: int, results: list[WindowResult]) -> None:
+        """Hand on batch ``number`` and every later one already scored, in order."""
+        with self._lock:
+            self._finished[number] = results
+            while self._delivered in self._finished:
+                ready = self._finished.pop(self._delivered)
+                self._delivered += 1
+                self.inference_ms.append(ready[0].inference_ms)
+                if len(self.inference_ms) > 4096:
+                    del self.inference_ms[:2048]  # bounded: recent history is enough for percentiles
+                self.windows_done += len(ready)
+                for r in ready:
+                    self._in_flight[r.window.source] -= 1
+                self.on_result(ready)
+            self._report_drained()  # a source may end while others keep inference busy

@@ -123,10 +123,14 @@ class Pipeline:
         engine: inference path from :func:`streamdet.inference.build_engine`.
         max_seconds: stop after this long (None: until the sources end or a signal).
         print_fn: where progress lines go.
+        workers: inference workers (see :class:`~streamdet.inference.InferenceThread`;
+            ``streamdet.runner.inference_plan`` picks them for ``streamdet run``).
+        threads_per_worker: torch threads each worker sets (None: the process's count).
     """
 
     def __init__(self, cfg: RunConfig, checkpoint: Checkpoint, engine: Engine, *,
-                 max_seconds: float | None = None, print_fn: Callable[[str], None] = print) -> None:
+                 max_seconds: float | None = None, print_fn: Callable[[str], None] = print,
+                 workers: int = 1, threads_per_worker: int | None = None) -> None:
         if not cfg.sources:
             raise StreamdetError("no sources: give --source URL or list sources in the config")
         for s in cfg.sources:
@@ -211,6 +215,7 @@ class Pipeline:
             max_batch=self._batch_size(cfg, engine),
             fixed_batch=not self.live_sources, newest_only=self.live_sources, wake=self._wake,
             device=engine.device, on_source_done=self._on_source_done,
+            workers=workers, threads_per_worker=threads_per_worker,
         )
         self._by_name = {c.source_name: c for c in self.captures}
 

@@ -116,25 +116,46 @@ def load_model(cfg: RunConfig) -> Checkpoint:
     return Checkpoint(model, default_class_names(m.num_classes), DEFAULT_CONTRACT, "random-init", "-")
 
 
-def inference_threads(cfg: RunConfig) -> int | None:
-    """Torch threads for the run: ``model.threads`` when set; one core fewer than torch's default
-    when the model runs on the CPU and a file is replayed as fast as possible (its decoder keeps
-    a core busy, and an OpenMP team that shares a core with it stalls at every barrier: on 2
-    cores, int8 replays ran at 19 clips/s on 1 thread against 12 on 2); else None (torch's
-    default)."""
-    if cfg.model.threads:
-        return cfg.model.threads
-    import torch
+def inference_plan(cfg: RunConfig, device: Any, concurrent: bool, threads: int) -> tuple[int, int | None]:
+    """(workers, torch threads per worker, or None to leave the process's count) for the run.
 
-    from streamdet.inference import select_device
+    Args:
+        cfg: the run's configuration (``model.workers``, ``model.threads``, the sources).
+        device: the engine's torch.device.
+        concurrent: whether the engine may run on several threads at once (``Engine.concurrent``).
+        threads: torch threads in all (``model.threads``, else torch's count: one per core).
 
-    default = torch.get_num_threads()
+    ``model.workers`` when set: the threads are shared out evenly. Unset, on a CPU with a
+    concurrent engine: one worker per source, up to one per thread, and one per thread when a file
+    is replayed as fast as possible. On 2 cores, two one-thread workers beside a file's decoder ran
+    1.3-1.6x the clips/s of one worker on both threads: an OpenMP team stalls at every barrier for
+    whichever thread the decoder displaced. A single live source keeps one worker on every thread,
+    the lowest latency per window. Without concurrency (compile on a CPU), a replay leaves its
+    decoder a core: one worker on one thread fewer. CUDA runs one worker.
+    """
     replays = [s.name for s in cfg.sources if source_kind(s.url) is SourceKind.FILE and not s.realtime]
-    if not replays or default < 2 or select_device(cfg.model.device).type != "cpu":
-        return None
-    log.info("model.threads not set: inference on %d of %d torch threads, leaving one to decode %s as fast "
-             "as possible", default - 1, default, ", ".join(replays))
-    return default - 1
+    workers = cfg.model.workers
+    if workers is not None:
+        if workers > 1 and not concurrent:
+            raise ConfigError(f"model.workers: {workers} workers need an engine that runs on several threads at "
+                              "once, but this one does not (torch.compile, or CUDA): set workers to 1 or null")
+        return workers, max(1, threads // workers)
+    if getattr(device, "type", "cpu") != "cpu" or threads < 2:
+        return 1, None
+    if not concurrent:
+        if replays and not cfg.model.threads:
+            log.info("inference: %d of %d torch threads, leaving one to decode %s as fast as possible",
+                     threads - 1, threads, ", ".join(replays))
+            return 1, threads - 1
+        return 1, None
+    workers = threads if replays else min(threads, len(cfg.sources))
+    if workers > 1:
+        per_worker = threads // workers
+        why = f"to replay {', '.join(replays)} as fast as possible" if replays else f"for {len(cfg.sources)} sources"
+        log.info("inference: %d workers on %d torch thread%s each, %s", workers, per_worker,
+                 "s" if per_worker > 1 else "", why)
+        return workers, per_worker
+    return 1, None
 
 
 def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
@@ -149,7 +170,7 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
     checkpoint = load_model(cfg)
     import torch
 
-    threads, previous = inference_threads(cfg), torch.get_num_threads()
+    threads, previous = cfg.model.threads, torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -159,13 +180,17 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
 
 
 def _run(cfg: RunConfig, checkpoint: Checkpoint, max_seconds: float | None) -> int:
+    import torch
+
     from streamdet.inference import build_engine, graph_batch_sizes
     from streamdet.pipeline import Pipeline
 
     engine = build_engine(checkpoint.model, cfg.model.device, cfg.model.precision,
                           check_clips=check_windows(cfg, checkpoint), compile=cfg.model.compile,
                           cuda_graph_sizes=graph_batch_sizes(cfg.model.max_batch) if cfg.model.cuda_graphs else ())
-    pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=max_seconds)
+    workers, per_worker = inference_plan(cfg, engine.device, engine.concurrent, torch.get_num_threads())
+    pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=max_seconds, workers=workers,
+                        threads_per_worker=per_worker)
 
     def on_signal(signum: int, _frame: object) -> None:
         pipeline.stop(f"signal {signal.Signals(signum).name}")

