@@ -515,11 +515,12 @@ class CaptureThread(threading.Thread):
 
 
 def make_opener(url: str, *, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0,
-                fps: float | None = None) -> Opener:
-    """An opener for :class:`CaptureThread` reading ``url`` with OpenCV."""
+                fps: float | None = None, decode_threads: int | None = None) -> Opener:
+    """An opener for :class:`CaptureThread` reading ``url`` with OpenCV (see :class:`OpenCVSource`)."""
 
     def open_source() -> VideoSource:
-        return OpenCVSource(url, open_timeout_s=open_timeout_s, read_timeout_s=read_timeout_s, fps=fps)
+        return OpenCVSource(url, open_timeout_s=open_timeout_s, read_timeout_s=read_timeout_s, fps=fps,
+                            decode_threads=decode_threads)
 
     open_source.__doc__ = f"Open {redact_url(url)}"
     return open_source

@@ -185,7 +185,7 @@ class Pipeline:
             self.captures.append(CaptureThread(
                 s.name,
                 make_opener(s.url, open_timeout_s=opts.open_timeout_s, read_timeout_s=opts.read_timeout_s,
-                            fps=opts.fps),
+                            fps=opts.fps, decode_threads=1 if lossless else None),
                 ring,
                 checkpoint.contract,
                 self.stop_event,

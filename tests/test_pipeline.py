@@ -22,6 +22,7 @@ from tiny_model import CLIP_FRAMES, make_tiny_weights
 
 from streamdet import capture as capture_module
 from streamdet import kernels
+from streamdet import pipeline as pipeline_module
 from streamdet.config import RunConfig, load_config
 from streamdet.models.weights import Checkpoint, load_checkpoint
 from streamdet.pipeline import Pipeline, StageError
@@ -192,6 +193,28 @@ def test_two_inference_workers_log_the_same_events_as_one(
                          for source in ("walk", "bikes")}
     assert logs[1]["walk"] and logs[1]["bikes"], "the tiny model made no event on a clip"
     assert logs[2] == logs[1]
+
+
+def test_a_replay_decodes_on_one_thread_and_a_live_source_on_ffmpegs_choice(
+    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay's workers keep every core busy: frame-threaded decoding would only cost more CPU."""
+    asked: dict[str, int | None] = {}
+    real_make_opener = pipeline_module.make_opener
+
+    def recording_make_opener(url: str, **kwargs: Any):
+        asked[url] = kwargs.get("decode_threads")
+        return real_make_opener(url, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "make_opener", recording_make_opener)
+    paced = tmp_path / "paced.avi"
+    paced.write_bytes(walk_clip.read_bytes())
+    cfg = config([{"name": "replay", "url": str(walk_clip), "realtime": False},
+                  {"name": "paced", "url": str(paced), "realtime": True}], None)
+
+    Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
+
+    assert asked == {str(walk_clip): 1, str(paced): None}
 
 
 @pytest.mark.timeout(30)

@@ -122,6 +122,10 @@ class OpenCVSource:
         open_timeout_s: for URLs, give up opening after this long.
         read_timeout_s: for URLs, a read blocking this long fails.
         fps: override the reported frame rate.
+        decode_threads: FFmpeg decoding threads for a file or stream (None: FFmpeg's choice, one
+            per core). One costs 15-30% less CPU per H.264 frame than frame threading on two (1.5
+            against 1.7-2.2 ms at 768x576 here), so a replay whose inference keeps every core busy
+            decodes on one.
 
     Raises:
         SourceError: the source cannot be opened (the message never contains a password).
@@ -134,8 +138,10 @@ class OpenCVSource:
         open_timeout_s: float = 10.0,
         read_timeout_s: float = 5.0,
         fps: float | None = None,
+        decode_threads: int | None = None,
     ) -> None:
         _configure_ffmpeg_once()
+        self._threads = [] if decode_threads is None else [cv2.CAP_PROP_N_THREADS, decode_threads]
         register_secrets(url)
         self.url = url
         self.kind = source_kind(url)
@@ -159,13 +165,14 @@ class OpenCVSource:
                 raise SourceError(f"{path}: video file not found")
             if not path.is_file() or path.stat().st_size == 0:
                 raise SourceError(f"{path}: not a readable video file (empty or not a file)")
-            self._cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+            self._cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, self._threads)
             if not self._cap.isOpened():
                 raise SourceError(f"{path}: cannot decode video (corrupt or unsupported format)")
         else:
             params = [
                 cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
                 cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_s * 1000),
+                *self._threads,
             ]
             self._cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
             if not self._cap.isOpened():
