@@ -413,10 +413,10 @@ class InferenceThread(threading.Thread):
 
     Each worker gathers a batch, runs the engine on it and hands the results on; results reach
     ``on_result`` in the order their batches were gathered, one call at a time, whichever worker
-    finishes first. Several workers suit a CPU with throughput to spare: on 2 cores, two workers
-    on one torch thread each ran 1.3-1.6x as many clips/s as one worker on two threads, beside a
-    decoding thread (an OpenMP team waits at every barrier for whichever of its threads the
-    decoder or the host displaced; independent workers do not). ``benchmarks/RESULTS.md``.
+    finishes first. Several workers suit a CPU: on 2 cores, beside a decoding thread, two workers
+    on one torch thread each replayed a file at 1.3-2.1x the clips/s of one worker (an OpenMP team
+    waits at every barrier for whichever of its threads the decoder or the host displaced;
+    independent workers do not). ``benchmarks/RESULTS.md``, "Inference workers".
 
     Args:
         rings: one ring buffer per source.

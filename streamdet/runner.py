@@ -9,12 +9,15 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamdet.config import RunConfig, load_config
 from streamdet.errors import ConfigError, StreamdetError
 from streamdet.models.weights import Checkpoint, default_class_names, load_checkpoint
 from streamdet.sources import SourceKind, check_file_source, redact_text, source_kind, source_name
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ def load_model(cfg: RunConfig) -> Checkpoint:
     return Checkpoint(model, default_class_names(m.num_classes), DEFAULT_CONTRACT, "random-init", "-")
 
 
-def inference_plan(cfg: RunConfig, device: Any, concurrent: bool, threads: int) -> tuple[int, int | None]:
+def inference_plan(cfg: RunConfig, device: torch.device, concurrent: bool, threads: int) -> tuple[int, int | None]:
     """(workers, torch threads per worker, or None to leave the process's count) for the run.
 
     Args:
@@ -128,8 +131,8 @@ def inference_plan(cfg: RunConfig, device: Any, concurrent: bool, threads: int) 
     ``model.workers`` when set: the threads are shared out evenly. Unset, on a CPU with a
     concurrent engine: one worker per source, up to one per thread, and one per thread when a file
     is replayed as fast as possible. On 2 cores, two one-thread workers beside a file's decoder ran
-    1.3-1.6x the clips/s of one worker on both threads: an OpenMP team stalls at every barrier for
-    whichever thread the decoder displaced. A single live source keeps one worker on every thread,
+    1.3-2.1x the clips/s of one worker, and held 12 paced streams against 8: an OpenMP team stalls
+    at every barrier for whichever of its threads the decoder or the host displaced. A single live source keeps one worker on every thread,
     the lowest latency per window. Without concurrency (compile on a CPU), a replay leaves its
     decoder a core: one worker on one thread fewer. CUDA runs one worker.
     """
@@ -140,7 +143,7 @@ def inference_plan(cfg: RunConfig, device: Any, concurrent: bool, threads: int) 
             raise ConfigError(f"model.workers: {workers} workers need an engine that runs on several threads at "
                               "once, but this one does not (torch.compile, or CUDA): set workers to 1 or null")
         return workers, max(1, threads // workers)
-    if getattr(device, "type", "cpu") != "cpu" or threads < 2:
+    if device.type != "cpu" or threads < 2:
         return 1, None
     if not concurrent:
         if replays and not cfg.model.threads:
