@@ -53,13 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     host = machine()
     model, desc = load_model(None, 8, args.width)
-    net = build_path(model, torch.device("cpu"), args.path).model
+    engine = build_path(model, torch.device("cpu"), args.path)
+    net = engine.model
     assert isinstance(net, PackedNet)
     variants = {
         "compiled pools": list(net.pools),
         "ATen pools": [plain_pool(p) for p in net.pools],
     }
-    x = torch.randn(args.batch, *INPUT_SHAPE).to(net.dtype).contiguous(memory_format=torch.channels_last_3d)
+    x = engine.prepare(torch.randn(args.batch, *INPUT_SHAPE))  # as the engine passes it: conv1 includes its fold
     rows: dict[str, list[list[float]]] = {name: [] for name in variants}
     with torch.inference_mode():
         for pools in variants.values():

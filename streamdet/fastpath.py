@@ -139,28 +139,53 @@ class WidthFold(nn.Module):
 
     In channels_last_3d memory a pixel's channels sit next to its neighbours' along W, so the
     folded tensor is an overlapping strided view of the width-padded input; one copy makes it
-    dense (0.6 ms for a C3D clip in bf16).
+    dense. For C3D's conv1 (3 channels, 3 taps) on a float32 NCDHW clip, the engine's input,
+    :func:`streamdet.kernels.get`'s ``fold_width3`` does the layout change, the fold and the
+    conversion to ``dtype`` in one pass: 0.5 ms per clip on one thread, against 2.2 ms (bf16) and
+    1.8 ms (float32) for the copies through ATen (``benchmarks/RESULTS.md``). Other inputs take the
+    ATen route; both give the same values.
 
     Why: oneDNN's AMX kernels waste most of each tile on C3D conv1's 3 input channels. With 9
     channels and 9 taps instead of 27, conv1 at batch 1 runs 1.2-2.4x faster in bf16 (4.4 instead
     of 5.2 ms idle, 5.0 instead of 11.9 ms on a busy host) and about 2x in int8 (3.7 instead of
     7.2 ms); the model is 1.05-1.08x (bf16) and 1.07-1.16x (int8) faster, in paired interleaved
     rounds. fp32 gains nothing.
+
+    Args:
+        taps: the conv's kernel width (odd).
+        dtype: the folded tensor's dtype (None: the input's).
     """
 
-    def __init__(self, taps: int) -> None:
+    _KERNEL_BITS = {torch.float32: (torch.int32, np.uint32), torch.bfloat16: (torch.int16, np.uint16)}
+
+    def __init__(self, taps: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if taps < 1 or taps % 2 != 1:
             raise ValueError(f"taps must be a positive odd number, but got {taps}")
         self.taps = taps
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype or x.dtype
+        compiled = kernels.get()
+        if (compiled is not None and self.taps == 3 and x.dim() == 5 and x.shape[1] == 3
+                and x.dtype == torch.float32 and dtype in self._KERNEL_BITS and x.device.type == "cpu"
+                and x.is_contiguous()):
+            return self._kernel_fold(compiled.fold_width3, x, dtype)
         pad = self.taps // 2
         b, c, t, h, w = x.shape
-        padded = F.pad(x, (pad, pad)).contiguous(memory_format=torch.channels_last_3d)
+        padded = F.pad(x.to(dtype), (pad, pad)).contiguous(memory_format=torch.channels_last_3d)
         s = padded.stride()  # (T H W' C, 1, H W' C, W' C, C): channels innermost, then width
         folded = padded.as_strided((b, c * self.taps, t, h, w), (s[0], 1, s[2], s[3], c))
         return folded.contiguous(memory_format=torch.channels_last_3d)
+
+    def _kernel_fold(self, fold: Callable[..., None], x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        storage, bits = self._KERNEL_BITS[dtype]
+        b, c, t, h, w = x.shape
+        out = torch.empty((b, t, h, w, c * self.taps), dtype=storage)
+        for n in range(b):
+            fold(x[n].numpy(), out[n].numpy().view(bits), dtype == torch.bfloat16)
+        return out.view(dtype).permute(0, 4, 1, 2, 3)  # channels_last_3d (B, C * taps, T, H, W)
 
 
 def width_folded_conv(conv: nn.Conv3d) -> nn.Conv3d:
@@ -233,8 +258,9 @@ def channel_padded_conv(conv: nn.Conv3d, channels: int) -> nn.Conv3d:
 class PackedNet(nn.Module):
     """:class:`InferenceNet` with prepacked oneDNN conv+ReLU layers, in ``dtype``, channels_last_3d.
 
-    A conv1 folded by ``InferenceNet(fold_conv1=True)`` keeps its :class:`WidthFold` in front of
-    the packed conv (worth it in bf16, not in fp32: see :class:`WidthFold`).
+    A conv1 folded by ``InferenceNet(fold_conv1=True)`` keeps a :class:`WidthFold` in front of
+    the packed conv (worth it in bf16, not in fp32: see :class:`WidthFold`), which converts to
+    ``dtype``: such a net takes float32 clips, any layout; otherwise ``dtype`` channels_last_3d.
 
     Args:
         net: the fp32 inference net (its fc layers are copied to ``dtype``).
@@ -252,7 +278,8 @@ class PackedNet(nn.Module):
             fold, conv = (layer[0], layer[1]) if isinstance(layer, nn.Sequential) else (None, layer)
             assert isinstance(conv, nn.Conv3d)
             packed = PackedConv3dReLU(conv, dtype, (batch, conv.in_channels, t, h, w))
-            convs.append(packed if fold is None else nn.Sequential(fold, packed))
+            # the fold takes the float32 clip and gives ``dtype`` (one pass, see WidthFold)
+            convs.append(packed if fold is None else nn.Sequential(WidthFold(fold.taps, dtype), packed))
             if isinstance(pool, nn.MaxPool3d):
                 t, h, w = _pooled_size((t, h, w), _triple(pool.kernel_size), _triple(pool.padding))
         self.convs = nn.ModuleList(convs)

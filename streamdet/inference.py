@@ -86,11 +86,17 @@ class Engine:
         precision: the numeric path in use (``fp32``, ``bf16``, ``fp16``, ``int8``).
         path: how it runs, e.g. ``bf16-packed`` (see :data:`PATHS`).
         num_classes: logits per clip.
+
+    The constructor's ``input_dtype`` and ``channels_last_input`` say what the model takes: by
+    default clips are converted to its parameters' dtype in channels_last_3d memory; a model
+    whose first layer changes the layout itself (a :class:`~streamdet.fastpath.WidthFold`) gets
+    the float32 (B, C, T, H, W) clips as they come.
     """
 
     def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], device: torch.device, precision: str,
                  num_classes: int, autocast_dtype: torch.dtype | None = None, *,
-                 input_dtype: torch.dtype | None = None, path: str | None = None) -> None:
+                 input_dtype: torch.dtype | None = None, path: str | None = None,
+                 channels_last_input: bool = True) -> None:
         self.model = model
         self.device = device
         self.precision = precision
@@ -101,6 +107,7 @@ class Engine:
             params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
             input_dtype = params[0].dtype if params and autocast_dtype is None else torch.float32
         self._input_dtype = input_dtype
+        self._input_format = torch.channels_last_3d if channels_last_input else torch.contiguous_format
         self._graphed: GraphedForward | None = None  # CUDA graphs, when use_cuda_graphs was called
 
     def __repr__(self) -> str:
@@ -115,13 +122,14 @@ class Engine:
     def use_cuda_graphs(self, sizes: Sequence[int], capture: Callable[..., Any] | None = None) -> None:
         """Replay CUDA graphs for these batch sizes (a batch is padded up to the next size)."""
         example = torch.zeros((1, *INPUT_SHAPE), dtype=self._input_dtype, device=self.device)
-        example = example.contiguous(memory_format=torch.channels_last_3d)
+        example = example.contiguous(memory_format=self._input_format)
         self._graphed = GraphedForward(self._run, sizes, example, capture=capture)
 
-    def _transfer(self, clips: torch.Tensor) -> torch.Tensor:
+    def prepare(self, clips: torch.Tensor) -> torch.Tensor:
+        """``clips`` as the model takes them: on its device, in its input dtype and layout."""
         # From the pinned host batch the copy is asynchronous on CUDA; on the CPU it is a no-op.
         x = clips.to(self.device, non_blocking=True)
-        return x.to(dtype=self._input_dtype, memory_format=torch.channels_last_3d)
+        return x.to(dtype=self._input_dtype, memory_format=self._input_format)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         if self._autocast_dtype is None:
@@ -133,7 +141,7 @@ class Engine:
         if clips.dim() != 5 or tuple(clips.shape[1:]) != INPUT_SHAPE:
             raise ValueError(f"expected (B, {', '.join(map(str, INPUT_SHAPE))}), but got {tuple(clips.shape)}")
         with torch.inference_mode():
-            x = self._transfer(clips)
+            x = self.prepare(clips)
             forward = self._graphed or self._run
             return forward(x).float()
 
@@ -191,9 +199,12 @@ def build_path(model: C3D_BN, device: torch.device, path: str, *,
     if path.endswith("-packed"):
         if device.type != "cpu" or not onednn_prepack_available():
             raise ValueError(f"path {path} needs a CPU PyTorch build with oneDNN")
-        # conv1's width taps folded into its channels: faster in bf16, not in fp32 (fastpath.WidthFold)
-        net = PackedNet(InferenceNet(_prepare(model, device), fold_conv1=dtype == torch.bfloat16), dtype)
-        return Engine(net, device, precision, num_classes, input_dtype=dtype, path=path)
+        # conv1's width taps folded into its channels: faster in bf16, not in fp32 (fastpath.WidthFold);
+        # the fold also converts the float32 clip, so it gets the clip as it comes
+        fold = dtype == torch.bfloat16
+        net = PackedNet(InferenceNet(_prepare(model, device), fold_conv1=fold), dtype)
+        return Engine(net, device, precision, num_classes, input_dtype=torch.float32 if fold else dtype, path=path,
+                      channels_last_input=not fold)
     if path.endswith("-compiled"):
         cuda = device.type == "cuda"
         # On CUDA Inductor also times its Triton convolutions against cuDNN's, layer by layer.

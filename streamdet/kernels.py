@@ -39,7 +39,8 @@ _loaded = False
 
 
 def get() -> SimpleNamespace | None:
-    """The compiled kernels (``supersample2``, ``max_pool_nonneg``), or None where unavailable."""
+    """The compiled kernels (``supersample2``, ``max_pool_nonneg``, ``fold_width3``), or None
+    where unavailable."""
     global _kernels, _loaded
     if _loaded:
         return _kernels
@@ -118,4 +119,32 @@ def _compile() -> SimpleNamespace:
         "void(int16[:, :, :, ::1], int16[:, :, :, ::1], int64[::1], int64[::1])",
         "void(int32[:, :, :, ::1], int32[:, :, :, ::1], int64[::1], int64[::1])",
     ])(pool)
-    return SimpleNamespace(supersample2=supersample2, max_pool_nonneg=max_pool_nonneg)
+
+    def fold(x, out, to_bf16):  # pragma: no cover - compiled
+        """out[t, h, w, 3 k + c] = x[c, t, h, w + k - 1] (0 beyond the edges), as float32 bits
+        (out uint32) or, with ``to_bf16``, bfloat16 bits rounded to nearest even as torch does
+        (out uint16): C3D conv1's 3 colour channels times its 3 width taps, channels last.
+        Each (t, h) row is converted once into a padded buffer, then written out in order, nine
+        values per pixel (unrolled: a loop over taps and channels ran 4x slower)."""
+        t_in, h_in, w_in = x.shape[1], x.shape[2], x.shape[3]
+        bits = x.view(np.uint32)
+        row = np.zeros((3, w_in + 2), out.dtype)
+        for t in range(t_in):
+            for h in range(h_in):
+                for c in range(3):
+                    for w in range(w_in):
+                        u = bits[c, t, h, w]
+                        if to_bf16:
+                            u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                        row[c, w + 1] = u
+                o = out[t, h]
+                for w in range(w_in):
+                    o[w, 0], o[w, 1], o[w, 2] = row[0, w], row[1, w], row[2, w]
+                    o[w, 3], o[w, 4], o[w, 5] = row[0, w + 1], row[1, w + 1], row[2, w + 1]
+                    o[w, 6], o[w, 7], o[w, 8] = row[0, w + 2], row[1, w + 2], row[2, w + 2]
+
+    fold_width3 = jit([
+        "void(float32[:, :, :, ::1], uint32[:, :, :, ::1], boolean)",
+        "void(float32[:, :, :, ::1], uint16[:, :, :, ::1], boolean)",
+    ])(fold)
+    return SimpleNamespace(supersample2=supersample2, max_pool_nonneg=max_pool_nonneg, fold_width3=fold_width3)

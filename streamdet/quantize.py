@@ -175,4 +175,5 @@ def build_int8_engine(
         log.warning("int8: no real windows given to calibrate on; using random clips")
         calibration_clips = torch.randn((4, *INPUT_SHAPE), generator=torch.Generator().manual_seed(0))
     quantized = quantize_int8(model, calibration_clips, cache_dir=cache_dir or default_cache_dir())
-    return Engine(quantized, device, "int8", model.num_classes, input_dtype=torch.float32)
+    # the float WidthFold in front changes the layout itself (fastpath.WidthFold)
+    return Engine(quantized, device, "int8", model.num_classes, input_dtype=torch.float32, channels_last_input=False)

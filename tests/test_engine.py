@@ -170,6 +170,18 @@ def test_bf16_packed_path_folds_only_its_three_channel_first_conv(model: C3D_BN)
     assert all(isinstance(c, PackedConv3dReLU) for c in fp32.convs)  # folding gains nothing in fp32
 
 
+@pytest.mark.parametrize("path", ["bf16-packed", "int8"])
+def test_a_path_that_folds_conv1_takes_the_float32_clip_as_it_comes(model: C3D_BN, real_clips: torch.Tensor,
+                                                                   path: str, tmp_path: Path) -> None:
+    """Its WidthFold changes layout and dtype in one pass, so the engine makes no copy first."""
+    if path.endswith("-packed") and not onednn_prepack_available():
+        pytest.skip("this PyTorch build has no oneDNN prepacking")
+    engine = build_path(model, CPU, path, calibration_clips=real_clips, cache_dir=tmp_path)
+    clips = real_clips[:2]
+    assert engine.prepare(clips) is clips
+    assert build_path(model, CPU, "fp32-eager").prepare(clips).is_contiguous(memory_format=torch.channels_last_3d)
+
+
 @needs_prepack
 def test_packed_net_gives_one_clip_the_same_logits_as_a_batch(model: C3D_BN) -> None:
     net = PackedNet(InferenceNet(fuse_bn(model)), torch.float32).eval()

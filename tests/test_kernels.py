@@ -1,6 +1,6 @@
 """The compiled kernels: the supersampled crop reads the pixels OpenCV's route reads and gives its
-values up to OpenCV's uint8 rounding; the index-free pool gives ATen's maxima; both can be
-switched off."""
+values up to OpenCV's uint8 rounding; the index-free pool gives ATen's maxima; the width fold
+gives ATen's folded values and bfloat16 rounding; all can be switched off."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from assets import vtest_frames
 from torch import nn
 
-from streamdet.fastpath import NonNegMaxPool3d, nonneg_max_pool
+from streamdet.fastpath import NonNegMaxPool3d, WidthFold, nonneg_max_pool
 from streamdet.preprocess import (
     DEFAULT_CONTRACT,
     PreprocessContract,
@@ -170,6 +170,48 @@ def test_nonneg_pool_leaves_small_clips_to_aten(monkeypatch: pytest.MonkeyPatch)
 )
 def test_pools_the_kernel_does_not_cover_are_left_as_they_are(pool: nn.Module) -> None:
     assert nonneg_max_pool(pool) is pool
+
+
+def _fold_input(shape: tuple[int, ...] = (2, 3, 4, 5, 7)) -> torch.Tensor:
+    """float32 NCDHW values, a few of them exactly halfway between two bfloat16 values."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    bits = x.view(torch.int32).view(-1)
+    bits[::5] = (bits[::5] & ~0xFFFF) | 0x8000  # ties: round to the even neighbour, as torch does
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_width_fold_gives_atens_values_in_one_pass(compiled_kernels, monkeypatch: pytest.MonkeyPatch,
+                                                            dtype: torch.dtype) -> None:
+    x = _fold_input()
+    calls: list[bool] = []
+    monkeypatch.setattr(compiled_kernels, "fold_width3",
+                        lambda *a, f=compiled_kernels.fold_width3: calls.append(a[2]) or f(*a))
+
+    out = WidthFold(3, dtype)(x)
+
+    assert calls == [dtype == torch.bfloat16] * 2  # once per clip
+    expected = WidthFold(3, dtype)(x.contiguous(memory_format=torch.channels_last_3d))
+    assert len(calls) == 2  # a channels_last input took ATen's route
+    assert out.dtype == dtype and out.shape == (2, 9, 4, 5, 7)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(out, expected)
+    # width neighbours: channel 3k + c at w is channel c at w + k - 1, zero beyond the edges
+    assert torch.equal(out[:, 3:6], x.to(dtype))
+    assert torch.equal(out[:, 0:3, ..., 1:], x.to(dtype)[..., :-1]) and not out[:, 0:3, ..., 0].any()
+    assert torch.equal(out[:, 6:9, ..., :-1], x.to(dtype)[..., 1:]) and not out[:, 6:9, ..., -1].any()
+
+
+@pytest.mark.parametrize(
+    ("taps", "x"),
+    [(3, _fold_input((1, 4, 2, 3, 5))), (5, _fold_input()), (3, _fold_input().to(torch.float64))],
+    ids=["four-channels", "five-taps", "float64"],
+)
+def test_width_folds_the_kernel_does_not_cover_take_atens_route(compiled_kernels, monkeypatch: pytest.MonkeyPatch,
+                                                                taps: int, x: torch.Tensor) -> None:
+    monkeypatch.setattr(compiled_kernels, "fold_width3", lambda *a: pytest.fail("the kernel ran"))
+    out = WidthFold(taps)(x)
+    assert out.shape == (x.shape[0], x.shape[1] * taps, *x.shape[2:]) and out.dtype == x.dtype
 
 
 def test_no_jit_environment_variable_turns_the_kernels_off() -> None:
