@@ -5,7 +5,9 @@ from __future__ import annotations
 import platform
 import statistics
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -105,3 +107,36 @@ def median_spread(values: list[float]) -> tuple[float, float, float]:
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def clips_per_s(run: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, n: int, batch: int = 1,
+                callers: int = 1, threads: int | None = None) -> float:
+    """``run`` alone on ``n`` clips of ``windows`` in batches of ``batch``, from ``callers``
+    threads side by side, each on ``threads`` torch threads when given (as streamdet's inference
+    workers call the engine); clips per second."""
+    taken = 0
+    lock = threading.Lock()
+
+    def work() -> None:
+        nonlocal taken
+        if threads is not None:
+            torch.set_num_threads(threads)
+        while True:
+            with lock:
+                first = taken
+                b = min(batch, n - first)
+                taken += max(b, 0)
+            if b <= 0:
+                return
+            run(windows[torch.arange(first, first + b) % windows.shape[0]])
+
+    t0 = time.perf_counter()
+    if callers == 1 and threads is None:
+        work()
+    else:
+        pool = [threading.Thread(target=work) for _ in range(callers)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+    return n / (time.perf_counter() - t0)

@@ -12,6 +12,7 @@ Usage:
     python benchmarks/bench_model.py --quick         # smoke run, under a minute
     python benchmarks/bench_model.py --paths fp32-unfused,bf16-packed,int8 --batches 1 --rounds 9
     python benchmarks/bench_model.py --paths fp32-unfused,bf16-packed,bf16-packed+aten-pools --batches 1
+    python benchmarks/bench_model.py --paths fp32-unfused,bf16-packed,int8,openvino-bf16,openvino-int8 --batches 1 --workers 2
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import random
 import statistics
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -31,7 +33,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_VIDEO, git_rev, load_model, machine, median_spread, real_windows  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_VIDEO,
+    clips_per_s,
+    git_rev,
+    load_model,
+    machine,
+    median_spread,
+    real_windows,
+)
 
 from streamdet.fastpath import InferenceNet, plain_pool  # noqa: E402
 from streamdet.inference import Engine, build_path  # noqa: E402
@@ -50,9 +60,11 @@ Runner = Callable[[torch.Tensor], torch.Tensor]
 
 
 class OpenVinoRunner:
-    """OpenVINO on the same (BN-folded) weights, compiled once per batch size."""
+    """OpenVINO on the same (BN-folded) weights, compiled once per batch size, one infer request
+    per calling thread. ``streams`` > 1 compiles for throughput with that many CPU streams
+    (OpenVINO's counterpart of streamdet's inference workers); else for latency."""
 
-    def __init__(self, model: C3D_BN, precision: str, calibration: torch.Tensor) -> None:
+    def __init__(self, model: C3D_BN, precision: str, calibration: torch.Tensor, streams: int = 1) -> None:
         import openvino as ov
 
         self.core = ov.Core()
@@ -66,19 +78,30 @@ class OpenVinoRunner:
             data = nncf.Dataset([calibration[i:i + 1].numpy() for i in range(calibration.shape[0])])
             self.model = nncf.quantize(self.model, data, subset_size=calibration.shape[0])
         self.precision = precision
-        self._requests: dict[int, object] = {}
+        self.streams = streams
+        self._compiled: dict[int, object] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()  # this thread's infer requests, by batch size
+
+    def _compile(self, b: int) -> object:
+        with self._lock:
+            if b not in self._compiled:
+                m = self.model.clone()
+                m.reshape([b, *INPUT_SHAPE])
+                config = {"INFERENCE_PRECISION_HINT": "bf16" if precision_is_low(self.precision) else "f32"}
+                if self.streams > 1:
+                    config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(self.streams)})
+                else:
+                    config["PERFORMANCE_HINT"] = "LATENCY"
+                self._compiled[b] = self.core.compile_model(m, "CPU", config)
+            return self._compiled[b]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
-        if b not in self._requests:
-            m = self.model.clone()
-            m.reshape([b, *INPUT_SHAPE])
-            hint = "bf16" if precision_is_low(self.precision) else "f32"
-            compiled = self.core.compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": hint,
-                                                          "PERFORMANCE_HINT": "LATENCY"})
-            self._requests[b] = compiled.create_infer_request()
-        req = self._requests[b]
-        out = req.infer({0: x.numpy()})  # type: ignore[attr-defined]
+        requests = self._local.__dict__.setdefault("requests", {})
+        if b not in requests:
+            requests[b] = self._compile(b).create_infer_request()  # type: ignore[attr-defined]
+        out = requests[b].infer({0: x.numpy()})
         return torch.from_numpy(np.asarray(out[0]).copy())
 
 
@@ -108,6 +131,49 @@ def build_runner(name: str, model: C3D_BN, calibration: torch.Tensor, cache_dir:
     return build_path(model, torch.device("cpu"), name, calibration_clips=calibration, cache_dir=cache_dir)
 
 
+def bench_workers(runners: dict[str, Runner], model: C3D_BN, calib: torch.Tensor, clips: torch.Tensor,
+                  args: argparse.Namespace) -> str:
+    """Clips/s at batch 1, one caller on every torch thread against ``args.workers`` callers on
+    an equal share each, every (path, mode) once per round in shuffled order. OpenVINO paths get
+    a second runner compiled with as many throughput streams. The eager fp32 baseline is left
+    out (seconds per clip)."""
+    threads = torch.get_num_threads()
+    per_worker = max(1, threads // args.workers)
+    n = 12 * args.workers
+    modes: dict[tuple[str, str], Callable[[], float]] = {}
+    for name, run in runners.items():
+        if name == BASELINE:
+            continue
+        modes[(name, "one")] = lambda run=run: clips_per_s(run, clips, n)
+        if name.startswith("openvino-"):
+            streamed = OpenVinoRunner(model, name.split("-", 1)[1], calib, streams=args.workers)
+            streamed(clips[:1])  # compile outside the timing
+            modes[(name, "workers")] = lambda run=streamed: clips_per_s(run, clips, n, 1, args.workers)
+        else:
+            modes[(name, "workers")] = lambda run=run: clips_per_s(run, clips, n, 1, args.workers, per_worker)
+    for measure in modes.values():  # warm every thread's requests and OpenMP teams
+        measure()
+    rate: dict[tuple[str, str], list[float]] = {key: [] for key in modes}
+    rng = random.Random(args.seed + 1)
+    for _ in range(args.rounds):
+        for key in rng.sample(list(modes), len(modes)):
+            rate[key].append(modes[key]())
+    ov = {k: v for k, v in (("bf16", "openvino-bf16"), ("int8", "openvino-int8")) if v in runners}
+    lines = [f"\n## Throughput at batch 1: one caller on {threads} torch threads against {args.workers} callers on "
+             f"{per_worker} each ({args.rounds} rounds of {n} clips per mode; medians, ratios within rounds)\n",
+             f"OpenVINO: latency mode against {args.workers} throughput streams.\n",
+             f"| path | 1 x {threads} clips/s | {args.workers} x {per_worker} clips/s | workers / one | "
+             f"x OpenVINO, {args.workers} streams |", "|---|---|---|---|---|"]
+    for name in dict.fromkeys(key[0] for key in modes):
+        one, many = rate[(name, "one")], rate[(name, "workers")]
+        peer = ov.get(name.split("-")[0])
+        versus = (f"{statistics.median(a / b for a, b in zip(many, rate[(peer, 'workers')], strict=True)):.2f}"
+                  if peer and not name.startswith("openvino-") else "-")
+        lines.append(f"| {name} | {statistics.median(one):.2f} | {statistics.median(many):.2f} | "
+                     f"{statistics.median(b / a for a, b in zip(one, many, strict=True)):.2f} | {versus} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--paths", help=f"comma-separated, default {','.join(DEFAULT_PATHS)}")
@@ -123,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", help="compile/int8 cache (default $STREAMDET_CACHE_DIR or ~/.cache/streamdet)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="also time throughput at batch 1: one caller on every torch thread against this many "
+                         "callers side by side on an equal share each, as streamdet's inference workers run "
+                         "(OpenVINO: latency mode against as many throughput streams); 0 skips it")
     ap.add_argument("--json", help="also write the raw results here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -215,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             print(row)
             results.append({"path": name, "batch": b, "median_s": med, "min_s": lo, "max_s": hi,
                             "speedup_vs_fp32": speedup})
+    if args.workers > 1:
+        print(bench_workers(runners, model, calib, timing_clips, args))
     print(f"\n## Correctness on {check.shape[0]} real windows vs unfused fp32, and start-up\n")
     print("| path | top-1 agreement | relative logit error | build s | first calls s (batches " + args.batches + ") |")
     print("|---|---|---|---|---|")

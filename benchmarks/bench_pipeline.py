@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_VIDEO, git_rev, load_model, machine, real_windows  # noqa: E402
+from _common import DEFAULT_VIDEO, clips_per_s, git_rev, load_model, machine, real_windows  # noqa: E402
 
 from streamdet.buffer import FrameMeta, RingBuffer  # noqa: E402
 from streamdet.config import RunConfig  # noqa: E402
@@ -223,38 +223,6 @@ def run_pipeline(checkpoint: Checkpoint, engine, sources: list[dict], max_batch:
     return pipeline.run()
 
 
-def bare_clips_per_s(engine, windows: torch.Tensor, n: int, batch: int, callers: int = 1,
-                     threads: int | None = None) -> float:
-    """The engine alone on ``n`` clips in batches of ``batch``, from ``callers`` threads side by
-    side (each on ``threads`` torch threads, when given), as the pipeline's workers call it."""
-    taken = 0
-    lock = threading.Lock()
-
-    def work() -> None:
-        nonlocal taken
-        if threads is not None:
-            torch.set_num_threads(threads)
-        while True:
-            with lock:
-                first = taken
-                b = min(batch, n - first)
-                taken += max(b, 0)
-            if b <= 0:
-                return
-            engine(windows[torch.arange(first, first + b) % windows.shape[0]])
-
-    t0 = time.perf_counter()
-    if callers == 1 and threads is None:
-        work()
-    else:
-        pool = [threading.Thread(target=work) for _ in range(callers)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
-    return n / (time.perf_counter() - t0)
-
-
 class TimedEngine:
     """The engine, adding up the seconds spent in its calls, from any thread (the rest of a run
     is pipeline)."""
@@ -314,10 +282,10 @@ def bench_file(checkpoint: Checkpoint, engine, windows: torch.Tensor, clip: Path
     for _ in range(args.file_rounds):
         for mode in random.sample(modes, len(modes)):
             workers, threads = mode
-            before = [bare_clips_per_s(engine, windows, expected, b, workers, threads) for b in sizes]
+            before = [clips_per_s(engine, windows, expected, b, workers, threads) for b in sizes]
             timed = TimedEngine(engine)
             summary = run_pipeline(checkpoint, timed, [source], args.max_batch, tmp, None, workers, threads)
-            after = [bare_clips_per_s(engine, windows, expected, b, workers, threads) for b in sizes]
+            after = [clips_per_s(engine, windows, expected, b, workers, threads) for b in sizes]
             windows_run = summary.windows
             pipe[mode].append(summary.windows / summary.seconds)
             bare[mode].append(max((x + y) / 2 for x, y in zip(before, after, strict=True)))
@@ -394,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     startup = time.perf_counter() - t0
     print(f"\n# model: {model_desc}; engine {engine.path}, start-up {startup:.1f} s")
     windows = real_windows(video, 16, stride=8, skip=200)
-    one = bare_clips_per_s(engine, windows, args.max_batch, 1)  # warm
-    infer_ms = statistics.median([1e3 / bare_clips_per_s(engine, windows, 1, 1) for _ in range(5)])
+    one = clips_per_s(engine, windows, args.max_batch, 1)  # warm
+    infer_ms = statistics.median([1e3 / clips_per_s(engine, windows, 1, 1) for _ in range(5)])
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
