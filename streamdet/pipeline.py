@@ -111,6 +111,8 @@ class RunSummary:
     latency_ms_p99: float
     precision: str
     device: str
+    workers: int = 1
+    threads_per_worker: int | None = None  # None: the process's torch thread count
     event_counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -399,5 +401,6 @@ class Pipeline:
             inference_ms_p50=_percentile(inf, 50), inference_ms_p99=_percentile(inf, 99),
             latency_ms_p50=_percentile(lat, 50), latency_ms_p99=_percentile(lat, 99),
             precision=self.engine.precision, device=str(self.engine.device),
+            workers=self.inference.workers, threads_per_worker=self.inference.threads_per_worker,
             event_counts=dict(self._event_counts),
         )

@@ -233,7 +233,8 @@ def _exit_now_if_threads_stuck(pipeline: Any, message: str | None, code: int) ->
 def format_summary(summary: Any, cfg: RunConfig) -> str:
     lines = [
         f"[summary] run {summary.run_id}: {summary.seconds:.1f} s, {summary.windows} windows, "
-        f"{summary.events} events, {summary.lines} log lines, {summary.precision} on {summary.device}",
+        f"{summary.events} events, {summary.lines} log lines, {summary.precision} on {summary.device}"
+        f"{_workers_text(summary.workers, summary.threads_per_worker)}",
         f"[summary] inference ms p50 {summary.inference_ms_p50:.1f} p99 {summary.inference_ms_p99:.1f}; "
         f"latency ms p50 {summary.latency_ms_p50:.1f} p99 {summary.latency_ms_p99:.1f}",
     ]
@@ -251,6 +252,14 @@ def format_summary(summary: Any, cfg: RunConfig) -> str:
     if cfg.sinks.overlay.video:
         lines.append(f"[summary] annotated video: {cfg.sinks.overlay.video}")
     return "\n".join(lines)
+
+
+def _workers_text(workers: int, threads: int | None) -> str:
+    """' (2 inference workers on 1 torch thread each)', or '' for one worker."""
+    if workers < 2:
+        return ""
+    each = f" on {threads} torch thread{'s' if threads > 1 else ''} each" if threads else ""
+    return f" ({workers} inference workers{each})"
 
 
 def evaluate_against_truth(events_path: str, truth_path: str, run_id: str) -> str:
