@@ -12,6 +12,7 @@ not), and checks that the stream came back online after every outage.
 Usage:
     python benchmarks/soak.py                         # 30 minutes, an outage every minute
     python benchmarks/soak.py --minutes 3 --outage-every 20 --json soak.json
+    python benchmarks/soak.py --minutes 4 --outage-every 30 --workers 2
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def main() -> int:
     parser.add_argument("--width", type=float, default=0.25, help="C3D_BN width (random weights)")
     parser.add_argument("--video", default=str(REPO / "tests" / ".assets" / "vtest.avi"))
     parser.add_argument("--warmup-s", type=float, default=60.0, help="seconds before the baseline sample")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="inference workers, each on an equal share of the torch threads (default 1, what "
+                             "streamdet run picks for one camera)")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -110,7 +114,9 @@ def main() -> int:
         "sinks": {"events": {"path": str(events), "rotate_mb": 1.0}},
         "progress_interval_s": 60.0,
     })
-    pipeline = Pipeline(cfg, checkpoint, build_engine(model, "cpu", "fp32"), print_fn=lambda line: None)
+    pipeline = Pipeline(cfg, checkpoint, build_engine(model, "cpu", "fp32"), print_fn=lambda line: None,
+                        workers=args.workers,
+                        threads_per_worker=max(1, torch.get_num_threads() // args.workers) if args.workers > 1 else None)
     outcome: dict[str, Any] = {}
 
     def run_pipeline() -> None:
