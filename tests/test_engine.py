@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamdet import inference
+from streamdet import inference, kernels
 from streamdet.fastpath import (
     ChannelPad,
     GraphedForward,
@@ -168,6 +168,20 @@ def test_bf16_packed_path_folds_only_its_three_channel_first_conv(model: C3D_BN)
     assert isinstance(bf16.convs[0][0], WidthFold) and isinstance(bf16.convs[0][1], PackedConv3dReLU)
     assert all(isinstance(c, PackedConv3dReLU) for c in bf16.convs[1:])
     assert all(isinstance(c, PackedConv3dReLU) for c in fp32.convs)  # folding gains nothing in fp32
+
+
+@pytest.mark.parametrize("path", ["bf16-packed", "int8"])
+def test_without_the_compiled_fold_a_path_gives_the_same_logits(model: C3D_BN, real_clips: torch.Tensor, path: str,
+                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Numba (or STREAMDET_NO_JIT): conv1's fold takes ATen's route from the same clip."""
+    if path.endswith("-packed") and not onednn_prepack_available():
+        pytest.skip("this PyTorch build has no oneDNN prepacking")
+    engine = build_path(model, CPU, path, calibration_clips=real_clips, cache_dir=tmp_path)
+    compiled = engine(real_clips[:2])
+
+    monkeypatch.setattr(kernels, "get", lambda: None)
+
+    assert torch.equal(engine(real_clips[:2]), compiled)
 
 
 @pytest.mark.parametrize("path", ["bf16-packed", "int8"])
