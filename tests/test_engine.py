@@ -471,7 +471,9 @@ def test_graphed_forward_pads_to_the_next_captured_size_and_captures_once() -> N
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         seen.append(x.shape[0])
-        return x.sum(dim=(1, 2, 3, 4)).unsqueeze(1)
+        # a max is exact in any order; a sum over the padded channels_last copy could round
+        # differently from one over x (it failed at 4.7e-6 relative with some random inputs)
+        return x.amax(dim=(1, 2, 3, 4)).unsqueeze(1)
 
     example = torch.zeros(1, *INPUT_SHAPE).contiguous(memory_format=torch.channels_last_3d)
     graphed = GraphedForward(forward, (4, 1), example, capture=capture)
