@@ -141,20 +141,21 @@ class OpenCVSource:
         decode_threads: int | None = None,
     ) -> None:
         _configure_ffmpeg_once()
-        self._threads = [] if decode_threads is None else [cv2.CAP_PROP_N_THREADS, decode_threads]
         register_secrets(url)
         self.url = url
         self.kind = source_kind(url)
         shown = redact_url(url)
         try:
-            self._open(url, shown, open_timeout_s, read_timeout_s)
+            self._open(url, shown, open_timeout_s, read_timeout_s, decode_threads)
         except cv2.error as exc:  # e.g. a malformed URL or a corrupt header; never a traceback
             raise SourceError(f"{shown}: cannot open ({redact_text(' '.join(str(exc).split()))})") from None
         reported = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps or (reported if reported and 0 < reported <= 1000 else None)
         self.frame_count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
 
-    def _open(self, url: str, shown: str, open_timeout_s: float, read_timeout_s: float) -> None:
+    def _open(self, url: str, shown: str, open_timeout_s: float, read_timeout_s: float,
+              decode_threads: int | None) -> None:
+        threads = [] if decode_threads is None else [cv2.CAP_PROP_N_THREADS, decode_threads]
         if self.kind is SourceKind.CAMERA:
             self._cap = cv2.VideoCapture(int(url))
             if not self._cap.isOpened():
@@ -165,14 +166,14 @@ class OpenCVSource:
                 raise SourceError(f"{path}: video file not found")
             if not path.is_file() or path.stat().st_size == 0:
                 raise SourceError(f"{path}: not a readable video file (empty or not a file)")
-            self._cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, self._threads)
+            self._cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, threads)
             if not self._cap.isOpened():
                 raise SourceError(f"{path}: cannot decode video (corrupt or unsupported format)")
         else:
             params = [
                 cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
                 cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_s * 1000),
-                *self._threads,
+                *threads,
             ]
             self._cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
             if not self._cap.isOpened():
