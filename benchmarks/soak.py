@@ -4,10 +4,12 @@ Serves ``vtest.avi`` (looped) as a live 320x240 10 fps H.264 RTSP stream with th
 (``tests/rtsp_server.py``, GStreamer under the system python), runs the streamdet pipeline on it
 in this process, and every ``--outage-every`` seconds makes an outage, alternating a killed server
 (SIGKILL, restarted after ``--outage-s``) and a hung one (SIGSTOP, SIGCONT after ``--outage-s``).
-RSS, threads and open file descriptors are sampled every 10 s; the report compares the first
-sample after warm-up (``--warmup-s``: model, decoder and allocator pools settle) with the last,
-gives the RSS growth over the second half of the run (a leak keeps growing there, warm-up does
-not), and checks that the stream came back online after every outage.
+RSS, threads, open file descriptors and glibc's allocator (bytes in use, freed bytes it keeps)
+are sampled every 10 s; the report compares the first sample after warm-up (``--warmup-s``:
+model, decoder and allocator pools settle) with the last, gives the growth over the second half
+of the run (a leak keeps growing there, warm-up does not), and checks that the stream came back
+online after every outage. RSS that steps up while the bytes in use stay flat is the allocator
+keeping a freed block, not a leak.
 
 Usage:
     python benchmarks/soak.py                         # 30 minutes, an outage every minute
@@ -18,6 +20,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -47,6 +50,35 @@ from streamdet.sinks.jsonl import read_lines  # noqa: E402
 SAMPLE_EVERY_S = 10.0
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _glibc_mallinfo2():
+    try:
+        fn = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _glibc_mallinfo2()
+
+
+def malloc_status() -> dict[str, int]:
+    """What glibc's allocator holds, over all its arenas (kB): ``malloc_used_kb``, the bytes
+    handed out and not yet freed (heap and mmapped chunks), and ``malloc_kept_kb``, freed bytes
+    it keeps for reuse instead of returning to the OS. RSS that rises while ``malloc_used_kb``
+    stays flat is the allocator keeping memory, not a leak. Empty off glibc."""
+    if _MALLINFO2 is None:
+        return {}
+    info = _MALLINFO2()
+    return {"malloc_used_kb": (info.uordblks + info.hblkhd) // 1024, "malloc_kept_kb": info.fordblks // 1024}
+
+
 def proc_status() -> dict[str, int]:
     """RSS (kB), OS threads and open file descriptors of this process, from /proc."""
     fields = {}
@@ -55,7 +87,7 @@ def proc_status() -> dict[str, int]:
         if key in ("VmRSS", "Threads"):
             fields[key] = int(value.split()[0])
     return {"rss_kb": fields["VmRSS"], "os_threads": fields["Threads"],
-            "py_threads": threading.active_count(), "fds": len(os.listdir("/proc/self/fd"))}
+            "py_threads": threading.active_count(), "fds": len(os.listdir("/proc/self/fd")), **malloc_status()}
 
 
 def make_outages(server: RtspServer, every_s: float, outage_s: float, stop: threading.Event,
@@ -168,6 +200,8 @@ def main() -> int:
         "rss_growth_mb": round((last["rss_kb"] - first["rss_kb"]) / 1024, 1),
         "rss_growth_second_half_mb": round((last["rss_kb"] - middle["rss_kb"]) / 1024, 1),
         "rss_max_mb": round(max(s["rss_kb"] for s in samples) / 1024, 1),
+        **{f"{key.removesuffix('_kb')}_growth_second_half_mb": round((last[key] - middle[key]) / 1024, 1)
+           for key in ("malloc_used_kb", "malloc_kept_kb") if key in last},
         "threads_start_end": (first["os_threads"], last["os_threads"]),
         "py_threads_start_end": (first["py_threads"], last["py_threads"]),
         "fds_start_end": (first["fds"], last["fds"]),
