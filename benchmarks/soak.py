@@ -90,6 +90,21 @@ def proc_status() -> dict[str, int]:
             "py_threads": threading.active_count(), "fds": len(os.listdir("/proc/self/fd")), **malloc_status()}
 
 
+def verdict(report: dict[str, Any], first: dict[str, Any], last: dict[str, Any]) -> str:
+    """'flat', 'flat in use, ...' when RSS grew only by freed blocks the allocator kept (bytes in
+    use flat, kept blocks up by as much: bounded by the largest transient buffers, not a leak),
+    or 'GROWING'."""
+    if last["py_threads"] > first["py_threads"] or last["fds"] > first["fds"] + 2:
+        return "GROWING"
+    rss = report["rss_growth_second_half_mb"]
+    if rss < 10:
+        return "flat"
+    used, kept = report.get("malloc_used_growth_second_half_mb"), report.get("malloc_kept_growth_second_half_mb")
+    if used is not None and used < 2 and kept >= rss - 2:
+        return f"flat in use (RSS +{rss} MB: freed blocks the allocator kept)"
+    return "GROWING"
+
+
 def make_outages(server: RtspServer, every_s: float, outage_s: float, stop: threading.Event,
                  record: list[dict[str, Any]]) -> threading.Thread:
     def run() -> None:
@@ -216,9 +231,8 @@ def main() -> int:
         "error": repr(outcome.get("error")) if "error" in outcome else None,
         "samples": samples,
     }
-    flat = (report["rss_growth_second_half_mb"] < 10 and last["py_threads"] <= first["py_threads"]
-            and last["fds"] <= first["fds"] + 2)
-    report["verdict"] = "flat" if flat else "GROWING"
+    report["verdict"] = verdict(report, first, last)
+    flat = report["verdict"].startswith("flat")
     print(json.dumps({k: v for k, v in report.items() if k != "samples"}, indent=2, default=str))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str))
