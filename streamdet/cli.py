@@ -37,6 +37,17 @@ def _width(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    """``--max-seconds``: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds > 0") from None
+    if not value > 0.0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds > 0")
+    return value
+
+
 def _num_classes(text: str) -> int:
     """``--num-classes``: an integer >= 1."""
     try:
@@ -127,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--events", metavar="PATH", help="JSONL event log (overrides sinks.events.path)")
     run.add_argument("--output-video", metavar="PATH", help="write an annotated video")
     run.add_argument("--display", action="store_true", help="show annotated frames in a window")
-    run.add_argument("--max-seconds", type=float, metavar="N", help="stop after N seconds")
+    run.add_argument("--max-seconds", type=_seconds, metavar="N", help="stop after N seconds")
     run.add_argument("--truth", metavar="PATH",
                      help="ground-truth events JSON of the first source: print event F1 at exit")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides model.device")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from streamdet.errors import StreamdetError
 from streamdet.events import EventChange
 from streamdet.sinks.jsonl import SCHEMA, EventLog, iso_utc, read_lines, rotated_paths
 
@@ -190,3 +191,13 @@ def test_reopening_a_cleanly_closed_log_appends_and_recovers_nothing(tmp_path: P
         reopened.write_status("cam", "online", "opened", T0)
 
     assert [o["type"] for o in lines_of(path)] == ["new", "end", "status"]
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "a-folder"])
+def test_a_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, where: str) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "a-folder").mkdir()
+    path = tmp_path / "a-file" / "events.jsonl" if where == "under-a-file" else tmp_path / "a-folder"
+
+    with pytest.raises(StreamdetError, match="cannot write the event log"):
+        EventLog(path, MODEL)

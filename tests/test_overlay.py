@@ -135,10 +135,12 @@ def test_a_live_source_drops_frames_when_the_sink_lags_and_counts_them() -> None
 
 
 @pytest.mark.timeout(30)
-def test_a_video_that_cannot_be_written_is_a_clear_error_that_stops_the_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["unknown-container", "under-a-file"])
+def test_a_video_that_cannot_be_written_is_a_clear_error_that_stops_the_run(tmp_path: Path, where: str) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    path = tmp_path / "out.unknown-container" if where == "unknown-container" else tmp_path / "a-file" / "out.mp4"
     stop_event = threading.Event()
-    sink = OverlaySink(NAMES, video_path=str(tmp_path / "out.unknown-container"), display=False,
-                       sources=["cam"], stop_event=stop_event)
+    sink = OverlaySink(NAMES, video_path=str(path), display=False, sources=["cam"], stop_event=stop_event)
     sink.start()
 
     sink.put_frame("cam", 0, np.zeros((120, 160, 3), np.uint8), 10.0)

@@ -169,6 +169,27 @@ def test_a_missing_video_file_is_a_clear_error(tmp_path: Path, weights: Path,
 
 
 @pytest.mark.timeout(60)
+def test_an_event_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, walk_clip: Path, weights: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    events = tmp_path / "a-file" / "events.jsonl"
+    code = main(["run", "--source", str(walk_clip), "--weights", str(weights), "--precision", "fp32",
+                 "--events", str(events)])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: {events}: cannot write the event log" in err and "internal error" not in err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
+def test_max_seconds_must_be_a_positive_duration(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", "--max-seconds", value])
+
+    assert code == 2
+    assert f"invalid duration '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
 def test_a_crashing_engine_exits_non_zero_with_a_clear_error(
     tmp_path: Path, walk_clip: Path, weights: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str]

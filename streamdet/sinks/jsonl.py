@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from streamdet.errors import StreamdetError
 from streamdet.events import EventChange
 from streamdet.sources import redact_text
 
@@ -81,9 +82,12 @@ class EventLog:
         self._lock = threading.Lock()  # protects _seq, _file and the file's contents
         self._seq = 0
         self.lines_written = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.recovered = self._recover()
-        self._file = open(self.path, "a", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.recovered = self._recover()
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as exc:
+            raise StreamdetError(f"{self.path}: cannot write the event log ({exc.strerror or exc})") from exc
 
     # -- crash recovery -----------------------------------------------------------------------
 

@@ -247,7 +247,10 @@ class OverlaySink(threading.Thread):
         path = Path(self.video_path)
         if len(self.sources) > 1:
             path = path.with_name(f"{path.stem}_{source}{path.suffix or '.mp4'}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StreamdetError(f"{path}: cannot write video ({exc.strerror or exc})") from exc
         size = (frame.shape[1], frame.shape[0])
         fourcc = cv2.VideoWriter_fourcc(*("MJPG" if path.suffix.lower() == ".avi" else "mp4v"))
         writer = cv2.VideoWriter(str(path), fourcc, fps or 10.0, size)
