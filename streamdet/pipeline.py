@@ -81,6 +81,11 @@ def _percentile(values: deque[float] | list[float], q: float) -> float:
     return float(np.percentile(np.fromiter(values, float), q)) if values else float("nan")
 
 
+def format_ms(value: float, digits: int = 0) -> str:
+    """A time in ms for a progress or summary line; '-' while none has been measured (nan)."""
+    return "-" if value != value else f"{value:.{digits}f}"
+
+
 @dataclass
 class SourceSummary:
     name: str
@@ -382,8 +387,9 @@ class Pipeline:
         with self._events_lock:
             lat = list(self._latency_ms)
         return (f"[progress] {'; '.join(parts)} | {windows_per_s:.1f} windows/s | inference ms p50 "
-                f"{_percentile(inf, 50):.0f} p99 {_percentile(inf, 99):.0f} | latency ms p50 "
-                f"{_percentile(lat, 50):.0f} p99 {_percentile(lat, 99):.0f} | events {self._events_opened}")
+                f"{format_ms(_percentile(inf, 50))} p99 {format_ms(_percentile(inf, 99))} | latency ms p50 "
+                f"{format_ms(_percentile(lat, 50))} p99 {format_ms(_percentile(lat, 99))} | "
+                f"events {self._events_opened}")
 
     def summary(self, seconds: float) -> RunSummary:
         sources = []

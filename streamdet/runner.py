@@ -231,12 +231,15 @@ def _exit_now_if_threads_stuck(pipeline: Any, message: str | None, code: int) ->
 
 
 def format_summary(summary: Any, cfg: RunConfig) -> str:
+    from streamdet.pipeline import format_ms
+
     lines = [
         f"[summary] run {summary.run_id}: {summary.seconds:.1f} s, {summary.windows} windows, "
         f"{summary.events} events, {summary.lines} log lines, {summary.precision} on {summary.device}"
         f"{_workers_text(summary.workers, summary.threads_per_worker)}",
-        f"[summary] inference ms p50 {summary.inference_ms_p50:.1f} p99 {summary.inference_ms_p99:.1f}; "
-        f"latency ms p50 {summary.latency_ms_p50:.1f} p99 {summary.latency_ms_p99:.1f}",
+        f"[summary] inference ms p50 {format_ms(summary.inference_ms_p50, 1)} "
+        f"p99 {format_ms(summary.inference_ms_p99, 1)}; "
+        f"latency ms p50 {format_ms(summary.latency_ms_p50, 1)} p99 {format_ms(summary.latency_ms_p99, 1)}",
     ]
     for s in summary.sources:
         lines.append(
