@@ -119,6 +119,7 @@ class RunSummary:
     workers: int = 1
     threads_per_worker: int | None = None  # None: the process's torch thread count
     event_counts: dict[str, int] = field(default_factory=dict)
+    videos: list[str] = field(default_factory=list)  # annotated videos written (one per source with several)
 
 
 class Pipeline:
@@ -409,4 +410,5 @@ class Pipeline:
             precision=self.engine.precision, device=str(self.engine.device),
             workers=self.inference.workers, threads_per_worker=self.inference.threads_per_worker,
             event_counts=dict(self._event_counts),
+            videos=list(self.overlay.video_files) if self.overlay is not None else [],
         )

@@ -252,8 +252,10 @@ def format_summary(summary: Any, cfg: RunConfig) -> str:
         lines.append(f"[summary] events by label: {counts}")
     if cfg.sinks.events.path:
         lines.append(f"[summary] event log: {cfg.sinks.events.path}")
-    if cfg.sinks.overlay.video:
-        lines.append(f"[summary] annotated video: {cfg.sinks.overlay.video}")
+    for video in summary.videos:
+        lines.append(f"[summary] annotated video: {video}")
+    if cfg.sinks.overlay.video and not summary.videos:
+        lines.append("[summary] annotated video: none written (no frame was decoded)")
     return "\n".join(lines)
 
 

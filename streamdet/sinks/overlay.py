@@ -126,6 +126,7 @@ class OverlaySink(threading.Thread):
         self._results: dict[str, deque[_Result]] = {s: deque(maxlen=256) for s in sources}
         self._ended: set[str] = set()
         self._writers: dict[str, cv2.VideoWriter] = {}
+        self.video_files: list[str] = []  # annotated videos opened, in order
         self.frames_written = 0
         self.frames_dropped = 0
         self.error: BaseException | None = None
@@ -260,5 +261,6 @@ class OverlaySink(threading.Thread):
             self._sizes = {}
         self._sizes[source] = size
         self._writers[source] = writer
+        self.video_files.append(str(path))
         log.info("writing annotated video %s", path)
         return writer
