@@ -93,17 +93,21 @@ def test_a_damaged_file_is_read_as_far_as_it_goes_and_its_events_end_with_stream
     (b"\x00garbage, not a video\xff" * 200, "cannot decode video"),
 ], ids=["zero-byte", "not-a-video"])
 def test_an_unreadable_file_is_one_error_line_and_a_non_zero_exit(
-    tmp_path: Path, weights: Path, capsys: pytest.CaptureFixture[str], content: bytes, expected: str
+    tmp_path: Path, weights: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    content: bytes, expected: str
 ) -> None:
     path = tmp_path / "input.mp4"
     path.write_bytes(content)
 
-    code, err = run_cli(["--source", str(path), "--weights", str(weights), "--precision", "fp32",
-                         "--events", str(tmp_path / "events.jsonl")], capsys)
+    with caplog.at_level("INFO"):
+        code, err = run_cli(["--source", str(path), "--weights", str(weights), "--precision", "bf16",
+                             "--events", str(tmp_path / "events.jsonl")], capsys)
 
     assert code != 0
     assert len(error_lines(err)) == 1 and expected in error_lines(err)[0]
     assert "Traceback" not in err
+    # Found before the model is built: no calibration attempt, no engine, no warning.
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("streamdet")] == []
 
 
 def write_stream_config(path: Path, url: str, weights: Path, *, reconnect: bool) -> Path:

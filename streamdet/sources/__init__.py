@@ -161,11 +161,7 @@ class OpenCVSource:
             if not self._cap.isOpened():
                 raise SourceError(f"camera {url}: cannot open (no such video device?)")
         elif self.kind is SourceKind.FILE:
-            path = Path(url.removeprefix("file://"))
-            if not path.exists():
-                raise SourceError(f"{path}: video file not found")
-            if not path.is_file() or path.stat().st_size == 0:
-                raise SourceError(f"{path}: not a readable video file (empty or not a file)")
+            path = _video_file(url)
             self._cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, threads)
             if not self._cap.isOpened():
                 raise SourceError(f"{path}: cannot decode video (corrupt or unsupported format)")
@@ -207,11 +203,18 @@ class OpenCVSource:
         self.release()
 
 
+def _video_file(url: str) -> Path:
+    """The path of a file source; SourceError when it is missing, empty or not a file."""
+    path = Path(url.removeprefix("file://"))
+    if not path.exists():
+        raise SourceError(f"{path}: video file not found")
+    if not path.is_file() or path.stat().st_size == 0:
+        raise SourceError(f"{path}: not a readable video file (empty or not a file)")
+    return path
+
+
 def check_file_source(url: str) -> None:
-    """Fail fast with a clear message when a file source is missing or empty."""
+    """Fail fast, before a model is built, with a clear message when a file source is missing,
+    empty, or not a video FFmpeg can open (a few ms: the container is opened, not decoded)."""
     if source_kind(url) is SourceKind.FILE:
-        path = Path(url.removeprefix("file://"))
-        if not path.exists():
-            raise SourceError(f"{path}: video file not found")
-        if not path.is_file() or path.stat().st_size == 0:
-            raise SourceError(f"{path}: not a readable video file (empty or not a file)")
+        OpenCVSource(url, decode_threads=1).release()
