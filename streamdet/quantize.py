@@ -124,26 +124,30 @@ def calibration_windows(video: str | Path, n: int = 8, *, stride: int = 8,
     For ``build_engine(..., check_clips=...)``: int8 scales calibrated on the footage the model
     will see, and the fp32 check run on it. Frames are sampled with the contract's frame step.
     """
-    import cv2
     import numpy as np
 
+    from streamdet.errors import SourceError
     from streamdet.preprocess import preprocess_frame
+    from streamdet.sources import OpenCVSource
 
-    cap = cv2.VideoCapture(str(video))
-    if not cap.isOpened():
-        raise ValueError(f"cannot open {video} to take calibration windows from")
-    step = contract.step_for(cap.get(cv2.CAP_PROP_FPS))
+    try:  # as the capture opens it: FFmpeg kept quiet, a clear reason when it cannot
+        source = OpenCVSource(str(video))
+    except SourceError as exc:
+        raise ValueError(str(exc)) from None
+    step = contract.step_for(source.fps or 0.0)
     need = INPUT_SHAPE[1] + (n - 1) * stride
     frames: list[np.ndarray] = []
     index = 0
-    while len(frames) < need:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        if index % step == 0:
-            frames.append(preprocess_frame(frame, contract))
-        index += 1
-    cap.release()
+    try:
+        while len(frames) < need:
+            frame = source.read()
+            if frame is None:
+                break
+            if index % step == 0:
+                frames.append(preprocess_frame(frame, contract))
+            index += 1
+    finally:
+        source.release()
     if len(frames) < INPUT_SHAPE[1]:
         raise ValueError(f"{video} has {len(frames)} usable frames; a window needs {INPUT_SHAPE[1]}")
     stack = np.stack(frames, axis=1)  # (3, T, 112, 112)

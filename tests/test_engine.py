@@ -524,6 +524,17 @@ def test_calibration_windows_come_from_the_video() -> None:
     assert float(clips.std()) > 0.1  # real footage, not a constant
 
 
+@pytest.mark.parametrize("content", [None, b"\x00garbage, not a video\xff" * 200], ids=["missing", "not-a-video"])
+def test_calibration_from_a_file_that_is_not_a_video_says_why(tmp_path: Path, content: bytes | None) -> None:
+    from streamdet.quantize import calibration_windows
+
+    path = tmp_path / "calibration.mp4"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"calibration\.mp4: (video file not found|cannot decode)"):
+        calibration_windows(path, 3)
+
+
 def test_start_up_check_reuses_cached_fp32_logits(model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     build_engine(model, "cpu", "bf16", check_clips=real_clips[:2], cache_dir=tmp_path)
