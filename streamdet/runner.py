@@ -168,7 +168,9 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
     cfg = load_config(config_path, _overrides(args))
     cfg = resolve_inputs(cfg, config_path.resolve().parent, bool(args.source), bool(args.weights),
                          bool(args.truth))
-    for s in cfg.sources:  # fail fast, before the model is built
+    if not cfg.sources:  # fail fast, before the model is built
+        raise ConfigError("no sources: give --source URL or list sources in the config")
+    for s in cfg.sources:
         check_file_source(s.url)
     checkpoint = load_model(cfg)
     import torch

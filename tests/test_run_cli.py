@@ -182,6 +182,20 @@ def test_an_event_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, wa
     assert f"error: {events}: cannot write the event log" in err and "internal error" not in err
 
 
+def test_a_config_without_sources_is_an_error_before_anything_is_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tmp_path / "empty.yaml"
+    cfg.write_text("sources: []\n")
+
+    with caplog.at_level("INFO"):
+        code = main(["run", str(cfg)])
+
+    assert code == 2
+    assert "error: no sources: give --source URL or list sources in the config" in capsys.readouterr().err
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("streamdet")] == []
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
 def test_max_seconds_must_be_a_positive_duration(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["run", "--max-seconds", value])
