@@ -172,6 +172,10 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
         raise ConfigError("no sources: give --source URL or list sources in the config")
     for s in cfg.sources:
         check_file_source(s.url)
+    if cfg.sinks.overlay.display:
+        from streamdet.sinks.overlay import check_display
+
+        check_display()
     checkpoint = load_model(cfg)
     import torch
 

@@ -182,6 +182,34 @@ def test_an_event_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, wa
     assert f"error: {events}: cannot write the event log" in err and "internal error" not in err
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("display", [None, ":99"], ids=["no-display-set", "display-unreachable"])
+def test_display_without_a_usable_display_is_an_error_before_anything_is_built(
+    walk_clip: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, display: str | None
+) -> None:
+    # OpenCV's Qt backend would abort the whole process (exit 134) at the first window.
+    from streamdet.sinks.overlay import display_problem
+
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    if display is None:
+        monkeypatch.delenv("DISPLAY", raising=False)
+    else:
+        monkeypatch.setenv("DISPLAY", display)  # no X server answers there: the probe window fails
+    display_problem.cache_clear()
+    try:
+        with caplog.at_level("INFO"):
+            code = main(["run", "--source", str(walk_clip), "--display", "--max-seconds", "5"])
+    finally:
+        display_problem.cache_clear()
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: cannot show frames in a window: " in err and "--output-video" in err
+    assert ("DISPLAY" in err) if display is None else ("OpenCV cannot open a window" in err)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("streamdet")] == []
+
+
 def test_a_config_without_sources_is_an_error_before_anything_is_built(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:

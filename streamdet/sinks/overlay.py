@@ -11,8 +11,12 @@ latest scores; when the sink falls behind, frames are dropped and counted, never
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import queue
+import subprocess
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -30,6 +34,35 @@ _GREEN = (60, 200, 60)
 _RED = (40, 40, 230)
 _WHITE = (255, 255, 255)
 _PANEL = (24, 24, 24)
+
+
+@functools.cache
+def display_problem() -> str | None:
+    """Why frames cannot be shown in a window here, or None when they can.
+
+    Probed once per process in a child process: without a usable display, OpenCV's Qt backend
+    aborts the whole process at the first window (exit 134), which would lose the events still
+    open. Costs about a second, only for runs that show a window.
+    """
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display (neither DISPLAY nor WAYLAND_DISPLAY is set)"
+    probe = "import cv2; cv2.namedWindow('streamdet-probe'); cv2.waitKey(1); cv2.destroyAllWindows()"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "opening a window did not finish in 30 s"
+    if done.returncode == 0:
+        return None
+    said = next((line.strip() for line in done.stderr.splitlines() if line.strip()), f"exit code {done.returncode}")
+    return f"OpenCV cannot open a window ({said[:160]})"
+
+
+def check_display() -> None:
+    """Raise a StreamdetError when frames cannot be shown in a window (see :func:`display_problem`)."""
+    problem = display_problem()
+    if problem is not None:
+        raise StreamdetError(f"cannot show frames in a window: {problem}; write an annotated video "
+                             f"instead (--output-video or sinks.overlay.video)")
 
 
 @dataclass
@@ -100,7 +133,8 @@ class OverlaySink(threading.Thread):
     Args:
         class_names: model classes.
         video_path: annotated video file; with several sources one file each (``name_<source>.mp4``).
-        display: show a window per source with cv2.imshow.
+        display: show a window per source with cv2.imshow (StreamdetError at once when no window
+            can be opened here: see :func:`check_display`).
         lossless: names of replayed sources whose frames wait for their scores.
         top_k: classes drawn.
         max_frames: bound of the frame queue.
@@ -110,6 +144,8 @@ class OverlaySink(threading.Thread):
                  sources: Sequence[str], lossless: frozenset[str] = frozenset(), top_k: int = 3,
                  max_frames: int = 96, stop_event: threading.Event | None = None) -> None:
         super().__init__(name="overlay", daemon=True)
+        if display:
+            check_display()
         self.class_names = list(class_names)
         self.video_path = video_path
         self.display = display
