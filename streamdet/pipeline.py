@@ -349,19 +349,27 @@ class Pipeline:
             alive = [t.name for t in threads if t.is_alive()]
             if alive:
                 log.warning("threads still running after stop (left to exit with the process): %s", alive)
-            with self._events_lock:
-                self._emit(self.tracker.close_all("shutdown"), None)
+            try:
+                with self._events_lock:
+                    self._emit(self.tracker.close_all("shutdown"), None)
+            except StreamdetError as exc:  # the log cannot be written (disk full): finish the rest
+                self.error = self.error or exc
             if self.overlay is not None:
                 self.overlay.finish()
                 self.overlay.join(JOIN_TIMEOUT_S * 4)
             if self.log_sink:
-                self.log_sink.close()
+                try:
+                    self.log_sink.close()
+                except StreamdetError as exc:
+                    self.error = self.error or exc
             log.debug("stopped in %.2f s", time.monotonic() - stop_started)
         # A capture that crashed set the stop event itself: the loop above never saw its error.
         failed = next((c for c in self.captures if c.error is not None), None)
         if self.error is None and failed is not None:
             self.error = failed.error
         if self.inference.error is not None:
+            if isinstance(self.inference.error, StreamdetError):  # e.g. the event log it writes to
+                raise self.inference.error
             raise StageError(f"inference failed: {type(self.inference.error).__name__}: {self.inference.error}")
         if self.overlay is not None and self.overlay.error is not None:
             err = self.overlay.error

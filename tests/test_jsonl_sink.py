@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -201,3 +203,43 @@ def test_a_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, where: st
 
     with pytest.raises(StreamdetError, match="cannot write the event log"):
         EventLog(path, MODEL)
+
+
+FULL_DISK_WRITER = """
+import resource, signal, sys
+from streamdet.errors import StreamdetError
+from streamdet.sinks.jsonl import EventLog
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead
+log = EventLog(sys.argv[1], {"name": "m", "sha256": "0"})
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))  # the disk is full at 2000 bytes
+written = 0
+try:
+    for i in range(100):
+        log.write_status("cam", "online", "opened " + "x" * (i % 7), 0.0)
+        written += 1
+except StreamdetError as exc:
+    print(written, exc)
+try:
+    log.write_status("cam", "offline", "later", 0.0)
+except StreamdetError as exc:
+    print("again:", exc)
+log.close()  # already reported: no second error
+print("closed")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_full_disk_is_a_clear_error_and_leaves_only_whole_lines(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    # A real failing write: the child process may not grow any file past 2000 bytes.
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, str(path)], capture_output=True, text=True,
+                          timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    first, again, closed = done.stdout.splitlines()
+    written, message = first.split(" ", 1)
+    assert message == f"{path}: cannot write the event log (File too large)"
+    assert again == f"again: {message}" and closed == "closed"
+    lines = lines_of(path)  # every line whole: the torn one was cut at once
+    assert len(lines) == int(written) > 0 and path.stat().st_size <= 2000
+    assert [o["seq"] for o in lines] == list(range(1, len(lines) + 1))

@@ -9,6 +9,8 @@ makes no events.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -230,6 +232,50 @@ def test_a_replay_decodes_on_one_thread_and_a_live_source_on_ffmpegs_choice(
     Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
 
     assert asked == {str(walk_clip): 1, str(paced): None}
+
+
+FULL_DISK_RUN = """
+import resource, signal, sys
+sys.path.insert(0, sys.argv[3])  # tests/: the tiny model
+from tiny_model import random_checkpoint
+from streamdet import kernels
+from streamdet.config import load_config
+from streamdet.errors import StreamdetError
+from streamdet.inference import build_engine
+from streamdet.pipeline import Pipeline
+checkpoint = random_checkpoint()
+engine = build_engine(checkpoint.model, "cpu", "fp32")
+kernels.get()  # compiled (and cached on disk) before the disk fills
+cfg = load_config(None, {
+    "sources": [{"name": "walk", "url": sys.argv[1], "realtime": False}],
+    "model": {"device": "cpu", "precision": "fp32"},
+    "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
+    "sinks": {"events": {"path": sys.argv[2]}},
+})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1200, 1200))  # the disk is full at 1200 bytes (about 3 lines)
+try:
+    Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None).run()
+except StreamdetError as exc:
+    print("error:", exc)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_stops_the_run_with_a_clear_error_and_a_log_of_whole_lines(
+    tmp_path: Path, walk_clip: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    tests_dir = str(Path(__file__).parent)
+    # A real failing write: the child process may not grow any file past 1200 bytes.
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_RUN, str(walk_clip), str(events), tests_dir],
+                          capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == f"error: {events}: cannot write the event log (File too large)"
+    log = read_log(events)  # raises on a torn line
+    assert log and events.stat().st_size <= 1200
+    assert [o["seq"] for o in log] == list(range(1, len(log) + 1))
 
 
 @pytest.mark.timeout(30)

@@ -9,6 +9,7 @@ line is cut off and every event that has a ``new`` but no ``end`` gets an ``end`
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import os
@@ -79,15 +80,16 @@ class EventLog:
         self.length = length
         self.rotate_bytes = rotate_bytes
         self.run_id = run_id or uuid.uuid4().hex[:12]
-        self._lock = threading.Lock()  # protects _seq, _file and the file's contents
+        self._lock = threading.Lock()  # protects _seq, _file, _broken and the file's contents
+        self._broken: str | None = None  # why the log cannot be written any more (disk full, ...)
         self._seq = 0
         self.lines_written = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.recovered = self._recover()
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = self._open()
         except OSError as exc:
-            raise StreamdetError(f"{self.path}: cannot write the event log ({exc.strerror or exc})") from exc
+            raise self._cannot_write(exc) from exc
 
     # -- crash recovery -----------------------------------------------------------------------
 
@@ -126,21 +128,45 @@ class EventLog:
         self._seq += 1
         return self._seq
 
+    def _cannot_write(self, exc: OSError) -> StreamdetError:
+        return StreamdetError(f"{self.path}: cannot write the event log ({exc.strerror or exc})")
+
     def _write(self, obj: dict[str, Any], durable: bool) -> dict[str, Any]:
+        """Append one line. StreamdetError when the file cannot be written (a full disk, ...):
+        from then on every write fails the same way, and the next start cuts any torn line."""
         with self._lock:
+            if self._broken is not None:
+                raise StreamdetError(self._broken)
             obj["seq"] = self._next_seq()
-            line = json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n"
-            if self.rotate_bytes and self._file.tell() > 0 and self._file.tell() + len(line) > self.rotate_bytes:
-                self._rotate()
-            self._file.write(line)
-            self._file.flush()
-            if durable:
-                os.fsync(self._file.fileno())
+            line = (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode()
+            start = None
+            try:
+                if self.rotate_bytes and self._file.tell() > 0 and self._file.tell() + len(line) > self.rotate_bytes:
+                    self._rotate()
+                start = self._file.tell()
+                written = 0
+                while written < len(line):  # unbuffered: a short write leaves nothing behind in memory
+                    written += self._file.write(line[written:])
+                if durable:
+                    os.fsync(self._file.fileno())
+            except OSError as exc:
+                error = self._cannot_write(exc)
+                self._broken = str(error)
+                if start is not None:  # no torn line: readers see only whole lines (truncating frees space)
+                    try:
+                        os.ftruncate(self._file.fileno(), start)
+                    except OSError:
+                        pass  # the next start cuts it (crash recovery)
+                raise error from exc
             self.lines_written += 1
         return obj
 
+    def _open(self) -> io.FileIO:
+        # Unbuffered bytes: each line is one write call, so nothing waits in a buffer to be lost
+        # in a crash or written after a failure.
+        return open(self.path, "ab", buffering=0)
+
     def _rotate(self) -> None:
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
         paths = rotated_paths(self.path)  # [.5, .4, ..., .1, path]
@@ -149,7 +175,7 @@ class EventLog:
         for older, newer in zip(paths, paths[1:], strict=False):
             if newer.exists():
                 os.replace(newer, older)
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file = self._open()
 
     def write_event(self, change: EventChange, *, latency_ms: float | None) -> dict[str, Any]:
         """Append one ``new``/``update``/``end`` line; returns what was written."""
@@ -195,10 +221,18 @@ class EventLog:
         return self._write(obj, durable=True)
 
     def close(self) -> None:
+        """Flush, fsync and close. StreamdetError when that fails, unless a write has already
+        reported the log broken."""
         with self._lock:
-            if not self._file.closed:
-                self._file.flush()
+            if self._file.closed:
+                return
+            try:
                 os.fsync(self._file.fileno())
+            except OSError as exc:
+                if self._broken is None:
+                    self._broken = str(self._cannot_write(exc))
+                    raise StreamdetError(self._broken) from exc
+            finally:
                 self._file.close()
 
     def __enter__(self) -> EventLog:
