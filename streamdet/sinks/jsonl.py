@@ -132,8 +132,8 @@ class EventLog:
         return StreamdetError(f"{self.path}: cannot write the event log ({exc.strerror or exc})")
 
     def _write(self, obj: dict[str, Any], durable: bool) -> dict[str, Any]:
-        """Append one line. StreamdetError when the file cannot be written (a full disk, ...):
-        from then on every write fails the same way, and the next start cuts any torn line."""
+        """Append one line. StreamdetError when the file cannot be written (a full disk, ...): the
+        part of the line that was written is cut at once, and every later write fails the same way."""
         with self._lock:
             if self._broken is not None:
                 raise StreamdetError(self._broken)
@@ -221,8 +221,8 @@ class EventLog:
         return self._write(obj, durable=True)
 
     def close(self) -> None:
-        """Flush, fsync and close. StreamdetError when that fails, unless a write has already
-        reported the log broken."""
+        """fsync and close. StreamdetError when that fails, unless a write has already reported
+        the log broken."""
         with self._lock:
             if self._file.closed:
                 return
