@@ -243,3 +243,22 @@ def test_a_full_disk_is_a_clear_error_and_leaves_only_whole_lines(tmp_path: Path
     lines = lines_of(path)  # every line whole: the torn one was cut at once
     assert len(lines) == int(written) > 0 and path.stat().st_size <= 2000
     assert [o["seq"] for o in lines] == list(range(1, len(lines) + 1))
+
+
+def test_a_log_in_use_is_refused_until_closed_and_its_open_events_are_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    live = EventLog(path, MODEL, rotate_bytes=2000)
+    live.write_event(change("new"), latency_ms=1.0)
+
+    with pytest.raises(StreamdetError, match="in use by another running streamdet"):
+        EventLog(path, MODEL)
+    for i in range(10):  # past a rotation the log is still locked
+        live.write_status("cam", "online", f"opened {i}", T0)
+    assert path.with_name(path.name + ".1").exists()
+    with pytest.raises(StreamdetError, match="in use by another running streamdet"):
+        EventLog(path, MODEL)
+    assert not any(o.get("end_reason") == "crash_recovery" for o in read_lines(path))
+
+    live.close()
+    with EventLog(path, MODEL) as after:  # free again; the event never ended is a crash's now
+        assert after.recovered == 1

@@ -105,8 +105,8 @@ def test_a_replay_gives_identical_events_on_two_runs_and_annotates_every_frame(
 
 
 @pytest.mark.timeout(90)
-def test_sigterm_ends_open_events_with_shutdown_and_exits_0_within_2_s(
-    tmp_path: Path, weights: Path
+def test_a_live_run_refuses_a_second_run_on_its_log_and_sigterm_ends_its_events_within_2_s(
+    tmp_path: Path, weights: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The whole vtest.avi paced at 10 fps (80 s) and thresholds 0: an event opens at the first
     # window and only the signal ends the run.
@@ -125,6 +125,11 @@ def test_sigterm_ends_open_events_with_shutdown_and_exits_0_within_2_s(
             assert proc.poll() is None, f"the run ended early: {proc.communicate()[1][-2000:]}"
             assert time.monotonic() < deadline, "no event opened within 60 s"
             time.sleep(0.05)
+
+        # A second run on the same log would take the live run's open events for a crash's.
+        code = main(["run", str(cfg), "--events", str(events), "--max-seconds", "5"])
+        assert code == 2
+        assert f"error: {events}: in use by another running streamdet" in capsys.readouterr().err
 
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)

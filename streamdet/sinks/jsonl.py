@@ -3,7 +3,9 @@
 Every line is flushed as it is written; ``new``, ``end`` and ``status`` lines are also fsynced,
 so after a power cut or SIGKILL every line but possibly the last parses. On open, a torn last
 line is cut off and every event that has a ``new`` but no ``end`` gets an ``end`` with
-``end_reason: crash_recovery``. Optional size-based rotation happens on line boundaries.
+``end_reason: crash_recovery``. Optional size-based rotation happens on line boundaries. A log
+is locked (``flock``) while a run writes it, so a second run cannot take a live run's open
+events for a crash's.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: logs are not locked there
+    fcntl = None  # type: ignore[assignment]
 
 from streamdet.errors import StreamdetError
 from streamdet.events import EventChange
@@ -86,10 +93,18 @@ class EventLog:
         self.lines_written = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.recovered = self._recover()
             self._file = self._open()
         except OSError as exc:
             raise self._cannot_write(exc) from exc
+        try:  # locked before recovery: another run's open events are not a crash's
+            self._lock_file(self._file)
+            self.recovered = self._recover()
+        except OSError as exc:
+            self._file.close()
+            raise self._cannot_write(exc) from exc
+        except BaseException:
+            self._file.close()
+            raise
 
     # -- crash recovery -----------------------------------------------------------------------
 
@@ -166,16 +181,28 @@ class EventLog:
         # in a crash or written after a failure.
         return open(self.path, "ab", buffering=0)
 
+    def _lock_file(self, file: io.FileIO) -> None:
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StreamdetError(f"{self.path}: in use by another running streamdet; give each run its own "
+                                 f"event log (--events or sinks.events.path)") from None
+
     def _rotate(self) -> None:
         os.fsync(self._file.fileno())
-        self._file.close()
         paths = rotated_paths(self.path)  # [.5, .4, ..., .1, path]
         if paths[0].exists():
             paths[0].unlink()
         for older, newer in zip(paths, paths[1:], strict=False):
             if newer.exists():
                 os.replace(newer, older)
-        self._file = self._open()
+        # The new file is locked before the old one (now .1) is closed: the lock never lapses.
+        new = self._open()
+        self._lock_file(new)
+        self._file.close()
+        self._file = new
 
     def write_event(self, change: EventChange, *, latency_ms: float | None) -> dict[str, Any]:
         """Append one ``new``/``update``/``end`` line; returns what was written."""
