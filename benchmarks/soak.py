@@ -15,6 +15,7 @@ Usage:
     python benchmarks/soak.py                         # 30 minutes, an outage every minute
     python benchmarks/soak.py --minutes 3 --outage-every 20 --json soak.json
     python benchmarks/soak.py --minutes 4 --outage-every 30 --workers 2
+    python benchmarks/soak.py --workers 2 --width 1 --precision bf16   # the full model, as streamdet run
 """
 
 from __future__ import annotations
@@ -136,6 +137,9 @@ def main() -> int:
     parser.add_argument("--outage-every", type=float, default=60.0, help="seconds between outages")
     parser.add_argument("--outage-s", type=float, default=5.0, help="length of each outage")
     parser.add_argument("--width", type=float, default=0.25, help="C3D_BN width (random weights)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+                        help="inference path (default fp32); bf16 and int8 are checked, and int8 calibrated, "
+                             "on the first windows of --video")
     parser.add_argument("--video", default=str(REPO / "tests" / ".assets" / "vtest.avi"))
     parser.add_argument("--warmup-s", type=float, default=60.0, help="seconds before the baseline sample")
     parser.add_argument("--workers", type=int, default=1,
@@ -156,13 +160,18 @@ def main() -> int:
         "sources": [{"name": "cam", "url": server.url, "options": {
             "open_timeout_s": 3.0, "read_timeout_s": 2.0, "stall_timeout_s": 4.0,
             "backoff_initial_s": 0.5, "backoff_max_s": 4.0}}],
-        "model": {"device": "cpu", "precision": "fp32", "max_batch": 2},
+        "model": {"device": "cpu", "precision": args.precision, "max_batch": 2},
         "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
         "sinks": {"events": {"path": str(events), "rotate_mb": 1.0}},
         "progress_interval_s": 60.0,
     })
-    pipeline = Pipeline(cfg, checkpoint, build_engine(model, "cpu", "fp32"), print_fn=lambda line: None,
-                        workers=args.workers,
+    check_clips = None
+    if args.precision != "fp32":
+        from streamdet.quantize import calibration_windows
+
+        check_clips = calibration_windows(args.video, stride=8)
+    engine = build_engine(model, "cpu", args.precision, check_clips=check_clips)
+    pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None, workers=args.workers,
                         threads_per_worker=max(1, torch.get_num_threads() // args.workers) if args.workers > 1 else None)
     outcome: dict[str, Any] = {}
 
