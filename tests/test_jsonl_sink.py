@@ -262,3 +262,22 @@ def test_a_log_in_use_is_refused_until_closed_and_its_open_events_are_left_alone
     live.close()
     with EventLog(path, MODEL) as after:  # free again; the event never ended is a crash's now
         assert after.recovered == 1
+
+
+def test_a_file_that_is_not_an_event_log_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "rtsp.yaml"  # a config given as the log by mistake; no final newline either
+    content = b"sources:\n  - name: cam\n    url: rtsp://cam.local/stream1"
+    path.write_bytes(content)
+
+    with pytest.raises(StreamdetError, match="exists and is not a streamdet event log"):
+        EventLog(path, MODEL)
+    assert path.read_bytes() == content
+
+
+def test_a_first_line_torn_short_of_its_schema_is_cut_like_any_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{"schema":"strea')  # a crash during the very first write
+
+    with EventLog(path, MODEL) as log_:
+        log_.write_status("cam", "online", "opened", T0)
+    assert [o["seq"] for o in lines_of(path)] == [1]

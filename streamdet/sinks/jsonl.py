@@ -33,6 +33,8 @@ from streamdet.sources import redact_text
 log = logging.getLogger(__name__)
 
 SCHEMA = "streamdet.event/1"
+_LINE_START = b'{"schema":"streamdet.event/'  # how every line of a log begins
+_TAIL_BYTES = 1 << 20  # read from a log's end to find a torn last line
 _ROTATED_KEEP = 5
 
 
@@ -109,15 +111,29 @@ class EventLog:
     # -- crash recovery -----------------------------------------------------------------------
 
     def _recover(self) -> int:
-        """Cut a torn last line and end events left open by a crash. Returns events ended."""
+        """Cut a torn last line and end events left open by a crash. Returns events ended.
+
+        StreamdetError when the file exists and is not an event log (a config given as the log
+        by mistake): it is neither cut nor appended to.
+        """
         if self.path.exists():
             with open(self.path, "rb+") as f:
-                data = f.read()
-                if data and not data.endswith(b"\n"):
-                    cut = data.rfind(b"\n") + 1
+                head = f.read(len(_LINE_START))
+                size = f.seek(0, os.SEEK_END)
+                # Every line starts with the schema; a crash may have left a first line torn short of it.
+                if size and head != _LINE_START and not (size == len(head) and _LINE_START.startswith(head)):
+                    raise StreamdetError(f"{self.path}: exists and is not a streamdet event log; not writing "
+                                         f"to it (give another --events or sinks.events.path)")
+                tail_start = max(0, size - _TAIL_BYTES)  # lines are short: the tail holds the last one
+                f.seek(tail_start)
+                tail = f.read()
+                if tail and not tail.endswith(b"\n"):
+                    if b"\n" not in tail and tail_start > 0:
+                        raise StreamdetError(f"{self.path}: its last line is over {_TAIL_BYTES} bytes: "
+                                             f"not a streamdet event log; not writing to it")
+                    cut = tail_start + tail.rfind(b"\n") + 1
                     f.truncate(cut)
-                    log.warning("%s: removed a torn last line (%d bytes) left by a crash",
-                                self.path, len(data) - cut)
+                    log.warning("%s: removed a torn last line (%d bytes) left by a crash", self.path, size - cut)
         open_events: dict[str, dict[str, Any]] = {}
         for obj in read_lines(self.path):
             kind, event_id = obj.get("type"), obj.get("id")
