@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from streamdet.buffer import RingBuffer, Window
+from streamdet.errors import StreamdetError
 from streamdet.fastpath import (
     GraphedForward,
     InferenceNet,
@@ -61,8 +62,6 @@ def select_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        from streamdet.errors import StreamdetError
-
         raise StreamdetError("device 'cuda' requested, but no CUDA device is available")
     if requested not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, but got {requested!r}")
@@ -365,7 +364,14 @@ def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: s
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, but got {precision!r}")
+    if precision == "int8" and device == "auto":
+        device = "cpu"  # PyTorch's int8 kernels are CPU kernels, even where a GPU is present
     dev = device if isinstance(device, torch.device) else select_device(device)
+    if precision == "fp16" and dev.type != "cuda":
+        raise StreamdetError(f"precision fp16 needs CUDA, but the model runs on {dev.type}: use bf16, fp32 or int8")
+    if precision == "int8" and dev.type != "cpu":
+        raise StreamdetError(f"precision int8 runs on the CPU only (PyTorch's int8 kernels), but the device is "
+                             f"{dev.type}: set device cpu (or auto), or use bf16 or fp16 on CUDA")
     model = model.eval()
     chosen = _auto_precision(dev) if precision == "auto" else precision
     if dev.type == "cuda":

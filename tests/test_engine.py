@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from streamdet import inference, kernels
+from streamdet.errors import StreamdetError
 from streamdet.fastpath import (
     ChannelPad,
     GraphedForward,
@@ -385,9 +386,21 @@ def test_preferred_path_per_device_precision_and_compile(device: str, precision:
     assert inference._preferred_path(torch.device(device), precision, compile) == expected
 
 
-def test_fp16_is_refused_on_cpu(model: C3D_BN) -> None:
-    with pytest.raises(ValueError, match="fp16 needs CUDA"):
-        inference._candidate(model, CPU, "fp16")
+def test_fp16_on_a_cpu_is_a_clear_error(model: C3D_BN) -> None:
+    with pytest.raises(StreamdetError, match="precision fp16 needs CUDA, but the model runs on cpu"):
+        build_engine(model, "cpu", "fp16")
+
+
+def test_int8_runs_on_the_cpu_when_the_device_is_auto_even_with_a_gpu(
+    model: C3D_BN, real_clips: torch.Tensor, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+
+    engine = build_engine(model, "auto", "int8", check_clips=real_clips[:2], cache_dir=tmp_path)
+
+    assert engine.device.type == "cpu" and engine.path == "int8"
+    with pytest.raises(StreamdetError, match="precision int8 runs on the CPU only"):
+        build_engine(model, "cuda", "int8")  # refused before anything touches CUDA
 
 
 @pytest.mark.parametrize(("device", "mode", "conv1_channels"),

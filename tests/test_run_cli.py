@@ -219,6 +219,17 @@ def test_a_config_without_sources_is_an_error_before_anything_is_built(
     assert [r.getMessage() for r in caplog.records if r.name.startswith("streamdet")] == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs where CUDA is present")
+def test_fp16_without_cuda_is_one_error_line(walk_clip: Path, weights: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["run", "--source", str(walk_clip), "--weights", str(weights), "--precision", "fp16",
+                 "--events", str(tmp_path / "e.jsonl")])
+
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: precision fp16 needs CUDA, but the model runs on cpu" in err and "internal error" not in err
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
 def test_max_seconds_must_be_a_positive_duration(value: str, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["run", "--max-seconds", value])
