@@ -2,7 +2,7 @@
 
 sources -> capture threads -> ring buffers -> inference thread -> event tracker -> sinks
 
-One stop event is shared by every thread. Stopping (SIGINT/SIGTERM, ``--max-seconds``, all
+One stop event is shared by every thread. Stopping (SIGINT/SIGTERM/SIGHUP, ``--max-seconds``, all
 sources ended, or a stage that crashed) sets it, wakes every waiter, ends open events with
 ``shutdown``, flushes the files and joins each thread with a timeout.
 """

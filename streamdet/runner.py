@@ -205,8 +205,10 @@ def _run(cfg: RunConfig, checkpoint: Checkpoint, max_seconds: float | None) -> i
         pipeline.stop(f"signal {signal.Signals(signum).name}")
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
+        # SIGHUP too: a terminal or ssh session that closes ends the run as gracefully as Ctrl-C.
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):  # no SIGHUP on Windows
+                signal.signal(getattr(signal, name), on_signal)
     try:
         summary = pipeline.run()
     except StreamdetError as exc:
