@@ -205,6 +205,9 @@ class EventLog:
         except BlockingIOError:
             raise StreamdetError(f"{self.path}: in use by another running streamdet; give each run its own "
                                  f"event log (--events or sinks.events.path)") from None
+        except OSError as exc:  # a file system without locks (some network mounts): write unlocked
+            log.warning("%s: cannot be locked (%s): a second run on this log would not be refused",
+                        self.path, exc.strerror or exc)
 
     def _rotate(self) -> None:
         os.fsync(self._file.fileno())
