@@ -281,3 +281,25 @@ def test_a_first_line_torn_short_of_its_schema_is_cut_like_any_torn_line(tmp_pat
     with EventLog(path, MODEL) as log_:
         log_.write_status("cam", "online", "opened", T0)
     assert [o["seq"] for o in lines_of(path)] == [1]
+
+
+def test_a_file_system_without_locks_gets_an_unlocked_log_and_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+
+    from streamdet.sinks import jsonl
+
+    if jsonl.fcntl is None:
+        pytest.skip("logs are not locked on this platform")
+
+    def no_locks(fd: int, operation: int) -> None:  # as flock on some network mounts
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(jsonl.fcntl, "flock", no_locks)
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, MODEL) as log_:
+        log_.write_status("cam", "online", "opened", T0)
+
+    assert [o["type"] for o in lines_of(path)] == ["status"]
+    assert "cannot be locked (No locks available)" in caplog.text
