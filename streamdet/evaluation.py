@@ -290,7 +290,8 @@ def read_event_log(
             (the latest run), or every line when no line has a ``run_id``.
 
     Raises:
-        ConfigError: missing file or a line that is not JSON (a torn last line is skipped).
+        ConfigError: missing file, a line that is not JSON (a torn last line is skipped), or a
+            ``run_id`` that no line has.
     """
     path = Path(path)
     if not path.is_file():
@@ -309,10 +310,12 @@ def read_event_log(
             raise ConfigError(f"{path}:{n}: not JSON ({exc.msg})") from exc
         if isinstance(rec, dict):
             records.append(rec)
+    runs = list(dict.fromkeys(str(r["run_id"]) for r in records if r.get("run_id") is not None))
     if run_id is None:
-        run_id = next(
-            (str(r["run_id"]) for r in reversed(records) if r.get("run_id") is not None), None
-        )
+        run_id = runs[-1] if runs else None
+    elif run_id not in runs:
+        raise ConfigError(f"{path}: no run {run_id!r} in this log (its runs, oldest first: "
+                          f"{', '.join(runs) or 'none'})")
     open_events: dict[str, _LogEvent] = {}
     closed: list[_LogEvent] = []
     last_frame: int | None = None

@@ -216,7 +216,10 @@ def _run(cfg: RunConfig, checkpoint: Checkpoint, max_seconds: float | None) -> i
         raise
     print(format_summary(summary, cfg))
     if cfg.truth and cfg.sinks.events.path:
-        print(evaluate_against_truth(cfg.sinks.events.path, cfg.truth, summary.run_id))
+        if summary.lines:
+            print(evaluate_against_truth(cfg.sinks.events.path, cfg.truth, summary.run_id))
+        else:
+            print("[summary] against the truth: nothing to score, this run wrote no line")
     _exit_now_if_threads_stuck(pipeline, None, 0)
     return 0
 

@@ -207,3 +207,13 @@ def test_only_the_latest_run_of_an_appended_log_is_evaluated_by_default(tmp_path
     assert evaluate_files(log, truth).f1 == 1.0
     assert evaluate_files(log, truth, run_id="old").f1 == 0.0
     assert "F1 1.000" in str(evaluate_event_log(log, truth, run_id="new"))
+
+
+def test_a_run_id_not_in_the_log_is_an_error_that_lists_its_runs(tmp_path):
+    log, truth = tmp_path / "events.jsonl", tmp_path / "truth.json"
+    end = {"type": "end", "id": "demo-run-1", "source": "demo", "label": "run", "start_frame": 0, "end_frame": 9}
+    _write_log(log, [{**end, "run_id": "old"}, {**end, "run_id": "new"}])
+    truth.write_text(json.dumps({"fps": 10, "events": [{"label": "run", "start_frame": 0, "end_frame": 9}]}))
+
+    with pytest.raises(ConfigError, match=r"no run 'typo' in this log \(its runs, oldest first: old, new\)"):
+        run_cli(["eval-events", "--events", str(log), "--truth", str(truth), "--run-id", "typo"])

@@ -222,6 +222,38 @@ def test_a_config_without_sources_is_an_error_before_anything_is_built(
     assert [r.getMessage() for r in caplog.records if r.name.startswith("streamdet")] == []
 
 
+@pytest.mark.timeout(60)
+def test_a_run_that_wrote_no_line_says_there_is_nothing_to_score_against_the_truth(
+    tmp_path: Path, weights: Path
+) -> None:
+    import socket
+
+    # A camera that accepts the connection and never answers: the run stops while its open still
+    # waits, before any status line.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    truth = tmp_path / "truth.json"
+    truth.write_text(json.dumps({"fps": 10, "events": [{"label": "walk", "start_frame": 8, "end_frame": 63}]}))
+    cfg = tmp_path / "silent.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "sources": [{"name": "cam", "url": f"rtsp://127.0.0.1:{silent.getsockname()[1]}/x",
+                     "options": {"open_timeout_s": 20.0}}],
+        "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
+        "sinks": {"events": {"path": str(tmp_path / "events.jsonl")}},
+        "truth": str(truth),
+    }))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        done = subprocess.run([sys.executable, "-m", "streamdet", "run", str(cfg), "--max-seconds", "1"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=50)
+    finally:
+        silent.close()
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "[summary] against the truth: nothing to score, this run wrote no line" in done.stdout
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs where CUDA is present")
 def test_fp16_without_cuda_is_one_error_line(walk_clip: Path, weights: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
