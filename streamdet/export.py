@@ -124,6 +124,19 @@ def _export_onnx(
     onnx.save(proto, str(out))
 
 
+def _writable(out: Path) -> Path:
+    """``out``, after checking that a file can be written there (its folder is made)."""
+    if out.is_dir():
+        raise ExportError(f"{out}: is a folder; give the path of the file to write")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"{out}: cannot write there ({exc.strerror or exc})") from exc
+    if not os.access(out.parent, os.W_OK):
+        raise ExportError(f"{out}: cannot write there (its folder is not writable)")
+    return out
+
+
 def export_model(
     weights: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -146,8 +159,7 @@ def export_model(
         raise ConfigError(f"format must be 'onnx' or 'torchscript', but got {fmt!r}")
     ckpt = load_checkpoint(weights)
     model = fuse_bn(ckpt.model) if fuse else ckpt.model.eval()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = _writable(Path(out))
     x = check_windows(ckpt.contract, video, windows)
     with torch.no_grad():
         reference = ckpt.model.eval()(x).numpy()

@@ -113,3 +113,14 @@ def test_export_of_a_missing_checkpoint_is_a_weights_error(tmp_path):
                 str(tmp_path / "m.pt"),
             ]
         )
+
+
+@pytest.mark.parametrize("where", ["a-folder", "under-a-file"])
+def test_an_export_that_cannot_be_written_is_a_clear_error_before_any_work(weights, tmp_path, where):
+    from streamdet.export import ExportError
+
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("not a folder")
+    out = tmp_path / "a-folder" if where == "a-folder" else tmp_path / "a-file" / "m.pt"
+    with pytest.raises(ExportError, match="is a folder|cannot write there"):
+        run_cli(["export", "--weights", str(weights), "--format", "torchscript", "--out", str(out)])
