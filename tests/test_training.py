@@ -137,6 +137,25 @@ def test_resume_refuses_a_config_with_another_width(tmp_path):
         train(wider, resume="auto", progress=False)
 
 
+def test_an_out_dir_that_cannot_be_made_is_a_config_error(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    cfg = TrainConfig.model_validate(tiny_config(tmp_path, out_dir=str(tmp_path / "a-file" / "run")))
+    with pytest.raises(ConfigError, match="out_dir .*a-file/run: cannot create it"):
+        train(cfg, resume=None, max_steps=1, progress=False)
+
+
+def test_a_checkpoint_that_cannot_be_saved_is_a_clear_error_and_keeps_the_last_good_one(tmp_path):
+    from streamdet.errors import StreamdetError
+    from streamdet.training.trainer import _atomic_save
+
+    path = tmp_path / "last.pt"
+    _atomic_save({"step": 1}, path)
+    (tmp_path / "last.pt.tmp").mkdir()  # the write cannot happen: its temporary path is a folder
+    with pytest.raises(StreamdetError, match="last.pt: cannot save"):
+        _atomic_save({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
 def test_flip_is_never_applied_to_no_flip_classes():
     clip = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(1, 2, 3, 4)
     aug = Augment(hflip=True, no_flip=frozenset({1}))

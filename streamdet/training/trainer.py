@@ -50,7 +50,7 @@ from streamdet.data.datasets import (
     curriculum,
     scan_folder,
 )
-from streamdet.errors import ConfigError, WeightsError
+from streamdet.errors import ConfigError, StreamdetError, WeightsError
 from streamdet.models.c3d import C3D_BN
 from streamdet.models.weights import import_sports1m, save_checkpoint
 from streamdet.preprocess import DEFAULT_CONTRACT
@@ -319,10 +319,17 @@ def _compact_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``obj`` to ``path`` whole or not at all; StreamdetError when it cannot (a full disk)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, tmp)  # RuntimeError from its zip writer when the file cannot be written
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)  # a partial file: the last good checkpoint stays
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200]
+        raise StreamdetError(f"{path}: cannot save ({reason})") from exc
 
 
 def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -450,7 +457,10 @@ def train(
     device = select_device(cfg.device)
     amp = autocast_dtype(cfg.amp, device)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"out_dir {out}: cannot create it ({exc.strerror or exc})") from exc
     data = build_data(cfg)
     names = data.class_names
     model = build_model(cfg, len(names)).to(device)
