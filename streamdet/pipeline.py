@@ -36,7 +36,7 @@ from streamdet.inference import Engine, InferenceThread, WindowResult
 from streamdet.models.weights import Checkpoint
 from streamdet.sinks.jsonl import EventLog
 from streamdet.sinks.overlay import OverlaySink
-from streamdet.sources import SourceKind, check_file_source, source_kind
+from streamdet.sources import SourceKind, check_sources, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,9 @@ class Pipeline:
     def __init__(self, cfg: RunConfig, checkpoint: Checkpoint, engine: Engine, *,
                  max_seconds: float | None = None, print_fn: Callable[[str], None] = print,
                  workers: int = 1, threads_per_worker: int | None = None) -> None:
-        if not cfg.sources:
-            raise StreamdetError("no sources: give --source URL or list sources in the config")
-        for s in cfg.sources:
-            check_file_source(s.url)
+        # Paths only: `streamdet run` has opened the files already (check_sources), and a capture
+        # reports a file it cannot open with the same message.
+        check_sources([s.url for s in cfg.sources], open_files=False)
         self.cfg = cfg
         self.checkpoint = checkpoint
         self.engine = engine

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from streamdet.config import RunConfig, load_config
 from streamdet.errors import ConfigError, StreamdetError
 from streamdet.models.weights import Checkpoint, default_class_names, load_checkpoint
-from streamdet.sources import SourceKind, check_file_source, redact_text, source_kind, source_name
+from streamdet.sources import SourceKind, check_sources, redact_text, source_kind, source_name
 
 if TYPE_CHECKING:
     import torch
@@ -168,10 +168,7 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
     cfg = load_config(config_path, _overrides(args))
     cfg = resolve_inputs(cfg, config_path.resolve().parent, bool(args.source), bool(args.weights),
                          bool(args.truth))
-    if not cfg.sources:  # fail fast, before the model is built
-        raise ConfigError("no sources: give --source URL or list sources in the config")
-    for s in cfg.sources:
-        check_file_source(s.url)
+    check_sources([s.url for s in cfg.sources])  # fail fast, before the model is built
     if cfg.sinks.overlay.display:
         from streamdet.sinks.overlay import check_display
 
