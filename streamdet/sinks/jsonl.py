@@ -143,13 +143,12 @@ class EventLog:
                 open_events.pop(event_id, None)
         if not open_events:
             return 0
-        with open(self.path, "a", encoding="utf-8") as f:
-            for last in open_events.values():
-                line = dict(last, type="end", end_reason="crash_recovery", run_id=self.run_id,
-                            seq=self._next_seq(), latency_ms=None)
-                f.write(json.dumps(line, separators=(",", ":")) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self._append(b"".join(
+            self._encode(dict(last, type="end", end_reason="crash_recovery", run_id=self.run_id,
+                              seq=self._next_seq(), latency_ms=None))
+            for last in open_events.values()
+        ))
+        os.fsync(self._file.fileno())
         log.warning("%s: ended %d event(s) left open by a crash", self.path, len(open_events))
         return len(open_events)
 
@@ -169,15 +168,13 @@ class EventLog:
             if self._broken is not None:
                 raise StreamdetError(self._broken)
             obj["seq"] = self._next_seq()
-            line = (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode()
+            line = self._encode(obj)
             start = None
             try:
                 if self.rotate_bytes and self._file.tell() > 0 and self._file.tell() + len(line) > self.rotate_bytes:
                     self._rotate()
                 start = self._file.tell()
-                written = 0
-                while written < len(line):  # unbuffered: a short write leaves nothing behind in memory
-                    written += self._file.write(line[written:])
+                self._append(line)
                 if durable:
                     os.fsync(self._file.fileno())
             except OSError as exc:
@@ -191,6 +188,15 @@ class EventLog:
                 raise error from exc
             self.lines_written += 1
         return obj
+
+    @staticmethod
+    def _encode(obj: dict[str, Any]) -> bytes:
+        return (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode()
+
+    def _append(self, data: bytes) -> None:
+        written = 0
+        while written < len(data):  # unbuffered: a short write leaves nothing behind in memory
+            written += self._file.write(data[written:])
 
     def _open(self) -> io.FileIO:
         # Unbuffered bytes: each line is one write call, so nothing waits in a buffer to be lost
