@@ -132,9 +132,10 @@ def inference_plan(cfg: RunConfig, device: torch.device, concurrent: bool, threa
     concurrent engine: one worker per source, up to one per thread, and one per thread when a file
     is replayed as fast as possible. On 2 cores, two one-thread workers beside a file's decoder ran
     1.3-2.1x the clips/s of one worker, and held 12 paced streams against 8: an OpenMP team stalls
-    at every barrier for whichever of its threads the decoder or the host displaced. A single live source keeps one worker on every thread,
-    the lowest latency per window. Without concurrency (compile on a CPU), a replay leaves its
-    decoder a core: one worker on one thread fewer. CUDA runs one worker.
+    at every barrier for whichever of its threads the decoder or the host displaced. A single
+    live source keeps one worker on every thread, the lowest latency per window. Without
+    concurrency (compile on a CPU), a replay leaves its decoder a core: one worker on one thread
+    fewer. CUDA runs one worker.
     """
     replays = [s.name for s in cfg.sources if source_kind(s.url) is SourceKind.FILE and not s.realtime]
     workers = cfg.model.workers
