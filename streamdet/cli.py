@@ -60,8 +60,10 @@ def _num_classes(text: str) -> int:
 
 
 def default_config_path() -> Path:
-    """The bundled demo config (``configs/default.yaml`` of the source tree)."""
-    return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+    """The bundled demo config (``streamdet/demo/demo.yaml``, shipped inside the package)."""
+    from streamdet.demo import config_path
+
+    return config_path()
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ ONNX needs the optional ``onnx`` package (``pip install streamdet[export]`` also
 onnxruntime for the check).
 
 Example:
-    >>> report = export_model("demo/c3d_bn_demo.safetensors", "/tmp/m.pt", fmt="torchscript")  # doctest: +SKIP
+    >>> report = export_model("streamdet/demo/c3d_bn_demo.safetensors", "/tmp/m.pt", fmt="torchscript")  # doctest: +SKIP
     >>> report.max_abs_diff < 1e-3  # doctest: +SKIP
     True
 """

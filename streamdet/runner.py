@@ -166,7 +166,12 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
     config_path = Path(args.config) if args.config else default_config
     if not args.config and not default_config.exists():
         raise ConfigError(f"no config given and the bundled demo config {default_config} is missing")
-    cfg = load_config(config_path, _overrides(args))
+    overrides = _overrides(args)
+    if not args.config and args.source and not args.output_video:
+        # Your sources with the demo's model and tracker: the demo's annotated video is the demo's
+        # output, not yours (a live camera would be recorded without end).
+        overrides.setdefault("sinks", {}).setdefault("overlay", {})["video"] = None
+    cfg = load_config(config_path, overrides)
     cfg = resolve_inputs(cfg, config_path.resolve().parent, bool(args.source), bool(args.weights),
                          bool(args.truth))
     check_sources([s.url for s in cfg.sources])  # fail fast, before the model is built

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from streamdet import demo
 from streamdet.config import RunConfig, load_config
 from streamdet.errors import ConfigError
 
@@ -24,8 +25,9 @@ def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
 
 @pytest.mark.parametrize(
     ("name", "sources"),
-    [("default.yaml", ["demo"]), ("webcam.yaml", ["webcam"]), ("rtsp.yaml", ["entrance", "parking", "loading-dock"])],
-    ids=["default", "webcam", "rtsp"],
+    [(demo.config_path(), ["demo"]), ("webcam.yaml", ["webcam"]),
+     ("rtsp.yaml", ["entrance", "parking", "loading-dock"])],
+    ids=["demo", "webcam", "rtsp"],
 )
 def test_shipped_config_validates(monkeypatch: pytest.MonkeyPatch, name: str, sources: list[str]) -> None:
     monkeypatch.setenv("CAM_PASSWORD", "pa55word")

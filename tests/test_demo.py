@@ -9,10 +9,11 @@ from pathlib import Path
 import cv2
 import pytest
 
+from streamdet import demo
 from streamdet.cli import main
 from streamdet.models.weights import load_checkpoint
 
-DEMO = Path(__file__).resolve().parents[1] / "demo"
+DEMO = demo.config_path().parent
 
 
 def test_the_demo_assets_fit_their_budgets_and_agree():

@@ -18,6 +18,7 @@ import torch
 from streamdet.buffer import FrameMeta, RingBuffer
 from streamdet.cli import main
 from streamdet.evaluation import evaluate_files
+from streamdet import demo
 from streamdet.inference import InferenceThread, build_engine, build_path
 from streamdet.models.c3d import CLIP_LENGTH
 from streamdet.models.weights import load_checkpoint
@@ -25,7 +26,7 @@ from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-DEMO = Path(__file__).resolve().parents[1] / "demo"
+DEMO = demo.config_path().parent
 CUDA = torch.device("cuda")
 
 

@@ -1,7 +1,7 @@
 """Clip-level evaluation of a checkpoint: top-1, per-class accuracy, confusion matrix.
 
 Example:
-    >>> r = evaluate_checkpoint("demo/c3d_bn_demo.safetensors", synthetic_clips=16)  # doctest: +SKIP
+    >>> r = evaluate_checkpoint("streamdet/demo/c3d_bn_demo.safetensors", synthetic_clips=16)  # doctest: +SKIP
     >>> r.accuracy  # doctest: +SKIP
     0.9375
 """
