@@ -212,13 +212,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
             + "\n"
         )
-        plots.plot_confusion(
-            result.confusion,
-            result.class_names,
-            out.with_suffix(".png"),
-            title=Path(args.weights).name,
-        )
-        print(f"wrote {out} and {out.with_suffix('.png')}")
+        if plots.AVAILABLE:
+            plots.plot_confusion(
+                result.confusion,
+                result.class_names,
+                out.with_suffix(".png"),
+                title=Path(args.weights).name,
+            )
+            print(f"wrote {out} and {out.with_suffix('.png')}")
+        else:
+            print(f"wrote {out} (no confusion plot: {plots.INSTALL_HINT})")
     return 0
 
 

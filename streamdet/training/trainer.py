@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from streamdet.data import synthetic
 from streamdet.data.datasets import (
@@ -373,14 +374,17 @@ def _check_compatible(
 
 
 class _Progress:
-    """A one-line progress bar on a terminal; periodic plain lines otherwise (logs)."""
+    """Training progress: a tqdm bar per epoch on a terminal; a plain line every ``every_s``
+    seconds otherwise, since a redirected bar fills logs with carriage returns."""
 
     def __init__(self, enabled: bool, stream: Any = None, every_s: float = 30.0) -> None:
         self.enabled = enabled
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every_s = every_s
-        self._last = 0.0
+        self._last = -math.inf  # the first update is always shown
+        self._bar: tqdm | None = None
+        self._epoch = -1
 
     def update(
         self,
@@ -394,22 +398,33 @@ class _Progress:
     ) -> None:
         if not self.enabled:
             return
+        stats = f"loss {loss:.3f} acc {acc:.3f} {rate:.1f} clips/s"
+        if self.tty:
+            self._update_bar(epoch, epochs, batch, batches, stats)
+            return
         now = time.monotonic()
-        if not self.tty and now - self._last < self.every_s and batch < batches:
+        if now - self._last < self.every_s and batch < batches:
             return
         self._last = now
-        filled = int(20 * batch / max(batches, 1))
-        line = (
-            f"epoch {epoch + 1}/{epochs} [{'#' * filled}{'.' * (20 - filled)}] {batch}/{batches} "
-            f"loss {loss:.3f} acc {acc:.3f} {rate:.1f} clips/s"
-        )
-        if self.tty:
-            self.stream.write("\r" + line)
-            if batch >= batches:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
+        self.stream.write(f"epoch {epoch + 1}/{epochs} {batch}/{batches} {stats}\n")
         self.stream.flush()
+
+    def _update_bar(self, epoch: int, epochs: int, batch: int, batches: int, stats: str) -> None:
+        if self._bar is None or epoch != self._epoch:
+            self.close()
+            # A resumed epoch starts part way: the bar starts where the batches left off.
+            self._bar = tqdm(total=batches, initial=batch - 1, file=self.stream, unit="batch",
+                             desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True, leave=True)
+            self._epoch = epoch
+        self._bar.set_postfix_str(stats, refresh=False)
+        self._bar.update(batch - self._bar.n)
+        if batch >= batches:
+            self.close()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _write_metrics(history: list[dict[str, float]], path: Path) -> None:
@@ -631,6 +646,8 @@ def train(
             batch_done = 0
             _write_metrics(history, out / "metrics.csv")
             with contextlib.suppress(Exception):  # plots are a convenience: never stop training
+                if not plots.AVAILABLE:
+                    raise ImportError(plots.INSTALL_HINT)
                 plots.plot_curves(history, out / "curves.png")
                 if result is not None:
                     plots.plot_confusion(
@@ -655,6 +672,7 @@ def train(
             _atomic_save(snapshot(), out / "last.pt")
             log(f"stopped at epoch {epoch + 1}, batch {batch_done}; state in {out / 'last.pt'}")
     finally:
+        bar.close()
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
     return TrainResult(out, epoch, step, best_acc, best_epoch, history, stopped)
