@@ -25,6 +25,9 @@ from tiny_model import random_checkpoint
 from streamdet.inference import build_engine
 from streamdet.models.weights import Checkpoint
 
+# Every test runs in its own tmp dir, and the last one checks the checkout is unchanged.
+pytest_plugins = ("checkout_guard",)
+
 # OpenCV's FFmpeg backend reads this once, at the first open in the process, so it is set
 # before any test runs. TCP avoids lost UDP packets; a short analyzeduration opens fast.
 os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp|analyzeduration;500000")

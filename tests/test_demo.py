@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import pytest
 
+from assets import cut_clip
+
 from streamdet import demo
 from streamdet.cli import main
 from streamdet.models.weights import load_checkpoint
@@ -43,4 +45,34 @@ def test_run_with_no_arguments_detects_the_demo_events(tmp_path: Path, monkeypat
     assert sum(e["type"] == "new" for e in events) >= 10
     cap = cv2.VideoCapture(str(tmp_path / "streamdet-out" / "demo_annotated.mp4"))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 600
+    cap.release()
+
+
+@pytest.mark.timeout(120)
+def test_a_source_on_the_command_line_takes_the_demos_model_but_not_its_outputs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    # The working directory is tmp_path (checkout_guard): relative outputs land there.
+    clip = cut_clip(DEMO / "demo.mp4", tmp_path / "mine.avi", start_frame=0, n_frames=60)
+
+    assert main(["run", "--source", str(clip)]) == 0
+
+    out = capsys.readouterr().out
+    assert "against" not in out  # the demo's truth describes the demo, not this clip
+    assert "annotated video" not in out
+    assert not (tmp_path / "streamdet-out" / "demo_annotated.mp4").exists()
+    lines = [json.loads(line) for line in (tmp_path / "streamdet-out" / "events.jsonl").read_text().splitlines()]
+    assert {line["source"] for line in lines} == {"mine"}
+    events = [line for line in lines if line["type"] != "status"]
+    assert [e["label"] for e in events if e["type"] == "new"] == ["enter"]  # truth: frames 24-45
+    assert {e["model"]["name"] for e in events} == {"c3d_bn_demo.safetensors"}
+
+
+def test_asked_for_an_annotated_video_a_source_on_the_command_line_gets_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    clip = cut_clip(DEMO / "demo.mp4", tmp_path / "mine.avi", start_frame=0, n_frames=40)
+
+    assert main(["run", "--source", str(clip), "--output-video", "mine.mp4"]) == 0
+
+    cap = cv2.VideoCapture(str(tmp_path / "mine.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 40
     cap.release()
