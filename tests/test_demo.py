@@ -8,7 +8,6 @@ from pathlib import Path
 
 import cv2
 import pytest
-
 from assets import cut_clip
 
 from streamdet import demo
