@@ -8,17 +8,16 @@ test_inference.py; these tests check that the real CUDA kernels give the same an
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
+from streamdet import demo
 from streamdet.buffer import FrameMeta, RingBuffer
 from streamdet.cli import main
 from streamdet.evaluation import evaluate_files
-from streamdet import demo
 from streamdet.inference import InferenceThread, build_engine, build_path
 from streamdet.models.c3d import CLIP_LENGTH
 from streamdet.models.weights import load_checkpoint
