@@ -69,9 +69,7 @@ def quantize_int8(
     Returns:
         A module mapping a float32 (B, 3, 16, 112, 112) tensor to float32 logits.
     """
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    from torch.ao.quantization.quantize_fx import convert_fx
 
     if calibration_clips.dim() != 5 or tuple(calibration_clips.shape[1:]) != INPUT_SHAPE:
         raise ValueError(
@@ -86,15 +84,14 @@ def quantize_int8(
         cache_file = Path(cache_dir) / f"int8-calib-{key.hexdigest()[:32]}.pt"
     with _quantized_engine(QUANT_ENGINE), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FX quantization's deprecation notices, once per process
-        # The fold stays one float module: traced, FX would quantize before the padding and
-        # requantize after it, which costs what folding saves.
-        qconfig = get_default_qconfig_mapping(QUANT_ENGINE).set_object_type(WidthFold, None)
-        untraced = PrepareCustomConfig().set_non_traceable_module_classes([WidthFold])
-        prepared = prepare_fx(net, qconfig, example_inputs=(example,), prepare_custom_config=untraced)
-        if cache_file is not None and cache_file.is_file():
-            prepared.load_state_dict(torch.load(cache_file, weights_only=True))
+        prepared = _with_observers(net, example)
+        if cache_file is not None and _load_statistics(prepared, cache_file):
             log.info("int8: loaded calibration statistics from %s", cache_file)
         else:
+            if cache_file is not None and cache_file.is_file():
+                # The failed load may have written part of the entry into the observers and into
+                # the layers prepared shares with net: start again from the model.
+                prepared = _with_observers(InferenceNet(fuse_bn(model), fold_conv1=True).eval(), example)
             log.info("int8: calibrating activations on %d real windows (cold start, cached afterwards)",
                      calibration_clips.shape[0])
             with torch.inference_mode():
@@ -105,6 +102,37 @@ def quantize_int8(
         quantized = convert_fx(prepared)
     log.info("int8: model ready in %.1f s", time.perf_counter() - t0)
     return quantized
+
+
+def _with_observers(net: InferenceNet, example: torch.Tensor) -> torch.nn.Module:
+    """``net`` traced by FX with observers in place, to calibrate or to load statistics into."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    # The fold stays one float module: traced, FX would quantize before the padding and
+    # requantize after it, which costs what folding saves.
+    qconfig = get_default_qconfig_mapping(QUANT_ENGINE).set_object_type(WidthFold, None)
+    untraced = PrepareCustomConfig().set_non_traceable_module_classes([WidthFold])
+    return prepare_fx(net, qconfig, example_inputs=(example,), prepare_custom_config=untraced)
+
+
+def _load_statistics(prepared: torch.nn.Module, path: Path) -> bool:
+    """Load cached calibration statistics into ``prepared``; False when there is no usable entry.
+
+    A corrupt entry (truncated by a crash or a full disk, or not a state dict of this model) is
+    logged and costs a recalibration, which rewrites it, nothing more: like the fp32 logits cache.
+    """
+    if not path.is_file():
+        return False
+    try:
+        prepared.load_state_dict(torch.load(path, weights_only=True))
+    except Exception as exc:  # torch.load and load_state_dict raise several types for bad files
+        reason = " ".join(str(exc).split())[:200]
+        log.warning("int8: ignoring unreadable calibration cache %s (%s: %s); recalibrating",
+                    path, type(exc).__name__, reason)
+        return False
+    return True
 
 
 def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
