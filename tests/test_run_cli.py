@@ -143,7 +143,7 @@ def test_a_live_run_refuses_a_second_run_on_its_log_and_a_signal_ends_its_events
 
 
 @pytest.mark.timeout(60)
-def test_an_absent_camera_is_a_clear_error_and_a_non_zero_exit(
+def test_an_absent_camera_is_a_clear_error_and_exit_code_2(
     tmp_path: Path, weights: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     started = time.monotonic()
@@ -151,7 +151,7 @@ def test_an_absent_camera_is_a_clear_error_and_a_non_zero_exit(
                  "--events", str(tmp_path / "events.jsonl")])
 
     err = capsys.readouterr().err
-    assert code != 0
+    assert code == 2
     assert time.monotonic() - started < 20
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert error_lines and "camera 7" in error_lines[-1] and "cannot open" in error_lines[-1]
