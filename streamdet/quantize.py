@@ -104,7 +104,7 @@ def quantize_int8(
     return quantized
 
 
-def _with_observers(net: InferenceNet, example: torch.Tensor) -> torch.nn.Module:
+def _with_observers(net: InferenceNet, example: torch.Tensor) -> torch.fx.GraphModule:
     """``net`` traced by FX with observers in place, to calibrate or to load statistics into."""
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
