@@ -36,7 +36,7 @@ from streamdet.inference import Engine, InferenceThread, WindowResult
 from streamdet.models.weights import Checkpoint
 from streamdet.sinks.jsonl import EventLog
 from streamdet.sinks.overlay import OverlaySink
-from streamdet.sources import SourceKind, check_sources, source_kind
+from streamdet.sources import SourceKind, check_sources, redact_text, redact_url, source_kind
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class SourceSummary:
     offline_s: float = 0.0
     status: str = "online"
     stalls: int = 0
+    never_online: str | None = None  # why, for a source that never came online during the run
 
 
 @dataclass
@@ -157,6 +158,11 @@ class Pipeline:
         self._event_counts: dict[str, int] = {}
         self._events_opened = 0
         self._status: dict[str, str] = {}
+        # Source-online bookkeeping: a network camera that cannot be opened at start is retried
+        # (it may boot after the detector); the summary names those that never came online.
+        self._online_once: set[str] = set()
+        self._not_yet_online: dict[str, str] = {}  # source -> why it was offline before that
+        self._urls = {s.name: redact_url(s.url) for s in cfg.sources}
         self._stop_reason = ""
         self.error: BaseException | None = None
 
@@ -248,12 +254,34 @@ class Pipeline:
         self._wake.set()
         with self._events_lock:
             self._status[change.source] = change.status.value
+            self._note_first_online(change)
             if self.log_sink and change.status is not Status.ENDED:
                 self.log_sink.write_status(change.source, change.status.value, change.reason, change.wall_time)
             if change.status is Status.OFFLINE:
                 self._emit(self.tracker.close_source(change.source, "stream_lost"), None)
         if self.overlay is not None:
             self.overlay.set_view(change.source, status=change.status.value)
+
+    def _note_first_online(self, change: StatusChange) -> None:
+        """Track whether a source has come online yet; warn once about one that cannot at start.
+
+        Called under ``_events_lock``. Only a source that reconnects goes offline before its first
+        open: one that does not (a webcam index, a file, ``reconnect: false``) is an error instead.
+        """
+        if change.status is Status.ONLINE:
+            self._online_once.add(change.source)
+        elif (change.status is Status.OFFLINE and change.source not in self._online_once
+              and change.source not in self._not_yet_online):
+            why = self._with_url(change.source, change.reason)
+            self._not_yet_online[change.source] = why
+            log.warning("%s: not online at start, retrying with backoff until it comes online: %s",
+                        change.source, why)
+
+    def _with_url(self, source: str, reason: str) -> str:
+        """``reason`` (redacted) naming the source's redacted URL, which open errors already do."""
+        reason = redact_text(reason)
+        url = self._urls[source]
+        return reason if url in reason else f"{url}: {reason}"
 
     def _on_source_done(self, source: str) -> None:
         """Every window of an ended source has been scored: end its events."""
@@ -399,13 +427,23 @@ class Pipeline:
                 f"{format_ms(_percentile(lat, 50))} p99 {format_ms(_percentile(lat, 99))} | "
                 f"events {self._events_opened}")
 
+    def _never_online(self, source: str) -> str | None:
+        """Why ``source`` never came online in this run; None if it did (under ``_events_lock``)."""
+        if source in self._online_once:
+            return None
+        pending = "still opening when the run stopped"
+        return self._not_yet_online.get(source) or self._with_url(source, pending)
+
     def summary(self, seconds: float) -> RunSummary:
         sources = []
+        with self._events_lock:
+            never_online = {c.source_name: self._never_online(c.source_name) for c in self.captures}
         for c, ring in zip(self.captures, self.rings, strict=True):
             sources.append(SourceSummary(
                 c.source_name, c.stats.frames_read, c.stats.frames_used, c.stats.frames_skipped,
                 ring.windows_taken, ring.windows_skipped, c.stats.reconnects, c.stats.offline_total(),
                 self._status.get(c.source_name, "never online"), c.stats.stalls,
+                never_online[c.source_name],
             ))
         inf = self.inference.inference_ms
         lat = list(self._latency_ms)

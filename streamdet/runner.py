@@ -261,6 +261,9 @@ def format_summary(summary: Any, cfg: RunConfig) -> str:
             f"{s.frames_skipped} skipped, {s.windows} windows ({s.windows_skipped} skipped), "
             f"{s.reconnects} reconnects, {s.stalls} stalls, {s.offline_s:.1f} s offline"
         )
+    never_online = [f"{s.name} ({s.never_online})" for s in summary.sources if s.never_online]
+    if never_online:
+        lines.append(f"[summary] never online: {', '.join(never_online)}")
     if summary.event_counts:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.event_counts.items()))
         lines.append(f"[summary] events by label: {counts}")

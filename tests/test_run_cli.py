@@ -241,11 +241,12 @@ def test_a_run_that_wrote_no_line_says_there_is_nothing_to_score_against_the_tru
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)
+    port = silent.getsockname()[1]
     truth = tmp_path / "truth.json"
     truth.write_text(json.dumps({"fps": 10, "events": [{"label": "walk", "start_frame": 8, "end_frame": 63}]}))
     cfg = tmp_path / "silent.yaml"
     cfg.write_text(yaml.safe_dump({
-        "sources": [{"name": "cam", "url": f"rtsp://127.0.0.1:{silent.getsockname()[1]}/x",
+        "sources": [{"name": "cam", "url": f"rtsp://127.0.0.1:{port}/x",
                      "options": {"open_timeout_s": 20.0}}],
         "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
         "sinks": {"events": {"path": str(tmp_path / "events.jsonl")}},
@@ -260,6 +261,8 @@ def test_a_run_that_wrote_no_line_says_there_is_nothing_to_score_against_the_tru
 
     assert done.returncode == 0, done.stderr[-2000:]
     assert "[summary] against the truth: nothing to score, this run wrote no line" in done.stdout
+    never = f"[summary] never online: cam (rtsp://127.0.0.1:{port}/x: still opening when the run stopped)"
+    assert never + "\n" in done.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs where CUDA is present")
