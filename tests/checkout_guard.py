@@ -1,7 +1,8 @@
 """A pytest plugin: the suite must leave the checkout as it found it.
 
 Tests write only under their tmp dirs. Every test runs with its own tmp dir as the working
-directory (outputs named relative to it land there), and the last test of the session,
+directory (outputs named relative to it land there) and a session tmp dir as streamdet's cache
+(``$STREAMDET_CACHE_DIR``, else ~/.cache/streamdet), and the last test of the session,
 ``test_the_suite_left_the_checkout_unchanged``, compares the checkout's ``git status`` with the
 one taken at the start, so a test that writes into the checkout fails the run.
 """
@@ -45,6 +46,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.name == LAST_TEST)
 
 
+@pytest.fixture(scope="session")
+def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Compiled kernels and int8 calibrations, shared by the session's tests (not ~/.cache)."""
+    return tmp_path_factory.mktemp("streamdet-cache")
+
+
 @pytest.fixture(autouse=True)
-def _work_in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _work_in_tmp_dir(tmp_path: Path, _session_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STREAMDET_CACHE_DIR", str(_session_cache_dir))  # subprocesses inherit it
