@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+INFERENCE_GRACE_S = 2.0  # after a stop, for a forward pass under way to end before the process exits
+
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     over: dict[str, Any] = {}
@@ -228,17 +230,23 @@ def _run(cfg: RunConfig, checkpoint: Checkpoint, max_seconds: float | None) -> i
 
 
 def _exit_now_if_threads_stuck(pipeline: Any, message: str | None, code: int) -> None:
-    """Exit at once when abandoned capture threads are still stuck in a read.
+    """Exit at once when a capture thread is stuck in a read or inference is still in a forward pass.
 
-    Everything is flushed and closed by now. A normal interpreter exit would wait for nothing,
-    but a stuck read returning during interpreter shutdown can abort the process (exit 134).
+    Everything is flushed and closed by now. A normal interpreter exit would not wait for them,
+    but a stuck read returning, or torch's thread pool still running, during interpreter shutdown
+    aborts the process (exit 134, "terminate called without an active exception"). A forward pass
+    under way gets a short grace first: a small model's ends in milliseconds.
     """
-    if pipeline.abandoned.alive() == 0:
+    pipeline.inference.join(INFERENCE_GRACE_S)
+    stuck, busy = pipeline.abandoned.alive(), pipeline.inference.is_alive()
+    if not stuck and not busy:
         return
     if message:
         print(message, file=sys.stderr)
-    log.warning("%d capture thread(s) still stuck in a read: exiting without waiting for them",
-                pipeline.abandoned.alive())
+    if stuck:
+        log.warning("%d capture thread(s) still stuck in a read: exiting without waiting for them", stuck)
+    if busy:
+        log.warning("inference still in a forward pass: exiting without waiting for it")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
