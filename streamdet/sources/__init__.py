@@ -1,7 +1,10 @@
 """Video sources: cameras, files and network streams opened with OpenCV.
 
-Passwords in URLs never leave this module in clear: :func:`redact_url` masks them and
-:func:`redact_text` scrubs any text (log lines, error messages) of every password seen so far.
+Credentials in URLs never leave this module in clear: every URL shown goes through
+:func:`~streamdet.redaction.redact_url`, every message quoting OpenCV or FFmpeg through
+:func:`~streamdet.redaction.redact_text`, and a source's secrets are registered (so that
+``redact_text`` masks them anywhere) before it is opened. ``redact_url``, ``redact_text`` and
+``register_secrets`` are re-exported from :mod:`streamdet.redaction`.
 
 Example:
     >>> redact_url("rtsp://admin:s3cret@10.0.0.5:554/stream1")
@@ -23,35 +26,10 @@ import cv2
 import numpy as np
 
 from streamdet.errors import ConfigError, SourceError
+from streamdet.redaction import MASK, redact_text, redact_url, register_secrets
 
-# The password runs to the last "@" of the authority, so a raw "@" in it (p@ss) is masked too.
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^/\s]*)@")
-_secrets: set[str] = set()
-_secrets_lock = threading.Lock()
-
-
-def register_secrets(url: str) -> None:
-    """Remember the password in ``url`` (raw and percent-decoded) so logs can be scrubbed of it."""
-    match = _URL_USERINFO.search(url)
-    if match and match.group("pw"):
-        raw = match.group("pw")
-        with _secrets_lock:
-            _secrets.update(s for s in (raw, urllib.parse.unquote(raw)) if len(s) >= 3)
-
-
-def redact_url(url: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://user:***@host``."""
-    return _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{m.group('user')}:***@", str(url))
-
-
-def redact_text(text: str) -> str:
-    """Mask URL passwords and every registered secret in ``text``."""
-    text = redact_url(text)
-    with _secrets_lock:
-        secrets = sorted(_secrets, key=len, reverse=True)
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
+__all__ = ["OpenCVSource", "SourceKind", "VideoSource", "check_sources", "redact_text",
+           "redact_url", "register_secrets", "source_kind", "source_name"]
 
 
 class SourceKind(enum.Enum):
@@ -71,20 +49,42 @@ def source_kind(url: str) -> SourceKind:
 
 
 def source_name(url: str, taken: set[str]) -> str:
-    """A short unique name for a source given only by its URL (``--source``)."""
+    """A short unique name for a source given only by its URL (``--source``).
+
+    A stream's name is its host and path with every credential left out, never a secret.
+
+    Example:
+        >>> source_name("rtsp://10.0.0.5/user=admin_password=s3cret_channel=1", set())
+        '10.0.0.5_channel_1'
+    """
     kind = source_kind(url)
     if kind is SourceKind.CAMERA:
         base = f"camera{url.strip()}"
     elif kind is SourceKind.FILE:
         base = Path(url).stem or "file"
     else:
-        parsed = urllib.parse.urlsplit(redact_url(url))
-        base = (parsed.hostname or "stream") + (parsed.path.replace("/", "_").rstrip("_") or "")
-    base = re.sub(r"[^A-Za-z0-9_.\-]+", "_", base)[:48] or "source"
+        base = _stream_name(url)
+    base = re.sub(r"[^A-Za-z0-9_.\-]+", "_", base)
+    base = re.sub(r"_+", "_", base).strip("_")[:48] or "source"
     name, n = base, 2
     while name in taken:
         name, n = f"{base}-{n}", n + 1
     return name
+
+
+# A masked parameter with the separator before it, "_password=***": left out of a stream's name.
+_MASKED_PARAM = re.compile(r"[/_&;?]?[A-Za-z0-9%._\-]*(?:=|%3[Dd])" + re.escape(MASK))
+
+
+def _stream_name(url: str) -> str:
+    """Host and path of a stream URL, redacted, without its masked parameters."""
+    try:
+        parsed = urllib.parse.urlsplit(redact_url(url))
+        host = parsed.hostname or "stream"
+    except ValueError:  # an unclosed IPv6 address, "rtsp://[::1"
+        return "stream"
+    path = _MASKED_PARAM.sub("", parsed.path).replace(MASK, "")
+    return host + path.replace("/", "_")
 
 
 class VideoSource(Protocol):
