@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from streamdet import __version__
 from streamdet.errors import StreamdetError
@@ -102,11 +102,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from streamdet.config import load_config
-    from streamdet.sources import redact_url
+    from streamdet.redaction import redact_text, register_secrets
 
     cfg = load_config(args.config)
-    print(f"{args.config}: valid ({len(cfg.sources)} source(s): "
-          f"{', '.join(f'{s.name}={redact_url(s.url)}' for s in cfg.sources) or 'none'})")
+    for source in cfg.sources:  # a URL may carry a password from ${ENV}
+        register_secrets(source.url)
+    listed = ", ".join(f"{s.name}={redact_text(s.url)}" for s in cfg.sources) or "none"
+    print(f"{args.config}: valid ({len(cfg.sources)} source(s): {listed})")
     return 0
 
 
@@ -193,10 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(exc: BaseException) -> str:
-    from streamdet.sources import redact_text
+    """The exception's message on one line, with every credential masked."""
+    from streamdet.redaction import redact_text
 
-    text: Any = " ".join(str(exc).split())
-    return redact_text(text)
+    return redact_text(" ".join(str(exc).split()))
 
 
 if __name__ == "__main__":
