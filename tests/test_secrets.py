@@ -145,7 +145,7 @@ def test_a_wrong_password_is_one_error_line_that_does_not_quote_it(
     debug_out, debug_err = capfd.readouterr()
     trace = "".join(traceback.format_exception(caught.value))
 
-    assert code != 0
+    assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot open stream" in errors[0] and f"{USER}:***@" in errors[0]
     for text, where in [(out + debug_out, "stdout"), (err + debug_err, "stderr"), (caplog.text, "log records"),
