@@ -66,6 +66,7 @@ _NEXT_PARAM_NO_UNDERSCORE = re.compile(r"[A-Za-z0-9%.\-]+(?:=|%3[Dd])")
 _HOST_AFTER_AT = re.compile(r"(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::\d*)?(?=[/?#;]|$)")
 _USER_PART = re.compile(r"[^:/?#@\s]*:")
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
+_PUNCTUATION = ".,:;!?)]}'\""  # may follow a URL in a message
 _MIN_REGISTERED = 3  # shorter secrets would mask ordinary words in every later message
 
 _secrets: set[str] = set()
@@ -129,18 +130,28 @@ def _userinfo_spans(url: str, start: int, end: int) -> list[_Span]:
     return spans
 
 
+def _ends_value(url: str, index: int, in_path: bool) -> bool:
+    """Whether a value ends at ``index``: at a separator followed by ``name=`` (one not so
+    followed is part of the value), or in the path at the segment's end (``/``)."""
+    char = url[index]
+    if char in "&;":
+        return _NEXT_PARAM.match(url, index + 1) is not None
+    if in_path and char in "_?":
+        return _NEXT_PARAM_NO_UNDERSCORE.match(url, index + 1) is not None
+    return in_path and char == "/"
+
+
 def _value_end(url: str, start: int, in_path: bool) -> int:
-    """Where the value starting at ``start`` ends: before the next parameter, or the path
-    segment's end (``/``) in the path. A separator not followed by ``name=`` is part of it."""
-    for index in range(start, len(url)):
-        char = url[index]
-        if in_path and char == "/":
-            return index
-        if char in "&;" and _NEXT_PARAM.match(url, index + 1):
-            return index
-        if in_path and char in "_?" and _NEXT_PARAM_NO_UNDERSCORE.match(url, index + 1):
-            return index
-    return len(url)
+    """Where the value that starts at ``start`` ends.
+
+    A value already masked ends with its mask, so that text redacted twice (an error message
+    quoting a redacted URL, ``...password=***: cannot open``) keeps the punctuation after it.
+    """
+    end = next((i for i in range(start, len(url)) if _ends_value(url, i, in_path)), len(url))
+    masked = start + len(MASK)
+    if url.startswith(MASK, start) and not url[masked:end].strip(_PUNCTUATION):
+        return masked
+    return end
 
 
 def _after_equals(url: str, index: int, floor: int) -> bool:

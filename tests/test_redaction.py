@@ -168,6 +168,15 @@ def test_redact_text_masks_every_url_in_a_message() -> None:
                                  "rtsp://10.0.0.5/y?user=***&pwd=*** in 2 s")
 
 
+@pytest.mark.parametrize("url", [f"rtsp://{H}/cam?user=admin&password={ENC}",
+                                 f"rtsp://{H}/cam;token=abc123", f"rtsp://admin:{RAW}@{H}/live"])
+def test_redacting_a_redacted_message_again_keeps_its_punctuation(url: str) -> None:
+    """The capture's reason, "URL: cannot open stream", is redacted again by the event log and
+    the CLI: the ":" after a masked query value was masked with it."""
+    message = f"{redact_url(url)}: cannot open stream ({redact_url(url)})"
+    assert redact_text(message) == message
+
+
 def test_registered_secrets_are_masked_outside_urls_in_every_form() -> None:
     secret = "Rg4/unique@reg:pw?"
     quoted = urllib.parse.quote(secret, safe="")
