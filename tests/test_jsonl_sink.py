@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -195,13 +197,16 @@ def test_reopening_a_cleanly_closed_log_appends_and_recovers_nothing(tmp_path: P
     assert [o["type"] for o in lines_of(path)] == ["new", "end", "status"]
 
 
-@pytest.mark.parametrize("where", ["under-a-file", "a-folder"])
-def test_a_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, where: str) -> None:
+@pytest.mark.parametrize(("where", "message"), [
+    ("under-a-file", "cannot write the event log (Not a directory)"),
+    ("a-folder", "is a folder, not a regular file: cannot use it as the event log"),
+])
+def test_a_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, where: str, message: str) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "a-folder").mkdir()
     path = tmp_path / "a-file" / "events.jsonl" if where == "under-a-file" else tmp_path / "a-folder"
 
-    with pytest.raises(StreamdetError, match="cannot write the event log"):
+    with pytest.raises(StreamdetError, match=re.escape(message)):
         EventLog(path, MODEL)
 
 
@@ -303,3 +308,115 @@ def test_a_file_system_without_locks_gets_an_unlocked_log_and_a_warning(
 
     assert [o["type"] for o in lines_of(path)] == ["status"]
     assert "cannot be locked (No locks available)" in caplog.text
+
+
+# -- paths that are not regular files -----------------------------------------------------------
+
+DEADLINE_S = 20.0  # an open or a read that would block forever fails the test after this
+
+
+def call_within(deadline_s: float, fn: Callable[[], object]) -> object:
+    """``fn()``'s result (or its exception, re-raised) when it returns within ``deadline_s``.
+
+    It runs on a daemon thread: a regression that blocks forever fails the test at the deadline
+    instead of hanging the suite.
+    """
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="call-within", daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    assert not thread.is_alive(), f"still blocked after {deadline_s} s"
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]
+
+
+def make_special(path: Path, kind: str) -> Path:
+    """A FIFO, or a symlink to the character device /dev/null, at ``path``."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to("/dev/null")  # a device that cannot fill memory if a regression reads it
+    return path
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize(("kind", "described"), [
+    ("fifo", "a FIFO (named pipe)"), ("device", "a character device")])
+@pytest.mark.parametrize("which", ["events.jsonl", "events.jsonl.2"], ids=["log", "rotated-file"])
+def test_a_log_that_is_not_a_regular_file_is_refused_at_once(
+    tmp_path: Path, kind: str, described: str, which: str
+) -> None:
+    """A FIFO blocked the open forever; /dev/zero or /dev/full was read by crash recovery until
+    memory ran out; a rotated file that is a FIFO blocked the recovery's read."""
+    path = tmp_path / "events.jsonl"
+    special = make_special(tmp_path / which, kind)
+
+    with pytest.raises(StreamdetError, match=re.escape(f"{special}: is {described}, not a regular file")):
+        call_within(DEADLINE_S, lambda: EventLog(path, MODEL))
+    with pytest.raises(StreamdetError, match="not a regular file"):
+        call_within(DEADLINE_S, lambda: list(read_lines(path)))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_that_appears_after_the_check_is_refused_instead_of_waited_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path check and the open are two steps: the open itself must never block."""
+    from streamdet.sinks import jsonl
+
+    monkeypatch.setattr(jsonl, "check_log_path", lambda path: None)  # as if made in between
+    fifo = make_special(tmp_path / "events.jsonl", "fifo")
+
+    with pytest.raises(StreamdetError, match="is a FIFO"):
+        call_within(DEADLINE_S, lambda: EventLog(fifo, MODEL))
+    with pytest.raises(StreamdetError, match="is a FIFO"):
+        call_within(DEADLINE_S, lambda: jsonl.open_regular(fifo, os.O_RDONLY, "the event log"))
+
+
+# -- lines that are not the log's own ------------------------------------------------------------
+
+HEAD = b'{"schema":"streamdet.event/1",'
+
+
+@pytest.mark.parametrize("bad", [
+    HEAD + b'"type":"new","id":"cam-fall-9","score":NaN}',
+    HEAD + b'"type":"new","id":["cam-fall-9"],"score":0.7}',
+    HEAD + b'"type":"new","id":"cam-fall-\xff\xfe9","score":0.7}',
+    HEAD + b'"type":"new","id":"cam-fall-9",',
+    b"",
+], ids=["nan-score", "list-id", "not-utf8", "not-json", "blank"])
+def test_crash_recovery_ignores_lines_that_are_not_the_logs_own_and_keeps_them(
+    tmp_path: Path, bad: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each of these made the recovery crash (ValueError, TypeError, UnicodeDecodeError) and the
+    run end with an internal error."""
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, MODEL, run_id="crashed") as log_:
+        log_.write_event(change("new", "cam-fall-1"), latency_ms=1.0)
+    with open(path, "ab") as f:  # an edit, or a damaged disk, in the middle of the log
+        f.write(bad + b"\n")
+    with EventLog(path, MODEL, run_id="before") as log_:
+        log_.write_event(change("new", "cam-fight-2"), latency_ms=1.0)
+    before = path.read_bytes()
+    caplog.clear()
+
+    with EventLog(path, MODEL, run_id="next") as reopened:
+        assert reopened.recovered == 1  # cam-fight-2: cam-fall-1 was ended by the run before
+        reopened.write_status("cam", "online", "opened", T0)
+
+    content = path.read_bytes()
+    assert content.startswith(before)  # the user's lines, the bad one included, as they were
+    added = [json.loads(line, parse_constant=pytest.fail) for line in content[len(before):].splitlines()]
+    assert [(o["type"], o.get("id"), o.get("end_reason")) for o in added] == [
+        ("end", "cam-fight-2", "crash_recovery"), ("status", None, None)]
+    assert "1 line(s) are not event lines written by streamdet (" in caplog.text
+    assert f"first at {path}:2)" in caplog.text
+

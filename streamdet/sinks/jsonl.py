@@ -3,9 +3,14 @@
 Every line is flushed as it is written; ``new``, ``end`` and ``status`` lines are also fsynced,
 so after a power cut or SIGKILL every line but possibly the last parses. On open, a torn last
 line is cut off and every event that has a ``new`` but no ``end`` gets an ``end`` with
-``end_reason: crash_recovery``. Optional size-based rotation happens on line boundaries. A log
-is locked (``flock``) while a run writes it, so a second run cannot take a live run's open
+``end_reason: crash_recovery``. Lines that are not the log's own (not UTF-8, not strict JSON, an
+event without a string ``id``: an edit or a damaged disk) are left as they are, ignored by the
+recovery and reported in one warning. Optional size-based rotation happens on line boundaries.
+A log is locked (``flock``) while a run writes it, so a second run cannot take a live run's open
 events for a crash's.
+
+A log, and each of its rotated files, must be a regular file: a FIFO would block the run at
+open, and a device such as ``/dev/zero`` would be read without end by the recovery.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import io
 import json
 import logging
 import os
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -36,6 +42,16 @@ SCHEMA = "streamdet.event/1"
 _LINE_START = b'{"schema":"streamdet.event/'  # how every line of a log begins
 _TAIL_BYTES = 1 << 20  # read from a log's end to find a torn last line
 _ROTATED_KEEP = 5
+_READ_CHUNK = 1 << 16
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # not on Windows, which has no FIFOs to block on
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows only
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def iso_utc(epoch_s: float) -> str:
@@ -49,19 +65,133 @@ def rotated_paths(path: Path) -> list[Path]:
     return [path.with_name(f"{path.name}.{i}") for i in range(_ROTATED_KEEP, 0, -1)] + [path]
 
 
-def read_lines(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Parsed lines of an event log and its rotated files, oldest first; torn lines skipped."""
-    for p in rotated_paths(Path(path)):
-        if not p.exists():
+def file_kind(mode: int) -> str:
+    """What a file of ``st_mode`` ``mode`` is, in words: ``'a FIFO (named pipe)'``, ...
+
+    Example:
+        >>> file_kind(os.stat("/").st_mode)
+        'a folder'
+    """
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((kind for is_kind, kind in _NOT_REGULAR if is_kind(mode)), "a special file")
+
+
+def _not_regular(path: Path, mode: int, what: str) -> StreamdetError:
+    return StreamdetError(f"{path}: is {file_kind(mode)}, not a regular file: cannot use it as "
+                          f"{what}")
+
+
+def _role(file: Path, log_path: Path) -> str:
+    return "the event log" if file == log_path else "a rotated event log"
+
+
+def check_log_path(path: str | os.PathLike[str]) -> None:
+    """StreamdetError when the log at ``path``, or one of its rotated files, exists and is not a
+    regular file (after symlinks): a folder, FIFO, device or socket.
+
+    The runner calls this before it builds the model; :class:`EventLog` checks again on open.
+    """
+    for p in reversed(rotated_paths(Path(path))):  # the log first
+        try:
+            mode = os.stat(p).st_mode
+        except FileNotFoundError:
             continue
-        with open(p, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(obj, dict):
-                    yield obj
+        except OSError as exc:  # a symlink loop, a file in the path where a folder should be, ...
+            why = exc.strerror or exc
+            raise StreamdetError(f"{p}: cannot write the event log ({why})") from exc
+        if not stat.S_ISREG(mode):
+            raise _not_regular(p, mode, _role(p, Path(path)))
+
+
+def open_regular(path: str | os.PathLike[str], flags: int, what: str) -> int:
+    """A file descriptor of ``path`` opened with ``flags``; StreamdetError unless it is a regular
+    file. The open never blocks: it is non-blocking until the file is known to be regular, so a
+    FIFO put at ``path`` after any earlier check is refused instead of waited on.
+
+    Args:
+        path: the file.
+        flags: ``os.O_RDONLY``, ``os.O_RDWR | os.O_APPEND | os.O_CREAT``, ...
+        what: the file's role, for the error (``"the event log"``).
+    """
+    fd = os.open(path, flags | _O_NONBLOCK, 0o666)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _not_regular(Path(path), mode, what)
+        if _O_NONBLOCK and fcntl is not None:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _raw_lines(fd: int) -> Iterator[bytes]:
+    """The lines of an open file, without their newlines; read with pread (its offset is kept)."""
+    offset, pending = 0, b""
+    while chunk := os.pread(fd, _READ_CHUNK, offset):
+        offset += len(chunk)
+        *lines, pending = (pending + chunk).split(b"\n")
+        yield from lines
+    if pending:
+        yield pending
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_line(line: bytes) -> dict[str, Any] | None:
+    """One line as the log writes it, or None when it is not one.
+
+    A line of the log begins with its schema and is strict JSON (UTF-8, no NaN or Infinity).
+    ``new``/``update``/``end`` lines need a non-empty string ``id``.
+
+    Example:
+        >>> parse_line(b'{"schema":"streamdet.event/1","type":"end","id":"cam-1"}')["id"]
+        'cam-1'
+        >>> parse_line(b'{"schema":"streamdet.event/1","type":"new","id":"a","score":NaN}') is None
+        True
+    """
+    if not line.startswith(_LINE_START):
+        return None
+    try:
+        obj = json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    if not isinstance(obj, dict):
+        return None
+    event_id = obj.get("id")
+    if obj.get("type") in ("new", "update", "end") and not (isinstance(event_id, str) and event_id):
+        return None
+    return obj
+
+
+def _scan(path: Path, *, rotated_only: bool = False,
+          ) -> Iterator[tuple[Path, int, dict[str, Any] | None]]:
+    """(file, line number, parsed line or None) of a log's rotated files and the log, oldest first.
+
+    StreamdetError when one of them is not a regular file.
+    """
+    for p in rotated_paths(path)[:-1] if rotated_only else rotated_paths(path):
+        try:
+            fd = open_regular(p, os.O_RDONLY, _role(p, path))
+        except FileNotFoundError:
+            continue
+        try:
+            for n, line in enumerate(_raw_lines(fd), 1):
+                yield p, n, parse_line(line)
+        finally:
+            os.close(fd)
+
+
+def read_lines(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Parsed lines of an event log and its rotated files, oldest first; lines that are not the
+    log's own (torn by a crash, edited, damaged) skipped."""
+    for _, _, obj in _scan(Path(path)):
+        if obj is not None:
+            yield obj
 
 
 class EventLog:
@@ -93,6 +223,7 @@ class EventLog:
         self._broken: str | None = None  # why the log cannot be written any more (disk full, ...)
         self._seq = 0
         self.lines_written = 0
+        check_log_path(self.path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self._open()
@@ -113,34 +244,25 @@ class EventLog:
     def _recover(self) -> int:
         """Cut a torn last line and end events left open by a crash. Returns events ended.
 
-        StreamdetError when the file exists and is not an event log (a config given as the log
-        by mistake): it is neither cut nor appended to.
+        Everything is read through the log's own locked handle (and the rotated files, each
+        checked to be a regular file). StreamdetError when the file exists and is not an event
+        log (a config given as the log by mistake): it is neither cut nor appended to.
         """
-        if self.path.exists():
-            with open(self.path, "rb+") as f:
-                head = f.read(len(_LINE_START))
-                size = f.seek(0, os.SEEK_END)
-                # Every line starts with the schema; a crash may have left a first line torn short of it.
-                if size and head != _LINE_START and not (size == len(head) and _LINE_START.startswith(head)):
-                    raise StreamdetError(f"{self.path}: exists and is not a streamdet event log; not writing "
-                                         f"to it (give another --events or sinks.events.path)")
-                tail_start = max(0, size - _TAIL_BYTES)  # lines are short: the tail holds the last one
-                f.seek(tail_start)
-                tail = f.read()
-                if tail and not tail.endswith(b"\n"):
-                    if b"\n" not in tail and tail_start > 0:
-                        raise StreamdetError(f"{self.path}: its last line is over {_TAIL_BYTES} bytes: "
-                                             f"not a streamdet event log; not writing to it")
-                    cut = tail_start + tail.rfind(b"\n") + 1
-                    f.truncate(cut)
-                    log.warning("%s: removed a torn last line (%d bytes) left by a crash", self.path, size - cut)
+        fd = self._file.fileno()
+        self._cut_torn_line(fd)
         open_events: dict[str, dict[str, Any]] = {}
-        for obj in read_lines(self.path):
-            kind, event_id = obj.get("type"), obj.get("id")
-            if kind in ("new", "update") and event_id:
-                open_events[event_id] = obj
-            elif kind == "end" and event_id:
-                open_events.pop(event_id, None)
+        ignored: list[str] = []
+        for where, obj in self._scan(fd):
+            if obj is None:
+                ignored.append(where)
+            elif obj.get("type") in ("new", "update"):
+                open_events[obj["id"]] = obj
+            elif obj.get("type") == "end":
+                open_events.pop(obj["id"], None)
+        if ignored:
+            log.warning("%s: %d line(s) are not event lines written by streamdet (not UTF-8, not "
+                        "strict JSON or an event without a string id; first at %s): left as they "
+                        "are and ignored", self.path, len(ignored), ignored[0])
         if not open_events:
             return 0
         self._append(b"".join(
@@ -148,9 +270,37 @@ class EventLog:
                               seq=self._next_seq(), latency_ms=None))
             for last in open_events.values()
         ))
-        os.fsync(self._file.fileno())
+        os.fsync(fd)
         log.warning("%s: ended %d event(s) left open by a crash", self.path, len(open_events))
         return len(open_events)
+
+    def _cut_torn_line(self, fd: int) -> None:
+        """Cut a last line without its newline (a crash mid-write); refuse a file not a log."""
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, len(_LINE_START), 0)
+        # Every line starts with the schema; a crash may have left a first line torn short of it.
+        torn_first = size == len(head) and _LINE_START.startswith(head)
+        if size and head != _LINE_START and not torn_first:
+            raise StreamdetError(f"{self.path}: exists and is not a streamdet event log; not "
+                                 f"writing to it (give another --events or sinks.events.path)")
+        tail_start = max(0, size - _TAIL_BYTES)  # lines are short: the tail holds the last one
+        tail = os.pread(fd, size - tail_start, tail_start)
+        if tail and not tail.endswith(b"\n"):
+            if b"\n" not in tail and tail_start > 0:
+                raise StreamdetError(f"{self.path}: its last line is over {_TAIL_BYTES} bytes: "
+                                     f"not a streamdet event log; not writing to it")
+            cut = tail_start + tail.rfind(b"\n") + 1
+            os.ftruncate(fd, cut)
+            self._file.seek(0, os.SEEK_END)  # the next line's start, should its write fail
+            log.warning("%s: removed a torn last line (%d bytes) left by a crash", self.path,
+                        size - cut)
+
+    def _scan(self, fd: int) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """('file:line', parsed line or None) of the rotated files, then of the log itself."""
+        for p, n, obj in _scan(self.path, rotated_only=True):
+            yield f"{p}:{n}", obj
+        for n, line in enumerate(_raw_lines(fd), 1):
+            yield f"{self.path}:{n}", parse_line(line)
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -200,8 +350,9 @@ class EventLog:
 
     def _open(self) -> io.FileIO:
         # Unbuffered bytes: each line is one write call, so nothing waits in a buffer to be lost
-        # in a crash or written after a failure.
-        return open(self.path, "ab", buffering=0)
+        # in a crash or written after a failure. Readable too: the recovery reads through it.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | _O_BINARY
+        return io.FileIO(open_regular(self.path, flags, "the event log"), "ab")
 
     def _lock_file(self, file: io.FileIO) -> None:
         if fcntl is None:
