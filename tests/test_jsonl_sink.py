@@ -420,3 +420,65 @@ def test_crash_recovery_ignores_lines_that_are_not_the_logs_own_and_keeps_them(
     assert "1 line(s) are not event lines written by streamdet (" in caplog.text
     assert f"first at {path}:2)" in caplog.text
 
+
+# -- durability: what is fsynced ---------------------------------------------------------------
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch, path: Path) -> list[int]:
+    """The log's size at each fsync of the file at ``path`` (fsyncs of other files are not kept).
+
+    A SIGKILL keeps the page cache, so only this shows a line is made durable (power cut safe).
+    """
+    sizes: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        if path.exists() and os.path.samestat(st, os.stat(path)):
+            sizes.append(st.st_size)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return sizes
+
+
+def test_new_end_and_status_lines_are_fsynced_once_written_and_update_lines_are_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Updates are many and are superseded by the end line; everything else must survive a power
+    cut as soon as it is written. Removing an fsync went unnoticed by every kill test."""
+    path = tmp_path / "events.jsonl"
+    synced = record_fsyncs(monkeypatch, path)
+    log_ = EventLog(path, MODEL)
+    writes = [
+        ("new", lambda: log_.write_event(change("new"), latency_ms=1.0)),
+        ("update", lambda: log_.write_event(change("update", k=3), latency_ms=1.0)),
+        ("status", lambda: log_.write_status("cam", "offline", "read failed", T0)),
+        ("end", lambda: log_.write_event(change("end", k=4, end_reason="score_drop"), latency_ms=1.0)),
+    ]
+    for kind, write in writes:
+        synced.clear()
+        write()
+        size = path.stat().st_size
+        assert synced == ([] if kind == "update" else [size]), kind  # after the line, not before
+
+    synced.clear()
+    log_.close()
+    assert synced == [path.stat().st_size]
+
+
+def test_the_lines_crash_recovery_adds_are_fsynced_before_the_run_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, MODEL, run_id="crashed") as log_:
+        log_.write_event(change("new", "cam-fall-1"), latency_ms=1.0)
+        log_.write_event(change("new", "cam-fight-2"), latency_ms=1.0)
+    with open(path, "ab") as f:
+        f.write(HEAD + b'"type":"upd')  # torn by the crash
+    synced = record_fsyncs(monkeypatch, path)
+
+    with EventLog(path, MODEL, run_id="next") as reopened:
+        assert reopened.recovered == 2
+        assert synced == [path.stat().st_size]  # both end lines, and the cut, made durable
+    assert [o["end_reason"] for o in lines_of(path)] == [None, None, "crash_recovery", "crash_recovery"]
