@@ -164,6 +164,61 @@ def inference_plan(cfg: RunConfig, device: torch.device, concurrent: bool, threa
     return 1, None
 
 
+def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
+    """Refuse outputs that would hang the run or destroy a file, before the model is built.
+
+    The event log (and any rotated file of it) must be a regular file or not exist yet: a FIFO
+    blocks the open, a device is read without end by crash recovery. No two outputs (the log,
+    its rotated files when it rotates, the annotated videos: ``name_<source>.ext`` each with
+    several sources, as :class:`~streamdet.sinks.overlay.OverlaySink` names them) may be one
+    file, nor may an output be one of the run's input files (a video, the weights, the truth,
+    the config). Paths are compared resolved, and with ``os.path.samefile`` where both exist
+    (hard links, another spelling of one file).
+
+    Raises:
+        StreamdetError: naming the path and the two roles it was given.
+    """
+    from streamdet.sinks.jsonl import check_log_path, rotated_paths
+
+    outputs: list[tuple[str, Path]] = []
+    events = cfg.sinks.events.path
+    if events:
+        check_log_path(events)
+        outputs.append(("the event log", Path(events)))
+        if cfg.sinks.events.rotate_mb:
+            rotated = rotated_paths(Path(events))[:-1]
+            outputs += [("a rotated file of the event log", p) for p in rotated]
+    video = cfg.sinks.overlay.video
+    if video and len(cfg.sources) > 1:
+        v = Path(video)
+        for s in cfg.sources:
+            name = f"{v.stem}_{s.name}{v.suffix or '.mp4'}"
+            outputs.append((f"the annotated video of source {s.name!r}", v.with_name(name)))
+    elif video:
+        outputs.append(("the annotated video", Path(video)))
+    inputs = [(f"the video of source {s.name!r}", Path(s.url.removeprefix("file://")))
+              for s in cfg.sources if source_kind(s.url) is SourceKind.FILE]
+    for what, path in (("the weights", cfg.model.weights), ("the truth", cfg.truth),
+                       ("the calibration video", cfg.model.calibration),
+                       ("the config", config_path)):
+        if path:
+            inputs.append((what, Path(path)))
+
+    def same_file(a: Path, b: Path) -> bool:
+        if os.path.realpath(a) == os.path.realpath(b):  # unlike Path.resolve, never raises
+            return True
+        try:
+            return os.path.samefile(a, b)
+        except OSError:  # one of them does not exist (yet)
+            return False
+
+    for i, (what, path) in enumerate(outputs):
+        for other, other_path in outputs[i + 1:] + inputs:
+            if same_file(path, other_path):
+                raise StreamdetError(f"{path} is both {what} and {other}: give each output a "
+                                     f"path of its own")
+
+
 def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
     config_path = Path(args.config) if args.config else default_config
     if not args.config and not default_config.exists():
@@ -177,6 +232,7 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
     cfg = resolve_inputs(cfg, config_path.resolve().parent, bool(args.source), bool(args.weights),
                          bool(args.truth))
     check_sources([s.url for s in cfg.sources])  # fail fast, before the model is built
+    check_outputs(cfg, config_path)
     if cfg.sinks.overlay.display:
         from streamdet.sinks.overlay import check_display
 
