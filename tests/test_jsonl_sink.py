@@ -201,7 +201,8 @@ def test_reopening_a_cleanly_closed_log_appends_and_recovers_nothing(tmp_path: P
     ("under-a-file", "cannot write the event log (Not a directory)"),
     ("a-folder", "is a folder, not a regular file: cannot use it as the event log"),
 ])
-def test_a_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, where: str, message: str) -> None:
+def test_a_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, where: str,
+                                                       message: str) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "a-folder").mkdir()
     path = tmp_path / "a-file" / "events.jsonl" if where == "under-a-file" else tmp_path / "a-folder"
@@ -359,7 +360,8 @@ def test_a_log_that_is_not_a_regular_file_is_refused_at_once(
     path = tmp_path / "events.jsonl"
     special = make_special(tmp_path / which, kind)
 
-    with pytest.raises(StreamdetError, match=re.escape(f"{special}: is {described}, not a regular file")):
+    refused = re.escape(f"{special}: is {described}, not a regular file")
+    with pytest.raises(StreamdetError, match=refused):
         call_within(DEADLINE_S, lambda: EventLog(path, MODEL))
     with pytest.raises(StreamdetError, match="not a regular file"):
         call_within(DEADLINE_S, lambda: list(read_lines(path)))
@@ -384,6 +386,11 @@ def test_a_fifo_that_appears_after_the_check_is_refused_instead_of_waited_on(
 # -- lines that are not the log's own ------------------------------------------------------------
 
 HEAD = b'{"schema":"streamdet.event/1",'
+
+
+def strict_lines(data: bytes) -> list[dict]:
+    """Lines parsed as strict JSON (NaN or Infinity fail the test)."""
+    return [json.loads(line, parse_constant=pytest.fail) for line in data.splitlines()]
 
 
 @pytest.mark.parametrize("bad", [
@@ -414,7 +421,7 @@ def test_crash_recovery_ignores_lines_that_are_not_the_logs_own_and_keeps_them(
 
     content = path.read_bytes()
     assert content.startswith(before)  # the user's lines, the bad one included, as they were
-    added = [json.loads(line, parse_constant=pytest.fail) for line in content[len(before):].splitlines()]
+    added = strict_lines(content[len(before):])
     assert [(o["type"], o.get("id"), o.get("end_reason")) for o in added] == [
         ("end", "cam-fight-2", "crash_recovery"), ("status", None, None)]
     assert "1 line(s) are not event lines written by streamdet (" in caplog.text
@@ -454,7 +461,8 @@ def test_new_end_and_status_lines_are_fsynced_once_written_and_update_lines_are_
         ("new", lambda: log_.write_event(change("new"), latency_ms=1.0)),
         ("update", lambda: log_.write_event(change("update", k=3), latency_ms=1.0)),
         ("status", lambda: log_.write_status("cam", "offline", "read failed", T0)),
-        ("end", lambda: log_.write_event(change("end", k=4, end_reason="score_drop"), latency_ms=1.0)),
+        ("end", lambda: log_.write_event(change("end", k=4, end_reason="score_drop"),
+                                         latency_ms=1.0)),
     ]
     for kind, write in writes:
         synced.clear()
@@ -481,4 +489,49 @@ def test_the_lines_crash_recovery_adds_are_fsynced_before_the_run_writes(
     with EventLog(path, MODEL, run_id="next") as reopened:
         assert reopened.recovered == 2
         assert synced == [path.stat().st_size]  # both end lines, and the cut, made durable
-    assert [o["end_reason"] for o in lines_of(path)] == [None, None, "crash_recovery", "crash_recovery"]
+    assert [o["end_reason"] for o in lines_of(path)] == [
+        None, None, "crash_recovery", "crash_recovery"]
+
+
+# -- through the command line --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def weights(assets_dir: Path, walk_clip: Path) -> Path:
+    from tiny_model import make_tiny_weights
+
+    return make_tiny_weights(assets_dir, walk_clip)
+
+
+@pytest.mark.timeout(120)
+def test_a_run_on_a_log_with_lines_not_its_own_keeps_them_and_ends_the_events_left_open(
+    tmp_path: Path, walk_clip: Path, weights: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``streamdet run --events`` on a log with a NaN score, a list id or non-UTF-8 bytes ended
+    with 'error: internal error' (exit 1) before writing anything."""
+    from streamdet.cli import main
+
+    path = tmp_path / "events.jsonl"
+    with EventLog(path, MODEL, run_id="crashed") as log_:
+        log_.write_event(change("new", "cam-fall-1"), latency_ms=1.0)
+    with open(path, "ab") as f:
+        f.write(HEAD + b'"type":"update","id":"cam-fall-1","score":NaN}\n')
+        f.write(HEAD + b'"type":"new","id":["cam-fall-2"],"score":0.7}\n')
+        f.write(HEAD + b'"type":"new","id":"cam-fall-\xff3","score":0.7}\n')
+    before = path.read_bytes()
+
+    code = main(["run", "--source", str(walk_clip), "--weights", str(weights),
+                 "--precision", "fp32", "--events", str(path)])
+
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "error" not in err and "[summary]" in out
+    content = path.read_bytes()
+    assert content.startswith(before)
+    added = strict_lines(content[len(before):])
+    first = added[0]
+    assert (first["type"], first["id"]) == ("end", "cam-fall-1")
+    assert first["end_reason"] == "crash_recovery"
+    assert len(added) > 1 and all(o["run_id"] == added[0]["run_id"] for o in added)
+    assert "3 line(s) are not event lines written by streamdet" in caplog.text
