@@ -248,14 +248,54 @@ def parse_time(value: Any) -> float | datetime | None:
     if isinstance(value, bool):
         raise ValueError(f"time must be a number or an ISO-8601 string, but got {value!r}")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"time must be finite, but got {value!r}")
         return float(value)
     if isinstance(value, str):
         text = value.strip()
         if text.endswith("Z"):
             text = text[:-1] + "+00:00"
-        dt = datetime.fromisoformat(text)
+        dt = datetime.fromisoformat(text)  # ValueError: "Invalid isoformat string: ..."
         return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
     raise ValueError(f"time must be a number or an ISO-8601 string, but got {value!r}")
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    """The bytes of a regular file. ConfigError when it is missing or unreadable, StreamdetError
+    when it is not a regular file (a FIFO is refused, never waited on)."""
+    from streamdet.sinks.jsonl import open_regular
+
+    try:
+        fd = open_regular(path, os.O_RDONLY, what)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what} ({exc.strerror or exc})") from exc
+    with open(fd, "rb") as f:
+        return f.read()
+
+
+def _not_utf8(where: str, exc: UnicodeDecodeError, what: str) -> ConfigError:
+    return ConfigError(f"{where}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                       f"{exc.start}): not {what}")
+
+
+def _frame(rec: dict[str, Any], key: str, where: str) -> int | None:
+    """``rec[key]`` as a frame number (an integer), or None when absent; ConfigError otherwise."""
+    value = rec.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: {key} must be an integer frame number, but got {value!r}")
+    return value
+
+
+def _time(rec: dict[str, Any], key: str, where: str) -> float | datetime | None:
+    """``rec[key]`` as seconds or an aware datetime, or None when absent; ConfigError otherwise."""
+    try:
+        return parse_time(rec.get(key))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {key}: {exc}") from exc
 
 
 @dataclass
@@ -290,27 +330,30 @@ def read_event_log(
             (the latest run), or every line when no line has a ``run_id``.
 
     Raises:
-        ConfigError: missing file, a line that is not JSON (a torn last line is skipped), or a
-            ``run_id`` that no line has.
+        ConfigError: missing file, a line that is not UTF-8 or not JSON (a torn last line is
+            skipped), a field of the wrong type, or a ``run_id`` that no line has.
+        StreamdetError: a path that is not a regular file (a FIFO, a device, a folder).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: event log not found")
-    records: list[dict[str, Any]] = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        line = line.strip()
+    records: list[tuple[str, dict[str, Any]]] = []  # ("path:line", record)
+    lines = _read_bytes(path, "the event log").splitlines()
+    for n, raw in enumerate(lines, 1):
+        try:  # the log is ASCII: no crash leaves a line that is not UTF-8
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(f"{path}:{n}", exc, "an event log written by 'streamdet run'") from None
         if not line:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             if n == len(lines):  # torn by a crash while writing: the log's own rule
                 break
-            raise ConfigError(f"{path}:{n}: not JSON ({exc.msg})") from exc
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise ConfigError(f"{path}:{n}: not JSON ({why})") from exc
         if isinstance(rec, dict):
-            records.append(rec)
-    runs = list(dict.fromkeys(str(r["run_id"]) for r in records if r.get("run_id") is not None))
+            records.append((f"{path}:{n}", rec))
+    runs = list(dict.fromkeys(str(r["run_id"]) for _, r in records if r.get("run_id") is not None))
     if run_id is None:
         run_id = runs[-1] if runs else None
     elif run_id not in runs:
@@ -321,7 +364,7 @@ def read_event_log(
     last_frame: int | None = None
     last_time: float | datetime | None = None
     origin: datetime | None = None
-    for rec in records:
+    for where, rec in records:
         if run_id is not None and rec.get("run_id") not in (None, run_id):
             continue
         if source is not None and rec.get("source") not in (None, source):
@@ -352,14 +395,14 @@ def read_event_log(
             str(rec["label"]), None if rec.get("id") is None else str(rec.get("id"))
         )
         if rec.get("start_frame") is not None:
-            ev.start_frame = int(rec["start_frame"])
+            ev.start_frame = _frame(rec, "start_frame", where)
         if rec.get("start_time") is not None:
-            ev.start_time = parse_time(rec["start_time"])
+            ev.start_time = _time(rec, "start_time", where)
         if kind == "new":
             open_events[key] = ev
         else:
-            ev.end_frame = None if rec.get("end_frame") is None else int(rec["end_frame"])
-            ev.end_time = parse_time(rec.get("end_time"))
+            ev.end_frame = _frame(rec, "end_frame", where)
+            ev.end_time = _time(rec, "end_time", where)
             open_events.pop(key, None)
             closed.append(ev)
     for ev in open_events.values():  # never ended: up to the last frame/time seen
@@ -376,30 +419,56 @@ class Truth:
     start_utc: datetime | None
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_truth_event(ev: Any, where: str) -> None:
+    """ConfigError unless ``ev`` is a truth event: a string label, numeric frames and/or times."""
+    if not isinstance(ev, dict) or "label" not in ev:
+        raise ConfigError(f"{where} has no label")
+    if not isinstance(ev["label"], str):
+        raise ConfigError(f"{where}.label must be a string, but got {ev['label']!r}")
+    for key in ("start_frame", "end_frame", "start_time", "end_time"):
+        if key in ev and not _is_number(ev[key]):
+            raise ConfigError(f"{where}.{key} must be a number, but got {ev[key]!r}")
+    has_frames = "start_frame" in ev and "end_frame" in ev
+    has_times = "start_time" in ev and "end_time" in ev
+    if not (has_frames or has_times):
+        raise ConfigError(f"{where} needs start_frame/end_frame or start_time/end_time")
+
+
 def read_truth(path: str | os.PathLike[str]) -> Truth:
-    """Read a truth JSON (``streamdet-truth/1``, ``{"events": [...]}`` or a bare list)."""
+    """Read a truth JSON (``streamdet-truth/1``, ``{"events": [...]}`` or a bare list).
+
+    Raises:
+        ConfigError: missing, not UTF-8 JSON, or a field of the wrong type.
+        StreamdetError: a path that is not a regular file (a FIFO, a device, a folder).
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: truth file not found")
+    data = _read_bytes(path, "the truth file")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(str(path), exc, "a truth JSON") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: not JSON ({exc.msg})") from exc
+    except RecursionError:
+        raise ConfigError(f"{path}: not a truth JSON (nested too deeply)") from None
     if isinstance(doc, list):
         doc = {"events": doc}
     if not isinstance(doc, dict) or not isinstance(doc.get("events"), list):
         raise ConfigError(f"{path}: expected a JSON object with an 'events' list")
     for i, ev in enumerate(doc["events"]):
-        if not isinstance(ev, dict) or "label" not in ev:
-            raise ConfigError(f"{path}: events[{i}] has no label")
-        has_frames = "start_frame" in ev and "end_frame" in ev
-        has_times = "start_time" in ev and "end_time" in ev
-        if not (has_frames or has_times):
-            raise ConfigError(
-                f"{path}: events[{i}] needs start_frame/end_frame or start_time/end_time"
-            )
+        _check_truth_event(ev, f"{path}: events[{i}]")
     fps = doc.get("fps")
-    start = parse_time(doc.get("start_utc")) if doc.get("start_utc") else None
+    if fps is not None and not (_is_number(fps) and fps > 0):
+        raise ConfigError(f"{path}: fps must be a number > 0, but got {fps!r}")
+    start_utc = doc.get("start_utc")
+    if start_utc is not None and not isinstance(start_utc, str):
+        raise ConfigError(f"{path}: start_utc must be an ISO-8601 time string, but got "
+                          f"{start_utc!r}")
+    start = _time(doc, "start_utc", str(path)) if start_utc else None
     return Truth(
         doc["events"], float(fps) if fps else None, start if isinstance(start, datetime) else None
     )

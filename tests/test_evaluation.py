@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 
 import pytest
 
+from streamdet.cli import main
 from streamdet.errors import ConfigError
 from streamdet.evaluation import (
     Interval,
@@ -217,3 +219,72 @@ def test_a_run_id_not_in_the_log_is_an_error_that_lists_its_runs(tmp_path):
 
     with pytest.raises(ConfigError, match=r"no run 'typo' in this log \(its runs, oldest first: old, new\)"):
         run_cli(["eval-events", "--events", str(log), "--truth", str(truth), "--run-id", "typo"])
+
+
+# -- bad input through the command line: one error line, exit 2 ---------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10"  # a binary file given by mistake
+GOOD_END = {"type": "end", "id": "1", "source": "cam", "label": "run", "start_frame": 0,
+            "end_frame": 9}
+GOOD_TRUTH = {"fps": 10, "events": [{"label": "run", "start_frame": 0, "end_frame": 9}]}
+
+
+def _truth_with(**fields):
+    return {**GOOD_TRUTH, "events": [{**GOOD_TRUTH["events"][0], **fields}]}
+
+
+@pytest.mark.parametrize(
+    ("log", "truth", "message"),
+    [
+        (PNG, GOOD_TRUTH, "e.jsonl:1: not UTF-8 text (byte 0x89 at offset 0): not an event log"),
+        ([GOOD_END], PNG, "t.json: not UTF-8 text (byte 0x89 at offset 0): not a truth JSON"),
+        ([GOOD_END], _truth_with(start_frame="x"),
+         "events[0].start_frame must be a number, but got 'x'"),
+        ([GOOD_END], _truth_with(end_frame=None),
+         "events[0].end_frame must be a number, but got None"),
+        ([GOOD_END], _truth_with(label=["run"]),
+         "events[0].label must be a string, but got ['run']"),
+        ([GOOD_END], {**GOOD_TRUTH, "fps": "ten"}, "fps must be a number > 0, but got 'ten'"),
+        ([GOOD_END], {**GOOD_TRUTH, "start_utc": "noon"}, "start_utc: Invalid isoformat string"),
+        ([GOOD_END], {**GOOD_TRUTH, "start_utc": 5}, "start_utc must be an ISO-8601 time string"),
+        ([{**GOOD_END, "start_frame": [0]}], GOOD_TRUTH,
+         "e.jsonl:1: start_frame must be an integer frame number, but got [0]"),
+        ([{**GOOD_END, "start_time": "noon", "end_time": 1.0}], GOOD_TRUTH,
+         "e.jsonl:1: start_time: Invalid isoformat string"),
+    ],
+    ids=["binary-log", "binary-truth", "truth-frame-string", "truth-frame-null", "truth-label-list",
+         "truth-fps-string", "truth-start-utc-not-iso", "truth-start-utc-number", "log-frame-list",
+         "log-time-not-iso"],
+)
+def test_eval_events_on_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, log, truth,
+                                                                message):
+    """Each of these was an internal error (exit 1: UnicodeDecodeError, ValueError, TypeError)."""
+    events, truth_path = tmp_path / "e.jsonl", tmp_path / "t.json"
+    if isinstance(log, bytes):
+        events.write_bytes(log)
+    else:
+        _write_log(events, log)
+    truth_path.write_bytes(truth if isinstance(truth, bytes) else json.dumps(truth).encode())
+
+    code = main(["eval-events", "--events", str(events), "--truth", str(truth_path)])
+
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "Traceback" not in err
+    (line,) = err.splitlines()
+    assert line.startswith("error: ") and message in line
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+@pytest.mark.parametrize("which", ["events", "truth"])
+def test_eval_events_refuses_a_fifo_by_what_it_is(tmp_path, capsys, which):
+    events, truth = tmp_path / "e.jsonl", tmp_path / "t.json"
+    _write_log(events, [GOOD_END])
+    truth.write_text(json.dumps(GOOD_TRUTH))
+    fifo = events if which == "events" else truth
+    fifo.unlink()
+    os.mkfifo(fifo)
+
+    code = main(["eval-events", "--events", str(events), "--truth", str(truth)])
+
+    assert code == 2
+    assert f"error: {fifo}: is a FIFO (named pipe), not a regular file" in capsys.readouterr().err
