@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -323,3 +325,61 @@ def test_sports1m_initialisation_copies_the_published_weights(tmp_path):
     torch.testing.assert_close(model.conv1.weight, state["conv1.weight"])
     torch.testing.assert_close(model.fc7.weight, state["fc7.weight"])
     assert model.fc8.out_features == 8
+
+
+def _one_error_line(code: int, out: str, err: str) -> str:
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in out + err
+    (line,) = err.splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [("--batch-size", "0", ">= 1"), ("--workers", "-1", ">= 0"), ("--threads", "0", ">= 1"),
+     ("--batch-size", "many", ">= 1")],
+)
+def test_eval_with_a_count_out_of_range_is_a_usage_error(tmp_path, capsys, option, value, expected):
+    """``eval --batch-size 0`` was an internal error (DataLoader's ValueError, exit 1)."""
+    from streamdet.cli import main
+
+    weights = tmp_path / "w.safetensors"
+    save_checkpoint(weights, C3D_BN(len(CLASSES), width=0.0625), class_names=CLASSES)
+
+    code = main(["eval", "--weights", str(weights), "--synthetic", "2", "--background-videos",
+                 option, value])
+
+    out, err = capsys.readouterr()
+    line = _one_error_line(code, out, err)
+    assert f"argument {option}: invalid value {value!r}: expected an integer {expected}" in line
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_an_empty_background_video_is_one_short_error_line_naming_it(tmp_path, workers):
+    """With a DataLoader worker the error line held the worker's whole flattened traceback (and
+    FFmpeg printed a line of its own). A real process: FFmpeg writes to the process's stderr."""
+    weights = tmp_path / "w.safetensors"
+    save_checkpoint(weights, C3D_BN(len(CLASSES), width=0.0625), class_names=CLASSES)
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+
+    done = subprocess.run(
+        [sys.executable, "-m", "streamdet", "eval", "--weights", str(weights), "--synthetic", "2",
+         "--workers", workers, "--background-videos", str(empty)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+
+    line = _one_error_line(done.returncode, done.stdout, done.stderr)
+    assert line == (f"error: background video {empty}: not a readable video file (empty or not "
+                    f"a file)")
+
+
+@pytest.mark.parametrize(("option", "value"), [("batch_size", 0), ("workers", -1), ("threads", 0)])
+def test_evaluate_checkpoint_refuses_a_count_out_of_range(tmp_path, option, value):
+    from streamdet.training.evaluate import evaluate_checkpoint
+
+    weights = tmp_path / "w.safetensors"
+    save_checkpoint(weights, C3D_BN(len(CLASSES), width=0.0625), class_names=CLASSES)
+    with pytest.raises(ConfigError, match=f"must be >= {value + 1}, but got {value}"):
+        evaluate_checkpoint(weights, synthetic_clips=2, **{option: value})

@@ -94,6 +94,8 @@ class SyntheticClips(Dataset):
         self.background_videos = tuple(background_videos)
         self.augment = augment
         self.contract = contract
+        if self.background_videos:
+            _load_backgrounds_here(self.background_videos)
 
     def __len__(self) -> int:
         return self.length
@@ -111,6 +113,20 @@ class SyntheticClips(Dataset):
         if self.augment is not None:
             clip = self.augment(clip, label, np.random.default_rng([self.seed, index, 0xA6]))
         return clip, label
+
+
+def _load_backgrounds_here(specs: Sequence[str]) -> None:
+    """Read the background videos in this process, once (they are cached; forked DataLoader
+    workers inherit the cache). A video that cannot be read is one clear SourceError naming it;
+    raised in a worker, it would arrive wrapped in that worker's traceback."""
+    from streamdet.sources import check_sources
+
+    paths = [str(synthetic.resolve_video_path(spec)) for spec in specs]  # SourceError: missing
+    try:  # empty or not a video: opened the way sources are, FFmpeg kept quiet
+        check_sources(paths)
+        synthetic.load_background_frames(specs)
+    except SourceError as exc:
+        raise SourceError(f"background video {exc}") from None
 
 
 @dataclass(frozen=True)

