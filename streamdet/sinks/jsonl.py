@@ -138,6 +138,9 @@ def _raw_lines(fd: int) -> Iterator[bytes]:
         yield pending
 
 
+_ScannedLine = tuple[Path, int, dict[str, Any] | None]  # (file, line number, line or None)
+
+
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
@@ -168,8 +171,7 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
     return obj
 
 
-def _scan(path: Path, *, rotated_only: bool = False,
-          ) -> Iterator[tuple[Path, int, dict[str, Any] | None]]:
+def _scan(path: Path, *, rotated_only: bool = False) -> Iterator[_ScannedLine]:
     """(file, line number, parsed line or None) of a log's rotated files and the log, oldest first.
 
     StreamdetError when one of them is not a regular file.
