@@ -55,6 +55,26 @@ def test_a_view_without_scores_yet_still_draws_the_header() -> None:
     assert (out[:20, :60] != 200).any()
 
 
+def score_bars(frame: np.ndarray) -> int:
+    """Score bars drawn on a 320x240 frame: white runs down the bars' right edge, below the header.
+
+    At 320x240 draw_overlay's scale is 0.4: bars start at x=2, are 64 px wide, and each row is
+    10 px high, the header's being the first.
+    """
+    edge = np.all(frame[12:, 2 + 64] == 255, axis=-1)
+    return int(np.count_nonzero(edge[1:] & ~edge[:-1]) + edge[0])
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 5])
+def test_top_k_sets_how_many_classes_get_score_bars(top_k: int) -> None:
+    names = [f"class{i}" for i in range(8)]
+    probs = np.linspace(0.05, 0.4, 8)
+
+    out = draw_overlay(np.zeros((240, 320, 3), np.uint8), names, view(probs=probs), top_k=top_k)
+
+    assert score_bars(out) == top_k
+
+
 def frames_of(path: Path) -> list[np.ndarray]:
     cap = cv2.VideoCapture(str(path))
     frames = []
