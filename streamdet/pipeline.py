@@ -354,6 +354,7 @@ class Pipeline:
                     self.error = crashed[0].error
                     self.stop("source failed")
                     break
+                self._feed_overlay_rates()
                 if self.inference.all_done:
                     self.stop("all sources ended")
                     break
@@ -409,6 +410,12 @@ class Pipeline:
             where = f"capture of {failed.source_name} failed: " if failed is not None else ""
             raise StageError(f"{where}{type(self.error).__name__}: {self.error}")
         return self.summary(time.monotonic() - started)
+
+    def _feed_overlay_rates(self) -> None:
+        """Hand each source's measured capture rate to the overlay's header."""
+        if self.overlay is not None:
+            for c in self.captures:
+                self.overlay.set_view(c.source_name, fps_in=c.stats.fps_in)
 
     def _progress_line(self, windows_per_s: float) -> str:
         parts = []

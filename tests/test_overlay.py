@@ -75,6 +75,22 @@ def test_top_k_sets_how_many_classes_get_score_bars(top_k: int) -> None:
     assert score_bars(out) == top_k
 
 
+def header(frame: np.ndarray) -> np.ndarray:
+    return frame[:12, :144].astype(np.int16)  # the header row of the panel at 320x240
+
+
+def test_the_header_shows_the_frame_rate_it_is_given() -> None:
+    """The rate drawn differs from a 0.0 fps header (test_overlay_files.py checks a run's)."""
+    frame = np.full((240, 320, 3), 200, np.uint8)
+
+    drawn = draw_overlay(frame.copy(), NAMES, view(fps_in=20.1), source="cam")
+    again = draw_overlay(frame.copy(), NAMES, view(fps_in=20.1), source="cam")
+    zero = draw_overlay(frame.copy(), NAMES, view(fps_in=0.0), source="cam")
+
+    assert np.array_equal(header(drawn), header(again))
+    assert not np.array_equal(header(drawn), header(zero))
+
+
 def frames_of(path: Path) -> list[np.ndarray]:
     cap = cv2.VideoCapture(str(path))
     frames = []

@@ -1,9 +1,11 @@
-"""Annotated videos of whole runs on real files: ``sinks.overlay.top_k``.
+"""Annotated videos of whole runs on real files: the header's frame rate and
+``sinks.overlay.top_k``.
 
 Every clip is written here with cv2.VideoWriter (MJPG: fast to write and to read back)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from streamdet.config import RunConfig, load_config
 from streamdet.models.weights import Checkpoint
 from streamdet.pipeline import Pipeline
 from streamdet.sinks import overlay as overlay_module
+from streamdet.sinks.overlay import SourceView
 
 
 def write_clip(path: Path, n_frames: int, fps: float, size: tuple[int, int] = (128, 96)) -> Path:
@@ -42,6 +45,44 @@ def config(source: Path, tmp_path: Path, *, realtime: bool = False, **overlay: A
                   "overlay": {"video": str(tmp_path / "annotated.avi"), **overlay}},
         "progress_interval_s": 0.5,
     })
+
+
+@pytest.mark.timeout(90)
+def test_the_header_of_a_run_shows_the_measured_capture_rate(
+    tmp_path: Path, checkpoint: Checkpoint, engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the header said 0.0 fps while the progress line said 20.1 fps: the capture's
+    measured rate never reached the overlay."""
+    drawn: list[tuple[np.ndarray, SourceView]] = []
+    real_draw = overlay_module.draw_overlay
+
+    def recording_draw(frame, class_names, view, **kwargs):
+        drawn.append((frame.copy(), view))
+        return real_draw(frame, class_names, view, **kwargs)
+
+    monkeypatch.setattr(overlay_module, "draw_overlay", recording_draw)
+    # 3 s paced at 20 fps, as a camera would deliver them
+    clip = write_clip(tmp_path / "clip.avi", 60, 20, size=(320, 240))
+    summary = Pipeline(config(clip, tmp_path, realtime=True), checkpoint, engine,
+                       print_fn=lambda line: None).run()
+
+    assert summary.videos == [str(tmp_path / "annotated.avi")]
+    source_frame, view = drawn[-1]
+    assert 10 < view.fps_in < 40, f"the header shows {view.fps_in:.1f} fps for a 20 fps source"
+    # Read back: the video's last frame is the one drawn with that rate, not with 0.0 fps.
+    cap = cv2.VideoCapture(str(tmp_path / "annotated.avi"))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, len(drawn) - 1)
+    ok, written = cap.read()
+    cap.release()
+    assert ok
+    expected = real_draw(source_frame.copy(), checkpoint.class_names, view, top_k=3, source="clip")
+    zero_view = dataclasses.replace(view, fps_in=0.0)
+    zero = real_draw(source_frame.copy(), checkpoint.class_names, zero_view, top_k=3, source="clip")
+
+    def header_distance(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a[:12, :144].astype(np.int16) - b[:12, :144]).mean())
+
+    assert header_distance(written, expected) < header_distance(written, zero) / 2
 
 
 @pytest.mark.timeout(60)
