@@ -25,6 +25,7 @@ from streamdet.capture import (
     AbandonedThreads,
     Backoff,
     CaptureThread,
+    Opener,
     Status,
     StatusChange,
     make_opener,
@@ -164,6 +165,7 @@ class Pipeline:
         self._not_yet_online: dict[str, str] = {}  # source -> why it was offline before that
         self._urls = {s.name: redact_url(s.url) for s in cfg.sources}
         self._stop_reason = ""
+        self._told_overlay_behind = False
         self.error: BaseException | None = None
 
         self.log_sink: EventLog | None = None
@@ -186,6 +188,7 @@ class Pipeline:
         overlay_cfg = cfg.sinks.overlay
         wants_overlay = bool(overlay_cfg.video or overlay_cfg.display)
         live: set[str] = set()
+        replays: dict[str, Opener] = {}  # the overlay reads replayed files itself
         for s in cfg.sources:
             kind = source_kind(s.url)
             lossless = kind is SourceKind.FILE and not s.realtime
@@ -195,17 +198,22 @@ class Pipeline:
                               frame_shape=(3, checkpoint.contract.crop, checkpoint.contract.crop))
             self.rings.append(ring)
             opts = s.options
+            opener = make_opener(s.url, open_timeout_s=opts.open_timeout_s,
+                                 read_timeout_s=opts.read_timeout_s, fps=opts.fps,
+                                 decode_threads=1 if lossless else None)
+            if lossless:
+                replays[s.name] = opener
             self.captures.append(CaptureThread(
                 s.name,
-                make_opener(s.url, open_timeout_s=opts.open_timeout_s, read_timeout_s=opts.read_timeout_s,
-                            fps=opts.fps, decode_threads=1 if lossless else None),
+                opener,
                 ring,
                 checkpoint.contract,
                 self.stop_event,
                 kind=kind,
                 realtime=bool(s.realtime),
                 on_status=self._on_status,
-                on_frame=self._on_frame if wants_overlay else None,  # otherwise unused frames skip decoding
+                # Only live frames go to the overlay; otherwise unused frames skip decoding.
+                on_frame=self._on_frame if wants_overlay and not lossless else None,
                 on_used=self._wake.set,
                 reconnect=opts.reconnect,
                 backoff=Backoff(opts.backoff_initial_s, opts.backoff_max_s),
@@ -219,8 +227,7 @@ class Pipeline:
         if wants_overlay:
             self.overlay = OverlaySink(
                 checkpoint.class_names, video_path=overlay_cfg.video, display=overlay_cfg.display,
-                sources=[s.name for s in cfg.sources],
-                lossless=frozenset(s.name for s in cfg.sources) - self.live_sources,
+                sources=[s.name for s in cfg.sources], replays=replays,
                 top_k=overlay_cfg.top_k, stop_event=self.stop_event,
             )
         self.inference = InferenceThread(
@@ -311,9 +318,9 @@ class Pipeline:
                 latency = (time.monotonic() - w.last_monotonic) * 1000.0
                 self._latency_ms.append(latency)
                 if self.overlay is not None:
-                    self.overlay.add_result(w.source, w.last_frame, r.probs, r.inference_ms, latency)
-                    self.overlay.set_view(w.source, open_events=[
-                        (e.label, e.score) for e in self.tracker.open_events(w.source)])
+                    open_events = [(e.label, e.score) for e in self.tracker.open_events(w.source)]
+                    self.overlay.add_result(w.source, w.last_frame, r.probs, r.inference_ms,
+                                            latency, open_events)
 
     def _emit(self, changes: list[EventChange], result: WindowResult | None) -> None:
         for change in changes:
@@ -355,7 +362,7 @@ class Pipeline:
                     self.stop("source failed")
                     break
                 self._feed_overlay_rates()
-                if self.inference.all_done:
+                if self.inference.all_done and self._overlay_caught_up():
                     self.stop("all sources ended")
                     break
                 if self.max_seconds is not None and now - started >= self.max_seconds:
@@ -416,6 +423,17 @@ class Pipeline:
         if self.overlay is not None:
             for c in self.captures:
                 self.overlay.set_view(c.source_name, fps_in=c.stats.fps_in)
+
+    def _overlay_caught_up(self) -> bool:
+        """True unless the overlay is still drawing a replay whose windows are all scored: the
+        run waits for it (it never holds detection back, so it may end later)."""
+        if self.overlay is None or self.overlay.caught_up():
+            return True
+        if not self._told_overlay_behind:
+            self._told_overlay_behind = True
+            log.info("every window scored; finishing the annotated video (%d frames drawn so far)",
+                     self.overlay.frames_written)
+        return False
 
     def _progress_line(self, windows_per_s: float) -> str:
         parts = []

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from streamdet.capture import make_opener
 from streamdet.errors import StreamdetError
 from streamdet.sinks import overlay as overlay_module
 from streamdet.sinks.overlay import OverlaySink, SourceView, draw_overlay
@@ -100,33 +102,73 @@ def frames_of(path: Path) -> list[np.ndarray]:
     return frames
 
 
-def feed(sink: OverlaySink, n_frames: int, *, size: tuple[int, int] = (160, 120),
-         results_first: bool = False) -> None:
-    """Frames 0..n-1 of source "cam", with a window result every 8 frames from frame 15."""
-    results = [(last, np.array([0.2, 0.5, 0.3])) for last in range(15, n_frames, 8)]
-    if results_first:
-        for last, probs in results:
-            sink.add_result("cam", last, probs, 10.0, 100.0)
+def write_clip(path: Path, n_frames: int, size: tuple[int, int] = (160, 120)) -> Path:
+    """A real MJPG clip whose frame i is grey level i % 256."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, size)
     for i in range(n_frames):
-        sink.put_frame("cam", i, np.full((size[1], size[0], 3), i % 256, np.uint8), 10.0)
-        if not results_first and results and results[0][0] <= i:
-            last, probs = results.pop(0)
-            sink.add_result("cam", last, probs, 10.0, 100.0)
-    sink.source_ended("cam")
-    sink.finish()
+        writer.write(np.full((size[1], size[0], 3), i % 256, np.uint8))
+    writer.release()
+    return path
+
+
+def replay_sink(clip: Path, **kwargs) -> OverlaySink:
+    """A sink replaying ``clip`` as source "cam", read through the capture's own opener."""
+    return OverlaySink(NAMES, display=False, sources=["cam"],
+                       replays={"cam": make_opener(str(clip))}, **{"video_path": None, **kwargs})
+
+
+def window_ends(n_frames: int) -> list[int]:
+    """Last frames of the windows of an n-frame replay: one every 8 frames from frame 15."""
+    return list(range(15, n_frames, 8))
+
+
+def add_results(sink: OverlaySink, ends: list[int]) -> None:
+    for last in ends:
+        sink.add_result("cam", last, np.array([0.2, 0.5, 0.3]), 10.0, 100.0, [("walk", 0.5)])
+
+
+def expected_windows(n_frames: int) -> dict[int, int]:
+    """Frame -> the window it shows: the newest ending at or before it (-1: none yet)."""
+    return {i: max([last for last in window_ends(n_frames) if last <= i], default=-1)
+            for i in range(n_frames)}
+
+
+def wait_until_drawn(sink: OverlaySink, frames: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while sink.frames_written < frames and sink.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sink.frames_written == frames
+
+
+@pytest.fixture
+def recorded_views(monkeypatch: pytest.MonkeyPatch) -> list[SourceView]:
+    """Every view the sink draws, in drawing order."""
+    views: list[SourceView] = []
+    real_draw = overlay_module.draw_overlay
+
+    def recording_draw(frame, class_names, view, **kwargs):
+        views.append(view)
+        return real_draw(frame, class_names, view, **kwargs)
+
+    monkeypatch.setattr(overlay_module, "draw_overlay", recording_draw)
+    return views
 
 
 @pytest.mark.timeout(30)
-def test_a_replay_writes_every_frame_to_the_annotated_video(tmp_path: Path) -> None:
+def test_a_replay_writes_every_frame_of_the_file_to_the_annotated_video(tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "clip.avi", 50)
     out = tmp_path / "annotated.avi"
-    sink = OverlaySink(NAMES, video_path=str(out), display=False, sources=["cam"], lossless=frozenset({"cam"}))
+    sink = replay_sink(clip, video_path=str(out))
     sink.start()
 
-    feed(sink, 50)
+    add_results(sink, window_ends(50))
+    sink.source_ended("cam")
+    sink.finish()
     sink.join(20)
 
     assert not sink.is_alive() and sink.error is None
     assert sink.frames_written == 50 and sink.frames_dropped == 0
+    assert sink.video_files == [str(out)]
     written = frames_of(out)
     assert len(written) == 50
     assert {f.shape for f in written} == {(120, 160, 3)}
@@ -134,31 +176,67 @@ def test_a_replay_writes_every_frame_to_the_annotated_video(tmp_path: Path) -> N
 
 @pytest.mark.timeout(30)
 def test_each_replayed_frame_shows_the_newest_window_ending_at_or_before_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, recorded_views: list[SourceView]
 ) -> None:
     """Regression: only the last 8 window results were kept per source.
 
-    When inference ran more than 8 windows ahead of the overlay (it may: the frame queue holds
-    96 frames), early frames found no result at or before them and were drawn with whatever the
-    previous frame showed, so the annotated replay differed from run to run.
+    When inference ran more than 8 windows ahead of the overlay, early frames found no result at
+    or before them and were drawn with whatever the previous frame showed, so the annotated
+    replay differed from run to run.
     """
-    shown: dict[int, int] = {}
-    real_draw = overlay_module.draw_overlay
+    sink = replay_sink(write_clip(tmp_path / "clip.avi", 200))
 
-    def recording_draw(frame, class_names, view, **kwargs):
-        shown[int(frame[0, -1, 0])] = view.window_last_frame
-        return real_draw(frame, class_names, view, **kwargs)
-
-    monkeypatch.setattr(overlay_module, "draw_overlay", recording_draw)
-    sink = OverlaySink(NAMES, video_path=None, display=False, sources=["cam"], lossless=frozenset({"cam"}),
-                       max_frames=256)
-
-    feed(sink, 200, results_first=True)  # 24 results before the first frame is drawn
+    add_results(sink, window_ends(200))  # 24 results before the first frame is drawn
+    sink.source_ended("cam")
+    sink.finish()
     sink.start()
     sink.join(20)
 
-    expected = {i: max([last for last in range(15, 200, 8) if last <= i], default=-1) for i in range(200)}
-    assert shown == expected
+    assert dict(enumerate(v.window_last_frame for v in recorded_views)) == expected_windows(200)
+
+
+@pytest.mark.timeout(30)
+def test_a_replayed_frame_waits_for_its_window_however_late_the_scores_come(
+    tmp_path: Path, recorded_views: list[SourceView]
+) -> None:
+    """A frame is drawn once a window ending at or after it is scored, never before: drawn at
+    once, frame 23 would show window 15 instead of window 23 (the scores of 23 come later)."""
+    sink = replay_sink(write_clip(tmp_path / "clip.avi", 60))
+    sink.start()
+
+    for last in window_ends(60):  # while the sink reads and draws
+        add_results(sink, [last])
+        wait_until_drawn(sink, last + 1)  # up to the newest window's last frame, no further
+    sink.source_ended("cam")
+    sink.finish()
+    sink.join(20)
+
+    assert sink.frames_written == 60
+    assert dict(enumerate(v.window_last_frame for v in recorded_views)) == expected_windows(60)
+    assert all(v.open_events == [("walk", 0.5)] for v in recorded_views[15:])  # sent with scores
+
+
+@pytest.mark.timeout(30)
+def test_a_stopping_run_draws_no_more_replay_frames_and_leaves_a_playable_video(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "annotated.avi"
+    stop_event = threading.Event()
+    clip = write_clip(tmp_path / "clip.avi", 100)
+    sink = replay_sink(clip, video_path=str(out), stop_event=stop_event)
+    sink.start()
+    add_results(sink, [15])
+    wait_until_drawn(sink, 16)
+
+    stop_event.set()  # e.g. Ctrl-C: scores may still come, the sink draws no more of the replay
+    add_results(sink, window_ends(100)[1:])
+    sink.source_ended("cam")
+    sink.finish()
+    sink.join(10)
+
+    assert not sink.is_alive() and sink.error is None
+    assert sink.frames_written == 16 and sink.video_files == [str(out)]
+    assert len(frames_of(out)) == 16
 
 
 def test_a_live_source_drops_frames_when_the_sink_lags_and_counts_them() -> None:

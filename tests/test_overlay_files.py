@@ -1,17 +1,22 @@
-"""Annotated videos of whole runs on real files: the header's frame rate and
-``sinks.overlay.top_k``.
+"""Annotated videos of whole runs on real files: high frame rates, the header's frame rate
+and ``sinks.overlay.top_k``.
 
 Every clip is written here with cv2.VideoWriter (MJPG: fast to write and to read back)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
+from assets import frame_count
 from test_overlay import score_bars
 
 from streamdet.config import RunConfig, load_config
@@ -19,6 +24,8 @@ from streamdet.models.weights import Checkpoint
 from streamdet.pipeline import Pipeline
 from streamdet.sinks import overlay as overlay_module
 from streamdet.sinks.overlay import SourceView
+
+STRIDE = 8  # the config's default window stride, in frames the model sees
 
 
 def write_clip(path: Path, n_frames: int, fps: float, size: tuple[int, int] = (128, 96)) -> Path:
@@ -35,6 +42,12 @@ def write_clip(path: Path, n_frames: int, fps: float, size: tuple[int, int] = (1
     return path
 
 
+def window_ends(n_frames: int, step: int) -> list[int]:
+    """Last frames of a replay's windows: every ``step``-th frame is used, 16 to a window."""
+    used = list(range(0, n_frames, step))
+    return [used[k] for k in range(15, len(used), STRIDE)]
+
+
 def config(source: Path, tmp_path: Path, *, realtime: bool = False, **overlay: Any) -> RunConfig:
     """One file source; thresholds 0, so every window holds an open event."""
     return load_config(None, {
@@ -45,6 +58,105 @@ def config(source: Path, tmp_path: Path, *, realtime: bool = False, **overlay: A
                   "overlay": {"video": str(tmp_path / "annotated.avi"), **overlay}},
         "progress_interval_s": 0.5,
     })
+
+
+def run_in_thread(pipeline: Pipeline) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["summary"] = pipeline.run()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+def held_overlay(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list[SourceView]]:
+    """The overlay draws nothing until the event is set; then it records each view it draws."""
+    release = threading.Event()
+    views: list[SourceView] = []
+    real_draw = overlay_module.draw_overlay
+
+    def held_draw(frame, class_names, view, **kwargs):
+        release.wait(90)
+        views.append(view)
+        return real_draw(frame, class_names, view, **kwargs)
+
+    monkeypatch.setattr(overlay_module, "draw_overlay", held_draw)
+    return release, views
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(("fps", "n_frames"), [(240, 960), (1000, 2600)], ids=["240fps", "1000fps"])
+def test_a_high_frame_rate_replay_is_detected_while_its_annotated_video_is_held_back(
+    tmp_path: Path, checkpoint: Checkpoint, engine, held_overlay, fps: int, n_frames: int
+) -> None:
+    """Regression: detection waited for the overlay.
+
+    The overlay held a replayed frame until the window covering it was scored, in a queue of 96
+    frames; at 240 fps a window spans 384 frames, so capture, and with it detection, advanced
+    one frame per 0.2 s wait (a 10 s clip took 56 s; at 1000 fps nothing was scored for minutes).
+    Here the overlay draws nothing at all until every window has been scored.
+    """
+    release, views = held_overlay
+    clip = write_clip(tmp_path / f"clip{fps}.avi", n_frames, fps)
+    step = checkpoint.contract.step_for(fps)  # 24 and 100: the model sees 10 frames a second
+    ends = window_ends(n_frames, step)
+    pipeline = Pipeline(config(clip, tmp_path), checkpoint, engine, print_fn=lambda line: None)
+    thread, outcome = run_in_thread(pipeline)
+    try:
+        assert wait_for(lambda: pipeline.inference.all_done, 90), "detection waited for the overlay"
+        assert [c.on_frame for c in pipeline.captures] == [None], "frames handed to the overlay"
+        assert pipeline.inference.windows_done == len(ends) >= 2
+        events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+        assert any(o["type"] == "new" for o in events), "events are written as windows are scored"
+        assert thread.is_alive(), "the run waits for its annotated video"
+    finally:
+        release.set()
+    thread.join(90)
+
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert summary.windows == len(ends) and summary.events >= 1
+    assert summary.videos == [str(tmp_path / "annotated.avi")]
+    assert frame_count(tmp_path / "annotated.avi") == n_frames
+    # Each frame shows the newest window ending at or before it.
+    assert [v.window_last_frame for v in views] == [
+        max([e for e in ends if e <= i], default=-1) for i in range(n_frames)]
+
+
+@pytest.mark.timeout(120)
+def test_a_run_stopped_while_its_annotated_video_lags_stops_at_once_with_a_playable_video(
+    tmp_path: Path, checkpoint: Checkpoint, engine, held_overlay
+) -> None:
+    release, views = held_overlay
+    clip = write_clip(tmp_path / "clip.avi", 960, 240)
+    pipeline = Pipeline(config(clip, tmp_path), checkpoint, engine, print_fn=lambda line: None)
+    thread, outcome = run_in_thread(pipeline)
+    try:
+        assert wait_for(lambda: pipeline.inference.all_done, 90), "detection waited for the overlay"
+        pipeline.stop("test")  # e.g. Ctrl-C while the video is being finished
+    finally:
+        release.set()
+    thread.join(10)
+
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    video = tmp_path / "annotated.avi"
+    assert outcome["summary"].videos == [str(video)]
+    assert 0 < frame_count(video) == len(views) < 960
 
 
 @pytest.mark.timeout(90)

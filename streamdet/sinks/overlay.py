@@ -1,12 +1,18 @@
 """Annotated frames: top classes with score bars, open events and live figures, at source resolution.
 
-:func:`draw_overlay` draws on one frame. :class:`OverlaySink` runs in its own thread, takes every
-decoded frame from the capture threads through a bounded queue, pairs it with the newest scores
-known for that frame, and writes it to a video file and/or a window.
+:func:`draw_overlay` draws on one frame. :class:`OverlaySink` runs in its own thread, pairs each
+frame with the newest window scored at or before it, and writes it to a video file and/or a window.
 
-For replays (``lossless``) a frame waits until the window that ends at or after it has been
-scored, so the annotated video is the same on every run. Live frames are drawn at once with the
-latest scores; when the sink falls behind, frames are dropped and counted, never queued forever.
+A replay (a file read with ``realtime: false``) is annotated from the sink's own read of the
+file, each frame as soon as the window it shows is known, so the annotated video is the same on
+every run and capture and detection never wait for the drawing. Handing the capture's frames
+over instead would mean holding every frame between the newest window scored and the capture:
+a window spans 16 x 24 = 384 frames of a 240 fps file and 1600 of a 1000 fps one, far more than
+a bounded queue can hold. When detection ends first, the run waits for the sink to finish the
+file (it still stops within seconds on a signal: a stopping run draws no more replay frames).
+
+Live frames come from the capture threads through a bounded queue and are drawn at once with
+the latest scores; when the sink falls behind, they are dropped and counted, never queued.
 """
 
 from __future__ import annotations
@@ -14,19 +20,23 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import queue
 import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from streamdet.errors import StreamdetError
+
+if TYPE_CHECKING:
+    from streamdet.capture import Opener
+    from streamdet.sources import VideoSource
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +44,7 @@ _GREEN = (60, 200, 60)
 _RED = (40, 40, 230)
 _WHITE = (255, 255, 255)
 _PANEL = (24, 24, 24)
+REPLAY_BATCH = 16  # replay frames drawn per turn before the live frames queued are served again
 
 
 @functools.cache
@@ -119,12 +130,41 @@ def draw_overlay(frame: np.ndarray, class_names: Sequence[str], view: SourceView
     return frame
 
 
-@dataclass
+_LiveFrame = tuple[str, int, np.ndarray, float]  # source, frame index, frame, the source's fps
+
+
+@dataclass(frozen=True)
 class _Result:
+    """The scores of one window, with what the overlay shows alongside them."""
+
     last_frame: int
     probs: np.ndarray
     inference_ms: float
     latency_ms: float
+    open_events: tuple[tuple[str, float], ...]  # (label, score) open after this window
+
+
+class _Replay:
+    """The sink's own reader of one replayed file (used by the sink thread only)."""
+
+    def __init__(self, name: str, opener: Opener) -> None:
+        self.name = name
+        self.opener = opener
+        self.source: VideoSource | None = None
+        self.next_index = 0  # index of the next frame to read, as the capture numbers them
+        self.done = False
+
+    def open(self) -> None:
+        try:
+            self.source = self.opener()
+        except StreamdetError as exc:  # the capture reports the same failure as an error
+            log.warning("%s: cannot read the file for the annotated video (%s)", self.name, exc)
+            self.done = True
+
+    def close(self) -> None:
+        if self.source is not None:
+            self.source.release()
+            self.source = None
 
 
 class OverlaySink(threading.Thread):
@@ -135,14 +175,19 @@ class OverlaySink(threading.Thread):
         video_path: annotated video file; with several sources one file each (``name_<source>.mp4``).
         display: show a window per source with cv2.imshow (StreamdetError at once when no window
             can be opened here: see :func:`check_display`).
-        lossless: names of replayed sources whose frames wait for their scores.
+        sources: names of all sources, replayed or live.
+        replays: per replayed source (a file read with ``realtime: false``), an opener of the
+            file, read again by this sink: see the module docstring. The others are live: their
+            frames come through :meth:`put_frame`.
         top_k: classes drawn.
-        max_frames: bound of the frame queue.
+        max_frames: bound of the live frame queue.
+        stop_event: the run's stop event; once set, no more replay frames are drawn.
     """
 
     def __init__(self, class_names: Sequence[str], *, video_path: str | None, display: bool,
-                 sources: Sequence[str], lossless: frozenset[str] = frozenset(), top_k: int = 3,
-                 max_frames: int = 96, stop_event: threading.Event | None = None) -> None:
+                 sources: Sequence[str], replays: Mapping[str, Opener] | None = None,
+                 top_k: int = 3, max_frames: int = 96,
+                 stop_event: threading.Event | None = None) -> None:
         super().__init__(name="overlay", daemon=True)
         if display:
             check_display()
@@ -150,114 +195,166 @@ class OverlaySink(threading.Thread):
         self.video_path = video_path
         self.display = display
         self.sources = list(sources)
-        self.lossless = lossless
         self.top_k = top_k
         self.stop_event = stop_event or threading.Event()
-        self._frames: queue.Queue[tuple[str, int, np.ndarray, float] | None] = queue.Queue(max_frames)
-        # The condition's lock protects _views, _results and _ended.
+        self._replays = {name: _Replay(name, opener) for name, opener in (replays or {}).items()}
+        self._max_frames = max_frames
+        # The condition's lock protects every attribute from here to the writers.
         self._cond = threading.Condition()
+        self._live: deque[_LiveFrame] = deque()
         self._views = {s: SourceView() for s in sources}
-        # Per source, in window order; pruned as frames are drawn (see _view_for). The bound is
-        # far above what a replay can run ahead (frame queue + ring) and caps a stalled sink.
-        self._results: dict[str, deque[_Result]] = {s: deque(maxlen=256) for s in sources}
-        self._ended: set[str] = set()
+        # Per source, in window order; pruned as frames are drawn (see _view_for). A replay keeps
+        # every window detection is ahead by (a few hundred bytes each: about 1 MB for an hour
+        # of video), so detection never waits; a live source needs only the newest few.
+        self._results: dict[str, deque[_Result]] = {
+            s: deque() if s in self._replays else deque(maxlen=256) for s in sources}
+        self._ended: set[str] = set()  # sources whose windows have all been scored
+        self._replays_done: set[str] = set()  # replays drawn to their last frame
+        self._finishing = False
+        # Used by the sink thread only.
         self._writers: dict[str, cv2.VideoWriter] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
         self.video_files: list[str] = []  # annotated videos opened, in order
         self.frames_written = 0
         self.frames_dropped = 0
         self.error: BaseException | None = None
         self.on_key: Callable[[int], None] | None = None
 
-    # -- fed by the capture threads -----------------------------------------------------------
+    # -- fed by the capture threads of live sources --------------------------------------------
 
     def put_frame(self, source: str, index: int, frame: np.ndarray, fps: float) -> None:
-        if source in self.lossless:
-            while not self.stop_event.is_set():
-                try:
-                    self._frames.put((source, index, frame, fps), timeout=0.2)
-                    return
-                except queue.Full:
-                    continue
-        else:
-            try:
-                self._frames.put_nowait((source, index, frame, fps))
-            except queue.Full:
-                self.frames_dropped += 1
-
-    # -- fed by the event stage ---------------------------------------------------------------
-
-    def add_result(self, source: str, last_frame: int, probs: np.ndarray, inference_ms: float,
-                   latency_ms: float) -> None:
+        """Queue a live frame; when the queue is full it is dropped and counted (never waits)."""
         with self._cond:
-            self._results[source].append(_Result(last_frame, probs, inference_ms, latency_ms))
+            if len(self._live) >= self._max_frames:
+                self.frames_dropped += 1
+                return
+            self._live.append((source, index, frame, fps))
             self._cond.notify_all()
 
-    def set_view(self, source: str, *, open_events: list[tuple[str, float]] | None = None,
-                 status: str | None = None, fps_in: float | None = None) -> None:
+    # -- fed by the event stage -----------------------------------------------------------------
+
+    def add_result(self, source: str, last_frame: int, probs: np.ndarray, inference_ms: float,
+                   latency_ms: float, open_events: Sequence[tuple[str, float]] = ()) -> None:
+        """The scores of the window ending at ``last_frame``; windows come in order per source."""
+        with self._cond:
+            self._results[source].append(
+                _Result(last_frame, probs, inference_ms, latency_ms, tuple(open_events)))
+            self._cond.notify_all()
+
+    def set_view(self, source: str, *, status: str | None = None,
+                 fps_in: float | None = None) -> None:
+        """Live figures: the source's status and its measured capture rate."""
         with self._cond:
             view = self._views[source]
-            if open_events is not None:
-                view.open_events = open_events
             if status is not None:
                 view.status = status
             if fps_in is not None:
                 view.fps_in = fps_in
 
     def source_ended(self, source: str) -> None:
+        """Every window of ``source`` has been scored: a replay may be drawn to its last frame."""
         with self._cond:
             self._ended.add(source)
             self._cond.notify_all()
 
     def finish(self) -> None:
-        """No more frames will come: drain the queue, close files."""
-        while True:
-            try:
-                self._frames.put(None, timeout=0.2)
-                return
-            except queue.Full:
-                if not self.is_alive():
-                    return
+        """No more frames or results will come: draw the live frames queued, then close files.
+
+        A replay is drawn on to its end unless the run is stopping (``stop_event``).
+        """
+        with self._cond:
+            self._finishing = True
+            self._cond.notify_all()
+
+    def caught_up(self) -> bool:
+        """True when every replay has been drawn to its last frame (or the sink has ended)."""
+        with self._cond:
+            return len(self._replays_done) == len(self._replays) or not self.is_alive()
 
     # -- the thread ---------------------------------------------------------------------------
 
     def run(self) -> None:
         try:
-            while True:
-                item = self._frames.get()
-                if item is None:
-                    break
-                self._draw_and_write(*item)
+            for replay in self._replays.values():
+                replay.open()
+                if replay.done:
+                    self._replay_done(replay)
+            while (work := self._wait_for_work()) is not None:
+                live, drawable = work
+                for item in live:
+                    self._draw_and_write(*item)
+                for name, count in drawable.items():
+                    self._draw_replay(self._replays[name], count)
         except BaseException as exc:
             self.error = exc
             self.stop_event.set()
         finally:
-            for writer in self._writers.values():
-                writer.release()
+            for replay in self._replays.values():
+                replay.close()
+            self._close_videos()
             if self.display:
                 cv2.destroyAllWindows()
 
-    def _view_for(self, source: str, index: int) -> SourceView:
+    def _wait_for_work(self) -> tuple[list[_LiveFrame], dict[str, int]] | None:
+        """The live frames queued and, per replay, how many frames can be drawn now; None once
+        finished with nothing left."""
         with self._cond:
-            if source in self.lossless:
-                # Wait for the window covering this frame, unless the source is over or we stop.
-                while (
-                    not any(r.last_frame >= index for r in self._results[source])
-                    and source not in self._ended
-                    and not self.stop_event.is_set()
-                    and not self._frames.full()
-                ):
-                    self._cond.wait(0.2)
+            while True:
+                live = list(self._live)
+                self._live.clear()
+                drawable = {} if self.stop_event.is_set() else {
+                    r.name: n for r in self._replays.values()
+                    if not r.done and (n := self._drawable(r)) > 0}
+                if live or drawable:
+                    return live, drawable
+                if self._finishing:
+                    return None
+                self._cond.wait(0.5)  # notified on every frame, result, end and finish
+
+    def _drawable(self, replay: _Replay) -> int:
+        """Frames of ``replay`` whose window is known: frame i shows the newest window ending at
+        or before it, known once a window ending at or after i has been scored (windows come in
+        order) or the source has ended. Caller holds the lock."""
+        if replay.name in self._ended:
+            return REPLAY_BATCH
+        results = self._results[replay.name]
+        if not results:
+            return 0
+        return min(REPLAY_BATCH, results[-1].last_frame - replay.next_index + 1)
+
+    def _draw_replay(self, replay: _Replay, count: int) -> None:
+        assert replay.source is not None
+        for _ in range(count):
+            frame = replay.source.read()
+            if frame is None:
+                self._replay_done(replay)
+                return
+            self._draw_and_write(replay.name, replay.next_index, frame, replay.source.fps or 10.0)
+            replay.next_index += 1
+
+    def _replay_done(self, replay: _Replay) -> None:
+        replay.done = True
+        replay.close()
+        with self._cond:
+            self._replays_done.add(replay.name)
+
+    def _view_for(self, source: str, index: int) -> SourceView:
+        """What frame ``index`` shows: the newest window ending at or before it (frames of a
+        source come in index order)."""
+        with self._cond:
             view = self._views[source]
             results = self._results[source]
-            # Frames of a source come in index order: a result followed by one that also ends at
-            # or before this frame will never be shown again.
+            # A result followed by one that also ends at or before this frame is never shown again.
             while len(results) > 1 and results[1].last_frame <= index:
                 results.popleft()
             if results and results[0].last_frame <= index:
                 r = results[0]
                 view.probs, view.window_last_frame = r.probs, r.last_frame
                 view.inference_ms, view.latency_ms = r.inference_ms, r.latency_ms
-            return SourceView(view.probs, view.window_last_frame, list(view.open_events), view.status,
+                view.open_events = list(r.open_events)
+            # Every frame of a replay was read while its file was open.
+            status = "online" if source in self._replays else view.status
+            return SourceView(view.probs, view.window_last_frame, list(view.open_events), status,
                               view.fps_in, view.inference_ms, view.latency_ms)
 
     def _draw_and_write(self, source: str, index: int, frame: np.ndarray, fps: float) -> None:
@@ -277,8 +374,6 @@ class OverlaySink(threading.Thread):
                 self.stop_event.set()
         self.frames_written += 1
 
-    _sizes: dict[str, tuple[int, int]]
-
     def _open_writer(self, source: str, frame: np.ndarray, fps: float) -> cv2.VideoWriter:
         assert self.video_path is not None
         path = Path(self.video_path)
@@ -293,10 +388,13 @@ class OverlaySink(threading.Thread):
         writer = cv2.VideoWriter(str(path), fourcc, fps or 10.0, size)
         if not writer.isOpened():
             raise StreamdetError(f"{path}: cannot write video (unsupported extension or folder not writable)")
-        if not hasattr(self, "_sizes"):
-            self._sizes = {}
         self._sizes[source] = size
         self._writers[source] = writer
         self.video_files.append(str(path))
         log.info("writing annotated video %s", path)
         return writer
+
+    def _close_videos(self) -> None:
+        for writer in self._writers.values():
+            writer.release()
+        self._writers.clear()
