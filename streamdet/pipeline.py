@@ -122,6 +122,7 @@ class RunSummary:
     threads_per_worker: int | None = None  # None: the process's torch thread count
     event_counts: dict[str, int] = field(default_factory=dict)
     videos: list[str] = field(default_factory=list)  # annotated videos written (one per source with several)
+    videos_failed: list[str] = field(default_factory=list)  # why each video not written whole is gone
 
 
 class Pipeline:
@@ -481,4 +482,5 @@ class Pipeline:
             workers=self.inference.workers, threads_per_worker=self.inference.threads_per_worker,
             event_counts=dict(self._event_counts),
             videos=list(self.overlay.video_files) if self.overlay is not None else [],
+            videos_failed=list(self.overlay.failed_videos) if self.overlay is not None else [],
         )

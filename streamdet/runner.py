@@ -335,7 +335,9 @@ def format_summary(summary: Any, cfg: RunConfig) -> str:
         lines.append(f"[summary] event log: {cfg.sinks.events.path}")
     for video in summary.videos:
         lines.append(f"[summary] annotated video: {video}")
-    if cfg.sinks.overlay.video and not summary.videos:
+    for failure in summary.videos_failed:  # e.g. a full disk: removed, never named as written
+        lines.append(f"[summary] annotated video not written: {failure}")
+    if cfg.sinks.overlay.video and not summary.videos and not summary.videos_failed:
         lines.append("[summary] annotated video: none written (no frame was decoded)")
     return "\n".join(lines)
 

@@ -168,7 +168,7 @@ def test_a_replay_writes_every_frame_of_the_file_to_the_annotated_video(tmp_path
 
     assert not sink.is_alive() and sink.error is None
     assert sink.frames_written == 50 and sink.frames_dropped == 0
-    assert sink.video_files == [str(out)]
+    assert sink.video_files == [str(out)] and sink.failed_videos == []
     written = frames_of(out)
     assert len(written) == 50
     assert {f.shape for f in written} == {(120, 160, 3)}
@@ -263,3 +263,23 @@ def test_a_video_that_cannot_be_written_is_a_clear_error_that_stops_the_run(tmp_
 
     assert isinstance(sink.error, StreamdetError) and "cannot write video" in str(sink.error)
     assert stop_event.is_set()
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".avi"])
+def test_a_video_cut_short_like_on_a_full_disk_does_not_play_back_whole(
+    tmp_path: Path, suffix: str
+) -> None:
+    whole = tmp_path / f"whole{suffix}"
+    fourcc = cv2.VideoWriter_fourcc(*("MJPG" if suffix == ".avi" else "mp4v"))
+    writer = cv2.VideoWriter(str(whole), fourcc, 10.0, (160, 120))
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        writer.write(rng.integers(0, 256, (120, 160, 3), np.uint8))
+    writer.release()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # what a full disk leaves
+
+    assert overlay_module.playback_problem(whole, 40) is None
+    too_few = overlay_module.playback_problem(whole, 41)
+    assert too_few == "the file written holds 40 of the 41 frames drawn"
+    assert overlay_module.playback_problem(cut, 40) is not None

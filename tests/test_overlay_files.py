@@ -1,12 +1,15 @@
-"""Annotated videos of whole runs on real files: high frame rates, the header's frame rate
-and ``sinks.overlay.top_k``.
+"""Annotated videos of whole runs on real files: high frame rates, a full disk, the header's
+frame rate, and ``sinks.overlay.top_k``.
 
-Every clip is written here with cv2.VideoWriter (MJPG: fast to write and to read back)."""
+Every clip is written here with cv2.VideoWriter (MJPG: fast to write and to read back).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,11 +19,12 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+import yaml
 from assets import frame_count
 from test_overlay import score_bars
 
 from streamdet.config import RunConfig, load_config
-from streamdet.models.weights import Checkpoint
+from streamdet.models.weights import Checkpoint, save_checkpoint
 from streamdet.pipeline import Pipeline
 from streamdet.sinks import overlay as overlay_module
 from streamdet.sinks.overlay import SourceView
@@ -131,7 +135,7 @@ def test_a_high_frame_rate_replay_is_detected_while_its_annotated_video_is_held_
     assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
     summary = outcome["summary"]
     assert summary.windows == len(ends) and summary.events >= 1
-    assert summary.videos == [str(tmp_path / "annotated.avi")]
+    assert summary.videos == [str(tmp_path / "annotated.avi")] and summary.videos_failed == []
     assert frame_count(tmp_path / "annotated.avi") == n_frames
     # Each frame shows the newest window ending at or before it.
     assert [v.window_last_frame for v in views] == [
@@ -219,3 +223,45 @@ def test_sinks_overlay_top_k_sets_how_many_classes_get_score_bars(
 
     assert score_bars(drawn[0]) == 0, "no scores before the first window"
     assert score_bars(drawn[-1]) == top_k  # the model has 3 classes
+
+
+FULL_DISK_RUN = """
+import resource, signal, sys
+from streamdet import kernels
+from streamdet.cli import main
+kernels.get()  # compiled (and cached on disk) before the disk fills
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))  # the disk is full at 20 kB
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_an_annotated_video_cut_short_by_a_full_disk_is_removed_and_reported(
+    tmp_path: Path, checkpoint: Checkpoint
+) -> None:
+    """Regression: OpenCV's VideoWriter reports no write error: the run ended normally and the
+    summary named an MP4 without its index (no moov atom) that nothing could play."""
+    weights = tmp_path / "tiny.safetensors"
+    save_checkpoint(weights, checkpoint.model, class_names=checkpoint.class_names)
+    clip = write_clip(tmp_path / "clip.avi", 100, 10, size=(320, 240))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "sources": [{"name": "clip", "url": str(clip), "realtime": False}],
+        "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
+    }))
+    events, video = tmp_path / "events.jsonl", tmp_path / "annotated.mp4"
+    # A real failing write: the child process may not grow any file past 20 kB (the event log
+    # fits; the video, about 200 kB, does not).
+    args = ["run", str(cfg), "--events", str(events), "--output-video", str(video)]
+    done = subprocess.run([sys.executable, "-c", FULL_DISK_RUN, *args], capture_output=True,
+                          text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr[-2000:]
+    why = (f"{video}: the file written does not open as a video; is the disk full? "
+           f"The partial file was removed.")
+    assert f"annotated video not written: {why}" in done.stderr
+    assert f"[summary] annotated video not written: {why}\n" in done.stdout
+    assert f"[summary] annotated video: {video}" not in done.stdout
+    assert not video.exists()
+    assert "[summary] clip: 100 frames read" in done.stdout  # detection itself was whole

@@ -13,6 +13,10 @@ file (it still stops within seconds on a signal: a stopping run draws no more re
 
 Live frames come from the capture threads through a bounded queue and are drawn at once with
 the latest scores; when the sink falls behind, they are dropped and counted, never queued.
+
+OpenCV's VideoWriter reports no write error, so each video is read back when closed: one that
+does not play back whole (a full disk) is removed, with a warning, and listed in
+``failed_videos`` instead of ``video_files``.
 """
 
 from __future__ import annotations
@@ -214,7 +218,10 @@ class OverlaySink(threading.Thread):
         # Used by the sink thread only.
         self._writers: dict[str, cv2.VideoWriter] = {}
         self._sizes: dict[str, tuple[int, int]] = {}
-        self.video_files: list[str] = []  # annotated videos opened, in order
+        self._paths: dict[str, Path] = {}
+        self._frames_in_video: dict[str, int] = {}
+        self.video_files: list[str] = []  # annotated videos written whole, in order
+        self.failed_videos: list[str] = []  # why each video that did not play back was removed
         self.frames_written = 0
         self.frames_dropped = 0
         self.error: BaseException | None = None
@@ -367,6 +374,7 @@ class OverlaySink(threading.Thread):
             if (frame.shape[1], frame.shape[0]) != self._sizes[source]:
                 frame = cv2.resize(frame, self._sizes[source])
             writer.write(frame)
+            self._frames_in_video[source] += 1
         if self.display:
             cv2.imshow(f"streamdet {source}", frame)
             key = cv2.waitKey(1) & 0xFF
@@ -390,11 +398,49 @@ class OverlaySink(threading.Thread):
             raise StreamdetError(f"{path}: cannot write video (unsupported extension or folder not writable)")
         self._sizes[source] = size
         self._writers[source] = writer
-        self.video_files.append(str(path))
+        self._paths[source] = path
+        self._frames_in_video[source] = 0
         log.info("writing annotated video %s", path)
         return writer
 
     def _close_videos(self) -> None:
-        for writer in self._writers.values():
+        """Close each video; keep it only if it plays back whole (see :func:`playback_problem`)."""
+        for source, writer in self._writers.items():
             writer.release()
+            path = self._paths[source]
+            problem = playback_problem(path, self._frames_in_video[source])
+            if problem is None:
+                self.video_files.append(str(path))
+                continue
+            why = f"{path}: {problem}; is the disk full?"
+            try:
+                path.unlink()
+                why += " The partial file was removed."
+            except OSError as exc:
+                why += f" The partial file could not be removed ({exc.strerror or exc})."
+            log.warning("annotated video not written: %s", why)
+            self.failed_videos.append(why)
         self._writers.clear()
+
+
+def playback_problem(path: Path, frames: int) -> str | None:
+    """Why the video at ``path`` does not play back all ``frames`` frames, or None when it does.
+
+    OpenCV's VideoWriter reports no write error: on a full disk it leaves an MP4 without its
+    index (moov atom), which nothing can open, or an AVI that holds only its first frames. So the
+    file is opened again, its frame count compared and its last frame decoded (a seek: cheap).
+    """
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    try:
+        if not cap.isOpened():
+            return "the file written does not open as a video"
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        if count != frames:
+            return f"the file written holds {max(int(count), 0)} of the {frames} frames drawn"
+        cap.set(cv2.CAP_PROP_POS_FRAMES, frames - 1)
+        ok, _ = cap.read()
+        return None if ok else "the last frame written does not decode"
+    except cv2.error as exc:
+        return f"the file written cannot be read back ({' '.join(str(exc).split())[:120]})"
+    finally:
+        cap.release()
