@@ -173,12 +173,14 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
     several sources, as :class:`~streamdet.sinks.overlay.OverlaySink` names them) may be one
     file, nor may an output be one of the run's input files (a video, the weights, the truth,
     the config). Paths are compared resolved, and with ``os.path.samefile`` where both exist
-    (hard links, another spelling of one file).
+    (hard links, another spelling of one file). Videos are named by
+    :func:`~streamdet.sinks.overlay.video_file`, as the overlay names them.
 
     Raises:
         StreamdetError: naming the path and the two roles it was given.
     """
     from streamdet.sinks.jsonl import check_log_path, rotated_paths
+    from streamdet.sinks.overlay import video_file
 
     outputs: list[tuple[str, Path]] = []
     events = cfg.sinks.events.path
@@ -190,10 +192,8 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
             outputs += [("a rotated file of the event log", p) for p in rotated]
     video = cfg.sinks.overlay.video
     if video and len(cfg.sources) > 1:
-        v = Path(video)
-        for s in cfg.sources:
-            name = f"{v.stem}_{s.name}{v.suffix or '.mp4'}"
-            outputs.append((f"the annotated video of source {s.name!r}", v.with_name(name)))
+        outputs += [(f"the annotated video of source {s.name!r}", video_file(video, s.name, len(cfg.sources)))
+                    for s in cfg.sources]
     elif video:
         outputs.append(("the annotated video", Path(video)))
     inputs = [(f"the video of source {s.name!r}", Path(s.url.removeprefix("file://")))

@@ -160,9 +160,8 @@ def test_the_video_names_checked_are_the_ones_the_overlay_writes(
 
     overlay = OverlaySink(["a", "b"], video_path=str(tmp_path / "out.avi"), display=False,
                           sources=["cam1", "cam2"])
-    writer = overlay._open_writer("cam2", np.zeros((48, 64, 3), np.uint8), 10.0)
-    writer.release()
-    (written,) = overlay.video_files
+    overlay._open_writer("cam2", np.zeros((48, 64, 3), np.uint8), 10.0).release()
+    written = str(overlay._paths["cam2"])  # the file the overlay opened for cam2
     sources = [{"name": p.stem, "url": str(p)} for p in videos]
 
     def config(events: str) -> object:

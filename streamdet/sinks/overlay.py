@@ -384,9 +384,7 @@ class OverlaySink(threading.Thread):
 
     def _open_writer(self, source: str, frame: np.ndarray, fps: float) -> cv2.VideoWriter:
         assert self.video_path is not None
-        path = Path(self.video_path)
-        if len(self.sources) > 1:
-            path = path.with_name(f"{path.stem}_{source}{path.suffix or '.mp4'}")
+        path = video_file(self.video_path, source, len(self.sources))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -421,6 +419,15 @@ class OverlaySink(threading.Thread):
             log.warning("annotated video not written: %s", why)
             self.failed_videos.append(why)
         self._writers.clear()
+
+
+def video_file(video_path: str | Path, source: str, sources: int) -> Path:
+    """The annotated video of ``source``: ``video_path`` itself, or ``<stem>_<source>.<ext>``
+    when the run has several sources."""
+    path = Path(video_path)
+    if sources > 1:
+        path = path.with_name(f"{path.stem}_{source}{path.suffix or '.mp4'}")
+    return path
 
 
 def playback_problem(path: Path, frames: int) -> str | None:
