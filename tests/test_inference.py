@@ -41,24 +41,37 @@ def test_fp32_engine_matches_the_unfused_model(tiny_model: C3D_BN) -> None:
     torch.testing.assert_close(engine(clips), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_engine_is_checked_against_fp32(tiny_model: C3D_BN) -> None:
+def cpu_supports_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions on this CPU (AVX512 or AVX512-BF16/AMX)."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and supported is not None and supported())
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(),
+                    reason="this CPU has no bf16 support in oneDNN (needs AVX512 or AVX512-BF16/AMX)")
+def test_bf16_engine_runs_in_bf16_and_passes_its_check_against_fp32(tiny_model: C3D_BN, tmp_path) -> None:
+    """Regression: the test accepted an fp32 engine, so a bf16 path that always failed its check
+    (and fell back to fp32) or that never left fp32 passed unnoticed."""
     clips = torch.randn((2, *INPUT_SHAPE), generator=torch.Generator().manual_seed(2))
-    reference = build_engine(tiny_model, "cpu", "fp32")
+    reference = build_engine(tiny_model, "cpu", "fp32", cache_dir=tmp_path)
 
-    engine = build_engine(tiny_model, "cpu", "bf16", check_clips=clips)
+    engine = build_engine(tiny_model, "cpu", "bf16", check_clips=clips, cache_dir=tmp_path)
 
-    assert engine.precision in ("bf16", "fp32")  # fp32 when bf16 failed its check
+    assert engine.precision == "bf16" and engine.path.startswith("bf16-"), engine.path
     ok, agree, rel = check_engine(engine, reference, clips)
-    assert ok, f"the engine in use disagrees with fp32: top-1 {agree:.0%}, relative error {rel:.3g}"
+    assert ok, f"the bf16 engine disagrees with fp32: top-1 {agree:.0%}, relative error {rel:.3g}"
+    # bf16 keeps 8 significant bits: its logits differ from fp32's (measured 2e-3), an fp32
+    # path run under the bf16 name would not (5e-8).
+    assert rel > 1e-4, f"relative error {rel:.3g}: the engine computes in fp32, not bf16"
 
 
 def test_a_reduced_precision_path_that_fails_its_check_falls_back_to_fp32(
-    tiny_model: C3D_BN, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tiny_model: C3D_BN, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path
 ) -> None:
     monkeypatch.setattr(inference, "check_engine", lambda *args, **kwargs: (False, 0.5, 0.3))
 
     with caplog.at_level(logging.WARNING, logger="streamdet.inference"):
-        engine = build_engine(tiny_model, "cpu", "bf16")
+        engine = build_engine(tiny_model, "cpu", "bf16", cache_dir=tmp_path)
 
     assert engine.precision == "fp32"
     assert "disagrees with fp32" in caplog.text
