@@ -36,6 +36,13 @@ def checkpoint(assets_dir: Path, walk_clip: Path) -> Checkpoint:
     return load_checkpoint(make_tiny_weights(assets_dir, walk_clip))
 
 
+# A stop promises to return within 2 s (one 1.5 s join budget shared by every thread, then the
+# files are flushed). Asserted with room for a busy 2-core machine, about 3x slower; the
+# regressions these tests guard against take far longer (a paced 80 s video drained, stuck
+# threads joined one after another).
+STOP_BOUND_S = 6.0
+
+
 def config(sources: list[dict[str, Any]], events_path: Path | None, **overrides: Any) -> RunConfig:
     """A run config: thresholds 0 (every non-background class is an event from its first window)."""
     base: dict[str, Any] = {
@@ -268,7 +275,7 @@ def test_a_full_disk_stops_the_run_with_a_clear_error_and_a_log_of_whole_lines(
     assert [o["seq"] for o in log] == list(range(1, len(log) + 1))
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(60)
 def test_an_engine_crash_stops_the_run_with_a_clear_error_and_ends_events(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
 ) -> None:
@@ -277,11 +284,13 @@ def test_an_engine_crash_stops_the_run_with_a_clear_error_and_ends_events(
                  model={"max_batch": 1})
     pipeline = Pipeline(cfg, checkpoint, CrashingEngine(engine, crash_on=3), print_fn=lambda line: None)
 
-    started = time.monotonic()
-    with pytest.raises(StageError, match="inference failed: RuntimeError: CUDA error: an illegal memory access"):
-        pipeline.run()
+    thread, outcome = run_in_thread(pipeline)
+    thread.join(30)  # a run that went on after the crash would wait for windows forever
 
-    assert time.monotonic() - started < 10
+    assert not thread.is_alive(), "the run did not stop after the engine crashed"
+    error = outcome.get("error")
+    assert isinstance(error, StageError), outcome
+    assert "inference failed: RuntimeError: CUDA error: an illegal memory access" in str(error)
     assert not any(t.is_alive() for t in [*pipeline.captures, pipeline.inference])
     log = read_log(events)
     news = {o["id"] for o in log if o["type"] == "new"}
@@ -319,7 +328,7 @@ def test_a_capture_crash_stops_the_run_with_a_clear_error(
 
 
 @pytest.mark.timeout(60)
-def test_stop_ends_open_events_with_shutdown_and_returns_within_2_s(
+def test_stop_ends_open_events_with_shutdown_and_returns_promptly(
     tmp_path: Path, checkpoint: Checkpoint, engine
 ) -> None:
     events = tmp_path / "events.jsonl"
@@ -333,11 +342,11 @@ def test_stop_ends_open_events_with_shutdown_and_returns_within_2_s(
     assert wait_for_line(events, lambda o: o["type"] == "new", timeout=30), "no event opened"
     stopped = time.monotonic()
     pipeline.stop("test")
-    thread.join(5)
+    thread.join(30)
     elapsed = time.monotonic() - stopped
 
     assert not thread.is_alive() and "error" not in outcome
-    assert elapsed < 2.0, f"stop took {elapsed:.2f} s"
+    assert elapsed < STOP_BOUND_S, f"stop took {elapsed:.2f} s"
     log = read_log(events)
     news = {o["id"] for o in log if o["type"] == "new"}
     assert {o["id"]: o["end_reason"] for o in log if o["type"] == "end"} == dict.fromkeys(news, "shutdown")
@@ -346,18 +355,21 @@ def test_stop_ends_open_events_with_shutdown_and_returns_within_2_s(
 
 
 class BlockedStream:
-    """A stream that delivers a few frames, then blocks in read() like a frozen camera."""
+    """A stream that delivers a few frames, then blocks in read() like a frozen camera until
+    ``release_event`` is set; each one counts itself in ``stuck`` when it blocks."""
 
     fps = 10.0
 
-    def __init__(self, release_event: threading.Event) -> None:
+    def __init__(self, release_event: threading.Event, stuck: threading.Semaphore) -> None:
         self._release = release_event
+        self._stuck = stuck
         self._n = 0
 
     def read(self) -> np.ndarray | None:
         self._n += 1
         if self._n > 20:
-            self._release.wait(5.0)  # a read blocking until the read timeout
+            self._stuck.release()
+            self._release.wait(60.0)  # longer than the test: only the test's finally ends it
             return None
         return np.full((120, 160, 3), self._n, np.uint8)
 
@@ -365,32 +377,38 @@ class BlockedStream:
         pass
 
 
-@pytest.mark.timeout(30)
-def test_stop_returns_within_2_s_when_several_sources_are_stuck_in_a_read(
+@pytest.mark.timeout(60)
+def test_stop_returns_promptly_when_several_sources_are_stuck_in_a_read(
     tmp_path: Path, checkpoint: Checkpoint, engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Regression: each thread was joined with its own 1.5 s timeout, one after the other.
 
-    Two cameras frozen in a blocking read made stopping take 3 s, past the 2 s promised.
+    Two cameras frozen in a blocking read made stopping take 3 s, past the 2 s promised; five
+    take 7.5 s, past the bound a busy machine is allowed.
     """
+    cameras = 5
     unblock = threading.Event()
-    monkeypatch.setattr("streamdet.pipeline.make_opener", lambda url, **kwargs: lambda: BlockedStream(unblock))
-    cfg = config([{"name": "cam1", "url": "rtsp://127.0.0.1:9/a"}, {"name": "cam2", "url": "rtsp://127.0.0.1:9/b"}],
+    stuck = threading.Semaphore(0)
+    monkeypatch.setattr("streamdet.pipeline.make_opener",
+                        lambda url, **kwargs: lambda: BlockedStream(unblock, stuck))
+    cfg = config([{"name": f"cam{i}", "url": f"rtsp://127.0.0.1:9/{i}"} for i in range(cameras)],
                  tmp_path / "events.jsonl")
     pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
     thread, outcome = run_in_thread(pipeline)
     try:
-        assert wait_for_line(tmp_path / "events.jsonl", lambda o: o["type"] == "new", timeout=15)
-        time.sleep(0.2)  # both captures are now stuck in read()
+        assert wait_for_line(tmp_path / "events.jsonl", lambda o: o["type"] == "new", timeout=30)
+        deadline = time.monotonic() + 30
+        for _ in range(cameras):  # every capture is now stuck in read()
+            assert stuck.acquire(timeout=max(0.0, deadline - time.monotonic())), "a camera never blocked"
         stopped = time.monotonic()
         pipeline.stop("test")
-        thread.join(10)
+        thread.join(30)
         elapsed = time.monotonic() - stopped
     finally:
         unblock.set()
 
-    assert "error" not in outcome
-    assert elapsed < 2.0, f"stop took {elapsed:.2f} s"
+    assert not thread.is_alive() and "error" not in outcome, outcome
+    assert elapsed < STOP_BOUND_S, f"stop took {elapsed:.2f} s"
 
 
 @pytest.mark.parametrize(("device", "live", "expected"), [("cpu", True, 1), ("cpu", False, 1),
