@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streamdet.config import RunConfig, load_config
-from streamdet.errors import ConfigError, StreamdetError
+from streamdet.errors import ConfigError, SourceError, StreamdetError
 from streamdet.models.weights import Checkpoint, default_class_names, load_checkpoint
 from streamdet.sources import SourceKind, check_sources, redact_text, source_kind, source_name
 
@@ -232,6 +232,11 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
     cfg = resolve_inputs(cfg, config_path.resolve().parent, bool(args.source), bool(args.weights),
                          bool(args.truth))
     check_sources([s.url for s in cfg.sources])  # fail fast, before the model is built
+    if cfg.model.calibration:  # named on purpose: a typo is an error, not a silent random check
+        try:
+            check_sources([cfg.model.calibration])
+        except SourceError as exc:
+            raise ConfigError(f"model.calibration: {exc}") from None
     check_outputs(cfg, config_path)
     if cfg.sinks.overlay.display:
         from streamdet.sinks.overlay import check_display

@@ -336,6 +336,25 @@ def test_reduced_precision_is_checked_on_the_calibration_video_else_the_first_fi
     assert not torch.equal(clips[:1], other[:1])
 
 
+@pytest.mark.parametrize("content", [None, b"not a video" * 100], ids=["missing", "not-a-video"])
+def test_a_calibration_video_that_cannot_be_read_is_one_error_line_before_the_model_is_built(
+    tmp_path: Path, walk_clip: Path, weights: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture, content: bytes | None
+) -> None:
+    calib = tmp_path / "calib.avi"
+    if content is not None:
+        calib.write_bytes(content)
+    config = write_config(tmp_path / "run.yaml", walk_clip, weights,
+                          model={"precision": "bf16", "calibration": "calib.avi"})
+
+    with caplog.at_level("INFO"):
+        code = main(["run", str(config)])
+
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: model.calibration: {calib}")
+    assert not [r for r in caplog.records if r.name.startswith("streamdet.inference")]  # no engine built
+
+
 class SlowEngine:
     """A real engine that takes at least DELAY_S per call."""
 
