@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import streamdet.capture as capture_module
 from streamdet.buffer import RingBuffer
 from streamdet.capture import (
     AbandonedThreads,
@@ -183,29 +184,57 @@ def test_a_hung_server_goes_offline_within_the_stall_time_and_recovers_after_it_
     assert run.outcome["summary"].sources[0].stalls >= 1
 
 
+def record_opens(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Monotonic start times of every open the pipeline's captures attempt (real opens)."""
+    starts: list[float] = []
+    real_source = capture_module.OpenCVSource
+
+    def recording_source(*args: Any, **kwargs: Any) -> Any:
+        starts.append(time.monotonic())
+        return real_source(*args, **kwargs)
+
+    monkeypatch.setattr(capture_module, "OpenCVSource", recording_source)
+    return starts
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
 @pytest.mark.timeout(60)
 def test_a_server_absent_at_start_is_retried_with_backoff_until_it_appears(
-    tmp_path: Path, rtsp_server, checkpoint: Checkpoint, engine
+    tmp_path: Path, rtsp_server, checkpoint: Checkpoint, engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Regression guard: a capture that reopened a refused stream with no delay (a busy loop)
+    passed the old version of this test, which only checked that the stream came back."""
     server = rtsp_server(pattern=True)
-    server.kill()  # the port is known, nothing listens on it
+    server.kill()  # the port is known, nothing listens on it: every open is refused at once
     events = tmp_path / "events.jsonl"
+    opens = record_opens(monkeypatch)
     pipeline = Pipeline(stream_config({"cam": server.url}, events), checkpoint, engine, print_fn=lambda s: None)
+    initial, cap = FAST_OPTIONS["backoff_initial_s"], FAST_OPTIONS["backoff_max_s"]
+    attempts = 6
 
     with RunningPipeline(pipeline, events) as run:
-        run.wait_for(lambda ls: last_status(ls, "cam"), timeout=5, what="offline status")
-        time.sleep(2.0)  # several refused opens, backing off
+        wait_until(lambda: len(opens) >= attempts, timeout=30, what=f"{attempts} open attempts")
+        refused = list(opens[:attempts])
         assert [s["status"] for s in statuses(run.lines(), "cam")] == ["offline"]
         server.start()
-        started = time.monotonic()
-        online = run.wait_status("cam", "online", timeout=10, what="online status")
-        online_after = time.monotonic() - started
+        online = run.wait_status("cam", "online", timeout=15, what="online status")
         run.wait_for(lambda ls: events_after(ls, online["seq"], "cam"), timeout=10, what="event")
 
-    assert online_after < 5.0
+    # Delay k is uniform in [c_k / 2, c_k], c_k = min(cap, initial * 2**k): each gap between
+    # attempts is at least that lower bound, however slow the machine (a slow open only adds).
+    gaps = [b - a for a, b in zip(refused, refused[1:], strict=False)]
+    floors = [min(cap, initial * 2**k) / 2 for k in range(len(gaps))]
+    assert all(gap >= floor for gap, floor in zip(gaps, floors, strict=True)), (
+        f"gaps between refused opens {[round(g, 3) for g in gaps]} s, expected at least {floors}")
     assert "error" not in run.outcome
     summary = run.outcome["summary"].sources[0]
-    assert summary.reconnects == 1 and summary.offline_s >= 2.0
+    assert summary.reconnects == 1 and summary.offline_s >= sum(floors)
 
 
 @pytest.mark.timeout(60)
