@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import cv2
 import numpy as np
@@ -334,17 +335,115 @@ def test_a_crashing_frame_callback_stops_the_run_with_the_error_instead_of_hangi
     assert capture.ring.closed
 
 
-def test_backoff_grows_exponentially_with_jitter_up_to_the_cap_and_resets_when_healthy() -> None:
-    backoff = Backoff(0.5, 4.0, healthy_after=60.0, rng=random.Random(0))
+class FixedRandom(random.Random):
+    """A generator whose ``random()`` is always ``value``: ``uniform(a, b)`` is ``a + (b - a) * value``."""
 
-    delays = [backoff.next_delay() for _ in range(6)]
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
 
-    caps = [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
-    assert all(cap / 2 <= d <= cap for d, cap in zip(delays, caps, strict=True))
-    backoff.healthy_for(10.0)
-    assert backoff.next_delay() >= 2.0  # not healthy long enough: still capped high
+    def random(self) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize(("draw", "expected"), [
+    (1.0, [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]),  # the top of each jitter range: the doubling caps
+    (0.0, [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]),  # the bottom: half of each
+], ids=["top", "bottom"])
+def test_backoff_doubles_up_to_the_cap_with_jitter_between_half_and_all_of_it(
+    draw: float, expected: list[float]
+) -> None:
+    backoff = Backoff(0.5, 4.0, rng=FixedRandom(draw))
+
+    assert [backoff.next_delay() for _ in range(6)] == pytest.approx(expected)
+
+
+def test_backoff_jitter_spreads_the_delays_over_their_range() -> None:
+    """Regression guard: a Backoff that always waited the cap passed the bounds-only test, and
+    cameras dropped by one network fault would all reconnect in lockstep."""
+    backoff = Backoff(0.5, 4.0, rng=random.Random(0))
+    for _ in range(4):  # 0.5, 1, 2, then at the cap
+        backoff.next_delay()
+
+    delays = [backoff.next_delay() for _ in range(200)]
+
+    assert all(2.0 <= d <= 4.0 for d in delays)
+    assert len(set(delays)) == len(delays)
+    assert min(delays) < 2.2 and max(delays) > 3.8  # spread over the range, not bunched
+    other = Backoff(0.5, 4.0, rng=random.Random(1))
+    assert [other.next_delay() for _ in range(3)] != [Backoff(0.5, 4.0, rng=random.Random(0)).next_delay()
+                                                      for _ in range(3)]
+
+
+def test_backoff_resets_only_after_a_healthy_period() -> None:
+    backoff = Backoff(0.5, 4.0, healthy_after=60.0, rng=FixedRandom(1.0))
+    for _ in range(5):
+        backoff.next_delay()
+
+    backoff.healthy_for(59.9)
+    assert backoff.next_delay() == 4.0  # not healthy long enough: still at the cap
     backoff.healthy_for(60.0)
-    assert backoff.next_delay() <= 0.5
+    assert [backoff.next_delay() for _ in range(3)] == [0.5, 1.0, 2.0]  # doubling again from the start
+
+
+class RecordingBackoff(Backoff):
+    """A Backoff that records each delay it hands out."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delays: list[float] = []
+
+    def next_delay(self) -> float:
+        self.delays.append(super().next_delay())
+        return self.delays[-1]
+
+
+class TimedSource(FakeSource):
+    """``n`` frames, each read taking ``period`` seconds (a stream's pace), then a lost stream."""
+
+    def __init__(self, n: int, period: float) -> None:
+        super().__init__(frames(n))
+        self.period = period
+
+    def read(self) -> np.ndarray | None:
+        time.sleep(self.period)
+        return super().read()
+
+
+@pytest.mark.timeout(30)
+def test_a_stream_healthy_for_a_while_reconnects_with_the_first_delay_again() -> None:
+    """Four refused opens raise the delay; a session healthy for ``healthy_after`` resets it; a
+    session that fails at once does not (a flapping camera keeps backing off)."""
+    healthy_after = 1.0
+    captures: list[CaptureThread] = []
+
+    def refused() -> FakeSource:
+        raise SourceError("refused")
+
+    def last() -> FakeSource:
+        captures[0].stop_event.set()  # the test is over
+        return refused()
+
+    plan: list[Callable[[], FakeSource]] = [
+        refused, refused, refused, refused,
+        lambda: TimedSource(60, 0.02),  # >= 1.2 s of frames: healthy
+        lambda: FakeSource([]),  # opens, then the first read fails
+        last,
+    ]
+
+    def opener() -> FakeSource:
+        return plan.pop(0)()
+
+    backoff = RecordingBackoff(0.01, 1.0, healthy_after=healthy_after, rng=FixedRandom(1.0))
+    capture = make_capture(opener, kind=SourceKind.STREAM, lossless=False, backoff=backoff)
+    captures.append(capture)
+    capture.start()
+    capture.join(20)
+
+    assert not capture.is_alive() and capture.error is None
+    assert capture.stats.frames_read == 60
+    # 4 refused: 0.01 .. 0.08; healthy session: back to 0.01; failed at once: 0.02.
+    assert backoff.delays == pytest.approx([0.01, 0.02, 0.04, 0.08, 0.01, 0.02])
 
 
 @pytest.mark.timeout(60)
