@@ -43,6 +43,18 @@ def take_all(ring: RingBuffer, *, newest: bool = False, max_lag: int = 1) -> lis
     return taken
 
 
+def take_all_of(ring: RingBuffer, count: int) -> list[tuple[Window, np.ndarray]]:
+    """Take up to ``count`` windows (oldest first)."""
+    taken = []
+    for _ in range(count):
+        out = np.empty((SHAPE[0], ring.length, *SHAPE[1:]), np.float32)
+        window = ring.take_window(out)
+        if window is None:
+            break
+        taken.append((window, out))
+    return taken
+
+
 def frame_values(clip: np.ndarray) -> list[int]:
     """The index each frame of a (C, T, H, W) clip was filled with; -1 if the frame is torn."""
     values = []
@@ -135,6 +147,55 @@ def test_lossless_writer_waits_until_the_window_is_taken() -> None:
 
     assert done.is_set()
     assert_intact(window, clip)
+    assert ring.windows_skipped == 0
+
+
+def test_lossless_writer_waits_for_the_oldest_of_several_pending_windows() -> None:
+    """Regression guard: a writer that checked only the newest ready window overwrote the
+    oldest ones while several were pending (the tests above only ever had one)."""
+    ring = RingBuffer("cam", length=4, stride=2, frame_shape=SHAPE, capacity=8, lossless=True)
+    write(ring, range(8))  # windows 0..3, 2..5, 4..7 pending; frame 8 would overwrite frame 0
+    assert ring.pending() == 3
+
+    assert ring.slot(timeout=0.05) is None, "the writer would overwrite the oldest pending window"
+    window, clip = take_all_of(ring, 1)[0]
+    assert (window.first_frame, window.last_frame) == (0, 3)
+    write(ring, [8, 9])  # frames 0 and 1 are free now
+    assert ring.slot(timeout=0.05) is None, "frame 10 would overwrite frame 2, in window 2..5"
+
+    taken = take_all(ring)
+    assert [(w.first_frame, w.last_frame) for w, _ in taken] == [(2, 5), (4, 7), (6, 9)]
+    for window, clip in taken:
+        assert_intact(window, clip)
+    assert ring.windows_skipped == 0
+
+
+@pytest.mark.timeout(30)
+def test_lossless_writer_and_a_reader_that_lets_windows_pile_up_lose_nothing() -> None:
+    """The reader takes a window only once 4 are pending, so the writer keeps meeting a ring
+    whose oldest pending window is several strides behind its newest."""
+    n = 400
+    ring = RingBuffer("cam", length=4, stride=2, frame_shape=SHAPE, capacity=12, lossless=True)
+
+    def write_all() -> None:
+        for i in range(n):  # a generous timeout: on a busy machine the reader may be slow
+            if not ring.write_frame(frame(i), meta(i), timeout=10.0):
+                break
+        ring.close()
+
+    writer = threading.Thread(target=write_all, daemon=True)
+    writer.start()
+    taken: list[tuple[Window, np.ndarray]] = []
+    while not (ring.closed and ring.pending() == 0):
+        if ring.pending() < 4 and not ring.closed:
+            time.sleep(0.0005)
+            continue
+        taken += take_all_of(ring, 1)
+    writer.join(5.0)
+
+    assert [(w.first_frame, w.last_frame) for w, _ in taken] == [(s, s + 3) for s in range(0, n - 3, 2)]
+    for window, clip in taken:
+        assert_intact(window, clip)
     assert ring.windows_skipped == 0
 
 
