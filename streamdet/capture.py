@@ -455,11 +455,12 @@ class CaptureThread(threading.Thread):
             now_mono = time.monotonic()
             if not self._current(session):
                 return "retired"
+            if slow_read is not None and self.reconnect and now_mono - read_started >= slow_read:
+                # A read that ran into its timeout is a stall, whether it then returned nothing or
+                # (after a hang FFmpeg does) a stale frame, each a full timeout apart: reopen.
+                return f"stalled: a read blocked {now_mono - read_started:.1f} s"
             if not got:
                 return "ended" if self.kind is SourceKind.FILE else "read failed"
-            if slow_read is not None and self.reconnect and now_mono - read_started >= slow_read:
-                # After a hang FFmpeg returns stale frames, each after a full timeout: reopen.
-                return f"stalled: a read blocked {now_mono - read_started:.1f} s"
             session.heartbeat = now_mono
             wall = replay_clock[0] + n_in_session / replay_clock[1] if replay_clock else time.time()
             self._frame_index += 1

@@ -282,6 +282,52 @@ def test_a_lost_stream_reconnects_and_no_window_spans_the_outage() -> None:
     assert spans(reader.windows) == [(0, 15), (8, 23), (30, 45), (38, 53)]
 
 
+class HangingSource(FakeSource):
+    """``n`` frames, then a read that blocks ``block`` seconds and returns nothing (a timed-out
+    read of a hung camera)."""
+
+    def __init__(self, n: int, block: float) -> None:
+        super().__init__(frames(n))
+        self.block = block
+
+    def read(self) -> np.ndarray | None:
+        frame = super().read()
+        if frame is None:
+            time.sleep(self.block)
+        return frame
+
+
+@pytest.mark.timeout(20)
+def test_a_read_that_times_out_with_no_frame_is_a_stall_and_a_fast_failure_is_not() -> None:
+    """Regression: a read that blocked for the whole read timeout and then returned no frame
+    was reported as "read failed" and not counted in ``stalls``; only a slow read that returned
+    a stale frame was."""
+    seen: list[StatusChange] = []
+    captures: list[CaptureThread] = []
+    plan: list[Callable[[], FakeSource]] = [
+        lambda: HangingSource(10, block=0.3),  # the read timeout is 0.3 s
+        lambda: FakeSource(frames(5)),  # then the connection drops: the read fails at once
+    ]
+
+    def opener() -> FakeSource:
+        if plan:
+            return plan.pop(0)()
+        captures[0].stop_event.set()  # the test is over
+        raise SourceError("refused")
+
+    capture = make_capture(opener, kind=SourceKind.STREAM, lossless=False, on_status=seen.append,
+                           backoff=Backoff(0.01, 0.02), read_timeout_s=0.3)
+    captures.append(capture)
+    capture.start()
+    capture.join(10)
+
+    assert not capture.is_alive() and capture.error is None
+    offline = [s.reason for s in seen if s.status is Status.OFFLINE]
+    assert offline[0].startswith("stalled: a read blocked"), offline
+    assert offline[1] == "read failed"
+    assert capture.stats.stalls == 1 and capture.stats.abandoned == 0
+
+
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("realtime", [True, False], ids=["live", "lossless-blocked"])
 def test_stop_ends_capture_within_a_second(realtime: bool) -> None:
