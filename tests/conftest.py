@@ -104,25 +104,38 @@ class RtspServer:
     """One ``tests/rtsp_server.py`` subprocess, restartable on the same port.
 
     Attributes: ``url``, ``port``, ``proc`` (None while stopped), ``size`` (width, height)
-    and ``fps`` of the stream.
+    and ``fps`` of the stream, ``switch`` (``(frames, (width, height))``: each client's stream
+    goes on at that size after that many frames, the file starting over; None: no switch).
 
     The server runs in its own process group so that signals reach its ffmpeg decoders too.
     """
 
     def __init__(self, source_args: list[str], port: int, log_path: Path, path: str = "/cam",
-                 user: str | None = None, password: str | None = None) -> None:
+                 user: str | None = None, password: str | None = None,
+                 size: tuple[int, int] = RTSP_SIZE,
+                 switch: tuple[int, tuple[int, int]] | None = None) -> None:
         self.port = port
         self.path = path
         self.user = user
         self.password = password
         self.log_path = log_path
-        self.size = RTSP_SIZE
+        self.size = size
+        self.switch = switch
         self.fps = RTSP_FPS
         self.proc: subprocess.Popen[bytes] | None = None
-        self.command = [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--port", str(port), "--path", path,
-                        "--size", "x".join(map(str, RTSP_SIZE)), "--fps", str(RTSP_FPS), *source_args]
-        if user is not None:
-            self.command += ["--user", user, "--password", password or ""]
+        self.source_args = source_args
+
+    @property
+    def command(self) -> list[str]:
+        """The server's command line, for the current ``size`` and ``switch``."""
+        command = [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--port", str(self.port), "--path", self.path,
+                   "--size", "x".join(map(str, self.size)), "--fps", str(self.fps), *self.source_args]
+        if self.switch is not None:
+            frames, (width, height) = self.switch
+            command += ["--switch", f"{frames}:{width}x{height}"]
+        if self.user is not None:
+            command += ["--user", self.user, "--password", self.password or ""]
+        return command
 
     @property
     def url(self) -> str:
@@ -181,9 +194,12 @@ class RtspServer:
         except subprocess.TimeoutExpired:
             self.kill()
 
-    def restart(self) -> None:
-        """Stop the server (if running) and start a new one on the same port."""
+    def restart(self, size: tuple[int, int] | None = None) -> None:
+        """Stop the server (if running) and start a new one on the same port, serving ``size``
+        (width, height) if given: a camera reconfigured, which drops its clients."""
         self.stop()
+        if size is not None:
+            self.size = size
         self.start()
 
     def pause(self) -> None:
@@ -200,10 +216,12 @@ def rtsp_server(request: pytest.FixtureRequest, tmp_path: Path,
                 rtsp_available: None) -> Iterator[Callable[..., RtspServer]]:
     """Factory starting real RTSP servers on free ports; all are stopped after the test.
 
-    ``rtsp_server(video=None, *, pattern=False, user=None, password=None, path="/cam")``
-    returns a started :class:`RtspServer` streaming 320x240 H.264 at 10 fps, looping forever.
-    ``video`` defaults to :func:`rtsp_video` (vtest.avi); ``pattern=True`` serves a moving
-    test pattern instead.
+    ``rtsp_server(video=None, *, pattern=False, user=None, password=None, path="/cam",
+    size=(320, 240), switch=None)`` returns a started :class:`RtspServer` streaming H.264 of
+    ``size`` at 10 fps, looping forever. ``video`` defaults to :func:`rtsp_video` (vtest.avi);
+    ``pattern=True`` serves a moving test pattern instead. ``switch=(frames, (width, height))``
+    (video only) changes each client's stream to that size after that many frames, in the same
+    session.
 
     Example:
         server = rtsp_server(user="alice", password="s3cret")
@@ -212,13 +230,14 @@ def rtsp_server(request: pytest.FixtureRequest, tmp_path: Path,
     servers: list[RtspServer] = []
 
     def start(video: str | Path | None = None, *, pattern: bool = False, user: str | None = None,
-              password: str | None = None, path: str = "/cam") -> RtspServer:
+              password: str | None = None, path: str = "/cam", size: tuple[int, int] = RTSP_SIZE,
+              switch: tuple[int, tuple[int, int]] | None = None) -> RtspServer:
         if pattern:
             source_args = ["--pattern"]
         else:
             source_args = ["--video", str(video or request.getfixturevalue("rtsp_video"))]
         server = RtspServer(source_args, free_port(), tmp_path / f"rtsp_server_{len(servers)}.log",
-                            path=path, user=user, password=password)
+                            path=path, user=user, password=password, size=size, switch=switch)
         servers.append(server)
         server.start()
         return server

@@ -4,6 +4,7 @@ Runs with Debian's system python, which has GStreamer's introspection bindings (
 
     /usr/bin/python3 tests/rtsp_server.py --port 8554 --video tests/.assets/vtest.avi --path /cam
     /usr/bin/python3 tests/rtsp_server.py --port 8554 --pattern --user u --password p
+    /usr/bin/python3 tests/rtsp_server.py --port 8554 --video clip.mp4 --switch 30:480x360
 
 How a file is served: for each client, ``ffmpeg -stream_loop -1`` decodes the file to raw I420
 frames of ``--size`` at ``--fps`` and writes them to a pipe; the media's ``appsrc`` reads one
@@ -31,22 +32,44 @@ ENCODER = "x264enc tune=zerolatency speed-preset=ultrafast bframes=0 key-int-max
 PAYLOADER = "rtph264pay name=pay0 pt=96 config-interval=1"
 
 
-class LoopingFileFeeder:
-    """Feeds one media's ``appsrc`` with raw frames of a file that ffmpeg decodes in a loop."""
+def raw_caps(width: int, height: int, fps: int) -> str:
+    return f"video/x-raw,format=I420,width={width},height={height},framerate={fps}/1"
 
-    def __init__(self, video: str, width: int, height: int, fps: int) -> None:
-        self.frame_bytes = width * height * 3 // 2  # I420: Y plane + U and V at quarter size
+
+class LoopingFileFeeder:
+    """Feeds one media's ``appsrc`` with raw frames of a file that ffmpeg decodes in a loop.
+
+    With ``switch``, ``(frames, width, height)``: after that many frames the stream goes on at
+    the new size, in the same session (a camera reconfigured while a client watches).
+    """
+
+    def __init__(self, video: str, width: int, height: int, fps: int,
+                 switch: tuple[int, int, int] | None = None) -> None:
+        self.video, self.fps, self.switch = video, fps, switch
         self.frame_duration = Gst.SECOND // fps
         self.frames_pushed = 0
+        self.ffmpeg: subprocess.Popen[bytes] | None = None
+        self._decode(width, height)
+
+    def _decode(self, width: int, height: int) -> None:
+        """(Re)start ffmpeg decoding the file at ``width`` x ``height``."""
+        if self.ffmpeg is not None:
+            self.stop()
+        self.width, self.height = width, height
+        self.frame_bytes = width * height * 3 // 2  # I420: Y plane + U and V at quarter size
         self.ffmpeg = subprocess.Popen(
-            ["ffmpeg", "-nostdin", "-loglevel", "error", "-stream_loop", "-1", "-i", video,
-             "-vf", f"fps={fps},scale={width}:{height}", "-pix_fmt", "yuv420p",
+            ["ffmpeg", "-nostdin", "-loglevel", "error", "-stream_loop", "-1", "-i", self.video,
+             "-vf", f"fps={self.fps},scale={width}:{height}", "-pix_fmt", "yuv420p",
              "-f", "rawvideo", "pipe:1"],
             stdout=subprocess.PIPE,
         )
 
     def on_need_data(self, appsrc: Gst.Element, _length: int) -> None:
-        """Push the next frame; end the stream if ffmpeg died."""
+        """Push the next frame (at the new size from the switch on); end the stream if ffmpeg died."""
+        if self.switch is not None and self.frames_pushed == self.switch[0]:
+            _, width, height = self.switch
+            self._decode(width, height)
+            appsrc.set_property("caps", Gst.Caps.from_string(raw_caps(width, height, self.fps)))
         data = self.ffmpeg.stdout.read(self.frame_bytes)
         if len(data) < self.frame_bytes:
             appsrc.emit("end-of-stream")
@@ -59,6 +82,7 @@ class LoopingFileFeeder:
 
     def stop(self, *_args: object) -> None:
         """Kill the ffmpeg decoder (idempotent)."""
+        assert self.ffmpeg is not None
         if self.ffmpeg.poll() is None:
             self.ffmpeg.kill()
         self.ffmpeg.wait()
@@ -68,11 +92,13 @@ class LoopingFileFeeder:
 class LoopingFileFactory(GstRtspServer.RTSPMediaFactory):
     """Media factory giving each client its own decoder, starting at the file's first frame."""
 
-    def __init__(self, video: str, width: int, height: int, fps: int, gop: int) -> None:
+    def __init__(self, video: str, width: int, height: int, fps: int, gop: int,
+                 switch: tuple[int, int, int] | None = None) -> None:
         super().__init__()
         self.video, self.width, self.height, self.fps = video, width, height, fps
+        self.switch = switch
         self.feeders: list[LoopingFileFeeder] = []
-        caps = f"video/x-raw,format=I420,width={width},height={height},framerate={fps}/1"
+        caps = raw_caps(width, height, fps)
         self.set_launch(
             f"( appsrc name=src is-live=false format=time caps={caps} "
             f"! queue ! {ENCODER.format(gop=gop)} ! {PAYLOADER} )"
@@ -80,7 +106,7 @@ class LoopingFileFactory(GstRtspServer.RTSPMediaFactory):
         self.connect("media-configure", self._on_media_configure)
 
     def _on_media_configure(self, _factory: object, media: GstRtspServer.RTSPMedia) -> None:
-        feeder = LoopingFileFeeder(self.video, self.width, self.height, self.fps)
+        feeder = LoopingFileFeeder(self.video, self.width, self.height, self.fps, self.switch)
         self.feeders.append(feeder)
         appsrc = media.get_element().get_by_name_recurse_up("src")
         appsrc.connect("need-data", feeder.on_need_data)
@@ -95,9 +121,8 @@ class LoopingFileFactory(GstRtspServer.RTSPMediaFactory):
 def make_pattern_factory(width: int, height: int, fps: int, gop: int) -> GstRtspServer.RTSPMediaFactory:
     """A factory serving GStreamer's moving ``ball`` test pattern."""
     factory = GstRtspServer.RTSPMediaFactory()
-    caps = f"video/x-raw,format=I420,width={width},height={height},framerate={fps}/1"
     factory.set_launch(
-        f"( videotestsrc pattern=ball is-live=true ! {caps} "
+        f"( videotestsrc pattern=ball is-live=true ! {raw_caps(width, height, fps)} "
         f"! {ENCODER.format(gop=gop)} ! {PAYLOADER} )"
     )
     factory.set_shared(True)
@@ -127,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--video", help="any video file ffmpeg can decode; served in a loop")
     source.add_argument("--pattern", action="store_true", help="serve videotestsrc instead")
     parser.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the stream")
+    parser.add_argument("--switch", metavar="FRAMES:WIDTHxHEIGHT",
+                        help="--video only: after FRAMES frames each client's stream goes on at "
+                             "this size, in the same session (a camera reconfigured mid-stream)")
     parser.add_argument("--fps", type=int, default=10)
     parser.add_argument("--gop", type=int, default=10, help="frames between keyframes")
     parser.add_argument("--user", help="require HTTP basic auth with this user")
@@ -134,16 +162,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if (args.user is None) != (args.password is None):
         parser.error("--user and --password go together")
+    if args.switch and not args.video:
+        parser.error("--switch needs --video")
     return args
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"320x240"`` -> ``(320, 240)``."""
+    width, height = (int(v) for v in text.split("x"))
+    return width, height
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    width, height = (int(v) for v in args.size.split("x"))
+    width, height = parse_size(args.size)
     Gst.init(None)
 
     if args.video:
-        factory = LoopingFileFactory(args.video, width, height, args.fps, args.gop)
+        switch = None
+        if args.switch:
+            frames, size = args.switch.split(":")
+            switch = (int(frames), *parse_size(size))
+        factory = LoopingFileFactory(args.video, width, height, args.fps, args.gop, switch)
     else:
         factory = make_pattern_factory(width, height, args.fps, args.gop)
     server = GstRtspServer.RTSPServer()

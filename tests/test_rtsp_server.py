@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,11 +17,11 @@ READ_TIMEOUT_MS = 3000
 
 
 @contextmanager
-def open_stream(url: str) -> Iterator[cv2.VideoCapture]:
+def open_stream(url: str, read_timeout_ms: int = READ_TIMEOUT_MS) -> Iterator[cv2.VideoCapture]:
     """An FFmpeg capture of ``url`` with open and read timeouts, released on exit."""
     cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, [
         cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS,
-        cv2.CAP_PROP_READ_TIMEOUT_MSEC, READ_TIMEOUT_MS,
+        cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_timeout_ms,
     ])
     try:
         yield cap
@@ -58,7 +60,8 @@ def test_opencv_reads_served_video_in_real_time(rtsp_server, rtsp_video):
         elapsed = time.monotonic() - started
 
     # Real time is 3 s for 30 frames; a few frames may arrive buffered at once after opening.
-    assert 2.0 <= elapsed <= 6.0, f"30 frames took {elapsed:.2f} s at {server.fps} fps"
+    # The upper bound only says the reader keeps up (3x, for a busy machine).
+    assert 2.0 <= elapsed <= 9.0, f"30 frames took {elapsed:.2f} s at {server.fps} fps"
     # Each client starts at the video's first frame: the stream is the real video, not noise.
     difference = cv2.absdiff(frames[0], first_frame(rtsp_video)).mean()
     assert difference < 10, f"first frame differs from the video's by {difference:.1f} on average"
@@ -71,10 +74,11 @@ def test_opencv_reads_test_pattern(rtsp_server):
         read_frames(cap, 20, server.size)
 
 
-@pytest.mark.timeout(15)
+@pytest.mark.timeout(30)
 def test_read_fails_soon_after_server_is_killed(rtsp_server):
+    """The closed connection ends the read, long before the (here 10 s) read timeout would."""
     server = rtsp_server()
-    with open_stream(server.url) as cap:
+    with open_stream(server.url, read_timeout_ms=10_000) as cap:
         read_frames(cap, 5, server.size)
         server.kill()
         killed = time.monotonic()
@@ -84,7 +88,7 @@ def test_read_fails_soon_after_server_is_killed(rtsp_server):
             assert buffered <= 20, "read() kept returning frames after the server died"
         elapsed = time.monotonic() - killed
 
-    assert elapsed < 2.0, f"read() took {elapsed:.2f} s to fail after the kill"
+    assert elapsed < 5.0, f"read() took {elapsed:.2f} s to fail after the kill"
 
 
 @pytest.mark.timeout(15)
@@ -153,3 +157,29 @@ def test_server_exits_cleanly_on_sigterm(rtsp_server):
         proc = server.proc
         server.stop()
     assert proc.returncode == 0
+
+
+def frame_sizes(url: str, count: int) -> list[tuple[int, int]]:
+    """(width, height) of the first ``count`` frames of ``url`` as FFmpeg itself decodes them."""
+    result = subprocess.run(
+        ["ffprobe", "-v", "error", "-rtsp_transport", "tcp", "-select_streams", "v:0",
+         "-show_entries", "frame=width,height", "-read_intervals", f"%+#{count}", "-of", "csv=p=0", url],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    return [(int(w), int(h)) for w, h in re.findall(r"^(\d+),(\d+)", result.stdout, re.MULTILINE)]
+
+
+@pytest.mark.timeout(45)
+def test_switch_changes_the_size_mid_session(rtsp_server):
+    server = rtsp_server(switch=(20, (480, 360)))
+    assert frame_sizes(server.url, 30) == [(320, 240)] * 20 + [(480, 360)] * 10
+
+
+@pytest.mark.timeout(30)
+def test_restart_with_a_size_serves_that_size_on_the_same_port(rtsp_server):
+    server = rtsp_server(pattern=True)
+    url = server.url
+    server.restart(size=(480, 360))
+    assert server.url == url
+    with open_stream(server.url) as cap:
+        read_frames(cap, 5, (480, 360))
