@@ -83,6 +83,13 @@ def make_capture(source_or_opener: FakeSource | Callable[[], FakeSource], *, kin
                          **kwargs)
 
 
+def wait_until(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.01)
+
+
 def spans(windows: list[Window]) -> list[tuple[int, int]]:
     return [(w.first_frame, w.last_frame) for w in windows]
 
@@ -144,10 +151,13 @@ def test_a_replay_is_stamped_on_the_files_own_timeline(fps: float | None) -> Non
 @pytest.mark.timeout(20)
 def test_lossless_replay_waits_for_a_slow_reader_instead_of_skipping() -> None:
     capture = make_capture(FakeSource(frames(60)))
+    capacity = capture.ring.capacity
     capture.start()
-    time.sleep(0.3)  # nobody reads: the writer must be waiting on the ring, not overwriting
+    # Nobody reads: the writer fills the ring, then must wait instead of overwriting window 0..15.
+    wait_until(lambda: capture.stats.frames_used >= capacity, what="a full ring")
+    time.sleep(0.2)  # time enough to overwrite, had it not waited
     assert capture.is_alive()
-    assert capture.stats.frames_used < 60
+    assert capture.stats.frames_used == capacity
 
     reader = Reader(capture.ring)
     reader.start()
@@ -330,17 +340,22 @@ def test_a_read_that_times_out_with_no_frame_is_a_stall_and_a_fast_failure_is_no
 
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("realtime", [True, False], ids=["live", "lossless-blocked"])
-def test_stop_ends_capture_within_a_second(realtime: bool) -> None:
-    capture = make_capture(FakeSource(endless(), fps=20.0), realtime=realtime)
+def test_stop_ends_capture_promptly_while_running_or_blocked_on_a_full_ring(realtime: bool) -> None:
+    """A stop is seen between frames, or within the writer's 0.5 s wait on a full ring; the
+    5 s deadline leaves room for a busy machine and still catches a capture that never ends.
+    The session, not only its supervisor, must end: the source is released."""
+    source = FakeSource(endless(), fps=20.0)
+    capture = make_capture(source, realtime=realtime)
     capture.start()
-    time.sleep(0.3)  # lossless: the ring is full and nobody reads, so the writer waits
+    # Live: reading, paced at 20 fps. Lossless: nobody reads, so the writer waits on the full ring.
+    wait_until(lambda: capture.stats.frames_used >= (16 if realtime else capture.ring.capacity),
+               what="a capture under way")
 
-    stopped = time.monotonic()
     capture.stop_event.set()
-    capture.join(2.0)
+    capture.join(5.0)
 
     assert not capture.is_alive()
-    assert time.monotonic() - stopped < 1.0
+    wait_until(lambda: source.released, timeout=5.0, what="release of the source")
 
 
 @pytest.mark.timeout(20)
