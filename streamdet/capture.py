@@ -280,6 +280,7 @@ class CaptureThread(threading.Thread):
             if stalled and attempts == 1 and session.opened_at is None and self.kind is SourceKind.CAMERA:
                 # Like a camera that fails to open: a clear error now, not a retry loop.
                 self._retire(session)
+                assert session.thread is not None
                 self.abandoned.add(session.thread)
                 self.error = SourceError(f"{self.source_name}: the camera's open never returned "
                                          f"({stalled.removeprefix('stalled: ')})")
@@ -434,7 +435,7 @@ class CaptureThread(threading.Thread):
         """Read until the source fails, ends, stalls or the session is retired. Returns why."""
         self.fps = source.fps
         step = self.contract.step_for(source.fps) if source.fps else self.contract.frame_step
-        pace = self.kind is SourceKind.FILE and self.realtime and source.fps
+        pace_fps = source.fps if self.kind is SourceKind.FILE and self.realtime else None
         slow_read = None if self.read_timeout_s is None else self.read_timeout_s * SLOW_READ_FRACTION
         t0 = time.monotonic()
         # A replay (file, realtime false) is stamped on the file's own timeline from the open, so
@@ -477,8 +478,8 @@ class CaptureThread(threading.Thread):
                 self._write(frame, meta, session)
             if frame is not None and self.on_frame is not None and self._current(session):
                 self.on_frame(self.source_name, meta, frame, used)
-            if pace:
-                due = t0 + n_in_session / source.fps
+            if pace_fps:
+                due = t0 + n_in_session / pace_fps
                 delay = due - time.monotonic()
                 if delay > 0 and self.stop_event.wait(delay):
                     break
