@@ -129,7 +129,8 @@ class RtspServer:
     def command(self) -> list[str]:
         """The server's command line, for the current ``size`` and ``switch``."""
         command = [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--port", str(self.port), "--path", self.path,
-                   "--size", "x".join(map(str, self.size)), "--fps", str(self.fps), *self.source_args]
+                   "--size", "x".join(map(str, self.size)), "--fps", str(self.fps),
+                   *self.source_args]
         if self.switch is not None:
             frames, (width, height) = self.switch
             command += ["--switch", f"{frames}:{width}x{height}"]

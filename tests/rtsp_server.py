@@ -65,7 +65,8 @@ class LoopingFileFeeder:
         )
 
     def on_need_data(self, appsrc: Gst.Element, _length: int) -> None:
-        """Push the next frame (at the new size from the switch on); end the stream if ffmpeg died."""
+        """Push the next frame (at the new size from the switch on); end the stream if ffmpeg
+        died."""
         if self.switch is not None and self.frames_pushed == self.switch[0]:
             _, width, height = self.switch
             self._decode(width, height)

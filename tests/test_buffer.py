@@ -193,7 +193,8 @@ def test_lossless_writer_and_a_reader_that_lets_windows_pile_up_lose_nothing() -
         taken += take_all_of(ring, 1)
     writer.join(5.0)
 
-    assert [(w.first_frame, w.last_frame) for w, _ in taken] == [(s, s + 3) for s in range(0, n - 3, 2)]
+    spans = [(w.first_frame, w.last_frame) for w, _ in taken]
+    assert spans == [(s, s + 3) for s in range(0, n - 3, 2)]
     for window, clip in taken:
         assert_intact(window, clip)
     assert ring.windows_skipped == 0

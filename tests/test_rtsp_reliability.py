@@ -189,7 +189,8 @@ def test_a_hung_server_goes_offline_within_the_stall_time_and_recovers_after_it_
 
     with RunningPipeline(pipeline, events) as run:
         online = run.wait_status("cam", "online", timeout=15, what="online status")
-        run.wait_for(lambda ls: events_after(ls, online["seq"], "cam"), timeout=10, what="first event")
+        run.wait_for(lambda ls: events_after(ls, online["seq"], "cam"), timeout=10,
+                     what="first event")
         server.pause()
         offline = run.wait_status("cam", "offline", timeout=30, what="offline")
         wait_until(lambda: len(opens) >= 3, timeout=30, what="two reopens against the hung server")
@@ -283,14 +284,15 @@ def test_when_one_of_two_sources_dies_the_other_keeps_producing_windows(
         run.wait_status("dying", "offline", timeout=10, what="offline")
         frames, made, taken = ring.frames_written, windows_made(ring), ring.windows_taken
         started = time.monotonic()
-        wait_until(lambda: ring.frames_written >= frames + 40, timeout=30, what="40 frames of the live source")
+        wait_until(lambda: ring.frames_written >= frames + 40, timeout=30,
+                   what="40 frames of the live source")
         seconds = time.monotonic() - started
         made, taken = windows_made(ring) - made, ring.windows_taken - taken
         assert last_status(run.lines(), "dying")["status"] == "offline"
 
     # 40 frames are 4 s of the 10 fps stream: half its rate is the bound, so a busy machine
     # passes and an outage that blocks this source (a read timeout or a backoff) does not.
-    assert seconds <= 8.0, f"40 frames of the live source took {seconds:.1f} s while the other was down"
+    assert seconds <= 8.0, f"40 frames of the live source took {seconds:.1f} s, the other down"
     assert made >= 4 and taken >= 2 and ring.gaps == 0
     lines = run.lines()
     assert [s["status"] for s in statuses(lines, "alive")] == ["online"]
@@ -441,8 +443,8 @@ def real_capture(opener: Callable[[], Any], stop: threading.Event, seen: list[St
     kernels.get()  # as Pipeline.run does, so that the first frame is no slower than the others
     ring = RingBuffer("cam", length=16, stride=8, frame_shape=(3, 8, 8))
     return CaptureThread("cam", opener, ring, CONTRACT, stop, kind=SourceKind.STREAM, realtime=True,
-                         on_status=seen.append, backoff=Backoff(0.05, 0.2), read_timeout_s=read_timeout_s,
-                         stall_timeout_s=stall_timeout_s, **kwargs)
+                         on_status=seen.append, backoff=Backoff(0.05, 0.2),
+                         read_timeout_s=read_timeout_s, stall_timeout_s=stall_timeout_s, **kwargs)
 
 
 def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -492,8 +494,9 @@ def test_a_resolution_change_mid_stream_keeps_the_session_and_no_window_mixes_si
 
     seen: list[StatusChange] = []
     stop = threading.Event()
-    capture = real_capture(make_opener(server.url, open_timeout_s=5.0, read_timeout_s=3.0), stop, seen,
-                           read_timeout_s=3.0, stall_timeout_s=10.0, on_frame=on_frame)
+    opener = make_opener(server.url, open_timeout_s=5.0, read_timeout_s=3.0)
+    capture = real_capture(opener, stop, seen, read_timeout_s=3.0, stall_timeout_s=10.0,
+                           on_frame=on_frame)
     taker = WindowTaker(capture.ring, stop)
     taker.start()
     capture.start()
@@ -528,16 +531,20 @@ def test_a_camera_reconfigured_to_another_size_is_reopened_and_windows_restart_a
     shapes: dict[int, tuple[int, ...]] = {}
     seen: list[StatusChange] = []
     stop = threading.Event()
-    capture = real_capture(make_opener(server.url, open_timeout_s=5.0, read_timeout_s=3.0), stop, seen,
-                           read_timeout_s=3.0, stall_timeout_s=10.0,
-                           on_frame=lambda name, meta, frame, used: shapes.__setitem__(meta.index, frame.shape))
+
+    def on_frame(name: str, meta: FrameMeta, frame: np.ndarray, used: bool) -> None:
+        shapes[meta.index] = frame.shape
+
+    opener = make_opener(server.url, open_timeout_s=5.0, read_timeout_s=3.0)
+    capture = real_capture(opener, stop, seen, read_timeout_s=3.0, stall_timeout_s=10.0,
+                           on_frame=on_frame)
     taker = WindowTaker(capture.ring, stop)
     taker.start()
     capture.start()
     try:
         wait_until(lambda: capture.stats.frames_read >= 24, timeout=30, what="24 frames")
         server.restart(size=(480, 360))
-        wait_until(lambda: sum(shape == (360, 480, 3) for shape in list(shapes.values())) >= 40, timeout=30,
+        wait_until(lambda: list(shapes.values()).count((360, 480, 3)) >= 40, timeout=30,
                    what="40 frames at the new size")
     finally:
         stop.set()
@@ -568,7 +575,8 @@ def test_stopping_while_a_read_is_blocked_on_a_hung_server_does_not_wait_for_the
 
     with RunningPipeline(pipeline, events) as run:
         online = run.wait_status("cam", "online", timeout=15, what="online status")
-        run.wait_for(lambda ls: events_after(ls, online["seq"], "cam"), timeout=10, what="first event")
+        run.wait_for(lambda ls: events_after(ls, online["seq"], "cam"), timeout=10,
+                     what="first event")
         server.pause()
         wait_until(lambda: time.monotonic() - capture.last_frame_monotonic > 1.0, timeout=15,
                    what="a read blocked for 1 s")
@@ -607,10 +615,11 @@ def test_real_reads_stuck_on_hung_servers_are_abandoned_until_the_limit_stops_th
     capture.start()
     try:
         for k, server in enumerate(servers):
-            wait_until(lambda k=k: [s.status for s in seen].count(Status.ONLINE) == k + 1, timeout=30,
-                       what=f"session {k} online")
+            wait_until(lambda k=k: [s.status for s in seen].count(Status.ONLINE) == k + 1,
+                       timeout=30, what=f"session {k} online")
             frames = capture.stats.frames_read
-            wait_until(lambda f=frames: capture.stats.frames_read >= f + 5, timeout=15, what=f"frames of session {k}")
+            wait_until(lambda f=frames: capture.stats.frames_read >= f + 5, timeout=15,
+                       what=f"frames of session {k}")
             server.pause()
         capture.join(30)
     finally:
@@ -622,7 +631,8 @@ def test_real_reads_stuck_on_hung_servers_are_abandoned_until_the_limit_stops_th
     assert "3 capture threads are stuck" in str(capture.error)
     assert capture.stats.abandoned == 3 and capture.stats.stalls == 3
     offline = [s.reason for s in seen if s.status is Status.OFFLINE]
-    assert len(offline) == 3 and all(r.startswith("stalled: no frame for") for r in offline), offline
+    assert len(offline) == 3, offline
+    assert all(r.startswith("stalled: no frame for") for r in offline), offline
     assert capture.ring.closed
 
 

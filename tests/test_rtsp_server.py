@@ -163,7 +163,8 @@ def frame_sizes(url: str, count: int) -> list[tuple[int, int]]:
     """(width, height) of the first ``count`` frames of ``url`` as FFmpeg itself decodes them."""
     result = subprocess.run(
         ["ffprobe", "-v", "error", "-rtsp_transport", "tcp", "-select_streams", "v:0",
-         "-show_entries", "frame=width,height", "-read_intervals", f"%+#{count}", "-of", "csv=p=0", url],
+         "-show_entries", "frame=width,height", "-read_intervals", f"%+#{count}",
+         "-of", "csv=p=0", url],
         capture_output=True, text=True, timeout=30, check=True,
     )
     return [(int(w), int(h)) for w, h in re.findall(r"^(\d+),(\d+)", result.stdout, re.MULTILINE)]
