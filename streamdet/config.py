@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -27,10 +27,39 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yaml.composer import ComposerError
+from yaml.constructor import SafeConstructor
+from yaml.events import (
+    AliasEvent,
+    MappingEndEvent,
+    ScalarEvent,
+    SequenceEndEvent,
+    SequenceStartEvent,
+    StreamEndEvent,
+)
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import Resolver
+from yaml.scanner import Scanner
 
 from streamdet.errors import ConfigError
 
+try:
+    from yaml.cyaml import CParser
+except ImportError:  # PyYAML built without libyaml: the pure-Python parser, several times slower
+    CParser = None
+
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+# Limits on a config file. Real configs are a few kB: 200,000 rtsp sources are 16 MB and a
+# million values. The limits end an alias bomb, or a video given as the config, within seconds,
+# where they cost minutes and gigabytes.
+MAX_CONFIG_BYTES = 32 * 1024 * 1024
+MAX_YAML_VALUES = 2_000_000  # keys and values, lists and mappings; an alias counts all it repeats
+MAX_YAML_DEPTH = 100  # lists and mappings nested in one another, through aliases too
+_MAX_PROBLEMS = 10  # problems listed in one error line; the others are counted
+_MAX_ECHO = 80  # characters of a key, value or YAML problem repeated in an error line
 
 
 _NUMBER_TYPES = (int, float, int | None, float | None)
@@ -174,7 +203,8 @@ class EventsConfig(_Model):
             enter = rule.threshold if rule.threshold is not None else self.threshold
             exit_ = rule.exit_threshold if rule.exit_threshold is not None else self.exit_threshold
             if exit_ > enter:
-                raise ValueError(f"classes.{label}: exit_threshold ({exit_}) must be <= threshold ({enter})")
+                raise ValueError(f"classes.{_shorten(str(label))}: exit_threshold ({exit_}) "
+                                 f"must be <= threshold ({enter})")
         return self
 
 
@@ -219,22 +249,228 @@ class RunConfig(_Model):
         names = [s.name for s in sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"source names must be unique, but {dupes} repeat")
+            raise ValueError(f"source names must be unique, but {_some(dupes)} repeat")
         return sources
 
 
-def _substitute_env(value: Any, path: str, problems: list[str]) -> Any:
+def _shorten(text: str, limit: int = _MAX_ECHO) -> str:
+    """``text``, cut to ``limit`` characters: a message repeats a key or value, never a megabyte."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _some(items: list[str], limit: int = 5) -> str:
+    """``['a', 'b']``, or the first ``limit`` items and how many more."""
+    if len(items) <= limit:
+        return str(items)
+    return f"{items[:limit]} and {len(items) - limit:,} more"
+
+
+def _two_places(first: Any, second: Any) -> str:
+    """``lines 2 and 5``, or ``line 2, columns 3 and 9``, from two YAML marks."""
+    if first.line != second.line:
+        return f"lines {first.line + 1} and {second.line + 1}"
+    return f"line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
+
+
+class _Problems:
+    """What is wrong, for one error line: the first few problems in full, the others counted."""
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+        self.count = 0
+
+    def add(self, text: str) -> None:
+        self.count += 1
+        if len(self.shown) < _MAX_PROBLEMS:
+            self.shown.append(text)
+
+    def __str__(self) -> str:
+        more = self.count - len(self.shown)
+        return "; ".join(self.shown) + (f"; and {more:,} more" if more else "")
+
+
+class _YamlRuleError(Exception):
+    """Well-formed YAML that a config may not hold (over a limit, or a key given twice)."""
+
+
+class _Anchor(NamedTuple):
+    node: Node
+    values: int  # values the node holds, its aliases expanded
+    height: int  # lists and mappings nested in it, itself included (0 for a scalar)
+
+
+class _BoundedComposer:
+    """Builds YAML nodes from parser events, like ``yaml.composer.Composer``, within limits.
+
+    It counts every value as it comes, an alias as all the values it repeats, so an alias bomb
+    ends at MAX_YAML_VALUES before anything is expanded (``yaml.safe_load`` shares aliased
+    objects, but everything after it copies them: 10**9 strings). It refuses a list or mapping
+    nested deeper than MAX_YAML_DEPTH before recursing into it (libyaml's composer crashes the
+    process at 100,000 levels, PyYAML's raises RecursionError at 500), an alias inside its own
+    anchor, and a key given twice in one mapping, of which YAML loaders silently keep the last.
+    The parser and the resolver it is mixed with provide ``get_event``, ``check_event`` and
+    ``resolve``.
+    """
+
+    get_event: Any
+    check_event: Any
+    resolve: Any
+
+    def compose_single_document(self) -> Node | None:
+        """The document's root node, or None for an empty stream."""
+        self._values = 0
+        self._anchors: dict[str, _Anchor | None] = {}  # None while its node is being composed
+        self.get_event()  # StreamStartEvent
+        node = None
+        if not self.check_event(StreamEndEvent):
+            self.get_event()  # DocumentStartEvent
+            node = self._compose(self.get_event(), 1)[0]
+            self.get_event()  # DocumentEndEvent
+        if not self.check_event(StreamEndEvent):
+            raise ComposerError(None, None, "expected a single document, but found another",
+                                self.get_event().start_mark)
+        return node
+
+    def _compose(self, event: Any, depth: int) -> tuple[Node, int]:
+        """The node that starts with ``event`` at nesting ``depth``, and its height."""
+        if isinstance(event, AliasEvent):
+            return self._alias(event, depth)
+        anchor = event.anchor
+        if anchor is not None:
+            if anchor in self._anchors:
+                raise ComposerError(None, None, f"found a second anchor {_shorten(anchor)!r}",
+                                    event.start_mark)
+            self._anchors[anchor] = None
+        before = self._values
+        self._count(1, event)
+        if isinstance(event, ScalarEvent):
+            node: Node = ScalarNode(self._tag(ScalarNode, event, event.value), event.value,
+                                    event.start_mark, event.end_mark, style=event.style)
+            height = 0
+        elif isinstance(event, SequenceStartEvent):
+            node, height = self._sequence(event, depth)
+        else:
+            node, height = self._mapping(event, depth)
+        if anchor is not None:
+            self._anchors[anchor] = _Anchor(node, self._values - before, height)
+        return node, height
+
+    def _sequence(self, start: Any, depth: int) -> tuple[Node, int]:
+        self._check_depth(depth, start)
+        node = SequenceNode(self._tag(SequenceNode, start, None), [], start.start_mark, None,
+                            flow_style=start.flow_style)
+        height = 0
+        while not isinstance(event := self.get_event(), SequenceEndEvent):
+            item, item_height = self._compose(event, depth + 1)
+            node.value.append(item)
+            height = max(height, item_height)
+        node.end_mark = event.end_mark
+        return node, height + 1
+
+    def _mapping(self, start: Any, depth: int) -> tuple[Node, int]:
+        self._check_depth(depth, start)
+        node = MappingNode(self._tag(MappingNode, start, None), [], start.start_mark, None,
+                           flow_style=start.flow_style)
+        height = 0
+        seen: dict[tuple[str, str], Any] = {}  # (tag, text) of each scalar key -> its first mark
+        while not isinstance(event := self.get_event(), MappingEndEvent):
+            key, key_height = self._compose(event, depth + 1)
+            if isinstance(key, ScalarNode):
+                first = seen.setdefault((key.tag, key.value), event.start_mark)
+                if first is not event.start_mark:
+                    raise _YamlRuleError(f"duplicate key {_shorten(key.value)!r} at "
+                                         f"{_two_places(first, event.start_mark)}")
+            value, value_height = self._compose(self.get_event(), depth + 1)
+            node.value.append((key, value))
+            height = max(height, key_height, value_height)
+        node.end_mark = event.end_mark
+        return node, height + 1
+
+    def _alias(self, event: Any, depth: int) -> tuple[Node, int]:
+        if event.anchor not in self._anchors:
+            raise ComposerError(None, None, f"found undefined alias {_shorten(event.anchor)!r}",
+                                event.start_mark)
+        anchor = self._anchors[event.anchor]
+        if anchor is None:
+            raise ComposerError(None, None, f"alias {_shorten(event.anchor)!r} is inside its own "
+                                "anchor (recursive aliases are not supported)", event.start_mark)
+        self._count(anchor.values, event)
+        if anchor.height:
+            self._check_depth(depth + anchor.height - 1, event)
+        return anchor.node, anchor.height
+
+    def _tag(self, kind: type[Node], event: Any, value: str | None) -> str:
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = self.resolve(kind, value, event.implicit)
+        return str(tag)
+
+    def _count(self, values: int, event: Any) -> None:
+        self._values += values
+        if self._values > MAX_YAML_VALUES:
+            raise _YamlRuleError(f"more than {MAX_YAML_VALUES:,} values by line "
+                                 f"{event.start_mark.line + 1}, counting each alias as all the "
+                                 "values it repeats (an alias bomb?)")
+
+    def _check_depth(self, depth: int, event: Any) -> None:
+        if depth > MAX_YAML_DEPTH:
+            raise _YamlRuleError(f"lists and mappings nested more than {MAX_YAML_DEPTH} deep at "
+                                 f"line {event.start_mark.line + 1}")
+
+
+class _PyLoader(_BoundedComposer, Reader, Scanner, Parser, SafeConstructor, Resolver):
+    """The bounded loader on PyYAML's pure-Python parser."""
+
+    def __init__(self, text: str) -> None:
+        Reader.__init__(self, text)
+        Scanner.__init__(self)
+        Parser.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+
+
+_LOADER: Any = _PyLoader
+
+if CParser is not None:
+
+    class _CLoader(_BoundedComposer, CParser, SafeConstructor, Resolver):
+        """The bounded loader on libyaml's parser: 20,000 sources compose 6x faster."""
+
+        def __init__(self, text: str) -> None:
+            CParser.__init__(self, text)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+    _LOADER = _CLoader
+
+
+def _parse_yaml(text: str) -> Any:
+    """The single YAML document in ``text`` as Python objects, ``yaml.safe_load``'s types."""
+    loader = _LOADER(text)
+    try:
+        node = loader.compose_single_document()
+        return None if node is None else loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _substitute_env(value: Any, path: str, problems: _Problems) -> Any:
     if isinstance(value, str):
+        if "${" not in value:
+            return value
+
         def repl(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in os.environ:
-                problems.append(f"{path}: environment variable {name} is not set")
+                problems.add(f"{path}: environment variable {_shorten(name)} is not set")
                 return ""
             return os.environ[name]
 
         return _ENV_PATTERN.sub(repl, value)
     if isinstance(value, Mapping):
-        return {k: _substitute_env(v, f"{path}.{k}" if path else str(k), problems) for k, v in value.items()}
+        prefix = f"{path}." if path else ""
+        return {k: _substitute_env(v, prefix + _shorten(str(k)), problems)
+                for k, v in value.items()}
     if isinstance(value, list):
         return [_substitute_env(v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
     return value
@@ -243,7 +479,10 @@ def _substitute_env(value: Any, path: str, problems: list[str]) -> Any:
 def _format_loc(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{_shorten(str(part))}" if out else _shorten(str(part))
     return out or "<root>"
 
 
@@ -257,21 +496,40 @@ def _deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str,
     return merged
 
 
-def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping; every failure is a ConfigError naming the file."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The file's text, at most MAX_CONFIG_BYTES of it; every failure is a ConfigError."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: config file too large: over {MAX_CONFIG_BYTES // 2**20} MiB")
     try:
-        data = yaml.safe_load(text)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.__class__.__name__})") from None
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML mapping; every failure is a ConfigError naming the file.
+
+    Raises:
+        ConfigError: also for a key given twice in one mapping, and past MAX_CONFIG_BYTES,
+            MAX_YAML_VALUES or MAX_YAML_DEPTH.
+    """
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        data = _parse_yaml(text)
+    except _YamlRuleError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
+        problem = _shorten(getattr(exc, "problem", None) or "invalid YAML", 2 * _MAX_ECHO)
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
     if data is None:
         return {}
@@ -288,23 +546,23 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
         overrides: nested mapping merged over the file (command-line options).
 
     Raises:
-        ConfigError: listing every problem with its YAML path, e.g. ``sources[0].url: Field required``.
+        ConfigError: listing the problems with their YAML paths, e.g. ``sources[0].url: Field
+            required`` (the first ten, then how many more).
     """
     data = read_yaml(path) if path is not None else {}
     if overrides:
         data = _deep_merge(data, overrides)
     where = f"{path}: " if path is not None else ""
-    problems: list[str] = []
+    problems = _Problems()
     data = _substitute_env(data, "", problems)
-    if problems:
-        raise ConfigError(where + "; ".join(problems))
+    if problems.count:
+        raise ConfigError(f"{where}{problems}")
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        details = []
-        for err in exc.errors():
+        for err in exc.errors(include_url=False, include_context=False, include_input=False):
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
-            details.append(f"{_format_loc(tuple(err['loc']))}: {msg}")
-        raise ConfigError(where + "; ".join(details)) from None
+            problems.add(f"{_format_loc(tuple(err['loc']))}: {msg}")
+        raise ConfigError(f"{where}{problems}") from None
