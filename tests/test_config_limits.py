@@ -328,6 +328,17 @@ def test_thousands_of_sources_with_aliases_load(
     assert all(s.options.fps == 5 for s in cfg.sources)
 
 
+def test_duplicate_source_names_are_found_among_200k() -> None:
+    """It counted each name through the whole list: 5 s at 20,000 names, 100x that at 200,000."""
+    sources = [{"name": f"cam{i}", "url": str(i % 10)} for i in range(200_000)]
+    sources[150_000]["name"] = "cam7"
+    sources[199_999]["name"] = "cam123"
+    with pytest.raises(
+        ConfigError, match=r"source names must be unique, but \['cam123', 'cam7'\] repeat$"
+    ):
+        load_config(None, {"sources": sources})
+
+
 def test_many_duplicate_source_names_are_counted_not_listed() -> None:
     sources = [{"name": f"cam{i % 1000}", "url": "0"} for i in range(3000)]
     with pytest.raises(ConfigError) as raised:
