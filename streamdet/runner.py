@@ -180,7 +180,7 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
         StreamdetError: naming the path and the two roles it was given.
     """
     from streamdet.sinks.jsonl import check_log_path, rotated_paths
-    from streamdet.sinks.overlay import video_file
+    from streamdet.sinks.overlay import check_video_path, video_file
 
     outputs: list[tuple[str, Path]] = []
     events = cfg.sinks.events.path
@@ -217,6 +217,9 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
             if same_file(path, other_path):
                 raise StreamdetError(f"{path} is both {what} and {other}: give each output a "
                                      f"path of its own")
+    for what, path in outputs:
+        if what.startswith("the annotated video"):
+            check_video_path(path)
 
 
 def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
@@ -259,6 +262,7 @@ def _run(cfg: RunConfig, checkpoint: Checkpoint, max_seconds: float | None) -> i
 
     from streamdet.inference import build_engine, graph_batch_sizes
     from streamdet.pipeline import Pipeline
+    from streamdet.report import format_summary
 
     engine = build_engine(checkpoint.model, cfg.model.device, cfg.model.precision,
                           check_clips=check_windows(cfg, checkpoint), compile=cfg.model.compile,
@@ -280,7 +284,7 @@ def _run(cfg: RunConfig, checkpoint: Checkpoint, max_seconds: float | None) -> i
     except StreamdetError as exc:
         _exit_now_if_threads_stuck(pipeline, f"error: {redact_text(' '.join(str(exc).split()))}", 2)
         raise
-    print(format_summary(summary, cfg))
+    print(format_summary(summary))
     if cfg.truth and cfg.sinks.events.path:
         if summary.lines:
             print(evaluate_against_truth(cfg.sinks.events.path, cfg.truth, summary.run_id))
@@ -311,48 +315,6 @@ def _exit_now_if_threads_stuck(pipeline: Any, message: str | None, code: int) ->
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def format_summary(summary: Any, cfg: RunConfig) -> str:
-    from streamdet.pipeline import format_ms
-
-    lines = [
-        f"[summary] run {summary.run_id}: {summary.seconds:.1f} s, {summary.windows} windows, "
-        f"{summary.events} events, {summary.lines} log lines, {summary.precision} on {summary.device}"
-        f"{_workers_text(summary.workers, summary.threads_per_worker)}",
-        f"[summary] inference ms p50 {format_ms(summary.inference_ms_p50, 1)} "
-        f"p99 {format_ms(summary.inference_ms_p99, 1)}; "
-        f"latency ms p50 {format_ms(summary.latency_ms_p50, 1)} p99 {format_ms(summary.latency_ms_p99, 1)}",
-    ]
-    for s in summary.sources:
-        lines.append(
-            f"[summary] {s.name}: {s.frames_read} frames read, {s.frames_used} used, "
-            f"{s.frames_skipped} skipped, {s.windows} windows ({s.windows_skipped} skipped), "
-            f"{s.reconnects} reconnects, {s.stalls} stalls, {s.offline_s:.1f} s offline"
-        )
-    never_online = [f"{s.name} ({s.never_online})" for s in summary.sources if s.never_online]
-    if never_online:
-        lines.append(f"[summary] never online: {', '.join(never_online)}")
-    if summary.event_counts:
-        counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.event_counts.items()))
-        lines.append(f"[summary] events by label: {counts}")
-    if cfg.sinks.events.path:
-        lines.append(f"[summary] event log: {cfg.sinks.events.path}")
-    for video in summary.videos:
-        lines.append(f"[summary] annotated video: {video}")
-    for failure in summary.videos_failed:  # e.g. a full disk: removed, never named as written
-        lines.append(f"[summary] annotated video not written: {failure}")
-    if cfg.sinks.overlay.video and not summary.videos and not summary.videos_failed:
-        lines.append("[summary] annotated video: none written (no frame was decoded)")
-    return "\n".join(lines)
-
-
-def _workers_text(workers: int, threads: int | None) -> str:
-    """' (2 inference workers on 1 torch thread each)', or '' for one worker."""
-    if workers < 2:
-        return ""
-    each = f" on {threads} torch thread{'s' if threads > 1 else ''} each" if threads else ""
-    return f" ({workers} inference workers{each})"
 
 
 def evaluate_against_truth(events_path: str, truth_path: str, run_id: str) -> str:

@@ -150,4 +150,4 @@ def test_a_camera_that_boots_after_the_detector_is_picked_up_and_a_signal_still_
     assert never_online_line(out).startswith("[summary] never online: dead (rtsp://127.0.0.1:")
     assert "late" not in never_online_line(out)
     for name in ("late", "dead"):
-        assert len(re.findall(rf"WARNING streamdet\.pipeline: {name}: not online at start", err)) == 1, err
+        assert len(re.findall(rf"WARNING streamdet\.router: {name}: not online at start", err)) == 1, err

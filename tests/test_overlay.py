@@ -13,7 +13,7 @@ import pytest
 from streamdet.capture import make_opener
 from streamdet.errors import StreamdetError
 from streamdet.sinks import overlay as overlay_module
-from streamdet.sinks.overlay import OverlaySink, SourceView, draw_overlay
+from streamdet.sinks.overlay import OverlaySink, SourceView, check_video_path, draw_overlay
 
 NAMES = ("none", "walk", "run")
 
@@ -250,7 +250,8 @@ def test_a_live_source_drops_frames_when_the_sink_lags_and_counts_them() -> None
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("where", ["unknown-container", "under-a-file"])
-def test_a_video_that_cannot_be_written_is_a_clear_error_that_stops_the_run(tmp_path: Path, where: str) -> None:
+def test_a_video_that_cannot_be_written_is_a_clear_error_that_stops_only_the_overlay(
+        tmp_path: Path, where: str) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     path = tmp_path / "out.unknown-container" if where == "unknown-container" else tmp_path / "a-file" / "out.mp4"
     stop_event = threading.Event()
@@ -262,7 +263,10 @@ def test_a_video_that_cannot_be_written_is_a_clear_error_that_stops_the_run(tmp_
     sink.join(10)
 
     assert isinstance(sink.error, StreamdetError) and "cannot write video" in str(sink.error)
-    assert stop_event.is_set()
+    assert not stop_event.is_set()  # an output never stops detection: it is reported and isolated
+    assert any("cannot write video" in line for line in sink.summary_lines())
+    with pytest.raises(StreamdetError, match="cannot write video"):  # what `streamdet run` refuses first
+        check_video_path(path)
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".avi"])

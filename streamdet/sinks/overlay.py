@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from streamdet.errors import StreamdetError
+from streamdet.sinks.base import BaseSink, FrameMessage, ScoresMessage, SourceStats, StatusMessage
 
 if TYPE_CHECKING:
     from streamdet.capture import Opener
@@ -48,6 +49,7 @@ _GREEN = (60, 200, 60)
 _RED = (40, 40, 230)
 _WHITE = (255, 255, 255)
 _PANEL = (24, 24, 24)
+CLOSE_TIMEOUT_S = 6.0  # for the drawing to finish once the run is over
 REPLAY_BATCH = 16  # replay frames drawn per turn before the live frames queued are served again
 
 
@@ -171,7 +173,7 @@ class _Replay:
             self.source = None
 
 
-class OverlaySink(threading.Thread):
+class OverlaySink(threading.Thread, BaseSink):
     """Draws and writes every frame of every source (see module docstring).
 
     Args:
@@ -186,7 +188,15 @@ class OverlaySink(threading.Thread):
         top_k: classes drawn.
         max_frames: bound of the live frame queue.
         stop_event: the run's stop event; once set, no more replay frames are drawn.
+
+    As an output of the event stage (:class:`~streamdet.sinks.base.Sink`) it takes the frames of
+    its live sources, every window's scores and the sources' statuses and rates; the caller
+    starts its drawing thread (``start()``), and ``close()`` finishes it. A failure (a video
+    that cannot be written) stops the drawing, is logged once and is named in the summary;
+    detection goes on.
     """
+
+    name = "overlay"
 
     def __init__(self, class_names: Sequence[str], *, video_path: str | None, display: bool,
                  sources: Sequence[str], replays: Mapping[str, Opener] | None = None,
@@ -278,6 +288,46 @@ class OverlaySink(threading.Thread):
         with self._cond:
             return len(self._replays_done) == len(self._replays) or not self.is_alive()
 
+    # -- as an output of the event stage (streamdet.sinks.base.Sink) ----------------------------
+
+    def frame_sources(self) -> Collection[str]:
+        return [s for s in self.sources if s not in self._replays]
+
+    def on_frame(self, msg: FrameMessage) -> None:
+        self.put_frame(msg.source, msg.index, msg.frame, msg.fps)
+
+    def on_scores(self, msg: ScoresMessage) -> None:
+        self.add_result(msg.source, msg.last_frame, msg.probs, msg.inference_ms, msg.latency_ms,
+                        msg.open_events)
+
+    def on_status(self, msg: StatusMessage) -> None:
+        self.set_view(msg.source, status=msg.status)
+
+    def on_source_ended(self, source: str) -> None:
+        self.source_ended(source)
+
+    def on_stats(self, stats: Mapping[str, SourceStats]) -> None:
+        for source, s in stats.items():
+            if source in self._views:
+                self.set_view(source, fps_in=s.fps_in)
+
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Finish: draw what is left (a replay to its end unless the run is stopping), close
+        and check the videos."""
+        self.finish()
+        if self.is_alive():
+            self.join(timeout)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"annotated video: {video}" for video in self.video_files]
+        # e.g. a full disk: removed, never named as written
+        lines += [f"annotated video not written: {why}" for why in self.failed_videos]
+        if self.error is not None:
+            lines.append(f"annotated output failed: {self.error}")
+        elif self.video_path and not self.video_files and not self.failed_videos:
+            lines.append("annotated video: none written (no frame was decoded)")
+        return lines
+
     # -- the thread ---------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -292,9 +342,9 @@ class OverlaySink(threading.Thread):
                     self._draw_and_write(*item)
                 for name, count in drawable.items():
                     self._draw_replay(self._replays[name], count)
-        except BaseException as exc:
+        except Exception as exc:
             self.error = exc
-            self.stop_event.set()
+            log.error("annotated output stopped (detection goes on): %s", exc)
         finally:
             for replay in self._replays.values():
                 replay.close()
@@ -419,6 +469,29 @@ class OverlaySink(threading.Thread):
             log.warning("annotated video not written: %s", why)
             self.failed_videos.append(why)
         self._writers.clear()
+
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".avi")  # containers OpenCV's FFmpeg writes here
+
+
+def check_video_path(path: str | Path) -> None:
+    """Refuse, before a run starts, an annotated video that could not be written: a container
+    OpenCV cannot write, or a folder that cannot be made or written (a file in the way).
+
+    Raises:
+        StreamdetError: naming the path and why.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise StreamdetError(f"{path}: cannot write video: unsupported extension "
+                             f"{path.suffix or '(none)'!r}; use one of {', '.join(VIDEO_SUFFIXES)}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise StreamdetError(f"{path}: cannot write video: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StreamdetError(f"{path}: cannot write video: folder {folder} is not writable")
 
 
 def video_file(video_path: str | Path, source: str, sources: int) -> Path:
