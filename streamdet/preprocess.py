@@ -266,7 +266,7 @@ def preprocess_frame(
         raise ValueError(f"out must be float32 with shape {(3, size, size)}, but got {out.dtype} {out.shape}")
     compiled = kernels.get()
     grid = contract.sample_grid(*frame.shape[:2]) if compiled is not None else None
-    if grid is not None:  # one compiled pass: samples -> normalised planes (kernels.supersample2)
+    if compiled is not None and grid is not None:  # one compiled pass: samples -> normalised planes (kernels.supersample2)
         compiled.supersample2(frame, grid, contract._kernel_norm, contract._kernel_order, out)
         return out
     return _opencv_preprocess(frame, contract, out)

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from streamdet.capture import Status, StatusChange
-from streamdet.events import EventChange, EventTracker, TrackerSettings, window_span
+from streamdet.events import EndReason, EventChange, EventTracker, TrackerSettings, window_span
 from streamdet.redaction import redact_text
 from streamdet.sinks.base import (
     EventMessage,
@@ -96,7 +96,7 @@ class EventRouter:
         for w in self.workers:
             w.start()
 
-    def close(self, reason: str = "shutdown") -> None:
+    def close(self, reason: EndReason = "shutdown") -> None:
         """End every open event with ``reason``, close the log, then let each output finish.
 
         Raises:

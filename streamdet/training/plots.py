@@ -26,7 +26,7 @@ try:
     matplotlib.use("Agg")  # headless; must precede pyplot's import
     from matplotlib import pyplot as plt
 except ImportError:  # pragma: no cover - exercised only where the extra is not installed
-    plt = None
+    plt = None  # type: ignore[assignment]
 
 AVAILABLE = plt is not None
 INSTALL_HINT = "plots need matplotlib: pip install 'streamdet[train]'"

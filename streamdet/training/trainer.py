@@ -293,7 +293,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> C3D_BN:
 
 def _build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg.optim
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and BN
     groups = [
@@ -539,7 +540,7 @@ def train(
         }
 
     stop = stop_event or threading.Event()
-    previous_handlers: dict[int, Any] = {}
+    previous_handlers: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous_handlers[sig] = signal.signal(sig, lambda *_: stop.set())
@@ -562,7 +563,7 @@ def train(
         while epoch < cfg.epochs and not stopped:
             dataset = data.train_for_epoch(epoch)
             sampler = ResumableSampler(
-                len(dataset),
+                len(dataset),  # type: ignore[arg-type]  # a map-style dataset has a length
                 shuffle=data.shuffle,
                 seed=cfg.seed,
                 epoch=epoch,
