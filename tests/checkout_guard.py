@@ -10,9 +10,20 @@ one taken at the start, so a test that writes into the checkout fails the run.
 from __future__ import annotations
 
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+
+try:  # hypothesis keeps its examples and caches in ./.hypothesis unless told otherwise
+    from hypothesis import settings
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="streamdet-hypothesis-"))
+    settings.register_profile("streamdet-tests", database=None)
+    settings.load_profile("streamdet-tests")
+except ImportError:
+    pass
 
 ROOT = Path(__file__).resolve().parents[1]
 LAST_TEST = "test_the_suite_left_the_checkout_unchanged"
