@@ -22,7 +22,6 @@ import numpy as np
 
 from streamdet import kernels
 from streamdet.buffer import FrameMeta, RingBuffer
-from streamdet.capture import AbandonedThreads, Backoff, CaptureThread, Opener, make_opener
 from streamdet.config import RunConfig, SourceConfig
 from streamdet.errors import StreamdetError
 from streamdet.events import ClassRule, TrackerSettings
@@ -34,7 +33,8 @@ from streamdet.router import EventRouter
 from streamdet.sinks.base import Sink
 from streamdet.sinks.jsonl import EventLog
 from streamdet.sinks.overlay import OverlaySink
-from streamdet.sources import SourceKind, check_sources, source_kind
+from streamdet.sources.capture import AbandonedThreads, Backoff, CaptureThread, Opener, make_opener
+from streamdet.sources.opening import SourceKind, check_sources, source_kind
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ import numpy as np
 
 if TYPE_CHECKING:
     from streamdet.buffer import RingBuffer
-    from streamdet.capture import CaptureThread
     from streamdet.inference import Engine, InferenceThread
     from streamdet.router import EventRouter
     from streamdet.sinks.base import SourceStats
+    from streamdet.sources.capture import CaptureThread
 
 
 def percentile(values: Iterable[float], q: float) -> float:

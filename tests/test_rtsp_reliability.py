@@ -24,24 +24,24 @@ import numpy as np
 import pytest
 from assets import vtest_path
 
-import streamdet.capture as capture_module
+import streamdet.sources.capture as capture_module
 from streamdet import kernels
 from streamdet.buffer import FrameMeta, RingBuffer, Window
-from streamdet.capture import (
-    AbandonedThreads,
-    Backoff,
-    CaptureThread,
-    Status,
-    StatusChange,
-    StuckThreadsError,
-    make_opener,
-)
 from streamdet.config import RunConfig, load_config
 from streamdet.errors import SourceError
 from streamdet.models.weights import Checkpoint
 from streamdet.pipeline import Pipeline
 from streamdet.preprocess import PreprocessContract
-from streamdet.sources import SourceKind
+from streamdet.sources import (
+    AbandonedThreads,
+    Backoff,
+    CaptureThread,
+    SourceKind,
+    Status,
+    StatusChange,
+    StuckThreadsError,
+    make_opener,
+)
 
 FAST_OPTIONS = {"open_timeout_s": 2.0, "read_timeout_s": 1.0, "stall_timeout_s": 2.0,
                 "backoff_initial_s": 0.2, "backoff_max_s": 1.0}
@@ -393,7 +393,7 @@ def test_a_camera_whose_first_open_never_returns_is_an_error_not_a_retry_loop(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Once, ``streamdet run --source 7`` hung: a camera open that blocks must end the run."""
-    monkeypatch.setattr("streamdet.capture.OPEN_GRACE_S", 0.2)
+    monkeypatch.setattr("streamdet.sources.capture.OPEN_GRACE_S", 0.2)
     never = threading.Event()
     seen: list[StatusChange] = []
     ring = RingBuffer("camera7", length=16, stride=8, frame_shape=(3, 8, 8))
@@ -526,7 +526,7 @@ def test_a_camera_reconfigured_to_another_size_is_reopened_and_windows_restart_a
     rtsp_server, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The usual way a camera changes resolution: it drops its clients and serves the new size."""
-    caplog.set_level(logging.INFO, logger="streamdet.capture")
+    caplog.set_level(logging.INFO, logger="streamdet.sources.capture")
     server = rtsp_server(pattern=True)
     shapes: dict[int, tuple[int, ...]] = {}
     seen: list[StatusChange] = []

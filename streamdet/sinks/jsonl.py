@@ -34,7 +34,7 @@ except ImportError:  # not on Windows: logs are not locked there
 
 from streamdet.errors import StreamdetError
 from streamdet.events import EventChange
-from streamdet.sources import redact_text
+from streamdet.redaction import redact_text
 
 log = logging.getLogger(__name__)
 

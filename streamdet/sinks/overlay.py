@@ -40,8 +40,8 @@ from streamdet.errors import StreamdetError
 from streamdet.sinks.base import BaseSink, FrameMessage, ScoresMessage, SourceStats, StatusMessage
 
 if TYPE_CHECKING:
-    from streamdet.capture import Opener
     from streamdet.sources import VideoSource
+    from streamdet.sources.capture import Opener
 
 log = logging.getLogger(__name__)
 

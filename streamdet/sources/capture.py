@@ -29,14 +29,8 @@ import numpy as np
 from streamdet.buffer import FrameMeta, RingBuffer
 from streamdet.errors import SourceError
 from streamdet.preprocess import PreprocessContract, preprocess_frame
-from streamdet.sources import (
-    OpenCVSource,
-    SourceKind,
-    VideoSource,
-    redact_text,
-    redact_url,
-    source_kind,
-)
+from streamdet.redaction import redact_text, redact_url
+from streamdet.sources.opening import OpenCVSource, SourceKind, VideoSource
 
 log = logging.getLogger(__name__)
 
@@ -528,5 +522,5 @@ def make_opener(url: str, *, open_timeout_s: float = 10.0, read_timeout_s: float
     return open_source
 
 
-__all__ = ["AbandonedThreads", "Backoff", "CaptureStats", "CaptureThread", "Status", "StatusChange",
-           "StuckThreadsError", "make_opener", "source_kind"]
+__all__ = ["AbandonedThreads", "Backoff", "CaptureStats", "CaptureThread", "Opener", "Status",
+           "StatusChange", "StuckThreadsError", "make_opener"]
