@@ -33,8 +33,10 @@ from streamdet.router import EventRouter
 from streamdet.sinks.base import Sink
 from streamdet.sinks.jsonl import EventLog
 from streamdet.sinks.overlay import OverlaySink
-from streamdet.sources.capture import AbandonedThreads, Backoff, CaptureThread, Opener, make_opener
+from streamdet.sources.backoff import Backoff
+from streamdet.sources.capture import CaptureThread, Opener, make_opener
 from streamdet.sources.opening import SourceKind, check_sources, source_kind
+from streamdet.sources.watchdog import AbandonedThreads
 
 log = logging.getLogger(__name__)
 

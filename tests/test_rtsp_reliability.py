@@ -393,7 +393,7 @@ def test_a_camera_whose_first_open_never_returns_is_an_error_not_a_retry_loop(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Once, ``streamdet run --source 7`` hung: a camera open that blocks must end the run."""
-    monkeypatch.setattr("streamdet.sources.capture.OPEN_GRACE_S", 0.2)
+    monkeypatch.setattr("streamdet.sources.watchdog.OPEN_GRACE_S", 0.2)
     never = threading.Event()
     seen: list[StatusChange] = []
     ring = RingBuffer("camera7", length=16, stride=8, frame_shape=(3, 8, 8))

@@ -6,6 +6,9 @@ One module per part:
   (:class:`OpenCVSource`), what kind a source is and its short name, and the start-up check.
 - :mod:`~streamdet.sources.capture`: a :class:`CaptureThread` per source reads, stamps and
   preprocesses its frames into the source's ring buffer, reconnecting what it loses.
+- :mod:`~streamdet.sources.backoff`: the delays between reconnects (:class:`Backoff`).
+- :mod:`~streamdet.sources.watchdog`: when a capture session is stuck, and the bound on the
+  threads left blocked (:class:`AbandonedThreads`).
 
 Credentials in URLs never leave this package in clear: every URL shown goes through
 :func:`redact_url`, every message quoting OpenCV or FFmpeg through :func:`redact_text`, and a
@@ -19,15 +22,13 @@ Example:
 """
 
 from streamdet.redaction import redact_text, redact_url, register_secrets
+from streamdet.sources.backoff import Backoff
 from streamdet.sources.capture import (
-    AbandonedThreads,
-    Backoff,
     CaptureStats,
     CaptureThread,
     Opener,
     Status,
     StatusChange,
-    StuckThreadsError,
     make_opener,
 )
 from streamdet.sources.opening import (
@@ -38,6 +39,7 @@ from streamdet.sources.opening import (
     source_kind,
     source_name,
 )
+from streamdet.sources.watchdog import AbandonedThreads, StuckThreadsError
 
 __all__ = [
     "AbandonedThreads", "Backoff", "CaptureStats", "CaptureThread", "OpenCVSource", "Opener",

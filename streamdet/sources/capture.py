@@ -6,19 +6,19 @@ frames are overwritten and the windows lost are counted by the ring. File replay
 
 Each :class:`CaptureThread` is a supervisor: every open of its source runs in a session thread
 (open, then read until the source fails or ends) and the supervisor is the watchdog of that
-session. A read that blocks for the read timeout ends the session as a stall even when it returns
-a frame (after a hang FFmpeg flushes stale frames, each one a full timeout apart). A session
-that makes no progress at all (no new frame for ``stall_timeout_s``, or an open far past its
-timeout) is retired and abandoned: it can never write to the ring or report a status again, its
-thread is left to die in its blocking call, and a new session opens the source. More than
-``MAX_ABANDONED_THREADS`` abandoned threads alive at once stop the run with an error.
+session, with the rules of :mod:`streamdet.sources.watchdog`. A read that blocks for the read
+timeout ends the session as a stall even when it returns a frame (after a hang FFmpeg flushes
+stale frames, each one a full timeout apart). A session that makes no progress at all (no new
+frame for ``stall_timeout_s``, or an open far past its timeout) is retired and abandoned: it can
+never write to the ring or report a status again, its thread is left to die in its blocking call,
+and a new session opens the source. More than ``MAX_ABANDONED_THREADS`` abandoned threads alive
+at once stop the run with an error.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -30,7 +30,16 @@ from streamdet.buffer import FrameMeta, RingBuffer
 from streamdet.errors import SourceError
 from streamdet.preprocess import PreprocessContract, preprocess_frame
 from streamdet.redaction import redact_text, redact_url
+from streamdet.sources.backoff import Backoff
 from streamdet.sources.opening import OpenCVSource, SourceKind, VideoSource
+from streamdet.sources.watchdog import (
+    AbandonedThreads,
+    Phase,
+    Progress,
+    Stall,
+    StallWatch,
+    StuckThreadsError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,100 +85,27 @@ class CaptureStats:
 
 Opener = Callable[[], VideoSource]
 
-MAX_ABANDONED_THREADS = 8  # alive at once, over all sources of a run; one more stops the run
-OPEN_GRACE_S = 5.0  # an open may overrun its own timeout this long before it is abandoned
-RELEASE_GRACE_S = 5.0  # a release blocking longer than this is abandoned
 SESSION_JOIN_S = 1.0  # how long a stopping supervisor waits for its session thread
-SLOW_READ_FRACTION = 0.9  # a read blocking this fraction of the read timeout is a stall
-
-
-class StuckThreadsError(SourceError):
-    """Too many capture threads are blocked in reads or opens that never returned."""
-
-
-class AbandonedThreads:
-    """The session threads left blocked in a call that never returned, with a bound.
-
-    One registry is shared by the captures of a run. Threads that finally return drop out.
-
-    Example:
-        >>> graveyard = AbandonedThreads(limit=8)
-        >>> graveyard.alive()
-        0
-    """
-
-    def __init__(self, limit: int = MAX_ABANDONED_THREADS) -> None:
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, but got {limit}")
-        self.limit = limit
-        self._lock = threading.Lock()  # protects _threads
-        self._threads: list[threading.Thread] = []
-
-    def add(self, thread: threading.Thread) -> int:
-        """Record an abandoned thread; returns how many abandoned threads are alive."""
-        with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()]
-            if thread.is_alive():
-                self._threads.append(thread)
-            return len(self._threads)
-
-    def alive(self) -> int:
-        with self._lock:
-            self._threads = [t for t in self._threads if t.is_alive()]
-            return len(self._threads)
 
 
 class _Session:
     """One open of a source, run in its own thread; retired when its generation is stale.
 
-    Written by its thread: ``phase`` ("opening", "reading", "releasing"), ``heartbeat``
-    (monotonic time of the open start, the open, then each frame), ``outcome``, ``open_error``,
-    ``error``; ``done`` is set last. The supervisor reads them (single attributes: atomic).
+    Written by its thread: ``progress`` (what it does and since when, for the watchdog),
+    ``outcome``, ``open_error``, ``error``; ``done`` is set last. The supervisor reads them
+    (single attributes: atomic).
     """
 
     def __init__(self, generation: int, reconnecting: bool) -> None:
         self.generation = generation
         self.reconnecting = reconnecting  # an open before this one was tried
         self.opened_at: float | None = None
-        self.phase = "opening"
-        self.heartbeat = time.monotonic()
-        self.phase_started = self.heartbeat
+        self.progress = Progress()
         self.outcome = ""
         self.open_error: SourceError | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
-
-    def enter(self, phase: str) -> None:
-        self.phase_started = self.heartbeat = time.monotonic()
-        self.phase = phase  # last: the watchdog never sees the new phase with the old times
-
-
-class Backoff:
-    """Exponential backoff with jitter (each delay uniform in [cap/2, cap]), reset after a healthy period.
-
-    Example:
-        >>> b = Backoff(0.5, 30.0, rng=random.Random(0))
-        >>> [round(b.next_delay(), 2) for _ in range(3)]
-        [0.46, 0.88, 1.42]
-    """
-
-    def __init__(self, initial: float, maximum: float, *, healthy_after: float = 60.0,
-                 rng: random.Random | None = None) -> None:
-        self.initial = initial
-        self.maximum = maximum
-        self.healthy_after = healthy_after
-        self._attempt = 0
-        self._rng = rng or random.Random()
-
-    def next_delay(self) -> float:
-        cap = min(self.maximum, self.initial * (2 ** self._attempt))
-        self._attempt += 1
-        return self._rng.uniform(cap / 2, cap)
-
-    def healthy_for(self, seconds: float) -> None:
-        if seconds >= self.healthy_after:
-            self._attempt = 0
 
 
 class CaptureThread(threading.Thread):
@@ -232,9 +168,10 @@ class CaptureThread(threading.Thread):
         self.on_used = on_used
         self.reconnect = reconnect and kind is not SourceKind.FILE
         self.backoff = backoff or Backoff(0.5, 30.0)
-        self.read_timeout_s = read_timeout_s
-        self.stall_timeout_s = stall_timeout_s if self.reconnect else None
-        self.open_timeout_s = open_timeout_s
+        # Only sources that reconnect are watched: a file or a source given up on just ends.
+        self.watch = StallWatch(stall_timeout_s=stall_timeout_s if self.reconnect else None,
+                                open_timeout_s=open_timeout_s,
+                                read_timeout_s=read_timeout_s if self.reconnect else None)
         self.abandoned = abandoned if abandoned is not None else AbandonedThreads()
         self.stats = CaptureStats()
         self.error: BaseException | None = None  # SourceError, or a crash of this thread
@@ -277,7 +214,7 @@ class CaptureThread(threading.Thread):
                 assert session.thread is not None
                 self.abandoned.add(session.thread)
                 self.error = SourceError(f"{self.source_name}: the camera's open never returned "
-                                         f"({stalled.removeprefix('stalled: ')})")
+                                         f"({stalled.detail})")
                 self._status(Status.ENDED, str(self.error))
                 self.ring.close()
                 return
@@ -326,30 +263,17 @@ class CaptureThread(threading.Thread):
         session.thread.start()
         return session
 
-    def _supervise(self, session: _Session) -> str:
-        """Wait until ``session`` ends; returns why it must be abandoned ('' if it ended)."""
+    def _supervise(self, session: _Session) -> Stall | None:
+        """Wait until ``session`` ends; returns why it must be abandoned (None if it ended)."""
         while not session.done.is_set():
             if self.stop_event.is_set():
                 session.done.wait(SESSION_JOIN_S)
-                return ""
-            stuck = self._stuck(session, time.monotonic())
-            if stuck:
+                return None
+            stuck = self.watch.stuck(session.progress, time.monotonic())
+            if stuck is not None:
                 return stuck
             session.done.wait(0.1)
-        return ""
-
-    def _stuck(self, session: _Session, now: float) -> str:
-        """Why ``session`` is making no progress ('' while it is), as the watchdog sees it."""
-        if self.stall_timeout_s is None:
-            return ""
-        phase = session.phase
-        if phase == "reading" and now - session.heartbeat > self.stall_timeout_s:
-            return f"stalled: no frame for {now - session.heartbeat:.1f} s"
-        if phase == "opening" and now - session.phase_started > self.open_timeout_s + OPEN_GRACE_S:
-            return f"stalled: open blocked for {now - session.phase_started:.1f} s"
-        if phase == "releasing" and now - session.phase_started > RELEASE_GRACE_S:
-            return f"stalled: release blocked for {now - session.phase_started:.1f} s"
-        return ""
+        return None
 
     def _retire(self, session: _Session) -> None:
         """From now on ``session`` can neither commit a frame nor report a status."""
@@ -357,21 +281,21 @@ class CaptureThread(threading.Thread):
             if session.generation == self._generation:
                 self._generation += 1
 
-    def _abandon(self, session: _Session, why: str) -> None:
+    def _abandon(self, session: _Session, stall: Stall) -> None:
         """Retire a stuck session, then report the stall; its thread is left to die.
 
         Retired first: from then on the session can neither commit a frame nor report ONLINE,
         so the OFFLINE line and the ring's gap come after everything it published.
         """
         self._retire(session)
-        self._go_offline(why)
+        self._go_offline(stall.reason)
         self.ring.mark_gap()  # no window spans the stall
         self.stats.stalls += 1
         self.stats.abandoned += 1
         assert session.thread is not None
         alive = self.abandoned.add(session.thread)
         log.warning("%s: %s; its thread is abandoned (%d abandoned thread(s) alive, limit %d)",
-                    self.source_name, why, alive, self.abandoned.limit)
+                    self.source_name, stall.reason, alive, self.abandoned.limit)
         if alive > self.abandoned.limit:
             raise StuckThreadsError(
                 f"{self.source_name}: {alive} capture threads are stuck in calls that never returned "
@@ -392,11 +316,11 @@ class CaptureThread(threading.Thread):
                         session.outcome = "retired"
                         return
                     session.opened_at = time.monotonic()
-                    session.enter("reading")
+                    session.progress.enter(Phase.READING)
                     self._went_online(session.reconnecting)
                 session.outcome = self._read_loop(source, session)
             finally:
-                session.enter("releasing")
+                session.progress.enter(Phase.RELEASING)
                 source.release()
         except BaseException as exc:  # the supervisor re-raises it in its own thread
             session.error = exc
@@ -430,7 +354,6 @@ class CaptureThread(threading.Thread):
         self.fps = source.fps
         step = self.contract.step_for(source.fps) if source.fps else self.contract.frame_step
         pace_fps = source.fps if self.kind is SourceKind.FILE and self.realtime else None
-        slow_read = None if self.read_timeout_s is None else self.read_timeout_s * SLOW_READ_FRACTION
         t0 = time.monotonic()
         # A replay (file, realtime false) is stamped on the file's own timeline from the open, so
         # stream times, and the events that depend on them, do not depend on decoding speed.
@@ -450,13 +373,12 @@ class CaptureThread(threading.Thread):
             now_mono = time.monotonic()
             if not self._current(session):
                 return "retired"
-            if slow_read is not None and self.reconnect and now_mono - read_started >= slow_read:
-                # A read that ran into its timeout is a stall, whether it then returned nothing or
-                # (after a hang FFmpeg does) a stale frame, each a full timeout apart: reopen.
-                return f"stalled: a read blocked {now_mono - read_started:.1f} s"
+            slow = self.watch.slow_read(read_started, now_mono)
+            if slow is not None:  # a stale frame or none: reopen (see StallWatch.slow_read)
+                return slow.reason
             if not got:
                 return "ended" if self.kind is SourceKind.FILE else "read failed"
-            session.heartbeat = now_mono
+            session.progress.beat(now_mono)
             wall = replay_clock[0] + n_in_session / replay_clock[1] if replay_clock else time.time()
             self._frame_index += 1
             self.stats.frames_read += 1
@@ -522,5 +444,4 @@ def make_opener(url: str, *, open_timeout_s: float = 10.0, read_timeout_s: float
     return open_source
 
 
-__all__ = ["AbandonedThreads", "Backoff", "CaptureStats", "CaptureThread", "Opener", "Status",
-           "StatusChange", "StuckThreadsError", "make_opener"]
+__all__ = ["CaptureStats", "CaptureThread", "Opener", "Status", "StatusChange", "make_opener"]
