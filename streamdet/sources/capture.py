@@ -88,12 +88,22 @@ Opener = Callable[[], VideoSource]
 SESSION_JOIN_S = 1.0  # how long a stopping supervisor waits for its session thread
 
 
+class Outcome(enum.Enum):
+    """How a session that opened its source ended. The value is the reason its status gives."""
+
+    STOPPED = "stopped"  # the run is stopping
+    RETIRED = "retired"  # the supervisor retired it (stuck): it may publish nothing more
+    ENDED = "ended"  # a file's last frame was read
+    READ_FAILED = "read failed"  # a camera or stream returned no frame
+    STALLED = "stalled"  # a read ran into its timeout; the session's ``stall`` says how long
+
+
 class _Session:
     """One open of a source, run in its own thread; retired when its generation is stale.
 
     Written by its thread: ``progress`` (what it does and since when, for the watchdog),
-    ``outcome``, ``open_error``, ``error``; ``done`` is set last. The supervisor reads them
-    (single attributes: atomic).
+    ``outcome`` and ``stall`` (once it opened the source), ``open_error``, ``error``; ``done`` is
+    set last. The supervisor reads them (single attributes: atomic).
     """
 
     def __init__(self, generation: int, reconnecting: bool) -> None:
@@ -101,11 +111,20 @@ class _Session:
         self.reconnecting = reconnecting  # an open before this one was tried
         self.opened_at: float | None = None
         self.progress = Progress()
-        self.outcome = ""
+        self.outcome: Outcome | None = None
+        self.stall: Stall | None = None  # why, when the outcome is STALLED
         self.open_error: SourceError | None = None
         self.error: BaseException | None = None
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
+
+    def reason(self) -> str:
+        """The reason the source's status gives for this end: "read failed",
+        "stalled: a read blocked 4.6 s"."""
+        if self.stall is not None:
+            return self.stall.reason
+        assert self.outcome is not None, "a session that never opened its source has no outcome"
+        return self.outcome.value
 
 
 class CaptureThread(threading.Thread):
@@ -238,15 +257,16 @@ class CaptureThread(threading.Thread):
             else:
                 self.ring.mark_gap()  # no window spans an outage or a reopen
                 outcome = session.outcome
-                if outcome == "stopped":
+                if outcome is Outcome.STOPPED:
                     return
-                if outcome == "ended" or not self.reconnect:
-                    self._status(Status.ENDED, "end of file" if self.kind is SourceKind.FILE else outcome)
+                if outcome is Outcome.ENDED or not self.reconnect:
+                    self._status(Status.ENDED,
+                                 "end of file" if self.kind is SourceKind.FILE else session.reason())
                     self.ring.close()
                     return
-                if outcome.startswith("stalled"):
+                if outcome is Outcome.STALLED:
                     self.stats.stalls += 1
-                self._go_offline(outcome)
+                self._go_offline(session.reason())
             if session.opened_at is not None:
                 self.backoff.healthy_for(time.monotonic() - session.opened_at)
             if self.stop_event.wait(self.backoff.next_delay()):
@@ -313,7 +333,7 @@ class CaptureThread(threading.Thread):
             try:
                 with self._publish_lock:
                     if session.generation != self._generation:
-                        session.outcome = "retired"
+                        session.outcome = Outcome.RETIRED
                         return
                     session.opened_at = time.monotonic()
                     session.progress.enter(Phase.READING)
@@ -349,8 +369,8 @@ class CaptureThread(threading.Thread):
     def _current(self, session: _Session) -> bool:
         return session.generation == self._generation
 
-    def _read_loop(self, source: VideoSource, session: _Session) -> str:
-        """Read until the source fails, ends, stalls or the session is retired. Returns why."""
+    def _read_loop(self, source: VideoSource, session: _Session) -> Outcome:
+        """Read until the source fails, ends, stalls or the session is retired. Returns how."""
         self.fps = source.fps
         step = self.contract.step_for(source.fps) if source.fps else self.contract.frame_step
         pace_fps = source.fps if self.kind is SourceKind.FILE and self.realtime else None
@@ -372,12 +392,13 @@ class CaptureThread(threading.Thread):
                 frame, got = None, bool(skip())
             now_mono = time.monotonic()
             if not self._current(session):
-                return "retired"
-            slow = self.watch.slow_read(read_started, now_mono)
-            if slow is not None:  # a stale frame or none: reopen (see StallWatch.slow_read)
-                return slow.reason
+                return Outcome.RETIRED
+            stall = self.watch.slow_read(read_started, now_mono)
+            if stall is not None:  # a stale frame or none: reopen (see StallWatch.slow_read)
+                session.stall = stall
+                return Outcome.STALLED
             if not got:
-                return "ended" if self.kind is SourceKind.FILE else "read failed"
+                return Outcome.ENDED if self.kind is SourceKind.FILE else Outcome.READ_FAILED
             session.progress.beat(now_mono)
             wall = replay_clock[0] + n_in_session / replay_clock[1] if replay_clock else time.time()
             self._frame_index += 1
@@ -399,7 +420,7 @@ class CaptureThread(threading.Thread):
                 delay = due - time.monotonic()
                 if delay > 0 and self.stop_event.wait(delay):
                     break
-        return "stopped"
+        return Outcome.STOPPED
 
     def _write(self, frame: np.ndarray, meta: FrameMeta, session: _Session) -> None:
         shape = frame.shape
