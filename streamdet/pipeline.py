@@ -36,6 +36,7 @@ from streamdet.sinks.overlay import OverlaySink
 from streamdet.sources.backoff import Backoff
 from streamdet.sources.capture import CaptureThread, Opener, make_opener
 from streamdet.sources.opening import SourceKind, check_sources, source_kind
+from streamdet.sources.pacing import Pacing, pacing_of
 from streamdet.sources.watchdog import AbandonedThreads
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,11 @@ class Pipeline:
         # alive at once (all sources together) the run stops with an error.
         self.abandoned = AbandonedThreads()
 
-        replays = self._replay_openers(cfg)
+        # Decided once per source: how its capture, ring, the scheduler and the overlay treat it.
+        self.pacing = {s.name: pacing_of(s) for s in cfg.sources}
+        openers = {s.name: self._opener(s, self.pacing[s.name]) for s in cfg.sources}
+        # A replay is drawn from the overlay's own read of the file (with the same opener).
+        replays = {name: openers[name] for name, p in self.pacing.items() if p is Pacing.REPLAY}
         self.overlay = self._build_overlay(cfg, checkpoint, replays)
         self.router = EventRouter(
             tracker_settings(cfg, checkpoint.class_names), run_id=self.run_id, stride=cfg.window.stride,
@@ -133,17 +138,20 @@ class Pipeline:
             urls={s.name: redact_url(s.url) for s in cfg.sources},
         )
         self.rings = [
-            RingBuffer(s.name, length=cfg.window.length, stride=cfg.window.stride, lossless=s.name in replays,
+            RingBuffer(s.name, length=cfg.window.length, stride=cfg.window.stride,
+                       lossless=self.pacing[s.name].lossless,
                        frame_shape=(3, checkpoint.contract.crop, checkpoint.contract.crop))
             for s in cfg.sources
         ]
-        self.captures = [self._build_capture(cfg, s, ring, replays, checkpoint)
+        self.captures = [self._build_capture(s, ring, openers[s.name], checkpoint)
                          for s, ring in zip(cfg.sources, self.rings, strict=True)]
-        self.live_sources = frozenset(s.name for s in cfg.sources) - frozenset(replays)
+        # Sources that may skip windows take the newest when inference lags; a run of replays
+        # alone runs every pass at one batch size, so that its events repeat exactly.
+        may_skip = frozenset(name for name, p in self.pacing.items() if not p.lossless)
         self.inference = InferenceThread(
             self.rings, engine, self.router.on_results, self.stop_event,
             max_batch=self._batch_size(cfg, engine),
-            fixed_batch=not self.live_sources, newest_only=self.live_sources, wake=self._wake,
+            fixed_batch=not may_skip, newest_only=may_skip, wake=self._wake,
             device=engine.device, on_source_done=self._on_source_done,
             workers=workers, threads_per_worker=threads_per_worker,
         )
@@ -154,13 +162,12 @@ class Pipeline:
     # -- building ---------------------------------------------------------------------------
 
     @staticmethod
-    def _replay_openers(cfg: RunConfig) -> dict[str, Opener]:
-        """An opener per file replayed as fast as possible (lossless; the overlay reads it too)."""
-        return {
-            s.name: make_opener(s.url, open_timeout_s=s.options.open_timeout_s,
-                                read_timeout_s=s.options.read_timeout_s, fps=s.options.fps, decode_threads=1)
-            for s in cfg.sources if source_kind(s.url) is SourceKind.FILE and not s.realtime
-        }
+    def _opener(s: SourceConfig, pacing: Pacing) -> Opener:
+        """How ``s`` is opened: its options, and the decoding threads its pacing asks for."""
+        opts = s.options
+        return make_opener(s.url, open_timeout_s=opts.open_timeout_s,
+                           read_timeout_s=opts.read_timeout_s, fps=opts.fps,
+                           decode_threads=pacing.decode_threads)
 
     def _build_overlay(self, cfg: RunConfig, checkpoint: Checkpoint,
                        replays: dict[str, Opener]) -> OverlaySink | None:
@@ -171,15 +178,13 @@ class Pipeline:
                            sources=[s.name for s in cfg.sources], replays=replays, top_k=overlay.top_k,
                            stop_event=self.stop_event)
 
-    def _build_capture(self, cfg: RunConfig, s: SourceConfig, ring: RingBuffer,
-                       replays: dict[str, Opener], checkpoint: Checkpoint) -> CaptureThread:
+    def _build_capture(self, s: SourceConfig, ring: RingBuffer, opener: Opener,
+                       checkpoint: Checkpoint) -> CaptureThread:
         kind, opts = source_kind(s.url), s.options
-        opener = replays.get(s.name) or make_opener(s.url, open_timeout_s=opts.open_timeout_s,
-                                                    read_timeout_s=opts.read_timeout_s, fps=opts.fps)
         return CaptureThread(
             s.name, opener, ring, checkpoint.contract, self.stop_event,
             kind=kind,
-            realtime=bool(s.realtime),
+            pacing=self.pacing[s.name],
             on_status=self.router.on_status,
             # Only frames some output wants are decoded whole; the others skip decoding.
             on_frame=self._on_frame if self.router.wants_frames(s.name) else None,

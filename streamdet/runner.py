@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 from streamdet.config import RunConfig, load_config
 from streamdet.errors import ConfigError, SourceError, StreamdetError
 from streamdet.models.weights import Checkpoint, default_class_names, load_checkpoint
-from streamdet.sources import SourceKind, check_sources, redact_text, source_kind, source_name
+from streamdet.sources import (
+    Pacing,
+    SourceKind,
+    check_sources,
+    pacing_of,
+    redact_text,
+    source_kind,
+    source_name,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -139,7 +147,7 @@ def inference_plan(cfg: RunConfig, device: torch.device, concurrent: bool, threa
     concurrency (compile on a CPU), a replay leaves its decoder a core: one worker on one thread
     fewer. CUDA runs one worker.
     """
-    replays = [s.name for s in cfg.sources if source_kind(s.url) is SourceKind.FILE and not s.realtime]
+    replays = [s.name for s in cfg.sources if pacing_of(s) is Pacing.REPLAY]
     workers = cfg.model.workers
     if workers is not None:
         if workers > 1 and not concurrent:

@@ -25,7 +25,7 @@ from streamdet.config import load_config
 from streamdet.models.weights import Checkpoint, save_checkpoint
 from streamdet.pipeline import Pipeline
 from streamdet.preprocess import PreprocessContract
-from streamdet.sources import CaptureThread, SourceKind
+from streamdet.sources import CaptureThread, Pacing, SourceKind
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +169,7 @@ def test_grayscale_and_four_channel_frames_make_windows_like_colour_ones(shape: 
     ring = RingBuffer("src", length=16, stride=8, frame_shape=(3, 8, 8), lossless=True, capacity=64)
     frames = [np.full(shape, i * 4, np.uint8) for i in range(32)]
     capture = CaptureThread("src", lambda: FrameSource(frames), ring, contract, threading.Event(),
-                            kind=SourceKind.FILE, realtime=False)
+                            kind=SourceKind.FILE, pacing=Pacing.REPLAY)
     capture.start()
     capture.join(10)
 

@@ -24,6 +24,7 @@ from streamdet.preprocess import PreprocessContract
 from streamdet.sources import (
     Backoff,
     CaptureThread,
+    Pacing,
     SourceKind,
     Status,
     StatusChange,
@@ -80,12 +81,16 @@ class Reader(threading.Thread):
 
 
 def make_capture(source_or_opener: FakeSource | Callable[[], FakeSource], *, kind: SourceKind = SourceKind.FILE,
-                 realtime: bool = False, lossless: bool | None = None, stride: int = 8,
+                 pacing: Pacing | None = None, lossless: bool | None = None, stride: int = 8,
                  contract: PreprocessContract = CONTRACT, **kwargs) -> CaptureThread:
-    lossless = (kind is SourceKind.FILE and not realtime) if lossless is None else lossless
+    """A capture of a fake source; a file is a replay and a stream live unless ``pacing`` says,
+    and the ring is lossless as the pacing is unless ``lossless`` says."""
+    if pacing is None:
+        pacing = Pacing.REPLAY if kind is SourceKind.FILE else Pacing.LIVE
+    lossless = pacing.lossless if lossless is None else lossless
     ring = RingBuffer("src", length=16, stride=stride, frame_shape=FRAME_SHAPE, lossless=lossless)
     opener = source_or_opener if callable(source_or_opener) else (lambda: source_or_opener)
-    return CaptureThread("src", opener, ring, contract, threading.Event(), kind=kind, realtime=realtime,
+    return CaptureThread("src", opener, ring, contract, threading.Event(), kind=kind, pacing=pacing,
                          **kwargs)
 
 
@@ -178,7 +183,7 @@ def test_lossless_replay_waits_for_a_slow_reader_instead_of_skipping() -> None:
 
 @pytest.mark.timeout(20)
 def test_realtime_file_is_paced_at_its_fps_and_skips_windows_when_nobody_reads() -> None:
-    capture = make_capture(FakeSource(frames(60), fps=100.0), realtime=True, stride=2,
+    capture = make_capture(FakeSource(frames(60), fps=100.0), pacing=Pacing.PACED, stride=2,
                            contract=PreprocessContract(resize=(16, 16), crop=8, fps=100.0))
     assert not capture.ring.lossless
 
@@ -346,17 +351,17 @@ def test_a_read_that_times_out_with_no_frame_is_a_stall_and_a_fast_failure_is_no
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.parametrize("realtime", [True, False], ids=["live", "lossless-blocked"])
-def test_stop_ends_capture_promptly_while_running_or_blocked_on_a_full_ring(realtime: bool) -> None:
+@pytest.mark.parametrize("pacing", [Pacing.PACED, Pacing.REPLAY], ids=["paced", "replay-blocked"])
+def test_stop_ends_capture_promptly_while_running_or_blocked_on_a_full_ring(pacing: Pacing) -> None:
     """A stop is seen between frames, or within the writer's 0.5 s wait on a full ring; the
     5 s deadline leaves room for a busy machine and still catches a capture that never ends.
     The session, not only its supervisor, must end: the source is released."""
     source = FakeSource(endless(), fps=20.0)
-    capture = make_capture(source, realtime=realtime)
+    capture = make_capture(source, pacing=pacing)
     capture.start()
-    # Live: reading, paced at 20 fps. Lossless: nobody reads, so the writer waits on the full ring.
-    wait_until(lambda: capture.stats.frames_used >= (16 if realtime else capture.ring.capacity),
-               what="a capture under way")
+    # Paced: reading at 20 fps. Replay: nobody reads, so the writer waits on the full ring.
+    under_way = capture.ring.capacity if pacing.lossless else 16
+    wait_until(lambda: capture.stats.frames_used >= under_way, what="a capture under way")
 
     capture.stop_event.set()
     capture.join(5.0)
@@ -539,7 +544,7 @@ def test_real_file_replay_reads_every_frame_with_increasing_timestamps(vtest_vid
     metas: list[FrameMeta] = []
     ring = RingBuffer("vtest", length=16, stride=8, lossless=True)
     capture = CaptureThread("vtest", make_opener(str(vtest_video)), ring, PreprocessContract(),
-                            threading.Event(), kind=SourceKind.FILE, realtime=False,
+                            threading.Event(), kind=SourceKind.FILE, pacing=Pacing.REPLAY,
                             on_frame=lambda name, meta, frame, used: metas.append(meta))
     reader = Reader(ring)
     reader.start()

@@ -36,6 +36,7 @@ from streamdet.redaction import (
 from streamdet.sources import (
     CaptureThread,
     OpenCVSource,
+    Pacing,
     SourceKind,
     Status,
     StatusChange,
@@ -343,7 +344,7 @@ def test_capture_status_reasons_and_log_lines_never_quote_the_password(
     name = source_name(url, set())
     ring = RingBuffer(name, length=16, stride=8, frame_shape=(3, 112, 112))
     capture = CaptureThread(name, make_opener(url, open_timeout_s=2.0), ring, PreprocessContract(),
-                            threading.Event(), kind=SourceKind.STREAM, realtime=True,
+                            threading.Event(), kind=SourceKind.STREAM, pacing=Pacing.LIVE,
                             on_status=on_status)
     capture.start()
     deadline = time.monotonic() + 30

@@ -36,6 +36,7 @@ from streamdet.sources import (
     AbandonedThreads,
     Backoff,
     CaptureThread,
+    Pacing,
     SourceKind,
     Status,
     StatusChange,
@@ -332,8 +333,9 @@ def stream_capture(opener, statuses_seen: list[StatusChange], stop: threading.Ev
     # than these short stall timeouts, so a test run alone stalled on its first frame.
     kernels.get()
     ring = RingBuffer("src", length=16, stride=8, frame_shape=(3, 8, 8))
-    return CaptureThread("src", opener, ring, CONTRACT, stop, kind=SourceKind.STREAM, realtime=True,
-                         on_status=statuses_seen.append, backoff=Backoff(0.01, 0.02), **kwargs)
+    return CaptureThread("src", opener, ring, CONTRACT, stop, kind=SourceKind.STREAM,
+                         pacing=Pacing.LIVE, on_status=statuses_seen.append,
+                         backoff=Backoff(0.01, 0.02), **kwargs)
 
 
 @pytest.mark.timeout(30)
@@ -403,7 +405,8 @@ def test_a_camera_whose_first_open_never_returns_is_an_error_not_a_retry_loop(
         raise AssertionError("unreachable")
 
     capture = CaptureThread("camera7", opener, ring, CONTRACT, threading.Event(), kind=SourceKind.CAMERA,
-                            realtime=True, on_status=seen.append, stall_timeout_s=1.0, open_timeout_s=0.3)
+                            pacing=Pacing.LIVE, on_status=seen.append, stall_timeout_s=1.0,
+                            open_timeout_s=0.3)
     started = time.monotonic()
     capture.start()
     capture.join(10)
@@ -442,8 +445,8 @@ def real_capture(opener: Callable[[], Any], stop: threading.Event, seen: list[St
     """A capture of a real stream (tiny preprocessing: 8x8 crops), reconnecting quickly."""
     kernels.get()  # as Pipeline.run does, so that the first frame is no slower than the others
     ring = RingBuffer("cam", length=16, stride=8, frame_shape=(3, 8, 8))
-    return CaptureThread("cam", opener, ring, CONTRACT, stop, kind=SourceKind.STREAM, realtime=True,
-                         on_status=seen.append, backoff=Backoff(0.05, 0.2),
+    return CaptureThread("cam", opener, ring, CONTRACT, stop, kind=SourceKind.STREAM,
+                         pacing=Pacing.LIVE, on_status=seen.append, backoff=Backoff(0.05, 0.2),
                          read_timeout_s=read_timeout_s, stall_timeout_s=stall_timeout_s, **kwargs)
 
 

@@ -4,6 +4,9 @@ One module per part:
 
 - :mod:`~streamdet.sources.opening`: cameras, files and streams opened with OpenCV
   (:class:`OpenCVSource`), what kind a source is and its short name, and the start-up check.
+- :mod:`~streamdet.sources.pacing`: whether a source is live, a paced file or a replay
+  (:class:`Pacing`, decided once per source by :func:`pacing_of`), and what that means for
+  capture, the ring buffer, the inference scheduler and the outputs.
 - :mod:`~streamdet.sources.capture`: a :class:`CaptureThread` per source reads, stamps and
   preprocesses its frames into the source's ring buffer, reconnecting what it loses.
 - :mod:`~streamdet.sources.backoff`: the delays between reconnects (:class:`Backoff`).
@@ -39,10 +42,12 @@ from streamdet.sources.opening import (
     source_kind,
     source_name,
 )
+from streamdet.sources.pacing import Pacing, pacing_of
 from streamdet.sources.watchdog import AbandonedThreads, StuckThreadsError
 
 __all__ = [
     "AbandonedThreads", "Backoff", "CaptureStats", "CaptureThread", "OpenCVSource", "Opener",
-    "SourceKind", "Status", "StatusChange", "StuckThreadsError", "VideoSource", "check_sources",
-    "make_opener", "redact_text", "redact_url", "register_secrets", "source_kind", "source_name",
+    "Pacing", "SourceKind", "Status", "StatusChange", "StuckThreadsError", "VideoSource",
+    "check_sources", "make_opener", "pacing_of", "redact_text", "redact_url", "register_secrets",
+    "source_kind", "source_name",
 ]

@@ -1,8 +1,9 @@
 """Capture threads: decode, stamp, preprocess once, write into the source's ring buffer.
 
-A capture thread never waits on inference for live sources: when the ring is full the oldest
-frames are overwritten and the windows lost are counted by the ring. File replays
-(``realtime: false``) wait instead, so no frame and no window is ever skipped.
+A capture thread never waits on inference for a live or paced source: when the ring is full
+the oldest frames are overwritten and the windows lost are counted by the ring. A replay
+(:class:`~streamdet.sources.pacing.Pacing`) waits instead, so no frame and no window is ever
+skipped.
 
 Each :class:`CaptureThread` is a supervisor: every open of its source runs in a session thread
 (open, then read until the source fails or ends) and the supervisor is the watchdog of that
@@ -32,6 +33,7 @@ from streamdet.preprocess import PreprocessContract, preprocess_frame
 from streamdet.redaction import redact_text, redact_url
 from streamdet.sources.backoff import Backoff
 from streamdet.sources.opening import OpenCVSource, SourceKind, VideoSource
+from streamdet.sources.pacing import Pacing
 from streamdet.sources.watchdog import (
     AbandonedThreads,
     Phase,
@@ -133,11 +135,13 @@ class CaptureThread(threading.Thread):
     Args:
         name: source name.
         opener: opens the source (raises SourceError when it cannot).
-        ring: the source's ring buffer (its ``lossless`` flag matches ``realtime is False``).
+        ring: the source's ring buffer (its ``lossless`` flag is ``pacing.lossless``).
         contract: preprocessing of the model.
         stop_event: shared stop signal.
         kind: camera, file or stream; cameras and streams reconnect, files end.
-        realtime: pace a file at its fps (live-like); ignored for cameras and streams.
+        pacing: how frames are timed: ``LIVE`` for cameras and streams; a file is ``PACED`` (read
+            at its fps) or a ``REPLAY`` (read as fast as the ring takes its frames, stamped on
+            the file's own timeline).
         on_status: called (in this thread) on each online/offline/ended change.
         on_frame: called (in this thread) with every decoded frame, e.g. for the overlay. Without
             it, frames the model does not sample (``frame_step``) are skipped undecoded where the
@@ -163,7 +167,7 @@ class CaptureThread(threading.Thread):
         stop_event: threading.Event,
         *,
         kind: SourceKind,
-        realtime: bool,
+        pacing: Pacing,
         on_status: Callable[[StatusChange], None] = lambda change: None,
         on_frame: Callable[[str, FrameMeta, np.ndarray, bool], None] | None = None,
         on_used: Callable[[], None] | None = None,
@@ -174,6 +178,9 @@ class CaptureThread(threading.Thread):
         open_timeout_s: float = 10.0,
         abandoned: AbandonedThreads | None = None,
     ) -> None:
+        if (kind is SourceKind.FILE) == (pacing is Pacing.LIVE):
+            raise ValueError(f"a {kind.value} source cannot be paced {pacing.value}: cameras and "
+                             "streams are live, files paced or replayed")
         super().__init__(name=f"capture-{name}", daemon=True)
         self.source_name = name
         self._opener = opener
@@ -181,7 +188,7 @@ class CaptureThread(threading.Thread):
         self.contract = contract
         self.stop_event = stop_event
         self.kind = kind
-        self.realtime = realtime or kind is not SourceKind.FILE
+        self.pacing = pacing
         self.on_status = on_status
         self.on_frame = on_frame
         self.on_used = on_used
@@ -373,11 +380,12 @@ class CaptureThread(threading.Thread):
         """Read until the source fails, ends, stalls or the session is retired. Returns how."""
         self.fps = source.fps
         step = self.contract.step_for(source.fps) if source.fps else self.contract.frame_step
-        pace_fps = source.fps if self.kind is SourceKind.FILE and self.realtime else None
+        pace_fps = source.fps if self.pacing is Pacing.PACED else None
         t0 = time.monotonic()
-        # A replay (file, realtime false) is stamped on the file's own timeline from the open, so
-        # stream times, and the events that depend on them, do not depend on decoding speed.
-        replay_clock = (time.time(), source.fps or self.contract.fps) if not self.realtime else None
+        # A replay is stamped on the file's own timeline from the open, so stream times, and the
+        # events that depend on them, do not depend on decoding speed.
+        replay_clock = ((time.time(), source.fps or self.contract.fps)
+                        if self.pacing is Pacing.REPLAY else None)
         # Frames nobody looks at need no colour conversion: skip them where the source can.
         skip = getattr(source, "skip", None) if self.on_frame is None else None
         n_in_session = 0
