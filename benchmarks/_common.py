@@ -105,10 +105,6 @@ def median_spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
-
-
 def clips_per_s(run: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, n: int, batch: int = 1,
                 callers: int = 1, threads: int | None = None) -> float:
     """``run`` alone on ``n`` clips of ``windows`` in batches of ``batch``, from ``callers``

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from streamdet.errors import ConfigError
+from streamdet.report import percentile
 
 DEFAULT_IOU = 0.3
 
@@ -105,15 +106,6 @@ def match_events(
     return sorted(matches, key=lambda m: m.truth)
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100.0
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def _ratio(a: int, b: int) -> float:
     return a / b if b else float("nan")
 
@@ -147,11 +139,11 @@ class EventMetrics:
 
     @property
     def delay_p50(self) -> float:
-        return _percentile(self.onset_delays, 50)
+        return percentile(self.onset_delays, 50)
 
     @property
     def delay_p90(self) -> float:
-        return _percentile(self.onset_delays, 90)
+        return percentile(self.onset_delays, 90)
 
     def to_dict(self) -> dict[str, Any]:
         def clean(v: float) -> float | None:
