@@ -84,6 +84,29 @@ def test_config_rejects_values_out_of_bounds(tmp_path, change, message):
         load_config(write_config(tmp_path, tiny_config(tmp_path, **change)))
 
 
+def _alias_bomb(levels: int = 10) -> str:
+    """'Billion laughs': each anchor a list of ten aliases of the one before (10**9 strings)."""
+    lines = ['a0: &a0 ["lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epochs: 1\nepochs: 3\n", "duplicate key 'epochs' at lines 1 and 2"),
+        (_alias_bomb(), r"\(an alias bomb\?\)"),
+    ],
+    ids=["duplicate-key", "alias-bomb"],
+)
+def test_training_config_is_read_within_the_run_config_limits(tmp_path, text, message):
+    """yaml.safe_load kept the last of two keys silently, and an alias bomb ran for minutes."""
+    path = tmp_path / "train.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
 def test_shipped_configs_are_valid():
     root = Path(__file__).resolve().parents[1] / "configs"
     for name in ("train_demo.yaml", "train_ucf101_gpu.yaml"):

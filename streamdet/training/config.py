@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from streamdet.config import read_yaml
 from streamdet.errors import ConfigError
 
 
@@ -182,14 +182,7 @@ def load_config(
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}: expected a mapping at the top level, but got {type(raw).__name__}"
-        )
+    raw = read_yaml(path)  # bounded like a run config: alias bombs and repeated keys are errors
     raw.update(overrides or {})
     try:
         return TrainConfig.model_validate(raw)
