@@ -17,6 +17,7 @@ from streamdet.errors import StreamdetError
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
+VALIDATE_SHOWN_SOURCES = 20  # validate lists these; 200,000 sources on one line were 10 MB
 
 
 class _Parser(argparse.ArgumentParser):
@@ -107,7 +108,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     for source in cfg.sources:  # a URL may carry a password from ${ENV}
         register_secrets(source.url)
-    listed = ", ".join(f"{s.name}={redact_text(s.url)}" for s in cfg.sources) or "none"
+    shown = cfg.sources[:VALIDATE_SHOWN_SOURCES]
+    listed = ", ".join(f"{s.name}={redact_text(s.url)}" for s in shown) or "none"
+    if len(cfg.sources) > len(shown):
+        listed += f", ... and {len(cfg.sources) - len(shown):,} more"
     print(f"{args.config}: valid ({len(cfg.sources)} source(s): {listed})")
     return 0
 

@@ -128,6 +128,18 @@ def test_validate_accepts_a_config_and_hides_passwords(
     assert "hunter2secret" not in out + err
 
 
+def test_validate_lists_twenty_sources_then_counts_the_rest(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """validate printed every source on one line: 10 MB for 200,000 sources."""
+    sources = "".join(f"  - {{name: cam{i}, url: 'rtsp://192.0.2.{i}/s'}}\n" for i in range(25))
+    code, out, err = run_main(["validate", _config(tmp_path, "sources:\n" + sources)], capsys)
+    assert code == 0, err
+    assert "valid (25 source(s): cam0=rtsp://192.0.2.0/s, " in out
+    assert "cam19=rtsp://192.0.2.19/s, ... and 5 more)" in out
+    assert "cam20" not in out
+
+
 # --- user errors: one line, exit 2 -------------------------------------------------------------
 
 
