@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from streamdet.models.c3d import C3D_BN, CLIP_LENGTH
+from streamdet.models.weights import load_or_random
 from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,22 +46,23 @@ def real_windows(video: str | Path, n: int, *, stride: int = 8, skip: int = 0) -
     return torch.from_numpy(np.ascontiguousarray(np.stack(windows)))  # (n, 3, 16, 112, 112)
 
 
-def load_model(weights: str | None, num_classes: int, width: float) -> tuple[C3D_BN, str]:
-    """The model to benchmark and a description: a checkpoint, or seeded random weights."""
-    if weights:
-        from streamdet.models.weights import load_checkpoint
+def load_model(weights: str | None, num_classes: int | None,
+               width: float | None) -> tuple[C3D_BN, str]:
+    """The model to benchmark and a description: a checkpoint, or seeded random weights.
 
-        ckpt = load_checkpoint(weights)
-        return ckpt.model.eval(), f"checkpoint {weights} (sha256 {ckpt.sha256[:12]})"
-    torch.manual_seed(0)
-    model = C3D_BN(num_classes=num_classes, width=width).eval()
+    ``num_classes`` and ``width`` as :func:`~streamdet.models.weights.load_or_random` takes them.
+    """
+    ckpt = load_or_random(weights, num_classes=num_classes, width=width)
+    if not ckpt.is_random:
+        return ckpt.model, f"checkpoint {weights} (sha256 {ckpt.sha256[:12]})"
+    model = ckpt.model
     # Random-init BN statistics are identities; make them non-trivial so folding is exercised.
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm3d):
             m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 0.2 - 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model, f"random init (seed 0), width {width}, {num_classes} classes"
+    return model, f"random init (seed 0), width {model.width}, {ckpt.num_classes} classes"
 
 
 def machine() -> str:

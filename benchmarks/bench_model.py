@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--video", default=str(DEFAULT_VIDEO), help="real video the windows come from")
     ap.add_argument("--weights", help="checkpoint to benchmark (default: seeded random C3D_BN)")
     ap.add_argument("--width", type=float, default=1.0, help="C3D_BN width without --weights")
-    ap.add_argument("--num-classes", type=int, default=8)
+    ap.add_argument("--num-classes", type=int, default=None,
+                    help="classes without --weights (default 8)")
     ap.add_argument("--calib-windows", type=int, default=8, help="int8 calibration windows")
     ap.add_argument("--check-windows", type=int, default=16, help="windows for top-1/error checks")
     ap.add_argument("--cache-dir", help="compile/int8 cache (default $STREAMDET_CACHE_DIR or ~/.cache/streamdet)")

@@ -319,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--video", default=str(DEFAULT_VIDEO))
     ap.add_argument("--weights")
     ap.add_argument("--width", type=float, default=1.0)
-    ap.add_argument("--num-classes", type=int, default=8)
+    ap.add_argument("--num-classes", type=int, default=None,
+                    help="classes without --weights (default 8)")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--file-frames", type=int, default=400, help="frames of the file run as fast as possible")
     ap.add_argument("--file-rounds", type=int, default=3, help="rounds of the file part (ratios are per round)")

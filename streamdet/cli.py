@@ -70,18 +70,13 @@ def default_config_path() -> Path:
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from streamdet.models.c3d import C3D_BN, count_flops
-    from streamdet.preprocess import DEFAULT_CONTRACT
+    from streamdet.models.c3d import count_flops
+    from streamdet.models.weights import load_or_random
 
+    ckpt = load_or_random(args.weights, num_classes=args.num_classes, width=args.width)
+    model, names, contract = ckpt.model, ckpt.class_names, ckpt.contract
     if args.weights:
-        from streamdet.models.weights import load_checkpoint
-
-        ckpt = load_checkpoint(args.weights)
-        model, names, contract = ckpt.model, ckpt.class_names, ckpt.contract
         print(f"weights:      {args.weights} (sha256 {ckpt.sha256[:16]})")
-    else:
-        model = C3D_BN(num_classes=args.num_classes, width=args.width)
-        names, contract = tuple(f"class_{i}" for i in range(args.num_classes)), DEFAULT_CONTRACT
     params = sum(p.numel() for p in model.parameters())
     print("model:        C3D_BN")
     print(f"width:        {model.width:g}")
@@ -130,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="model size, FLOPs, device and preprocessing")
     info.add_argument("--weights", help="checkpoint to describe")
-    info.add_argument("--width", type=_width, default=1.0, help="width without weights (default 1.0)")
-    info.add_argument("--num-classes", type=_num_classes, default=8, help="classes without weights (default 8)")
+    # None: a plain state dict's own shape (load_or_random), 1.0 and 8 without weights
+    info.add_argument("--width", type=_width, help="width without weights (default 1.0)")
+    info.add_argument("--num-classes", type=_num_classes,
+                      help="classes without weights (default 8)")
     info.set_defaults(func=_cmd_info)
 
     validate = sub.add_parser("validate", help="check a config file")

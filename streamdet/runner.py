@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from streamdet.config import RunConfig, load_config
 from streamdet.errors import ConfigError, SourceError, StreamdetError
-from streamdet.models.weights import Checkpoint, default_class_names, load_checkpoint
+from streamdet.models.weights import Checkpoint, load_or_random
 from streamdet.sources import (
     Pacing,
     SourceKind,
@@ -113,20 +113,11 @@ def check_windows(cfg: RunConfig, checkpoint: Checkpoint) -> Any:
 def load_model(cfg: RunConfig) -> Checkpoint:
     """The configured checkpoint, or a randomly initialised model (which detects nothing)."""
     m = cfg.model
-    if m.weights:
-        suffix = Path(m.weights).suffix
-        if suffix == ".safetensors":
-            return load_checkpoint(m.weights)
-        return load_checkpoint(m.weights, num_classes=m.num_classes, width=m.width)
-    import torch
-
-    from streamdet.models.c3d import C3D_BN
-    from streamdet.preprocess import DEFAULT_CONTRACT
-
-    log.warning("no weights given: the model is randomly initialised and its events are meaningless")
-    torch.manual_seed(0)
-    model = C3D_BN(num_classes=m.num_classes, width=m.width).eval()
-    return Checkpoint(model, default_class_names(m.num_classes), DEFAULT_CONTRACT, "random-init", "-")
+    checkpoint = load_or_random(m.weights, num_classes=m.num_classes, width=m.width)
+    if checkpoint.is_random:
+        log.warning("no weights given: the model is randomly initialised and its events are "
+                    "meaningless")
+    return checkpoint
 
 
 def inference_plan(cfg: RunConfig, device: torch.device, concurrent: bool, threads: int) -> tuple[int, int | None]:

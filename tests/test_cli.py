@@ -117,6 +117,18 @@ def test_info_with_weights_describes_the_checkpoint(
     assert "BGR" in out and "15 fps" in out  # the checkpoint's own contract, not the default
 
 
+def test_info_describes_a_plain_state_dict_of_the_width_given(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, small_model: C3D_BN
+) -> None:
+    """info ignored --width with --weights, so a .pt narrower than 1.0 could not be described."""
+    weights = tmp_path / "model.pt"
+    torch.save(small_model.state_dict(), weights)
+    code, out, err = run_main(["info", "--weights", str(weights), "--width", "0.0625"], capsys)
+    assert code == 0, err
+    assert re.search(r"^width:\s+0\.0625$", out, re.MULTILINE)
+    assert re.search(r"^classes:\s+3 \(class_0, class_1, class_2\)$", out, re.MULTILINE)
+
+
 def test_validate_accepts_a_config_and_hides_passwords(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -24,6 +24,7 @@ from streamdet.models.weights import (
     file_sha256,
     import_sports1m,
     load_checkpoint,
+    load_or_random,
     save_checkpoint,
 )
 from streamdet.preprocess import DEFAULT_CONTRACT, PreprocessContract
@@ -137,6 +138,46 @@ def test_plain_state_dict_loads_with_weights_only(
     assert ckpt.class_names == CLASSES
     assert ckpt.contract == DEFAULT_CONTRACT  # a plain state dict carries none
     assert torch.equal(run(ckpt.model, clip), logits)
+
+
+# --- load_or_random: the one way the runner, info and the benchmarks build a model ------------
+
+
+def test_load_or_random_without_weights_builds_the_same_seeded_model_each_time() -> None:
+    first = load_or_random(None, num_classes=3, width=SMALL)
+    torch.manual_seed(123)  # whatever the caller drew before
+    second = load_or_random(None, num_classes=3, width=SMALL)
+    assert first.is_random and first.name == "random-init"
+    assert first.class_names == ("class_0", "class_1", "class_2")
+    assert first.contract == DEFAULT_CONTRACT and not first.model.training
+    state = second.model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in first.model.state_dict().items())
+
+
+def test_load_or_random_defaults_to_eight_classes_at_full_width() -> None:
+    ckpt = load_or_random(None)
+    assert (ckpt.num_classes, ckpt.model.width) == (8, 1.0)
+
+
+def test_load_or_random_takes_a_safetensors_checkpoints_own_shape(
+    checkpoint_path: Path, clip: torch.Tensor, logits: torch.Tensor
+) -> None:
+    ckpt = load_or_random(checkpoint_path, num_classes=8, width=1.0)  # as a config's defaults
+    assert not ckpt.is_random and ckpt.sha256 == file_sha256(checkpoint_path)
+    assert ckpt.class_names == CLASSES and ckpt.model.width == SMALL
+    assert torch.equal(run(ckpt.model, clip), logits)
+
+
+def test_load_or_random_describes_a_plain_state_dict_with_its_arguments(
+    tmp_path: Path, model: C3D_BN, clip: torch.Tensor, logits: torch.Tensor
+) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(model.state_dict(), path)
+    ckpt = load_or_random(path, width=SMALL)  # classes: fc8's rows
+    assert ckpt.num_classes == len(CLASSES) and not ckpt.is_random
+    assert torch.equal(run(ckpt.model, clip), logits)
+    with pytest.raises(WeightsError, match="do not fit"):
+        load_or_random(path, num_classes=8, width=SMALL)
 
 
 class _TouchOnUnpickle:

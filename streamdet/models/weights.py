@@ -35,6 +35,7 @@ from streamdet.preprocess import DEFAULT_CONTRACT, PreprocessContract
 
 ARCH = "c3d_bn"
 FORMAT_VERSION = "1"
+RANDOM_SHA256 = "-"  # a Checkpoint's sha256 when its weights are random: no file holds them
 
 
 @dataclass
@@ -51,6 +52,11 @@ class Checkpoint:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def is_random(self) -> bool:
+        """Whether the weights are random (:func:`load_or_random` without weights)."""
+        return self.sha256 == RANDOM_SHA256
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -259,6 +265,43 @@ def load_checkpoint(
     model = _build_model(path, n, width or 1.0)
     _load_into(model, state, path)
     return Checkpoint(model.eval(), names, DEFAULT_CONTRACT, path.name, sha, {})
+
+
+def load_or_random(
+    weights: str | os.PathLike[str] | None,
+    *,
+    num_classes: int | None = None,
+    width: float | None = None,
+) -> Checkpoint:
+    """The checkpoint at ``weights``, or a C3D_BN with seeded random weights when it is None.
+
+    Args:
+        weights: a safetensors checkpoint or a plain state dict (``.pt``), or None.
+        num_classes: the random model's classes (None: 8), and a plain state dict's (None: its
+            fc8 rows). A safetensors checkpoint carries its own and ignores it.
+        width: the random model's width (None: 1.0), and a plain state dict's (None: 1.0).
+            A safetensors checkpoint carries its own and ignores it.
+
+    Random weights are drawn after ``torch.manual_seed(0)``, so every caller builds the same
+    model; the checkpoint's ``is_random`` is True, its ``name`` ``"random-init"``.
+
+    Raises:
+        WeightsError: as :func:`load_checkpoint`.
+
+    Example:
+        >>> ckpt = load_or_random(None, num_classes=2, width=0.0625)
+        >>> ckpt.is_random, ckpt.class_names
+        (True, ('class_0', 'class_1'))
+    """
+    if weights:
+        if Path(weights).suffix == ".safetensors":
+            return load_checkpoint(weights)
+        return load_checkpoint(weights, num_classes=num_classes, width=width)
+    classes = 8 if num_classes is None else num_classes
+    torch.manual_seed(0)
+    model = C3D_BN(num_classes=classes, width=1.0 if width is None else width).eval()
+    return Checkpoint(model, default_class_names(classes), DEFAULT_CONTRACT, "random-init",
+                      RANDOM_SHA256)
 
 
 def _class_names(value: Any) -> tuple[str, ...]:
