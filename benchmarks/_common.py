@@ -11,12 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cv2
-import numpy as np
 import torch
 
-from streamdet.models.c3d import C3D_BN, CLIP_LENGTH
+from streamdet.models.c3d import C3D_BN
 from streamdet.models.weights import load_or_random
-from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame
+from streamdet.windows import video_windows
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_VIDEO = REPO / "tests" / ".assets" / "vtest.avi"
@@ -25,25 +24,10 @@ DEFAULT_VIDEO = REPO / "tests" / ".assets" / "vtest.avi"
 def real_windows(video: str | Path, n: int, *, stride: int = 8, skip: int = 0) -> torch.Tensor:
     """``n`` preprocessed (3, 16, 112, 112) windows of ``video``, one every ``stride`` frames.
 
-    Frames are read in order (after skipping ``skip``); the video is rewound when it ends.
+    :func:`streamdet.windows.video_windows` after skipping ``skip`` frames, rewound when the
+    video ends so that there are always ``n`` to time.
     """
-    cap = cv2.VideoCapture(str(video))
-    if not cap.isOpened():
-        raise FileNotFoundError(f"cannot open video {video}")
-    frames: list[np.ndarray] = []
-    need = skip + CLIP_LENGTH + (n - 1) * stride
-    while len(frames) < need:
-        ok, frame = cap.read()
-        if not ok:
-            if not frames:
-                raise RuntimeError(f"{video} has no readable frames")
-            cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-            continue
-        frames.append(preprocess_frame(frame, DEFAULT_CONTRACT))
-    cap.release()
-    stack = np.stack(frames[skip:], axis=1)  # (3, T, 112, 112)
-    windows = [stack[:, i * stride:i * stride + CLIP_LENGTH] for i in range(n)]
-    return torch.from_numpy(np.ascontiguousarray(np.stack(windows)))  # (n, 3, 16, 112, 112)
+    return video_windows(video, n, stride=stride, skip=skip, loop=True)
 
 
 def load_model(weights: str | None, num_classes: int | None,

@@ -3,10 +3,10 @@
 The exported model takes ``(B, 3, 16, 112, 112)`` float32 clips prepared with the checkpoint's
 preprocessing contract and returns ``(B, num_classes)`` logits; the batch axis is dynamic. BatchNorm
 is folded into the convolutions first (``fuse=True``). The check runs windows of real frames
-(a video given by the caller, else a short synthetic stream) through PyTorch and through the
-exported file (onnxruntime for ONNX when it is installed) and reports the largest absolute
-difference of the logits. Class names and the contract go into the ONNX metadata and into a
-``.json`` file next to a TorchScript file.
+(the first windows of a video given by the caller, else of a short synthetic stream) through
+PyTorch and through the exported file (onnxruntime for ONNX when it is installed) and reports
+the largest absolute difference of the logits. Class names and the contract go into the ONNX
+metadata and into a ``.json`` file next to a TorchScript file.
 
 ONNX needs the optional ``onnx`` package (``pip install streamdet[export]`` also brings
 onnxruntime for the check).
@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamdet.data.datasets import frames_to_clip, read_video_clip
+from streamdet.data.datasets import frames_to_clip
 from streamdet.errors import ConfigError, StreamdetError
 from streamdet.models.c3d import CLIP_LENGTH, fuse_bn
 from streamdet.models.weights import load_checkpoint
 from streamdet.preprocess import PreprocessContract
+from streamdet.windows import video_windows
 
 
 class ExportError(StreamdetError):
@@ -63,23 +64,24 @@ class ExportReport:
 def check_windows(
     contract: PreprocessContract, video: str | os.PathLike[str] | None = None, count: int = 4
 ) -> torch.Tensor:
-    """``count`` windows of real frames as model input (count, 3, 16, crop, crop)."""
-    clips = []
-    if video is not None:
-        for i in range(count):
-            frames = read_video_clip(video, contract=contract, position=i / max(count - 1, 1))
-            clips.append(frames_to_clip(frames, contract))
-    else:
-        from streamdet.data.synthetic import iter_stream
+    """``count`` windows of real frames as model input (count, 3, 16, crop, crop).
 
-        frames = [
-            f
-            for f, _ in iter_stream(
-                12345, duration_s=CLIP_LENGTH * count / 10.0 + 0.1, gap_frames=(2, 6)
-            )
-        ]
-        for i in range(count):
-            clips.append(frames_to_clip(frames[i * CLIP_LENGTH : (i + 1) * CLIP_LENGTH], contract))
+    From ``video``: its first ``count`` windows side by side (rewound when it is shorter),
+    sampled and preprocessed with ``contract`` as a run would. Without a video: a short
+    synthetic stream.
+    """
+    if video is not None:
+        return video_windows(video, count, stride=CLIP_LENGTH, contract=contract, loop=True)
+    from streamdet.data.synthetic import iter_stream
+
+    frames = [
+        f
+        for f, _ in iter_stream(
+            12345, duration_s=CLIP_LENGTH * count / 10.0 + 0.1, gap_frames=(2, 6)
+        )
+    ]
+    clips = [frames_to_clip(frames[i * CLIP_LENGTH : (i + 1) * CLIP_LENGTH], contract)
+             for i in range(count)]
     return torch.stack(clips)
 
 
