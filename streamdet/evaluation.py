@@ -9,13 +9,14 @@ Frame intervals are inclusive (``start_frame..end_frame``), seconds are ``[start
 
 Inputs:
 
-- The event log (JSONL) written by ``streamdet run``: a line with ``"type": "end"`` closes an event
-  and carries ``id``, ``source``, ``label``, ``start_frame``, ``end_frame``, ``start_time``,
-  ``end_time`` (ISO-8601 UTC such as ``2026-11-26T13:40:00.123Z``, or seconds). A ``"type": "new"``
-  line whose event never ends counts as an event up to the last frame (and time) seen in the log.
-  Runs append to one log: only the lines of one run count (``run_id``; by default the latest).
-  ISO times are turned into seconds from the stream start: the ``time``/``start_time`` of a
-  ``"type": "start"`` line when there is one, else the truth's ``start_utc``.
+- The event log (JSONL) written by ``streamdet run``, its rotated files (``events.jsonl.5`` ...
+  ``.1``) first, read by :func:`streamdet.sinks.jsonl.scan_lines`: lines it did not write are
+  skipped with a warning. A line with ``"type": "end"`` closes an event and carries ``id``,
+  ``source``, ``label``, ``start_frame``, ``end_frame``, ``start_time``, ``end_time`` (ISO-8601
+  UTC such as ``2026-11-26T13:40:00.123Z``, or seconds). A ``"type": "new"`` line whose event
+  never ends counts as an event up to the last frame (and time) seen in the log. Runs append to
+  one log: only the lines of one run count (``run_id``; by default the latest). ISO times are
+  turned into seconds from the truth's ``start_utc``.
 - Ground truth JSON, as written by :func:`streamdet.data.synthetic.make_stream`::
 
     {"format": "streamdet-truth/1", "fps": 10.0, "frame_count": 900,
@@ -36,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -46,6 +48,9 @@ from typing import Any
 
 from streamdet.errors import ConfigError
 from streamdet.report import percentile
+from streamdet.sinks.jsonl import LogLine, line_problem, open_regular, rotated_paths, scan_lines
+
+log = logging.getLogger(__name__)
 
 DEFAULT_IOU = 0.3
 
@@ -255,8 +260,6 @@ def parse_time(value: Any) -> float | datetime | None:
 def _read_bytes(path: Path, what: str) -> bytes:
     """The bytes of a regular file. ConfigError when it is missing or unreadable, StreamdetError
     when it is not a regular file (a FIFO is refused, never waited on)."""
-    from streamdet.sinks.jsonl import open_regular
-
     try:
         fd = open_regular(path, os.O_RDONLY, what)
     except FileNotFoundError:
@@ -301,19 +304,49 @@ class _LogEvent:
 
 
 @dataclass
-class EventLog:
-    """Events read from a JSONL log."""
+class LoggedEvents:
+    """The events of one run read from an event log, and the last frame and time it saw."""
 
     events: list[_LogEvent]
     last_frame: int | None
     last_time: float | datetime | None
-    origin: datetime | None
+
+
+def _log_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """("file:line", line) of every line the log wrote, its rotated files first.
+
+    Raises:
+        ConfigError: no file of the log exists or one cannot be read, or not one of its lines
+            is the log's own (a file given as the log by mistake).
+        StreamdetError: one of its files is not a regular file.
+    """
+    if not any(p.exists() for p in rotated_paths(path)):
+        raise ConfigError(f"{path}: the event log not found")
+    records: list[tuple[str, dict[str, Any]]] = []
+    foreign: list[LogLine] = []
+    try:
+        for line in scan_lines(path):
+            if line.obj is None:
+                foreign.append(line)
+            else:
+                records.append((f"{line.file}:{line.number}", line.obj))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the event log ({exc.strerror or exc})") from exc
+    if foreign and not records:
+        first = foreign[0]
+        raise ConfigError(f"{first.file}:{first.number}: {line_problem(first.raw)}: not an event "
+                          "log written by 'streamdet run'")
+    if foreign:
+        log.warning("%s: %d line(s) not written by streamdet skipped (first at %s:%d: %s)", path,
+                    len(foreign), foreign[0].file, foreign[0].number,
+                    line_problem(foreign[0].raw))
+    return records
 
 
 def read_event_log(
     path: str | os.PathLike[str], *, source: str | None = None, run_id: str | None = None
-) -> EventLog:
-    """Read the events of a ``streamdet run`` JSONL log.
+) -> LoggedEvents:
+    """Read the events of a ``streamdet run`` JSONL log and of its rotated files.
 
     Args:
         path: the log. Runs append to it, so lines carry a ``run_id``.
@@ -322,29 +355,13 @@ def read_event_log(
             (the latest run), or every line when no line has a ``run_id``.
 
     Raises:
-        ConfigError: missing file, a line that is not UTF-8 or not JSON (a torn last line is
-            skipped), a field of the wrong type, or a ``run_id`` that no line has.
+        ConfigError: missing log, a file no line of which the log wrote (lines it did not write
+            among its own are skipped), a field of the wrong type, or a ``run_id`` that no line
+            has.
         StreamdetError: a path that is not a regular file (a FIFO, a device, a folder).
     """
     path = Path(path)
-    records: list[tuple[str, dict[str, Any]]] = []  # ("path:line", record)
-    lines = _read_bytes(path, "the event log").splitlines()
-    for n, raw in enumerate(lines, 1):
-        try:  # the log is ASCII: no crash leaves a line that is not UTF-8
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as exc:
-            raise _not_utf8(f"{path}:{n}", exc, "an event log written by 'streamdet run'") from None
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            if n == len(lines):  # torn by a crash while writing: the log's own rule
-                break
-            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-            raise ConfigError(f"{path}:{n}: not JSON ({why})") from exc
-        if isinstance(rec, dict):
-            records.append((f"{path}:{n}", rec))
+    records = _log_records(path)
     runs = list(dict.fromkeys(str(r["run_id"]) for _, r in records if r.get("run_id") is not None))
     if run_id is None:
         run_id = runs[-1] if runs else None
@@ -355,7 +372,6 @@ def read_event_log(
     closed: list[_LogEvent] = []
     last_frame: int | None = None
     last_time: float | datetime | None = None
-    origin: datetime | None = None
     for where, rec in records:
         if run_id is not None and rec.get("run_id") not in (None, run_id):
             continue
@@ -375,11 +391,6 @@ def read_event_log(
             ):  # type: ignore[operator]
                 last_time = t
         kind = rec.get("type")
-        if kind == "start":
-            t = parse_time(rec.get("time", rec.get("start_time")))
-            if isinstance(t, datetime) and origin is None:
-                origin = t
-            continue
         if kind not in ("new", "end") or "label" not in rec:
             continue
         key = f"{rec.get('source')}|{rec.get('id')}"
@@ -401,7 +412,7 @@ def read_event_log(
         ev.end_frame = last_frame
         ev.end_time = last_time
         closed.append(ev)
-    return EventLog(closed, last_frame, last_time, origin)
+    return LoggedEvents(closed, last_frame, last_time)
 
 
 @dataclass
@@ -472,32 +483,32 @@ def _seconds(t: float | datetime | None, origin: datetime | None, what: str) -> 
     if isinstance(t, datetime):
         if origin is None:
             raise ConfigError(
-                f"{what}: ISO times need the stream start: a 'type': 'start' line in the log or 'start_utc' in the truth"
+                f"{what}: ISO times need the stream start: 'start_utc' in the truth"
             )
         return (t - origin).total_seconds()
     return float(t)
 
 
 def to_intervals(
-    log: EventLog, truth: Truth
+    logged: LoggedEvents, truth: Truth
 ) -> tuple[list[Interval], list[Interval], float | None]:
     """Detections and truth as intervals in a shared unit: frames when both have them, else seconds."""
     frames_ok = all(
-        e.start_frame is not None and e.end_frame is not None for e in log.events
+        e.start_frame is not None and e.end_frame is not None for e in logged.events
     ) and all("start_frame" in t and "end_frame" in t for t in truth.events)
     if frames_ok:
         dets = [
             Interval(e.label, float(e.start_frame), float(e.end_frame), "frame", e.id)
-            for e in log.events
+            for e in logged.events
         ]  # type: ignore[arg-type]
         trues = [
             Interval(str(t["label"]), float(t["start_frame"]), float(t["end_frame"]), "frame")
             for t in truth.events
         ]
         return dets, trues, truth.fps
-    origin = log.origin or truth.start_utc
+    origin = truth.start_utc
     dets = []
-    for e in log.events:
+    for e in logged.events:
         if e.start_time is not None:
             s, t_end = (
                 _seconds(e.start_time, origin, "event log"),
@@ -531,12 +542,12 @@ def evaluate_files(
 ) -> EventMetrics:
     """Event metrics of a JSONL event log (its latest run unless ``run_id`` is given) against a
     truth JSON; ``none`` events on either side are ignored."""
-    log = read_event_log(events, source=source, run_id=run_id)
+    logged = read_event_log(events, source=source, run_id=run_id)
     t = read_truth(truth)
     ignore = set(ignore_labels)
-    log.events = [e for e in log.events if e.label not in ignore]
+    logged.events = [e for e in logged.events if e.label not in ignore]
     t.events = [e for e in t.events if e["label"] not in ignore]
-    dets, trues, fps = to_intervals(log, t)
+    dets, trues, fps = to_intervals(logged, t)
     return event_metrics(dets, trues, iou=iou, fps=fps)
 
 

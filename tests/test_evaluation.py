@@ -20,6 +20,8 @@ from streamdet.evaluation import (
     read_event_log,
     temporal_iou,
 )
+from streamdet.events import EventChange
+from streamdet.sinks.jsonl import SCHEMA, EventLog, rotated_paths
 from streamdet.training.commands import add_commands
 
 
@@ -73,7 +75,9 @@ def test_no_events_on_either_side_is_a_perfect_score():
 
 
 def _write_log(path, lines):
-    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    """Lines as the event log writes them: its schema first, compact JSON."""
+    path.write_text("".join(json.dumps({"schema": SCHEMA, **x}, separators=(",", ":")) + "\n"
+                            for x in lines))
 
 
 def test_open_event_counts_up_to_the_last_frame_seen(tmp_path):
@@ -154,7 +158,6 @@ def test_iso_times_are_matched_from_the_stream_start_when_truth_has_no_frames(tm
     _write_log(
         log,
         [
-            {"type": "start", "source": "cam", "time": "2026-11-26T13:40:00.000Z"},
             {
                 "type": "end",
                 "id": "1",
@@ -167,10 +170,51 @@ def test_iso_times_are_matched_from_the_stream_start_when_truth_has_no_frames(tm
             },
         ],
     )
-    truth.write_text(json.dumps([{"label": "light_off", "start_time": 10.5, "end_time": 12.0}]))
+    truth.write_text(json.dumps({"start_utc": "2026-11-26T13:40:00.000Z",
+                                 "events": [{"label": "light_off", "start_time": 10.5,
+                                             "end_time": 12.0}]}))
     m = evaluate_files(log, truth)
     assert (m.tp, m.fp, m.fn) == (1, 0, 0)
     assert m.onset_delays == pytest.approx([-0.5])
+
+
+def _end_line(n: int) -> EventChange:
+    """The end of the n-th 'run' event of source cam: frames 20n..20n+9 at 10 fps."""
+    start = 20 * n
+    return EventChange(type="end", id=f"cam-run-{n}", source="cam", label="run", class_index=1,
+                       score=0.2, peak_score=0.9, threshold=0.6, start_time=start / 10,
+                       end_time=(start + 10) / 10, start_frame=start, end_frame=start + 9,
+                       window_first_frame=start, window_last_frame=start + 15,
+                       window_time=(start + 15) / 10, end_reason="score_drop")
+
+
+def test_a_run_whose_log_rotated_is_scored_on_every_event(tmp_path):
+    """Only events.jsonl itself was read: the events in events.jsonl.1, .2, ... were missed."""
+    log, truth = tmp_path / "events.jsonl", tmp_path / "truth.json"
+    with EventLog(log, {"name": "m", "sha256": "-"}, run_id="r", rotate_bytes=1) as writer:
+        for n in range(6):  # a file for each line: events.jsonl.5 (the oldest) ... events.jsonl
+            writer.write_event(_end_line(n), latency_ms=1.0)
+    assert all(p.exists() for p in rotated_paths(log))
+    truth.write_text(json.dumps({"fps": 10, "events": [
+        {"label": "run", "start_frame": 20 * n, "end_frame": 20 * n + 9} for n in range(6)]}))
+
+    m = evaluate_files(log, truth)
+
+    assert (m.tp, m.fp, m.fn) == (6, 0, 0)
+
+
+def test_lines_the_log_did_not_write_are_skipped(tmp_path, caplog):
+    log, truth = tmp_path / "events.jsonl", tmp_path / "truth.json"
+    _write_log(log, [GOOD_END])
+    with log.open("a") as f:
+        f.write('{"type": "end", "id": "2", "source": "cam", "label": "run", "start_frame": 50, '
+                '"end_frame": 59}\n')  # an edit: not the log's own line
+    truth.write_text(json.dumps(GOOD_TRUTH))
+
+    m = evaluate_files(log, truth)
+
+    assert (m.tp, m.fp, m.fn) == (1, 0, 0)
+    assert "1 line(s) not written by streamdet skipped (first at " in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -237,6 +281,8 @@ def _truth_with(**fields):
     ("log", "truth", "message"),
     [
         (PNG, GOOD_TRUTH, "e.jsonl:1: not UTF-8 text (byte 0x89 at offset 0): not an event log"),
+        (b"sources:\n  - {name: cam, url: '0'}\n", GOOD_TRUTH,
+         'e.jsonl:1: does not begin with {"schema":"streamdet.event/: not an event log'),
         ([GOOD_END], PNG, "t.json: not UTF-8 text (byte 0x89 at offset 0): not a truth JSON"),
         ([GOOD_END], _truth_with(start_frame="x"),
          "events[0].start_frame must be a number, but got 'x'"),
@@ -252,7 +298,7 @@ def _truth_with(**fields):
         ([{**GOOD_END, "start_time": "noon", "end_time": 1.0}], GOOD_TRUTH,
          "e.jsonl:1: start_time: Invalid isoformat string"),
     ],
-    ids=["binary-log", "binary-truth", "truth-frame-string", "truth-frame-null", "truth-label-list",
+    ids=["binary-log", "config-as-log", "binary-truth", "truth-frame-string", "truth-frame-null", "truth-label-list",
          "truth-fps-string", "truth-start-utc-not-iso", "truth-start-utc-number", "log-frame-list",
          "log-time-not-iso"],
 )

@@ -25,7 +25,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 try:
     import fcntl
@@ -138,7 +138,13 @@ def _raw_lines(fd: int) -> Iterator[bytes]:
         yield pending
 
 
-_ScannedLine = tuple[Path, int, dict[str, Any] | None]  # (file, line number, line or None)
+class LogLine(NamedTuple):
+    """One line of a log as read: where it is, its bytes, and what it holds when it is the log's."""
+
+    file: Path
+    number: int  # from 1 in its file
+    raw: bytes  # without its newline
+    obj: dict[str, Any] | None  # parse_line(raw): None for a line that is not the log's own
 
 
 def _reject_constant(name: str) -> None:
@@ -171,11 +177,35 @@ def parse_line(line: bytes) -> dict[str, Any] | None:
     return obj
 
 
-def _scan(path: Path, *, rotated_only: bool = False) -> Iterator[_ScannedLine]:
-    """(file, line number, parsed line or None) of a log's rotated files and the log, oldest first.
+def line_problem(line: bytes) -> str:
+    """Why ``line`` is not a line of the log (``parse_line`` gave None), in words.
 
-    StreamdetError when one of them is not a regular file.
+    Example:
+        >>> line_problem(b"\\x89PNG")
+        'not UTF-8 text (byte 0x89 at offset 0)'
     """
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+    if not line.startswith(_LINE_START):
+        return f"does not begin with {_LINE_START.decode()}"
+    return "not strict JSON, or an event line without a string id"
+
+
+def scan_lines(path: str | os.PathLike[str], *, rotated_only: bool = False) -> Iterator[LogLine]:
+    """Every line of a log's rotated files (``events.jsonl.5`` ... ``.1``), then of the log
+    itself: oldest first, as they were written. Files that do not exist are left out.
+
+    Args:
+        path: the log.
+        rotated_only: leave out the log itself (the writer reads it through its own handle).
+
+    Raises:
+        StreamdetError: one of the files is not a regular file (a FIFO is refused, never read).
+        OSError: one of them cannot be read.
+    """
+    path = Path(path)
     for p in rotated_paths(path)[:-1] if rotated_only else rotated_paths(path):
         try:
             fd = open_regular(p, os.O_RDONLY, _role(p, path))
@@ -183,7 +213,7 @@ def _scan(path: Path, *, rotated_only: bool = False) -> Iterator[_ScannedLine]:
             continue
         try:
             for n, line in enumerate(_raw_lines(fd), 1):
-                yield p, n, parse_line(line)
+                yield LogLine(p, n, line, parse_line(line))
         finally:
             os.close(fd)
 
@@ -191,9 +221,9 @@ def _scan(path: Path, *, rotated_only: bool = False) -> Iterator[_ScannedLine]:
 def read_lines(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
     """Parsed lines of an event log and its rotated files, oldest first; lines that are not the
     log's own (torn by a crash, edited, damaged) skipped."""
-    for _, _, obj in _scan(Path(path)):
-        if obj is not None:
-            yield obj
+    for line in scan_lines(path):
+        if line.obj is not None:
+            yield line.obj
 
 
 class EventLog:
@@ -299,8 +329,8 @@ class EventLog:
 
     def _scan(self, fd: int) -> Iterator[tuple[str, dict[str, Any] | None]]:
         """('file:line', parsed line or None) of the rotated files, then of the log itself."""
-        for p, n, obj in _scan(self.path, rotated_only=True):
-            yield f"{p}:{n}", obj
+        for line in scan_lines(self.path, rotated_only=True):
+            yield f"{line.file}:{line.number}", line.obj
         for n, line in enumerate(_raw_lines(fd), 1):
             yield f"{self.path}:{n}", parse_line(line)
 
