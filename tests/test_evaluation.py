@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 
 import pytest
 
-from streamdet.cli import main
+from streamdet.cli import build_parser, main
 from streamdet.errors import ConfigError
 from streamdet.evaluation import (
     Interval,
@@ -22,13 +21,11 @@ from streamdet.evaluation import (
 )
 from streamdet.events import EventChange
 from streamdet.sinks.jsonl import SCHEMA, EventLog, rotated_paths
-from streamdet.training.commands import add_commands
 
 
 def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """The handler's own result or exception, without main's error handling."""
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 
 import pytest
 import torch
 
+from streamdet.cli import build_parser
 from streamdet.data.synthetic import CLASSES, make_stream
 from streamdet.errors import WeightsError
 from streamdet.models.c3d import C3D_BN
 from streamdet.models.weights import save_checkpoint
-from streamdet.training.commands import add_commands
 
 
 def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """The handler's own result or exception, without main's error handling."""
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

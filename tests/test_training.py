@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import subprocess
 import sys
@@ -14,21 +13,20 @@ import pytest
 import torch
 import yaml
 
+from streamdet.cli import build_parser
 from streamdet.data.datasets import Augment, read_video_clip, scan_folder
 from streamdet.data.synthetic import CLASSES
 from streamdet.errors import ConfigError
 from streamdet.models.c3d import C3D_BN
 from streamdet.models.weights import load_checkpoint, save_checkpoint
 from streamdet.preprocess import DEFAULT_CONTRACT
-from streamdet.training.commands import add_commands
 from streamdet.training.config import TrainConfig, load_config
 from streamdet.training.trainer import _lr_factor, build_model, load_state, train
 
 
 def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """The handler's own result or exception, without main's error handling."""
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
