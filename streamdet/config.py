@@ -584,8 +584,38 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def _resolve_input_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative input paths of a config file's ``data`` relative to ``folder`` (the
+    file's), in place: file sources (``file://`` dropped), ``model.weights``,
+    ``model.calibration`` and ``truth``; ``~`` is expanded. A value of another type is left for
+    validation to report."""
+    from streamdet.sources import SourceKind, source_kind  # cv2: imported only to read a file
+
+    def resolve(path: str) -> str:
+        found = Path(path).expanduser()
+        return str(found if found.is_absolute() else folder / found)
+
+    sources = data.get("sources")
+    for source in sources if isinstance(sources, list) else ():
+        url = source.get("url") if isinstance(source, dict) else None
+        if isinstance(url, str) and url and source_kind(url) is SourceKind.FILE:
+            source["url"] = resolve(url.removeprefix("file://"))
+    model = data.get("model")
+    for key in ("weights", "calibration") if isinstance(model, dict) else ():
+        if isinstance(model.get(key), str) and model[key]:
+            model[key] = resolve(model[key])
+    if isinstance(data.get("truth"), str) and data["truth"]:
+        data["truth"] = resolve(data["truth"])
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
     """Load, merge and validate a run configuration.
+
+    Relative input paths in the file (file sources, ``model.weights``, ``model.calibration``,
+    ``truth``) are relative to the file's folder: they are resolved as the file is read, before
+    ``overrides`` are merged, so that every command sees the same configuration. Paths in
+    ``overrides`` stay as given (relative to the current folder). ``${ENV_VAR}`` is replaced
+    first, so a variable holding an absolute path stays absolute.
 
     Args:
         path: YAML file, or None for defaults only.
@@ -602,13 +632,15 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
 def _load_config(path: str | os.PathLike[str] | None,
                  overrides: Mapping[str, Any] | None) -> RunConfig:
     data = read_yaml(path) if path is not None else {}
-    if overrides:
-        data = _deep_merge(data, overrides)
     where = f"{path}: " if path is not None else ""
     problems = _Problems()
     data = _substitute_env(data, "", problems)
+    extra = _substitute_env(dict(overrides or {}), "", problems)
     if problems.count:
         raise ConfigError(f"{where}{problems}")
+    if path is not None:
+        _resolve_input_paths(data, Path(path).resolve().parent)
+    data = _deep_merge(data, extra)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

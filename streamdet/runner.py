@@ -70,27 +70,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return over
 
 
-def resolve_inputs(cfg: RunConfig, config_dir: Path, cli_sources: bool, cli_weights: bool,
-                   cli_truth: bool = False) -> RunConfig:
-    """Relative input paths in a config file are relative to that file's folder."""
-
-    def resolve(p: str) -> str:
-        path = Path(p).expanduser()
-        return str(path if path.is_absolute() else (config_dir / path))
-
-    if not cli_sources:
-        for s in cfg.sources:
-            if source_kind(s.url) is SourceKind.FILE:
-                s.url = resolve(s.url.removeprefix("file://"))
-    if cfg.model.weights and not cli_weights:
-        cfg.model.weights = resolve(cfg.model.weights)
-    if cfg.truth and not cli_truth:
-        cfg.truth = resolve(cfg.truth)
-    if cfg.model.calibration:
-        cfg.model.calibration = resolve(cfg.model.calibration)
-    return cfg
-
-
 def check_windows(cfg: RunConfig, checkpoint: Checkpoint) -> Any:
     """Real windows to check reduced precision against fp32 (and calibrate int8) with.
 
@@ -230,9 +209,7 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
         # Your sources with the demo's model and tracker: the demo's annotated video is the demo's
         # output, not yours (a live camera would be recorded without end).
         overrides.setdefault("sinks", {}).setdefault("overlay", {})["video"] = None
-    cfg = load_config(config_path, overrides)
-    cfg = resolve_inputs(cfg, config_path.resolve().parent, bool(args.source), bool(args.weights),
-                         bool(args.truth))
+    cfg = load_config(config_path, overrides)  # the file's relative paths: from its folder
     check_sources([s.url for s in cfg.sources])  # fail fast, before the model is built
     if cfg.model.calibration:  # named on purpose: a typo is an error, not a silent random check
         try:

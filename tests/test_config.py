@@ -65,11 +65,12 @@ def test_empty_file_gives_the_defaults(tmp_path: Path, text: str) -> None:
     assert load_config(write(tmp_path, text)) == RunConfig()
 
 
-@pytest.mark.parametrize(("url", "expected"), [("0", "0"), ("2", "2"), ("'0'", "0"), ("clip.mp4", "clip.mp4")],
+@pytest.mark.parametrize(("url", "expected"), [("0", "0"), ("2", "2"), ("'0'", "0"),
+                                             ("clip.mp4", "{folder}/clip.mp4")],
                          ids=["int-0", "int-2", "quoted-0", "file"])
 def test_camera_index_may_be_an_integer(tmp_path: Path, url: str, expected: str) -> None:
     cfg = load_config(write(tmp_path, f"sources:\n  - name: cam\n    url: {url}\n"))
-    assert cfg.sources[0].url == expected
+    assert cfg.sources[0].url == expected.format(folder=tmp_path)  # a file: from the config's folder
 
 
 def test_env_variables_are_substituted_in_every_string(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -89,7 +90,7 @@ def test_env_variables_are_substituted_in_every_string(tmp_path: Path, monkeypat
     cfg = load_config(path)
     assert cfg.sources[0].url == "rtsp://alice:s3cr3t@10.0.0.5/alice"
     assert cfg.sinks.events.path == "/var/log/sd/events.jsonl"
-    assert cfg.model.weights == "$SD_TEST_USER.safetensors"
+    assert cfg.model.weights == str(tmp_path / "$SD_TEST_USER.safetensors")
 
 
 def test_overrides_merge_over_the_file(tmp_path: Path) -> None:
