@@ -601,9 +601,10 @@ def _resolve_input_paths(data: dict[str, Any], folder: Path) -> None:
         if isinstance(url, str) and url and source_kind(url) is SourceKind.FILE:
             source["url"] = resolve(url.removeprefix("file://"))
     model = data.get("model")
-    for key in ("weights", "calibration") if isinstance(model, dict) else ():
-        if isinstance(model.get(key), str) and model[key]:
-            model[key] = resolve(model[key])
+    if isinstance(model, dict):
+        for key in ("weights", "calibration"):
+            if isinstance(model.get(key), str) and model[key]:
+                model[key] = resolve(model[key])
     if isinstance(data.get("truth"), str) and data["truth"]:
         data["truth"] = resolve(data["truth"])
 

@@ -329,8 +329,8 @@ class EventLog:
 
     def _scan(self, fd: int) -> Iterator[tuple[str, dict[str, Any] | None]]:
         """('file:line', parsed line or None) of the rotated files, then of the log itself."""
-        for line in scan_lines(self.path, rotated_only=True):
-            yield f"{line.file}:{line.number}", line.obj
+        for rotated in scan_lines(self.path, rotated_only=True):
+            yield f"{rotated.file}:{rotated.number}", rotated.obj
         for n, line in enumerate(_raw_lines(fd), 1):
             yield f"{self.path}:{n}", parse_line(line)
 
