@@ -343,6 +343,17 @@ def _log_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     return records
 
 
+def _later(t: float | datetime, than: float | datetime | None) -> bool:
+    """Whether ``t`` is after ``than`` (None: nothing yet); seconds and datetimes never compare."""
+    if than is None:
+        return True
+    if isinstance(t, datetime) and isinstance(than, datetime):
+        return t > than
+    if isinstance(t, float) and isinstance(than, float):
+        return t > than
+    return False
+
+
 def read_event_log(
     path: str | os.PathLike[str], *, source: str | None = None, run_id: str | None = None
 ) -> LoggedEvents:
@@ -386,9 +397,7 @@ def read_event_log(
                 t = parse_time(rec.get(key))
             except ValueError:
                 t = None
-            if t is not None and (
-                last_time is None or (type(t) is type(last_time) and t > last_time)
-            ):  # type: ignore[operator]
+            if t is not None and _later(t, last_time):
                 last_time = t
         kind = rec.get("type")
         if kind not in ("new", "end") or "label" not in rec:
@@ -500,7 +509,8 @@ def to_intervals(
         dets = [
             Interval(e.label, float(e.start_frame), float(e.end_frame), "frame", e.id)
             for e in logged.events
-        ]  # type: ignore[arg-type]
+            if e.start_frame is not None and e.end_frame is not None  # all of them: frames_ok
+        ]
         trues = [
             Interval(str(t["label"]), float(t["start_frame"]), float(t["end_frame"]), "frame")
             for t in truth.events
