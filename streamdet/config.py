@@ -49,9 +49,9 @@ from yaml.scanner import Scanner
 from streamdet.errors import ConfigError
 
 try:
-    from yaml.cyaml import CParser
+    from yaml.cyaml import CParser  # type: ignore[attr-defined]  # not in the stubs' __all__
 except ImportError:  # PyYAML built without libyaml: the pure-Python parser, several times slower
-    CParser = None
+    CParser = None  # type: ignore[assignment,misc]
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -354,8 +354,10 @@ class _BoundedComposer:
         before = self._values
         self._count(1, event)
         if isinstance(event, ScalarEvent):
+            # libyaml's marks are a type of their own with the fields of PyYAML's
             node: Node = ScalarNode(self._tag(ScalarNode, event, event.value), event.value,
-                                    event.start_mark, event.end_mark, style=event.style)
+                                    event.start_mark, event.end_mark,  # type: ignore[arg-type]
+                                    style=event.style)
             height = 0
         elif isinstance(event, SequenceStartEvent):
             node, height = self._sequence(event, depth)
