@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import load_model  # noqa: E402
 from gpu_bench import peak_for, synchronize, time_interleaved  # noqa: E402
 
-from streamdet.fastpath import InferenceNet  # noqa: E402
-from streamdet.inference import _configure_cuda, _prepare  # noqa: E402
+from streamdet.inference.engine import _configure_cuda, _prepare  # noqa: E402
+from streamdet.inference.fastpath import InferenceNet  # noqa: E402
 from streamdet.models.c3d import count_flops  # noqa: E402
 
 

@@ -167,7 +167,7 @@ def main() -> int:
     })
     check_clips = None
     if args.precision != "fp32":
-        from streamdet.quantize import calibration_windows
+        from streamdet.inference import calibration_windows
 
         check_clips = calibration_windows(args.video, stride=8)
     engine = build_engine(model, "cpu", args.precision, check_clips=check_clips)

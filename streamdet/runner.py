@@ -80,7 +80,7 @@ def check_windows(cfg: RunConfig, checkpoint: Checkpoint) -> Any:
         (s.url for s in cfg.sources if source_kind(s.url) is SourceKind.FILE), None)
     if cfg.model.precision == "fp32" or video is None:
         return None
-    from streamdet.quantize import calibration_windows
+    from streamdet.inference import calibration_windows
 
     try:
         return calibration_windows(video, stride=cfg.window.stride, contract=checkpoint.contract)

@@ -32,9 +32,9 @@ from streamdet import inference
 from streamdet.cli import main
 from streamdet.config import load_config
 from streamdet.events import ClassRule, TrackerSettings
+from streamdet.inference import calibration_windows
 from streamdet.models.weights import load_checkpoint
 from streamdet.pipeline import tracker_settings
-from streamdet.quantize import calibration_windows
 
 REPO = Path(__file__).resolve().parent.parent
 EVENT_TYPES = ("new", "update", "end")

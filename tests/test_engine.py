@@ -14,7 +14,16 @@ import torch
 
 from streamdet import inference, kernels
 from streamdet.errors import StreamdetError
-from streamdet.fastpath import (
+from streamdet.inference import (
+    PATHS,
+    Engine,
+    build_engine,
+    build_path,
+    check_engine,
+    warm_other_batch_size,
+)
+from streamdet.inference import engine as engine_module
+from streamdet.inference.fastpath import (
     ChannelPad,
     GraphedForward,
     InferenceNet,
@@ -26,14 +35,6 @@ from streamdet.fastpath import (
     plain_pool,
     weights_key,
     width_folded_conv,
-)
-from streamdet.inference import (
-    PATHS,
-    Engine,
-    build_engine,
-    build_path,
-    check_engine,
-    warm_other_batch_size,
 )
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, fuse_bn
 
@@ -285,7 +286,7 @@ def test_conv1_cannot_be_both_folded_and_padded(model: C3D_BN) -> None:
 
 
 def test_int8_quantizes_conv1_after_the_float_width_fold(model: C3D_BN, real_clips: torch.Tensor) -> None:
-    from streamdet.quantize import quantize_int8
+    from streamdet.inference import quantize_int8
 
     quantized = quantize_int8(model, real_clips[:2], cache_dir=None)
     modules = dict(quantized.named_modules())
@@ -308,7 +309,7 @@ def test_int8_calibration_is_cached_and_reused(model: C3D_BN, real_clips: torch.
                                                caplog: pytest.LogCaptureFixture) -> None:
     first = build_path(model, CPU, "int8", calibration_clips=real_clips[:2], cache_dir=tmp_path)
     assert len(list(tmp_path.glob("int8-calib-*.pt"))) == 1
-    with caplog.at_level(logging.INFO, logger="streamdet.quantize"):
+    with caplog.at_level(logging.INFO, logger="streamdet.inference"):
         second = build_path(model, CPU, "int8", calibration_clips=real_clips[:2], cache_dir=tmp_path)
     assert "loaded calibration statistics" in caplog.text
     torch.testing.assert_close(first(real_clips[:2]), second(real_clips[:2]))
@@ -317,7 +318,7 @@ def test_int8_calibration_is_cached_and_reused(model: C3D_BN, real_clips: torch.
 def test_build_engine_falls_back_to_fp32_with_a_warning_when_a_path_is_wrong(
     model: C3D_BN, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    real_candidate = inference._candidate
+    real_candidate = engine_module._candidate
 
     def bad_candidate(m: C3D_BN, device: torch.device, precision: str, **kw: object) -> Engine:
         engine = real_candidate(m, device, precision, **kw)
@@ -326,7 +327,7 @@ def test_build_engine_falls_back_to_fp32_with_a_warning_when_a_path_is_wrong(
             engine.model = lambda x: -wrong(x)  # type: ignore[assignment, operator]  # flips top-1
         return engine
 
-    monkeypatch.setattr(inference, "_candidate", bad_candidate)
+    monkeypatch.setattr(engine_module, "_candidate", bad_candidate)
     with caplog.at_level(logging.WARNING, logger="streamdet.inference"):
         engine = build_engine(model, "cpu", "bf16", cache_dir=tmp_path)
     assert engine.precision == "fp32"
@@ -355,16 +356,16 @@ def test_check_engine_rejects_non_finite_output(model: C3D_BN) -> None:
 def test_auto_precision_per_device(monkeypatch: pytest.MonkeyPatch, device: str, bf16_supported: bool,
                                    has_amx: bool, expected: str) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
-    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: has_amx)
-    assert inference._auto_precision(torch.device(device)) == expected
+    monkeypatch.setattr(engine_module, "cpu_has_fast_bf16", lambda: has_amx)
+    assert engine_module._auto_precision(torch.device(device)) == expected
 
 
 @pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_cuda_paths_use_autocast_with_the_precision_dtype(monkeypatch: pytest.MonkeyPatch, model: C3D_BN,
                                                           precision: str, dtype: torch.dtype) -> None:
     # _prepare would move the model to CUDA; keep it on the CPU and look at the engine's plan.
-    monkeypatch.setattr(inference, "_prepare", lambda m, device: fuse_bn(m))
-    engine = inference._candidate(model, torch.device("cuda"), precision)
+    monkeypatch.setattr(engine_module, "_prepare", lambda m, device: fuse_bn(m))
+    engine = engine_module._candidate(model, torch.device("cuda"), precision)
     assert engine.path == f"{precision}-autocast"
     assert engine._autocast_dtype is dtype
     assert engine._input_dtype is torch.float32  # fp32 input; autocast casts inside
@@ -383,7 +384,7 @@ def test_cuda_paths_use_autocast_with_the_precision_dtype(monkeypatch: pytest.Mo
 )
 def test_preferred_path_per_device_precision_and_compile(device: str, precision: str, compile: bool,
                                                         expected: str) -> None:
-    assert inference._preferred_path(torch.device(device), precision, compile) == expected
+    assert engine_module._preferred_path(torch.device(device), precision, compile) == expected
 
 
 def test_fp16_on_a_cpu_is_a_clear_error(model: C3D_BN) -> None:
@@ -414,9 +415,9 @@ def test_compiled_path_autotunes_and_pads_conv1_on_cuda_only(model: C3D_BN, monk
         built.update(net=net, mode=mode)
         return net
 
-    monkeypatch.setattr(inference, "compile_net", fake_compile)
+    monkeypatch.setattr(engine_module, "compile_net", fake_compile)
     # Build the CUDA path's module on the CPU: the device decides the layout, not where it lives.
-    monkeypatch.setattr(inference, "_prepare", lambda m, dev: inference.fuse_bn(m))
+    monkeypatch.setattr(engine_module, "_prepare", lambda m, dev: fuse_bn(m))
     inference.build_path(model, torch.device(device), "bf16-compiled", cache_dir=tmp_path)
     net = built["net"]
     assert isinstance(net, InferenceNet) and built["mode"] == mode
@@ -425,12 +426,12 @@ def test_compiled_path_autotunes_and_pads_conv1_on_cuda_only(model: C3D_BN, monk
 
 
 def test_cudnn_benchmark_is_set_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(inference, "_cuda_configured", False)
+    monkeypatch.setattr(engine_module, "_cuda_configured", False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    inference._configure_cuda()
+    engine_module._configure_cuda()
     assert torch.backends.cudnn.benchmark is True
     torch.backends.cudnn.benchmark = False  # someone turns it off: a second build must not flip it
-    inference._configure_cuda()
+    engine_module._configure_cuda()
     assert torch.backends.cudnn.benchmark is False
 
 
@@ -530,7 +531,7 @@ def test_build_engine_rejects_unknown_precision(model: C3D_BN) -> None:
 def test_calibration_windows_come_from_the_video() -> None:
     from assets import vtest_path
 
-    from streamdet.quantize import calibration_windows
+    from streamdet.inference import calibration_windows
 
     clips = calibration_windows(vtest_path(), 3)
     assert clips.shape == (3, *INPUT_SHAPE) and clips.dtype == torch.float32
@@ -539,7 +540,7 @@ def test_calibration_windows_come_from_the_video() -> None:
 
 @pytest.mark.parametrize("content", [None, b"\x00garbage, not a video\xff" * 200], ids=["missing", "not-a-video"])
 def test_calibration_from_a_file_that_is_not_a_video_says_why(tmp_path: Path, content: bytes | None) -> None:
-    from streamdet.quantize import calibration_windows
+    from streamdet.inference import calibration_windows
 
     path = tmp_path / "calibration.mp4"
     if content is not None:

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from streamdet import inference
 from streamdet.buffer import FrameMeta, RingBuffer
 from streamdet.inference import InferenceThread, WindowResult, build_engine, check_engine
+from streamdet.inference import engine as engine_module
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE
 
 FRAME_SHAPE = (3, 112, 112)
@@ -70,7 +70,7 @@ def test_bf16_engine_runs_in_bf16_and_passes_its_check_against_fp32(tiny_model: 
 def test_a_reduced_precision_path_that_fails_its_check_falls_back_to_fp32(
     tiny_model: C3D_BN, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path
 ) -> None:
-    monkeypatch.setattr(inference, "check_engine", lambda *args, **kwargs: (False, 0.5, 0.3))
+    monkeypatch.setattr(engine_module, "check_engine", lambda *args, **kwargs: (False, 0.5, 0.3))
 
     with caplog.at_level(logging.WARNING, logger="streamdet.inference"):
         engine = build_engine(tiny_model, "cpu", "bf16", cache_dir=tmp_path)

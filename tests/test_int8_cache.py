@@ -83,7 +83,7 @@ def test_a_damaged_calibration_cache_is_rebuilt_with_a_warning(
     torch.testing.assert_close(engine(clean_entry.clips), clean_entry.logits)
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="streamdet.quantize"):
+    with caplog.at_level(logging.INFO, logger="streamdet.inference"):
         again = build_path(model, CPU, "int8", calibration_clips=clean_entry.clips, cache_dir=tmp_path)
     assert "loaded calibration statistics" in caplog.text and "ignoring" not in caplog.text
     torch.testing.assert_close(again(clean_entry.clips), clean_entry.logits)

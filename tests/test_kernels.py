@@ -15,7 +15,7 @@ import torch
 from assets import vtest_frames
 from torch import nn
 
-from streamdet.fastpath import NonNegMaxPool3d, WidthFold, nonneg_max_pool
+from streamdet.inference.fastpath import NonNegMaxPool3d, WidthFold, nonneg_max_pool
 from streamdet.preprocess import (
     DEFAULT_CONTRACT,
     PreprocessContract,

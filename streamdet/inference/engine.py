@@ -23,7 +23,7 @@ import torch
 
 from streamdet.buffer import RingBuffer, Window
 from streamdet.errors import StreamdetError
-from streamdet.fastpath import (
+from streamdet.inference.fastpath import (
     GraphedForward,
     InferenceNet,
     PackedNet,
@@ -88,7 +88,7 @@ class Engine:
 
     The constructor's ``input_dtype`` and ``channels_last_input`` say what the model takes: by
     default clips are converted to its parameters' dtype in channels_last_3d memory; a model
-    whose first layer changes the layout itself (a :class:`~streamdet.fastpath.WidthFold`) gets
+    whose first layer changes the layout itself (a :class:`~streamdet.inference.fastpath.WidthFold`) gets
     the float32 (B, C, T, H, W) clips as they come.
     """
 
@@ -176,7 +176,7 @@ def build_path(model: C3D_BN, device: torch.device, path: str, *,
             ``*-autocast``: fp32 weights under autocast (CUDA); ``int8``: FX static int8,
             calibrated on ``calibration_clips`` (CPU).
         calibration_clips: real windows for int8 calibration.
-        cache_dir: compile and calibration cache; :func:`~streamdet.fastpath.default_cache_dir`
+        cache_dir: compile and calibration cache; :func:`~streamdet.inference.fastpath.default_cache_dir`
             when None.
     """
     if path not in PATHS:
@@ -186,7 +186,7 @@ def build_path(model: C3D_BN, device: torch.device, path: str, *,
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if path == "int8":
-        from streamdet.quantize import build_int8_engine
+        from streamdet.inference.int8 import build_int8_engine
 
         return build_int8_engine(model, device, calibration_clips=calibration_clips, cache_dir=cache)
     if path.endswith("-autocast"):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from streamdet.fastpath import InferenceNet, WidthFold, default_cache_dir, weights_key
+from streamdet.inference.fastpath import InferenceNet, WidthFold, default_cache_dir, weights_key
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, fuse_bn
 from streamdet.preprocess import DEFAULT_CONTRACT, PreprocessContract
 
@@ -197,9 +197,9 @@ def build_int8_engine(
         device: must be the CPU (PyTorch's int8 kernels are CPU kernels).
         calibration_clips: real windows to calibrate on; random clips when None (with a warning:
             the scales will not fit real footage).
-        cache_dir: calibration cache; :func:`~streamdet.fastpath.default_cache_dir` when None.
+        cache_dir: calibration cache; :func:`~streamdet.inference.fastpath.default_cache_dir` when None.
     """
-    from streamdet.inference import Engine
+    from streamdet.inference.engine import Engine
 
     if device.type != "cpu":
         raise ValueError(f"precision int8 runs on the CPU only, but device is {device}")
