@@ -591,7 +591,7 @@ def _resolve_input_paths(data: dict[str, Any], folder: Path) -> None:
     file's), in place: file sources (``file://`` dropped), ``model.weights``,
     ``model.calibration`` and ``truth``; ``~`` is expanded. A value of another type is left for
     validation to report."""
-    from streamdet.sources import SourceKind, source_kind  # cv2: imported only to read a file
+    from streamdet.sources.opening import SourceKind, source_kind  # cv2: only to read a file
 
     def resolve(path: str) -> str:
         found = Path(path).expanduser()
