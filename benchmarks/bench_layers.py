@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import git_rev, load_model, machine  # noqa: E402
 
-from streamdet.inference.fastpath import PackedNet, plain_pool  # noqa: E402
 from streamdet.inference import build_path  # noqa: E402
+from streamdet.inference.fastpath import PackedNet, plain_pool  # noqa: E402
 from streamdet.models.c3d import INPUT_SHAPE, conv_names  # noqa: E402
 
 

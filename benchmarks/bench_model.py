@@ -43,8 +43,8 @@ from _common import (  # noqa: E402
     real_windows,
 )
 
-from streamdet.inference.fastpath import InferenceNet, plain_pool  # noqa: E402
 from streamdet.inference import Engine, build_path  # noqa: E402
+from streamdet.inference.fastpath import InferenceNet, plain_pool  # noqa: E402
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, count_flops, fuse_bn  # noqa: E402
 
 log = logging.getLogger("bench_model")

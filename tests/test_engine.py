@@ -21,6 +21,7 @@ from streamdet.inference import (
     build_path,
     check_engine,
     warm_other_batch_size,
+    weights_key,
 )
 from streamdet.inference import engine as engine_module
 from streamdet.inference.fastpath import (
@@ -33,7 +34,6 @@ from streamdet.inference.fastpath import (
     WidthFold,
     onednn_prepack_available,
     plain_pool,
-    weights_key,
     width_folded_conv,
 )
 from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, fuse_bn

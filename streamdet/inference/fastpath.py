@@ -1,8 +1,9 @@
 """Building blocks of the fast inference paths: a traceable C3D, oneDNN-prepacked convolutions,
 torch.compile with a persistent cache, and CUDA graphs for fixed batch sizes.
 
-``streamdet.inference.build_engine`` assembles these; nothing here changes global state except
-:func:`compile_net` (Inductor's cache directory and freezing flag, which only affect compiles).
+:func:`streamdet.inference.engine.build_path` assembles these; nothing here changes global state
+except :func:`compile_net` (Inductor's cache directory and freezing flag, which only affect
+compiles).
 
 Example:
     >>> import torch
@@ -14,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -32,22 +32,6 @@ log = logging.getLogger(__name__)
 
 # conv name -> name of the pool after it (the C3D layout; pool names follow the conv's stage).
 _POOL_AFTER = {"conv1": "pool1", "conv2": "pool2", "conv3b": "pool3", "conv4b": "pool4", "conv5b": "pool5"}
-
-
-def default_cache_dir() -> Path:
-    """Where compiled and int8 artifacts are kept: ``$STREAMDET_CACHE_DIR`` or ~/.cache/streamdet."""
-    env = os.environ.get("STREAMDET_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "streamdet"
-
-
-def weights_key(model: nn.Module) -> str:
-    """sha256 of a model's parameters and buffers (names, shapes, dtypes, bytes): a cache key."""
-    digest = hashlib.sha256(torch.__version__.encode())
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 class InferenceNet(nn.Module):

@@ -1,0 +1,222 @@
+"""The inference scheduler: worker threads that batch ready windows of all sources, score them
+with an engine and hand the results on in the order their windows were taken.
+
+Example:
+    >>> import threading
+    >>> import torch
+    >>> from streamdet.buffer import RingBuffer
+    >>> ring = RingBuffer("cam", length=16, stride=8, frame_shape=(3, 112, 112), capacity=32)
+    >>> thread = InferenceThread([ring], lambda clips: torch.zeros(len(clips), 2), print,
+    ...                          threading.Event())
+    >>> thread.workers, thread.windows_done
+    (1, 0)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from streamdet.buffer import RingBuffer, Window
+from streamdet.models.c3d import INPUT_SHAPE
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """Class probabilities of one window (which holds where and when its frames came from)."""
+
+    window: Window
+    probs: np.ndarray  # (num_classes,) softmax probabilities
+    inference_ms: float  # this batch's forward time
+    batch_size: int
+
+
+class InferenceThread(threading.Thread):
+    """Batches ready windows of all sources and runs the engine on them, on one or more workers.
+
+    Each worker gathers a batch, runs the engine on it and hands the results on; results reach
+    ``on_result`` in the order their batches were gathered, one call at a time, whichever worker
+    finishes first. Several workers suit a CPU: on 2 cores, beside a decoding thread, two workers
+    on one torch thread each replayed a file at 1.3-2.1x the clips/s of one worker (an OpenMP team
+    waits at every barrier for whichever of its threads the decoder or the host displaced;
+    independent workers do not). ``benchmarks/RESULTS.md``, "Inference workers".
+
+    Args:
+        rings: one ring buffer per source.
+        engine: from :func:`~streamdet.inference.build_engine`; with several workers, one whose ``concurrent`` is true.
+        on_result: called with each batch's results (in source-fair order), in gathering order,
+            never from two threads at once.
+        stop_event: shared stop signal.
+        max_batch: most windows per forward pass.
+        newest_only: names of live sources: when more than ``live_max_lag`` of their windows are
+            ready, take only the newest (and count the others skipped), so latency stays bounded.
+        live_max_lag: ready windows a live source may fall behind by before that jump. 2 rides out
+            a one-window hiccup (a decode burst, a slow batch) without losing a window, at up to
+            one stride period of extra latency for the windows caught up on.
+        wake: set by capture threads whenever a frame is written (so no worker ever polls).
+        device: the engine's device (pinned host memory for CUDA).
+        on_source_done: called once per source whose ring is closed and drained (after its
+            last window's results), so its events can end after every window was seen.
+        fixed_batch: run every forward pass at exactly ``max_batch`` (padding with stale slots),
+            so a window's scores never depend on how many others happened to be ready. Kernels
+            pick different algorithms per batch size, which moves logits by ~1e-6: enough to
+            flip a threshold now and then. Replays use it for run-to-run identical events.
+        workers: threads running forward passes side by side, each with its own preallocated
+            batch. This thread is the first; it starts and joins the others.
+        threads_per_worker: torch intra-op threads each worker sets for itself (None: leave the
+            process's setting).
+    """
+
+    def __init__(
+        self,
+        rings: Sequence[RingBuffer],
+        engine: Callable[[torch.Tensor], torch.Tensor],
+        on_result: Callable[[list[WindowResult]], None],
+        stop_event: threading.Event,
+        *,
+        max_batch: int = 8,
+        newest_only: frozenset[str] = frozenset(),
+        wake: threading.Event | None = None,
+        device: torch.device | None = None,
+        on_source_done: Callable[[str], None] = lambda source: None,
+        fixed_batch: bool = False,
+        live_max_lag: int = 2,
+        workers: int = 1,
+        threads_per_worker: int | None = None,
+    ) -> None:
+        super().__init__(name="inference", daemon=True)
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, but got {workers}")
+        if workers > 1 and not getattr(engine, "concurrent", True):
+            raise ValueError(f"{engine!r} cannot run on several threads at once: use one worker")
+        self.rings = list(rings)
+        self.engine = engine
+        self.on_result = on_result
+        self.stop_event = stop_event
+        self.max_batch = max_batch
+        self.fixed_batch = fixed_batch
+        self.newest_only = newest_only
+        self.live_max_lag = live_max_lag
+        self.wake = wake or threading.Event()
+        self.on_source_done = on_source_done
+        self.workers = workers
+        self.threads_per_worker = threads_per_worker
+        pin = device is not None and device.type == "cuda"
+        # One preallocated host batch per worker for the whole run: (max_batch, 3, 16, 112, 112).
+        self._batches = [torch.empty((max_batch, *INPUT_SHAPE), dtype=torch.float32, pin_memory=pin)
+                         for _ in range(workers)]
+        self.inference_ms: list[float] = []
+        self.windows_done = 0
+        self.idle = threading.Event()  # set while no window is pending or being scored
+        self.error: BaseException | None = None
+        # Guards gathering, the counts below and delivery, so that a source is reported done
+        # only once none of its windows is waiting in a ring or in a worker.
+        self._lock = threading.Lock()
+        self._next_ring = 0
+        self._gathered = 0  # batches handed to workers so far: the next batch's number
+        self._delivered = 0  # the next batch number on_result gets
+        self._finished: dict[int, list[WindowResult]] = {}  # scored, waiting for an earlier batch
+        self._in_flight: dict[str, int] = {ring.name: 0 for ring in self.rings}
+        self._done: set[str] = set()
+
+    def _gather(self, batch: np.ndarray) -> list[Window]:
+        windows: list[Window] = []
+        n = len(self.rings)
+        progress = True
+        # Round-robin over sources, one window each per pass, so no source starves another.
+        while progress and len(windows) < self.max_batch:
+            progress = False
+            for i in range(n):
+                if len(windows) >= self.max_batch:
+                    break
+                ring = self.rings[(self._next_ring + i) % n]
+                newest = ring.name in self.newest_only
+                if newest and any(w.source == ring.name for w in windows):
+                    continue
+                w = ring.take_window(batch[len(windows)], newest=newest, max_lag=self.live_max_lag)
+                if w is not None:
+                    windows.append(w)
+                    progress = True
+        self._next_ring = (self._next_ring + 1) % max(n, 1)
+        return windows
+
+    def run(self) -> None:
+        helpers = [threading.Thread(target=self._work, args=(slot,), name=f"inference-{slot}", daemon=True)
+                   for slot in range(1, self.workers)]
+        for helper in helpers:
+            helper.start()
+        self._work(0)
+        for helper in helpers:
+            helper.join()
+
+    def _work(self, slot: int) -> None:
+        try:
+            if self.threads_per_worker is not None:
+                torch.set_num_threads(self.threads_per_worker)  # this thread's OpenMP team
+            batch = self._batches[slot]
+            batch_np = batch.numpy()
+            while not self.stop_event.is_set():
+                self.wake.clear()
+                with self._lock:
+                    windows = self._gather(batch_np)
+                    number = self._gathered
+                    if windows:
+                        self._gathered += 1
+                        for w in windows:
+                            self._in_flight[w.source] += 1
+                    else:
+                        self._report_drained()
+                        if self._delivered == self._gathered:
+                            self.idle.set()
+                if not windows:
+                    self.wake.wait(0.1)
+                    continue
+                self.idle.clear()
+                if self.workers > 1 and any(ring.pending() for ring in self.rings):
+                    self.wake.set()  # a wake-up this worker consumed may be another's window
+                self._deliver(number, self._infer(batch, windows))
+        except BaseException as exc:  # reported by the pipeline, which stops everything
+            if self.error is None:
+                self.error = exc
+            self.stop_event.set()
+
+    def _report_drained(self) -> None:  # with self._lock held
+        for ring in self.rings:
+            # closed is read before pending: a closed ring gets no more windows.
+            if (ring.name not in self._done and ring.closed and ring.pending() == 0
+                    and self._in_flight[ring.name] == 0):
+                self._done.add(ring.name)
+                self.on_source_done(ring.name)
+
+    @property
+    def all_done(self) -> bool:
+        return len(self._done) == len(self.rings)
+
+    def _infer(self, batch: torch.Tensor, windows: list[Window]) -> list[WindowResult]:
+        n = len(windows)
+        t0 = time.perf_counter()
+        logits = self.engine(batch if self.fixed_batch else batch[:n])
+        probs = torch.softmax(logits[:n].float(), dim=1).cpu().numpy()
+        ms = (time.perf_counter() - t0) * 1000.0
+        return [WindowResult(w, probs[i], ms, n) for i, w in enumerate(windows)]
+
+    def _deliver(self, number: int, results: list[WindowResult]) -> None:
+        """Hand on batch ``number`` and every later one already scored, in order."""
+        with self._lock:
+            self._finished[number] = results
+            while self._delivered in self._finished:
+                ready = self._finished.pop(self._delivered)
+                self._delivered += 1
+                self.inference_ms.append(ready[0].inference_ms)
+                if len(self.inference_ms) > 4096:
+                    del self.inference_ms[:2048]  # bounded: recent history is enough for percentiles
+                self.windows_done += len(ready)
+                for r in ready:
+                    self._in_flight[r.window.source] -= 1
+                self.on_result(ready)
+            self._report_drained()  # a source may end while others keep inference busy
