@@ -384,6 +384,97 @@ def test_a_source_is_not_done_while_another_worker_still_scores_its_last_window(
     assert collector.log.index(("done", "b")) > collector.log.index(("result", "b"))
 
 
+class BlockingDelivery:
+    """on_result whose first call blocks until released, as an fsync on a slow disk would; it
+    records the order of the results and whether two calls ever overlapped."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.blocked = threading.Event()  # set once the first call is blocking
+        self.order: list[tuple[str, int]] = []
+        self.overlapped = False
+        self._active = 0
+        self._lock = threading.Lock()
+
+    def on_result(self, results: list[WindowResult]) -> None:
+        with self._lock:
+            self._active += 1
+            self.overlapped |= self._active > 1
+        try:
+            if not self.blocked.is_set():
+                self.blocked.set()
+                self.release.wait(3 * DEADLINE_S)  # outlasts any check below: the test releases it
+            self.order += [(r.window.source, r.window.first_frame) for r in results]
+        finally:
+            with self._lock:
+                self._active -= 1
+
+
+class CountingEngine(RecordingEngine):
+    """RecordingEngine that counts the forward passes that have returned, thread-safely."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scored = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, clips: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            logits = super().__call__(clips)
+            self.scored += 1
+        return logits
+
+
+@pytest.mark.timeout(90)
+def test_a_slow_result_callback_holds_back_no_other_worker() -> None:
+    """Regression: on_result ran under the scheduler's lock, so while one worker's callback
+    waited on a slow disk (an fsync of the event log) every other worker blocked on that lock
+    as soon as it finished its batch, and scored nothing more."""
+    ring = filled_ring("a", 1, 64, close=True)  # 7 windows
+    engine = CountingEngine()
+    delivery = BlockingDelivery()
+    stop_event = threading.Event()
+    thread = InferenceThread([ring], engine, delivery.on_result, stop_event, max_batch=1, workers=2)
+    thread.start()
+    try:
+        assert delivery.blocked.wait(DEADLINE_S), "no result was delivered"
+        # Two windows were taken before the delivery blocked; a third scored means the other
+        # worker parked its batch and went on.
+        assert _wait_for(lambda: engine.scored >= 3), (
+            f"only {engine.scored} forward passes while a delivery was blocked")
+        assert thread.windows_done == 0  # ... and nothing was handed on past the blocked one
+    finally:
+        delivery.release.set()
+    assert _wait_for(lambda: thread.windows_done == 7)
+    stop_event.set()
+    thread.join(DEADLINE_S)
+
+    assert not thread.is_alive() and thread.error is None
+    assert delivery.order == [("a", first) for first in range(0, 49, 8)]  # gathering order
+    assert not delivery.overlapped
+
+
+@pytest.mark.timeout(90)
+def test_workers_wait_for_a_blocked_delivery_rather_than_queue_without_bound() -> None:
+    ring = filled_ring("a", 1, 160, close=True)  # 19 windows
+    engine = CountingEngine()
+    delivery = BlockingDelivery()
+    stop_event = threading.Event()
+    thread = InferenceThread([ring], engine, delivery.on_result, stop_event, max_batch=1, workers=2)
+    thread.start()
+    try:
+        assert delivery.blocked.wait(DEADLINE_S), "no result was delivered"
+        assert _wait_for(lambda: engine.scored >= 4)
+        stop_event.wait(0.5)  # time in which unbounded workers would score every window
+        assert engine.scored == 4  # 2 batches per worker gathered and not yet delivered
+    finally:
+        delivery.release.set()
+    assert _wait_for(lambda: thread.windows_done == 19)
+    stop_event.set()
+    thread.join(DEADLINE_S)
+    assert delivery.order == [("a", first) for first in range(0, 145, 8)]
+
+
 def test_an_engine_that_cannot_run_concurrently_gets_no_second_worker() -> None:
     engine = RecordingEngine()
     engine.concurrent = False  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,18 +40,25 @@ class WindowResult:
 class InferenceThread(threading.Thread):
     """Batches ready windows of all sources and runs the engine on them, on one or more workers.
 
-    Each worker gathers a batch, runs the engine on it and hands the results on; results reach
-    ``on_result`` in the order their batches were gathered, one call at a time, whichever worker
-    finishes first. Several workers suit a CPU: on 2 cores, beside a decoding thread, two workers
-    on one torch thread each replayed a file at 1.3-2.1x the clips/s of one worker (an OpenMP team
-    waits at every barrier for whichever of its threads the decoder or the host displaced;
-    independent workers do not). ``benchmarks/RESULTS.md``, "Inference workers".
+    Each worker gathers a batch, runs the engine on it and parks the results; results reach
+    ``on_result`` in the order their batches were gathered, one call at a time. Whichever worker
+    finds the next batch in order ready becomes the deliverer: it hands on ready batches (and
+    ends of sources) outside the lock until none is left, while the other workers park theirs
+    and gather again, so a slow callback (an fsync of the event log) holds back no forward pass.
+    At most ``2 * workers`` batches wait gathered and undelivered: past that, workers wait for
+    the deliverer rather than queue results without bound (live sources then skip windows).
+
+    Several workers suit a CPU: on 2 cores, beside a decoding thread, two workers on one torch
+    thread each replayed a file at 1.3-2.1x the clips/s of one worker (an OpenMP team waits at
+    every barrier for whichever of its threads the decoder or the host displaced; independent
+    workers do not). ``benchmarks/RESULTS.md``, "Inference workers".
 
     Args:
         rings: one ring buffer per source.
-        engine: from :func:`~streamdet.inference.build_engine`; with several workers, one whose ``concurrent`` is true.
+        engine: from :func:`~streamdet.inference.build_engine`; with several workers, one whose
+            ``concurrent`` is true.
         on_result: called with each batch's results (in source-fair order), in gathering order,
-            never from two threads at once.
+            never from two threads at once, and never while a worker waits on it to gather.
         stop_event: shared stop signal.
         max_batch: most windows per forward pass.
         newest_only: names of live sources: when more than ``live_max_lag`` of their windows are
@@ -61,7 +69,8 @@ class InferenceThread(threading.Thread):
         wake: set by capture threads whenever a frame is written (so no worker ever polls).
         device: the engine's device (pinned host memory for CUDA).
         on_source_done: called once per source whose ring is closed and drained (after its
-            last window's results), so its events can end after every window was seen.
+            last window's results), so its events can end after every window was seen; by the
+            deliverer, like ``on_result``, never at the same time as it.
         fixed_batch: run every forward pass at exactly ``max_batch`` (padding with stale slots),
             so a window's scores never depend on how many others happened to be ready. Kernels
             pick different algorithms per batch size, which moves logits by ~1e-6: enough to
@@ -114,15 +123,19 @@ class InferenceThread(threading.Thread):
         self.windows_done = 0
         self.idle = threading.Event()  # set while no window is pending or being scored
         self.error: BaseException | None = None
-        # Guards gathering, the counts below and delivery, so that a source is reported done
-        # only once none of its windows is waiting in a ring or in a worker.
+        # Guards gathering and every field below, so that a source is reported done only once
+        # none of its windows is waiting in a ring, in a worker or in delivery. No callback
+        # runs under it: the one deliverer (``_delivering``) calls them with it released.
         self._lock = threading.Lock()
         self._next_ring = 0
         self._gathered = 0  # batches handed to workers so far: the next batch's number
-        self._delivered = 0  # the next batch number on_result gets
-        self._finished: dict[int, list[WindowResult]] = {}  # scored, waiting for an earlier batch
+        self._delivered = 0  # batches whose on_result has returned: the next one to hand on
+        self._finished: dict[int, list[WindowResult]] = {}  # scored, parked until their turn
         self._in_flight: dict[str, int] = {ring.name: 0 for ring in self.rings}
         self._done: set[str] = set()
+        self._ended: deque[str] = deque()  # sources drained, their on_source_done not yet called
+        self._delivering = False  # a worker is handing results on (outside the lock)
+        self._max_undelivered = 2 * workers  # gathered, not yet delivered: beyond it, wait
 
     def _gather(self, batch: np.ndarray) -> list[Window]:
         windows: list[Window] = []
@@ -163,7 +176,8 @@ class InferenceThread(threading.Thread):
             while not self.stop_event.is_set():
                 self.wake.clear()
                 with self._lock:
-                    windows = self._gather(batch_np)
+                    backlog = self._gathered - self._delivered >= self._max_undelivered
+                    windows = [] if backlog else self._gather(batch_np)
                     number = self._gathered
                     if windows:
                         self._gathered += 1
@@ -171,27 +185,34 @@ class InferenceThread(threading.Thread):
                             self._in_flight[w.source] += 1
                     else:
                         self._report_drained()
-                        if self._delivered == self._gathered:
+                        settled = not (self._ended or self._delivering)
+                        if self._delivered == self._gathered and settled:
                             self.idle.set()
                 if not windows:
-                    self.wake.wait(0.1)
+                    if not self._hand_on():  # an ended source to report: look again at once
+                        self.wake.wait(0.1)
                     continue
                 self.idle.clear()
                 if self.workers > 1 and any(ring.pending() for ring in self.rings):
                     self.wake.set()  # a wake-up this worker consumed may be another's window
-                self._deliver(number, self._infer(batch, windows))
+                results = self._infer(batch, windows)
+                with self._lock:
+                    self._finished[number] = results
+                self._hand_on()
         except BaseException as exc:  # reported by the pipeline, which stops everything
             if self.error is None:
                 self.error = exc
             self.stop_event.set()
 
     def _report_drained(self) -> None:  # with self._lock held
+        """Queue for on_source_done each source now closed and drained, whose windows are all
+        delivered."""
         for ring in self.rings:
             # closed is read before pending: a closed ring gets no more windows.
             if (ring.name not in self._done and ring.closed and ring.pending() == 0
                     and self._in_flight[ring.name] == 0):
                 self._done.add(ring.name)
-                self.on_source_done(ring.name)
+                self._ended.append(ring.name)
 
     @property
     def all_done(self) -> bool:
@@ -205,18 +226,53 @@ class InferenceThread(threading.Thread):
         ms = (time.perf_counter() - t0) * 1000.0
         return [WindowResult(w, probs[i], ms, n) for i, w in enumerate(windows)]
 
-    def _deliver(self, number: int, results: list[WindowResult]) -> None:
-        """Hand on batch ``number`` and every later one already scored, in order."""
+    def _hand_on(self) -> bool:
+        """Deliver what is ready, unless another worker is delivering (then it will).
+
+        Returns:
+            True when this worker delivered something.
+        """
         with self._lock:
-            self._finished[number] = results
-            while self._delivered in self._finished:
-                ready = self._finished.pop(self._delivered)
-                self._delivered += 1
-                self.inference_ms.append(ready[0].inference_ms)
-                if len(self.inference_ms) > 4096:
-                    del self.inference_ms[:2048]  # bounded: recent history is enough for percentiles
-                self.windows_done += len(ready)
-                for r in ready:
-                    self._in_flight[r.window.source] -= 1
-                self.on_result(ready)
-            self._report_drained()  # a source may end while others keep inference busy
+            if self._delivering or not (self._ended or self._delivered in self._finished):
+                return False
+            self._delivering = True
+        try:
+            self._deliver_ready()
+        except BaseException:
+            with self._lock:
+                self._delivering = False
+            raise
+        return True
+
+    def _deliver_ready(self) -> None:
+        """Hand on ended sources and parked batches, in order, until none is ready (deliverer only).
+
+        The callbacks run with the lock released. A batch's windows count as in flight until
+        on_result has returned, so no source is reported done before its last result.
+        """
+        while True:
+            with self._lock:
+                ended = self._ended.popleft() if self._ended else None
+                ready = None if ended is not None else self._finished.pop(self._delivered, None)
+                if ended is None and ready is None:
+                    self._delivering = False  # in the same lock as the check: none is left behind
+                    return
+            if ended is not None:
+                self.on_source_done(ended)
+                continue
+            assert ready is not None
+            self.on_result(ready)
+            with self._lock:
+                self._count_delivered(ready)
+                self._report_drained()  # a source may end while others keep inference busy
+            if self.workers > 1:
+                self.wake.set()  # a worker held back by the backlog may gather again
+
+    def _count_delivered(self, ready: list[WindowResult]) -> None:  # with self._lock held
+        self._delivered += 1
+        self.inference_ms.append(ready[0].inference_ms)
+        if len(self.inference_ms) > 4096:
+            del self.inference_ms[:2048]  # bounded: recent history is enough for percentiles
+        self.windows_done += len(ready)
+        for r in ready:
+            self._in_flight[r.window.source] -= 1
