@@ -44,6 +44,7 @@ from _common import DEFAULT_VIDEO, clips_per_s, git_rev, load_model, machine, re
 
 from streamdet.buffer import FrameMeta, RingBuffer  # noqa: E402
 from streamdet.config import RunConfig  # noqa: E402
+from streamdet.device import Precision  # noqa: E402
 from streamdet.inference import build_engine  # noqa: E402
 from streamdet.models.weights import Checkpoint, default_class_names  # noqa: E402
 from streamdet.pipeline import Pipeline  # noqa: E402
@@ -314,7 +315,8 @@ def bench_file(checkpoint: Checkpoint, engine, windows: torch.Tensor, clip: Path
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"])
+    cpu_precisions = [p.value for p in Precision if p is not Precision.FP16]  # fp16 needs CUDA
+    ap.add_argument("--precision", default="auto", choices=cpu_precisions)
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine")
     ap.add_argument("--video", default=str(DEFAULT_VIDEO))
     ap.add_argument("--weights")

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the RTSP test server's launcher lives
 from conftest import RtspServer, free_port  # noqa: E402
 
 from streamdet.config import load_config  # noqa: E402
+from streamdet.device import Precision  # noqa: E402
 from streamdet.inference import build_engine  # noqa: E402
 from streamdet.models.c3d import C3D_BN  # noqa: E402
 from streamdet.models.weights import Checkpoint  # noqa: E402
@@ -137,7 +138,8 @@ def main() -> int:
     parser.add_argument("--outage-every", type=float, default=60.0, help="seconds between outages")
     parser.add_argument("--outage-s", type=float, default=5.0, help="length of each outage")
     parser.add_argument("--width", type=float, default=0.25, help="C3D_BN width (random weights)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8"],
+    cpu_paths = [p.value for p in Precision if p not in (Precision.AUTO, Precision.FP16)]
+    parser.add_argument("--precision", default="fp32", choices=cpu_paths,
                         help="inference path (default fp32); bf16 and int8 are checked, and int8 calibrated, "
                              "on the first windows of --video")
     parser.add_argument("--video", default=str(REPO / "tests" / ".assets" / "vtest.avi"))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from streamdet import __version__
+from streamdet.device import Device, Precision
 from streamdet.errors import StreamdetError
 
 EXIT_USAGE = 2
@@ -162,9 +163,8 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=_seconds, metavar="N", help="stop after N seconds")
     p.add_argument("--truth", metavar="PATH",
                    help="ground-truth events JSON of the first source: print event F1 at exit")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="overrides model.device")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
-                   help="overrides model.precision")
+    p.add_argument("--device", choices=Device.values(), help="overrides model.device")
+    p.add_argument("--precision", choices=Precision.values(), help="overrides model.precision")
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
@@ -173,7 +173,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
                    help="'auto' (default: continue out_dir/last.pt), a state file, or 'none'")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (overrides the config)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+    p.add_argument("--device", choices=Device.values(), default=None,
                    help="overrides the config")
     p.add_argument("--epochs", type=int, default=None, help="overrides the config")
     p.add_argument("--workers", type=int, default=None,
@@ -205,7 +205,7 @@ def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_int_at_least(0), default=1,
                    help="DataLoader worker processes (0: none)")
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--device", choices=Device.values(), default=Device.AUTO.value)
     p.add_argument("--out", default=None,
                    help="write results JSON here (and a confusion PNG next to it)")
 

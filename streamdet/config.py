@@ -46,6 +46,7 @@ from yaml.reader import Reader
 from yaml.resolver import Resolver
 from yaml.scanner import Scanner
 
+from streamdet.device import Device, Precision
 from streamdet.errors import ConfigError
 
 try:
@@ -134,9 +135,9 @@ class ModelConfig(_Model):
     width: float = Field(1.0, gt=0, le=4, description="Channel multiplier (1.0 = published C3D).")
     num_classes: int = Field(8, ge=1, le=100_000, description="Output classes (used without weights).")
     weights: str | None = Field(None, description="Checkpoint (.safetensors, or a plain .pt state dict).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
-        "auto", description="Numeric path; auto picks the fastest one checked against fp32."
+    device: Device = Field(Device.AUTO, description="auto = CUDA when present, else CPU.")
+    precision: Precision = Field(
+        Precision.AUTO, description="Numeric path; auto picks the fastest one checked against fp32."
     )
     max_batch: int = Field(8, ge=1, le=1024, description="Most windows run in one forward pass (CUDA; a CPU runs one at a time).")
     threads: int | None = Field(

@@ -524,7 +524,7 @@ def test_engine_uses_cuda_graphs_when_asked(model: C3D_BN) -> None:
 
 
 def test_build_engine_rejects_unknown_precision(model: C3D_BN) -> None:
-    with pytest.raises(ValueError, match="precision must be one of"):
+    with pytest.raises(ValueError, match="precision must be auto, fp32, bf16, fp16 or int8, but got 'int4'"):
         build_engine(model, "cpu", "int4")
 
 

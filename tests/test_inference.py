@@ -97,7 +97,8 @@ def test_engine_checks_the_clip_shape(tiny_model: C3D_BN, shape: tuple[int, ...]
 @pytest.mark.parametrize(
     ("kwargs", "expectation"),
     [
-        ({"precision": "fp64"}, pytest.raises(ValueError, match="precision must be one of")),
+        ({"precision": "fp64"},
+         pytest.raises(ValueError, match="precision must be auto, fp32, bf16, fp16 or int8, but got 'fp64'")),
         ({"device": "tpu"}, pytest.raises(ValueError, match="device must be auto, cpu or cuda")),
     ],
 )

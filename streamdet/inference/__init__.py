@@ -14,6 +14,7 @@
 Modules here import each other in that order, never back (``tests/test_imports.py``).
 """
 
+from streamdet.device import select_device
 from streamdet.inference.cache import default_cache_dir, weights_key
 from streamdet.inference.calibration import calibration_windows
 from streamdet.inference.engine import (
@@ -25,7 +26,6 @@ from streamdet.inference.engine import (
     build_path,
     check_engine,
     graph_batch_sizes,
-    select_device,
     warm_other_batch_size,
 )
 from streamdet.inference.int8 import quantize_int8

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamdet.device import Device, Precision, select_device
 from streamdet.errors import StreamdetError
 from streamdet.inference.cache import (
     default_cache_dir,
@@ -37,7 +38,7 @@ from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, fuse_bn
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISIONS = tuple(Precision.values())  # ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
@@ -56,17 +57,6 @@ def graph_batch_sizes(max_batch: int) -> tuple[int, ...]:
         sizes.append(size)
         size *= 2
     return (*sizes, max_batch)
-
-
-def select_device(requested: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Asking for CUDA without one is an error."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise StreamdetError("device 'cuda' requested, but no CUDA device is available")
-    if requested not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, but got {requested!r}")
-    return torch.device(requested)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -259,7 +249,7 @@ def _preferred_path(device: torch.device, precision: str, compile: bool) -> str:
 
 def _candidate(model: C3D_BN, device: torch.device, precision: str, *, compile: bool = False,
                calibration_clips: torch.Tensor | None = None, cache_dir: Path | None = None) -> Engine:
-    if precision not in PRECISIONS or precision == "auto":
+    if precision not in PRECISIONS or precision == Precision.AUTO:
         raise ValueError(f"precision must be one of {PRECISIONS[1:]}, but got {precision!r}")
     path = _preferred_path(device, precision, compile)
     return build_path(model, device, path, calibration_clips=calibration_clips, cache_dir=cache_dir)
@@ -345,7 +335,8 @@ def _reference_logits(model: C3D_BN, reference: Engine, clips: torch.Tensor, cac
     return logits
 
 
-def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: str = "auto", *,
+def build_engine(model: C3D_BN, device: str | Device | torch.device = Device.CPU,
+                 precision: str | Precision = Precision.AUTO, *,
                  check_clips: torch.Tensor | None = None, compile: bool = False,
                  cache_dir: str | Path | None = None, max_rel_error: float = 0.05,
                  cuda_graph_sizes: Sequence[int] = ()) -> Engine:
@@ -353,8 +344,9 @@ def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: s
 
     Args:
         model: a C3D_BN (left untouched; the engine works on a fused copy).
-        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or a torch.device.
-        precision: ``auto`` picks bf16 on CPUs with AMX/AVX512-BF16 and on CUDA (fp16 where bf16
+        device: a :class:`~streamdet.device.Device` (``"auto"``, ``"cpu"``, ``"cuda"``) or a
+            torch.device.
+        precision: a :class:`~streamdet.device.Precision`: ``auto`` picks bf16 on CPUs with AMX/AVX512-BF16 and on CUDA (fp16 where bf16
             is unsupported), fp32 elsewhere; or force ``fp32``/``bf16``/``fp16``/``int8``.
         check_clips: real windows (B, 3, 16, 112, 112) to check a reduced-precision path against
             fp32 with, and to calibrate int8 on; random clips when None. A path that disagrees
@@ -376,10 +368,9 @@ def build_engine(model: C3D_BN, device: str | torch.device = "cpu", precision: s
         >>> engine(torch.zeros(2, 3, 16, 112, 112)).shape
         torch.Size([2, 3])
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, but got {precision!r}")
-    if precision == "int8" and device == "auto":
-        device = "cpu"  # PyTorch's int8 kernels are CPU kernels, even where a GPU is present
+    precision = Precision.parse(precision, "precision").value
+    if precision == Precision.INT8 and device == Device.AUTO:
+        device = Device.CPU  # PyTorch's int8 kernels are CPU kernels, even where a GPU is present
     dev = device if isinstance(device, torch.device) else select_device(device)
     if precision == "fp16" and dev.type != "cuda":
         raise StreamdetError(f"precision fp16 needs CUDA, but the model runs on {dev.type}: use bf16, fp32 or int8")

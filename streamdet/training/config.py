@@ -24,6 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from streamdet.config import read_yaml
+from streamdet.device import Amp, Device
 from streamdet.errors import ConfigError
 
 
@@ -154,9 +155,9 @@ class TrainConfig(_Strict):
     threads: int | None = Field(
         None, ge=1, le=512, description="torch CPU threads (None: torch default)"
     )
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
-    amp: Literal["auto", "bf16", "fp16", "off"] = Field(
-        "auto", description="autocast: auto is bf16 on CPU and on CUDA that supports it"
+    device: Device = Field(Device.AUTO, description="auto: cuda when available")
+    amp: Amp = Field(
+        Amp.AUTO, description="autocast: auto is bf16 on CPU and on CUDA that supports it"
     )
     checkpoint_minutes: float = Field(
         4.0, gt=0.0, description="write last.pt at least this often (and at every epoch end)"

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from streamdet.data import synthetic
 from streamdet.data.datasets import SyntheticClips, VideoFolderClips, _read_split, scan_folder
+from streamdet.device import select_device
 from streamdet.errors import ConfigError
 from streamdet.models.weights import load_checkpoint
 from streamdet.training.trainer import (
@@ -24,7 +25,6 @@ from streamdet.training.trainer import (
     _worker_init,
     autocast_dtype,
     evaluate,
-    select_device,
 )
 
 

@@ -51,6 +51,7 @@ from streamdet.data.datasets import (
     curriculum,
     scan_folder,
 )
+from streamdet.device import Amp, select_device
 from streamdet.errors import ConfigError, StreamdetError, WeightsError
 from streamdet.models.c3d import C3D_BN
 from streamdet.models.weights import import_sports1m, save_checkpoint
@@ -103,20 +104,12 @@ class EvalResult:
         }
 
 
-def select_device(name: str) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' was asked for, but CUDA is not available")
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off":
+    if amp == Amp.OFF:
         return None
-    if amp == "fp16":
+    if amp == Amp.FP16:
         return torch.float16
-    if amp == "bf16":
+    if amp == Amp.BF16:
         return torch.bfloat16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
