@@ -261,9 +261,12 @@ class PackedNet(nn.Module):
         for layer, pool in zip(net.convs, net.pools, strict=True):
             fold, conv = (layer[0], layer[1]) if isinstance(layer, nn.Sequential) else (None, layer)
             assert isinstance(conv, nn.Conv3d)
-            packed = PackedConv3dReLU(conv, dtype, (batch, conv.in_channels, t, h, w))
+            packed: nn.Module = PackedConv3dReLU(conv, dtype, (batch, conv.in_channels, t, h, w))
             # the fold takes the float32 clip and gives ``dtype`` (one pass, see WidthFold)
-            convs.append(packed if fold is None else nn.Sequential(WidthFold(fold.taps, dtype), packed))
+            if fold is not None:
+                assert isinstance(fold, WidthFold)
+                packed = nn.Sequential(WidthFold(fold.taps, dtype), packed)
+            convs.append(packed)
             if isinstance(pool, nn.MaxPool3d):
                 t, h, w = _pooled_size((t, h, w), _triple(pool.kernel_size), _triple(pool.padding))
         self.convs = nn.ModuleList(convs)
