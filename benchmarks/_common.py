@@ -30,8 +30,9 @@ def real_windows(video: str | Path, n: int, *, stride: int = 8, skip: int = 0) -
     return video_windows(video, n, stride=stride, skip=skip, loop=True)
 
 
-def load_model(weights: str | None, num_classes: int | None,
-               width: float | None) -> tuple[C3D_BN, str]:
+def load_model(
+    weights: str | None, num_classes: int | None, width: float | None
+) -> tuple[C3D_BN, str]:
     """The model to benchmark and a description: a checkpoint, or seeded random weights.
 
     ``num_classes`` and ``width`` as :func:`~streamdet.models.weights.load_or_random` takes them.
@@ -62,8 +63,10 @@ def machine() -> str:
         load = open("/proc/loadavg").read().split()[:3]
     except OSError:
         load = ["?"]
-    return (f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"cv2 {cv2.__version__}, load average at start {' '.join(load)}, {kernels_start_up()}")
+    return (
+        f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"cv2 {cv2.__version__}, load average at start {' '.join(load)}, {kernels_start_up()}"
+    )
 
 
 def kernels_start_up() -> str:
@@ -80,8 +83,16 @@ def kernels_start_up() -> str:
 
 def git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "?"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or "?"
+        )
     except (OSError, subprocess.SubprocessError):
         return "?"
 
@@ -91,8 +102,14 @@ def median_spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
-def clips_per_s(run: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, n: int, batch: int = 1,
-                callers: int = 1, threads: int | None = None) -> float:
+def clips_per_s(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    windows: torch.Tensor,
+    n: int,
+    batch: int = 1,
+    callers: int = 1,
+    threads: int | None = None,
+) -> float:
     """``run`` alone on ``n`` clips of ``windows`` in batches of ``batch``, from ``callers``
     threads side by side, each on ``threads`` torch threads when given (as streamdet's inference
     workers call the engine); clips per second."""

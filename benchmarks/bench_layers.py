@@ -45,7 +45,9 @@ def timed_forward(net: PackedNet, pools: list[torch.nn.Module], x: torch.Tensor)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--path", default="bf16-packed", choices=["bf16-packed", "fp32-packed"])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=25)
@@ -60,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         "compiled pools": list(net.pools),
         "ATen pools": [plain_pool(p) for p in net.pools],
     }
-    x = engine.prepare(torch.randn(args.batch, *INPUT_SHAPE))  # as the engine passes it: conv1 includes its fold
+    x = engine.prepare(
+        torch.randn(args.batch, *INPUT_SHAPE)
+    )  # as the engine passes it: conv1 includes its fold
     rows: dict[str, list[list[float]]] = {name: [] for name in variants}
     with torch.inference_mode():
         for pools in variants.values():
@@ -72,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# bench_layers: {host}, git {git_rev()}")
     print(f"# model: {desc}; path {args.path}, batch {args.batch}, {args.rounds} rounds\n")
-    names: list[str | None] = []  # one per timed slot; None for the Identity after a conv with no pool
+    names: list[
+        str | None
+    ] = []  # one per timed slot; None for the Identity after a conv with no pool
     for conv, pool in zip(conv_names(), net.pools, strict=True):
         names += [conv, None if isinstance(pool, torch.nn.Identity) else f"pool after {conv}"]
     names.append("fc6-fc8")
@@ -83,10 +89,18 @@ def main(argv: list[str] | None = None) -> int:
             medians = [statistics.median(r[i] for r in rows[v]) * 1e3 for v in variants]
             print(f"| {name} | " + " | ".join(f"{m:.2f}" for m in medians) + " |")
     totals = {v: [sum(r) for r in rows[v]] for v in variants}
-    print("| whole clip | " + " | ".join(f"{statistics.median(totals[v]) * 1e3:.1f}" for v in variants) + " |")
-    ratio = statistics.median(a / b for a, b in zip(totals["ATen pools"], totals["compiled pools"], strict=True))
+    print(
+        "| whole clip | "
+        + " | ".join(f"{statistics.median(totals[v]) * 1e3:.1f}" for v in variants)
+        + " |"
+    )
+    ratio = statistics.median(
+        a / b for a, b in zip(totals["ATen pools"], totals["compiled pools"], strict=True)
+    )
     print(f"\ncompiled pools: {ratio:.3f}x ATen's (median of within-round ratios)")
-    print(f"\n# command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(
+        f"\n# command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}"
+    )
     return 0
 
 

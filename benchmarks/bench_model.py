@@ -50,8 +50,17 @@ from streamdet.models.c3d import C3D_BN, INPUT_SHAPE, count_flops, fuse_bn  # no
 log = logging.getLogger("bench_model")
 
 BASELINE = "fp32-unfused"
-DEFAULT_PATHS = (BASELINE, "fp32-eager", "fp32-packed", "bf16-eager", "bf16-packed", "bf16-compiled", "int8",
-                 "openvino-bf16", "openvino-int8")
+DEFAULT_PATHS = (
+    BASELINE,
+    "fp32-eager",
+    "fp32-packed",
+    "bf16-eager",
+    "bf16-packed",
+    "bf16-compiled",
+    "int8",
+    "openvino-bf16",
+    "openvino-int8",
+)
 QUICK_PATHS = (BASELINE, "bf16-packed", "int8", "openvino-bf16")
 # "bf16-packed+aten-pools": a packed path with ATen's max_pool3d instead of the compiled pools.
 ATEN_POOLS = "+aten-pools"
@@ -64,7 +73,9 @@ class OpenVinoRunner:
     per calling thread. ``streams`` > 1 compiles for throughput with that many CPU streams
     (OpenVINO's counterpart of streamdet's inference workers); else for latency."""
 
-    def __init__(self, model: C3D_BN, precision: str, calibration: torch.Tensor, streams: int = 1) -> None:
+    def __init__(
+        self, model: C3D_BN, precision: str, calibration: torch.Tensor, streams: int = 1
+    ) -> None:
         import openvino as ov
 
         self.core = ov.Core()
@@ -75,7 +86,9 @@ class OpenVinoRunner:
         if precision == "int8":
             import nncf  # OpenVINO's post-training quantizer
 
-            data = nncf.Dataset([calibration[i:i + 1].numpy() for i in range(calibration.shape[0])])
+            data = nncf.Dataset(
+                [calibration[i : i + 1].numpy() for i in range(calibration.shape[0])]
+            )
             self.model = nncf.quantize(self.model, data, subset_size=calibration.shape[0])
         self.precision = precision
         self.streams = streams
@@ -88,9 +101,15 @@ class OpenVinoRunner:
             if b not in self._compiled:
                 m = self.model.clone()
                 m.reshape([b, *INPUT_SHAPE])
-                config = {"INFERENCE_PRECISION_HINT": "bf16" if precision_is_low(self.precision) else "f32"}
+                config = {
+                    "INFERENCE_PRECISION_HINT": "bf16"
+                    if precision_is_low(self.precision)
+                    else "f32"
+                }
                 if self.streams > 1:
-                    config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(self.streams)})
+                    config.update(
+                        {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": str(self.streams)}
+                    )
                 else:
                     config["PERFORMANCE_HINT"] = "LATENCY"
                 self._compiled[b] = self.core.compile_model(m, "CPU", config)
@@ -116,11 +135,19 @@ def precision_is_low(precision: str) -> bool:
     return precision in ("bf16", "int8")
 
 
-def build_runner(name: str, model: C3D_BN, calibration: torch.Tensor, cache_dir: Path | None) -> Runner:
+def build_runner(
+    name: str, model: C3D_BN, calibration: torch.Tensor, cache_dir: Path | None
+) -> Runner:
     if name == BASELINE:
         # The model exactly as trained: BN unfused, contiguous, fp32, eager.
-        return Engine(model, torch.device("cpu"), "fp32", model.num_classes, input_dtype=torch.float32,
-                      path=BASELINE)
+        return Engine(
+            model,
+            torch.device("cpu"),
+            "fp32",
+            model.num_classes,
+            input_dtype=torch.float32,
+            path=BASELINE,
+        )
     if name.startswith("openvino-"):
         return OpenVinoRunner(model, name.split("-", 1)[1], calibration)
     if name.endswith(ATEN_POOLS):
@@ -128,11 +155,18 @@ def build_runner(name: str, model: C3D_BN, calibration: torch.Tensor, cache_dir:
         engine = build_path(model, torch.device("cpu"), name.removesuffix(ATEN_POOLS))
         engine.model.pools = torch.nn.ModuleList(plain_pool(p) for p in engine.model.pools)
         return engine
-    return build_path(model, torch.device("cpu"), name, calibration_clips=calibration, cache_dir=cache_dir)
+    return build_path(
+        model, torch.device("cpu"), name, calibration_clips=calibration, cache_dir=cache_dir
+    )
 
 
-def bench_workers(runners: dict[str, Runner], model: C3D_BN, calib: torch.Tensor, clips: torch.Tensor,
-                  args: argparse.Namespace) -> str:
+def bench_workers(
+    runners: dict[str, Runner],
+    model: C3D_BN,
+    calib: torch.Tensor,
+    clips: torch.Tensor,
+    args: argparse.Namespace,
+) -> str:
     """Clips/s at batch 1, one caller on every torch thread against ``args.workers`` callers on
     an equal share each, every (path, mode) once per round in shuffled order. OpenVINO paths get
     a second runner compiled with as many throughput streams. The eager fp32 baseline is left
@@ -148,9 +182,13 @@ def bench_workers(runners: dict[str, Runner], model: C3D_BN, calib: torch.Tensor
         if name.startswith("openvino-"):
             streamed = OpenVinoRunner(model, name.split("-", 1)[1], calib, streams=args.workers)
             streamed(clips[:1])  # compile outside the timing
-            modes[(name, "workers")] = lambda run=streamed: clips_per_s(run, clips, n, 1, args.workers)
+            modes[(name, "workers")] = lambda run=streamed: clips_per_s(
+                run, clips, n, 1, args.workers
+            )
         else:
-            modes[(name, "workers")] = lambda run=run: clips_per_s(run, clips, n, 1, args.workers, per_worker)
+            modes[(name, "workers")] = lambda run=run: clips_per_s(
+                run, clips, n, 1, args.workers, per_worker
+            )
     for measure in modes.values():  # warm every thread's requests and OpenMP teams
         measure()
     rate: dict[tuple[str, str], list[float]] = {key: [] for key in modes}
@@ -159,41 +197,63 @@ def bench_workers(runners: dict[str, Runner], model: C3D_BN, calib: torch.Tensor
         for key in rng.sample(list(modes), len(modes)):
             rate[key].append(modes[key]())
     ov = {k: v for k, v in (("bf16", "openvino-bf16"), ("int8", "openvino-int8")) if v in runners}
-    lines = [f"\n## Throughput at batch 1: one caller on {threads} torch threads against {args.workers} callers on "
-             f"{per_worker} each ({args.rounds} rounds of {n} clips per mode; medians, ratios within rounds)\n",
-             f"OpenVINO: latency mode against {args.workers} throughput streams.\n",
-             f"| path | 1 x {threads} clips/s | {args.workers} x {per_worker} clips/s | workers / one | "
-             f"x OpenVINO, {args.workers} streams |", "|---|---|---|---|---|"]
+    lines = [
+        f"\n## Throughput at batch 1: one caller on {threads} torch threads against {args.workers} callers on "
+        f"{per_worker} each ({args.rounds} rounds of {n} clips per mode; medians, ratios within rounds)\n",
+        f"OpenVINO: latency mode against {args.workers} throughput streams.\n",
+        f"| path | 1 x {threads} clips/s | {args.workers} x {per_worker} clips/s | workers / one | "
+        f"x OpenVINO, {args.workers} streams |",
+        "|---|---|---|---|---|",
+    ]
     for name in dict.fromkeys(key[0] for key in modes):
         one, many = rate[(name, "one")], rate[(name, "workers")]
         peer = ov.get(name.split("-")[0])
-        versus = (f"{statistics.median(a / b for a, b in zip(many, rate[(peer, 'workers')], strict=True)):.2f}"
-                  if peer and not name.startswith("openvino-") else "-")
-        lines.append(f"| {name} | {statistics.median(one):.2f} | {statistics.median(many):.2f} | "
-                     f"{statistics.median(b / a for a, b in zip(one, many, strict=True)):.2f} | {versus} |")
+        versus = (
+            f"{statistics.median(a / b for a, b in zip(many, rate[(peer, 'workers')], strict=True)):.2f}"
+            if peer and not name.startswith("openvino-")
+            else "-"
+        )
+        lines.append(
+            f"| {name} | {statistics.median(one):.2f} | {statistics.median(many):.2f} | "
+            f"{statistics.median(b / a for a, b in zip(one, many, strict=True)):.2f} | {versus} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--paths", help=f"comma-separated, default {','.join(DEFAULT_PATHS)}")
-    ap.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes (default 1,4,16)")
+    ap.add_argument(
+        "--batches", default="1,4,16", help="comma-separated batch sizes (default 1,4,16)"
+    )
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds (default 5)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 4 paths, batch 1, 3 rounds, width 0.5")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 4 paths, batch 1, 3 rounds, width 0.5"
+    )
     ap.add_argument("--video", default=str(DEFAULT_VIDEO), help="real video the windows come from")
     ap.add_argument("--weights", help="checkpoint to benchmark (default: seeded random C3D_BN)")
     ap.add_argument("--width", type=float, default=1.0, help="C3D_BN width without --weights")
-    ap.add_argument("--num-classes", type=int, default=None,
-                    help="classes without --weights (default 8)")
+    ap.add_argument(
+        "--num-classes", type=int, default=None, help="classes without --weights (default 8)"
+    )
     ap.add_argument("--calib-windows", type=int, default=8, help="int8 calibration windows")
     ap.add_argument("--check-windows", type=int, default=16, help="windows for top-1/error checks")
-    ap.add_argument("--cache-dir", help="compile/int8 cache (default $STREAMDET_CACHE_DIR or ~/.cache/streamdet)")
+    ap.add_argument(
+        "--cache-dir",
+        help="compile/int8 cache (default $STREAMDET_CACHE_DIR or ~/.cache/streamdet)",
+    )
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    ap.add_argument("--workers", type=int, default=0,
-                    help="also time throughput at batch 1: one caller on every torch thread against this many "
-                         "callers side by side on an equal share each, as streamdet's inference workers run "
-                         "(OpenVINO: latency mode against as many throughput streams); 0 skips it")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also time throughput at batch 1: one caller on every torch thread against this many "
+        "callers side by side on an equal share each, as streamdet's inference workers run "
+        "(OpenVINO: latency mode against as many throughput streams); 0 skips it",
+    )
     ap.add_argument("--json", help="also write the raw results here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -205,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         args.calib_windows, args.check_windows = 4, 4
         if not args.weights and args.width == 1.0:
             args.width = 0.5
-    paths = [p for p in (args.paths.split(",") if args.paths else (QUICK_PATHS if args.quick else DEFAULT_PATHS))]
+    paths = [
+        p
+        for p in (
+            args.paths.split(",") if args.paths else (QUICK_PATHS if args.quick else DEFAULT_PATHS)
+        )
+    ]
     if BASELINE not in paths:
         paths.insert(0, BASELINE)
     batches = [int(b) for b in args.batches.split(",")]
@@ -218,10 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     calib = real_windows(args.video, args.calib_windows, stride=8, skip=0)
     check = real_windows(args.video, args.check_windows, stride=8, skip=400)
     big = max(batches)
-    timing_clips = check.repeat((big + check.shape[0] - 1) // check.shape[0], 1, 1, 1, 1)[:big].contiguous()
+    timing_clips = check.repeat((big + check.shape[0] - 1) // check.shape[0], 1, 1, 1, 1)[
+        :big
+    ].contiguous()
 
     print(f"# bench_model: {host}, git {git_rev()}")
-    print(f"# model: {model_desc}; {params:.2f} M params, {gflop:.2f} GFLOP per clip; video {args.video}")
+    print(
+        f"# model: {model_desc}; {params:.2f} M params, {gflop:.2f} GFLOP per clip; video {args.video}"
+    )
 
     runners: dict[str, Runner] = {}
     startup: dict[str, dict[str, float]] = {}
@@ -234,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         startup[name] = {"build_s": time.perf_counter() - t0}
     # First call per batch size (compiles for *-compiled and OpenVINO), then correctness.
-    ref_logits = torch.cat([runners[BASELINE](check[i:i + 4]) for i in range(0, check.shape[0], 4)])
+    ref_logits = torch.cat(
+        [runners[BASELINE](check[i : i + 4]) for i in range(0, check.shape[0], 4)]
+    )
     accuracy: dict[str, tuple[float, float]] = {}
     for name, run in list(runners.items()):
         t0 = time.perf_counter()
@@ -246,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             del runners[name]
             continue
         startup[name]["first_calls_s"] = time.perf_counter() - t0
-        out = torch.cat([run(check[i:i + 4]) for i in range(0, check.shape[0], 4)]).float()
+        out = torch.cat([run(check[i : i + 4]) for i in range(0, check.shape[0], 4)]).float()
         agree = float((out.argmax(1) == ref_logits.argmax(1)).float().mean())
         rel = float((out - ref_logits).norm() / ref_logits.norm())
         accuracy[name] = (agree, rel)
@@ -265,8 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("round %d/%d done", r + 1, args.rounds)
 
     ov = {k: v for k, v in (("bf16", "openvino-bf16"), ("int8", "openvino-int8")) if v in runners}
-    print(f"\n## Batch latency, interleaved ({args.rounds} rounds; median ms per batch, spread min..max; "
-          "each ratio is the median over rounds of the two paths' ratio within the round)\n")
+    print(
+        f"\n## Batch latency, interleaved ({args.rounds} rounds; median ms per batch, spread min..max; "
+        "each ratio is the median over rounds of the two paths' ratio within the round)\n"
+    )
     header = "| path | batch | ms (median) | spread | ms/clip | clips/s | x eager fp32 |"
     sep = "|---|---|---|---|---|---|---|"
     for prec in ov:
@@ -279,26 +352,54 @@ def main(argv: list[str] | None = None) -> int:
         for name in runners:
             med, lo, hi = median_spread(times[(name, b)])
             speedup = paired_ratio(times[(BASELINE, b)], times[(name, b)])
-            row = (f"| {name} | {b} | {med * 1e3:.1f} | {lo * 1e3:.1f}..{hi * 1e3:.1f} | {med * 1e3 / b:.1f} | "
-                   f"{b / med:.2f} | {speedup:.2f} |")
+            row = (
+                f"| {name} | {b} | {med * 1e3:.1f} | {lo * 1e3:.1f}..{hi * 1e3:.1f} | {med * 1e3 / b:.1f} | "
+                f"{b / med:.2f} | {speedup:.2f} |"
+            )
             for ov_name in ov.values():
                 row += f" {paired_ratio(times[(ov_name, b)], times[(name, b)]):.2f} |"
             print(row)
-            results.append({"path": name, "batch": b, "median_s": med, "min_s": lo, "max_s": hi,
-                            "speedup_vs_fp32": speedup})
+            results.append(
+                {
+                    "path": name,
+                    "batch": b,
+                    "median_s": med,
+                    "min_s": lo,
+                    "max_s": hi,
+                    "speedup_vs_fp32": speedup,
+                }
+            )
     if args.workers > 1:
         print(bench_workers(runners, model, calib, timing_clips, args))
     print(f"\n## Correctness on {check.shape[0]} real windows vs unfused fp32, and start-up\n")
-    print("| path | top-1 agreement | relative logit error | build s | first calls s (batches " + args.batches + ") |")
+    print(
+        "| path | top-1 agreement | relative logit error | build s | first calls s (batches "
+        + args.batches
+        + ") |"
+    )
     print("|---|---|---|---|---|")
     for name in runners:
         agree, rel = accuracy[name]
         s = startup[name]
-        print(f"| {name} | {agree * 100:.1f}% | {rel:.2e} | {s['build_s']:.1f} | {s.get('first_calls_s', float('nan')):.1f} |")
-    print(f"\n# command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}")
+        print(
+            f"| {name} | {agree * 100:.1f}% | {rel:.2e} | {s['build_s']:.1f} | {s.get('first_calls_s', float('nan')):.1f} |"
+        )
+    print(
+        f"\n# command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": host, "model": model_desc, "results": results,
-                                               "accuracy": accuracy, "startup": startup}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "machine": host,
+                    "model": model_desc,
+                    "results": results,
+                    "accuracy": accuracy,
+                    "startup": startup,
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -64,9 +64,14 @@ def _area_reference(frame: np.ndarray) -> np.ndarray:
     left edge, 29.5 px, becomes a whole pixel), crop 224x224, 2x2 mean, normalise; (3, 112, 112)."""
     (rh, rw), c = DEFAULT_CONTRACT.resize, DEFAULT_CONTRACT.crop
     top, left = rh - c, rw - c  # in the doubled frame
-    big = cv2.resize(frame, (2 * rw, 2 * rh), interpolation=cv2.INTER_AREA)[top:top + 2 * c, left:left + 2 * c]
+    big = cv2.resize(frame, (2 * rw, 2 * rh), interpolation=cv2.INTER_AREA)[
+        top : top + 2 * c, left : left + 2 * c
+    ]
     crop = cv2.resize(big, (c, c), interpolation=cv2.INTER_AREA)[:, :, ::-1].astype(np.float32)
-    mean, std = np.asarray(DEFAULT_CONTRACT.mean, np.float32), np.asarray(DEFAULT_CONTRACT.std, np.float32)
+    mean, std = (
+        np.asarray(DEFAULT_CONTRACT.mean, np.float32),
+        np.asarray(DEFAULT_CONTRACT.std, np.float32),
+    )
     return ((crop - mean) / std).transpose(2, 0, 1)  # (H, W, 3) RGB -> (3, H, W)
 
 
@@ -84,8 +89,12 @@ def _one_resize(frame: np.ndarray, out: np.ndarray) -> np.ndarray:
 PREPROCESS_METHODS = {
     "one bilinear resize (the issue's recipe)": _one_resize,
     # preprocess_frame's route without Numba (or with STREAMDET_NO_JIT=1)
-    "2x2 supersampling, OpenCV route": lambda frame, out: _opencv_preprocess(frame, DEFAULT_CONTRACT, out),
-    "2x2 supersampling, compiled (preprocess_frame)": lambda frame, out: preprocess_frame(frame, DEFAULT_CONTRACT, out),
+    "2x2 supersampling, OpenCV route": lambda frame, out: _opencv_preprocess(
+        frame, DEFAULT_CONTRACT, out
+    ),
+    "2x2 supersampling, compiled (preprocess_frame)": lambda frame, out: preprocess_frame(
+        frame, DEFAULT_CONTRACT, out
+    ),
 }
 
 
@@ -116,6 +125,7 @@ def _decoded_frames(video: Path, size: tuple[int, int], tmp: Path, count: int):
     def frames(_rep: int) -> np.ndarray | None:
         ok, f = cap.read()
         return f if ok else None
+
     return frames
 
 
@@ -131,14 +141,18 @@ def bench_preprocess(video: Path, reps: int) -> list[str]:
             frames.append(f)
     cap.release()
     names = list(PREPROCESS_METHODS)
-    rows = ["| frame | condition | " + " | ".join(f"{n} us" for n in names) + " |",
-            "|---|---|" + "---|" * len(names)]
+    rows = [
+        "| frame | condition | " + " | ".join(f"{n} us" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     quality = ["| frame | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     with tempfile.TemporaryDirectory() as tmp_name:
         for label, size in (("720p", (1280, 720)), ("1080p", (1920, 1080))):
             big = [cv2.resize(f, size, interpolation=cv2.INTER_CUBIC) for f in frames]
             conditions = {
-                "warm: one frame, again and again (as the issue timed it)": lambda r, big=big: big[0],
+                "warm: one frame, again and again (as the issue timed it)": lambda r, big=big: big[
+                    0
+                ],
                 f"cold: {len(big)} frames in turn": lambda r, big=big: big[r % len(big)],
             }
             decoded = _decoded_frames(video, size, Path(tmp_name), reps)
@@ -146,13 +160,32 @@ def bench_preprocess(video: Path, reps: int) -> list[str]:
                 conditions["just decoded from H.264, as in a capture thread"] = decoded
             for condition, source in conditions.items():
                 medians = _time_interleaved(source, reps)
-                rows.append(f"| {label} | {condition} | " + " | ".join(f"{medians[n]:.0f}" for n in names) + " |")
+                rows.append(
+                    f"| {label} | {condition} | "
+                    + " | ".join(f"{medians[n]:.0f}" for n in names)
+                    + " |"
+                )
             exact = [_area_reference(f) for f in big]
-            errors = [np.mean([np.abs(PREPROCESS_METHODS[n](f, np.empty((3, 112, 112), np.float32)) - e).mean()
-                               for f, e in zip(big, exact, strict=True)]) for n in names]
+            errors = [
+                np.mean(
+                    [
+                        np.abs(
+                            PREPROCESS_METHODS[n](f, np.empty((3, 112, 112), np.float32)) - e
+                        ).mean()
+                        for f, e in zip(big, exact, strict=True)
+                    ]
+                )
+                for n in names
+            ]
             quality.append(f"| {label} | " + " | ".join(f"{e:.4f}" for e in errors) + " |")
-    rows += ["", "Mean absolute difference to an exact area resize (normalised units; lower is better, "
-             "one bilinear resize aliases):", "", *quality, ""]
+    rows += [
+        "",
+        "Mean absolute difference to an exact area resize (normalised units; lower is better, "
+        "one bilinear resize aliases):",
+        "",
+        *quality,
+        "",
+    ]
     # Window assembly from the doubled ring: the copy into the batch, and the zero-copy view.
     ring = RingBuffer("bench", length=16, stride=8)
     frame = np.random.default_rng(0).standard_normal((3, 112, 112)).astype(np.float32)
@@ -166,12 +199,16 @@ def bench_preprocess(video: Path, reps: int) -> list[str]:
             copy_t.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             seq = ring.frames_written
-            view = ring._frames[:, seq % ring.capacity:seq % ring.capacity + 16]  # (3, 16, 112, 112)
+            view = ring._frames[
+                :, seq % ring.capacity : seq % ring.capacity + 16
+            ]  # (3, 16, 112, 112)
             view_t.append(time.perf_counter() - t0)
             assert view.shape == (3, 16, 112, 112)
     rows.append("")
-    rows.append(f"window assembly: copy into the batch {statistics.median(copy_t) * 1e6:.0f} us (median of "
-                f"{len(copy_t)}), zero-copy view {statistics.median(view_t) * 1e6:.1f} us")
+    rows.append(
+        f"window assembly: copy into the batch {statistics.median(copy_t) * 1e6:.0f} us (median of "
+        f"{len(copy_t)}), zero-copy view {statistics.median(view_t) * 1e6:.1f} us"
+    )
     return rows
 
 
@@ -192,35 +229,80 @@ def make_clip(video: Path, dst: Path, frames: int, fps: float | None = None) -> 
     return dst
 
 
-def make_h264_clip(video: Path, dst: Path, frames: int, fps: float | None = None,
-                   size: tuple[int, int] | None = None) -> Path | None:
+def make_h264_clip(
+    video: Path,
+    dst: Path,
+    frames: int,
+    fps: float | None = None,
+    size: tuple[int, int] | None = None,
+) -> Path | None:
     """The first ``frames`` frames of ``video`` as H.264 (what an RTSP camera sends), re-timed at
     ``fps`` and scaled to ``size`` (width, height) when given, with ffmpeg; None when ffmpeg or
     its x264 encoder is missing."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         return None
-    filters = ([f"setpts=N/{fps:g}/TB"] if fps else []) + ([f"scale={size[0]}:{size[1]}"] if size else [])
+    filters = ([f"setpts=N/{fps:g}/TB"] if fps else []) + (
+        [f"scale={size[0]}:{size[1]}"] if size else []
+    )
     timing = ["-r", f"{fps:g}", "-g", str(int(fps * 2))] if fps else []
-    cmd = [ffmpeg, "-hide_banner", "-loglevel", "error", "-y", "-i", str(video), "-frames:v", str(frames),
-           *(["-vf", ",".join(filters)] if filters else []), *timing, "-c:v", "libx264", "-preset", "veryfast",
-           "-pix_fmt", "yuv420p", str(dst)]
+    cmd = [
+        ffmpeg,
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-y",
+        "-i",
+        str(video),
+        "-frames:v",
+        str(frames),
+        *(["-vf", ",".join(filters)] if filters else []),
+        *timing,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-pix_fmt",
+        "yuv420p",
+        str(dst),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     return dst if done.returncode == 0 and dst.is_file() else None
 
 
-def run_pipeline(checkpoint: Checkpoint, engine, sources: list[dict], max_batch: int, out_dir: Path,
-                 max_seconds: float | None, workers: int = 1, threads_per_worker: int | None = None):
+def run_pipeline(
+    checkpoint: Checkpoint,
+    engine,
+    sources: list[dict],
+    max_batch: int,
+    out_dir: Path,
+    max_seconds: float | None,
+    workers: int = 1,
+    threads_per_worker: int | None = None,
+):
     # -> RunSummary
-    cfg = RunConfig.model_validate({
-        "sources": sources,
-        "model": {"device": str(engine.device), "precision": engine.precision, "max_batch": max_batch},
-        "window": {"stride": 8},
-        "sinks": {"events": {"path": str(out_dir / "events.jsonl")}},
-        "progress_interval_s": 3600,
-    })
-    pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=max_seconds, print_fn=lambda line: None,
-                        workers=workers, threads_per_worker=threads_per_worker)
+    cfg = RunConfig.model_validate(
+        {
+            "sources": sources,
+            "model": {
+                "device": str(engine.device),
+                "precision": engine.precision,
+                "max_batch": max_batch,
+            },
+            "window": {"stride": 8},
+            "sinks": {"events": {"path": str(out_dir / "events.jsonl")}},
+            "progress_interval_s": 3600,
+        }
+    )
+    pipeline = Pipeline(
+        cfg,
+        checkpoint,
+        engine,
+        max_seconds=max_seconds,
+        print_fn=lambda line: None,
+        workers=workers,
+        threads_per_worker=threads_per_worker,
+    )
     return pipeline.run()
 
 
@@ -254,8 +336,14 @@ def parse_modes(text: str) -> list[tuple[int, int]]:
     return modes
 
 
-def bench_file(checkpoint: Checkpoint, engine, windows: torch.Tensor, clip: Path, args: argparse.Namespace,
-               tmp: Path) -> str:
+def bench_file(
+    checkpoint: Checkpoint,
+    engine,
+    windows: torch.Tensor,
+    clip: Path,
+    args: argparse.Namespace,
+    tmp: Path,
+) -> str:
     """The file replayed as fast as possible against the bare engine on the same windows.
 
     Each of ``--file-rounds`` rounds runs, for each mode of ``--file-modes`` (inference workers x
@@ -268,15 +356,25 @@ def bench_file(checkpoint: Checkpoint, engine, windows: torch.Tensor, clip: Path
     """
     expected = (args.file_frames - 16) // 8 + 1
     default_threads = torch.get_num_threads()
-    modes = parse_modes(args.file_modes) if args.file_modes else [
-        (1, default_threads), *([(1, default_threads - 1), (default_threads, 1)] if default_threads > 1 else [])]
+    modes = (
+        parse_modes(args.file_modes)
+        if args.file_modes
+        else [
+            (1, default_threads),
+            *([(1, default_threads - 1), (default_threads, 1)] if default_threads > 1 else []),
+        ]
+    )
     source = {"name": "file", "url": str(clip), "realtime": False}
     cfg = RunConfig.model_validate({"sources": [source], "model": {"device": "cpu"}})
-    run_workers, run_threads = inference_plan(cfg, engine.device, engine.concurrent, default_threads)
+    run_workers, run_threads = inference_plan(
+        cfg, engine.device, engine.concurrent, default_threads
+    )
     run_mode = (run_workers, run_threads or default_threads)
     sizes = sorted({1, args.max_batch})
     pipe: dict[tuple[int, int], list[float]] = {m: [] for m in modes}
-    bare: dict[tuple[int, int], list[float]] = {m: [] for m in modes}  # the better batch size, per round
+    bare: dict[tuple[int, int], list[float]] = {
+        m: [] for m in modes
+    }  # the better batch size, per round
     share: dict[tuple[int, int], list[float]] = {m: [] for m in modes}
     latency: dict[tuple[int, int], list[tuple[float, float]]] = {m: [] for m in modes}
     windows_run = 0
@@ -285,7 +383,9 @@ def bench_file(checkpoint: Checkpoint, engine, windows: torch.Tensor, clip: Path
             workers, threads = mode
             before = [clips_per_s(engine, windows, expected, b, workers, threads) for b in sizes]
             timed = TimedEngine(engine)
-            summary = run_pipeline(checkpoint, timed, [source], args.max_batch, tmp, None, workers, threads)
+            summary = run_pipeline(
+                checkpoint, timed, [source], args.max_batch, tmp, None, workers, threads
+            )
             after = [clips_per_s(engine, windows, expected, b, workers, threads) for b in sizes]
             windows_run = summary.windows
             pipe[mode].append(summary.windows / summary.seconds)
@@ -294,54 +394,87 @@ def bench_file(checkpoint: Checkpoint, engine, windows: torch.Tensor, clip: Path
             latency[mode].append((summary.latency_ms_p50, summary.latency_ms_p99))
     med = statistics.median
     best = [max(bare[m][r] for m in modes) for r in range(args.file_rounds)]
-    lines = [f"{args.file_rounds} rounds of {windows_run} windows, modes in shuffled order; medians, with the "
-             "range over rounds\n",
-             "| workers x torch threads | pipeline clips/s | bare clips/s (better batch of 1, " + str(args.max_batch)
-             + "; same mode) | pipeline / bare, same mode | **pipeline / bare, best mode of the round** | "
-             "engine share of the run | latency p50/p99 ms |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{args.file_rounds} rounds of {windows_run} windows, modes in shuffled order; medians, with the "
+        "range over rounds\n",
+        "| workers x torch threads | pipeline clips/s | bare clips/s (better batch of 1, "
+        + str(args.max_batch)
+        + "; same mode) | pipeline / bare, same mode | **pipeline / bare, best mode of the round** | "
+        "engine share of the run | latency p50/p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in modes:
         same = [p / b for p, b in zip(pipe[m], bare[m], strict=True)]
         vs_best = [p / b for p, b in zip(pipe[m], best, strict=True)]
         mark = " (`streamdet run`'s choice)" if m == run_mode else ""
-        lines.append(f"| {m[0]} x {m[1]}{mark} | {med(pipe[m]):.2f} | {med(bare[m]):.2f} | "
-                     f"{med(same) * 100:.0f}% ({min(same) * 100:.0f}-{max(same) * 100:.0f}%) | "
-                     f"**{med(vs_best) * 100:.0f}%** ({min(vs_best) * 100:.0f}-{max(vs_best) * 100:.0f}%) | "
-                     f"{med(share[m]) * 100:.0f}% | "
-                     f"{med(x for x, _ in latency[m]):.0f}/{med(y for _, y in latency[m]):.0f} |")
+        lines.append(
+            f"| {m[0]} x {m[1]}{mark} | {med(pipe[m]):.2f} | {med(bare[m]):.2f} | "
+            f"{med(same) * 100:.0f}% ({min(same) * 100:.0f}-{max(same) * 100:.0f}%) | "
+            f"**{med(vs_best) * 100:.0f}%** ({min(vs_best) * 100:.0f}-{max(vs_best) * 100:.0f}%) | "
+            f"{med(share[m]) * 100:.0f}% | "
+            f"{med(x for x, _ in latency[m]):.0f}/{med(y for _, y in latency[m]):.0f} |"
+        )
     fastest = max(modes, key=lambda m: med(bare[m]))
-    lines.append(f"\nThe bare engine was fastest as {fastest[0]} x {fastest[1]} (median over rounds).")
+    lines.append(
+        f"\nThe bare engine was fastest as {fastest[0]} x {fastest[1]} (median over rounds)."
+    )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cpu_precisions = [p.value for p in Precision if p is not Precision.FP16]  # fp16 needs CUDA
     ap.add_argument("--precision", default="auto", choices=cpu_precisions)
     ap.add_argument("--compile", action="store_true", help="torch.compile the engine")
     ap.add_argument("--video", default=str(DEFAULT_VIDEO))
     ap.add_argument("--weights")
     ap.add_argument("--width", type=float, default=1.0)
-    ap.add_argument("--num-classes", type=int, default=None,
-                    help="classes without --weights (default 8)")
+    ap.add_argument(
+        "--num-classes", type=int, default=None, help="classes without --weights (default 8)"
+    )
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--file-frames", type=int, default=400, help="frames of the file run as fast as possible")
-    ap.add_argument("--file-rounds", type=int, default=3, help="rounds of the file part (ratios are per round)")
+    ap.add_argument(
+        "--file-frames", type=int, default=400, help="frames of the file run as fast as possible"
+    )
+    ap.add_argument(
+        "--file-rounds", type=int, default=3, help="rounds of the file part (ratios are per round)"
+    )
     ap.add_argument("--streams", default="1,2,4,6,8,10,12", help="stream counts to try, ascending")
     ap.add_argument("--stream-seconds", type=float, default=20.0, help="length of each paced trial")
-    ap.add_argument("--file-codec", default="h264", choices=["h264", "mjpg"],
-                    help="codec of the replayed file: h264 (needs ffmpeg) or mjpg (every frame a JPEG: "
-                         "about twice the decoding work)")
-    ap.add_argument("--stream-codec", default="h264", choices=["h264", "mjpg"],
-                    help="codec of the paced streams: h264 (as RTSP cameras send; needs ffmpeg) or mjpg")
+    ap.add_argument(
+        "--file-codec",
+        default="h264",
+        choices=["h264", "mjpg"],
+        help="codec of the replayed file: h264 (needs ffmpeg) or mjpg (every frame a JPEG: "
+        "about twice the decoding work)",
+    )
+    ap.add_argument(
+        "--stream-codec",
+        default="h264",
+        choices=["h264", "mjpg"],
+        help="codec of the paced streams: h264 (as RTSP cameras send; needs ffmpeg) or mjpg",
+    )
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    ap.add_argument("--stream-mode", default="auto",
-                    help="inference workers x torch threads each for the paced streams, e.g. 1x2 (default "
-                         "auto: what streamdet run picks for that many sources)")
-    ap.add_argument("--file-modes", default="",
-                    help="inference workers x torch threads each, for the file part, e.g. 1x2,1x1,2x1 (default: "
-                         "those three, for torch's thread count): each is set against the bare engine's best")
-    ap.add_argument("--quick", action="store_true", help="width 0.25, 120 frames, streams 1,2, 8 s trials")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: preprocess,file,streams")
+    ap.add_argument(
+        "--stream-mode",
+        default="auto",
+        help="inference workers x torch threads each for the paced streams, e.g. 1x2 (default "
+        "auto: what streamdet run picks for that many sources)",
+    )
+    ap.add_argument(
+        "--file-modes",
+        default="",
+        help="inference workers x torch threads each, for the file part, e.g. 1x2,1x1,2x1 (default: "
+        "those three, for torch's thread count): each is set against the bare engine's best",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="width 0.25, 120 frames, streams 1,2, 8 s trials"
+    )
+    ap.add_argument(
+        "--skip", default="", help="comma-separated parts to skip: preprocess,file,streams"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
@@ -358,7 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(bench_preprocess(video, 100 if args.quick else 400)))
 
     model, model_desc = load_model(args.weights, args.num_classes, args.width)
-    checkpoint = Checkpoint(model, default_class_names(model.num_classes), DEFAULT_CONTRACT, "bench", "-")
+    checkpoint = Checkpoint(
+        model, default_class_names(model.num_classes), DEFAULT_CONTRACT, "bench", "-"
+    )
     calib = real_windows(video, 8, stride=8)
     t0 = time.perf_counter()
     engine = build_engine(model, "cpu", args.precision, check_clips=calib, compile=args.compile)
@@ -372,7 +507,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         if "file" not in skip:
             # native fps: the model sees every frame
-            clip = make_h264_clip(video, tmp / "file.mp4", args.file_frames) if args.file_codec == "h264" else None
+            clip = (
+                make_h264_clip(video, tmp / "file.mp4", args.file_frames)
+                if args.file_codec == "h264"
+                else None
+            )
             if clip is None:
                 if args.file_codec == "h264":
                     print("# ffmpeg with libx264 not found: the file is MJPG instead")
@@ -382,7 +521,11 @@ def main(argv: list[str] | None = None) -> int:
             print(bench_file(checkpoint, engine, windows, clip, args, tmp))
 
         if "streams" not in skip:
-            clip30 = make_h264_clip(video, tmp / "cam30.mp4", 795, 30.0) if args.stream_codec == "h264" else None
+            clip30 = (
+                make_h264_clip(video, tmp / "cam30.mp4", 795, 30.0)
+                if args.stream_codec == "h264"
+                else None
+            )
             if clip30 is None:
                 if args.stream_codec == "h264":
                     print("# ffmpeg with libx264 not found: streams are MJPG instead")
@@ -390,37 +533,57 @@ def main(argv: list[str] | None = None) -> int:
             codec = "H.264" if clip30.suffix == ".mp4" else "MJPG"
             step = DEFAULT_CONTRACT.step_for(30.0)
             stride_period_ms = 8 * step / 30.0 * 1e3
-            print(f"\n## Paced 30 fps {codec} streams, stride 8 (frame_step {step} for the model's "
-                  f"{DEFAULT_CONTRACT.fps:g} fps: a window every {stride_period_ms:.0f} ms per stream; "
-                  f"single-clip inference {infer_ms:.0f} ms, so the p99 target is "
-                  f"{stride_period_ms + 1.5 * infer_ms:.0f} ms)\n")
-            print("| streams | workers x threads | windows | windows skipped | frames skipped / read | "
-                  "inference p50/p99 ms | latency p50/p99 ms | held |")
+            print(
+                f"\n## Paced 30 fps {codec} streams, stride 8 (frame_step {step} for the model's "
+                f"{DEFAULT_CONTRACT.fps:g} fps: a window every {stride_period_ms:.0f} ms per stream; "
+                f"single-clip inference {infer_ms:.0f} ms, so the p99 target is "
+                f"{stride_period_ms + 1.5 * infer_ms:.0f} ms)\n"
+            )
+            print(
+                "| streams | workers x threads | windows | windows skipped | frames skipped / read | "
+                "inference p50/p99 ms | latency p50/p99 ms | held |"
+            )
             print("|---|---|---|---|---|---|---|---|")
             held_max = 0
             for n in (int(s) for s in args.streams.split(",")):
-                sources = [{"name": f"cam{i}", "url": str(clip30), "realtime": True} for i in range(n)]
+                sources = [
+                    {"name": f"cam{i}", "url": str(clip30), "realtime": True} for i in range(n)
+                ]
                 if args.stream_mode == "auto":  # as streamdet run would
                     cfg = RunConfig.model_validate({"sources": sources, "model": {"device": "cpu"}})
-                    workers, per_worker = inference_plan(cfg, engine.device, engine.concurrent,
-                                                         torch.get_num_threads())
+                    workers, per_worker = inference_plan(
+                        cfg, engine.device, engine.concurrent, torch.get_num_threads()
+                    )
                 else:
                     [(workers, per_worker)] = parse_modes(args.stream_mode)
-                s = run_pipeline(checkpoint, engine, sources, args.max_batch, tmp, args.stream_seconds,
-                                 workers, per_worker)
+                s = run_pipeline(
+                    checkpoint,
+                    engine,
+                    sources,
+                    args.max_batch,
+                    tmp,
+                    args.stream_seconds,
+                    workers,
+                    per_worker,
+                )
                 read = sum(x.frames_read for x in s.sources)
                 fskip = sum(x.frames_skipped for x in s.sources)
                 wskip = sum(x.windows_skipped for x in s.sources)
                 held = wskip == 0 and fskip <= 0.01 * max(read, 1)
-                print(f"| {n} | {workers} x {per_worker or torch.get_num_threads()} | {s.windows} | {wskip} | {fskip}/{read} | {s.inference_ms_p50:.0f}/"
-                      f"{s.inference_ms_p99:.0f} | {s.latency_ms_p50:.0f}/{s.latency_ms_p99:.0f} | "
-                      f"{'yes' if held else 'no'} |", flush=True)
+                print(
+                    f"| {n} | {workers} x {per_worker or torch.get_num_threads()} | {s.windows} | {wskip} | {fskip}/{read} | {s.inference_ms_p50:.0f}/"
+                    f"{s.inference_ms_p99:.0f} | {s.latency_ms_p50:.0f}/{s.latency_ms_p99:.0f} | "
+                    f"{'yes' if held else 'no'} |",
+                    flush=True,
+                )
                 if not held:
                     break
                 held_max = n
             print(f"\nstreams held in real time: {held_max}")
     del one
-    print(f"\n# command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(
+        f"\n# command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}"
+    )
     return 0
 
 

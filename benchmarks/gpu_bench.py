@@ -30,9 +30,24 @@ from streamdet.preprocess import DEFAULT_CONTRACT  # noqa: E402
 DEMO_VIDEO = Path(__file__).resolve().parents[1] / "streamdet" / "demo" / "demo.mp4"
 
 # Dense bf16 tensor-core peak in TFLOP/s, by a substring of the device name (no sparsity).
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 756.0,
-                    "A100": 312.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0,
-                    "RTX 4090": 165.0, "RTX 3090": 71.0, "T4": 65.0, "V100": 125.0}
+BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 80GB HBM3": 989.0,
+    "H100 NVL": 835.0,
+    "H100 PCIe": 756.0,
+    "H100": 756.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "T4": 65.0,
+    "V100": 125.0,
+}
 
 
 def peak_for(name: str) -> float | None:
@@ -49,8 +64,9 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor,
-                     rounds: int) -> dict[str, list[float]]:
+def time_interleaved(
+    fns: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, rounds: int
+) -> dict[str, list[float]]:
     """Seconds per call of each function on ``x``: each round times every one once, in shuffled
     order, with the device synchronised around each call (warm them up first)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -74,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights")
     ap.add_argument("--graphs", action="store_true", help="also time bf16 with CUDA graphs")
     ap.add_argument("--compile", action="store_true", help="also time bf16 with torch.compile")
-    ap.add_argument("--budget-s", type=float, default=200.0, help="stop adding batch sizes after this long")
+    ap.add_argument(
+        "--budget-s", type=float, default=200.0, help="stop adding batch sizes after this long"
+    )
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -90,25 +108,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {video} missing: using {DEMO_VIDEO}")
         video = DEMO_VIDEO
     clips = real_windows(video, 16, stride=8, skip=100)
-    print(f"# {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; "
-          f"model {desc}, {flop / 1e9:.1f} GFLOP/clip; bf16 peak {peak or '?'} TFLOP/s")
+    print(
+        f"# {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; "
+        f"model {desc}, {flop / 1e9:.1f} GFLOP/clip; bf16 peak {peak or '?'} TFLOP/s"
+    )
 
     # Correctness first: build_engine checks against fp32 and would fall back; report it here too.
     engine = build_engine(model, dev, "auto", check_clips=clips[:8])
     print(f"# build_engine(auto) chose {engine.path}")
-    paths = {"fp32": build_path(model, dev, "fp32-eager"),
-             "bf16": build_path(model, dev, "bf16-autocast"),
-             "fp16": build_path(model, dev, "fp16-autocast")}
+    paths = {
+        "fp32": build_path(model, dev, "fp32-eager"),
+        "bf16": build_path(model, dev, "bf16-autocast"),
+        "fp16": build_path(model, dev, "fp16-autocast"),
+    }
     if args.graphs:
         g = build_path(model, dev, "bf16-autocast")
         g.use_cuda_graphs([int(b) for b in args.batches.split(",")])
         paths["bf16+graphs"] = g
     if args.compile:
         paths["bf16-compiled"] = build_path(model, dev, "bf16-compiled")
-    ref = torch.cat([paths["fp32"](clips[i:i + 4]).cpu() for i in range(0, 16, 4)])
+    ref = torch.cat([paths["fp32"](clips[i : i + 4]).cpu() for i in range(0, 16, 4)])
     print("\n| path | top-1 agreement | relative error |\n|---|---|---|")
     for pname, eng in paths.items():
-        out = torch.cat([eng(clips[i:i + 4]).cpu() for i in range(0, 16, 4)])
+        out = torch.cat([eng(clips[i : i + 4]).cpu() for i in range(0, 16, 4)])
         agree = float((out.argmax(1) == ref.argmax(1)).float().mean())
         print(f"| {pname} | {agree * 100:.0f}% | {float((out - ref).norm() / ref.norm()):.2e} |")
 
@@ -132,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             med = statistics.median(times[pname])
             tflops = flop * b / med / 1e12
             share = f"{tflops / peak * 100:.0f}%" if peak else "?"
-            print(f"| {pname} | {b} | {med * 1e3:.1f} | {b / med:.0f} | {tflops:.1f} | {share} | "
-                  f"{int(b / med / windows_per_stream_s)} |", flush=True)
+            print(
+                f"| {pname} | {b} | {med * 1e3:.1f} | {b / med:.0f} | {tflops:.1f} | {share} | "
+                f"{int(b / med / windows_per_stream_s)} |",
+                flush=True,
+            )
     return 0
 
 

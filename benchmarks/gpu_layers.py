@@ -65,7 +65,9 @@ def conv_flop(conv: torch.nn.Module, out: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=5)
     add_model_args(ap)
@@ -78,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     model, desc = load_model(None, 8, args.width)
     x0 = torch.randn(args.batch, 3, 16, 112, 112, device=dev, dtype=torch.bfloat16)
     x0 = x0.contiguous(memory_format=torch.channels_last_3d)
-    print(f"# {name}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; model {desc}; "
-          f"batch {args.batch}; bf16 peak {peak} TFLOP/s\n")
+    print(
+        f"# {name}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; model {desc}; "
+        f"batch {args.batch}; bf16 peak {peak} TFLOP/s\n"
+    )
     print("| conv1 | stage | ms | TFLOP/s or GB/s | % bf16 peak | top kernel |")
     print("|---|---|---|---|---|---|")
     names = conv_names()
@@ -92,24 +96,39 @@ def main(argv: list[str] | None = None) -> int:
                 y = conv(x)
                 ms = median_ms(lambda c=conv, i=x: c(i), args.rounds)
                 tflops = conv_flop(conv, y) / ms / 1e9
-                print(f"| {form} | {cname} | {ms:.2f} | {tflops:.0f} TFLOP/s | {tflops / peak * 100:.0f}% | "
-                      f"{top_kernel(lambda c=conv, i=x: c(i), dev)} |", flush=True)
+                print(
+                    f"| {form} | {cname} | {ms:.2f} | {tflops:.0f} TFLOP/s | {tflops / peak * 100:.0f}% | "
+                    f"{top_kernel(lambda c=conv, i=x: c(i), dev)} |",
+                    flush=True,
+                )
                 r = F.relu(y)
                 ms_r = median_ms(lambda i=y: F.relu(i), args.rounds)
                 p = pool(r)
-                ms_p = median_ms(lambda q=pool, i=r: q(i), args.rounds) if not isinstance(pool, torch.nn.Identity) else 0.0
+                ms_p = (
+                    median_ms(lambda q=pool, i=r: q(i), args.rounds)
+                    if not isinstance(pool, torch.nn.Identity)
+                    else 0.0
+                )
                 gb_r = 2 * y.numel() * y.element_size() / ms_r / 1e6
                 gb_p = (r.numel() + p.numel()) * r.element_size() / ms_p / 1e6 if ms_p else 0.0
-                print(f"| {form} | relu + pool after {cname} | {ms_r:.2f} + {ms_p:.2f} | "
-                      f"{gb_r:.0f} + {gb_p:.0f} GB/s | | |", flush=True)
+                print(
+                    f"| {form} | relu + pool after {cname} | {ms_r:.2f} + {ms_p:.2f} | "
+                    f"{gb_r:.0f} + {gb_p:.0f} GB/s | | |",
+                    flush=True,
+                )
                 total += ms + ms_r + ms_p
                 x = p
             flat = torch.flatten(x, 1)
-            ms_fc = median_ms(lambda n=net, f=flat: n.fc8(F.relu(n.fc7(F.relu(n.fc6(f))))), args.rounds)
+            ms_fc = median_ms(
+                lambda n=net, f=flat: n.fc8(F.relu(n.fc7(F.relu(n.fc6(f))))), args.rounds
+            )
             total += ms_fc
             whole = median_ms(lambda n=net: n(x0), args.rounds)
         print(f"| {form} | fc6-fc8 | {ms_fc:.2f} | | | |")
-        print(f"| {form} | **sum of stages / whole net** | **{total:.1f} / {whole:.1f}** | | | |", flush=True)
+        print(
+            f"| {form} | **sum of stages / whole net** | **{total:.1f} / {whole:.1f}** | | | |",
+            flush=True,
+        )
     return 0
 
 

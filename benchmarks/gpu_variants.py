@@ -52,10 +52,17 @@ def variant(net: torch.nn.Module, dtype: torch.dtype, autocast: bool) -> Callabl
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
     """The options gpu_variants.py and gpu_layers.py share: conv1's forms, device, width."""
-    ap.add_argument("--conv1", default="3,8", help="conv1 input channels to try: 3 (as it is) or a padded "
-                    "count; comma-separated")
-    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with a small --width)")
-    ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0 = the seed C3D_BN)")
+    ap.add_argument(
+        "--conv1",
+        default="3,8",
+        help="conv1 input channels to try: 3 (as it is) or a padded count; comma-separated",
+    )
+    ap.add_argument(
+        "--device", default="cuda", help="cpu: a smoke test of this script (with a small --width)"
+    )
+    ap.add_argument(
+        "--width", type=float, default=1.0, help="channel width multiplier (1.0 = the seed C3D_BN)"
+    )
 
 
 def open_device(args: argparse.Namespace) -> torch.device | None:
@@ -80,10 +87,16 @@ def conv1_net(model: torch.nn.Module, dev: torch.device, form: str) -> Inference
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--batches", default="32,128")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--modes", default="default", help="torch.compile modes to time, comma-separated ('' for none)")
+    ap.add_argument(
+        "--modes",
+        default="default",
+        help="torch.compile modes to time, comma-separated ('' for none)",
+    )
     ap.add_argument("--fp16", action="store_true", help="also fp16 weights (the last conv1 form)")
     add_model_args(ap)
     args = ap.parse_args(argv)
@@ -103,15 +116,22 @@ def main(argv: list[str] | None = None) -> int:
         variants[f"bf16 autocast, conv1 {form}"] = variant(net, bf16, autocast=True)
         variants[f"bf16 weights, conv1 {form}"] = variant(net, bf16, autocast=False)
     if args.fp16:
-        variants[f"fp16 weights, conv1 {forms[-1]}"] = variant(nets[forms[-1]], torch.float16, autocast=False)
+        variants[f"fp16 weights, conv1 {forms[-1]}"] = variant(
+            nets[forms[-1]], torch.float16, autocast=False
+        )
     inductor_config.freezing = True  # as the engine's bf16-compiled path compiles
     for mode in filter(None, args.modes.split(",")):
         for form, net in nets.items():
-            compiled = torch.compile(copy.deepcopy(net).to(bf16).to(memory_format=cl), mode=mode, dynamic=False)
-            variants[f"torch.compile mode={mode}, conv1 {form}"] = (
-                lambda x, c=compiled: c(x.to(bf16).contiguous(memory_format=cl)))
-    print(f"# {name}, torch {torch.__version__}; model {desc}, {flop / 1e9:.1f} GFLOP/clip; "
-          f"bf16 peak {peak or '?'} TFLOP/s\n")
+            compiled = torch.compile(
+                copy.deepcopy(net).to(bf16).to(memory_format=cl), mode=mode, dynamic=False
+            )
+            variants[f"torch.compile mode={mode}, conv1 {form}"] = lambda x, c=compiled: c(
+                x.to(bf16).contiguous(memory_format=cl)
+            )
+    print(
+        f"# {name}, torch {torch.__version__}; model {desc}, {flop / 1e9:.1f} GFLOP/clip; "
+        f"bf16 peak {peak or '?'} TFLOP/s\n"
+    )
     print("| variant | batch | ms/batch | clips/s | TFLOP/s | % bf16 peak | warm-up s |")
     print("|---|---|---|---|---|---|---|")
     for b in (int(s) for s in args.batches.split(",")):
@@ -129,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
             med = statistics.median(ts)
             tflops = flop * b / med / 1e12
             share = f"{tflops / peak * 100:.0f}%" if peak else "?"
-            print(f"| {n} | {b} | {med * 1e3:.1f} | {b / med:.0f} | {tflops:.0f} | {share} | {warm[n]:.1f} |", flush=True)
+            print(
+                f"| {n} | {b} | {med * 1e3:.1f} | {b / med:.0f} | {tflops:.0f} | {share} | {warm[n]:.1f} |",
+                flush=True,
+            )
     return 0
 
 

@@ -53,9 +53,21 @@ SAMPLE_EVERY_S = 10.0
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
-                 "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _glibc_mallinfo2():
@@ -78,7 +90,10 @@ def malloc_status() -> dict[str, int]:
     if _MALLINFO2 is None:
         return {}
     info = _MALLINFO2()
-    return {"malloc_used_kb": (info.uordblks + info.hblkhd) // 1024, "malloc_kept_kb": info.fordblks // 1024}
+    return {
+        "malloc_used_kb": (info.uordblks + info.hblkhd) // 1024,
+        "malloc_kept_kb": info.fordblks // 1024,
+    }
 
 
 def proc_status() -> dict[str, int]:
@@ -88,8 +103,13 @@ def proc_status() -> dict[str, int]:
         key, _, value = line.partition(":")
         if key in ("VmRSS", "Threads"):
             fields[key] = int(value.split()[0])
-    return {"rss_kb": fields["VmRSS"], "os_threads": fields["Threads"],
-            "py_threads": threading.active_count(), "fds": len(os.listdir("/proc/self/fd")), **malloc_status()}
+    return {
+        "rss_kb": fields["VmRSS"],
+        "os_threads": fields["Threads"],
+        "py_threads": threading.active_count(),
+        "fds": len(os.listdir("/proc/self/fd")),
+        **malloc_status(),
+    }
 
 
 def verdict(report: dict[str, Any], first: dict[str, Any], last: dict[str, Any]) -> str:
@@ -101,14 +121,22 @@ def verdict(report: dict[str, Any], first: dict[str, Any], last: dict[str, Any])
     rss = report["rss_growth_second_half_mb"]
     if rss < 10:
         return "flat"
-    used, kept = report.get("malloc_used_growth_second_half_mb"), report.get("malloc_kept_growth_second_half_mb")
+    used, kept = (
+        report.get("malloc_used_growth_second_half_mb"),
+        report.get("malloc_kept_growth_second_half_mb"),
+    )
     if used is not None and used < 2 and kept >= rss - 2:
         return f"flat in use (RSS +{rss} MB: freed blocks the allocator kept)"
     return "GROWING"
 
 
-def make_outages(server: RtspServer, every_s: float, outage_s: float, stop: threading.Event,
-                 record: list[dict[str, Any]]) -> threading.Thread:
+def make_outages(
+    server: RtspServer,
+    every_s: float,
+    outage_s: float,
+    stop: threading.Event,
+    record: list[dict[str, Any]],
+) -> threading.Thread:
     def run() -> None:
         n = 0
         while not stop.wait(every_s):
@@ -139,17 +167,29 @@ def main() -> int:
     parser.add_argument("--outage-s", type=float, default=5.0, help="length of each outage")
     parser.add_argument("--width", type=float, default=0.25, help="C3D_BN width (random weights)")
     cpu_paths = [p.value for p in Precision if p not in (Precision.AUTO, Precision.FP16)]
-    parser.add_argument("--precision", default="fp32", choices=cpu_paths,
-                        help="inference path (default fp32); bf16 and int8 are checked, and int8 calibrated, "
-                             "on the first windows of --video")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=cpu_paths,
+        help="inference path (default fp32); bf16 and int8 are checked, and int8 calibrated, "
+        "on the first windows of --video",
+    )
     parser.add_argument("--video", default=str(REPO / "tests" / ".assets" / "vtest.avi"))
-    parser.add_argument("--warmup-s", type=float, default=60.0, help="seconds before the baseline sample")
-    parser.add_argument("--workers", type=int, default=1,
-                        help="inference workers, each on an equal share of the torch threads (default 1, what "
-                             "streamdet run picks for one camera)")
+    parser.add_argument(
+        "--warmup-s", type=float, default=60.0, help="seconds before the baseline sample"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="inference workers, each on an equal share of the torch threads (default 1, what "
+        "streamdet run picks for one camera)",
+    )
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     workdir = Path(tempfile.mkdtemp(prefix="streamdet-soak-"))
     server = RtspServer(["--video", args.video], free_port(), workdir / "rtsp_server.log")
@@ -158,23 +198,44 @@ def main() -> int:
     model = C3D_BN(num_classes=3, width=args.width).eval()
     checkpoint = Checkpoint(model, ("none", "walk", "run"), DEFAULT_CONTRACT, "soak-random", "-")
     events = workdir / "events.jsonl"
-    cfg = load_config(None, {
-        "sources": [{"name": "cam", "url": server.url, "options": {
-            "open_timeout_s": 3.0, "read_timeout_s": 2.0, "stall_timeout_s": 4.0,
-            "backoff_initial_s": 0.5, "backoff_max_s": 4.0}}],
-        "model": {"device": "cpu", "precision": args.precision, "max_batch": 2},
-        "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
-        "sinks": {"events": {"path": str(events), "rotate_mb": 1.0}},
-        "progress_interval_s": 60.0,
-    })
+    cfg = load_config(
+        None,
+        {
+            "sources": [
+                {
+                    "name": "cam",
+                    "url": server.url,
+                    "options": {
+                        "open_timeout_s": 3.0,
+                        "read_timeout_s": 2.0,
+                        "stall_timeout_s": 4.0,
+                        "backoff_initial_s": 0.5,
+                        "backoff_max_s": 4.0,
+                    },
+                }
+            ],
+            "model": {"device": "cpu", "precision": args.precision, "max_batch": 2},
+            "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
+            "sinks": {"events": {"path": str(events), "rotate_mb": 1.0}},
+            "progress_interval_s": 60.0,
+        },
+    )
     check_clips = None
     if args.precision != "fp32":
         from streamdet.inference import calibration_windows
 
         check_clips = calibration_windows(args.video, stride=8)
     engine = build_engine(model, "cpu", args.precision, check_clips=check_clips)
-    pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None, workers=args.workers,
-                        threads_per_worker=max(1, torch.get_num_threads() // args.workers) if args.workers > 1 else None)
+    pipeline = Pipeline(
+        cfg,
+        checkpoint,
+        engine,
+        print_fn=lambda line: None,
+        workers=args.workers,
+        threads_per_worker=max(1, torch.get_num_threads() // args.workers)
+        if args.workers > 1
+        else None,
+    )
     outcome: dict[str, Any] = {}
 
     def run_pipeline() -> None:
@@ -194,20 +255,34 @@ def main() -> int:
     try:
         while not stop.wait(SAMPLE_EVERY_S if samples else args.warmup_s):
             elapsed = time.monotonic() - started
-            samples.append({"t_s": round(elapsed, 1), **proc_status(),
-                            "windows": pipeline.inference.windows_done})
+            samples.append(
+                {
+                    "t_s": round(elapsed, 1),
+                    **proc_status(),
+                    "windows": pipeline.inference.windows_done,
+                }
+            )
             print(f"[soak] {samples[-1]}", flush=True)
             if outage_thread is None:  # warm-up over: the first sample is the baseline
-                outage_thread = make_outages(server, args.outage_every, args.outage_s, stop, outages)
+                outage_thread = make_outages(
+                    server, args.outage_every, args.outage_s, stop, outages
+                )
             if elapsed >= duration or not runner.is_alive():
                 break
     finally:
         stop.set()
         if outage_thread is not None:
             outage_thread.join(args.outage_s + 15)
-        time.sleep(min(10.0, args.outage_s + 5))  # let the last outage recover before the final look
-        samples.append({"t_s": round(time.monotonic() - started, 1), **proc_status(),
-                        "windows": pipeline.inference.windows_done})
+        time.sleep(
+            min(10.0, args.outage_s + 5)
+        )  # let the last outage recover before the final look
+        samples.append(
+            {
+                "t_s": round(time.monotonic() - started, 1),
+                **proc_status(),
+                "windows": pipeline.inference.windows_done,
+            }
+        )
         pipeline.stop("soak over")
         runner.join(15)
         server.stop()
@@ -226,8 +301,13 @@ def main() -> int:
         "rss_growth_mb": round((last["rss_kb"] - first["rss_kb"]) / 1024, 1),
         "rss_growth_second_half_mb": round((last["rss_kb"] - middle["rss_kb"]) / 1024, 1),
         "rss_max_mb": round(max(s["rss_kb"] for s in samples) / 1024, 1),
-        **{f"{key.removesuffix('_kb')}_growth_second_half_mb": round((last[key] - middle[key]) / 1024, 1)
-           for key in ("malloc_used_kb", "malloc_kept_kb") if key in last},
+        **{
+            f"{key.removesuffix('_kb')}_growth_second_half_mb": round(
+                (last[key] - middle[key]) / 1024, 1
+            )
+            for key in ("malloc_used_kb", "malloc_kept_kb")
+            if key in last
+        },
         "threads_start_end": (first["os_threads"], last["os_threads"]),
         "py_threads_start_end": (first["py_threads"], last["py_threads"]),
         "fds_start_end": (first["fds"], last["fds"]),

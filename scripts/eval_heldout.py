@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--weights", type=Path, default=ROOT / "streamdet" / "demo" / "c3d_bn_demo.safetensors")
+    p.add_argument(
+        "--weights", type=Path, default=ROOT / "streamdet" / "demo" / "c3d_bn_demo.safetensors"
+    )
     p.add_argument("--stream", type=Path, default=ROOT / "runs" / "heldout" / "heldout.mp4")
     p.add_argument("--clips", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)

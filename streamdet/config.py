@@ -85,16 +85,28 @@ class _Model(BaseModel):
 class SourceOptions(_Model):
     """How a source is opened and watched."""
 
-    open_timeout_s: float = Field(10.0, gt=0, le=300, description="Give up opening a stream after this long.")
-    read_timeout_s: float = Field(5.0, gt=0, le=300, description="A single read blocking longer than this is a stall.")
-    stall_timeout_s: float = Field(
-        10.0, gt=0, le=3600, description="No new frame for this long: the watchdog reopens the source."
+    open_timeout_s: float = Field(
+        10.0, gt=0, le=300, description="Give up opening a stream after this long."
     )
-    reconnect: bool = Field(True, description="Reopen a lost stream (cameras and URLs) with backoff.")
+    read_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="A single read blocking longer than this is a stall."
+    )
+    stall_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="No new frame for this long: the watchdog reopens the source.",
+    )
+    reconnect: bool = Field(
+        True, description="Reopen a lost stream (cameras and URLs) with backoff."
+    )
     backoff_initial_s: float = Field(0.5, gt=0, le=60, description="First reconnect delay.")
     backoff_max_s: float = Field(30.0, gt=0, le=3600, description="Reconnect delay cap.")
     fps: float | None = Field(
-        None, gt=0, le=1000, description="Override the frame rate reported by the source (used for pacing)."
+        None,
+        gt=0,
+        le=1000,
+        description="Override the frame rate reported by the source (used for pacing).",
     )
 
     @model_validator(mode="after")
@@ -107,9 +119,13 @@ class SourceOptions(_Model):
 class SourceConfig(_Model):
     """One video source."""
 
-    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$", description="Unique name.")
+    name: str = Field(
+        ..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$", description="Unique name."
+    )
     url: str = Field(
-        ..., min_length=1, description="Camera index (0), video file path, or rtsp:// / http(s):// URL."
+        ...,
+        min_length=1,
+        description="Camera index (0), video file path, or rtsp:// / http(s):// URL.",
     )
     realtime: bool | None = Field(
         None,
@@ -118,7 +134,9 @@ class SourceConfig(_Model):
             "when inference lags); false reads as fast as possible and skips nothing. Default false."
         ),
     )
-    options: SourceOptions = Field(default_factory=SourceOptions, description="Opening and watchdog settings.")
+    options: SourceOptions = Field(
+        default_factory=SourceOptions, description="Opening and watchdog settings."
+    )
 
     @field_validator("url", mode="before")
     @classmethod
@@ -133,24 +151,38 @@ class ModelConfig(_Model):
 
     arch: Literal["c3d_bn"] = Field("c3d_bn", description="Network architecture.")
     width: float = Field(1.0, gt=0, le=4, description="Channel multiplier (1.0 = published C3D).")
-    num_classes: int = Field(8, ge=1, le=100_000, description="Output classes (used without weights).")
-    weights: str | None = Field(None, description="Checkpoint (.safetensors, or a plain .pt state dict).")
+    num_classes: int = Field(
+        8, ge=1, le=100_000, description="Output classes (used without weights)."
+    )
+    weights: str | None = Field(
+        None, description="Checkpoint (.safetensors, or a plain .pt state dict)."
+    )
     device: Device = Field(Device.AUTO, description="auto = CUDA when present, else CPU.")
     precision: Precision = Field(
         Precision.AUTO, description="Numeric path; auto picks the fastest one checked against fp32."
     )
-    max_batch: int = Field(8, ge=1, le=1024, description="Most windows run in one forward pass (CUDA; a CPU runs one at a time).")
+    max_batch: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Most windows run in one forward pass (CUDA; a CPU runs one at a time).",
+    )
     threads: int | None = Field(
         None, ge=1, le=512, description="Torch intra-op threads in all (null: one per core)."
     )
     workers: int | None = Field(
-        None, ge=1, le=512,
+        None,
+        ge=1,
+        le=512,
         description="Inference workers: threads running forward passes side by side, sharing the torch threads "
         "(null: on a CPU, one per source up to one per thread, and one per thread for a file replayed as fast as "
         "possible; one on CUDA or with compile).",
     )
-    compile: bool = Field(False, description="torch.compile the model: faster, but tens of seconds to start "
-                          "(a few minutes on CUDA; cached after).")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model: faster, but tens of seconds to start "
+        "(a few minutes on CUDA; cached after).",
+    )
     cuda_graphs: bool = Field(
         False,
         description="CUDA: replay CUDA graphs for batches of 1, 2, 4, ... up to max_batch (fewer kernel "
@@ -167,8 +199,10 @@ class ModelConfig(_Model):
     @model_validator(mode="after")
     def _workers_need_a_concurrent_engine(self) -> ModelConfig:
         if self.workers is not None and self.workers > 1 and self.compile:
-            raise ValueError(f"workers: {self.workers} workers cannot share a torch.compile'd model "
-                             "(compile: true): set workers to 1 or null")
+            raise ValueError(
+                f"workers: {self.workers} workers cannot share a torch.compile'd model "
+                "(compile: true): set workers to 1 or null"
+            )
         return self
 
 
@@ -183,32 +217,52 @@ class ClassEventConfig(_Model):
     """Per-class override of the event thresholds."""
 
     threshold: float | None = Field(None, ge=0, le=1, description="Enter threshold for this class.")
-    exit_threshold: float | None = Field(None, ge=0, le=1, description="Exit threshold for this class.")
+    exit_threshold: float | None = Field(
+        None, ge=0, le=1, description="Exit threshold for this class."
+    )
 
 
 class EventsConfig(_Model):
     """Turning window scores into events."""
 
     threshold: float = Field(0.6, ge=0, le=1, description="Smoothed score that opens an event.")
-    exit_threshold: float = Field(0.4, ge=0, le=1, description="Smoothed score below which it ends.")
+    exit_threshold: float = Field(
+        0.4, ge=0, le=1, description="Smoothed score below which it ends."
+    )
     smoothing: int = Field(3, ge=1, le=100, description="Moving average over this many windows.")
-    open_windows: int = Field(2, ge=1, le=100, description="Consecutive windows above threshold to open.")
-    min_duration_s: float = Field(0.0, ge=0, le=3600, description="Shorter events are never reported.")
-    background: str | None = Field("none", description="Class that never makes events (null: none).")
-    update_min_delta: float = Field(0.05, ge=0, le=1, description="Peak rise that triggers an update line.")
-    update_min_interval_s: float = Field(1.0, ge=0, le=3600, description="Least time between update lines.")
-    classes: dict[str, ClassEventConfig] = Field(default_factory=dict, description="Per-class overrides.")
+    open_windows: int = Field(
+        2, ge=1, le=100, description="Consecutive windows above threshold to open."
+    )
+    min_duration_s: float = Field(
+        0.0, ge=0, le=3600, description="Shorter events are never reported."
+    )
+    background: str | None = Field(
+        "none", description="Class that never makes events (null: none)."
+    )
+    update_min_delta: float = Field(
+        0.05, ge=0, le=1, description="Peak rise that triggers an update line."
+    )
+    update_min_interval_s: float = Field(
+        1.0, ge=0, le=3600, description="Least time between update lines."
+    )
+    classes: dict[str, ClassEventConfig] = Field(
+        default_factory=dict, description="Per-class overrides."
+    )
 
     @model_validator(mode="after")
     def _hysteresis(self) -> EventsConfig:
         if self.exit_threshold > self.threshold:
-            raise ValueError(f"exit_threshold ({self.exit_threshold}) must be <= threshold ({self.threshold})")
+            raise ValueError(
+                f"exit_threshold ({self.exit_threshold}) must be <= threshold ({self.threshold})"
+            )
         for label, rule in self.classes.items():
             enter = rule.threshold if rule.threshold is not None else self.threshold
             exit_ = rule.exit_threshold if rule.exit_threshold is not None else self.exit_threshold
             if exit_ > enter:
-                raise ValueError(f"classes.{_shorten(str(label))}: exit_threshold ({exit_}) "
-                                 f"must be <= threshold ({enter})")
+                raise ValueError(
+                    f"classes.{_shorten(str(label))}: exit_threshold ({exit_}) "
+                    f"must be <= threshold ({enter})"
+                )
         return self
 
 
@@ -216,7 +270,9 @@ class EventLogConfig(_Model):
     """The JSONL event log."""
 
     path: str | None = Field("events.jsonl", description="JSONL file (null: no log).")
-    rotate_mb: float | None = Field(None, gt=0, le=1_000_000, description="Rotate past this size (MB).")
+    rotate_mb: float | None = Field(
+        None, gt=0, le=1_000_000, description="Rotate past this size (MB)."
+    )
 
 
 class OverlayConfig(_Model):
@@ -242,9 +298,12 @@ class RunConfig(_Model):
     window: WindowConfig = Field(default_factory=WindowConfig, description="Windowing.")
     events: EventsConfig = Field(default_factory=EventsConfig, description="Event tracker.")
     sinks: SinksConfig = Field(default_factory=SinksConfig, description="Outputs.")
-    progress_interval_s: float = Field(5.0, gt=0, le=3600, description="Seconds between progress lines.")
+    progress_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="Seconds between progress lines."
+    )
     truth: str | None = Field(
-        None, description="Ground-truth events JSON for the first source: event F1 is printed at exit."
+        None,
+        description="Ground-truth events JSON for the first source: event F1 is printed at exit.",
     )
 
     @field_validator("sources")
@@ -338,8 +397,12 @@ class _BoundedComposer:
             node = self._compose(self.get_event(), 1)[0]
             self.get_event()  # DocumentEndEvent
         if not self.check_event(StreamEndEvent):
-            raise ComposerError(None, None, "expected a single document, but found another",
-                                self.get_event().start_mark)
+            raise ComposerError(
+                None,
+                None,
+                "expected a single document, but found another",
+                self.get_event().start_mark,
+            )
         return node
 
     def _compose(self, event: Any, depth: int) -> tuple[Node, int]:
@@ -349,16 +412,21 @@ class _BoundedComposer:
         anchor = event.anchor
         if anchor is not None:
             if anchor in self._anchors:
-                raise ComposerError(None, None, f"found a second anchor {_shorten(anchor)!r}",
-                                    event.start_mark)
+                raise ComposerError(
+                    None, None, f"found a second anchor {_shorten(anchor)!r}", event.start_mark
+                )
             self._anchors[anchor] = None
         before = self._values
         self._count(1, event)
         if isinstance(event, ScalarEvent):
             # libyaml's marks are a type of their own with the fields of PyYAML's
-            node: Node = ScalarNode(self._tag(ScalarNode, event, event.value), event.value,
-                                    event.start_mark, event.end_mark,  # type: ignore[arg-type]
-                                    style=event.style)
+            node: Node = ScalarNode(
+                self._tag(ScalarNode, event, event.value),
+                event.value,
+                event.start_mark,
+                event.end_mark,  # type: ignore[arg-type]
+                style=event.style,
+            )
             height = 0
         elif isinstance(event, SequenceStartEvent):
             node, height = self._sequence(event, depth)
@@ -370,8 +438,13 @@ class _BoundedComposer:
 
     def _sequence(self, start: Any, depth: int) -> tuple[Node, int]:
         self._check_depth(depth, start)
-        node = SequenceNode(self._tag(SequenceNode, start, None), [], start.start_mark, None,
-                            flow_style=start.flow_style)
+        node = SequenceNode(
+            self._tag(SequenceNode, start, None),
+            [],
+            start.start_mark,
+            None,
+            flow_style=start.flow_style,
+        )
         height = 0
         while not isinstance(event := self.get_event(), SequenceEndEvent):
             item, item_height = self._compose(event, depth + 1)
@@ -382,8 +455,13 @@ class _BoundedComposer:
 
     def _mapping(self, start: Any, depth: int) -> tuple[Node, int]:
         self._check_depth(depth, start)
-        node = MappingNode(self._tag(MappingNode, start, None), [], start.start_mark, None,
-                           flow_style=start.flow_style)
+        node = MappingNode(
+            self._tag(MappingNode, start, None),
+            [],
+            start.start_mark,
+            None,
+            flow_style=start.flow_style,
+        )
         height = 0
         seen: dict[tuple[str, str], Any] = {}  # (tag, text) of each scalar key -> its first mark
         while not isinstance(event := self.get_event(), MappingEndEvent):
@@ -391,8 +469,10 @@ class _BoundedComposer:
             if isinstance(key, ScalarNode):
                 first = seen.setdefault((key.tag, key.value), event.start_mark)
                 if first is not event.start_mark:
-                    raise _YamlRuleError(f"duplicate key {_shorten(key.value)!r} at "
-                                         f"{_two_places(first, event.start_mark)}")
+                    raise _YamlRuleError(
+                        f"duplicate key {_shorten(key.value)!r} at "
+                        f"{_two_places(first, event.start_mark)}"
+                    )
             value, value_height = self._compose(self.get_event(), depth + 1)
             node.value.append((key, value))
             height = max(height, key_height, value_height)
@@ -401,12 +481,18 @@ class _BoundedComposer:
 
     def _alias(self, event: Any, depth: int) -> tuple[Node, int]:
         if event.anchor not in self._anchors:
-            raise ComposerError(None, None, f"found undefined alias {_shorten(event.anchor)!r}",
-                                event.start_mark)
+            raise ComposerError(
+                None, None, f"found undefined alias {_shorten(event.anchor)!r}", event.start_mark
+            )
         anchor = self._anchors[event.anchor]
         if anchor is None:
-            raise ComposerError(None, None, f"alias {_shorten(event.anchor)!r} is inside its own "
-                                "anchor (recursive aliases are not supported)", event.start_mark)
+            raise ComposerError(
+                None,
+                None,
+                f"alias {_shorten(event.anchor)!r} is inside its own "
+                "anchor (recursive aliases are not supported)",
+                event.start_mark,
+            )
         self._count(anchor.values, event)
         if anchor.height:
             self._check_depth(depth + anchor.height - 1, event)
@@ -421,14 +507,18 @@ class _BoundedComposer:
     def _count(self, values: int, event: Any) -> None:
         self._values += values
         if self._values > MAX_YAML_VALUES:
-            raise _YamlRuleError(f"more than {MAX_YAML_VALUES:,} values by line "
-                                 f"{event.start_mark.line + 1}, counting each alias as all the "
-                                 "values it repeats (an alias bomb?)")
+            raise _YamlRuleError(
+                f"more than {MAX_YAML_VALUES:,} values by line "
+                f"{event.start_mark.line + 1}, counting each alias as all the "
+                "values it repeats (an alias bomb?)"
+            )
 
     def _check_depth(self, depth: int, event: Any) -> None:
         if depth > MAX_YAML_DEPTH:
-            raise _YamlRuleError(f"lists and mappings nested more than {MAX_YAML_DEPTH} deep at "
-                                 f"line {event.start_mark.line + 1}")
+            raise _YamlRuleError(
+                f"lists and mappings nested more than {MAX_YAML_DEPTH} deep at "
+                f"line {event.start_mark.line + 1}"
+            )
 
     def construct_value(self, node: Node) -> Any:
         """``node`` as ``yaml.safe_load`` makes it, recursing at most MAX_YAML_DEPTH deep.
@@ -445,8 +535,9 @@ class _BoundedComposer:
         if node.tag == _MAP_TAG and all(
             isinstance(key, ScalarNode) and key.tag != _MERGE_TAG for key, _ in node.value
         ):
-            return {self.construct_value(key): self.construct_value(value)
-                    for key, value in node.value}
+            return {
+                self.construct_value(key): self.construct_value(value) for key, value in node.value
+            }
         return self.construct_object(node, deep=True)
 
 
@@ -518,8 +609,9 @@ def _substitute_env(value: Any, path: str, problems: _Problems) -> Any:
         return _ENV_PATTERN.sub(repl, value)
     if isinstance(value, Mapping):
         prefix = f"{path}." if path else ""
-        return {k: _substitute_env(v, prefix + _shorten(str(k)), problems)
-                for k, v in value.items()}
+        return {
+            k: _substitute_env(v, prefix + _shorten(str(k)), problems) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [_substitute_env(v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
     return value
@@ -583,7 +675,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, but got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping at the top level, but got {type(data).__name__}"
+        )
     return data
 
 
@@ -612,7 +706,9 @@ def _resolve_input_paths(data: dict[str, Any], folder: Path) -> None:
         data["truth"] = resolve(data["truth"])
 
 
-def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
+) -> RunConfig:
     """Load, merge and validate a run configuration.
 
     Relative input paths in the file (file sources, ``model.weights``, ``model.calibration``,
@@ -633,8 +729,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
         return _load_config(path, overrides)
 
 
-def _load_config(path: str | os.PathLike[str] | None,
-                 overrides: Mapping[str, Any] | None) -> RunConfig:
+def _load_config(
+    path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None
+) -> RunConfig:
     data = read_yaml(path) if path is not None else {}
     where = f"{path}: " if path is not None else ""
     problems = _Problems()

@@ -271,8 +271,10 @@ def _read_bytes(path: Path, what: str) -> bytes:
 
 
 def _not_utf8(where: str, exc: UnicodeDecodeError, what: str) -> ConfigError:
-    return ConfigError(f"{where}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
-                       f"{exc.start}): not {what}")
+    return ConfigError(
+        f"{where}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+        f"{exc.start}): not {what}"
+    )
 
 
 def _frame(rec: dict[str, Any], key: str, where: str) -> int | None:
@@ -334,12 +336,19 @@ def _log_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
         raise ConfigError(f"{path}: cannot read the event log ({exc.strerror or exc})") from exc
     if foreign and not records:
         first = foreign[0]
-        raise ConfigError(f"{first.file}:{first.number}: {line_problem(first.raw)}: not an event "
-                          "log written by 'streamdet run'")
+        raise ConfigError(
+            f"{first.file}:{first.number}: {line_problem(first.raw)}: not an event "
+            "log written by 'streamdet run'"
+        )
     if foreign:
-        log.warning("%s: %d line(s) not written by streamdet skipped (first at %s:%d: %s)", path,
-                    len(foreign), foreign[0].file, foreign[0].number,
-                    line_problem(foreign[0].raw))
+        log.warning(
+            "%s: %d line(s) not written by streamdet skipped (first at %s:%d: %s)",
+            path,
+            len(foreign),
+            foreign[0].file,
+            foreign[0].number,
+            line_problem(foreign[0].raw),
+        )
     return records
 
 
@@ -377,8 +386,10 @@ def read_event_log(
     if run_id is None:
         run_id = runs[-1] if runs else None
     elif run_id not in runs:
-        raise ConfigError(f"{path}: no run {run_id!r} in this log (its runs, oldest first: "
-                          f"{', '.join(runs) or 'none'})")
+        raise ConfigError(
+            f"{path}: no run {run_id!r} in this log (its runs, oldest first: "
+            f"{', '.join(runs) or 'none'})"
+        )
     open_events: dict[str, _LogEvent] = {}
     closed: list[_LogEvent] = []
     last_frame: int | None = None
@@ -478,8 +489,9 @@ def read_truth(path: str | os.PathLike[str]) -> Truth:
         raise ConfigError(f"{path}: fps must be a number > 0, but got {fps!r}")
     start_utc = doc.get("start_utc")
     if start_utc is not None and not isinstance(start_utc, str):
-        raise ConfigError(f"{path}: start_utc must be an ISO-8601 time string, but got "
-                          f"{start_utc!r}")
+        raise ConfigError(
+            f"{path}: start_utc must be an ISO-8601 time string, but got {start_utc!r}"
+        )
     start = _time(doc, "start_utc", str(path)) if start_utc else None
     return Truth(
         doc["events"], float(fps) if fps else None, start if isinstance(start, datetime) else None
@@ -491,9 +503,7 @@ def _seconds(t: float | datetime | None, origin: datetime | None, what: str) -> 
         raise ConfigError(f"{what}: no time")
     if isinstance(t, datetime):
         if origin is None:
-            raise ConfigError(
-                f"{what}: ISO times need the stream start: 'start_utc' in the truth"
-            )
+            raise ConfigError(f"{what}: ISO times need the stream start: 'start_utc' in the truth")
         return (t - origin).total_seconds()
     return float(t)
 

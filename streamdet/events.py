@@ -175,8 +175,9 @@ class _Window:
     span: tuple[int, int, float, float]  # frames and times the window stands for in an event
 
 
-def window_span(first_frame: int, last_frame: int, frame_times: Sequence[float] | np.ndarray,
-                stride: int) -> tuple[int, int, float, float]:
+def window_span(
+    first_frame: int, last_frame: int, frame_times: Sequence[float] | np.ndarray, stride: int
+) -> tuple[int, int, float, float]:
     """The part of a window an event is credited with: its central ``stride`` frames.
 
     Windows overlap when ``stride`` is less than their length, and each one shows an event some
@@ -204,8 +205,12 @@ def window_span(first_frame: int, last_frame: int, frame_times: Sequence[float] 
     lo = max(0, (n - stride) // 2)
     hi = min(n - 1, lo + stride - 1)
     step = (last_frame - first_frame) / (n - 1) if n > 1 else 0.0
-    return (first_frame + round(lo * step), first_frame + round(hi * step),
-            float(frame_times[lo]), float(frame_times[hi]))
+    return (
+        first_frame + round(lo * step),
+        first_frame + round(hi * step),
+        float(frame_times[lo]),
+        float(frame_times[hi]),
+    )
 
 
 @dataclass
@@ -304,7 +309,10 @@ class EventTracker:
             raise ValueError(f"last_frame {last_frame} is before first_frame {first_frame}")
         if span is None:
             span = (first_frame, last_frame, first_time, last_time)
-        elif not (first_frame <= span[0] <= span[1] <= last_frame and first_time <= span[2] <= span[3] <= last_time):
+        elif not (
+            first_frame <= span[0] <= span[1] <= last_frame
+            and first_time <= span[2] <= span[3] <= last_time
+        ):
             raise ValueError(f"span {span} must lie inside the window {first_frame}..{last_frame}")
         window = _Window(first_frame, last_frame, first_time, last_time, span)
         state = self._sources.get(source)

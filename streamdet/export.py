@@ -80,8 +80,10 @@ def check_windows(
             12345, duration_s=CLIP_LENGTH * count / 10.0 + 0.1, gap_frames=(2, 6)
         )
     ]
-    clips = [frames_to_clip(frames[i * CLIP_LENGTH : (i + 1) * CLIP_LENGTH], contract)
-             for i in range(count)]
+    clips = [
+        frames_to_clip(frames[i * CLIP_LENGTH : (i + 1) * CLIP_LENGTH], contract)
+        for i in range(count)
+    ]
     return torch.stack(clips)
 
 

@@ -49,12 +49,17 @@ def get() -> SimpleNamespace | None:
             if os.environ.get("STREAMDET_NO_JIT", "") not in ("", "0"):
                 log.info("STREAMDET_NO_JIT is set: preprocessing and pooling use OpenCV and ATen")
             else:
-                log.info("loading the compiled kernels (a few seconds to compile on first use, then cached)")
+                log.info(
+                    "loading the compiled kernels (a few seconds to compile on first use, then cached)"
+                )
                 try:
                     _kernels = _compile()
                 except Exception as e:  # no numba, an unsupported numpy, an LLVM failure
-                    log.warning("compiled kernels unavailable (%s: %s); using OpenCV and ATen",
-                                type(e).__name__, e)
+                    log.warning(
+                        "compiled kernels unavailable (%s: %s); using OpenCV and ATen",
+                        type(e).__name__,
+                        e,
+                    )
             _loaded = True
     return _kernels
 
@@ -113,12 +118,17 @@ def _compile() -> SimpleNamespace:
                     e, f, g, h = x[tb, ia, ja], x[tb, ia, jb], x[tb, ib, ja], x[tb, ib, jb]
                     dst = out[t, i, j]
                     for k in range(channels):
-                        dst[k] = max(max(max(a[k], b[k]), max(c[k], d[k])), max(max(e[k], f[k]), max(g[k], h[k])))
+                        dst[k] = max(
+                            max(max(a[k], b[k]), max(c[k], d[k])),
+                            max(max(e[k], f[k]), max(g[k], h[k])),
+                        )
 
-    max_pool_nonneg = jit([
-        "void(int16[:, :, :, ::1], int16[:, :, :, ::1], int64[::1], int64[::1])",
-        "void(int32[:, :, :, ::1], int32[:, :, :, ::1], int64[::1], int64[::1])",
-    ])(pool)
+    max_pool_nonneg = jit(
+        [
+            "void(int16[:, :, :, ::1], int16[:, :, :, ::1], int64[::1], int64[::1])",
+            "void(int32[:, :, :, ::1], int32[:, :, :, ::1], int64[::1], int64[::1])",
+        ]
+    )(pool)
 
     def fold(x, out, to_bf16):  # pragma: no cover - compiled
         """out[t, h, w, 3 k + c] = x[c, t, h, w + k - 1] (0 beyond the edges), as float32 bits
@@ -135,7 +145,9 @@ def _compile() -> SimpleNamespace:
                     for w in range(w_in):
                         u = bits[c, t, h, w]
                         if to_bf16:
-                            u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                            u = (
+                                u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+                            ) >> np.uint32(16)
                         row[c, w + 1] = u
                 o = out[t, h]
                 for w in range(w_in):
@@ -143,8 +155,12 @@ def _compile() -> SimpleNamespace:
                     o[w, 3], o[w, 4], o[w, 5] = row[0, w + 1], row[1, w + 1], row[2, w + 1]
                     o[w, 6], o[w, 7], o[w, 8] = row[0, w + 2], row[1, w + 2], row[2, w + 2]
 
-    fold_width3 = jit([
-        "void(float32[:, :, :, ::1], uint32[:, :, :, ::1], boolean)",
-        "void(float32[:, :, :, ::1], uint16[:, :, :, ::1], boolean)",
-    ])(fold)
-    return SimpleNamespace(supersample2=supersample2, max_pool_nonneg=max_pool_nonneg, fold_width3=fold_width3)
+    fold_width3 = jit(
+        [
+            "void(float32[:, :, :, ::1], uint32[:, :, :, ::1], boolean)",
+            "void(float32[:, :, :, ::1], uint16[:, :, :, ::1], boolean)",
+        ]
+    )(fold)
+    return SimpleNamespace(
+        supersample2=supersample2, max_pool_nonneg=max_pool_nonneg, fold_width3=fold_width3
+    )

@@ -54,11 +54,15 @@ def tracker_settings(cfg: RunConfig, class_names: tuple[str, ...]) -> TrackerSet
     ev = cfg.events
     unknown = [label for label in ev.classes if label not in class_names]
     if unknown:
-        raise StreamdetError(f"events.classes: unknown class(es) {unknown}; the model has {list(class_names)}")
+        raise StreamdetError(
+            f"events.classes: unknown class(es) {unknown}; the model has {list(class_names)}"
+        )
     background = ev.background if ev.background in class_names else None
     if ev.background is not None and background is None:
-        log.warning("events.background %r is not a class of this model: every class can make events",
-                    ev.background)
+        log.warning(
+            "events.background %r is not a class of this model: every class can make events",
+            ev.background,
+        )
     rules = {
         label: ClassRule(
             enter=o.threshold if o.threshold is not None else ev.threshold,
@@ -84,9 +88,14 @@ def build_event_log(cfg: RunConfig, checkpoint: Checkpoint, run_id: str) -> Even
     if not cfg.sinks.events.path:
         return None
     rotate = int(cfg.sinks.events.rotate_mb * 1e6) if cfg.sinks.events.rotate_mb else None
-    return EventLog(cfg.sinks.events.path, {"name": checkpoint.name, "sha256": checkpoint.sha256},
-                    stride=cfg.window.stride, length=cfg.window.length, rotate_bytes=rotate,
-                    run_id=run_id)
+    return EventLog(
+        cfg.sinks.events.path,
+        {"name": checkpoint.name, "sha256": checkpoint.sha256},
+        stride=cfg.window.stride,
+        length=cfg.window.length,
+        rotate_bytes=rotate,
+        run_id=run_id,
+    )
 
 
 class Pipeline:
@@ -104,10 +113,18 @@ class Pipeline:
         sinks: more outputs of the event stage, beside those the config names.
     """
 
-    def __init__(self, cfg: RunConfig, checkpoint: Checkpoint, engine: Engine, *,
-                 max_seconds: float | None = None, print_fn: Callable[[str], None] = print,
-                 workers: int = 1, threads_per_worker: int | None = None,
-                 sinks: tuple[Sink, ...] = ()) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        checkpoint: Checkpoint,
+        engine: Engine,
+        *,
+        max_seconds: float | None = None,
+        print_fn: Callable[[str], None] = print,
+        workers: int = 1,
+        threads_per_worker: int | None = None,
+        sinks: tuple[Sink, ...] = (),
+    ) -> None:
         # Paths only: `streamdet run` has opened the files already (check_sources), and a capture
         # reports a file it cannot open with the same message.
         check_sources([s.url for s in cfg.sources], open_files=False)
@@ -132,32 +149,54 @@ class Pipeline:
         replays = {name: openers[name] for name, p in self.pacing.items() if p is Pacing.REPLAY}
         self.overlay = self._build_overlay(cfg, checkpoint, replays)
         self.router = EventRouter(
-            tracker_settings(cfg, checkpoint.class_names), run_id=self.run_id, stride=cfg.window.stride,
+            tracker_settings(cfg, checkpoint.class_names),
+            run_id=self.run_id,
+            stride=cfg.window.stride,
             event_log=build_event_log(cfg, checkpoint, self.run_id),
             sinks=(*([self.overlay] if self.overlay else []), *sinks),
             urls={s.name: redact_url(s.url) for s in cfg.sources},
         )
         self.rings = [
-            RingBuffer(s.name, length=cfg.window.length, stride=cfg.window.stride,
-                       lossless=self.pacing[s.name].lossless,
-                       frame_shape=(3, checkpoint.contract.crop, checkpoint.contract.crop))
+            RingBuffer(
+                s.name,
+                length=cfg.window.length,
+                stride=cfg.window.stride,
+                lossless=self.pacing[s.name].lossless,
+                frame_shape=(3, checkpoint.contract.crop, checkpoint.contract.crop),
+            )
             for s in cfg.sources
         ]
-        self.captures = [self._build_capture(s, ring, openers[s.name], checkpoint)
-                         for s, ring in zip(cfg.sources, self.rings, strict=True)]
+        self.captures = [
+            self._build_capture(s, ring, openers[s.name], checkpoint)
+            for s, ring in zip(cfg.sources, self.rings, strict=True)
+        ]
         # Sources that may skip windows take the newest when inference lags; a run of replays
         # alone runs every pass at one batch size, so that its events repeat exactly.
         may_skip = frozenset(name for name, p in self.pacing.items() if not p.lossless)
         self.inference = InferenceThread(
-            self.rings, engine, self.router.on_results, self.stop_event,
+            self.rings,
+            engine,
+            self.router.on_results,
+            self.stop_event,
             max_batch=self._batch_size(cfg, engine),
-            fixed_batch=not may_skip, newest_only=may_skip, wake=self._wake,
-            device=engine.device, on_source_done=self._on_source_done,
-            workers=workers, threads_per_worker=threads_per_worker,
+            fixed_batch=not may_skip,
+            newest_only=may_skip,
+            wake=self._wake,
+            device=engine.device,
+            on_source_done=self._on_source_done,
+            workers=workers,
+            threads_per_worker=threads_per_worker,
         )
         self._by_name = {c.source_name: c for c in self.captures}
-        self.report = RunReport(self.run_id, self.captures, self.rings, self.inference, self.router,
-                                engine, cfg.sinks.events.path)
+        self.report = RunReport(
+            self.run_id,
+            self.captures,
+            self.rings,
+            self.inference,
+            self.router,
+            engine,
+            cfg.sinks.events.path,
+        )
 
     # -- building ---------------------------------------------------------------------------
 
@@ -165,24 +204,40 @@ class Pipeline:
     def _opener(s: SourceConfig, pacing: Pacing) -> Opener:
         """How ``s`` is opened: its options, and the decoding threads its pacing asks for."""
         opts = s.options
-        return make_opener(s.url, open_timeout_s=opts.open_timeout_s,
-                           read_timeout_s=opts.read_timeout_s, fps=opts.fps,
-                           decode_threads=pacing.decode_threads)
+        return make_opener(
+            s.url,
+            open_timeout_s=opts.open_timeout_s,
+            read_timeout_s=opts.read_timeout_s,
+            fps=opts.fps,
+            decode_threads=pacing.decode_threads,
+        )
 
-    def _build_overlay(self, cfg: RunConfig, checkpoint: Checkpoint,
-                       replays: dict[str, Opener]) -> OverlaySink | None:
+    def _build_overlay(
+        self, cfg: RunConfig, checkpoint: Checkpoint, replays: dict[str, Opener]
+    ) -> OverlaySink | None:
         overlay = cfg.sinks.overlay
         if not (overlay.video or overlay.display):
             return None
-        return OverlaySink(checkpoint.class_names, video_path=overlay.video, display=overlay.display,
-                           sources=[s.name for s in cfg.sources], replays=replays, top_k=overlay.top_k,
-                           stop_event=self.stop_event)
+        return OverlaySink(
+            checkpoint.class_names,
+            video_path=overlay.video,
+            display=overlay.display,
+            sources=[s.name for s in cfg.sources],
+            replays=replays,
+            top_k=overlay.top_k,
+            stop_event=self.stop_event,
+        )
 
-    def _build_capture(self, s: SourceConfig, ring: RingBuffer, opener: Opener,
-                       checkpoint: Checkpoint) -> CaptureThread:
+    def _build_capture(
+        self, s: SourceConfig, ring: RingBuffer, opener: Opener, checkpoint: Checkpoint
+    ) -> CaptureThread:
         kind, opts = source_kind(s.url), s.options
         return CaptureThread(
-            s.name, opener, ring, checkpoint.contract, self.stop_event,
+            s.name,
+            opener,
+            ring,
+            checkpoint.contract,
+            self.stop_event,
             kind=kind,
             pacing=self.pacing[s.name],
             on_status=self.router.on_status,
@@ -268,7 +323,9 @@ class Pipeline:
         if self.inference.error is not None:
             if isinstance(self.inference.error, StreamdetError):  # e.g. the event log it writes to
                 raise self.inference.error
-            raise StageError(f"inference failed: {type(self.inference.error).__name__}: {self.inference.error}")
+            raise StageError(
+                f"inference failed: {type(self.inference.error).__name__}: {self.inference.error}"
+            )
         if self.error is not None:
             if isinstance(self.error, StreamdetError):
                 raise self.error
@@ -288,7 +345,9 @@ class Pipeline:
             t.join(max(0.0, deadline - time.monotonic()))
         alive = [t.name for t in threads if t.is_alive()]
         if alive:
-            log.warning("threads still running after stop (left to exit with the process): %s", alive)
+            log.warning(
+                "threads still running after stop (left to exit with the process): %s", alive
+            )
         try:
             self.router.close("shutdown")
         except StreamdetError as exc:  # the log cannot be written (disk full): finish the rest

@@ -41,7 +41,11 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and bool(np.isfinite(value))
+    return (
+        isinstance(value, (int, float, np.number))
+        and not isinstance(value, bool)
+        and bool(np.isfinite(value))
+    )
 
 
 @dataclass(frozen=True)
@@ -69,21 +73,28 @@ class PreprocessContract:
     _plane_offset: np.ndarray = field(init=False, repr=False, compare=False)
     # (height, width) -> (crop box, sample grid): a stream has one frame size
     _geometry: dict[tuple[int, int], tuple[tuple[int, int, int, int], np.ndarray | None]] = field(
-        init=False, repr=False, compare=False)
+        init=False, repr=False, compare=False
+    )
     _kernel_norm: np.ndarray = field(init=False, repr=False, compare=False)
     _kernel_order: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.resize, (tuple, list)) or len(self.resize) != 2 or not all(
-            _is_int(v) and v >= 1 for v in self.resize
+        if (
+            not isinstance(self.resize, (tuple, list))
+            or len(self.resize) != 2
+            or not all(_is_int(v) and v >= 1 for v in self.resize)
         ):
-            raise ValueError(f"resize must be (height, width) with 2 positive integers, but got {self.resize}")
+            raise ValueError(
+                f"resize must be (height, width) with 2 positive integers, but got {self.resize}"
+            )
         if not _is_int(self.crop) or self.crop < 1:
             raise ValueError(f"crop must be a positive integer, but got {self.crop!r}")
         if self.crop > min(self.resize):
             raise ValueError(f"crop {self.crop} must fit inside resize {self.resize}")
         if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError(f"channel_order must be 'RGB' or 'BGR', but got {self.channel_order!r}")
+            raise ValueError(
+                f"channel_order must be 'RGB' or 'BGR', but got {self.channel_order!r}"
+            )
         if (
             not isinstance(self.mean, (tuple, list))
             or not isinstance(self.std, (tuple, list))
@@ -92,8 +103,14 @@ class PreprocessContract:
             or not all(_is_finite_number(v) for v in (*self.mean, *self.std))
             or min(self.std) <= 0
         ):
-            raise ValueError(f"mean and std need 3 finite values with std > 0, but got {self.mean}, {self.std}")
-        if not (_is_finite_number(self.fps) and self.fps > 0) or not _is_int(self.frame_step) or self.frame_step < 1:
+            raise ValueError(
+                f"mean and std need 3 finite values with std > 0, but got {self.mean}, {self.std}"
+            )
+        if (
+            not (_is_finite_number(self.fps) and self.fps > 0)
+            or not _is_int(self.frame_step)
+            or self.frame_step < 1
+        ):
             raise ValueError(
                 f"fps must be finite and > 0 and frame_step an integer >= 1, but got {self.fps!r}, {self.frame_step!r}"
             )
@@ -107,7 +124,11 @@ class PreprocessContract:
         # For kernels.supersample2, which sums 4 samples: plane k = BGR channel order[k], scaled
         # by norm[0, k] (a quarter of 1 / std) and offset by norm[1, k].
         quarter = self._plane_scale.reshape(3) / 4
-        object.__setattr__(self, "_kernel_norm", np.stack([quarter, self._plane_offset.reshape(3)]).astype(np.float32))
+        object.__setattr__(
+            self,
+            "_kernel_norm",
+            np.stack([quarter, self._plane_offset.reshape(3)]).astype(np.float32),
+        )
         order = [2, 1, 0] if self.channel_order == "RGB" else [0, 1, 2]
         object.__setattr__(self, "_kernel_order", np.asarray(order, np.int32))
 
@@ -121,7 +142,9 @@ class PreprocessContract:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessContract:
         if not isinstance(d, dict):
-            raise ValueError(f"a preprocessing contract must be a mapping, but got {type(d).__name__}")
+            raise ValueError(
+                f"a preprocessing contract must be a mapping, but got {type(d).__name__}"
+            )
         known = {"resize", "crop", "channel_order", "mean", "std", "fps", "frame_step"}
         unknown = set(d) - known
         if unknown:
@@ -149,7 +172,9 @@ class PreprocessContract:
         the crop or needs more than 2 samples per axis (see ``_resize_region``)."""
         return self._geometry_for(height, width)[1]
 
-    def _geometry_for(self, height: int, width: int) -> tuple[tuple[int, int, int, int], np.ndarray | None]:
+    def _geometry_for(
+        self, height: int, width: int
+    ) -> tuple[tuple[int, int, int, int], np.ndarray | None]:
         geometry = self._geometry.get((height, width))
         if geometry is None:
             rh, rw = self.resize
@@ -170,7 +195,9 @@ class PreprocessContract:
                 cols = x0 + np.minimum(np.floor(k * w / (2 * size)), w - 1).astype(np.int32)
                 grid = np.stack([rows[0::2], rows[1::2], cols[0::2], cols[1::2]]).astype(np.int32)
             geometry = ((y0, y1, x0, x1), grid)
-            if len(self._geometry) >= _BOX_CACHE_SIZE:  # a stream has one frame size; bound odd callers
+            if (
+                len(self._geometry) >= _BOX_CACHE_SIZE
+            ):  # a stream has one frame size; bound odd callers
                 self._geometry.clear()
             self._geometry[(height, width)] = geometry
         return geometry
@@ -188,7 +215,9 @@ def _as_bgr(frame: np.ndarray) -> np.ndarray:
         return cv2.cvtColor(frame, cv2.COLOR_BGRA2BGR)
     if frame.ndim == 3 and frame.shape[2] == 1:
         return cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
-    raise ValueError(f"frame must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), but got shape {frame.shape}")
+    raise ValueError(
+        f"frame must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), but got shape {frame.shape}"
+    )
 
 
 def _taps_per_axis(height: int, width: int, size: int) -> int:
@@ -263,20 +292,28 @@ def preprocess_frame(
     if out is None:
         out = np.empty((3, size, size), np.float32)
     elif out.shape != (3, size, size) or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 with shape {(3, size, size)}, but got {out.dtype} {out.shape}")
+        raise ValueError(
+            f"out must be float32 with shape {(3, size, size)}, but got {out.dtype} {out.shape}"
+        )
     compiled = kernels.get()
     grid = contract.sample_grid(*frame.shape[:2]) if compiled is not None else None
-    if compiled is not None and grid is not None:  # one compiled pass: samples -> normalised planes (kernels.supersample2)
+    if (
+        compiled is not None and grid is not None
+    ):  # one compiled pass: samples -> normalised planes (kernels.supersample2)
         compiled.supersample2(frame, grid, contract._kernel_norm, contract._kernel_order, out)
         return out
     return _opencv_preprocess(frame, contract, out)
 
 
-def _opencv_preprocess(frame: np.ndarray, contract: PreprocessContract, out: np.ndarray) -> np.ndarray:
+def _opencv_preprocess(
+    frame: np.ndarray, contract: PreprocessContract, out: np.ndarray
+) -> np.ndarray:
     """``preprocess_frame`` through OpenCV, for a (H, W, 3) BGR uint8 frame: the route without
     Numba, and for regions the compiled pass does not take."""
     y0, y1, x0, x1 = contract.crop_box(*frame.shape[:2])
-    crop = _resize_region(frame[y0:y1, x0:x1], contract.crop)  # a view of the frame: nothing is copied
+    crop = _resize_region(
+        frame[y0:y1, x0:x1], contract.crop
+    )  # a view of the frame: nothing is copied
     return _normalise_into(crop, contract, out)
 
 

@@ -38,19 +38,51 @@ from typing import NamedTuple
 
 MASK = "***"
 
-SECRET_WORDS = frozenset({
-    "pass", "passwd", "password", "passphrase", "passcode", "pwd", "pw", "psw", "token", "auth",
-    "authorization", "key", "apikey", "secret", "credential", "credentials", "signature", "sig",
-})
+SECRET_WORDS = frozenset(
+    {
+        "pass",
+        "passwd",
+        "password",
+        "passphrase",
+        "passcode",
+        "pwd",
+        "pw",
+        "psw",
+        "token",
+        "auth",
+        "authorization",
+        "key",
+        "apikey",
+        "secret",
+        "credential",
+        "credentials",
+        "signature",
+        "sig",
+    }
+)
 """Words that make a parameter's value a secret: masked, and registered for :func:`redact_text`."""
 
 USER_WORDS = frozenset({"user", "username", "usr", "uname", "login"})
 """Words that make a parameter's value a user name: masked in URLs, not registered."""
 
-_SECRET_JOINED = frozenset({
-    "loginpas", "loginpass", "loginpwd", "loginpassword", "userpwd", "userpass", "userpassword",
-    "accesstoken", "authtoken", "sessiontoken", "authkey", "accesskey", "secretkey", "privatekey",
-})
+_SECRET_JOINED = frozenset(
+    {
+        "loginpas",
+        "loginpass",
+        "loginpwd",
+        "loginpassword",
+        "userpwd",
+        "userpass",
+        "userpassword",
+        "accesstoken",
+        "authtoken",
+        "sessiontoken",
+        "authkey",
+        "accesskey",
+        "secretkey",
+        "privatekey",
+    }
+)
 _USER_JOINED = frozenset({"loginuse", "loginuser", "loginname", "userid"})
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -123,8 +155,11 @@ def _userinfo_spans(url: str, start: int, end: int) -> list[_Span]:
         spans.append(_Span(colon + 1, at, True))
     user = _USER_PART.match(url, start)
     if user is not None:
-        hosts = [i for i in range(user.end(), len(url))
-                 if url[i] == "@" and _HOST_AFTER_AT.match(url, i + 1)]
+        hosts = [
+            i
+            for i in range(user.end(), len(url))
+            if url[i] == "@" and _HOST_AFTER_AT.match(url, i + 1)
+        ]
         if hosts:
             spans.append(_Span(user.end(), hosts[-1], True))
     return spans
@@ -156,7 +191,7 @@ def _value_end(url: str, start: int, in_path: bool) -> int:
 
 def _after_equals(url: str, index: int, floor: int) -> bool:
     """Whether ``url[:index]`` ends with ``=`` or ``%3D`` (no further back than ``floor``)."""
-    return url[index - 1:index] == "=" or url[max(index - 3, floor):index].upper() == "%3D"
+    return url[index - 1 : index] == "=" or url[max(index - 3, floor) : index].upper() == "%3D"
 
 
 def _name_before(url: str, index: int, floor: int) -> str:
@@ -244,7 +279,7 @@ def url_secrets(url: str) -> set[str]:
     found = set()
     for span in _credential_spans(url):
         if span.secret:
-            raw = url[span.start:span.end]
+            raw = url[span.start : span.end]
             decoded = urllib.parse.unquote(raw)
             if decoded != MASK:  # already redacted
                 found.update({raw, decoded, urllib.parse.quote(decoded, safe="")})

@@ -84,16 +84,27 @@ class RunSummary:
     event_counts: dict[str, int] = field(default_factory=dict)
     outputs: list[OutputSummary] = field(default_factory=list)
     event_log: str | None = None
-    videos: list[str] = field(default_factory=list)  # annotated videos written (one per source with several)
-    videos_failed: list[str] = field(default_factory=list)  # why each video not written whole is gone
+    videos: list[str] = field(
+        default_factory=list
+    )  # annotated videos written (one per source with several)
+    videos_failed: list[str] = field(
+        default_factory=list
+    )  # why each video not written whole is gone
 
 
 class RunReport:
     """Reads the stages' counters for progress lines and the summary."""
 
-    def __init__(self, run_id: str, captures: Sequence[CaptureThread], rings: Sequence[RingBuffer],
-                 inference: InferenceThread, router: EventRouter, engine: Engine,
-                 event_log: str | None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        captures: Sequence[CaptureThread],
+        rings: Sequence[RingBuffer],
+        inference: InferenceThread,
+        router: EventRouter,
+        engine: Engine,
+        event_log: str | None,
+    ) -> None:
         self.run_id = run_id
         self.captures = list(captures)
         self.rings = list(rings)
@@ -106,10 +117,17 @@ class RunReport:
     def source_stats(self) -> dict[str, SourceStats]:
         from streamdet.sinks.base import SourceStats
 
-        return {c.source_name: SourceStats(c.stats.fps_in, c.stats.frames_skipped, ring.windows_taken,
-                                           ring.windows_skipped, c.stats.reconnects,
-                                           self.router.status(c.source_name))
-                for c, ring in zip(self.captures, self.rings, strict=True)}
+        return {
+            c.source_name: SourceStats(
+                c.stats.fps_in,
+                c.stats.frames_skipped,
+                ring.windows_taken,
+                ring.windows_skipped,
+                c.stats.reconnects,
+                self.router.status(c.source_name),
+            )
+            for c, ring in zip(self.captures, self.rings, strict=True)
+        }
 
     def progress_line(self) -> str:
         """One ``[progress]`` line; the window rate is since the previous line."""
@@ -118,40 +136,70 @@ class RunReport:
         self._last_windows, self._last_t = done, now
         parts = []
         for c, ring in zip(self.captures, self.rings, strict=True):
-            part = (f"{c.source_name}: {c.stats.fps_in:.1f} fps, skipped {c.stats.frames_skipped} frames/"
-                    f"{ring.windows_skipped} windows")
+            part = (
+                f"{c.source_name}: {c.stats.fps_in:.1f} fps, skipped {c.stats.frames_skipped} frames/"
+                f"{ring.windows_skipped} windows"
+            )
             if c.stats.reconnects or c.stats.stalls or c.stats.offline_since is not None:
-                part += (f", {c.stats.reconnects} reconnects, {c.stats.stalls} stalls, "
-                         f"{c.stats.offline_total():.1f} s offline")
+                part += (
+                    f", {c.stats.reconnects} reconnects, {c.stats.stalls} stalls, "
+                    f"{c.stats.offline_total():.1f} s offline"
+                )
             parts.append(part)
         inf, lat = self.inference.inference_ms, self.router.latencies()
-        line = (f"[progress] {'; '.join(parts)} | {windows_per_s:.1f} windows/s | inference ms p50 "
-                f"{format_ms(percentile(inf, 50))} p99 {format_ms(percentile(inf, 99))} | latency ms p50 "
-                f"{format_ms(percentile(lat, 50))} p99 {format_ms(percentile(lat, 99))} | "
-                f"events {self.router.events_opened}")
-        drops = [f"{name} {dropped}" for name, _, dropped, _ in self.router.output_counts() if dropped]
+        line = (
+            f"[progress] {'; '.join(parts)} | {windows_per_s:.1f} windows/s | inference ms p50 "
+            f"{format_ms(percentile(inf, 50))} p99 {format_ms(percentile(inf, 99))} | latency ms p50 "
+            f"{format_ms(percentile(lat, 50))} p99 {format_ms(percentile(lat, 99))} | "
+            f"events {self.router.events_opened}"
+        )
+        drops = [
+            f"{name} {dropped}" for name, _, dropped, _ in self.router.output_counts() if dropped
+        ]
         return line + (f" | output drops: {', '.join(drops)}" if drops else "")
 
     def summary(self, seconds: float) -> RunSummary:
         sources = [
             SourceSummary(
-                c.source_name, c.stats.frames_read, c.stats.frames_used, c.stats.frames_skipped,
-                ring.windows_taken, ring.windows_skipped, c.stats.reconnects, c.stats.offline_total(),
-                self.router.status(c.source_name), c.stats.stalls, self.router.never_online(c.source_name),
+                c.source_name,
+                c.stats.frames_read,
+                c.stats.frames_used,
+                c.stats.frames_skipped,
+                ring.windows_taken,
+                ring.windows_skipped,
+                c.stats.reconnects,
+                c.stats.offline_total(),
+                self.router.status(c.source_name),
+                c.stats.stalls,
+                self.router.never_online(c.source_name),
             )
             for c, ring in zip(self.captures, self.rings, strict=True)
         ]
-        outputs = [OutputSummary(w.sink.name, w.delivered, w.dropped, w.error is not None,
-                                 _summary_lines(w.sink)) for w in self.router.workers]
+        outputs = [
+            OutputSummary(
+                w.sink.name, w.delivered, w.dropped, w.error is not None, _summary_lines(w.sink)
+            )
+            for w in self.router.workers
+        ]
         inf, lat = self.inference.inference_ms, self.router.latencies()
         return RunSummary(
-            run_id=self.run_id, seconds=seconds, sources=sources, windows=self.inference.windows_done,
-            events=self.router.events_opened, lines=self.router.lines_written,
-            inference_ms_p50=percentile(inf, 50), inference_ms_p99=percentile(inf, 99),
-            latency_ms_p50=percentile(lat, 50), latency_ms_p99=percentile(lat, 99),
-            precision=self.engine.precision, device=str(self.engine.device),
-            workers=self.inference.workers, threads_per_worker=self.inference.threads_per_worker,
-            event_counts=dict(self.router.event_counts), outputs=outputs, event_log=self.event_log,
+            run_id=self.run_id,
+            seconds=seconds,
+            sources=sources,
+            windows=self.inference.windows_done,
+            events=self.router.events_opened,
+            lines=self.router.lines_written,
+            inference_ms_p50=percentile(inf, 50),
+            inference_ms_p99=percentile(inf, 99),
+            latency_ms_p50=percentile(lat, 50),
+            latency_ms_p99=percentile(lat, 99),
+            precision=self.engine.precision,
+            device=str(self.engine.device),
+            workers=self.inference.workers,
+            threads_per_worker=self.inference.threads_per_worker,
+            event_counts=dict(self.router.event_counts),
+            outputs=outputs,
+            event_log=self.event_log,
         )
 
 
@@ -189,8 +237,10 @@ def format_summary(summary: RunSummary) -> str:
     for out in summary.outputs:
         lines += [f"[summary] {line}" for line in out.lines]
         if out.dropped or out.failed:
-            lines.append(f"[summary] output {out.name}: {out.delivered} messages delivered, "
-                         f"{out.dropped} dropped{', failed' if out.failed else ''}")
+            lines.append(
+                f"[summary] output {out.name}: {out.delivered} messages delivered, "
+                f"{out.dropped} dropped{', failed' if out.failed else ''}"
+            )
     return "\n".join(lines)
 
 

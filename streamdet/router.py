@@ -68,9 +68,16 @@ class EventRouter:
     The ``on_*`` methods are called from the inference and capture threads.
     """
 
-    def __init__(self, settings: TrackerSettings, *, run_id: str, stride: int,
-                 event_log: EventLog | None = None, sinks: Sequence[Sink] = (),
-                 urls: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: TrackerSettings,
+        *,
+        run_id: str,
+        stride: int,
+        event_log: EventLog | None = None,
+        sinks: Sequence[Sink] = (),
+        urls: Mapping[str, str] | None = None,
+    ) -> None:
         self.run_id = run_id
         self.stride = stride
         self.event_log = event_log
@@ -112,8 +119,11 @@ class EventRouter:
             deadline = time.monotonic() + CLOSE_TIMEOUT_S
             for w in self.workers:
                 if not w.close(max(0.0, deadline - time.monotonic())):
-                    log.warning("output %s did not finish in %.0f s: left to end with the process",
-                                w.sink.name, CLOSE_TIMEOUT_S)
+                    log.warning(
+                        "output %s did not finish in %.0f s: left to end with the process",
+                        w.sink.name,
+                        CLOSE_TIMEOUT_S,
+                    )
 
     def caught_up(self) -> bool:
         """True when no output still has work queued or of its own (a replay being drawn)."""
@@ -166,15 +176,17 @@ class EventRouter:
             # events already ended with stream_lost; none may open during the outage.
             return
         span = window_span(w.first_frame, w.last_frame, w.frame_times, self.stride)
-        changes = self.tracker.update(w.source, w.first_frame, w.last_frame, w.first_time,
-                                      w.last_time, r.probs, span=span)
+        changes = self.tracker.update(
+            w.source, w.first_frame, w.last_frame, w.first_time, w.last_time, r.probs, span=span
+        )
         self._emit(changes, w.last_monotonic)
         latency = (time.monotonic() - w.last_monotonic) * 1000.0  # newest frame -> lines written
         self.latency_ms.append(latency)
         if self.workers:
             open_events = tuple((e.label, e.score) for e in self.tracker.open_events(w.source))
-            msg = ScoresMessage(w.source, w.first_frame, w.last_frame, r.probs, r.inference_ms,
-                                latency, open_events)
+            msg = ScoresMessage(
+                w.source, w.first_frame, w.last_frame, r.probs, r.inference_ms, latency, open_events
+            )
             for worker in self.workers:
                 worker.offer_scores(msg)
 
@@ -215,7 +227,9 @@ class EventRouter:
             if change.type == "new":
                 self.events_opened += 1
                 self.event_counts[change.label] = self.event_counts.get(change.label, 0) + 1
-            latency = None if last_monotonic is None else (time.monotonic() - last_monotonic) * 1000.0
+            latency = (
+                None if last_monotonic is None else (time.monotonic() - last_monotonic) * 1000.0
+            )
             line = None
             if self.event_log is not None:  # written (and fsynced) before any output sees it
                 line = self.event_log.write_event(change, latency_ms=latency)
@@ -223,8 +237,14 @@ class EventRouter:
             for w in self.workers:
                 w.offer_event(msg)
             if change.type in ("new", "end"):
-                log.info("%s %s %s score %.2f%s", change.type, change.source, change.label,
-                         change.score, f" ({change.end_reason})" if change.end_reason else "")
+                log.info(
+                    "%s %s %s score %.2f%s",
+                    change.type,
+                    change.source,
+                    change.label,
+                    change.score,
+                    f" ({change.end_reason})" if change.end_reason else "",
+                )
 
     def _note_first_online(self, source: str, status: str, reason: str) -> None:  # under _lock
         """Track whether a source has come online yet; warn once about one that cannot at start.
@@ -234,11 +254,18 @@ class EventRouter:
         """
         if status == "online":
             self._online_once.add(source)
-        elif status == "offline" and source not in self._online_once and source not in self._not_yet_online:
+        elif (
+            status == "offline"
+            and source not in self._online_once
+            and source not in self._not_yet_online
+        ):
             why = self._with_url(source, reason)
             self._not_yet_online[source] = why
-            log.warning("%s: not online at start, retrying with backoff until it comes online: %s",
-                        source, why)
+            log.warning(
+                "%s: not online at start, retrying with backoff until it comes online: %s",
+                source,
+                why,
+            )
 
     def _with_url(self, source: str, reason: str) -> str:
         """``reason`` naming the source's redacted URL, which open errors already do."""

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INFERENCE_GRACE_S = 2.0  # after a stop, for a forward pass under way to end before the process exits
+INFERENCE_GRACE_S = (
+    2.0  # after a stop, for a forward pass under way to end before the process exits
+)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,7 +79,8 @@ def check_windows(cfg: RunConfig, checkpoint: Checkpoint) -> Any:
     is available or readable.
     """
     video = cfg.model.calibration or next(
-        (s.url for s in cfg.sources if source_kind(s.url) is SourceKind.FILE), None)
+        (s.url for s in cfg.sources if source_kind(s.url) is SourceKind.FILE), None
+    )
     if cfg.model.precision == "fp32" or video is None:
         return None
     from streamdet.inference import calibration_windows
@@ -94,12 +97,15 @@ def load_model(cfg: RunConfig) -> Checkpoint:
     m = cfg.model
     checkpoint = load_or_random(m.weights, num_classes=m.num_classes, width=m.width)
     if checkpoint.is_random:
-        log.warning("no weights given: the model is randomly initialised and its events are "
-                    "meaningless")
+        log.warning(
+            "no weights given: the model is randomly initialised and its events are meaningless"
+        )
     return checkpoint
 
 
-def inference_plan(cfg: RunConfig, device: torch.device, concurrent: bool, threads: int) -> tuple[int, int | None]:
+def inference_plan(
+    cfg: RunConfig, device: torch.device, concurrent: bool, threads: int
+) -> tuple[int, int | None]:
     """(workers, torch threads per worker, or None to leave the process's count) for the run.
 
     Args:
@@ -121,23 +127,38 @@ def inference_plan(cfg: RunConfig, device: torch.device, concurrent: bool, threa
     workers = cfg.model.workers
     if workers is not None:
         if workers > 1 and not concurrent:
-            raise ConfigError(f"model.workers: {workers} workers need an engine that runs on several threads at "
-                              "once, but this one does not (torch.compile, or CUDA): set workers to 1 or null")
+            raise ConfigError(
+                f"model.workers: {workers} workers need an engine that runs on several threads at "
+                "once, but this one does not (torch.compile, or CUDA): set workers to 1 or null"
+            )
         return workers, max(1, threads // workers)
     if device.type != "cpu" or threads < 2:
         return 1, None
     if not concurrent:
         if replays and not cfg.model.threads:
-            log.info("inference: %d of %d torch threads, leaving one to decode %s as fast as possible",
-                     threads - 1, threads, ", ".join(replays))
+            log.info(
+                "inference: %d of %d torch threads, leaving one to decode %s as fast as possible",
+                threads - 1,
+                threads,
+                ", ".join(replays),
+            )
             return 1, threads - 1
         return 1, None
     workers = threads if replays else min(threads, len(cfg.sources))
     if workers > 1:
         per_worker = threads // workers
-        why = f"to replay {', '.join(replays)} as fast as possible" if replays else f"for {len(cfg.sources)} sources"
-        log.info("inference: %d workers on %d torch thread%s each, %s", workers, per_worker,
-                 "s" if per_worker > 1 else "", why)
+        why = (
+            f"to replay {', '.join(replays)} as fast as possible"
+            if replays
+            else f"for {len(cfg.sources)} sources"
+        )
+        log.info(
+            "inference: %d workers on %d torch thread%s each, %s",
+            workers,
+            per_worker,
+            "s" if per_worker > 1 else "",
+            why,
+        )
         return workers, per_worker
     return 1, None
 
@@ -170,15 +191,26 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
             outputs += [("a rotated file of the event log", p) for p in rotated]
     video = cfg.sinks.overlay.video
     if video and len(cfg.sources) > 1:
-        outputs += [(f"the annotated video of source {s.name!r}", video_file(video, s.name, len(cfg.sources)))
-                    for s in cfg.sources]
+        outputs += [
+            (
+                f"the annotated video of source {s.name!r}",
+                video_file(video, s.name, len(cfg.sources)),
+            )
+            for s in cfg.sources
+        ]
     elif video:
         outputs.append(("the annotated video", Path(video)))
-    inputs = [(f"the video of source {s.name!r}", Path(s.url.removeprefix("file://")))
-              for s in cfg.sources if source_kind(s.url) is SourceKind.FILE]
-    for what, path in (("the weights", cfg.model.weights), ("the truth", cfg.truth),
-                       ("the calibration video", cfg.model.calibration),
-                       ("the config", config_path)):
+    inputs = [
+        (f"the video of source {s.name!r}", Path(s.url.removeprefix("file://")))
+        for s in cfg.sources
+        if source_kind(s.url) is SourceKind.FILE
+    ]
+    for what, path in (
+        ("the weights", cfg.model.weights),
+        ("the truth", cfg.truth),
+        ("the calibration video", cfg.model.calibration),
+        ("the config", config_path),
+    ):
         if path:
             inputs.append((what, Path(path)))
 
@@ -191,10 +223,11 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
             return False
 
     for i, (what, path) in enumerate(outputs):
-        for other, other_path in outputs[i + 1:] + inputs:
+        for other, other_path in outputs[i + 1 :] + inputs:
             if same_file(path, other_path):
-                raise StreamdetError(f"{path} is both {what} and {other}: give each output a "
-                                     f"path of its own")
+                raise StreamdetError(
+                    f"{path} is both {what} and {other}: give each output a path of its own"
+                )
     for what, path in outputs:
         if what.startswith("the annotated video"):
             check_video_path(path)
@@ -203,7 +236,9 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
 def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
     config_path = Path(args.config) if args.config else default_config
     if not args.config and not default_config.exists():
-        raise ConfigError(f"no config given and the bundled demo config {default_config} is missing")
+        raise ConfigError(
+            f"no config given and the bundled demo config {default_config} is missing"
+        )
     overrides = _overrides(args)
     if not args.config and args.source and not args.output_video:
         # Your sources with the demo's model and tracker: the demo's annotated video is the demo's
@@ -240,12 +275,25 @@ def _run(cfg: RunConfig, checkpoint: Checkpoint, max_seconds: float | None) -> i
     from streamdet.pipeline import Pipeline
     from streamdet.report import format_summary
 
-    engine = build_engine(checkpoint.model, cfg.model.device, cfg.model.precision,
-                          check_clips=check_windows(cfg, checkpoint), compile=cfg.model.compile,
-                          cuda_graph_sizes=graph_batch_sizes(cfg.model.max_batch) if cfg.model.cuda_graphs else ())
-    workers, per_worker = inference_plan(cfg, engine.device, engine.concurrent, torch.get_num_threads())
-    pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=max_seconds, workers=workers,
-                        threads_per_worker=per_worker)
+    engine = build_engine(
+        checkpoint.model,
+        cfg.model.device,
+        cfg.model.precision,
+        check_clips=check_windows(cfg, checkpoint),
+        compile=cfg.model.compile,
+        cuda_graph_sizes=graph_batch_sizes(cfg.model.max_batch) if cfg.model.cuda_graphs else (),
+    )
+    workers, per_worker = inference_plan(
+        cfg, engine.device, engine.concurrent, torch.get_num_threads()
+    )
+    pipeline = Pipeline(
+        cfg,
+        checkpoint,
+        engine,
+        max_seconds=max_seconds,
+        workers=workers,
+        threads_per_worker=per_worker,
+    )
 
     def on_signal(signum: int, _frame: object) -> None:
         pipeline.stop(f"signal {signal.Signals(signum).name}")
@@ -285,7 +333,9 @@ def _exit_now_if_threads_stuck(pipeline: Any, message: str | None, code: int) ->
     if message:
         print(message, file=sys.stderr)
     if stuck:
-        log.warning("%d capture thread(s) still stuck in a read: exiting without waiting for them", stuck)
+        log.warning(
+            "%d capture thread(s) still stuck in a read: exiting without waiting for them", stuck
+        )
     if busy:
         log.warning("inference still in a forward pass: exiting without waiting for it")
     sys.stdout.flush()

@@ -53,8 +53,9 @@ def video_windows(
             window (without ``loop``) or none at all.
     """
     if n < 1 or stride < 1 or skip < 0:
-        raise ValueError(f"need n >= 1, stride >= 1 and skip >= 0, but got n={n}, "
-                         f"stride={stride}, skip={skip}")
+        raise ValueError(
+            f"need n >= 1, stride >= 1 and skip >= 0, but got n={n}, stride={stride}, skip={skip}"
+        )
     need = skip + CLIP_LENGTH + (n - 1) * stride
     frames = _sampled_frames(video, need, contract)
     if loop and frames:
@@ -64,12 +65,13 @@ def video_windows(
         raise SourceError(f"{video} has {len(frames)} usable frames; a window needs {CLIP_LENGTH}")
     count = min(n, (len(frames) - CLIP_LENGTH) // stride + 1)
     stack = np.stack(frames, axis=1)  # T x (3, crop, crop) -> (3, T, crop, crop)
-    windows = [stack[:, i * stride:i * stride + CLIP_LENGTH] for i in range(count)]
+    windows = [stack[:, i * stride : i * stride + CLIP_LENGTH] for i in range(count)]
     return torch.from_numpy(np.stack(windows))  # (count, 3, 16, crop, crop)
 
 
-def _sampled_frames(video: str | os.PathLike[str], limit: int,
-                    contract: PreprocessContract) -> list[np.ndarray]:
+def _sampled_frames(
+    video: str | os.PathLike[str], limit: int, contract: PreprocessContract
+) -> list[np.ndarray]:
     """Up to ``limit`` preprocessed (3, crop, crop) frames from the start of ``video``, one every
     frame step; frames between them are skipped without being converted."""
     source = OpenCVSource(str(video))

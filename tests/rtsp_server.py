@@ -43,8 +43,14 @@ class LoopingFileFeeder:
     the new size, in the same session (a camera reconfigured while a client watches).
     """
 
-    def __init__(self, video: str, width: int, height: int, fps: int,
-                 switch: tuple[int, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        video: str,
+        width: int,
+        height: int,
+        fps: int,
+        switch: tuple[int, int, int] | None = None,
+    ) -> None:
         self.video, self.fps, self.switch = video, fps, switch
         self.frame_duration = Gst.SECOND // fps
         self.frames_pushed = 0
@@ -58,9 +64,23 @@ class LoopingFileFeeder:
         self.width, self.height = width, height
         self.frame_bytes = width * height * 3 // 2  # I420: Y plane + U and V at quarter size
         self.ffmpeg = subprocess.Popen(
-            ["ffmpeg", "-nostdin", "-loglevel", "error", "-stream_loop", "-1", "-i", self.video,
-             "-vf", f"fps={self.fps},scale={width}:{height}", "-pix_fmt", "yuv420p",
-             "-f", "rawvideo", "pipe:1"],
+            [
+                "ffmpeg",
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-stream_loop",
+                "-1",
+                "-i",
+                self.video,
+                "-vf",
+                f"fps={self.fps},scale={width}:{height}",
+                "-pix_fmt",
+                "yuv420p",
+                "-f",
+                "rawvideo",
+                "pipe:1",
+            ],
             stdout=subprocess.PIPE,
         )
 
@@ -93,8 +113,15 @@ class LoopingFileFeeder:
 class LoopingFileFactory(GstRtspServer.RTSPMediaFactory):
     """Media factory giving each client its own decoder, starting at the file's first frame."""
 
-    def __init__(self, video: str, width: int, height: int, fps: int, gop: int,
-                 switch: tuple[int, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        video: str,
+        width: int,
+        height: int,
+        fps: int,
+        gop: int,
+        switch: tuple[int, int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.video, self.width, self.height, self.fps = video, width, height, fps
         self.switch = switch
@@ -119,7 +146,9 @@ class LoopingFileFactory(GstRtspServer.RTSPMediaFactory):
             feeder.stop()
 
 
-def make_pattern_factory(width: int, height: int, fps: int, gop: int) -> GstRtspServer.RTSPMediaFactory:
+def make_pattern_factory(
+    width: int, height: int, fps: int, gop: int
+) -> GstRtspServer.RTSPMediaFactory:
     """A factory serving GStreamer's moving ``ball`` test pattern."""
     factory = GstRtspServer.RTSPMediaFactory()
     factory.set_launch(
@@ -130,8 +159,12 @@ def make_pattern_factory(width: int, height: int, fps: int, gop: int) -> GstRtsp
     return factory
 
 
-def require_basic_auth(server: GstRtspServer.RTSPServer,
-                       factory: GstRtspServer.RTSPMediaFactory, user: str, password: str) -> None:
+def require_basic_auth(
+    server: GstRtspServer.RTSPServer,
+    factory: GstRtspServer.RTSPMediaFactory,
+    user: str,
+    password: str,
+) -> None:
     """Allow only ``user:password`` (HTTP basic auth) to access and construct the media."""
     token = GstRtspServer.RTSPToken()
     token.set_string("media.factory.role", user)
@@ -139,9 +172,11 @@ def require_basic_auth(server: GstRtspServer.RTSPServer,
     auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
     server.set_auth(auth)
     permissions = GstRtspServer.RTSPPermissions()
-    permissions.add_role_from_structure(Gst.Structure.new_from_string(
-        f"{user}, media.factory.access=(boolean)true, media.factory.construct=(boolean)true"
-    ))
+    permissions.add_role_from_structure(
+        Gst.Structure.new_from_string(
+            f"{user}, media.factory.access=(boolean)true, media.factory.construct=(boolean)true"
+        )
+    )
     factory.set_permissions(permissions)
 
 
@@ -153,9 +188,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--video", help="any video file ffmpeg can decode; served in a loop")
     source.add_argument("--pattern", action="store_true", help="serve videotestsrc instead")
     parser.add_argument("--size", default="320x240", help="WIDTHxHEIGHT of the stream")
-    parser.add_argument("--switch", metavar="FRAMES:WIDTHxHEIGHT",
-                        help="--video only: after FRAMES frames each client's stream goes on at "
-                             "this size, in the same session (a camera reconfigured mid-stream)")
+    parser.add_argument(
+        "--switch",
+        metavar="FRAMES:WIDTHxHEIGHT",
+        help="--video only: after FRAMES frames each client's stream goes on at "
+        "this size, in the same session (a camera reconfigured mid-stream)",
+    )
     parser.add_argument("--fps", type=int, default=10)
     parser.add_argument("--gop", type=int, default=10, help="frames between keyframes")
     parser.add_argument("--user", help="require HTTP basic auth with this user")

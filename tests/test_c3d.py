@@ -37,12 +37,30 @@ PUBLISHED_POOLS = [
     ("pool5", (2, 2, 2), (0, 1, 1)),
 ]
 PUBLISHED_ORDER = [
-    "conv1", "conv1_bn", "pool1",
-    "conv2", "conv2_bn", "pool2",
-    "conv3a", "conv3a_bn", "conv3b", "conv3b_bn", "pool3",
-    "conv4a", "conv4a_bn", "conv4b", "conv4b_bn", "pool4",
-    "conv5a", "conv5a_bn", "conv5b", "conv5b_bn", "pool5",
-    "fc6", "fc7", "fc8",
+    "conv1",
+    "conv1_bn",
+    "pool1",
+    "conv2",
+    "conv2_bn",
+    "pool2",
+    "conv3a",
+    "conv3a_bn",
+    "conv3b",
+    "conv3b_bn",
+    "pool3",
+    "conv4a",
+    "conv4a_bn",
+    "conv4b",
+    "conv4b_bn",
+    "pool4",
+    "conv5a",
+    "conv5a_bn",
+    "conv5b",
+    "conv5b_bn",
+    "pool5",
+    "fc6",
+    "fc7",
+    "fc8",
 ]
 
 
@@ -70,8 +88,11 @@ def max_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def test_full_model_has_published_layer_names_in_order(full_model: C3D_BN) -> None:
-    names = [name for name, module in full_model.named_children()
-             if not isinstance(module, (nn.ReLU, nn.Dropout, nn.Identity))]
+    names = [
+        name
+        for name, module in full_model.named_children()
+        if not isinstance(module, (nn.ReLU, nn.Dropout, nn.Identity))
+    ]
     assert names == PUBLISHED_ORDER
     assert conv_names() == [name for name, _, _ in PUBLISHED_CONVS]
 
@@ -87,8 +108,14 @@ def test_full_model_convs_pools_and_fcs_have_published_shapes(full_model: C3D_BN
     for name, kernel, padding in PUBLISHED_POOLS:
         pool = getattr(full_model, name)
         assert isinstance(pool, nn.MaxPool3d), name
-        assert (tuple(pool.kernel_size), tuple(pool.stride), tuple(pool.padding)) == (kernel, kernel, padding), name
-    fcs = [(fc.in_features, fc.out_features) for fc in (full_model.fc6, full_model.fc7, full_model.fc8)]
+        assert (tuple(pool.kernel_size), tuple(pool.stride), tuple(pool.padding)) == (
+            kernel,
+            kernel,
+            padding,
+        ), name
+    fcs = [
+        (fc.in_features, fc.out_features) for fc in (full_model.fc6, full_model.fc7, full_model.fc8)
+    ]
     assert fcs == [(8192, 4096), (4096, 4096), (4096, 8)]
 
 
@@ -100,10 +127,14 @@ def test_full_model_costs_77_09_gflop_per_clip(full_model: C3D_BN) -> None:
     assert round(count_flops(full_model) / 1e9, 2) == 77.09
 
 
-def test_full_model_forward_pools_to_1x4x4_and_gives_one_logit_row_per_clip(full_model: C3D_BN) -> None:
+def test_full_model_forward_pools_to_1x4x4_and_gives_one_logit_row_per_clip(
+    full_model: C3D_BN,
+) -> None:
     """The one forward pass of the full model in this suite (~0.4 s)."""
     pool5_shapes: list[tuple[int, ...]] = []
-    hook = full_model.pool5.register_forward_hook(lambda _m, _i, out: pool5_shapes.append(tuple(out.shape)))
+    hook = full_model.pool5.register_forward_hook(
+        lambda _m, _i, out: pool5_shapes.append(tuple(out.shape))
+    )
     try:
         with torch.inference_mode():
             logits = full_model(clips(1))
@@ -166,8 +197,16 @@ def test_width_scales_conv_channels_and_fc_layers(width: float) -> None:
         ({"dropout": 1.0}, pytest.raises(ValueError, match="dropout")),
         ({"dropout": -0.1}, pytest.raises(ValueError, match="dropout")),
     ],
-    ids=["one-class", "dropout-0.5", "zero-classes", "width-0", "width-negative", "width-4.5",
-         "dropout-1", "dropout-negative"],
+    ids=[
+        "one-class",
+        "dropout-0.5",
+        "zero-classes",
+        "width-0",
+        "width-negative",
+        "width-4.5",
+        "dropout-1",
+        "dropout-negative",
+    ],
 )
 def test_constructor_checks_its_arguments(
     kwargs: dict[str, float], expectation: contextlib.AbstractContextManager
@@ -191,8 +230,16 @@ def test_constructor_checks_its_arguments(
         ((1, 3, 32, 112, 112), pytest.raises(ValueError)),
         ((1, 3, 16, 112, 112, 1), pytest.raises(ValueError)),
     ],
-    ids=["valid", "two-clips-of-8-frames", "no-batch-dim", "uncropped-frames", "time-and-channels-swapped",
-         "one-channel", "32-frames", "six-dims"],
+    ids=[
+        "valid",
+        "two-clips-of-8-frames",
+        "no-batch-dim",
+        "uncropped-frames",
+        "time-and-channels-swapped",
+        "one-channel",
+        "32-frames",
+        "six-dims",
+    ],
 )
 def test_wrong_input_shape_raises_naming_expected_and_received_shape(
     shape: tuple[int, ...], expectation: contextlib.AbstractContextManager
@@ -226,7 +273,9 @@ def test_fuse_bn_matches_unfused_logits_with_random_bn_stats() -> None:
     with torch.inference_mode():
         expected = model.eval()(x)
         actual = fused(x)
-    assert expected.abs().max() > 1e-3  # logits big enough for a relative comparison to mean something
+    assert (
+        expected.abs().max() > 1e-3
+    )  # logits big enough for a relative comparison to mean something
     assert max_relative_error(actual, expected) < 1e-5
     # Fusing a fused model changes nothing.
     refused = fuse_bn(fused).state_dict()

@@ -80,9 +80,16 @@ class Reader(threading.Thread):
                 self.windows.append(window)
 
 
-def make_capture(source_or_opener: FakeSource | Callable[[], FakeSource], *, kind: SourceKind = SourceKind.FILE,
-                 pacing: Pacing | None = None, lossless: bool | None = None, stride: int = 8,
-                 contract: PreprocessContract = CONTRACT, **kwargs) -> CaptureThread:
+def make_capture(
+    source_or_opener: FakeSource | Callable[[], FakeSource],
+    *,
+    kind: SourceKind = SourceKind.FILE,
+    pacing: Pacing | None = None,
+    lossless: bool | None = None,
+    stride: int = 8,
+    contract: PreprocessContract = CONTRACT,
+    **kwargs,
+) -> CaptureThread:
     """A capture of a fake source; a file is a replay and a stream live unless ``pacing`` says,
     and the ring is lossless as the pacing is unless ``lossless`` says."""
     if pacing is None:
@@ -90,12 +97,14 @@ def make_capture(source_or_opener: FakeSource | Callable[[], FakeSource], *, kin
     lossless = pacing.lossless if lossless is None else lossless
     ring = RingBuffer("src", length=16, stride=stride, frame_shape=FRAME_SHAPE, lossless=lossless)
     opener = source_or_opener if callable(source_or_opener) else (lambda: source_or_opener)
-    return CaptureThread("src", opener, ring, contract, threading.Event(), kind=kind, pacing=pacing,
-                         **kwargs)
+    return CaptureThread(
+        "src", opener, ring, contract, threading.Event(), kind=kind, pacing=pacing, **kwargs
+    )
 
 
-def wait_until(condition: Callable[[], object], timeout: float = 10.0,
-               what: str = "condition") -> None:
+def wait_until(
+    condition: Callable[[], object], timeout: float = 10.0, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"no {what} within {timeout} s"
@@ -119,10 +128,17 @@ def test_replay_writes_every_frame_and_skips_no_window() -> None:
     reader.join(10)
 
     assert not capture.is_alive() and capture.error is None
-    assert (capture.stats.frames_read, capture.stats.frames_used, capture.stats.frames_skipped) == (100, 100, 0)
+    assert (capture.stats.frames_read, capture.stats.frames_used, capture.stats.frames_skipped) == (
+        100,
+        100,
+        0,
+    )
     assert spans(reader.windows) == [(s, s + 15) for s in range(0, 85, 8)]
     assert capture.ring.windows_skipped == 0
-    assert [(s.status, s.reason) for s in statuses] == [(Status.ONLINE, "opened"), (Status.ENDED, "end of file")]
+    assert [(s.status, s.reason) for s in statuses] == [
+        (Status.ONLINE, "opened"),
+        (Status.ENDED, "end of file"),
+    ]
     assert source.released
 
 
@@ -153,11 +169,14 @@ def test_a_replay_is_stamped_on_the_files_own_timeline(fps: float | None) -> Non
 
     step = 1 / (fps or CONTRACT.fps)
     assert before <= metas[0].wall_time <= time.time()
-    np.testing.assert_allclose([m.wall_time - metas[0].wall_time for m in metas],
-                               [i * step for i in range(40)], atol=1e-5)
+    np.testing.assert_allclose(
+        [m.wall_time - metas[0].wall_time for m in metas], [i * step for i in range(40)], atol=1e-5
+    )
     assert reader.windows
     for k, window in enumerate(reader.windows):  # windows carry the same stamps
-        np.testing.assert_array_equal(window.frame_times, [m.wall_time for m in used_metas[8 * k:8 * k + 16]])
+        np.testing.assert_array_equal(
+            window.frame_times, [m.wall_time for m in used_metas[8 * k : 8 * k + 16]]
+        )
 
 
 @pytest.mark.timeout(20)
@@ -183,8 +202,12 @@ def test_lossless_replay_waits_for_a_slow_reader_instead_of_skipping() -> None:
 
 @pytest.mark.timeout(20)
 def test_realtime_file_is_paced_at_its_fps_and_skips_windows_when_nobody_reads() -> None:
-    capture = make_capture(FakeSource(frames(60), fps=100.0), pacing=Pacing.PACED, stride=2,
-                           contract=PreprocessContract(resize=(16, 16), crop=8, fps=100.0))
+    capture = make_capture(
+        FakeSource(frames(60), fps=100.0),
+        pacing=Pacing.PACED,
+        stride=2,
+        contract=PreprocessContract(resize=(16, 16), crop=8, fps=100.0),
+    )
     assert not capture.ring.lossless
 
     started = time.monotonic()
@@ -201,8 +224,10 @@ def test_realtime_file_is_paced_at_its_fps_and_skips_windows_when_nobody_reads()
 def test_frame_step_follows_the_contract_fps() -> None:
     """A 30 fps file for a model trained at 10 fps: every 3rd frame goes into the ring."""
     used: list[int] = []
-    capture = make_capture(FakeSource(frames(90), fps=30.0),
-                           on_frame=lambda name, meta, frame, is_used: used.append(meta.index) if is_used else None)
+    capture = make_capture(
+        FakeSource(frames(90), fps=30.0),
+        on_frame=lambda name, meta, frame, is_used: used.append(meta.index) if is_used else None,
+    )
     reader = Reader(capture.ring)
     reader.start()
     capture.start()
@@ -252,7 +277,9 @@ def test_frames_the_model_does_not_sample_are_skipped_undecoded() -> None:
 def test_every_frame_is_decoded_when_a_frame_callback_watches_them() -> None:
     source = SkippingSource(frames(90), fps=30.0)
     seen: list[int] = []
-    capture = make_capture(source, on_frame=lambda name, meta, frame, used: seen.append(int(frame[0, 0, 0])))
+    capture = make_capture(
+        source, on_frame=lambda name, meta, frame, used: seen.append(int(frame[0, 0, 0]))
+    )
     reader = Reader(capture.ring)
     reader.start()
     capture.start()
@@ -273,7 +300,16 @@ def test_a_resolution_change_marks_a_gap_no_window_spans() -> None:
     capture.join(10)
     reader.join(10)
 
-    assert spans(reader.windows) == [(0, 15), (8, 23), (16, 31), (24, 39), (40, 55), (48, 63), (56, 71), (64, 79)]
+    assert spans(reader.windows) == [
+        (0, 15),
+        (8, 23),
+        (16, 31),
+        (24, 39),
+        (40, 55),
+        (48, 63),
+        (56, 71),
+        (64, 79),
+    ]
 
 
 @pytest.mark.timeout(20)
@@ -288,8 +324,13 @@ def test_a_lost_stream_reconnects_and_no_window_spans_the_outage() -> None:
         captures[0].stop_event.set()  # third open: the test is over
         raise SourceError("gone")
 
-    capture = make_capture(opener, kind=SourceKind.STREAM, lossless=True, on_status=statuses.append,
-                           backoff=Backoff(0.01, 0.02))
+    capture = make_capture(
+        opener,
+        kind=SourceKind.STREAM,
+        lossless=True,
+        on_status=statuses.append,
+        backoff=Backoff(0.01, 0.02),
+    )
     captures.append(capture)
     reader = Reader(capture.ring)
     reader.start()
@@ -299,7 +340,12 @@ def test_a_lost_stream_reconnects_and_no_window_spans_the_outage() -> None:
     reader.join(10)
 
     assert capture.stats.reconnects == 1
-    assert [s.status for s in statuses] == [Status.ONLINE, Status.OFFLINE, Status.ONLINE, Status.OFFLINE]
+    assert [s.status for s in statuses] == [
+        Status.ONLINE,
+        Status.OFFLINE,
+        Status.ONLINE,
+        Status.OFFLINE,
+    ]
     # Frame indices keep counting across the reconnect; windows restart after it.
     assert spans(reader.windows) == [(0, 15), (8, 23), (30, 45), (38, 53)]
 
@@ -337,8 +383,14 @@ def test_a_read_that_times_out_with_no_frame_is_a_stall_and_a_fast_failure_is_no
         captures[0].stop_event.set()  # the test is over
         raise SourceError("refused")
 
-    capture = make_capture(opener, kind=SourceKind.STREAM, lossless=False, on_status=seen.append,
-                           backoff=Backoff(0.01, 0.02), read_timeout_s=0.3)
+    capture = make_capture(
+        opener,
+        kind=SourceKind.STREAM,
+        lossless=False,
+        on_status=seen.append,
+        backoff=Backoff(0.01, 0.02),
+        read_timeout_s=0.3,
+    )
     captures.append(capture)
     capture.start()
     capture.join(10)
@@ -420,10 +472,14 @@ class FixedRandom(random.Random):
         return self.value
 
 
-@pytest.mark.parametrize(("draw", "expected"), [
-    (1.0, [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]),  # the top of each jitter range: the doubling caps
-    (0.0, [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]),  # the bottom: half of each
-], ids=["top", "bottom"])
+@pytest.mark.parametrize(
+    ("draw", "expected"),
+    [
+        (1.0, [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]),  # the top of each jitter range: the doubling caps
+        (0.0, [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]),  # the bottom: half of each
+    ],
+    ids=["top", "bottom"],
+)
 def test_backoff_doubles_up_to_the_cap_with_jitter_between_half_and_all_of_it(
     draw: float, expected: list[float]
 ) -> None:
@@ -500,7 +556,10 @@ def test_a_stream_healthy_for_a_while_reconnects_with_the_first_delay_again() ->
         return refused()
 
     plan: list[Callable[[], FakeSource]] = [
-        refused, refused, refused, refused,
+        refused,
+        refused,
+        refused,
+        refused,
         lambda: TimedSource(60, 0.02),  # >= 1.2 s of frames: healthy
         lambda: FakeSource([]),  # opens, then the first read fails
         last,
@@ -543,9 +602,16 @@ def test_a_file_decoded_on_one_thread_gives_the_same_frames() -> None:
 def test_real_file_replay_reads_every_frame_with_increasing_timestamps(vtest_video) -> None:
     metas: list[FrameMeta] = []
     ring = RingBuffer("vtest", length=16, stride=8, lossless=True)
-    capture = CaptureThread("vtest", make_opener(str(vtest_video)), ring, PreprocessContract(),
-                            threading.Event(), kind=SourceKind.FILE, pacing=Pacing.REPLAY,
-                            on_frame=lambda name, meta, frame, used: metas.append(meta))
+    capture = CaptureThread(
+        "vtest",
+        make_opener(str(vtest_video)),
+        ring,
+        PreprocessContract(),
+        threading.Event(),
+        kind=SourceKind.FILE,
+        pacing=Pacing.REPLAY,
+        on_frame=lambda name, meta, frame, used: metas.append(meta),
+    )
     reader = Reader(ring)
     reader.start()
     capture.start()

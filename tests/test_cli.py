@@ -38,7 +38,9 @@ def small_model() -> C3D_BN:
 @pytest.fixture
 def checkpoint(tmp_path: Path, small_model: C3D_BN) -> Path:
     path = tmp_path / "small.safetensors"
-    contract = PreprocessContract(channel_order="BGR", mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0), fps=15.0)
+    contract = PreprocessContract(
+        channel_order="BGR", mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0), fps=15.0
+    )
     save_checkpoint(path, small_model, class_names=CLASSES, contract=contract)
     return path
 
@@ -55,11 +57,18 @@ def streamdet_command() -> list[str]:
     return [script] if script else [sys.executable, "-m", "streamdet"]
 
 
-def run_console(args: list[str], cwd: Path,
-                timeout: float = SUBPROCESS_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+def run_console(
+    args: list[str], cwd: Path, timeout: float = SUBPROCESS_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONWARNINGS": "default"}  # warnings would show, as for a user
-    return subprocess.run([*streamdet_command(), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [*streamdet_command(), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def assert_one_error_line(code: int, out: str, err: str) -> None:
@@ -94,11 +103,14 @@ def test_every_command_is_in_the_one_table_and_its_handler_exists(
 
 def test_help_imports_no_handler_module() -> None:
     """Handlers are imported when their command runs, not to build the parser."""
-    check = ("import sys; from streamdet.cli import main; main(['--help']); "
-             "print(sorted(m for m in ('torch', 'streamdet.training.commands', 'streamdet.runner') "
-             "if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
-                          timeout=SUBPROCESS_TIMEOUT_S)
+    check = (
+        "import sys; from streamdet.cli import main; main(['--help']); "
+        "print(sorted(m for m in ('torch', 'streamdet.training.commands', 'streamdet.runner') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "[]"
 
@@ -109,7 +121,9 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
     assert out.strip() == f"streamdet {__version__}"
 
 
-def test_info_without_weights_describes_the_published_model(capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_without_weights_describes_the_published_model(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Builds the full-width model (no forward pass)."""
     code, out, err = run_main(["info"], capsys)
     assert code == 0, err
@@ -220,11 +234,14 @@ def _wrong_class_count_run(tmp_path: Path, small_model: C3D_BN) -> list[str]:
     weights = tmp_path / "three_classes.pt"
     torch.save(small_model.state_dict(), weights)
     video = _tiny_video(tmp_path)
-    config = _config(tmp_path, (
-        f"sources:\n  - name: clip\n    url: {video}\n"
-        f"model:\n  weights: {weights}\n  num_classes: 5\n  width: {SMALL}\n  device: cpu\n"
-        "sinks:\n  events:\n    path: null\n"
-    ))
+    config = _config(
+        tmp_path,
+        (
+            f"sources:\n  - name: clip\n    url: {video}\n"
+            f"model:\n  weights: {weights}\n  num_classes: 5\n  width: {SMALL}\n  device: cpu\n"
+            "sinks:\n  events:\n    path: null\n"
+        ),
+    )
     return ["run", config, "--max-seconds", "5"]
 
 
@@ -232,18 +249,38 @@ def _wrong_class_count_run(tmp_path: Path, small_model: C3D_BN) -> list[str]:
 USER_ERRORS: dict[str, tuple[Callable[[Path, Path, C3D_BN], list[str]], str]] = {
     "missing-config": (lambda d, c, m: ["validate", str(d / "nope.yaml")], "config file not found"),
     "config-is-a-directory": (lambda d, c, m: ["validate", str(d)], "cannot read config"),
-    "malformed-yaml": (lambda d, c, m: ["validate", _config(d, "model:\n  width: 1\n   device: cpu\n")],
-                       "malformed YAML at line 3"),
+    "malformed-yaml": (
+        lambda d, c, m: ["validate", _config(d, "model:\n  width: 1\n   device: cpu\n")],
+        "malformed YAML at line 3",
+    ),
     "top-level-not-a-mapping": (lambda d, c, m: ["validate", _config(d, "- a\n- b\n")], "mapping"),
-    "unknown-key": (lambda d, c, m: ["validate", _config(d, "modle:\n  width: 1\n")], "modle: unknown key"),
-    "wrong-type": (lambda d, c, m: ["validate", _config(d, "model:\n  max_batch: lots\n")], "model.max_batch"),
-    "out-of-range": (lambda d, c, m: ["validate", _config(d, "events:\n  threshold: 2\n")], "events.threshold"),
-    "exit-above-threshold": (lambda d, c, m: ["validate", _config(d, "events:\n  exit_threshold: 0.9\n")],
-                             "exit_threshold"),
-    "missing-source-url": (lambda d, c, m: ["validate", _config(d, "sources:\n  - name: cam\n")],
-                           "sources[0].url: Field required"),
-    "env-var-unset": (lambda d, c, m: ["validate", _config(d, "sources:\n  - {name: a, url: '${SD_TEST_UNSET_VAR}'}\n")],
-                      "SD_TEST_UNSET_VAR is not set"),
+    "unknown-key": (
+        lambda d, c, m: ["validate", _config(d, "modle:\n  width: 1\n")],
+        "modle: unknown key",
+    ),
+    "wrong-type": (
+        lambda d, c, m: ["validate", _config(d, "model:\n  max_batch: lots\n")],
+        "model.max_batch",
+    ),
+    "out-of-range": (
+        lambda d, c, m: ["validate", _config(d, "events:\n  threshold: 2\n")],
+        "events.threshold",
+    ),
+    "exit-above-threshold": (
+        lambda d, c, m: ["validate", _config(d, "events:\n  exit_threshold: 0.9\n")],
+        "exit_threshold",
+    ),
+    "missing-source-url": (
+        lambda d, c, m: ["validate", _config(d, "sources:\n  - name: cam\n")],
+        "sources[0].url: Field required",
+    ),
+    "env-var-unset": (
+        lambda d, c, m: [
+            "validate",
+            _config(d, "sources:\n  - {name: a, url: '${SD_TEST_UNSET_VAR}'}\n"),
+        ],
+        "SD_TEST_UNSET_VAR is not set",
+    ),
     "unknown-subcommand": (lambda d, c, m: ["frobnicate"], "invalid choice: 'frobnicate'"),
     "unknown-option": (lambda d, c, m: ["info", "--colour"], "unrecognized arguments: --colour"),
     "missing-argument": (lambda d, c, m: ["validate"], "required: config"),
@@ -251,16 +288,30 @@ USER_ERRORS: dict[str, tuple[Callable[[Path, Path, C3D_BN], list[str]], str]] = 
     "width-out-of-range": (lambda d, c, m: ["info", "--width", "0"], "--width"),
     "zero-classes": (lambda d, c, m: ["info", "--num-classes", "0"], "--num-classes"),
     "bad-choice": (lambda d, c, m: ["run", "--device", "tpu"], "invalid choice: 'tpu'"),
-    "missing-weights": (lambda d, c, m: ["info", "--weights", str(d / "nope.safetensors")], "weights file not found"),
-    "truncated-weights": (lambda d, c, m: ["info", "--weights", _truncated_checkpoint(d, c)],
-                          "not a readable safetensors file"),
-    "garbage-weights": (lambda d, c, m: ["info", "--weights", str(_write(d / "junk.pt", os.urandom(2048)))],
-                        "junk.pt"),
-    "crafted-pickle-weights": (lambda d, c, m: ["info", "--weights", _crafted_pickle(d)], "refused"),
-    "weights-wrong-class-count-for-config": (lambda d, c, m: _wrong_class_count_run(d, m),
-                                             "fc8.weight: expected shape (5, 256), got (3, 256)"),
-    "run-missing-source-file": (lambda d, c, m: ["run", "--source", str(d / "missing.mp4"), "--max-seconds", "5"],
-                                "missing.mp4: video file not found"),
+    "missing-weights": (
+        lambda d, c, m: ["info", "--weights", str(d / "nope.safetensors")],
+        "weights file not found",
+    ),
+    "truncated-weights": (
+        lambda d, c, m: ["info", "--weights", _truncated_checkpoint(d, c)],
+        "not a readable safetensors file",
+    ),
+    "garbage-weights": (
+        lambda d, c, m: ["info", "--weights", str(_write(d / "junk.pt", os.urandom(2048)))],
+        "junk.pt",
+    ),
+    "crafted-pickle-weights": (
+        lambda d, c, m: ["info", "--weights", _crafted_pickle(d)],
+        "refused",
+    ),
+    "weights-wrong-class-count-for-config": (
+        lambda d, c, m: _wrong_class_count_run(d, m),
+        "fc8.weight: expected shape (5, 256), got (3, 256)",
+    ),
+    "run-missing-source-file": (
+        lambda d, c, m: ["run", "--source", str(d / "missing.mp4"), "--max-seconds", "5"],
+        "missing.mp4: video file not found",
+    ),
 }
 
 
@@ -323,8 +374,11 @@ def test_console_script_run_with_a_missing_source_fails_fast(tmp_path: Path) -> 
     """No waiting for a source that cannot appear: a run that waited would last its
     --max-seconds (600), far past the generous deadline for start-up and the error line."""
     try:
-        result = run_console(["run", "--source", str(tmp_path / "missing.mp4"), "--max-seconds", "600"],
-                             tmp_path, timeout=120)
+        result = run_console(
+            ["run", "--source", str(tmp_path / "missing.mp4"), "--max-seconds", "600"],
+            tmp_path,
+            timeout=120,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("the run was still waiting for a missing file after 120 s")
     # one line: nothing was built (building the model logs to stderr)

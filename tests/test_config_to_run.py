@@ -45,15 +45,27 @@ def weights(assets_dir: Path, walk_clip: Path) -> Path:
     return make_tiny_weights(assets_dir, walk_clip)
 
 
-def write_config(path: Path, source: Path, weights: Path, *, events: dict[str, Any] | None = None,
-                 model: dict[str, Any] | None = None, source_keys: dict[str, Any] | None = None) -> Path:
+def write_config(
+    path: Path,
+    source: Path,
+    weights: Path,
+    *,
+    events: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+    source_keys: dict[str, Any] | None = None,
+) -> Path:
     """A YAML config replaying ``source`` with thresholds 0.6/0.4, no smoothing, 1 window to open."""
     cfg = {
         "sources": [{"name": "walk", "url": str(source), "realtime": False, **(source_keys or {})}],
         "model": {"weights": str(weights), "device": "cpu", "precision": "fp32", **(model or {})},
         "window": {"stride": 8},
-        "events": {"threshold": 0.6, "exit_threshold": 0.4, "smoothing": 1, "open_windows": 1,
-                   **(events or {})},
+        "events": {
+            "threshold": 0.6,
+            "exit_threshold": 0.4,
+            "smoothing": 1,
+            "open_windows": 1,
+            **(events or {}),
+        },
         "sinks": {"events": {"path": str(path.parent / "events.jsonl")}},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +112,12 @@ def test_tracker_settings_carry_every_key_of_the_events_section(tmp_path: Path) 
         default_rule=ClassRule(enter=0.7, exit=0.3),
         # a class's missing threshold is the section's
         rules={"walk": ClassRule(enter=0.9, exit=0.3), "run": ClassRule(enter=0.8, exit=0.5)},
-        smoothing=4, open_windows=3, min_duration_s=2.5, background="none",
-        update_min_delta=0.1, update_min_interval_s=2.0,
+        smoothing=4,
+        open_windows=3,
+        min_duration_s=2.5,
+        background="none",
+        update_min_delta=0.1,
+        update_min_interval_s=2.0,
     )
 
 
@@ -137,29 +153,39 @@ def test_a_per_class_exit_threshold_ends_that_class_sooner(
     for exit_threshold in (None, 0.7):
         walk = {"threshold": 0.75, **({"exit_threshold": exit_threshold} if exit_threshold else {})}
         folder = tmp_path / f"exit-{exit_threshold}"
-        config = write_config(folder / "run.yaml", walk_clip, weights, events={"classes": {"walk": walk}})
+        config = write_config(
+            folder / "run.yaml", walk_clip, weights, events={"classes": {"walk": walk}}
+        )
         assert main(["run", str(config)]) == 0
-        ends[exit_threshold] = [o["end_frame"] for o in event_lines(folder / "events.jsonl")
-                                if o["type"] == "end" and o["label"] == "walk"]
+        ends[exit_threshold] = [
+            o["end_frame"]
+            for o in event_lines(folder / "events.jsonl")
+            if o["type"] == "end" and o["label"] == "walk"
+        ]
 
     assert ends == {None: [8 * 6 + 11], 0.7: [8 * 5 + 11]}  # the last frame of the window's span
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("min_duration_s", "expected"),
-                         [(0.0, ["run", "walk", "run"]), (2.0, ["walk", "run"]), (3.0, ["walk"])])
+@pytest.mark.parametrize(
+    ("min_duration_s", "expected"),
+    [(0.0, ["run", "walk", "run"]), (2.0, ["walk", "run"]), (3.0, ["walk"])],
+)
 def test_min_duration_s_drops_shorter_events_without_a_line(
     tmp_path: Path, walk_clip: Path, weights: Path, min_duration_s: float, expected: list[str]
 ) -> None:
     """The events last 1.5 s (run), 3.9 s (walk) and 2.3 s (run)."""
-    config = write_config(tmp_path / "run.yaml", walk_clip, weights,
-                          events={"min_duration_s": min_duration_s})
+    config = write_config(
+        tmp_path / "run.yaml", walk_clip, weights, events={"min_duration_s": min_duration_s}
+    )
 
     assert main(["run", str(config)]) == 0
 
     lines = event_lines(tmp_path / "events.jsonl")
     assert [o["label"] for o in lines if o["type"] == "new"] == expected
-    assert [o["label"] for o in lines if o["type"] == "end"] == expected  # a dropped event has no line
+    assert [
+        o["label"] for o in lines if o["type"] == "end"
+    ] == expected  # a dropped event has no line
     for o in lines:
         assert seconds(o["end_time"]) - seconds(o["start_time"]) >= min_duration_s - 0.001
 
@@ -167,29 +193,46 @@ def test_min_duration_s_drops_shorter_events_without_a_line(
 def test_a_class_the_model_does_not_have_is_one_error_line_before_anything_is_written(
     tmp_path: Path, walk_clip: Path, weights: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path / "run.yaml", walk_clip, weights,
-                          events={"classes": {"jump": {"threshold": 0.5}}})
+    config = write_config(
+        tmp_path / "run.yaml", walk_clip, weights, events={"classes": {"jump": {"threshold": 0.5}}}
+    )
 
     code = main(["run", str(config)])
 
     out, err = capsys.readouterr()
     assert code == 2 and "Traceback" not in out + err
     assert err.splitlines() == [
-        "error: events.classes: unknown class(es) ['jump']; the model has ['none', 'walk', 'run']"]
+        "error: events.classes: unknown class(es) ['jump']; the model has ['none', 'walk', 'run']"
+    ]
     assert not (tmp_path / "events.jsonl").exists()
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("background", "warned", "none_events"), [("none", False, False), ("idle", True, True)],
-                         ids=["a-class-of-the-model", "not-a-class-of-the-model"])
+@pytest.mark.parametrize(
+    ("background", "warned", "none_events"),
+    [("none", False, False), ("idle", True, True)],
+    ids=["a-class-of-the-model", "not-a-class-of-the-model"],
+)
 def test_a_background_the_model_lacks_is_a_warning_and_then_every_class_makes_events(
-    tmp_path: Path, walk_clip: Path, weights: Path, caplog: pytest.LogCaptureFixture,
-    background: str, warned: bool, none_events: bool
+    tmp_path: Path,
+    walk_clip: Path,
+    weights: Path,
+    caplog: pytest.LogCaptureFixture,
+    background: str,
+    warned: bool,
+    none_events: bool,
 ) -> None:
-    """"none" scores 0.23-0.32 in five windows: over its own 0.2 threshold, unless it is the
+    """ "none" scores 0.23-0.32 in five windows: over its own 0.2 threshold, unless it is the
     background."""
-    config = write_config(tmp_path / "run.yaml", walk_clip, weights, events={
-        "background": background, "classes": {"none": {"threshold": 0.2, "exit_threshold": 0.1}}})
+    config = write_config(
+        tmp_path / "run.yaml",
+        walk_clip,
+        weights,
+        events={
+            "background": background,
+            "classes": {"none": {"threshold": 0.2, "exit_threshold": 0.1}},
+        },
+    )
 
     with caplog.at_level(logging.WARNING, logger="streamdet"):
         assert main(["run", str(config)]) == 0
@@ -212,14 +255,33 @@ def test_repeated_sources_with_the_same_file_name_get_distinct_names(
         shutil.copyfile(walk_clip, copy)
     events = tmp_path / "events.jsonl"
 
-    code = main(["run", "--source", str(first), "--source", str(second), "--weights", str(weights),
-                 "--device", "cpu", "--precision", "fp32", "--events", str(events)])
+    code = main(
+        [
+            "run",
+            "--source",
+            str(first),
+            "--source",
+            str(second),
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--events",
+            str(events),
+        ]
+    )
 
     out = capsys.readouterr().out
     assert code == 0
     statuses = [(o["source"], o["status"]) for o in log_lines(events) if o["type"] == "status"]
-    assert sorted(statuses) == [("walk", "offline"), ("walk", "online"),
-                                ("walk-2", "offline"), ("walk-2", "online")]
+    assert sorted(statuses) == [
+        ("walk", "offline"),
+        ("walk", "online"),
+        ("walk-2", "offline"),
+        ("walk-2", "online"),
+    ]
     for name in ("walk", "walk-2"):
         assert f"[summary] {name}: 100 frames read" in out
 
@@ -232,9 +294,29 @@ def test_an_rtsp_source_given_on_the_command_line_is_named_after_its_host(
     events = tmp_path / "events.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamdet", "run", "--source", server.url, "--weights", str(weights),
-         "--device", "cpu", "--precision", "fp32", "--events", str(events), "--max-seconds", "300"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "streamdet",
+            "run",
+            "--source",
+            server.url,
+            "--weights",
+            str(weights),
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--events",
+            str(events),
+            "--max-seconds",
+            "300",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     try:
         deadline = time.monotonic() + 60
@@ -258,11 +340,19 @@ def test_an_rtsp_source_given_on_the_command_line_is_named_after_its_host(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize(("fps", "used", "rate"), [(None, 100, 10.0), (20.0, 50, 20.0)],
-                         ids=["the-files-10-fps", "options-fps-20"])
+@pytest.mark.parametrize(
+    ("fps", "used", "rate"),
+    [(None, 100, 10.0), (20.0, 50, 20.0)],
+    ids=["the-files-10-fps", "options-fps-20"],
+)
 def test_options_fps_sets_the_rate_frames_are_sampled_and_stamped_at(
-    tmp_path: Path, walk_clip: Path, weights: Path, capsys: pytest.CaptureFixture[str],
-    fps: float | None, used: int, rate: float
+    tmp_path: Path,
+    walk_clip: Path,
+    weights: Path,
+    capsys: pytest.CaptureFixture[str],
+    fps: float | None,
+    used: int,
+    rate: float,
 ) -> None:
     """The model takes 10 fps: a source said to run at 20 fps gives it every second frame, and
     a replay's frames are stamped 1/20 s apart."""
@@ -284,8 +374,12 @@ def test_options_fps_paces_a_realtime_file(tmp_path: Path, walk_clip: Path, weig
     """24 frames paced at 4 fps take at least 6 s (at the file's 10 fps, 2.4 s). Only a lower
     bound: a busy machine can make the run slower, never faster."""
     clip = cut_clip(walk_clip, tmp_path / "short.avi", start_frame=0, n_frames=24)
-    config = write_config(tmp_path / "run.yaml", clip, weights,
-                          source_keys={"realtime": True, "options": {"fps": 4.0}})
+    config = write_config(
+        tmp_path / "run.yaml",
+        clip,
+        weights,
+        source_keys={"realtime": True, "options": {"fps": 4.0}},
+    )
 
     started = time.monotonic()
     assert main(["run", str(config)]) == 0
@@ -313,14 +407,21 @@ def check_clips_asked(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor | No
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("calibration", [True, False], ids=["model-calibration", "first-file-source"])
+@pytest.mark.parametrize(
+    "calibration", [True, False], ids=["model-calibration", "first-file-source"]
+)
 def test_reduced_precision_is_checked_on_the_calibration_video_else_the_first_file_source(
-    tmp_path: Path, walk_clip: Path, weights: Path, monkeypatch: pytest.MonkeyPatch,
-    check_clips_asked: list[torch.Tensor | None], calibration: bool
+    tmp_path: Path,
+    walk_clip: Path,
+    weights: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    check_clips_asked: list[torch.Tensor | None],
+    calibration: bool,
 ) -> None:
     (tmp_path / "conf").mkdir()
-    calib = cut_clip(vtest_path(), tmp_path / "conf" / "calib.avi", start_frame=400, n_frames=90,
-                     size=(320, 240))
+    calib = cut_clip(
+        vtest_path(), tmp_path / "conf" / "calib.avi", start_frame=400, n_frames=90, size=(320, 240)
+    )
     # a path relative to the config file's folder, run from another folder
     model = {"precision": "bf16", **({"calibration": "calib.avi"} if calibration else {})}
     config = write_config(tmp_path / "conf" / "run.yaml", walk_clip, weights, model=model)
@@ -338,21 +439,35 @@ def test_reduced_precision_is_checked_on_the_calibration_video_else_the_first_fi
 
 @pytest.mark.parametrize("content", [None, b"not a video" * 100], ids=["missing", "not-a-video"])
 def test_a_calibration_video_that_cannot_be_read_is_one_error_line_before_the_model_is_built(
-    tmp_path: Path, walk_clip: Path, weights: Path, capsys: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture, content: bytes | None
+    tmp_path: Path,
+    walk_clip: Path,
+    weights: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    content: bytes | None,
 ) -> None:
     calib = tmp_path / "calib.avi"
     if content is not None:
         calib.write_bytes(content)
-    config = write_config(tmp_path / "run.yaml", walk_clip, weights,
-                          model={"precision": "bf16", "calibration": "calib.avi"})
+    config = write_config(
+        tmp_path / "run.yaml",
+        walk_clip,
+        weights,
+        model={"precision": "bf16", "calibration": "calib.avi"},
+    )
 
     with caplog.at_level("INFO"):
         code = main(["run", str(config)])
 
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: model.calibration: {calib}")
-    assert not [r for r in caplog.records if r.name.startswith("streamdet.inference")]  # no engine built
+    assert (
+        code == 2
+        and len(errors) == 1
+        and errors[0].startswith(f"error: model.calibration: {calib}")
+    )
+    assert not [
+        r for r in caplog.records if r.name.startswith("streamdet.inference")
+    ]  # no engine built
 
 
 class SlowEngine:

@@ -67,8 +67,12 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder.mkdir(exist_ok=True)
     tiny = load_checkpoint(make_tiny_weights(folder, make_walk_clip(folder)))
     path = tmp_path_factory.mktemp("paced") / "tiny-paced.safetensors"
-    save_checkpoint(path, tiny.model, class_names=tiny.class_names,
-                    contract=dataclasses.replace(tiny.contract, fps=PACE_FPS))
+    save_checkpoint(
+        path,
+        tiny.model,
+        class_names=tiny.class_names,
+        contract=dataclasses.replace(tiny.contract, fps=PACE_FPS),
+    )
     return path
 
 
@@ -92,7 +96,12 @@ def assert_running(pid: int) -> None:
 
 
 def all_raw_lines(path: Path) -> list[bytes]:
-    return [line for p in rotated_paths(path) if p.exists() for line in p.read_bytes().splitlines(keepends=True)]
+    return [
+        line
+        for p in rotated_paths(path)
+        if p.exists()
+        for line in p.read_bytes().splitlines(keepends=True)
+    ]
 
 
 def check_pairs(lines: list[dict[str, Any]]) -> dict[str, int]:
@@ -124,30 +133,61 @@ def test_twenty_sigkills_at_random_moments_leave_a_log_where_every_event_ends_on
 ) -> None:
     log_path = tmp_path / "events.jsonl"
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({
-        # Paced: many lines per second, and a run lasts 7.95 s or more however fast the machine.
-        "sources": [{"name": "walk", "url": str(vtest_path()), "realtime": True,
-                     "options": {"fps": PACE_FPS}}],
-        "model": {"weights": str(weights), "device": "cpu", "precision": "fp32", "max_batch": 1},
-        "events": {"threshold": 0.6, "exit_threshold": 0.4, "smoothing": 1, "open_windows": 1,
-                   "update_min_delta": 0.0, "update_min_interval_s": 0.0},
-        # Small files so that some kills land around a rotation (2 or 3 of them); 5 files hold
-        # the whole test. The paced runs write about as much on any machine (64 kB here; more
-        # only where the last whole-process run, killed 1.9 s after its start, reaches events).
-        "sinks": {"events": {"path": str(log_path), "rotate_mb": 0.025}},
-        "progress_interval_s": 60,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                # Paced: many lines per second, and a run lasts 7.95 s or more however fast the machine.
+                "sources": [
+                    {
+                        "name": "walk",
+                        "url": str(vtest_path()),
+                        "realtime": True,
+                        "options": {"fps": PACE_FPS},
+                    }
+                ],
+                "model": {
+                    "weights": str(weights),
+                    "device": "cpu",
+                    "precision": "fp32",
+                    "max_batch": 1,
+                },
+                "events": {
+                    "threshold": 0.6,
+                    "exit_threshold": 0.4,
+                    "smoothing": 1,
+                    "open_windows": 1,
+                    "update_min_delta": 0.0,
+                    "update_min_interval_s": 0.0,
+                },
+                # Small files so that some kills land around a rotation (2 or 3 of them); 5 files hold
+                # the whole test. The paced runs write about as much on any machine (64 kB here; more
+                # only where the last whole-process run, killed 1.9 s after its start, reaches events).
+                "sinks": {"events": {"path": str(log_path), "rotate_mb": 0.025}},
+                "progress_interval_s": 60,
+            }
+        )
+    )
     rng = random.Random(SEED)
     argv = ["run", str(config), "--precision", "fp32", "--device", "cpu"]
-    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, *argv], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    zygote = subprocess.Popen(
+        [sys.executable, "-c", ZYGOTE, *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     killed_running = 0
     try:
         for kill in range(KILLS):
             lines_before = len(all_raw_lines(log_path))
-            if kill % 5 == 4:  # a whole process, killed at any moment of start-up (imports, recovery, open)
-                proc = subprocess.Popen([sys.executable, "-m", "streamdet", *argv],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if (
+                kill % 5 == 4
+            ):  # a whole process, killed at any moment of start-up (imports, recovery, open)
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "streamdet", *argv],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
                 time.sleep(rng.uniform(0.2, 2.5))
                 assert proc.poll() is None, "streamdet run exited early"
                 proc.send_signal(signal.SIGKILL)
@@ -157,7 +197,9 @@ def test_twenty_sigkills_at_random_moments_leave_a_log_where_every_event_ends_on
                 zygote.stdin.flush()
                 pid = int(zygote.stdout.readline())
                 deadline = time.monotonic() + 20
-                while not any(b'"type":"new"' in line for line in all_raw_lines(log_path)[lines_before:]):
+                while not any(
+                    b'"type":"new"' in line for line in all_raw_lines(log_path)[lines_before:]
+                ):
                     assert time.monotonic() < deadline, "the forked run opened no event in 20 s"
                     time.sleep(0.01)
                 time.sleep(rng.uniform(0.0, 1.0))
@@ -178,7 +220,9 @@ def test_twenty_sigkills_at_random_moments_leave_a_log_where_every_event_ends_on
     with EventLog(log_path, {"name": "m", "sha256": "-"}):  # the restart after the last kill
         pass
 
-    assert not any(p.exists() for p in rotated_paths(log_path)[:1]), "more than 6 files: lines were dropped"
+    assert not any(p.exists() for p in rotated_paths(log_path)[:1]), (
+        "more than 6 files: lines were dropped"
+    )
     raw = all_raw_lines(log_path)
     assert all(line.endswith(b"\n") for line in raw)
     lines = [json.loads(line) for line in raw]  # after recovery every line parses
@@ -194,8 +238,10 @@ def test_twenty_sigkills_at_random_moments_leave_a_log_where_every_event_ends_on
 
 @pytest.mark.timeout(60)
 @settings(max_examples=25, deadline=None)
-@given(sizes=st.lists(st.integers(min_value=0, max_value=400), min_size=1, max_size=120),
-       rotate_bytes=st.integers(min_value=200, max_value=3000))
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=400), min_size=1, max_size=120),
+    rotate_bytes=st.integers(min_value=200, max_value=3000),
+)
 def test_rotation_splits_no_line_and_loses_none_while_the_files_hold_them(
     tmp_path_factory: pytest.TempPathFactory, sizes: list[int], rotate_bytes: int
 ) -> None:

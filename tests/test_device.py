@@ -45,10 +45,15 @@ def test_config_values_become_members_that_read_as_their_strings() -> None:
     ("overrides", "message"),
     [
         ({"device": "tpu"}, "model.device: Input should be 'auto', 'cpu' or 'cuda'"),
-        ({"precision": "fp64"}, "model.precision: Input should be 'auto', 'fp32', 'bf16', 'fp16' or 'int8'"),
+        (
+            {"precision": "fp64"},
+            "model.precision: Input should be 'auto', 'fp32', 'bf16', 'fp16' or 'int8'",
+        ),
     ],
 )
-def test_a_bad_config_value_is_one_line_listing_the_allowed_values(overrides: dict, message: str) -> None:
+def test_a_bad_config_value_is_one_line_listing_the_allowed_values(
+    overrides: dict, message: str
+) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, {"model": overrides})
 
@@ -59,7 +64,9 @@ def test_a_bad_training_amp_lists_the_allowed_values(tmp_path: Path) -> None:
     path = tmp_path / "train.yaml"
     path.write_text("amp: fp8\n")
 
-    with pytest.raises(ConfigError, match=r"amp: Input should be 'auto', 'bf16', 'fp16' or 'off' \(1 error"):
+    with pytest.raises(
+        ConfigError, match=r"amp: Input should be 'auto', 'bf16', 'fp16' or 'off' \(1 error"
+    ):
         train_config.load_config(path)
     assert train_config.load_config(path, {"amp": "off", "device": "cpu"}).amp is Amp.OFF
 
@@ -81,12 +88,17 @@ def test_a_bad_command_line_precision_is_one_error_line(capsys: pytest.CaptureFi
         (Device.CPU, True, contextlib.nullcontext(), "cpu"),
         ("cuda", True, contextlib.nullcontext(), "cuda"),
         ("cuda", False, pytest.raises(ConfigError, match="no CUDA device is available"), None),
-        ("tpu", False, pytest.raises(ValueError, match="^device must be auto, cpu or cuda, but got 'tpu'$"),
-         None),
+        (
+            "tpu",
+            False,
+            pytest.raises(ValueError, match="^device must be auto, cpu or cuda, but got 'tpu'$"),
+            None,
+        ),
     ],
 )
-def test_select_device(monkeypatch: pytest.MonkeyPatch, requested: str, cuda: bool, expectation,
-                       expected: str | None) -> None:
+def test_select_device(
+    monkeypatch: pytest.MonkeyPatch, requested: str, cuda: bool, expectation, expected: str | None
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
 
     with expectation:

@@ -71,7 +71,7 @@ def real_clips() -> torch.Tensor:
         frames.append(preprocess_frame(frame))
     cap.release()
     stack = np.stack(frames[100:], axis=1)  # (3, T, 112, 112)
-    return torch.from_numpy(np.stack([stack[:, i * 8:i * 8 + 16] for i in range(6)]))
+    return torch.from_numpy(np.stack([stack[:, i * 8 : i * 8 + 16] for i in range(6)]))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -85,8 +85,9 @@ CPU_PATHS = [p for p in PATHS if not p.endswith("-autocast") and not p.endswith(
     ("path", "max_rel"),
     [(p, 1e-5 if p.startswith("fp32") else 0.05) for p in CPU_PATHS],
 )
-def test_each_cpu_path_matches_unfused_fp32(model: C3D_BN, real_clips: torch.Tensor, path: str,
-                                            max_rel: float, tmp_path: Path) -> None:
+def test_each_cpu_path_matches_unfused_fp32(
+    model: C3D_BN, real_clips: torch.Tensor, path: str, max_rel: float, tmp_path: Path
+) -> None:
     if path.endswith("-packed") and not onednn_prepack_available():
         pytest.skip("this PyTorch build has no oneDNN prepacking")
     engine = build_path(model, CPU, path, calibration_clips=real_clips, cache_dir=tmp_path)
@@ -108,7 +109,7 @@ def test_a_cpu_path_gives_two_threads_calling_it_at_once_their_own_logits(
         pytest.skip("this PyTorch build has no oneDNN prepacking")
     engine = build_path(model, CPU, path, calibration_clips=real_clips, cache_dir=tmp_path)
     assert engine.concurrent
-    expected = [engine(real_clips[i:i + 1]) for i in range(len(real_clips))]
+    expected = [engine(real_clips[i : i + 1]) for i in range(len(real_clips))]
     got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
     errors: list[BaseException] = []
     start = threading.Barrier(2, timeout=10)
@@ -118,7 +119,7 @@ def test_a_cpu_path_gives_two_threads_calling_it_at_once_their_own_logits(
             torch.set_num_threads(1)
             start.wait()
             for _ in range(4):
-                got[k] += [engine(real_clips[i:i + 1]) for i in range(k, len(real_clips), 2)]
+                got[k] += [engine(real_clips[i : i + 1]) for i in range(k, len(real_clips), 2)]
         except BaseException as exc:
             errors.append(exc)
 
@@ -140,12 +141,16 @@ def test_compiled_and_graphed_engines_do_not_claim_concurrency(model: C3D_BN) ->
     assert Engine(model, CPU, "fp32", 5, path="fp32-eager").concurrent
 
 
-needs_prepack = pytest.mark.skipif(not onednn_prepack_available(), reason="no oneDNN weight prepacking")
+needs_prepack = pytest.mark.skipif(
+    not onednn_prepack_available(), reason="no oneDNN weight prepacking"
+)
 
 
 @needs_prepack
 @pytest.mark.parametrize(("kernel", "padding"), [((3, 3, 3), (1, 1, 1)), ((1, 3, 5), (0, 1, 2))])
-def test_width_folded_conv_equals_conv_then_relu(kernel: tuple[int, int, int], padding: tuple[int, int, int]) -> None:
+def test_width_folded_conv_equals_conv_then_relu(
+    kernel: tuple[int, int, int], padding: tuple[int, int, int]
+) -> None:
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(3, 5, kernel, padding=padding).eval()
     # Odd sizes and batch 2: the folded view must line up pixels at every edge.
@@ -167,14 +172,21 @@ def test_width_folding_refuses_a_conv_it_cannot_fold() -> None:
 def test_bf16_packed_path_folds_only_its_three_channel_first_conv(model: C3D_BN) -> None:
     bf16, fp32 = (build_path(model, CPU, path).model for path in ("bf16-packed", "fp32-packed"))
     assert isinstance(bf16.convs[0], torch.nn.Sequential)
-    assert isinstance(bf16.convs[0][0], WidthFold) and isinstance(bf16.convs[0][1], PackedConv3dReLU)
+    assert isinstance(bf16.convs[0][0], WidthFold) and isinstance(
+        bf16.convs[0][1], PackedConv3dReLU
+    )
     assert all(isinstance(c, PackedConv3dReLU) for c in bf16.convs[1:])
     assert all(isinstance(c, PackedConv3dReLU) for c in fp32.convs)  # folding gains nothing in fp32
 
 
 @pytest.mark.parametrize("path", ["bf16-packed", "int8"])
-def test_without_the_compiled_fold_a_path_gives_the_same_logits(model: C3D_BN, real_clips: torch.Tensor, path: str,
-                                                                 tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_the_compiled_fold_a_path_gives_the_same_logits(
+    model: C3D_BN,
+    real_clips: torch.Tensor,
+    path: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """No Numba (or STREAMDET_NO_JIT): conv1's fold takes ATen's route from the same clip."""
     if path.endswith("-packed") and not onednn_prepack_available():
         pytest.skip("this PyTorch build has no oneDNN prepacking")
@@ -187,15 +199,20 @@ def test_without_the_compiled_fold_a_path_gives_the_same_logits(model: C3D_BN, r
 
 
 @pytest.mark.parametrize("path", ["bf16-packed", "int8"])
-def test_a_path_that_folds_conv1_takes_the_float32_clip_as_it_comes(model: C3D_BN, real_clips: torch.Tensor,
-                                                                   path: str, tmp_path: Path) -> None:
+def test_a_path_that_folds_conv1_takes_the_float32_clip_as_it_comes(
+    model: C3D_BN, real_clips: torch.Tensor, path: str, tmp_path: Path
+) -> None:
     """Its WidthFold changes layout and dtype in one pass, so the engine makes no copy first."""
     if path.endswith("-packed") and not onednn_prepack_available():
         pytest.skip("this PyTorch build has no oneDNN prepacking")
     engine = build_path(model, CPU, path, calibration_clips=real_clips, cache_dir=tmp_path)
     clips = real_clips[:2]
     assert engine.prepare(clips) is clips
-    assert build_path(model, CPU, "fp32-eager").prepare(clips).is_contiguous(memory_format=torch.channels_last_3d)
+    assert (
+        build_path(model, CPU, "fp32-eager")
+        .prepare(clips)
+        .is_contiguous(memory_format=torch.channels_last_3d)
+    )
 
 
 @needs_prepack
@@ -225,7 +242,9 @@ def test_packed_net_pools_with_the_compiled_kernel_and_gets_atens_logits(
 
 
 @pytest.mark.slow
-def test_compiled_path_matches_fp32(model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path) -> None:
+def test_compiled_path_matches_fp32(
+    model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path
+) -> None:
     engine = build_path(model, CPU, "bf16-compiled", cache_dir=tmp_path)
     with torch.no_grad():
         expected = model(real_clips[:2])
@@ -240,8 +259,9 @@ def test_engine_leaves_the_model_untouched(model: C3D_BN, tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize(("clips", "warmed"), [(8, [1]), (1, [2]), (6, [])])
-def test_a_compiled_engine_is_warmed_on_a_second_batch_size_before_the_stream(clips: int,
-                                                                              warmed: list[int]) -> None:
+def test_a_compiled_engine_is_warmed_on_a_second_batch_size_before_the_stream(
+    clips: int, warmed: list[int]
+) -> None:
     sizes: list[int] = []
     warm_other_batch_size(lambda x: sizes.append(x.shape[0]), torch.zeros(clips, *INPUT_SHAPE))
     assert sizes == warmed  # 8 clips ran as 4 + 4, 1 as 1, 6 as 4 + 2 (already two sizes)
@@ -285,7 +305,9 @@ def test_conv1_cannot_be_both_folded_and_padded(model: C3D_BN) -> None:
         InferenceNet(fuse_bn(model), fold_conv1=True, pad_conv1=8)
 
 
-def test_int8_quantizes_conv1_after_the_float_width_fold(model: C3D_BN, real_clips: torch.Tensor) -> None:
+def test_int8_quantizes_conv1_after_the_float_width_fold(
+    model: C3D_BN, real_clips: torch.Tensor
+) -> None:
     from streamdet.inference import quantize_int8
 
     quantized = quantize_int8(model, real_clips[:2], cache_dir=None)
@@ -295,8 +317,9 @@ def test_int8_quantizes_conv1_after_the_float_width_fold(model: C3D_BN, real_cli
     assert "quantized" in type(modules["convs.0.1"]).__module__
 
 
-def test_int8_agrees_on_top1_with_fp32_on_real_windows(model: C3D_BN, real_clips: torch.Tensor,
-                                                       tmp_path: Path) -> None:
+def test_int8_agrees_on_top1_with_fp32_on_real_windows(
+    model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path
+) -> None:
     engine = build_path(model, CPU, "int8", calibration_clips=real_clips[:4], cache_dir=tmp_path)
     with torch.no_grad():
         expected = model(real_clips)
@@ -305,12 +328,15 @@ def test_int8_agrees_on_top1_with_fp32_on_real_windows(model: C3D_BN, real_clips
     assert _rel(out, expected) < 0.05
 
 
-def test_int8_calibration_is_cached_and_reused(model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_int8_calibration_is_cached_and_reused(
+    model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     first = build_path(model, CPU, "int8", calibration_clips=real_clips[:2], cache_dir=tmp_path)
     assert len(list(tmp_path.glob("int8-calib-*.pt"))) == 1
     with caplog.at_level(logging.INFO, logger="streamdet.inference"):
-        second = build_path(model, CPU, "int8", calibration_clips=real_clips[:2], cache_dir=tmp_path)
+        second = build_path(
+            model, CPU, "int8", calibration_clips=real_clips[:2], cache_dir=tmp_path
+        )
     assert "loaded calibration statistics" in caplog.text
     torch.testing.assert_close(first(real_clips[:2]), second(real_clips[:2]))
 
@@ -339,7 +365,13 @@ def test_build_engine_falls_back_to_fp32_with_a_warning_when_a_path_is_wrong(
 
 def test_check_engine_rejects_non_finite_output(model: C3D_BN) -> None:
     reference = build_path(model, CPU, "fp32-eager")
-    nan = Engine(lambda x: torch.full((x.shape[0], 5), float("nan")), CPU, "bf16", 5, input_dtype=torch.float32)
+    nan = Engine(
+        lambda x: torch.full((x.shape[0], 5), float("nan")),
+        CPU,
+        "bf16",
+        5,
+        input_dtype=torch.float32,
+    )
     ok, _, rel = check_engine(nan, reference, torch.randn(2, *INPUT_SHAPE))
     assert not ok and not np.isfinite(rel)
 
@@ -353,16 +385,20 @@ def test_check_engine_rejects_non_finite_output(model: C3D_BN) -> None:
         ("cpu", False, False, "fp32"),
     ],
 )
-def test_auto_precision_per_device(monkeypatch: pytest.MonkeyPatch, device: str, bf16_supported: bool,
-                                   has_amx: bool, expected: str) -> None:
+def test_auto_precision_per_device(
+    monkeypatch: pytest.MonkeyPatch, device: str, bf16_supported: bool, has_amx: bool, expected: str
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
     monkeypatch.setattr(engine_module, "cpu_has_fast_bf16", lambda: has_amx)
     assert engine_module._auto_precision(torch.device(device)) == expected
 
 
-@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
-def test_cuda_paths_use_autocast_with_the_precision_dtype(monkeypatch: pytest.MonkeyPatch, model: C3D_BN,
-                                                          precision: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    ("precision", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)]
+)
+def test_cuda_paths_use_autocast_with_the_precision_dtype(
+    monkeypatch: pytest.MonkeyPatch, model: C3D_BN, precision: str, dtype: torch.dtype
+) -> None:
     # _prepare would move the model to CUDA; keep it on the CPU and look at the engine's plan.
     monkeypatch.setattr(engine_module, "_prepare", lambda m, device: fuse_bn(m))
     engine = engine_module._candidate(model, torch.device("cuda"), precision)
@@ -382,13 +418,16 @@ def test_cuda_paths_use_autocast_with_the_precision_dtype(monkeypatch: pytest.Mo
         ("cpu", "bf16", True, "bf16-compiled"),
     ],
 )
-def test_preferred_path_per_device_precision_and_compile(device: str, precision: str, compile: bool,
-                                                        expected: str) -> None:
+def test_preferred_path_per_device_precision_and_compile(
+    device: str, precision: str, compile: bool, expected: str
+) -> None:
     assert engine_module._preferred_path(torch.device(device), precision, compile) == expected
 
 
 def test_fp16_on_a_cpu_is_a_clear_error(model: C3D_BN) -> None:
-    with pytest.raises(StreamdetError, match="precision fp16 needs CUDA, but the model runs on cpu"):
+    with pytest.raises(
+        StreamdetError, match="precision fp16 needs CUDA, but the model runs on cpu"
+    ):
         build_engine(model, "cpu", "fp16")
 
 
@@ -404,11 +443,18 @@ def test_int8_runs_on_the_cpu_when_the_device_is_auto_even_with_a_gpu(
         build_engine(model, "cuda", "int8")  # refused before anything touches CUDA
 
 
-@pytest.mark.parametrize(("device", "mode", "conv1_channels"),
-                         [("cuda", "max-autotune-no-cudagraphs", 8), ("cpu", None, 3)])
-def test_compiled_path_autotunes_and_pads_conv1_on_cuda_only(model: C3D_BN, monkeypatch: pytest.MonkeyPatch,
-                                                             tmp_path: Path, device: str, mode: str | None,
-                                                             conv1_channels: int) -> None:
+@pytest.mark.parametrize(
+    ("device", "mode", "conv1_channels"),
+    [("cuda", "max-autotune-no-cudagraphs", 8), ("cpu", None, 3)],
+)
+def test_compiled_path_autotunes_and_pads_conv1_on_cuda_only(
+    model: C3D_BN,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    device: str,
+    mode: str | None,
+    conv1_channels: int,
+) -> None:
     built: dict[str, object] = {}
 
     def fake_compile(net: torch.nn.Module, cache_dir: Path, mode: str | None = None):
@@ -443,7 +489,9 @@ def test_engine_copies_input_non_blocking(monkeypatch: pytest.MonkeyPatch) -> No
         calls.append(kwargs)
         return real_to(self, *args, **kwargs)
 
-    engine = Engine(lambda x: x.float().mean(dim=(2, 3, 4)), CPU, "fp32", 3, input_dtype=torch.float32)
+    engine = Engine(
+        lambda x: x.float().mean(dim=(2, 3, 4)), CPU, "fp32", 3, input_dtype=torch.float32
+    )
     monkeypatch.setattr(torch.Tensor, "to", spy)
     engine(torch.zeros(2, *INPUT_SHAPE))
     assert calls and calls[0].get("non_blocking") is True
@@ -458,8 +506,14 @@ def test_inference_thread_pins_its_batch_for_cuda(monkeypatch: pytest.MonkeyPatc
         return real_empty(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(torch, "empty", fake_empty)
-    inference.InferenceThread([], lambda x: x, lambda r: None, __import__("threading").Event(),
-                              max_batch=2, device=torch.device("cuda"))
+    inference.InferenceThread(
+        [],
+        lambda x: x,
+        lambda r: None,
+        __import__("threading").Event(),
+        max_batch=2,
+        device=torch.device("cuda"),
+    )
     assert pinned == [True]
 
 
@@ -506,7 +560,9 @@ def test_graphed_forward_pads_to_the_next_captured_size_and_captures_once() -> N
 def test_graphed_forward_zeroes_padding_rows() -> None:
     capture = _FakeGraphs()
     example = torch.zeros(1, *INPUT_SHAPE)
-    graphed = GraphedForward(lambda x: x.amax(dim=(1, 2, 3, 4)).unsqueeze(1), (4,), example, capture=capture)
+    graphed = GraphedForward(
+        lambda x: x.amax(dim=(1, 2, 3, 4)).unsqueeze(1), (4,), example, capture=capture
+    )
     graphed(torch.full((4, *INPUT_SHAPE), 7.0))
     graphed(torch.ones(1, *INPUT_SHAPE))
     static_in = graphed._graphs[4][0]
@@ -524,7 +580,9 @@ def test_engine_uses_cuda_graphs_when_asked(model: C3D_BN) -> None:
 
 
 def test_build_engine_rejects_unknown_precision(model: C3D_BN) -> None:
-    with pytest.raises(ValueError, match="precision must be auto, fp32, bf16, fp16 or int8, but got 'int4'"):
+    with pytest.raises(
+        ValueError, match="precision must be auto, fp32, bf16, fp16 or int8, but got 'int4'"
+    ):
         build_engine(model, "cpu", "int4")
 
 
@@ -538,8 +596,12 @@ def test_calibration_windows_come_from_the_video() -> None:
     assert float(clips.std()) > 0.1  # real footage, not a constant
 
 
-@pytest.mark.parametrize("content", [None, b"\x00garbage, not a video\xff" * 200], ids=["missing", "not-a-video"])
-def test_calibration_from_a_file_that_is_not_a_video_says_why(tmp_path: Path, content: bytes | None) -> None:
+@pytest.mark.parametrize(
+    "content", [None, b"\x00garbage, not a video\xff" * 200], ids=["missing", "not-a-video"]
+)
+def test_calibration_from_a_file_that_is_not_a_video_says_why(
+    tmp_path: Path, content: bytes | None
+) -> None:
     from streamdet.inference import calibration_windows
 
     path = tmp_path / "calibration.mp4"
@@ -549,8 +611,9 @@ def test_calibration_from_a_file_that_is_not_a_video_says_why(tmp_path: Path, co
         calibration_windows(path, 3)
 
 
-def test_start_up_check_reuses_cached_fp32_logits(model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_start_up_check_reuses_cached_fp32_logits(
+    model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     build_engine(model, "cpu", "bf16", check_clips=real_clips[:2], cache_dir=tmp_path)
     assert len(list(tmp_path.glob("fp32-logits-*.pt"))) == 1
     with caplog.at_level(logging.INFO, logger="streamdet.inference"):
@@ -559,7 +622,9 @@ def test_start_up_check_reuses_cached_fp32_logits(model: C3D_BN, real_clips: tor
     assert engine.precision == "bf16"
 
 
-def test_a_corrupt_cache_entry_is_recomputed(model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path) -> None:
+def test_a_corrupt_cache_entry_is_recomputed(
+    model: C3D_BN, real_clips: torch.Tensor, tmp_path: Path
+) -> None:
     build_engine(model, "cpu", "fp32", check_clips=real_clips[:1], cache_dir=tmp_path)
     (entry,) = tmp_path.glob("fp32-logits-*.pt")
     entry.write_bytes(b"not a tensor")
@@ -567,14 +632,21 @@ def test_a_corrupt_cache_entry_is_recomputed(model: C3D_BN, real_clips: torch.Te
     assert engine.precision == "fp32"
 
 
-@pytest.mark.parametrize(("max_batch", "expected"), [(1, (1,)), (2, (1, 2)), (8, (1, 2, 4, 8)), (12, (1, 2, 4, 8, 12))])
-def test_graph_batch_sizes_are_powers_of_two_up_to_max_batch(max_batch: int, expected: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    ("max_batch", "expected"), [(1, (1,)), (2, (1, 2)), (8, (1, 2, 4, 8)), (12, (1, 2, 4, 8, 12))]
+)
+def test_graph_batch_sizes_are_powers_of_two_up_to_max_batch(
+    max_batch: int, expected: tuple[int, ...]
+) -> None:
     assert inference.graph_batch_sizes(max_batch) == expected
 
 
-def test_cuda_graphs_are_not_used_on_a_cpu(model: C3D_BN, real_clips: torch.Tensor,
-                                           caplog: pytest.LogCaptureFixture) -> None:
+def test_cuda_graphs_are_not_used_on_a_cpu(
+    model: C3D_BN, real_clips: torch.Tensor, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level("INFO", logger="streamdet.inference"):
-        engine = build_engine(model, "cpu", "fp32", check_clips=real_clips[:2], cuda_graph_sizes=(1, 2))
+        engine = build_engine(
+            model, "cpu", "fp32", check_clips=real_clips[:2], cuda_graph_sizes=(1, 2)
+        )
     assert engine._graphed is None
     assert "CUDA graphs asked for, but the model runs on cpu" in caplog.text

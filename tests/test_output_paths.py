@@ -37,8 +37,9 @@ def assert_one_error_line(code: int, out: str, err: str) -> str:
 
 def files_in(folder: Path) -> dict[str, bytes]:
     """Every regular file under ``folder`` and its bytes (links followed)."""
-    return {str(p.relative_to(folder)): p.read_bytes()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def cap_memory() -> None:
@@ -47,11 +48,14 @@ def cap_memory() -> None:
 
 @pytest.mark.timeout(DEADLINE_S * 2)
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
-@pytest.mark.parametrize(("events", "described"), [
-    ("fifo.jsonl", "a FIFO (named pipe)"),
-    ("/dev/zero", "a character device"),
-    ("/dev/full", "a character device"),
-])
+@pytest.mark.parametrize(
+    ("events", "described"),
+    [
+        ("fifo.jsonl", "a FIFO (named pipe)"),
+        ("/dev/zero", "a character device"),
+        ("/dev/full", "a character device"),
+    ],
+)
 def test_an_event_log_that_is_not_a_regular_file_is_one_error_line_before_the_model_is_built(
     tmp_path: Path, events: str, described: str
 ) -> None:
@@ -63,12 +67,17 @@ def test_an_event_log_that_is_not_a_regular_file_is_one_error_line_before_the_mo
 
     done = subprocess.run(
         [sys.executable, "-m", "streamdet", "run", "--events", events, "--max-seconds", "5"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=DEADLINE_S, preexec_fn=cap_memory,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        preexec_fn=cap_memory,
     )
 
     line = assert_one_error_line(done.returncode, done.stdout, done.stderr)  # no model log lines
-    assert line == (f"error: {events}: is {described}, not a regular file: cannot use it as the "
-                    f"event log")
+    assert line == (
+        f"error: {events}: is {described}, not a regular file: cannot use it as the event log"
+    )
 
 
 @pytest.fixture
@@ -82,11 +91,17 @@ def videos(tmp_path: Path, walk_clip: Path) -> tuple[Path, Path]:
 
 def _rotating_config(tmp: Path, cam1: Path) -> list[str]:
     config = tmp / "rotating.yaml"
-    config.write_text(yaml.safe_dump({
-        "sources": [{"name": "cam1", "url": str(cam1)}],
-        "sinks": {"events": {"path": str(tmp / "events.jsonl"), "rotate_mb": 1},
-                  "overlay": {"video": str(tmp / "events.jsonl.1")}},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sources": [{"name": "cam1", "url": str(cam1)}],
+                "sinks": {
+                    "events": {"path": str(tmp / "events.jsonl"), "rotate_mb": 1},
+                    "overlay": {"video": str(tmp / "events.jsonl.1")},
+                },
+            }
+        )
+    )
     return ["run", str(config)]
 
 
@@ -101,38 +116,74 @@ def _hard_link(tmp: Path) -> list[str]:
 
 
 CASES: dict[str, tuple[Callable[[Path, Path, Path], list[str]], str]] = {
-    "same-path": (lambda t, a, b: ["run", "--events", "out.mp4", "--output-video", "out.mp4"],
-                  "out.mp4 is both the event log and the annotated video"),
+    "same-path": (
+        lambda t, a, b: ["run", "--events", "out.mp4", "--output-video", "out.mp4"],
+        "out.mp4 is both the event log and the annotated video",
+    ),
     "relative-and-absolute": (
-        lambda t, a, b: ["run", "--events", "events.jsonl", "--output-video",
-                         str(t / "events.jsonl")],
-        "events.jsonl is both the event log and the annotated video"),
-    "symlink": (lambda t, a, b: _symlink(t),
-                "link.jsonl is both the event log and the annotated video"),
-    "hard-link": (lambda t, a, b: _hard_link(t),
-                  "events.jsonl is both the event log and the annotated video"),
+        lambda t, a, b: [
+            "run",
+            "--events",
+            "events.jsonl",
+            "--output-video",
+            str(t / "events.jsonl"),
+        ],
+        "events.jsonl is both the event log and the annotated video",
+    ),
+    "symlink": (
+        lambda t, a, b: _symlink(t),
+        "link.jsonl is both the event log and the annotated video",
+    ),
+    "hard-link": (
+        lambda t, a, b: _hard_link(t),
+        "events.jsonl is both the event log and the annotated video",
+    ),
     "video-of-one-of-several-sources": (
-        lambda t, a, b: ["run", "--source", str(a), "--source", str(b), "--output-video", "out.avi",
-                         "--events", "out_cam2.avi"],
-        "out_cam2.avi is both the event log and the annotated video of source 'cam2'"),
+        lambda t, a, b: [
+            "run",
+            "--source",
+            str(a),
+            "--source",
+            str(b),
+            "--output-video",
+            "out.avi",
+            "--events",
+            "out_cam2.avi",
+        ],
+        "out_cam2.avi is both the event log and the annotated video of source 'cam2'",
+    ),
     "video-over-its-source": (
         lambda t, a, b: ["run", "--source", str(a), "--output-video", str(a)],
-        "{t}/cam1.avi is both the annotated video and the video of source 'cam1'"),
+        "{t}/cam1.avi is both the annotated video and the video of source 'cam1'",
+    ),
     "log-over-the-truth": (
-        lambda t, a, b: ["run", "--source", str(a), "--truth", "events.jsonl",
-                         "--events", "events.jsonl"],
-        "events.jsonl is both the event log and the truth"),
+        lambda t, a, b: [
+            "run",
+            "--source",
+            str(a),
+            "--truth",
+            "events.jsonl",
+            "--events",
+            "events.jsonl",
+        ],
+        "events.jsonl is both the event log and the truth",
+    ),
     "video-over-a-rotated-log": (
         lambda t, a, b: _rotating_config(t, a),
-        "{t}/events.jsonl.1 is both a rotated file of the event log and the annotated video"),
+        "{t}/events.jsonl.1 is both a rotated file of the event log and the annotated video",
+    ),
 }
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_outputs_or_an_output_and_an_input_on_one_file_is_one_error_line_and_nothing_is_written(
-    tmp_path: Path, videos: tuple[Path, Path], case: str, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    videos: tuple[Path, Path],
+    case: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``--events X --output-video X`` overwrote the event log with the video."""
     monkeypatch.chdir(tmp_path)
@@ -158,17 +209,27 @@ def test_the_video_names_checked_are_the_ones_the_overlay_writes(
     the overlay's own naming, or it would compare paths nothing writes."""
     from streamdet.sinks.overlay import OverlaySink
 
-    overlay = OverlaySink(["a", "b"], video_path=str(tmp_path / "out.avi"), display=False,
-                          sources=["cam1", "cam2"])
+    overlay = OverlaySink(
+        ["a", "b"], video_path=str(tmp_path / "out.avi"), display=False, sources=["cam1", "cam2"]
+    )
     overlay._open_writer("cam2", np.zeros((48, 64, 3), np.uint8), 10.0).release()
     written = str(overlay._paths["cam2"])  # the file the overlay opened for cam2
     sources = [{"name": p.stem, "url": str(p)} for p in videos]
 
     def config(events: str) -> object:
-        return load_config(None, {"sources": sources, "sinks": {
-            "events": {"path": events}, "overlay": {"video": str(tmp_path / "out.avi")}}})
+        return load_config(
+            None,
+            {
+                "sources": sources,
+                "sinks": {
+                    "events": {"path": events},
+                    "overlay": {"video": str(tmp_path / "out.avi")},
+                },
+            },
+        )
 
     check_outputs(config(str(tmp_path / "events.jsonl")))  # distinct outputs pass
-    with pytest.raises(StreamdetError, match="is both the event log and the annotated video of "
-                                             "source 'cam2'"):
+    with pytest.raises(
+        StreamdetError, match="is both the event log and the annotated video of source 'cam2'"
+    ):
         check_outputs(config(written))

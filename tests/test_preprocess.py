@@ -36,7 +36,9 @@ def smooth_bgr(u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 def smooth_frame(height: int, width: int) -> np.ndarray:
     """The field sampled at pixel centres of a (height, width) frame, as uint8 BGR."""
-    v, u = np.meshgrid((np.arange(height) + 0.5) / height, (np.arange(width) + 0.5) / width, indexing="ij")
+    v, u = np.meshgrid(
+        (np.arange(height) + 0.5) / height, (np.arange(width) + 0.5) / width, indexing="ij"
+    )
     return np.clip(np.round(smooth_bgr(u, v)), 0, 255).astype(np.uint8)
 
 
@@ -53,7 +55,9 @@ def reference(contract: PreprocessContract = DEFAULT_CONTRACT) -> np.ndarray:
     return normalised.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
 
 
-def random_frame(height: int = 480, width: int = 640, channels: int | None = 3, seed: int = 0) -> np.ndarray:
+def random_frame(
+    height: int = 480, width: int = 640, channels: int | None = 3, seed: int = 0
+) -> np.ndarray:
     shape = (height, width) if channels is None else (height, width, channels)
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
@@ -64,10 +68,34 @@ def random_frame(height: int = 480, width: int = 640, channels: int | None = 3, 
 @BOTH_ROUTES
 @pytest.mark.parametrize(
     ("height", "width"),
-    [(480, 640), (720, 1280), (1080, 1920), (240, 320), (128, 171), (50, 60), (640, 360), (1280, 720),
-     (721, 1279), (256, 342), (255, 341), (100, 2000)],
-    ids=["480p", "720p", "1080p", "qvga", "exact-128x171", "tiny-50x60", "portrait-640x360", "portrait-720p",
-         "odd-721x1279", "region-exactly-2x-crop", "region-just-under-2x-crop", "wide-strip-100x2000"],
+    [
+        (480, 640),
+        (720, 1280),
+        (1080, 1920),
+        (240, 320),
+        (128, 171),
+        (50, 60),
+        (640, 360),
+        (1280, 720),
+        (721, 1279),
+        (256, 342),
+        (255, 341),
+        (100, 2000),
+    ],
+    ids=[
+        "480p",
+        "720p",
+        "1080p",
+        "qvga",
+        "exact-128x171",
+        "tiny-50x60",
+        "portrait-640x360",
+        "portrait-720p",
+        "odd-721x1279",
+        "region-exactly-2x-crop",
+        "region-just-under-2x-crop",
+        "wide-strip-100x2000",
+    ],
 )
 def test_any_frame_size_gives_the_resize_then_centre_crop_content(height: int, width: int) -> None:
     out = preprocess_frame(smooth_frame(height, width))
@@ -78,9 +106,14 @@ def test_any_frame_size_gives_the_resize_then_centre_crop_content(height: int, w
     assert levels.mean() < 1.0
 
 
-@pytest.mark.parametrize(("height", "width"), [(480, 640), (1000, 1000), (2000, 3000)],
-                         ids=["4x4-samples", "8x8-samples", "16x16-samples"])
-def test_small_crop_contracts_supersample_large_frames_with_more_samples(height: int, width: int) -> None:
+@pytest.mark.parametrize(
+    ("height", "width"),
+    [(480, 640), (1000, 1000), (2000, 3000)],
+    ids=["4x4-samples", "8x8-samples", "16x16-samples"],
+)
+def test_small_crop_contracts_supersample_large_frames_with_more_samples(
+    height: int, width: int
+) -> None:
     """A (16, 16) resize with an 8 px crop maps a 480x640 frame's 240x320 region onto 8x8
     pixels: more than 12 source pixels between 2x2 samples, so the grid grows (4x4 ... 16x16)
     and is averaged back in 2x2 steps; the content still matches resize-then-crop."""
@@ -98,7 +131,9 @@ def test_uniform_colour_is_normalised_with_the_contract_mean_and_std() -> None:
     out = preprocess_frame(frame)
     rgb = bgr[::-1].astype(np.float64)
     expected = (rgb - np.asarray(DEFAULT_CONTRACT.mean)) / np.asarray(DEFAULT_CONTRACT.std)
-    np.testing.assert_allclose(out, np.broadcast_to(expected[:, None, None], OUT_SHAPE), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out, np.broadcast_to(expected[:, None, None], OUT_SHAPE), rtol=1e-5, atol=1e-5
+    )
 
 
 @BOTH_ROUTES
@@ -134,7 +169,9 @@ def test_grayscale_single_channel_and_bgra_frames_match_their_bgr_equivalent(con
 def test_non_contiguous_frame_gives_the_same_result_as_its_copy() -> None:
     # negative and doubled strides; 720x640 is large enough for the compiled kernel's route
     frame = random_frame(720, 1280)[::-1, ::2]
-    np.testing.assert_array_equal(preprocess_frame(frame), preprocess_frame(np.ascontiguousarray(frame)))
+    np.testing.assert_array_equal(
+        preprocess_frame(frame), preprocess_frame(np.ascontiguousarray(frame))
+    )
 
 
 # --- output buffers ----------------------------------------------------------------------------
@@ -189,12 +226,17 @@ def test_preallocated_out_leaves_no_new_result_allocated() -> None:
     [
         (np.empty(OUT_SHAPE, np.float32), contextlib.nullcontext()),
         (np.empty(OUT_SHAPE, np.float64), pytest.raises(ValueError, match="float32")),
-        (np.empty((CROP, CROP, 3), np.float32), pytest.raises(ValueError, match=r"\(3, 112, 112\)")),
+        (
+            np.empty((CROP, CROP, 3), np.float32),
+            pytest.raises(ValueError, match=r"\(3, 112, 112\)"),
+        ),
         (np.empty((3, 111, 112), np.float32), pytest.raises(ValueError, match=r"\(3, 111, 112\)")),
     ],
     ids=["valid", "float64", "channels-last", "111-rows"],
 )
-def test_out_of_the_wrong_shape_or_dtype_raises(out: np.ndarray, expectation: contextlib.AbstractContextManager) -> None:
+def test_out_of_the_wrong_shape_or_dtype_raises(
+    out: np.ndarray, expectation: contextlib.AbstractContextManager
+) -> None:
     with expectation:
         preprocess_frame(random_frame(), out=out)
 
@@ -206,8 +248,14 @@ def test_out_of_the_wrong_shape_or_dtype_raises(out: np.ndarray, expectation: co
     ("frame", "expectation"),
     [
         (random_frame(), contextlib.nullcontext()),
-        (random_frame().astype(np.float32), pytest.raises(ValueError, match="uint8, but got float32")),
-        (random_frame().astype(np.uint16), pytest.raises(ValueError, match="uint8, but got uint16")),
+        (
+            random_frame().astype(np.float32),
+            pytest.raises(ValueError, match="uint8, but got float32"),
+        ),
+        (
+            random_frame().astype(np.uint16),
+            pytest.raises(ValueError, match="uint8, but got uint16"),
+        ),
         (random_frame(channels=5), pytest.raises(ValueError, match=r"\(480, 640, 5\)")),
         (random_frame()[None], pytest.raises(ValueError, match=r"\(1, 480, 640, 3\)")),
         (random_frame()[:0], pytest.raises(ValueError, match="empty")),
@@ -215,7 +263,9 @@ def test_out_of_the_wrong_shape_or_dtype_raises(out: np.ndarray, expectation: co
     ],
     ids=["valid", "float32", "uint16", "five-channels", "batch-of-frames", "empty", "none"],
 )
-def test_invalid_frames_raise_value_error(frame: Any, expectation: contextlib.AbstractContextManager) -> None:
+def test_invalid_frames_raise_value_error(
+    frame: Any, expectation: contextlib.AbstractContextManager
+) -> None:
     with expectation:
         preprocess_frame(frame)
 
@@ -225,8 +275,18 @@ def test_invalid_frames_raise_value_error(frame: Any, expectation: contextlib.Ab
 
 @pytest.mark.parametrize(
     "contract",
-    [DEFAULT_CONTRACT, PreprocessContract(resize=(144, 192), crop=112, channel_order="BGR",
-                                          mean=(1.0, 2.0, 3.0), std=(4.0, 5.0, 6.0), fps=29.97, frame_step=3)],
+    [
+        DEFAULT_CONTRACT,
+        PreprocessContract(
+            resize=(144, 192),
+            crop=112,
+            channel_order="BGR",
+            mean=(1.0, 2.0, 3.0),
+            std=(4.0, 5.0, 6.0),
+            fps=29.97,
+            frame_step=3,
+        ),
+    ],
     ids=["default", "custom"],
 )
 def test_contract_round_trips_through_a_json_dict(contract: PreprocessContract) -> None:
@@ -250,7 +310,15 @@ def test_crop_box_is_the_same_for_every_frame_size_however_often_it_is_asked() -
     for (h, w), (y0, y1, x0, x1) in zip(sizes, first, strict=True):
         assert 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w
     assert used == PreprocessContract() and hash(used) == hash(PreprocessContract())
-    assert set(used.to_dict()) == {"resize", "crop", "channel_order", "mean", "std", "fps", "frame_step"}
+    assert set(used.to_dict()) == {
+        "resize",
+        "crop",
+        "channel_order",
+        "mean",
+        "std",
+        "fps",
+        "frame_step",
+    }
 
 
 @pytest.mark.parametrize(
@@ -267,7 +335,18 @@ def test_crop_box_is_the_same_for_every_frame_size_however_often_it_is_asked() -
         (10.0, 2, math.nan, 2),
         (10.0, 2, math.inf, 2),
     ],
-    ids=["same", "30fps", "ntsc", "30fps-step2", "50fps-of-25", "slower", "zero", "negative", "nan", "inf"],
+    ids=[
+        "same",
+        "30fps",
+        "ntsc",
+        "30fps-step2",
+        "50fps-of-25",
+        "slower",
+        "zero",
+        "negative",
+        "nan",
+        "inf",
+    ],
 )
 def test_step_for_samples_the_source_at_the_training_rate(
     fps: float, frame_step: int, source_fps: float, expected: int
@@ -293,9 +372,22 @@ def test_step_for_samples_the_source_at_the_training_rate(
         ({"frame_step": 0}, pytest.raises(ValueError, match="frame_step")),
         ({"frame_step": 1.5}, pytest.raises(ValueError, match="frame_step")),
     ],
-    ids=["valid-bgr", "resize-one-value", "resize-zero", "crop-zero", "crop-fraction", "crop-too-big",
-         "channel-order", "mean-two-values", "std-zero", "std-nan", "fps-zero", "fps-inf", "frame-step-zero",
-         "frame-step-fraction"],
+    ids=[
+        "valid-bgr",
+        "resize-one-value",
+        "resize-zero",
+        "crop-zero",
+        "crop-fraction",
+        "crop-too-big",
+        "channel-order",
+        "mean-two-values",
+        "std-zero",
+        "std-nan",
+        "fps-zero",
+        "fps-inf",
+        "frame-step-zero",
+        "frame-step-fraction",
+    ],
 )
 def test_invalid_contract_raises_value_error_naming_the_field(
     kwargs: dict[str, Any], expectation: contextlib.AbstractContextManager

@@ -43,7 +43,7 @@ def _area_reference(frame: np.ndarray) -> np.ndarray:
     rh, rw = DEFAULT_CONTRACT.resize
     top, left = rh - CROP, rw - CROP  # (rh - crop) / 2 and (rw - crop) / 2, doubled
     doubled = cv2.resize(frame, (2 * rw, 2 * rh), interpolation=cv2.INTER_AREA)
-    crop = doubled[top:top + 2 * CROP, left:left + 2 * CROP]
+    crop = doubled[top : top + 2 * CROP, left : left + 2 * CROP]
     return _normalise(cv2.resize(crop, (CROP, CROP), interpolation=cv2.INTER_AREA))
 
 
@@ -81,7 +81,9 @@ def test_stays_within_0_045_of_an_exact_area_resize_then_centre_crop(
 ) -> None:
     """Measured: 0.025 to 0.04 mean (bilinear-then-area 0.02, one bilinear resize 0.08); the
     99th percentile 0.24 to 0.34 (one bilinear resize 0.67 to 0.84)."""
-    diff = np.stack([np.abs(preprocess_frame(f) - _area_reference(f)) for f in _resized(frames, size)])
+    diff = np.stack(
+        [np.abs(preprocess_frame(f) - _area_reference(f)) for f in _resized(frames, size)]
+    )
     assert diff.mean() < 0.045
     assert np.percentile(diff, 99) < 0.4
 
@@ -93,7 +95,9 @@ def test_stays_within_0_035_of_the_bilinear_then_area_resize_it_replaced(
 ) -> None:
     """Regression for the shipped models: measured 0.014 to 0.027 mean (0.08 for one bilinear
     resize). Regions under twice the crop (320x240) took and take one resize: identical."""
-    diffs = [np.abs(preprocess_frame(f) - _bilinear_then_area(f)).mean() for f in _resized(frames, size)]
+    diffs = [
+        np.abs(preprocess_frame(f) - _bilinear_then_area(f)).mean() for f in _resized(frames, size)
+    ]
     assert np.mean(diffs) < 0.035
 
 
@@ -103,7 +107,12 @@ def test_stays_within_0_05_of_single_area_resize_on_real_frames(
     frames: list[np.ndarray], size: tuple[int, int] | None
 ) -> None:
     """Regression: a faster resize must not shift the input distribution the model learned."""
-    diff = np.mean([np.abs(preprocess_frame(f) - _single_area_resize(f)).mean() for f in _resized(frames, size)])
+    diff = np.mean(
+        [
+            np.abs(preprocess_frame(f) - _single_area_resize(f)).mean()
+            for f in _resized(frames, size)
+        ]
+    )
     assert diff < 0.05
 
 
@@ -111,11 +120,15 @@ def test_regions_under_twice_the_crop_keep_the_single_area_resize(frames: list[n
     """320x240 (the synthetic training footage) maps a 210x210 region onto the crop: one
     INTER_AREA resize, exactly as before."""
     for frame in _resized(frames, (320, 240)):
-        np.testing.assert_allclose(preprocess_frame(frame), _single_area_resize(frame), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(
+            preprocess_frame(frame), _single_area_resize(frame), rtol=0, atol=1e-5
+        )
 
 
 @BOTH_ROUTES
-@pytest.mark.parametrize("shape", [(720, 1280), (1080, 1920), (2160, 3840)], ids=["720p", "1080p", "4k"])
+@pytest.mark.parametrize(
+    "shape", [(720, 1280), (1080, 1920), (2160, 3840)], ids=["720p", "1080p", "4k"]
+)
 def test_white_noise_is_averaged_not_decimated(shape: tuple[int, int]) -> None:
     """Antialiasing: each output pixel averages several source pixels, so independent noise
     shrinks. Measured standard deviation out/in: 0.50 (2x2 samples); exact area 0.16,

@@ -68,56 +68,132 @@ def case(url: str, expected: str, secrets: list[str], name: str):
 
 
 MASKED = [
-    case(f"rtsp://admin:{ENC}@{H}:554/Streaming/Channels/101",
-         f"rtsp://admin:***@{H}:554/Streaming/Channels/101", [RAW], "userinfo-encoded"),
-    case(f"rtsp://admin:{RAW}@{H}:554/live?channel=1",
-         f"rtsp://admin:***@{H}:554/live?channel=1", [RAW], "userinfo-raw-/@:?"),
-    case(f"rtsp://admin:pa/ss@{H}/live", f"rtsp://admin:***@{H}/live", ["pa/ss"],
-         "userinfo-raw-slash"),
-    case(f"rtsp://admin:Zm9v/YmFy=@{H}/live", f"rtsp://admin:***@{H}/live", ["Zm9v/YmFy="],
-         "userinfo-base64"),
-    case("rtsp://admin:hunter22@[fe80::1]:554/live", "rtsp://admin:***@[fe80::1]:554/live",
-         ["hunter22"], "userinfo-ipv6-host"),
-    case(f"rtsp://{H}:554/cam/realmonitor?channel=1&subtype=0&user=admin&password={ENC}",
-         f"rtsp://{H}:554/cam/realmonitor?channel=1&subtype=0&user=***&password=***", [RAW],
-         "query-encoded"),
-    case(f"rtsp://{H}/cam?password={RAW}&channel=2", f"rtsp://{H}/cam?password=***&channel=2",
-         [RAW], "query-raw-/@:?"),
-    case(f"rtsp://{H}/cam?password=hun&ter22&channel=1", f"rtsp://{H}/cam?password=***&channel=1",
-         ["hun&ter22"], "query-raw-ampersand"),
-    case(f"http://{H}/videostream.cgi?USER=admin&PWD=hunter22&Rate=0",
-         f"http://{H}/videostream.cgi?USER=***&PWD=***&Rate=0", ["hunter22"], "query-upper-case"),
-    case(f"rtsp://{H}/media.amp;user=admin;PassWord=hunter22;resolution=640x480",
-         f"rtsp://{H}/media.amp;user=***;PassWord=***;resolution=640x480", ["hunter22"],
-         "semicolons"),
-    case(f"rtsp://{H}/live?%70assword=hunter22&pass%77ord=hunter23&ch=3",
-         f"rtsp://{H}/live?%70assword=***&pass%77ord=***&ch=3", ["hunter22", "hunter23"],
-         "percent-encoded-names"),
-    case(f"rtsp://{H}/live?password%3Dhunter22&ch=3", f"rtsp://{H}/live?password%3D***&ch=3",
-         ["hunter22"], "percent-encoded-equals"),
-    case(f"rtsp://{H}:554/user=admin_password=hunter22_channel=1_stream=0.sdp",
-         f"rtsp://{H}:554/user=***_password=***_channel=1_stream=0.sdp", ["hunter22"],
-         "vendor-path-underscores"),
-    case(f"rtsp://{H}:554/user=admin&password=hunter22&channel=1&stream=0.sdp?",
-         f"rtsp://{H}:554/user=***&password=***&channel=1&stream=0.sdp?", ["hunter22"],
-         "vendor-path-ampersands"),
-    case(f"rtsp://{H}/user=admin_password={ENC}_channel=1_stream=0.sdp",
-         f"rtsp://{H}/user=***_password=***_channel=1_stream=0.sdp", [RAW], "vendor-path-encoded"),
-    case(f"rtsp://{H}/user=admin_password=my-pw-token_channel=2_stream=0.sdp",
-         f"rtsp://{H}/user=***_password=***_channel=2_stream=0.sdp", ["my-pw-token"],
-         "vendor-path-value-with-secret-words"),
-    case(f"rtsp://{H}/user=admin_password=p?ss_channel=1",
-         f"rtsp://{H}/user=***_password=***_channel=1", ["p?ss"], "vendor-path-raw-question-mark"),
-    case("https://cam.example.com/live?api_key=abc123&accessToken=xyz789&X-Auth-Token=t0k3n&fps=5",
-         "https://cam.example.com/live?api_key=***&accessToken=***&X-Auth-Token=***&fps=5",
-         ["abc123", "xyz789", "t0k3n"], "tokens-and-keys"),
-    case(f"http://{H}:81/videostream.cgi?loginuse=admin&loginpas=hunter22",
-         f"http://{H}:81/videostream.cgi?loginuse=***&loginpas=***", ["hunter22"], "loginpas"),
-    case(f"rtsp://{H}/keyframes/live?monkey=1&key=hunter22&turkey=2",
-         f"rtsp://{H}/keyframes/live?monkey=1&key=***&turkey=2", ["hunter22"], "key-whole-word"),
-    case(f"rtsp://admin:hunter22@{H}/cam?token=abc123&channel=4",
-         f"rtsp://admin:***@{H}/cam?token=***&channel=4", ["hunter22", "abc123"],
-         "userinfo-and-query"),
+    case(
+        f"rtsp://admin:{ENC}@{H}:554/Streaming/Channels/101",
+        f"rtsp://admin:***@{H}:554/Streaming/Channels/101",
+        [RAW],
+        "userinfo-encoded",
+    ),
+    case(
+        f"rtsp://admin:{RAW}@{H}:554/live?channel=1",
+        f"rtsp://admin:***@{H}:554/live?channel=1",
+        [RAW],
+        "userinfo-raw-/@:?",
+    ),
+    case(
+        f"rtsp://admin:pa/ss@{H}/live",
+        f"rtsp://admin:***@{H}/live",
+        ["pa/ss"],
+        "userinfo-raw-slash",
+    ),
+    case(
+        f"rtsp://admin:Zm9v/YmFy=@{H}/live",
+        f"rtsp://admin:***@{H}/live",
+        ["Zm9v/YmFy="],
+        "userinfo-base64",
+    ),
+    case(
+        "rtsp://admin:hunter22@[fe80::1]:554/live",
+        "rtsp://admin:***@[fe80::1]:554/live",
+        ["hunter22"],
+        "userinfo-ipv6-host",
+    ),
+    case(
+        f"rtsp://{H}:554/cam/realmonitor?channel=1&subtype=0&user=admin&password={ENC}",
+        f"rtsp://{H}:554/cam/realmonitor?channel=1&subtype=0&user=***&password=***",
+        [RAW],
+        "query-encoded",
+    ),
+    case(
+        f"rtsp://{H}/cam?password={RAW}&channel=2",
+        f"rtsp://{H}/cam?password=***&channel=2",
+        [RAW],
+        "query-raw-/@:?",
+    ),
+    case(
+        f"rtsp://{H}/cam?password=hun&ter22&channel=1",
+        f"rtsp://{H}/cam?password=***&channel=1",
+        ["hun&ter22"],
+        "query-raw-ampersand",
+    ),
+    case(
+        f"http://{H}/videostream.cgi?USER=admin&PWD=hunter22&Rate=0",
+        f"http://{H}/videostream.cgi?USER=***&PWD=***&Rate=0",
+        ["hunter22"],
+        "query-upper-case",
+    ),
+    case(
+        f"rtsp://{H}/media.amp;user=admin;PassWord=hunter22;resolution=640x480",
+        f"rtsp://{H}/media.amp;user=***;PassWord=***;resolution=640x480",
+        ["hunter22"],
+        "semicolons",
+    ),
+    case(
+        f"rtsp://{H}/live?%70assword=hunter22&pass%77ord=hunter23&ch=3",
+        f"rtsp://{H}/live?%70assword=***&pass%77ord=***&ch=3",
+        ["hunter22", "hunter23"],
+        "percent-encoded-names",
+    ),
+    case(
+        f"rtsp://{H}/live?password%3Dhunter22&ch=3",
+        f"rtsp://{H}/live?password%3D***&ch=3",
+        ["hunter22"],
+        "percent-encoded-equals",
+    ),
+    case(
+        f"rtsp://{H}:554/user=admin_password=hunter22_channel=1_stream=0.sdp",
+        f"rtsp://{H}:554/user=***_password=***_channel=1_stream=0.sdp",
+        ["hunter22"],
+        "vendor-path-underscores",
+    ),
+    case(
+        f"rtsp://{H}:554/user=admin&password=hunter22&channel=1&stream=0.sdp?",
+        f"rtsp://{H}:554/user=***&password=***&channel=1&stream=0.sdp?",
+        ["hunter22"],
+        "vendor-path-ampersands",
+    ),
+    case(
+        f"rtsp://{H}/user=admin_password={ENC}_channel=1_stream=0.sdp",
+        f"rtsp://{H}/user=***_password=***_channel=1_stream=0.sdp",
+        [RAW],
+        "vendor-path-encoded",
+    ),
+    case(
+        f"rtsp://{H}/user=admin_password=my-pw-token_channel=2_stream=0.sdp",
+        f"rtsp://{H}/user=***_password=***_channel=2_stream=0.sdp",
+        ["my-pw-token"],
+        "vendor-path-value-with-secret-words",
+    ),
+    case(
+        f"rtsp://{H}/user=admin_password=p?ss_channel=1",
+        f"rtsp://{H}/user=***_password=***_channel=1",
+        ["p?ss"],
+        "vendor-path-raw-question-mark",
+    ),
+    case(
+        "https://cam.example.com/live?api_key=abc123&accessToken=xyz789&X-Auth-Token=t0k3n&fps=5",
+        "https://cam.example.com/live?api_key=***&accessToken=***&X-Auth-Token=***&fps=5",
+        ["abc123", "xyz789", "t0k3n"],
+        "tokens-and-keys",
+    ),
+    case(
+        f"http://{H}:81/videostream.cgi?loginuse=admin&loginpas=hunter22",
+        f"http://{H}:81/videostream.cgi?loginuse=***&loginpas=***",
+        ["hunter22"],
+        "loginpas",
+    ),
+    case(
+        f"rtsp://{H}/keyframes/live?monkey=1&key=hunter22&turkey=2",
+        f"rtsp://{H}/keyframes/live?monkey=1&key=***&turkey=2",
+        ["hunter22"],
+        "key-whole-word",
+    ),
+    case(
+        f"rtsp://admin:hunter22@{H}/cam?token=abc123&channel=4",
+        f"rtsp://admin:***@{H}/cam?token=***&channel=4",
+        ["hunter22", "abc123"],
+        "userinfo-and-query",
+    ),
 ]
 
 UNCHANGED = [
@@ -155,29 +231,63 @@ def test_a_raw_at_sign_after_the_host_masks_more_never_less() -> None:
     assert shown.startswith("rtsp://10.0.0.5:")
 
 
-@pytest.mark.parametrize(("name", "kind"), [
-    ("password", "secret"), ("PASSWORD", "secret"), ("pass", "secret"), ("pwd", "secret"),
-    ("passwd", "secret"), ("token", "secret"), ("auth", "secret"), ("key", "secret"),
-    ("api_key", "secret"), ("apiKey", "secret"), ("X-Auth-Token", "secret"),
-    ("access_token", "secret"),
-    ("%70assword", "secret"), ("loginpas", "secret"), ("userPassword", "secret"),
-    ("user", "user"), ("User", "user"), ("username", "user"), ("usr", "user"), ("loginuse", "user"),
-    ("monkey", None), ("keyframes", None), ("keyframe_interval", None), ("passthrough", None),
-    ("bypass", None), ("channel", None), ("subtype", None), ("stream", None), ("author", None),
-])
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("password", "secret"),
+        ("PASSWORD", "secret"),
+        ("pass", "secret"),
+        ("pwd", "secret"),
+        ("passwd", "secret"),
+        ("token", "secret"),
+        ("auth", "secret"),
+        ("key", "secret"),
+        ("api_key", "secret"),
+        ("apiKey", "secret"),
+        ("X-Auth-Token", "secret"),
+        ("access_token", "secret"),
+        ("%70assword", "secret"),
+        ("loginpas", "secret"),
+        ("userPassword", "secret"),
+        ("user", "user"),
+        ("User", "user"),
+        ("username", "user"),
+        ("usr", "user"),
+        ("loginuse", "user"),
+        ("monkey", None),
+        ("keyframes", None),
+        ("keyframe_interval", None),
+        ("passthrough", None),
+        ("bypass", None),
+        ("channel", None),
+        ("subtype", None),
+        ("stream", None),
+        ("author", None),
+    ],
+)
 def test_parameter_names_match_whole_words(name: str, kind: str | None) -> None:
     assert classify_name(name) == kind
 
 
 def test_redact_text_masks_every_url_in_a_message() -> None:
-    text = ("open rtsp://admin:hunter22@10.0.0.5/x failed; retrying "
-            "rtsp://10.0.0.5/y?user=bob&pwd=hunter23 in 2 s")
-    assert redact_text(text) == ("open rtsp://admin:***@10.0.0.5/x failed; retrying "
-                                 "rtsp://10.0.0.5/y?user=***&pwd=*** in 2 s")
+    text = (
+        "open rtsp://admin:hunter22@10.0.0.5/x failed; retrying "
+        "rtsp://10.0.0.5/y?user=bob&pwd=hunter23 in 2 s"
+    )
+    assert redact_text(text) == (
+        "open rtsp://admin:***@10.0.0.5/x failed; retrying "
+        "rtsp://10.0.0.5/y?user=***&pwd=*** in 2 s"
+    )
 
 
-@pytest.mark.parametrize("url", [f"rtsp://{H}/cam?user=admin&password={ENC}",
-                                 f"rtsp://{H}/cam;token=abc123", f"rtsp://admin:{RAW}@{H}/live"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"rtsp://{H}/cam?user=admin&password={ENC}",
+        f"rtsp://{H}/cam;token=abc123",
+        f"rtsp://admin:{RAW}@{H}/live",
+    ],
+)
 def test_redacting_a_redacted_message_again_keeps_its_punctuation(url: str) -> None:
     """The capture's reason, "URL: cannot open stream", is redacted again by the event log and
     the CLI: the ":" after a masked query value was masked with it."""
@@ -202,8 +312,10 @@ def test_url_secrets_are_the_secrets_not_the_user_names_nor_the_mask() -> None:
 
 SETTINGS = settings(max_examples=200, deadline=None, database=None, derandomize=True)
 # A generated password, between two markers found nowhere else in the URLs: the mask covers both.
-CHARACTERS = st.one_of(st.sampled_from("/?#@:&;=%_.-+*~!$'()[], "),
-                       st.characters(codec="utf-8", exclude_categories=("Cs",)))
+CHARACTERS = st.one_of(
+    st.sampled_from("/?#@:&;=%_.-+*~!$'()[], "),
+    st.characters(codec="utf-8", exclude_categories=("Cs",)),
+)
 PASSWORDS = st.text(alphabet=CHARACTERS, max_size=12).map(lambda middle: f"Qz9{middle}Xw8")
 PLACES = {
     "userinfo": "rtsp://admin:{pw}@10.0.0.5:554/live?channel=1",
@@ -247,10 +359,13 @@ def test_any_raw_query_password_leaks_nothing(password: str) -> None:
 
 def test_redaction_imports_nothing_from_sources_or_opencv() -> None:
     """Sinks can use it without importing sources (and OpenCV with them)."""
-    code = ("import sys, streamdet.redaction; "
-            "print(sorted(m for m in sys.modules if m.startswith('streamdet') or m == 'cv2'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import sys, streamdet.redaction; "
+        "print(sorted(m for m in sys.modules if m.startswith('streamdet') or m == 'cv2'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "['streamdet', 'streamdet.redaction']"
 
 
@@ -259,25 +374,33 @@ def test_sources_reexports_the_redaction_functions() -> None:
         assert getattr(streamdet.sources, name) is getattr(streamdet.redaction, name)
 
 
-@pytest.mark.parametrize("module", [streamdet.redaction, streamdet.sources],
-                         ids=lambda module: module.__name__)
+@pytest.mark.parametrize(
+    "module", [streamdet.redaction, streamdet.sources], ids=lambda module: module.__name__
+)
 def test_docstring_examples_run(module) -> None:
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
 
 
-@pytest.mark.parametrize(("url", "name"), [
-    (f"rtsp://10.0.0.5:554/cam?user=admin&password={ENC}", "10.0.0.5_cam"),
-    (f"rtsp://10.0.0.5/user=admin_password={ENC}_channel=1_stream=0.sdp",
-     "10.0.0.5_channel_1_stream_0.sdp"),
-    ("rtsp://10.0.0.5/user=admin_password=hunter22_channel=1_stream=0.sdp",
-     "10.0.0.5_channel_1_stream_0.sdp"),
-    (f"rtsp://admin:{RAW}@10.0.0.5:554/live", "10.0.0.5_live"),
-    ("rtsp://admin:pa/ss@10.0.0.5/live", "10.0.0.5_live"),
-    ("rtsp://10.0.0.5/media.amp;user=admin;password=hunter22", "10.0.0.5_media.amp"),
-    ("rtsp://10.0.0.5:554/cam?password=hunter@22", "10.0.0.5"),
-    ("rtsp://[::1", "stream"),
-])
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        (f"rtsp://10.0.0.5:554/cam?user=admin&password={ENC}", "10.0.0.5_cam"),
+        (
+            f"rtsp://10.0.0.5/user=admin_password={ENC}_channel=1_stream=0.sdp",
+            "10.0.0.5_channel_1_stream_0.sdp",
+        ),
+        (
+            "rtsp://10.0.0.5/user=admin_password=hunter22_channel=1_stream=0.sdp",
+            "10.0.0.5_channel_1_stream_0.sdp",
+        ),
+        (f"rtsp://admin:{RAW}@10.0.0.5:554/live", "10.0.0.5_live"),
+        ("rtsp://admin:pa/ss@10.0.0.5/live", "10.0.0.5_live"),
+        ("rtsp://10.0.0.5/media.amp;user=admin;password=hunter22", "10.0.0.5_media.amp"),
+        ("rtsp://10.0.0.5:554/cam?password=hunter@22", "10.0.0.5"),
+        ("rtsp://[::1", "stream"),
+    ],
+)
 def test_a_source_name_is_never_made_from_a_secret(url: str, name: str) -> None:
     assert source_name(url, set()) == name
     assert_no_secret(name, RAW, "hunter22", "pa/ss", "ss", "hunter@22")
@@ -290,8 +413,9 @@ def unreachable(url_template: str) -> str:
 
 ORIGIN_URLS = [
     pytest.param("rtsp://{host}/cam?user=admin&password=" + ENC, id="query"),
-    pytest.param("rtsp://{host}/user=admin_password=" + ENC + "_channel=1_stream=0.sdp",
-                 id="vendor-path"),
+    pytest.param(
+        "rtsp://{host}/user=admin_password=" + ENC + "_channel=1_stream=0.sdp", id="vendor-path"
+    ),
     pytest.param("rtsp://admin:" + RAW + "@{host}/live", id="userinfo-raw"),
 ]
 
@@ -314,8 +438,10 @@ def test_an_opencv_exception_quoting_the_url_is_redacted_where_it_is_caught(
     url = unreachable(template)
 
     def raising(*args, **kwargs):
-        raise cv2.error(f"OpenCV(4.10) cap_ffmpeg_impl.hpp:1 open: can't open '{url}'\n"
-                        f"decoded: '{urllib.parse.unquote(url)}' password {RAW}")
+        raise cv2.error(
+            f"OpenCV(4.10) cap_ffmpeg_impl.hpp:1 open: can't open '{url}'\n"
+            f"decoded: '{urllib.parse.unquote(url)}' password {RAW}"
+        )
 
     monkeypatch.setattr(cv2, "VideoCapture", raising)
     with pytest.raises(SourceError) as caught:
@@ -343,9 +469,16 @@ def test_capture_status_reasons_and_log_lines_never_quote_the_password(
     url = unreachable(template)
     name = source_name(url, set())
     ring = RingBuffer(name, length=16, stride=8, frame_shape=(3, 112, 112))
-    capture = CaptureThread(name, make_opener(url, open_timeout_s=2.0), ring, PreprocessContract(),
-                            threading.Event(), kind=SourceKind.STREAM, pacing=Pacing.LIVE,
-                            on_status=on_status)
+    capture = CaptureThread(
+        name,
+        make_opener(url, open_timeout_s=2.0),
+        ring,
+        PreprocessContract(),
+        threading.Event(),
+        kind=SourceKind.STREAM,
+        pacing=Pacing.LIVE,
+        on_status=on_status,
+    )
     capture.start()
     deadline = time.monotonic() + 30
     while not offline.wait(0.1) and time.monotonic() < deadline and capture.is_alive():

@@ -26,13 +26,16 @@ def checkpoint(assets_dir: Path, walk_clip: Path) -> Checkpoint:
 
 
 def config(walk_clip: Path, events: Path, *, realtime: bool = False) -> RunConfig:
-    return load_config(None, {
-        "sources": [{"name": "walk", "url": str(walk_clip), "realtime": realtime}],
-        "model": {"device": "cpu", "precision": "fp32"},
-        "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
-        "sinks": {"events": {"path": str(events)}},
-        "progress_interval_s": 0.2,
-    })
+    return load_config(
+        None,
+        {
+            "sources": [{"name": "walk", "url": str(walk_clip), "realtime": realtime}],
+            "model": {"device": "cpu", "precision": "fp32"},
+            "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
+            "sinks": {"events": {"path": str(events)}},
+            "progress_interval_s": 0.2,
+        },
+    )
 
 
 def log_types(path: Path) -> list[str]:
@@ -71,8 +74,9 @@ def test_every_output_sees_each_event_after_its_log_line_is_written_and_fsynced(
     events = tmp_path / "events.jsonl"
     recorder = Recorder(events, fsynced)
 
-    Pipeline(config(walk_clip, events), checkpoint, engine, print_fn=lambda s: None,
-             sinks=(recorder,)).run()
+    Pipeline(
+        config(walk_clip, events), checkpoint, engine, print_fn=lambda s: None, sinks=(recorder,)
+    ).run()
 
     logged = [json.loads(line) for line in events.read_text().splitlines()]
     logged_events = [(o["type"], o["id"]) for o in logged if o["type"] != "status"]
@@ -110,8 +114,12 @@ class Raising(BaseSink):
 
 
 def test_a_hung_and_a_raising_output_cost_counted_drops_not_detection(
-    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine, caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    walk_clip: Path,
+    checkpoint: Checkpoint,
+    engine,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from streamdet import router as router_module
 
@@ -123,8 +131,13 @@ def test_a_hung_and_a_raising_output_cost_counted_drops_not_detection(
     progress: list[str] = []
     try:
         started = time.monotonic()
-        summary = Pipeline(config(walk_clip, events), checkpoint, engine, print_fn=progress.append,
-                           sinks=(hung, raising)).run()
+        summary = Pipeline(
+            config(walk_clip, events),
+            checkpoint,
+            engine,
+            print_fn=progress.append,
+            sinks=(hung, raising),
+        ).run()
         took = time.monotonic() - started
     finally:
         hung.release.set()
@@ -153,8 +166,13 @@ def test_progress_lines_count_an_outputs_drops(
     hung = Hung()
     progress: list[str] = []
     try:
-        Pipeline(config(walk_clip, tmp_path / "e.jsonl", realtime=True), checkpoint, engine,
-                 print_fn=progress.append, sinks=(hung,)).run()
+        Pipeline(
+            config(walk_clip, tmp_path / "e.jsonl", realtime=True),
+            checkpoint,
+            engine,
+            print_fn=progress.append,
+            sinks=(hung,),
+        ).run()
     finally:
         hung.release.set()
     assert any("output drops: hung " in line for line in progress), progress
@@ -178,9 +196,16 @@ def test_frames_are_decoded_and_sent_only_for_sources_an_output_subscribes_to(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine, subscribed: bool
 ) -> None:
     counter = FrameCounter(["walk"] if subscribed else [])
-    pipeline = Pipeline(config(walk_clip, tmp_path / "e.jsonl", realtime=True), checkpoint, engine,
-                        print_fn=lambda s: None, sinks=(counter,))
-    assert (pipeline.captures[0].on_frame is not None) is subscribed  # otherwise frames skip decoding
+    pipeline = Pipeline(
+        config(walk_clip, tmp_path / "e.jsonl", realtime=True),
+        checkpoint,
+        engine,
+        print_fn=lambda s: None,
+        sinks=(counter,),
+    )
+    assert (
+        pipeline.captures[0].on_frame is not None
+    ) is subscribed  # otherwise frames skip decoding
     pipeline.run()
     assert (counter.frames > 0) is subscribed
 

@@ -44,21 +44,36 @@ from streamdet.sources import (
     make_opener,
 )
 
-FAST_OPTIONS = {"open_timeout_s": 2.0, "read_timeout_s": 1.0, "stall_timeout_s": 2.0,
-                "backoff_initial_s": 0.2, "backoff_max_s": 1.0}
+FAST_OPTIONS = {
+    "open_timeout_s": 2.0,
+    "read_timeout_s": 1.0,
+    "stall_timeout_s": 2.0,
+    "backoff_initial_s": 0.2,
+    "backoff_max_s": 1.0,
+}
 
 
 def stream_config(urls: dict[str, str], events_path: Path, **options: Any) -> RunConfig:
     """Live sources with small timeouts and backoff; every window makes or continues events."""
-    return load_config(None, {
-        "sources": [{"name": name, "url": url, "options": {**FAST_OPTIONS, **options}}
-                    for name, url in urls.items()],
-        "model": {"device": "cpu", "precision": "fp32", "max_batch": 2},
-        "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1,
-                   "update_min_interval_s": 60.0},
-        "sinks": {"events": {"path": str(events_path)}},
-        "progress_interval_s": 60.0,
-    })
+    return load_config(
+        None,
+        {
+            "sources": [
+                {"name": name, "url": url, "options": {**FAST_OPTIONS, **options}}
+                for name, url in urls.items()
+            ],
+            "model": {"device": "cpu", "precision": "fp32", "max_batch": 2},
+            "events": {
+                "threshold": 0.0,
+                "exit_threshold": 0.0,
+                "smoothing": 1,
+                "open_windows": 1,
+                "update_min_interval_s": 60.0,
+            },
+            "sinks": {"events": {"path": str(events_path)}},
+            "progress_interval_s": 60.0,
+        },
+    )
 
 
 class RunningPipeline:
@@ -90,7 +105,9 @@ class RunningPipeline:
             return []
         return [json.loads(line) for line in self.events_path.read_text().splitlines()]
 
-    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], Any], timeout: float, what: str) -> Any:
+    def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], Any], timeout: float, what: str
+    ) -> Any:
         deadline = time.monotonic() + timeout
         while True:
             result = predicate(self.lines())
@@ -103,8 +120,11 @@ class RunningPipeline:
 
     def wait_status(self, source: str, status: str, timeout: float, what: str) -> dict[str, Any]:
         """Waits until ``source``'s latest status line says ``status``; returns that line."""
-        return self.wait_for(lambda ls: (s := last_status(ls, source)) and s["status"] == status and s,
-                             timeout=timeout, what=what)
+        return self.wait_for(
+            lambda ls: (s := last_status(ls, source)) and s["status"] == status and s,
+            timeout=timeout,
+            what=what,
+        )
 
 
 def statuses(lines: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
@@ -137,16 +157,27 @@ def test_ten_server_kills_and_restarts_each_come_back_online_within_5_s_with_eve
 ) -> None:
     server = rtsp_server(pattern=True)
     events = tmp_path / "events.jsonl"
-    pipeline = Pipeline(stream_config({"cam": server.url}, events), checkpoint, engine, print_fn=lambda s: None)
+    pipeline = Pipeline(
+        stream_config({"cam": server.url}, events), checkpoint, engine, print_fn=lambda s: None
+    )
 
     with RunningPipeline(pipeline, events) as run:
         for cycle in range(10):
-            online = run.wait_status("cam", "online", timeout=15 if cycle == 0 else 5,
-                                     what=f"online status (cycle {cycle})")
-            run.wait_for(lambda ls, seq=online["seq"]: events_after(ls, seq, "cam"), timeout=10,
-                         what=f"event after reconnect (cycle {cycle})")
+            online = run.wait_status(
+                "cam",
+                "online",
+                timeout=15 if cycle == 0 else 5,
+                what=f"online status (cycle {cycle})",
+            )
+            run.wait_for(
+                lambda ls, seq=online["seq"]: events_after(ls, seq, "cam"),
+                timeout=10,
+                what=f"event after reconnect (cycle {cycle})",
+            )
             server.kill()
-            run.wait_status("cam", "offline", timeout=3, what=f"offline status after the kill (cycle {cycle})")
+            run.wait_status(
+                "cam", "offline", timeout=3, what=f"offline status after the kill (cycle {cycle})"
+            )
             server.start()
         run.wait_status("cam", "online", timeout=5, what="final online")
 
@@ -169,35 +200,52 @@ def seconds_in(reason: str) -> float:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize(("options", "reason", "abandoned"), [
-    # The read gives up first: the session ends by itself and nothing is abandoned.
-    ({"read_timeout_s": 1.0, "stall_timeout_s": 5.0}, "stalled: a read blocked", 0),
-    # The read would block a minute: the watchdog retires the session and abandons its thread.
-    ({"read_timeout_s": 60.0, "stall_timeout_s": 2.0}, "stalled: no frame for", 1),
-], ids=["read-timeout", "watchdog"])
+@pytest.mark.parametrize(
+    ("options", "reason", "abandoned"),
+    [
+        # The read gives up first: the session ends by itself and nothing is abandoned.
+        ({"read_timeout_s": 1.0, "stall_timeout_s": 5.0}, "stalled: a read blocked", 0),
+        # The read would block a minute: the watchdog retires the session and abandons its thread.
+        ({"read_timeout_s": 60.0, "stall_timeout_s": 2.0}, "stalled: no frame for", 1),
+    ],
+    ids=["read-timeout", "watchdog"],
+)
 def test_a_hung_server_goes_offline_within_the_stall_time_and_recovers_after_it_resumes(
-    tmp_path: Path, rtsp_server, checkpoint: Checkpoint, engine, monkeypatch: pytest.MonkeyPatch,
-    options: dict[str, float], reason: str, abandoned: int
+    tmp_path: Path,
+    rtsp_server,
+    checkpoint: Checkpoint,
+    engine,
+    monkeypatch: pytest.MonkeyPatch,
+    options: dict[str, float],
+    reason: str,
+    abandoned: int,
 ) -> None:
     """Each way a hang is noticed, told apart by the offline reason and the abandoned count
     (both used to start with "stalled", so a check on that prefix could not tell which ran)."""
     server = rtsp_server(pattern=True)
     events = tmp_path / "events.jsonl"
     opens = record_opens(monkeypatch)
-    pipeline = Pipeline(stream_config({"cam": server.url}, events, **options), checkpoint, engine,
-                        print_fn=lambda s: None)
+    pipeline = Pipeline(
+        stream_config({"cam": server.url}, events, **options),
+        checkpoint,
+        engine,
+        print_fn=lambda s: None,
+    )
     capture = pipeline.captures[0]
 
     with RunningPipeline(pipeline, events) as run:
         online = run.wait_status("cam", "online", timeout=15, what="online status")
-        run.wait_for(lambda ls: events_after(ls, online["seq"], "cam"), timeout=10,
-                     what="first event")
+        run.wait_for(
+            lambda ls: events_after(ls, online["seq"], "cam"), timeout=10, what="first event"
+        )
         server.pause()
         offline = run.wait_status("cam", "offline", timeout=30, what="offline")
         wait_until(lambda: len(opens) >= 3, timeout=30, what="two reopens against the hung server")
         server.resume()
         back = run.wait_status("cam", "online", timeout=30, what="online after resume")
-        run.wait_for(lambda ls: events_after(ls, back["seq"], "cam"), timeout=10, what="event after resume")
+        run.wait_for(
+            lambda ls: events_after(ls, back["seq"], "cam"), timeout=10, what="event after resume"
+        )
 
     assert offline["reason"].startswith(reason), offline["reason"]
     assert capture.stats.abandoned == abandoned
@@ -245,7 +293,9 @@ def test_a_server_absent_at_start_is_retried_with_backoff_until_it_appears(
     server.kill()  # the port is known, nothing listens on it: every open is refused at once
     events = tmp_path / "events.jsonl"
     opens = record_opens(monkeypatch)
-    pipeline = Pipeline(stream_config({"cam": server.url}, events), checkpoint, engine, print_fn=lambda s: None)
+    pipeline = Pipeline(
+        stream_config({"cam": server.url}, events), checkpoint, engine, print_fn=lambda s: None
+    )
     initial, cap = FAST_OPTIONS["backoff_initial_s"], FAST_OPTIONS["backoff_max_s"]
     attempts = 6
 
@@ -262,7 +312,8 @@ def test_a_server_absent_at_start_is_retried_with_backoff_until_it_appears(
     gaps = [b - a for a, b in zip(refused, refused[1:], strict=False)]
     floors = [min(cap, initial * 2**k) / 2 for k in range(len(gaps))]
     assert all(gap >= floor for gap, floor in zip(gaps, floors, strict=True)), (
-        f"gaps between refused opens {[round(g, 3) for g in gaps]} s, expected at least {floors}")
+        f"gaps between refused opens {[round(g, 3) for g in gaps]} s, expected at least {floors}"
+    )
     assert "error" not in run.outcome
     summary = run.outcome["summary"].sources[0]
     assert summary.reconnects == 1 and summary.offline_s >= sum(floors)
@@ -280,13 +331,18 @@ def test_when_one_of_two_sources_dies_the_other_keeps_producing_windows(
 
     with RunningPipeline(pipeline, events) as run:
         for name in ("alive", "dying"):
-            run.wait_for(lambda ls, n=name: events_after(ls, 0, n), timeout=15, what=f"event of {name}")
+            run.wait_for(
+                lambda ls, n=name: events_after(ls, 0, n), timeout=15, what=f"event of {name}"
+            )
         dying.kill()
         run.wait_status("dying", "offline", timeout=10, what="offline")
         frames, made, taken = ring.frames_written, windows_made(ring), ring.windows_taken
         started = time.monotonic()
-        wait_until(lambda: ring.frames_written >= frames + 40, timeout=30,
-                   what="40 frames of the live source")
+        wait_until(
+            lambda: ring.frames_written >= frames + 40,
+            timeout=30,
+            what="40 frames of the live source",
+        )
         seconds = time.monotonic() - started
         made, taken = windows_made(ring) - made, ring.windows_taken - taken
         assert last_status(run.lines(), "dying")["status"] == "offline"
@@ -328,14 +384,25 @@ class BlockingSource:
         self.released.set()
 
 
-def stream_capture(opener, statuses_seen: list[StatusChange], stop: threading.Event, **kwargs) -> CaptureThread:
+def stream_capture(
+    opener, statuses_seen: list[StatusChange], stop: threading.Event, **kwargs
+) -> CaptureThread:
     # As Pipeline.run does: loading the preprocessing kernel in the first frame took longer
     # than these short stall timeouts, so a test run alone stalled on its first frame.
     kernels.get()
     ring = RingBuffer("src", length=16, stride=8, frame_shape=(3, 8, 8))
-    return CaptureThread("src", opener, ring, CONTRACT, stop, kind=SourceKind.STREAM,
-                         pacing=Pacing.LIVE, on_status=statuses_seen.append,
-                         backoff=Backoff(0.01, 0.02), **kwargs)
+    return CaptureThread(
+        "src",
+        opener,
+        ring,
+        CONTRACT,
+        stop,
+        kind=SourceKind.STREAM,
+        pacing=Pacing.LIVE,
+        on_status=statuses_seen.append,
+        backoff=Backoff(0.01, 0.02),
+        **kwargs,
+    )
 
 
 @pytest.mark.timeout(30)
@@ -352,8 +419,11 @@ def test_a_read_stuck_past_the_stall_timeout_is_abandoned_and_the_source_reopene
     capture = stream_capture(opener, seen, stop, stall_timeout_s=0.3)
     capture.start()
     try:
-        wait_until(lambda: capture.stats.stalls >= 2 and len(sources) >= 3, timeout=10,
-                   what="two stalls, each followed by a reopen")
+        wait_until(
+            lambda: capture.stats.stalls >= 2 and len(sources) >= 3,
+            timeout=10,
+            what="two stalls, each followed by a reopen",
+        )
         sources[0].release_reads.set()  # the first, abandoned read returns a frame now
         # Its session finds itself retired, drops the frame and releases its source.
         assert sources[0].released.wait(10), "the abandoned session never ended"
@@ -365,7 +435,12 @@ def test_a_read_stuck_past_the_stall_timeout_is_abandoned_and_the_source_reopene
 
     assert not capture.is_alive() and capture.error is None
     assert capture.stats.stalls >= 2 and capture.stats.abandoned >= 2 and len(sources) >= 3
-    assert [s.status for s in seen][:4] == [Status.ONLINE, Status.OFFLINE, Status.ONLINE, Status.OFFLINE]
+    assert [s.status for s in seen][:4] == [
+        Status.ONLINE,
+        Status.OFFLINE,
+        Status.ONLINE,
+        Status.OFFLINE,
+    ]
     assert seen[1].reason.startswith("stalled: no frame for")
     # The abandoned session's late frame was dropped: only the first 20 frames reached the ring.
     assert capture.ring.frames_written == 20 and capture.stats.frames_used == 20
@@ -378,8 +453,9 @@ def test_too_many_stuck_reads_stop_the_run_with_an_error() -> None:
     seen: list[StatusChange] = []
     stop = threading.Event()
     graveyard = AbandonedThreads(limit=3)
-    capture = stream_capture(lambda: BlockingSource(0, never), seen, stop, stall_timeout_s=0.2,
-                             abandoned=graveyard)
+    capture = stream_capture(
+        lambda: BlockingSource(0, never), seen, stop, stall_timeout_s=0.2, abandoned=graveyard
+    )
     capture.start()
     capture.join(10)
     never.set()  # let the leaked threads finish
@@ -392,7 +468,7 @@ def test_too_many_stuck_reads_stop_the_run_with_an_error() -> None:
 
 @pytest.mark.timeout(30)
 def test_a_camera_whose_first_open_never_returns_is_an_error_not_a_retry_loop(
-    monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Once, ``streamdet run --source 7`` hung: a camera open that blocks must end the run."""
     monkeypatch.setattr("streamdet.sources.watchdog.OPEN_GRACE_S", 0.2)
@@ -404,9 +480,18 @@ def test_a_camera_whose_first_open_never_returns_is_an_error_not_a_retry_loop(
         never.wait()
         raise AssertionError("unreachable")
 
-    capture = CaptureThread("camera7", opener, ring, CONTRACT, threading.Event(), kind=SourceKind.CAMERA,
-                            pacing=Pacing.LIVE, on_status=seen.append, stall_timeout_s=1.0,
-                            open_timeout_s=0.3)
+    capture = CaptureThread(
+        "camera7",
+        opener,
+        ring,
+        CONTRACT,
+        threading.Event(),
+        kind=SourceKind.CAMERA,
+        pacing=Pacing.LIVE,
+        on_status=seen.append,
+        stall_timeout_s=1.0,
+        open_timeout_s=0.3,
+    )
     started = time.monotonic()
     capture.start()
     capture.join(10)
@@ -439,15 +524,32 @@ class WindowTaker(threading.Thread):
                 self.windows.append(window)
 
 
-def real_capture(opener: Callable[[], Any], stop: threading.Event, seen: list[StatusChange], *,
-                 read_timeout_s: float, stall_timeout_s: float | None = None,
-                 **kwargs: Any) -> CaptureThread:
+def real_capture(
+    opener: Callable[[], Any],
+    stop: threading.Event,
+    seen: list[StatusChange],
+    *,
+    read_timeout_s: float,
+    stall_timeout_s: float | None = None,
+    **kwargs: Any,
+) -> CaptureThread:
     """A capture of a real stream (tiny preprocessing: 8x8 crops), reconnecting quickly."""
     kernels.get()  # as Pipeline.run does, so that the first frame is no slower than the others
     ring = RingBuffer("cam", length=16, stride=8, frame_shape=(3, 8, 8))
-    return CaptureThread("cam", opener, ring, CONTRACT, stop, kind=SourceKind.STREAM,
-                         pacing=Pacing.LIVE, on_status=seen.append, backoff=Backoff(0.05, 0.2),
-                         read_timeout_s=read_timeout_s, stall_timeout_s=stall_timeout_s, **kwargs)
+    return CaptureThread(
+        "cam",
+        opener,
+        ring,
+        CONTRACT,
+        stop,
+        kind=SourceKind.STREAM,
+        pacing=Pacing.LIVE,
+        on_status=seen.append,
+        backoff=Backoff(0.05, 0.2),
+        read_timeout_s=read_timeout_s,
+        stall_timeout_s=stall_timeout_s,
+        **kwargs,
+    )
 
 
 def mean_difference(a: np.ndarray, b: np.ndarray) -> float:
@@ -498,14 +600,18 @@ def test_a_resolution_change_mid_stream_keeps_the_session_and_no_window_mixes_si
     seen: list[StatusChange] = []
     stop = threading.Event()
     opener = make_opener(server.url, open_timeout_s=5.0, read_timeout_s=3.0)
-    capture = real_capture(opener, stop, seen, read_timeout_s=3.0, stall_timeout_s=10.0,
-                           on_frame=on_frame)
+    capture = real_capture(
+        opener, stop, seen, read_timeout_s=3.0, stall_timeout_s=10.0, on_frame=on_frame
+    )
     taker = WindowTaker(capture.ring, stop)
     taker.start()
     capture.start()
     try:
-        wait_until(lambda: capture.stats.frames_read >= SWITCH_AT + 40, timeout=40,
-                   what=f"{SWITCH_AT + 40} frames")
+        wait_until(
+            lambda: capture.stats.frames_read >= SWITCH_AT + 40,
+            timeout=40,
+            what=f"{SWITCH_AT + 40} frames",
+        )
     finally:
         stop.set()
         capture.join(5)
@@ -539,16 +645,20 @@ def test_a_camera_reconfigured_to_another_size_is_reopened_and_windows_restart_a
         shapes[meta.index] = frame.shape
 
     opener = make_opener(server.url, open_timeout_s=5.0, read_timeout_s=3.0)
-    capture = real_capture(opener, stop, seen, read_timeout_s=3.0, stall_timeout_s=10.0,
-                           on_frame=on_frame)
+    capture = real_capture(
+        opener, stop, seen, read_timeout_s=3.0, stall_timeout_s=10.0, on_frame=on_frame
+    )
     taker = WindowTaker(capture.ring, stop)
     taker.start()
     capture.start()
     try:
         wait_until(lambda: capture.stats.frames_read >= 24, timeout=30, what="24 frames")
         server.restart(size=(480, 360))
-        wait_until(lambda: list(shapes.values()).count((360, 480, 3)) >= 40, timeout=30,
-                   what="40 frames at the new size")
+        wait_until(
+            lambda: list(shapes.values()).count((360, 480, 3)) >= 40,
+            timeout=30,
+            what="40 frames at the new size",
+        )
     finally:
         stop.set()
         capture.join(5)
@@ -578,11 +688,15 @@ def test_stopping_while_a_read_is_blocked_on_a_hung_server_does_not_wait_for_the
 
     with RunningPipeline(pipeline, events) as run:
         online = run.wait_status("cam", "online", timeout=15, what="online status")
-        run.wait_for(lambda ls: events_after(ls, online["seq"], "cam"), timeout=10,
-                     what="first event")
+        run.wait_for(
+            lambda ls: events_after(ls, online["seq"], "cam"), timeout=10, what="first event"
+        )
         server.pause()
-        wait_until(lambda: time.monotonic() - capture.last_frame_monotonic > 1.0, timeout=15,
-                   what="a read blocked for 1 s")
+        wait_until(
+            lambda: time.monotonic() - capture.last_frame_monotonic > 1.0,
+            timeout=15,
+            what="a read blocked for 1 s",
+        )
         frames = capture.stats.frames_read
         pipeline.stop("test over")
         run.thread.join(10)
@@ -613,16 +727,28 @@ def test_real_reads_stuck_on_hung_servers_are_abandoned_until_the_limit_stops_th
 
     seen: list[StatusChange] = []
     stop = threading.Event()
-    capture = real_capture(opener, stop, seen, read_timeout_s=60.0, stall_timeout_s=1.0,
-                           abandoned=AbandonedThreads(limit=2))
+    capture = real_capture(
+        opener,
+        stop,
+        seen,
+        read_timeout_s=60.0,
+        stall_timeout_s=1.0,
+        abandoned=AbandonedThreads(limit=2),
+    )
     capture.start()
     try:
         for k, server in enumerate(servers):
-            wait_until(lambda k=k: [s.status for s in seen].count(Status.ONLINE) == k + 1,
-                       timeout=30, what=f"session {k} online")
+            wait_until(
+                lambda k=k: [s.status for s in seen].count(Status.ONLINE) == k + 1,
+                timeout=30,
+                what=f"session {k} online",
+            )
             frames = capture.stats.frames_read
-            wait_until(lambda f=frames: capture.stats.frames_read >= f + 5, timeout=15,
-                       what=f"frames of session {k}")
+            wait_until(
+                lambda f=frames: capture.stats.frames_read >= f + 5,
+                timeout=15,
+                what=f"frames of session {k}",
+            )
             server.pause()
         capture.join(30)
     finally:
@@ -680,14 +806,17 @@ def test_when_inference_lags_a_live_source_the_newest_window_is_scored_and_the_r
     else:
         url, extra = str(vtest_path()), {"realtime": True}  # vtest.avi paced at its 10 fps
     events = tmp_path / "events.jsonl"
-    cfg = load_config(None, {
-        "sources": [{"name": "cam", "url": url, "options": FAST_OPTIONS, **extra}],
-        "window": {"stride": stride},
-        "model": {"device": "cpu", "precision": "fp32", "max_batch": 1},
-        "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
-        "sinks": {"events": {"path": str(events)}},
-        "progress_interval_s": 60.0,
-    })
+    cfg = load_config(
+        None,
+        {
+            "sources": [{"name": "cam", "url": url, "options": FAST_OPTIONS, **extra}],
+            "window": {"stride": stride},
+            "model": {"device": "cpu", "precision": "fp32", "max_batch": 1},
+            "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
+            "sinks": {"events": {"path": str(events)}},
+            "progress_interval_s": 60.0,
+        },
+    )
     gate = GatedEngine(engine)
     pipeline = Pipeline(cfg, checkpoint, gate, print_fn=lambda s: None)
     scored: list[Window] = []
@@ -704,8 +833,11 @@ def test_when_inference_lags_a_live_source_the_newest_window_is_scored_and_the_r
         try:
             for k in range(3):
                 # Pass k + 1 holds its window; 4 more wait behind it.
-                wait_until(lambda k=k: gate.calls == k + 1 and ring.pending() >= 4, timeout=30,
-                           what=f"4 windows waiting behind pass {k + 1}")
+                wait_until(
+                    lambda k=k: gate.calls == k + 1 and ring.pending() >= 4,
+                    timeout=30,
+                    what=f"4 windows waiting behind pass {k + 1}",
+                )
                 newest_at_release.append(ring.frames_written - 1)
                 gate.allow_one()
             wait_until(lambda: gate.calls == 4, timeout=30, what="the fourth pass")
@@ -719,7 +851,8 @@ def test_when_inference_lags_a_live_source_the_newest_window_is_scored_and_the_r
         window = scored[k + 1]
         assert window.last_frame >= newest - (stride - 1), (
             f"after release {k} the window ending at {window.last_frame} was scored, "
-            f"though frame {newest} had been written: not the newest")
+            f"though frame {newest} had been written: not the newest"
+        )
     assert skipped >= 3 * 3  # each jump passed over 3 or more waiting windows
     assert "error" not in run.outcome
     assert run.outcome["summary"].sources[0].windows_skipped >= skipped

@@ -19,10 +19,16 @@ READ_TIMEOUT_MS = 3000
 @contextmanager
 def open_stream(url: str, read_timeout_ms: int = READ_TIMEOUT_MS) -> Iterator[cv2.VideoCapture]:
     """An FFmpeg capture of ``url`` with open and read timeouts, released on exit."""
-    cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, [
-        cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, OPEN_TIMEOUT_MS,
-        cv2.CAP_PROP_READ_TIMEOUT_MSEC, read_timeout_ms,
-    ])
+    cap = cv2.VideoCapture(
+        url,
+        cv2.CAP_FFMPEG,
+        [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            OPEN_TIMEOUT_MS,
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            read_timeout_ms,
+        ],
+    )
     try:
         yield cap
     finally:
@@ -162,10 +168,26 @@ def test_server_exits_cleanly_on_sigterm(rtsp_server):
 def frame_sizes(url: str, count: int) -> list[tuple[int, int]]:
     """(width, height) of the first ``count`` frames of ``url`` as FFmpeg itself decodes them."""
     result = subprocess.run(
-        ["ffprobe", "-v", "error", "-rtsp_transport", "tcp", "-select_streams", "v:0",
-         "-show_entries", "frame=width,height", "-read_intervals", f"%+#{count}",
-         "-of", "csv=p=0", url],
-        capture_output=True, text=True, timeout=30, check=True,
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-rtsp_transport",
+            "tcp",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "frame=width,height",
+            "-read_intervals",
+            f"%+#{count}",
+            "-of",
+            "csv=p=0",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     )
     return [(int(w), int(h)) for w, h in re.findall(r"^(\d+),(\d+)", result.stdout, re.MULTILINE)]
 

@@ -31,7 +31,13 @@ REPO = Path(__file__).resolve().parent.parent
 # From a signal to the process gone: the pipeline aims at 2 s (pipeline.JOIN_TIMEOUT_S for its
 # threads, then the flush), and machines differ ~3x in speed: 2.06 s was seen on 2 busy cores.
 STOP_DEADLINE_S = 6.0
-VOLATILE = ("run_id", "start_time", "end_time", "time", "latency_ms")  # differ between runs by design
+VOLATILE = (
+    "run_id",
+    "start_time",
+    "end_time",
+    "time",
+    "latency_ms",
+)  # differ between runs by design
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +51,15 @@ def write_config(path: Path, source: Path, weights: Path, *, realtime: bool, **e
         # max_batch stays 8: a replay must repeat its events whatever the batch setting
         # (regression: which windows shared a batch depended on timing and moved scores ~1e-6).
         "model": {"weights": str(weights), "device": "cpu", "precision": "fp32", "max_batch": 8},
-        "events": {"threshold": 0.6, "exit_threshold": 0.4, "smoothing": 1, "open_windows": 1,
-                   "update_min_delta": 0.0, "update_min_interval_s": 1.0, **events},
+        "events": {
+            "threshold": 0.6,
+            "exit_threshold": 0.4,
+            "smoothing": 1,
+            "open_windows": 1,
+            "update_min_delta": 0.0,
+            "update_min_interval_s": 1.0,
+            **events,
+        },
         "progress_interval_s": 0.5,
     }
     path.write_text(yaml.safe_dump(cfg))
@@ -98,8 +111,11 @@ def test_a_replay_gives_identical_events_on_two_runs_and_annotates_every_frame(
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)],
-                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)],
+    ids=["SIGINT", "SIGTERM", "SIGHUP"],
+)
 def test_a_live_run_refuses_a_second_run_on_its_log_and_a_signal_ends_its_events_promptly(
     tmp_path: Path, weights: Path, capsys: pytest.CaptureFixture[str], signum: int | None
 ) -> None:
@@ -111,14 +127,35 @@ def test_a_live_run_refuses_a_second_run_on_its_log_and_a_signal_ends_its_events
         pytest.skip("no SIGHUP on this platform")
     # The whole vtest.avi paced at 10 fps (80 s) and thresholds 0: an event opens at the first
     # window and only the signal ends the run.
-    cfg = write_config(tmp_path / "live.yaml", vtest_path(), weights, realtime=True, threshold=0.0,
-                       exit_threshold=0.0)
+    cfg = write_config(
+        tmp_path / "live.yaml",
+        vtest_path(),
+        weights,
+        realtime=True,
+        threshold=0.0,
+        exit_threshold=0.0,
+    )
     events = tmp_path / "events.jsonl"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamdet", "run", str(cfg), "--events", str(events),
-         "--output-video", str(tmp_path / "annotated.avi"), "--max-seconds", "80"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "streamdet",
+            "run",
+            str(cfg),
+            "--events",
+            str(events),
+            "--output-video",
+            str(tmp_path / "annotated.avi"),
+            "--max-seconds",
+            "80",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     try:
         deadline = time.monotonic() + 60
@@ -147,7 +184,9 @@ def test_a_live_run_refuses_a_second_run_on_its_log_and_a_signal_ends_its_events
     lines = log_lines(events)
     news = {o["id"] for o in lines if o["type"] == "new"}
     assert news
-    assert {o["id"]: o["end_reason"] for o in lines if o["type"] == "end"} == dict.fromkeys(news, "shutdown")
+    assert {o["id"]: o["end_reason"] for o in lines if o["type"] == "end"} == dict.fromkeys(
+        news, "shutdown"
+    )
 
 
 @pytest.mark.timeout(60)
@@ -155,8 +194,21 @@ def test_an_absent_camera_is_a_clear_error_and_exit_code_2(
     tmp_path: Path, weights: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     started = time.monotonic()
-    code = main(["run", "--source", "7", "--weights", str(weights), "--precision", "fp32", "--device", "cpu",
-                 "--events", str(tmp_path / "events.jsonl")])
+    code = main(
+        [
+            "run",
+            "--source",
+            "7",
+            "--weights",
+            str(weights),
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--events",
+            str(tmp_path / "events.jsonl"),
+        ]
+    )
 
     err = capsys.readouterr().err
     assert code == 2
@@ -166,22 +218,45 @@ def test_an_absent_camera_is_a_clear_error_and_exit_code_2(
 
 
 @pytest.mark.timeout(60)
-def test_a_missing_video_file_is_a_clear_error(tmp_path: Path, weights: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_missing_video_file_is_a_clear_error(
+    tmp_path: Path, weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     missing = tmp_path / "nope.mp4"
-    code = main(["run", "--source", str(missing), "--weights", str(weights), "--events", str(tmp_path / "e.jsonl")])
+    code = main(
+        [
+            "run",
+            "--source",
+            str(missing),
+            "--weights",
+            str(weights),
+            "--events",
+            str(tmp_path / "e.jsonl"),
+        ]
+    )
 
     assert code == 2
     assert f"error: {missing}: video file not found" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)
-def test_an_event_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, walk_clip: Path, weights: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_event_log_that_cannot_be_written_is_a_clear_error(
+    tmp_path: Path, walk_clip: Path, weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "a-file").write_text("not a folder")
     events = tmp_path / "a-file" / "events.jsonl"
-    code = main(["run", "--source", str(walk_clip), "--weights", str(weights), "--precision", "fp32",
-                 "--events", str(events)])
+    code = main(
+        [
+            "run",
+            "--source",
+            str(walk_clip),
+            "--weights",
+            str(weights),
+            "--precision",
+            "fp32",
+            "--events",
+            str(events),
+        ]
+    )
 
     err = capsys.readouterr().err
     assert code == 2
@@ -191,8 +266,11 @@ def test_an_event_log_that_cannot_be_written_is_a_clear_error(tmp_path: Path, wa
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("display", [None, ":99"], ids=["no-display-set", "display-unreachable"])
 def test_display_without_a_usable_display_is_an_error_before_anything_is_built(
-    walk_clip: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
-    monkeypatch: pytest.MonkeyPatch, display: str | None
+    walk_clip: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    display: str | None,
 ) -> None:
     # OpenCV's Qt backend would abort the whole process (exit 134) at the first window.
     from streamdet.sinks.overlay import display_problem
@@ -226,7 +304,10 @@ def test_a_config_without_sources_is_an_error_before_anything_is_built(
         code = main(["run", str(cfg)])
 
     assert code == 2
-    assert "error: no sources: give --source URL or list sources in the config" in capsys.readouterr().err
+    assert (
+        "error: no sources: give --source URL or list sources in the config"
+        in capsys.readouterr().err
+    )
     assert [r.getMessage() for r in caplog.records if r.name.startswith("streamdet")] == []
 
 
@@ -243,19 +324,36 @@ def test_a_run_that_wrote_no_line_says_there_is_nothing_to_score_against_the_tru
     silent.listen(1)
     port = silent.getsockname()[1]
     truth = tmp_path / "truth.json"
-    truth.write_text(json.dumps({"fps": 10, "events": [{"label": "walk", "start_frame": 8, "end_frame": 63}]}))
+    truth.write_text(
+        json.dumps({"fps": 10, "events": [{"label": "walk", "start_frame": 8, "end_frame": 63}]})
+    )
     cfg = tmp_path / "silent.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "sources": [{"name": "cam", "url": f"rtsp://127.0.0.1:{port}/x",
-                     "options": {"open_timeout_s": 20.0}}],
-        "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
-        "sinks": {"events": {"path": str(tmp_path / "events.jsonl")}},
-        "truth": str(truth),
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "sources": [
+                    {
+                        "name": "cam",
+                        "url": f"rtsp://127.0.0.1:{port}/x",
+                        "options": {"open_timeout_s": 20.0},
+                    }
+                ],
+                "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
+                "sinks": {"events": {"path": str(tmp_path / "events.jsonl")}},
+                "truth": str(truth),
+            }
+        )
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
-        done = subprocess.run([sys.executable, "-m", "streamdet", "run", str(cfg), "--max-seconds", "1"],
-                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=50)
+        done = subprocess.run(
+            [sys.executable, "-m", "streamdet", "run", str(cfg), "--max-seconds", "1"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=50,
+        )
     finally:
         silent.close()
 
@@ -266,18 +364,35 @@ def test_a_run_that_wrote_no_line_says_there_is_nothing_to_score_against_the_tru
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 runs where CUDA is present")
-def test_fp16_without_cuda_is_one_error_line(walk_clip: Path, weights: Path, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["run", "--source", str(walk_clip), "--weights", str(weights), "--precision", "fp16",
-                 "--events", str(tmp_path / "e.jsonl")])
+def test_fp16_without_cuda_is_one_error_line(
+    walk_clip: Path, weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "run",
+            "--source",
+            str(walk_clip),
+            "--weights",
+            str(weights),
+            "--precision",
+            "fp16",
+            "--events",
+            str(tmp_path / "e.jsonl"),
+        ]
+    )
 
     err = capsys.readouterr().err
     assert code == 2
-    assert "error: precision fp16 needs CUDA, but the model runs on cpu" in err and "internal error" not in err
+    assert (
+        "error: precision fp16 needs CUDA, but the model runs on cpu" in err
+        and "internal error" not in err
+    )
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "soon"])
-def test_max_seconds_must_be_a_positive_duration(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_max_seconds_must_be_a_positive_duration(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     code = main(["run", "--max-seconds", value])
 
     assert code == 2
@@ -286,8 +401,11 @@ def test_max_seconds_must_be_a_positive_duration(value: str, capsys: pytest.Capt
 
 @pytest.mark.timeout(60)
 def test_a_crashing_engine_exits_non_zero_with_a_clear_error(
-    tmp_path: Path, walk_clip: Path, weights: Path, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    walk_clip: Path,
+    weights: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     real_build = inference.build_engine
 
@@ -310,7 +428,10 @@ def test_a_crashing_engine_exits_non_zero_with_a_clear_error(
 
     assert code != 0
     assert time.monotonic() - started < 20
-    assert "error: inference failed: RuntimeError: CUDA error: device-side assert triggered" in capsys.readouterr().err
+    assert (
+        "error: inference failed: RuntimeError: CUDA error: device-side assert triggered"
+        in capsys.readouterr().err
+    )
 
 
 @pytest.mark.timeout(120)
@@ -320,7 +441,9 @@ def test_a_config_truth_scores_its_own_source_but_not_a_source_given_on_the_comm
     """Regression: with --source replacing the config's video, the summary still scored the new
     source against the config's truth (F1 0.111 on a held-out stream)."""
     truth = tmp_path / "truth.json"
-    truth.write_text(json.dumps({"fps": 10, "events": [{"label": "walk", "start_frame": 8, "end_frame": 63}]}))
+    truth.write_text(
+        json.dumps({"fps": 10, "events": [{"label": "walk", "start_frame": 8, "end_frame": 63}]})
+    )
     cfg = write_config(tmp_path / "with_truth.yaml", walk_clip, weights, realtime=False)
     data = yaml.safe_load(cfg.read_text())
     data["truth"] = str(truth)
@@ -331,11 +454,23 @@ def test_a_config_truth_scores_its_own_source_but_not_a_source_given_on_the_comm
     assert main(["run", str(cfg), "--events", str(tmp_path / "a.jsonl")]) == 0
     assert f"against {truth}" in capsys.readouterr().out
 
-    assert main(["run", str(cfg), "--source", str(other), "--events", str(tmp_path / "b.jsonl")]) == 0
+    assert (
+        main(["run", str(cfg), "--source", str(other), "--events", str(tmp_path / "b.jsonl")]) == 0
+    )
     assert "against" not in capsys.readouterr().out
 
-    code = main(["run", str(cfg), "--source", str(other), "--truth", str(truth),
-                 "--events", str(tmp_path / "c.jsonl")])
+    code = main(
+        [
+            "run",
+            str(cfg),
+            "--source",
+            str(other),
+            "--truth",
+            str(truth),
+            "--events",
+            str(tmp_path / "c.jsonl"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert f"against {truth}" in out and " F1 " in out
@@ -344,8 +479,12 @@ def test_a_config_truth_scores_its_own_source_but_not_a_source_given_on_the_comm
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("cuda_graphs", "expected"), [(True, (1, 2, 4, 6)), (False, ())])
 def test_cuda_graphs_in_the_config_ask_the_engine_for_graphs_up_to_max_batch(
-    tmp_path: Path, walk_clip: Path, weights: Path, monkeypatch: pytest.MonkeyPatch,
-    cuda_graphs: bool, expected: tuple[int, ...]
+    tmp_path: Path,
+    walk_clip: Path,
+    weights: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cuda_graphs: bool,
+    expected: tuple[int, ...],
 ) -> None:
     real_build = inference.build_engine
     asked: list[tuple[int, ...]] = []
@@ -356,7 +495,9 @@ def test_cuda_graphs_in_the_config_ask_the_engine_for_graphs_up_to_max_batch(
 
     monkeypatch.setattr(inference, "build_engine", build_recording)
     cfg = write_config(tmp_path / "replay.yaml", walk_clip, weights, realtime=False)
-    text = cfg.read_text().replace("max_batch: 8", f"max_batch: 6\n  cuda_graphs: {str(cuda_graphs).lower()}")
+    text = cfg.read_text().replace(
+        "max_batch: 8", f"max_batch: 6\n  cuda_graphs: {str(cuda_graphs).lower()}"
+    )
     cfg.write_text(text)
 
     assert main(["run", str(cfg), "--events", str(tmp_path / "events.jsonl")]) == 0
@@ -382,18 +523,35 @@ CAMERAS = [{"name": f"cam{i}", "url": f"rtsp://127.0.0.1:8554/cam{i}"} for i in 
         ([REPLAY], {"workers": 1}, 8, (1, 8)),
         (CAMERAS[:1], {"workers": 3}, 2, (3, 1)),
     ],
-    ids=["replay-2-cores", "replay-8-cores", "paced-file", "camera", "one-core", "camera-and-replay",
-         "3-cameras-8-cores", "8-cameras-2-cores", "workers-2", "workers-1", "workers-over-threads"],
+    ids=[
+        "replay-2-cores",
+        "replay-8-cores",
+        "paced-file",
+        "camera",
+        "one-core",
+        "camera-and-replay",
+        "3-cameras-8-cores",
+        "8-cameras-2-cores",
+        "workers-2",
+        "workers-1",
+        "workers-over-threads",
+    ],
 )
 def test_a_cpu_run_gets_a_worker_per_source_or_per_core_for_a_replay(
-    sources: list[dict[str, Any]], model: dict[str, Any], threads: int, expected: tuple[int, int | None],
+    sources: list[dict[str, Any]],
+    model: dict[str, Any],
+    threads: int,
+    expected: tuple[int, int | None],
 ) -> None:
     cfg = load_config(None, {"sources": sources, "model": {"device": "cpu", **model}})
     assert inference_plan(cfg, torch.device("cpu"), True, threads) == expected
 
 
-@pytest.mark.parametrize(("model", "expected"), [({}, (1, 1)), ({"threads": 2}, (1, None))],
-                         ids=["threads-unset", "threads-set"])
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [({}, (1, 1)), ({"threads": 2}, (1, None))],
+    ids=["threads-unset", "threads-set"],
+)
 def test_a_replay_on_an_engine_that_runs_once_at_a_time_leaves_the_decoder_a_core(
     model: dict[str, Any], expected: tuple[int, int | None]
 ) -> None:
@@ -412,9 +570,22 @@ def test_a_cuda_run_has_one_worker_on_torchs_thread_count() -> None:
     assert inference_plan(cfg, torch.device("cuda"), False, 16) == (1, None)
 
 
-def test_a_replay_run_restores_the_callers_torch_thread_count(tmp_path: Path, weights: Path) -> None:
+def test_a_replay_run_restores_the_callers_torch_thread_count(
+    tmp_path: Path, weights: Path
+) -> None:
     before = torch.get_num_threads()
-    code = main(["run", "--source", str(vtest_path()), "--weights", str(weights), "--max-seconds", "1",
-                 "--events", str(tmp_path / "events.jsonl")])
+    code = main(
+        [
+            "run",
+            "--source",
+            str(vtest_path()),
+            "--weights",
+            str(weights),
+            "--max-seconds",
+            "1",
+            "--events",
+            str(tmp_path / "events.jsonl"),
+        ]
+    )
     assert code == 0
     assert torch.get_num_threads() == before

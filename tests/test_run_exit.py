@@ -52,8 +52,9 @@ def test_a_forward_pass_that_ends_within_the_grace_is_waited_for(exits: list[int
     assert exits == []
 
 
-def test_a_capture_stuck_in_a_read_exits_with_the_runs_code(exits: list[int],
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_capture_stuck_in_a_read_exits_with_the_runs_code(
+    exits: list[int], capsys: pytest.CaptureFixture[str]
+) -> None:
     done = threading.Thread(target=lambda: None)
     done.start()
     with pytest.raises(_Exited):

@@ -63,14 +63,31 @@ def auth_url(server, password: str) -> str:
     return server.url_with(USER, urllib.parse.quote(password, safe=""))
 
 
-def write_config(path: Path, url_expr: str, weights: Path, events: Path, *, reconnect: bool = True) -> Path:
-    path.write_text(yaml.safe_dump({
-        "sources": [{"name": "cam", "url": url_expr, "options": {**FAST_OPTIONS, "reconnect": reconnect}}],
-        "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
-        "events": {"threshold": 0.0, "exit_threshold": 0.0, "smoothing": 1, "open_windows": 1},
-        "sinks": {"events": {"path": str(events)}},
-        "progress_interval_s": 1.0,
-    }))
+def write_config(
+    path: Path, url_expr: str, weights: Path, events: Path, *, reconnect: bool = True
+) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "sources": [
+                    {
+                        "name": "cam",
+                        "url": url_expr,
+                        "options": {**FAST_OPTIONS, "reconnect": reconnect},
+                    }
+                ],
+                "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
+                "events": {
+                    "threshold": 0.0,
+                    "exit_threshold": 0.0,
+                    "smoothing": 1,
+                    "open_windows": 1,
+                },
+                "sinks": {"events": {"path": str(events)}},
+                "progress_interval_s": 1.0,
+            }
+        )
+    )
     return path
 
 
@@ -80,14 +97,21 @@ def test_redaction_masks_the_password_raw_and_percent_encoded() -> None:
         OpenCVSource(url.replace("10.0.0.5:554", "127.0.0.1:1"), open_timeout_s=0.5)
     assert redact_url(url) == f"rtsp://{USER}:***@10.0.0.5:554/live"
     assert_clean(str(caught.value), "the open error", SENTINEL)
-    assert_clean(redact_text(f"failed: {SENTINEL} / {url} / rtsp://{USER}:{SENTINEL}@h/x"), "redacted text",
-                 SENTINEL)
+    assert_clean(
+        redact_text(f"failed: {SENTINEL} / {url} / rtsp://{USER}:{SENTINEL}@h/x"),
+        "redacted text",
+        SENTINEL,
+    )
 
 
 @pytest.mark.timeout(90)
 def test_a_password_appears_in_no_output_of_a_run_with_an_outage(
-    tmp_path: Path, rtsp_server, weights: Path, capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    rtsp_server,
+    weights: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server = rtsp_server(pattern=True, user=USER, password=SENTINEL)
     monkeypatch.setenv("CAM_URL", auth_url(server, SENTINEL))
@@ -105,7 +129,9 @@ def test_a_password_appears_in_no_output_of_a_run_with_an_outage(
 
     def outage() -> None:  # once events flow: kill the server, bring it back
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (events.exists() and '"type":"new"' in events.read_text()):
+        while time.monotonic() < deadline and not (
+            events.exists() and '"type":"new"' in events.read_text()
+        ):
             time.sleep(0.05)
         server.kill()
         time.sleep(1.0)
@@ -113,29 +139,43 @@ def test_a_password_appears_in_no_output_of_a_run_with_an_outage(
 
     actor = threading.Thread(target=outage, daemon=True)
     actor.start()
-    code = main(["--debug", "run", str(config), "--output-video", str(video), "--max-seconds", "12"])
+    code = main(
+        ["--debug", "run", str(config), "--output-video", str(video), "--max-seconds", "12"]
+    )
     actor.join(10)
     out, err = capfd.readouterr()
 
     assert code == 0, err[-2000:]
     log_text = events.read_text()
-    assert '"status":"offline"' in log_text and log_text.count('"status":"online"') >= 2, "no outage happened"
+    assert '"status":"offline"' in log_text and log_text.count('"status":"online"') >= 2, (
+        "no outage happened"
+    )
     assert drawn and video.stat().st_size > 0
     assert f"{USER}:***@" in caplog.text, "the failed reopens were logged with the URL redacted"
-    for text, where in [(out, "stdout"), (err, "stderr"), (caplog.text, "log records"),
-                        (log_text, "the event log"), ("\n".join(drawn), "the overlay text"),
-                        (video.read_bytes(), "the annotated video")]:
+    for text, where in [
+        (out, "stdout"),
+        (err, "stderr"),
+        (caplog.text, "log records"),
+        (log_text, "the event log"),
+        ("\n".join(drawn), "the overlay text"),
+        (video.read_bytes(), "the annotated video"),
+    ]:
         assert_clean(text, where, SENTINEL)
 
 
 @pytest.mark.timeout(60)
 def test_a_wrong_password_is_one_error_line_that_does_not_quote_it(
-    tmp_path: Path, rtsp_server, weights: Path, capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    rtsp_server,
+    weights: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     server = rtsp_server(pattern=True, user=USER, password=SENTINEL)
     events = tmp_path / "events.jsonl"
-    config = write_config(tmp_path / "run.yaml", auth_url(server, WRONG), weights, events, reconnect=False)
+    config = write_config(
+        tmp_path / "run.yaml", auth_url(server, WRONG), weights, events, reconnect=False
+    )
     caplog.set_level(logging.DEBUG)
 
     code = main(["run", str(config)])
@@ -148,8 +188,13 @@ def test_a_wrong_password_is_one_error_line_that_does_not_quote_it(
     assert code == 2
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot open stream" in errors[0] and f"{USER}:***@" in errors[0]
-    for text, where in [(out + debug_out, "stdout"), (err + debug_err, "stderr"), (caplog.text, "log records"),
-                        (events.read_text() if events.exists() else "", "the event log"), (trace, "the traceback")]:
+    for text, where in [
+        (out + debug_out, "stdout"),
+        (err + debug_err, "stderr"),
+        (caplog.text, "log records"),
+        (events.read_text() if events.exists() else "", "the event log"),
+        (trace, "the traceback"),
+    ]:
         assert_clean(text, where, WRONG, SENTINEL)
 
 
@@ -206,17 +251,24 @@ class OutageThenEvents(threading.Thread):
 # of a password a hostile user reproduced; {pw} is the percent-encoded password.
 PLACEMENTS = {
     "query": ("/cam", "/cam?user=alice&password={pw}&channel=1", "127.0.0.1_cam"),
-    "vendor-path": ("/user=alice_password={pw}_channel=1_stream=0.sdp",
-                    "/user=alice_password={pw}_channel=1_stream=0.sdp",
-                    "127.0.0.1_channel_1_stream_0.sdp"),
+    "vendor-path": (
+        "/user=alice_password={pw}_channel=1_stream=0.sdp",
+        "/user=alice_password={pw}_channel=1_stream=0.sdp",
+        "127.0.0.1_channel_1_stream_0.sdp",
+    ),
 }
 
 
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_a_password_in_the_query_or_path_appears_in_no_output_of_a_run(
-    placement: str, tmp_path: Path, rtsp_server, weights: Path, capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    placement: str,
+    tmp_path: Path,
+    rtsp_server,
+    weights: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """With the password in the query or a vendor path, it was in stderr, the progress lines, the
     event log (reason and source), and, through the source name derived from --source URL, in
@@ -234,8 +286,19 @@ def test_a_password_in_the_query_or_path_appears_in_no_output_of_a_run(
     actor = OutageThenEvents(server, events, drawn, deadline_s=60)
     actor.start()
     try:  # --max-seconds: only a bound, the actor ends the run
-        code = main(["--debug", "run", str(config), "--source", url, "--output-video", str(video),
-                     "--max-seconds", "90"])
+        code = main(
+            [
+                "--debug",
+                "run",
+                str(config),
+                "--source",
+                url,
+                "--output-video",
+                str(video),
+                "--max-seconds",
+                "90",
+            ]
+        )
     finally:
         actor.run_ended.set()
     actor.join(10)
@@ -250,17 +313,23 @@ def test_a_password_in_the_query_or_path_appears_in_no_output_of_a_run(
     assert {line["source"] for line in lines} == {name}
     assert f"[progress] {name}: " in out + err
     assert any(text.startswith(f"{name} ") for text in drawn), "the overlay draws the safe name"
-    for text, where in [(out, "stdout"), (err, "stderr"), (caplog.text, "log records"),
-                        (events.read_text(), "the event log"),
-                        ("\n".join(drawn), "the overlay text"),
-                        (video.read_bytes(), "the annotated video")]:
+    for text, where in [
+        (out, "stdout"),
+        (err, "stderr"),
+        (caplog.text, "log records"),
+        (events.read_text(), "the event log"),
+        ("\n".join(drawn), "the overlay text"),
+        (video.read_bytes(), "the annotated video"),
+    ]:
         assert_clean(text, where, password)
 
 
 @pytest.mark.timeout(60)
 def test_a_raw_slash_in_a_userinfo_password_appears_in_no_output_of_a_run(
-    tmp_path: Path, weights: Path, capfd: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture
+    tmp_path: Path,
+    weights: Path,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """``user:pw@`` with a raw "/" in pw: FFmpeg cannot open it, and the error, the event log and
     the source name quoted the password from the "/" on (the name was ``alice_second-half_...``)."""
@@ -279,8 +348,12 @@ def test_a_raw_slash_in_a_userinfo_password_appears_in_no_output_of_a_run(
     offline = [line for line in lines if line.get("status") == "offline"]
     assert offline and f"{USER}:***@127.0.0.1:1/cam" in offline[0]["reason"]
     assert "[progress] 127.0.0.1_cam: " in out + err
-    for text, where in [(out, "stdout"), (err, "stderr"), (caplog.text, "log records"),
-                        (events.read_text(), "the event log")]:
+    for text, where in [
+        (out, "stdout"),
+        (err, "stderr"),
+        (caplog.text, "log records"),
+        (events.read_text(), "the event log"),
+    ]:
         assert_clean(text, where, password)
 
 
@@ -292,24 +365,37 @@ def test_validate_masks_passwords_from_the_environment_in_every_url(
     password = "Zq7-validate/sentinel@pw:x?y"
     monkeypatch.setenv("CAM_PW", password)
     monkeypatch.setenv("CAM_PW_ENC", encoded(password))
-    monkeypatch.setenv("CAM_URL",
-                       f"http://10.0.0.9/snap.cgi?loginuse=admin&loginpas={encoded(password)}")
+    monkeypatch.setenv(
+        "CAM_URL", f"http://10.0.0.9/snap.cgi?loginuse=admin&loginpas={encoded(password)}"
+    )
     config = tmp_path / "cams.yaml"
-    config.write_text(yaml.safe_dump({"sources": [
-        {"name": "raw", "url": "rtsp://admin:${CAM_PW}@10.0.0.5:554/live"},
-        {"name": "query",
-         "url": "rtsp://10.0.0.6:554/cam?user=admin&password=${CAM_PW_ENC}&channel=1"},
-        {"name": "path",
-         "url": "rtsp://10.0.0.7/user=admin_password=${CAM_PW_ENC}_channel=2_stream=0.sdp"},
-        {"name": "whole", "url": "${CAM_URL}"},
-    ]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "sources": [
+                    {"name": "raw", "url": "rtsp://admin:${CAM_PW}@10.0.0.5:554/live"},
+                    {
+                        "name": "query",
+                        "url": "rtsp://10.0.0.6:554/cam?user=admin&password=${CAM_PW_ENC}&channel=1",
+                    },
+                    {
+                        "name": "path",
+                        "url": "rtsp://10.0.0.7/user=admin_password=${CAM_PW_ENC}_channel=2_stream=0.sdp",
+                    },
+                    {"name": "whole", "url": "${CAM_URL}"},
+                ]
+            }
+        )
+    )
 
     code = main(["validate", str(config)])
     out, err = capsys.readouterr()
 
     assert code == 0, err
-    assert out == (f"{config}: valid (4 source(s): raw=rtsp://admin:***@10.0.0.5:554/live, "
-                   "query=rtsp://10.0.0.6:554/cam?user=***&password=***&channel=1, "
-                   "path=rtsp://10.0.0.7/user=***_password=***_channel=2_stream=0.sdp, "
-                   "whole=http://10.0.0.9/snap.cgi?loginuse=***&loginpas=***)\n")
+    assert out == (
+        f"{config}: valid (4 source(s): raw=rtsp://admin:***@10.0.0.5:554/live, "
+        "query=rtsp://10.0.0.6:554/cam?user=***&password=***&channel=1, "
+        "path=rtsp://10.0.0.7/user=***_password=***_channel=2_stream=0.sdp, "
+        "whole=http://10.0.0.9/snap.cgi?loginuse=***&loginpas=***)\n"
+    )
     assert_clean(out + err, "validate's output", password)

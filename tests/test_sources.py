@@ -30,39 +30,54 @@ from streamdet.sources import CaptureThread, Pacing, SourceKind, pacing_of
 from streamdet.sources.watchdog import Phase, Progress, StallWatch
 
 
-@pytest.mark.parametrize(("url", "realtime", "expected"), [
-    ("0", None, Pacing.LIVE),
-    ("rtsp://10.0.0.5/stream1", None, Pacing.LIVE),
-    ("rtsp://10.0.0.5/stream1", False, Pacing.LIVE),  # realtime is for files only
-    ("https://example.com/live.m3u8", True, Pacing.LIVE),
-    ("clip.mp4", None, Pacing.REPLAY),  # a file's default: as fast as possible
-    ("clip.mp4", False, Pacing.REPLAY),
-    ("clip.mp4", True, Pacing.PACED),
-    ("file:///videos/clip.mp4", True, Pacing.PACED),
-])
-def test_pacing_of_a_source_follows_its_kind_and_realtime(url: str, realtime: bool | None,
-                                                          expected: Pacing) -> None:
+@pytest.mark.parametrize(
+    ("url", "realtime", "expected"),
+    [
+        ("0", None, Pacing.LIVE),
+        ("rtsp://10.0.0.5/stream1", None, Pacing.LIVE),
+        ("rtsp://10.0.0.5/stream1", False, Pacing.LIVE),  # realtime is for files only
+        ("https://example.com/live.m3u8", True, Pacing.LIVE),
+        ("clip.mp4", None, Pacing.REPLAY),  # a file's default: as fast as possible
+        ("clip.mp4", False, Pacing.REPLAY),
+        ("clip.mp4", True, Pacing.PACED),
+        ("file:///videos/clip.mp4", True, Pacing.PACED),
+    ],
+)
+def test_pacing_of_a_source_follows_its_kind_and_realtime(
+    url: str, realtime: bool | None, expected: Pacing
+) -> None:
     assert pacing_of(SourceConfig(name="s", url=url, realtime=realtime)) is expected
 
 
-@pytest.mark.parametrize(("pacing", "lossless", "decode_threads"), [
-    (Pacing.LIVE, False, None),
-    (Pacing.PACED, False, None),
-    (Pacing.REPLAY, True, 1),
-])
-def test_only_a_replay_is_lossless_and_decodes_on_one_thread(pacing: Pacing, lossless: bool,
-                                                             decode_threads: int | None) -> None:
+@pytest.mark.parametrize(
+    ("pacing", "lossless", "decode_threads"),
+    [
+        (Pacing.LIVE, False, None),
+        (Pacing.PACED, False, None),
+        (Pacing.REPLAY, True, 1),
+    ],
+)
+def test_only_a_replay_is_lossless_and_decodes_on_one_thread(
+    pacing: Pacing, lossless: bool, decode_threads: int | None
+) -> None:
     assert (pacing.lossless, pacing.decode_threads) == (lossless, decode_threads)
 
 
-def pipeline_of(sources: list[dict[str, Any]], checkpoint: Checkpoint, engine,
-                tmp_path: Path) -> Pipeline:
+def pipeline_of(
+    sources: list[dict[str, Any]], checkpoint: Checkpoint, engine, tmp_path: Path
+) -> Pipeline:
     """A pipeline built (not run) with an annotated video, so the overlay is wired too."""
-    cfg = load_config(None, {
-        "sources": sources,
-        "model": {"device": "cpu", "precision": "fp32"},
-        "sinks": {"events": {"path": None}, "overlay": {"video": str(tmp_path / "annotated.mp4")}},
-    })
+    cfg = load_config(
+        None,
+        {
+            "sources": sources,
+            "model": {"device": "cpu", "precision": "fp32"},
+            "sinks": {
+                "events": {"path": None},
+                "overlay": {"video": str(tmp_path / "annotated.mp4")},
+            },
+        },
+    )
     return Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
 
 
@@ -71,51 +86,83 @@ def test_each_sources_pacing_reaches_its_ring_capture_the_scheduler_and_the_over
 ) -> None:
     paced = tmp_path / "paced.avi"
     shutil.copyfile(walk_clip, paced)
-    pipeline = pipeline_of([{"name": "cam", "url": "rtsp://127.0.0.1:9/cam"},
-                            {"name": "paced", "url": str(paced), "realtime": True},
-                            {"name": "replay", "url": str(walk_clip), "realtime": False}],
-                           checkpoint, engine, tmp_path)
+    pipeline = pipeline_of(
+        [
+            {"name": "cam", "url": "rtsp://127.0.0.1:9/cam"},
+            {"name": "paced", "url": str(paced), "realtime": True},
+            {"name": "replay", "url": str(walk_clip), "realtime": False},
+        ],
+        checkpoint,
+        engine,
+        tmp_path,
+    )
 
     assert pipeline.pacing == {"cam": Pacing.LIVE, "paced": Pacing.PACED, "replay": Pacing.REPLAY}
     assert {c.source_name: c.pacing for c in pipeline.captures} == pipeline.pacing
     # Only the replay's ring makes its capture wait; only the replay is taken window by window.
-    assert {r.name: r.lossless for r in pipeline.rings} == {"cam": False, "paced": False,
-                                                            "replay": True}
+    assert {r.name: r.lossless for r in pipeline.rings} == {
+        "cam": False,
+        "paced": False,
+        "replay": True,
+    }
     assert pipeline.inference.newest_only == {"cam", "paced"}
     assert not pipeline.inference.fixed_batch  # live sources: batches as they come
     # The overlay reads the replay itself; the others' frames come from their capture.
     assert pipeline.overlay is not None
     assert sorted(pipeline.overlay.frame_sources()) == ["cam", "paced"]
     assert {c.source_name: c.on_frame is not None for c in pipeline.captures} == {
-        "cam": True, "paced": True, "replay": False}
+        "cam": True,
+        "paced": True,
+        "replay": False,
+    }
 
 
 def test_a_run_of_replays_alone_takes_every_window_at_one_batch_size(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
 ) -> None:
-    pipeline = pipeline_of([{"name": "replay", "url": str(walk_clip)}], checkpoint, engine,
-                           tmp_path)
+    pipeline = pipeline_of(
+        [{"name": "replay", "url": str(walk_clip)}], checkpoint, engine, tmp_path
+    )
 
     assert pipeline.pacing == {"replay": Pacing.REPLAY}
     assert pipeline.inference.newest_only == frozenset()
     assert pipeline.inference.fixed_batch
 
 
-@pytest.mark.parametrize(("kind", "pacing", "expectation"), [
-    (SourceKind.CAMERA, Pacing.LIVE, contextlib.nullcontext()),
-    (SourceKind.STREAM, Pacing.LIVE, contextlib.nullcontext()),
-    (SourceKind.FILE, Pacing.PACED, contextlib.nullcontext()),
-    (SourceKind.FILE, Pacing.REPLAY, contextlib.nullcontext()),
-    (SourceKind.STREAM, Pacing.REPLAY, pytest.raises(ValueError, match="stream source cannot be")),
-    (SourceKind.CAMERA, Pacing.PACED, pytest.raises(ValueError, match="camera source cannot be")),
-    (SourceKind.FILE, Pacing.LIVE, pytest.raises(ValueError, match="file source cannot be")),
-])
-def test_a_capture_refuses_a_pacing_its_kind_cannot_have(kind: SourceKind, pacing: Pacing,
-                                                         expectation) -> None:
+@pytest.mark.parametrize(
+    ("kind", "pacing", "expectation"),
+    [
+        (SourceKind.CAMERA, Pacing.LIVE, contextlib.nullcontext()),
+        (SourceKind.STREAM, Pacing.LIVE, contextlib.nullcontext()),
+        (SourceKind.FILE, Pacing.PACED, contextlib.nullcontext()),
+        (SourceKind.FILE, Pacing.REPLAY, contextlib.nullcontext()),
+        (
+            SourceKind.STREAM,
+            Pacing.REPLAY,
+            pytest.raises(ValueError, match="stream source cannot be"),
+        ),
+        (
+            SourceKind.CAMERA,
+            Pacing.PACED,
+            pytest.raises(ValueError, match="camera source cannot be"),
+        ),
+        (SourceKind.FILE, Pacing.LIVE, pytest.raises(ValueError, match="file source cannot be")),
+    ],
+)
+def test_a_capture_refuses_a_pacing_its_kind_cannot_have(
+    kind: SourceKind, pacing: Pacing, expectation
+) -> None:
     ring = RingBuffer("src", length=16, stride=8, frame_shape=(3, 8, 8), lossless=pacing.lossless)
     with expectation:
-        CaptureThread("src", lambda: None, ring, PreprocessContract(), threading.Event(),
-                      kind=kind, pacing=pacing)
+        CaptureThread(
+            "src",
+            lambda: None,
+            ring,
+            PreprocessContract(),
+            threading.Event(),
+            kind=kind,
+            pacing=pacing,
+        )
 
 
 def test_the_watchdog_finds_a_session_stuck_only_past_its_phases_limit() -> None:
@@ -145,9 +192,16 @@ def test_a_source_that_does_not_reconnect_is_never_found_stuck() -> None:
     assert watch.slow_read(started=0.0, now=1e6) is None
 
 
-@pytest.mark.parametrize("module", [streamdet.sources.opening, streamdet.sources.pacing,
-                                    streamdet.sources.backoff, streamdet.sources.watchdog],
-                         ids=lambda module: module.__name__)
+@pytest.mark.parametrize(
+    "module",
+    [
+        streamdet.sources.opening,
+        streamdet.sources.pacing,
+        streamdet.sources.backoff,
+        streamdet.sources.watchdog,
+    ],
+    ids=lambda module: module.__name__,
+)
 def test_docstring_examples_run(module) -> None:
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

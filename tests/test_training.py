@@ -162,7 +162,9 @@ def test_resume_refuses_a_config_with_another_width(tmp_path):
 
 def test_an_out_dir_that_cannot_be_made_is_a_config_error(tmp_path):
     (tmp_path / "a-file").write_text("not a folder")
-    cfg = TrainConfig.model_validate(tiny_config(tmp_path, out_dir=str(tmp_path / "a-file" / "run")))
+    cfg = TrainConfig.model_validate(
+        tiny_config(tmp_path, out_dir=str(tmp_path / "a-file" / "run"))
+    )
     with pytest.raises(ConfigError, match="out_dir .*a-file/run: cannot create it"):
         train(cfg, resume=None, max_steps=1, progress=False)
 
@@ -358,8 +360,12 @@ def _one_error_line(code: int, out: str, err: str) -> str:
 
 @pytest.mark.parametrize(
     ("option", "value", "expected"),
-    [("--batch-size", "0", ">= 1"), ("--workers", "-1", ">= 0"), ("--threads", "0", ">= 1"),
-     ("--batch-size", "many", ">= 1")],
+    [
+        ("--batch-size", "0", ">= 1"),
+        ("--workers", "-1", ">= 0"),
+        ("--threads", "0", ">= 1"),
+        ("--batch-size", "many", ">= 1"),
+    ],
 )
 def test_eval_with_a_count_out_of_range_is_a_usage_error(tmp_path, capsys, option, value, expected):
     """``eval --batch-size 0`` was an internal error (DataLoader's ValueError, exit 1)."""
@@ -368,8 +374,18 @@ def test_eval_with_a_count_out_of_range_is_a_usage_error(tmp_path, capsys, optio
     weights = tmp_path / "w.safetensors"
     save_checkpoint(weights, C3D_BN(len(CLASSES), width=0.0625), class_names=CLASSES)
 
-    code = main(["eval", "--weights", str(weights), "--synthetic", "2", "--background-videos",
-                 option, value])
+    code = main(
+        [
+            "eval",
+            "--weights",
+            str(weights),
+            "--synthetic",
+            "2",
+            "--background-videos",
+            option,
+            value,
+        ]
+    )
 
     out, err = capsys.readouterr()
     line = _one_error_line(code, out, err)
@@ -386,14 +402,30 @@ def test_an_empty_background_video_is_one_short_error_line_naming_it(tmp_path, w
     empty.write_bytes(b"")
 
     done = subprocess.run(
-        [sys.executable, "-m", "streamdet", "eval", "--weights", str(weights), "--synthetic", "2",
-         "--workers", workers, "--background-videos", str(empty)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "streamdet",
+            "eval",
+            "--weights",
+            str(weights),
+            "--synthetic",
+            "2",
+            "--workers",
+            workers,
+            "--background-videos",
+            str(empty),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
 
     line = _one_error_line(done.returncode, done.stdout, done.stderr)
-    assert line == (f"error: background video {empty}: not a readable video file (empty or not "
-                    f"a file)")
+    assert line == (
+        f"error: background video {empty}: not a readable video file (empty or not a file)"
+    )
 
 
 @pytest.mark.parametrize(("option", "value"), [("batch_size", 0), ("workers", -1), ("threads", 0)])

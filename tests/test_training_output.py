@@ -47,8 +47,10 @@ def test_progress_in_a_log_is_plain_lines_without_carriage_returns() -> None:
     lines = log.getvalue().splitlines()
     assert "\r" not in log.getvalue()
     # The first batch, then the epoch's last (the rest are within every_s).
-    assert lines == ["epoch 1/1 1/3 loss 0.500 acc 0.250 3.0 clips/s",
-                     "epoch 1/1 3/3 loss 0.500 acc 0.250 3.0 clips/s"]
+    assert lines == [
+        "epoch 1/1 1/3 loss 0.500 acc 0.250 3.0 clips/s",
+        "epoch 1/1 3/3 loss 0.500 acc 0.250 3.0 clips/s",
+    ]
 
 
 def test_disabled_progress_writes_nothing() -> None:
@@ -62,8 +64,16 @@ needs_matplotlib = pytest.mark.skipif(not plots.AVAILABLE, reason=plots.INSTALL_
 
 @needs_matplotlib
 def test_curves_are_a_png_that_shows_both_panels(tmp_path) -> None:
-    history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 2.2 / e, "train_acc": 0.2 * e,
-                "val_acc": 0.18 * e} for e in range(1, 5)]
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 2.0 / e,
+            "val_loss": 2.2 / e,
+            "train_acc": 0.2 * e,
+            "val_acc": 0.18 * e,
+        }
+        for e in range(1, 5)
+    ]
     path = tmp_path / "curves.png"
     plots.plot_curves(history, path)
     img = cv2.imread(str(path))

@@ -107,10 +107,14 @@ def test_fp16_checkpoint_stores_half_tensors_and_loads_as_float32(
     loaded = load_checkpoint(half).model
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     assert torch.equal(loaded.fc6.weight, model.fc6.weight.half().float())
-    torch.testing.assert_close(run(loaded, clip), logits, rtol=2e-2, atol=2e-2 * float(logits.abs().max()))
+    torch.testing.assert_close(
+        run(loaded, clip), logits, rtol=2e-2, atol=2e-2 * float(logits.abs().max())
+    )
 
 
-def test_save_checkpoint_refuses_class_names_that_do_not_match_the_model(tmp_path: Path, model: C3D_BN) -> None:
+def test_save_checkpoint_refuses_class_names_that_do_not_match_the_model(
+    tmp_path: Path, model: C3D_BN
+) -> None:
     with pytest.raises(ValueError, match="2 names, but the model has 3 classes"):
         save_checkpoint(tmp_path / "m.safetensors", model, class_names=["a", "b"])
     assert not list(tmp_path.iterdir())
@@ -129,7 +133,11 @@ def test_save_checkpoint_refuses_class_names_that_do_not_match_the_model(tmp_pat
     ids=["plain", "nested-state_dict", "dataparallel-prefix"],
 )
 def test_plain_state_dict_loads_with_weights_only(
-    tmp_path: Path, model: C3D_BN, clip: torch.Tensor, logits: torch.Tensor, wrap: Callable[[dict], Any]
+    tmp_path: Path,
+    model: C3D_BN,
+    clip: torch.Tensor,
+    logits: torch.Tensor,
+    wrap: Callable[[dict], Any],
 ) -> None:
     path = tmp_path / "model.pt"
     torch.save(wrap(model.state_dict()), path)
@@ -213,9 +221,13 @@ def _pickle_dump(obj: object, path: Path) -> None:
         pickle.dump(obj, f)
 
 
-@pytest.mark.parametrize("payload", [_TouchOnUnpickle, _ShellOnUnpickle], ids=["Path.touch", "os.system"])
 @pytest.mark.parametrize(
-    "write", [_torch_save, _torch_save_legacy, _pickle_dump], ids=["torch.save", "torch.save-legacy", "pickle.dump"]
+    "payload", [_TouchOnUnpickle, _ShellOnUnpickle], ids=["Path.touch", "os.system"]
+)
+@pytest.mark.parametrize(
+    "write",
+    [_torch_save, _torch_save_legacy, _pickle_dump],
+    ids=["torch.save", "torch.save-legacy", "pickle.dump"],
 )
 def test_crafted_pickle_is_refused_and_its_code_never_runs(
     tmp_path: Path, model: C3D_BN, payload: type, write: Callable[[object, Path], None]
@@ -253,8 +265,13 @@ def sports1m_state() -> dict[str, torch.Tensor]:
 
 def _plain_c3d_features(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The original C3D trunk (conv -> ReLU -> pool, no BN), written out with functional ops."""
-    pools = {"conv1": ((1, 2, 2), (0, 0, 0)), "conv2": ((2, 2, 2), (0, 0, 0)), "conv3b": ((2, 2, 2), (0, 0, 0)),
-             "conv4b": ((2, 2, 2), (0, 0, 0)), "conv5b": ((2, 2, 2), (0, 1, 1))}
+    pools = {
+        "conv1": ((1, 2, 2), (0, 0, 0)),
+        "conv2": ((2, 2, 2), (0, 0, 0)),
+        "conv3b": ((2, 2, 2), (0, 0, 0)),
+        "conv4b": ((2, 2, 2), (0, 0, 0)),
+        "conv5b": ((2, 2, 2), (0, 1, 1)),
+    }
     for name in ("conv1", "conv2", "conv3a", "conv3b", "conv4a", "conv4b", "conv5a", "conv5b"):
         x = F.relu(F.conv3d(x, state[f"{name}.weight"], state[f"{name}.bias"], padding=1))
         if name in pools:
@@ -314,7 +331,9 @@ def test_import_sports1m_reports_every_mismatched_key(
 def test_import_sports1m_from_a_file_names_the_file_and_missing_keys(tmp_path: Path) -> None:
     path = tmp_path / "c3d_partial.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3, 3), "conv1.bias": torch.zeros(64)}, path)
-    with pytest.raises(WeightsError, match=r"c3d_partial\.pth: not a Sports-1M C3D state dict") as raised:
+    with pytest.raises(
+        WeightsError, match=r"c3d_partial\.pth: not a Sports-1M C3D state dict"
+    ) as raised:
         import_sports1m(path)
     assert "conv2.weight: missing" in str(raised.value) and "fc7.bias: missing" in str(raised.value)
 
@@ -341,60 +360,118 @@ def _state_dict_file(model: C3D_BN, dest: Path) -> None:
 LOAD_ERRORS: dict[str, tuple[str, Callable[[Path, Path, C3D_BN], None], dict[str, Any], str]] = {
     "missing-file": ("nope.safetensors", lambda src, dst, m: None, {}, "not found"),
     "directory": ("dir.safetensors", lambda src, dst, m: dst.mkdir(), {}, "is a directory"),
-    "truncated-safetensors": ("cut.safetensors", lambda src, dst, m: _truncate(src, dst), {},
-                              "not a readable safetensors file"),
+    "truncated-safetensors": (
+        "cut.safetensors",
+        lambda src, dst, m: _truncate(src, dst),
+        {},
+        "not a readable safetensors file",
+    ),
     "truncated-state-dict": (
-        "cut.pt", lambda src, dst, m: (_state_dict_file(m, dst.with_suffix(".full")),
-                                       _truncate(dst.with_suffix(".full"), dst)), {"width": SMALL}, "truncated",
+        "cut.pt",
+        lambda src, dst, m: (
+            _state_dict_file(m, dst.with_suffix(".full")),
+            _truncate(dst.with_suffix(".full"), dst),
+        ),
+        {"width": SMALL},
+        "truncated",
     ),
     "empty-file": ("empty.pt", lambda src, dst, m: dst.write_bytes(b""), {}, "truncated"),
-    "garbage-safetensors": ("junk.safetensors", lambda src, dst, m: dst.write_bytes(os.urandom(4096)), {},
-                            "not a readable safetensors file"),
-    "garbage-pt": ("junk.pt", lambda src, dst, m: dst.write_bytes(b"\x80\x02" + os.urandom(4094)), {}, "junk.pt"),
-    "text-file": ("notes.pt", lambda src, dst, m: dst.write_text("not a model\n" * 10), {}, "notes.pt"),
-    "wrong-arch": ("arch.safetensors", lambda src, dst, m: _rewrite_metadata(src, dst, arch="resnet50"), {},
-                   "architecture 'resnet50'"),
+    "garbage-safetensors": (
+        "junk.safetensors",
+        lambda src, dst, m: dst.write_bytes(os.urandom(4096)),
+        {},
+        "not a readable safetensors file",
+    ),
+    "garbage-pt": (
+        "junk.pt",
+        lambda src, dst, m: dst.write_bytes(b"\x80\x02" + os.urandom(4094)),
+        {},
+        "junk.pt",
+    ),
+    "text-file": (
+        "notes.pt",
+        lambda src, dst, m: dst.write_text("not a model\n" * 10),
+        {},
+        "notes.pt",
+    ),
+    "wrong-arch": (
+        "arch.safetensors",
+        lambda src, dst, m: _rewrite_metadata(src, dst, arch="resnet50"),
+        {},
+        "architecture 'resnet50'",
+    ),
     "corrupt-class-names-json": (
-        "names.safetensors", lambda src, dst, m: _rewrite_metadata(src, dst, class_names='["none", "fall"'), {},
+        "names.safetensors",
+        lambda src, dst, m: _rewrite_metadata(src, dst, class_names='["none", "fall"'),
+        {},
         "corrupt metadata",
     ),
     "class-names-not-a-list": (
-        "names2.safetensors", lambda src, dst, m: _rewrite_metadata(src, dst, class_names='"abc"'), {},
+        "names2.safetensors",
+        lambda src, dst, m: _rewrite_metadata(src, dst, class_names='"abc"'),
+        {},
         "class_names",
     ),
     "corrupt-preprocess-json": (
-        "pre.safetensors", lambda src, dst, m: _rewrite_metadata(src, dst, preprocess="{resize: 128"), {},
+        "pre.safetensors",
+        lambda src, dst, m: _rewrite_metadata(src, dst, preprocess="{resize: 128"),
+        {},
         "corrupt metadata",
     ),
     "invalid-preprocess-contract": (
-        "pre2.safetensors", lambda src, dst, m: _rewrite_metadata(src, dst, preprocess='{"crop": 0}'), {}, "crop",
+        "pre2.safetensors",
+        lambda src, dst, m: _rewrite_metadata(src, dst, preprocess='{"crop": 0}'),
+        {},
+        "crop",
     ),
     "width-nan-in-metadata": (
-        "w.safetensors", lambda src, dst, m: _rewrite_metadata(src, dst, width="nan"), {}, "width",
+        "w.safetensors",
+        lambda src, dst, m: _rewrite_metadata(src, dst, width="nan"),
+        {},
+        "width",
     ),
     "class-count-mismatch-in-metadata": (
-        "n.safetensors", lambda src, dst, m: _rewrite_metadata(src, dst, num_classes="4"), {}, "3 class names for 4",
+        "n.safetensors",
+        lambda src, dst, m: _rewrite_metadata(src, dst, num_classes="4"),
+        {},
+        "3 class names for 4",
     ),
     "wrong-class-count-requested": (
-        "ok.safetensors", lambda src, dst, m: dst.write_bytes(src.read_bytes()), {"num_classes": 8},
+        "ok.safetensors",
+        lambda src, dst, m: dst.write_bytes(src.read_bytes()),
+        {"num_classes": 8},
         "has 3 classes, but 8 were asked for",
     ),
     "wrong-width-requested": (
-        "ok.safetensors", lambda src, dst, m: dst.write_bytes(src.read_bytes()), {"width": 0.125}, "width",
+        "ok.safetensors",
+        lambda src, dst, m: dst.write_bytes(src.read_bytes()),
+        {"width": 0.125},
+        "width",
     ),
     "state-dict-wrong-class-count": (
-        "sd.pt", lambda src, dst, m: _state_dict_file(m, dst), {"width": SMALL, "num_classes": 8},
+        "sd.pt",
+        lambda src, dst, m: _state_dict_file(m, dst),
+        {"width": SMALL, "num_classes": 8},
         "fc8.weight: expected shape (8, 256), got (3, 256)",
     ),
     "state-dict-wrong-width": (
-        "sd.pt", lambda src, dst, m: _state_dict_file(m, dst), {"width": 0.125},
+        "sd.pt",
+        lambda src, dst, m: _state_dict_file(m, dst),
+        {"width": 0.125},
         "conv1.weight: expected shape (8, 3, 3, 3, 3), got (4, 3, 3, 3, 3)",
     ),
-    "not-a-state-dict": ("obj.pt", lambda src, dst, m: torch.save({"lr": 0.1}, dst), {}, "state dict of tensors"),
+    "not-a-state-dict": (
+        "obj.pt",
+        lambda src, dst, m: torch.save({"lr": 0.1}, dst),
+        {},
+        "state dict of tensors",
+    ),
 }
 
 
-@pytest.mark.parametrize(("file_name", "make", "kwargs", "expected"), LOAD_ERRORS.values(), ids=LOAD_ERRORS.keys())
+@pytest.mark.parametrize(
+    ("file_name", "make", "kwargs", "expected"), LOAD_ERRORS.values(), ids=LOAD_ERRORS.keys()
+)
 def test_every_load_error_is_a_one_line_weights_error(
     tmp_path: Path,
     checkpoint_path: Path,

@@ -43,7 +43,9 @@ def _windows_of(clip: Path, length: int = 16, stride: int = 8) -> torch.Tensor:
     cap.release()
     x = np.stack(frames, 1)  # T x (3, 112, 112) -> (3, T, 112, 112)
     starts = range(0, len(frames) - length + 1, stride)
-    return torch.from_numpy(np.stack([x[:, s:s + length] for s in starts]))  # (N, 3, 16, 112, 112)
+    return torch.from_numpy(
+        np.stack([x[:, s : s + length] for s in starts])
+    )  # (N, 3, 16, 112, 112)
 
 
 def make_tiny_weights(folder: Path, clip: Path) -> Path:

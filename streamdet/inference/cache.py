@@ -95,8 +95,12 @@ def load_calibration(prepared: nn.Module, path: Path) -> bool:
         prepared.load_state_dict(torch.load(path, weights_only=True))
     except Exception as exc:  # torch.load and load_state_dict raise several types for bad files
         reason = " ".join(str(exc).split())[:200]
-        log.warning("int8: ignoring unreadable calibration cache %s (%s: %s); recalibrating",
-                    path, type(exc).__name__, reason)
+        log.warning(
+            "int8: ignoring unreadable calibration cache %s (%s: %s); recalibrating",
+            path,
+            type(exc).__name__,
+            reason,
+        )
         return False
     return True
 

@@ -11,8 +11,13 @@ from streamdet.preprocess import DEFAULT_CONTRACT, PreprocessContract
 from streamdet.windows import video_windows
 
 
-def calibration_windows(video: str | Path, n: int = 8, *, stride: int = 8,
-                        contract: PreprocessContract = DEFAULT_CONTRACT) -> torch.Tensor:
+def calibration_windows(
+    video: str | Path,
+    n: int = 8,
+    *,
+    stride: int = 8,
+    contract: PreprocessContract = DEFAULT_CONTRACT,
+) -> torch.Tensor:
     """Up to ``n`` preprocessed windows (n, 3, 16, 112, 112) from the start of a video file.
 
     For ``build_engine(..., check_clips=...)``: int8 scales calibrated on the footage the model

@@ -84,10 +84,18 @@ class Engine:
     they come.
     """
 
-    def __init__(self, model: Callable[[torch.Tensor], torch.Tensor], device: torch.device, precision: str,
-                 num_classes: int, autocast_dtype: torch.dtype | None = None, *,
-                 input_dtype: torch.dtype | None = None, path: str | None = None,
-                 channels_last_input: bool = True) -> None:
+    def __init__(
+        self,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
+        precision: str,
+        num_classes: int,
+        autocast_dtype: torch.dtype | None = None,
+        *,
+        input_dtype: torch.dtype | None = None,
+        path: str | None = None,
+        channels_last_input: bool = True,
+    ) -> None:
         self.model = model
         self.device = device
         self.precision = precision
@@ -98,7 +106,9 @@ class Engine:
             params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
             input_dtype = params[0].dtype if params and autocast_dtype is None else torch.float32
         self._input_dtype = input_dtype
-        self._input_format = torch.channels_last_3d if channels_last_input else torch.contiguous_format
+        self._input_format = (
+            torch.channels_last_3d if channels_last_input else torch.contiguous_format
+        )
         self._graphed: GraphedForward | None = None  # CUDA graphs, when use_cuda_graphs was called
 
     def __repr__(self) -> str:
@@ -108,9 +118,15 @@ class Engine:
     def concurrent(self) -> bool:
         """True when several threads may call this engine at once: the CPU paths, which keep no
         state between calls. torch.compile's code and CUDA graphs are not made for that."""
-        return self.device.type == "cpu" and not self.path.endswith("-compiled") and self._graphed is None
+        return (
+            self.device.type == "cpu"
+            and not self.path.endswith("-compiled")
+            and self._graphed is None
+        )
 
-    def use_cuda_graphs(self, sizes: Sequence[int], capture: Callable[..., Any] | None = None) -> None:
+    def use_cuda_graphs(
+        self, sizes: Sequence[int], capture: Callable[..., Any] | None = None
+    ) -> None:
         """Replay CUDA graphs for these batch sizes (a batch is padded up to the next size)."""
         example = torch.zeros((1, *INPUT_SHAPE), dtype=self._input_dtype, device=self.device)
         example = example.contiguous(memory_format=self._input_format)
@@ -130,7 +146,9 @@ class Engine:
 
     def __call__(self, clips: torch.Tensor) -> torch.Tensor:
         if clips.dim() != 5 or tuple(clips.shape[1:]) != INPUT_SHAPE:
-            raise ValueError(f"expected (B, {', '.join(map(str, INPUT_SHAPE))}), but got {tuple(clips.shape)}")
+            raise ValueError(
+                f"expected (B, {', '.join(map(str, INPUT_SHAPE))}), but got {tuple(clips.shape)}"
+            )
         with torch.inference_mode():
             x = self.prepare(clips)
             forward = self._graphed or self._run
@@ -151,12 +169,27 @@ CUDA_CONV1_CHANNELS = 8
 
 # Every way this package can run the model. build_engine picks one per precision and device;
 # the benchmarks time them all.
-PATHS = ("fp32-eager", "fp32-packed", "fp32-compiled", "bf16-eager", "bf16-packed", "bf16-compiled",
-         "bf16-autocast", "fp16-autocast", "int8")
+PATHS = (
+    "fp32-eager",
+    "fp32-packed",
+    "fp32-compiled",
+    "bf16-eager",
+    "bf16-packed",
+    "bf16-compiled",
+    "bf16-autocast",
+    "fp16-autocast",
+    "int8",
+)
 
 
-def build_path(model: C3D_BN, device: torch.device, path: str, *,
-               calibration_clips: torch.Tensor | None = None, cache_dir: str | Path | None = None) -> Engine:
+def build_path(
+    model: C3D_BN,
+    device: torch.device,
+    path: str,
+    *,
+    calibration_clips: torch.Tensor | None = None,
+    cache_dir: str | Path | None = None,
+) -> Engine:
     """Build one named inference path (no check against fp32; see :func:`build_engine`).
 
     Args:
@@ -178,11 +211,15 @@ def build_path(model: C3D_BN, device: torch.device, path: str, *,
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if path == "int8":
-        return build_int8_engine(model, device, calibration_clips=calibration_clips, cache_dir=cache)
+        return build_int8_engine(
+            model, device, calibration_clips=calibration_clips, cache_dir=cache
+        )
     if path.endswith("-autocast"):
         if device.type != "cuda":
             raise ValueError(f"path {path} needs CUDA; on the CPU use bf16-packed or fp32-packed")
-        return Engine(_prepare(model, device), device, precision, num_classes, autocast_dtype=dtype, path=path)
+        return Engine(
+            _prepare(model, device), device, precision, num_classes, autocast_dtype=dtype, path=path
+        )
     if path.endswith("-eager"):
         return Engine(_prepare(model, device).to(dtype), device, precision, num_classes, path=path)
     if path.endswith("-packed"):
@@ -192,8 +229,15 @@ def build_path(model: C3D_BN, device: torch.device, path: str, *,
         # the fold also converts the float32 clip, so it gets the clip as it comes
         fold = dtype == torch.bfloat16
         net = PackedNet(InferenceNet(_prepare(model, device), fold_conv1=fold), dtype)
-        return Engine(net, device, precision, num_classes, input_dtype=torch.float32 if fold else dtype, path=path,
-                      channels_last_input=not fold)
+        return Engine(
+            net,
+            device,
+            precision,
+            num_classes,
+            input_dtype=torch.float32 if fold else dtype,
+            path=path,
+            channels_last_input=not fold,
+        )
     if path.endswith("-compiled"):
         cuda = device.type == "cuda"
         # On CUDA Inductor also times its Triton convolutions against cuDNN's, layer by layer.
@@ -224,11 +268,19 @@ def build_int8_engine(
         raise ValueError(f"precision int8 runs on the CPU only, but device is {device}")
     if calibration_clips is None:
         log.warning("int8: no real windows given to calibrate on; using random clips")
-        calibration_clips = torch.randn((4, *INPUT_SHAPE), generator=torch.Generator().manual_seed(0))
+        calibration_clips = torch.randn(
+            (4, *INPUT_SHAPE), generator=torch.Generator().manual_seed(0)
+        )
     quantized = quantize_int8(model, calibration_clips, cache_dir=cache_dir or default_cache_dir())
     # the float WidthFold in front changes the layout itself (fastpath.WidthFold)
-    return Engine(quantized, device, "int8", model.num_classes, input_dtype=torch.float32,
-                  channels_last_input=False)
+    return Engine(
+        quantized,
+        device,
+        "int8",
+        model.num_classes,
+        input_dtype=torch.float32,
+        channels_last_input=False,
+    )
 
 
 def _preferred_path(device: torch.device, precision: str, compile: bool) -> str:
@@ -247,8 +299,15 @@ def _preferred_path(device: torch.device, precision: str, compile: bool) -> str:
     return f"{precision}-packed" if onednn_prepack_available() else f"{precision}-eager"
 
 
-def _candidate(model: C3D_BN, device: torch.device, precision: str, *, compile: bool = False,
-               calibration_clips: torch.Tensor | None = None, cache_dir: Path | None = None) -> Engine:
+def _candidate(
+    model: C3D_BN,
+    device: torch.device,
+    precision: str,
+    *,
+    compile: bool = False,
+    calibration_clips: torch.Tensor | None = None,
+    cache_dir: Path | None = None,
+) -> Engine:
     if precision not in PRECISIONS or precision == Precision.AUTO:
         raise ValueError(f"precision must be one of {PRECISIONS[1:]}, but got {precision!r}")
     path = _preferred_path(device, precision, compile)
@@ -279,9 +338,15 @@ def _configure_cuda() -> None:
 CHECK_BATCH = 4
 
 
-def check_engine(engine: Callable[[torch.Tensor], torch.Tensor], reference: Callable[[torch.Tensor], torch.Tensor],
-                 clips: torch.Tensor, *, max_rel_error: float = 0.05, batch: int = CHECK_BATCH,
-                 expected: torch.Tensor | None = None) -> tuple[bool, float, float]:
+def check_engine(
+    engine: Callable[[torch.Tensor], torch.Tensor],
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    clips: torch.Tensor,
+    *,
+    max_rel_error: float = 0.05,
+    batch: int = CHECK_BATCH,
+    expected: torch.Tensor | None = None,
+) -> tuple[bool, float, float]:
     """Compare ``engine`` with an fp32 ``reference`` on ``clips``.
 
     Args:
@@ -304,8 +369,9 @@ def _compile_notice(device: torch.device) -> str:
     return " (torch.compile: tens of seconds on a cold cache)"
 
 
-def warm_other_batch_size(engine: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor,
-                          batch: int = CHECK_BATCH) -> None:
+def warm_other_batch_size(
+    engine: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor, batch: int = CHECK_BATCH
+) -> None:
     """Call ``engine`` once on a batch size the start-up check (chunks of ``batch``) did not use.
 
     A compiled engine compiles again, for any batch size, the first time it sees a second size;
@@ -319,12 +385,15 @@ def warm_other_batch_size(engine: Callable[[torch.Tensor], torch.Tensor], clips:
     engine(clips[:1].expand(size, *clips.shape[1:]).contiguous())
 
 
-def _run_batched(fn: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor,
-                 batch: int = CHECK_BATCH) -> torch.Tensor:
-    return torch.cat([fn(clips[i:i + batch]).cpu() for i in range(0, clips.shape[0], batch)])
+def _run_batched(
+    fn: Callable[[torch.Tensor], torch.Tensor], clips: torch.Tensor, batch: int = CHECK_BATCH
+) -> torch.Tensor:
+    return torch.cat([fn(clips[i : i + batch]).cpu() for i in range(0, clips.shape[0], batch)])
 
 
-def _reference_logits(model: C3D_BN, reference: Engine, clips: torch.Tensor, cache: Path) -> torch.Tensor:
+def _reference_logits(
+    model: C3D_BN, reference: Engine, clips: torch.Tensor, cache: Path
+) -> torch.Tensor:
     """fp32 logits of ``clips``, cached by the weights' and clips' sha256 (fp32 is the slow part
     of a start-up check: ~1 s per clip for the full C3D_BN on a CPU)."""
     path = reference_logits_path(cache, model, clips)
@@ -335,11 +404,17 @@ def _reference_logits(model: C3D_BN, reference: Engine, clips: torch.Tensor, cac
     return logits
 
 
-def build_engine(model: C3D_BN, device: str | Device | torch.device = Device.CPU,
-                 precision: str | Precision = Precision.AUTO, *,
-                 check_clips: torch.Tensor | None = None, compile: bool = False,
-                 cache_dir: str | Path | None = None, max_rel_error: float = 0.05,
-                 cuda_graph_sizes: Sequence[int] = ()) -> Engine:
+def build_engine(
+    model: C3D_BN,
+    device: str | Device | torch.device = Device.CPU,
+    precision: str | Precision = Precision.AUTO,
+    *,
+    check_clips: torch.Tensor | None = None,
+    compile: bool = False,
+    cache_dir: str | Path | None = None,
+    max_rel_error: float = 0.05,
+    cuda_graph_sizes: Sequence[int] = (),
+) -> Engine:
     """Build the fastest correct inference path for ``model`` on ``device``.
 
     Args:
@@ -373,10 +448,14 @@ def build_engine(model: C3D_BN, device: str | Device | torch.device = Device.CPU
         device = Device.CPU  # PyTorch's int8 kernels are CPU kernels, even where a GPU is present
     dev = device if isinstance(device, torch.device) else select_device(device)
     if precision == "fp16" and dev.type != "cuda":
-        raise StreamdetError(f"precision fp16 needs CUDA, but the model runs on {dev.type}: use bf16, fp32 or int8")
+        raise StreamdetError(
+            f"precision fp16 needs CUDA, but the model runs on {dev.type}: use bf16, fp32 or int8"
+        )
     if precision == "int8" and dev.type != "cpu":
-        raise StreamdetError(f"precision int8 runs on the CPU only (PyTorch's int8 kernels), but the device is "
-                             f"{dev.type}: set device cpu (or auto), or use bf16 or fp16 on CUDA")
+        raise StreamdetError(
+            f"precision int8 runs on the CPU only (PyTorch's int8 kernels), but the device is "
+            f"{dev.type}: set device cpu (or auto), or use bf16 or fp16 on CUDA"
+        )
     model = model.eval()
     chosen = _auto_precision(dev) if precision == "auto" else precision
     if dev.type == "cuda":
@@ -386,9 +465,15 @@ def build_engine(model: C3D_BN, device: str | Device | torch.device = Device.CPU
         gen = torch.Generator().manual_seed(0)
         check_clips = torch.randn((2, *INPUT_SHAPE), generator=gen)
     t0 = time.perf_counter()
-    log.info("inference: building the %s path on %s%s", chosen, dev,
-             _compile_notice(dev) if compile else "")
-    engine = _candidate(model, dev, chosen, compile=compile, calibration_clips=check_clips, cache_dir=cache)
+    log.info(
+        "inference: building the %s path on %s%s",
+        chosen,
+        dev,
+        _compile_notice(dev) if compile else "",
+    )
+    engine = _candidate(
+        model, dev, chosen, compile=compile, calibration_clips=check_clips, cache_dir=cache
+    )
     if cuda_graph_sizes:
         if dev.type == "cuda":
             engine.use_cuda_graphs(cuda_graph_sizes)
@@ -396,25 +481,48 @@ def build_engine(model: C3D_BN, device: str | Device | torch.device = Device.CPU
             log.info("inference: CUDA graphs asked for, but the model runs on %s: not used", dev)
     # Reference: the model as trained (BN not folded), fp32, eager.
     ref_model = model if dev.type == "cpu" else copy.deepcopy(model).to(dev)
-    reference = Engine(ref_model, dev, "fp32", model.num_classes, input_dtype=torch.float32, path="fp32-reference")
-    log.info("inference: checking %s against fp32 on %d windows (the first call also compiles/warms up)",
-             engine.path, check_clips.shape[0])
+    reference = Engine(
+        ref_model, dev, "fp32", model.num_classes, input_dtype=torch.float32, path="fp32-reference"
+    )
+    log.info(
+        "inference: checking %s against fp32 on %d windows (the first call also compiles/warms up)",
+        engine.path,
+        check_clips.shape[0],
+    )
     expected = _reference_logits(model, reference, check_clips, cache)
-    ok, agree, rel = check_engine(engine, reference, check_clips, max_rel_error=max_rel_error, expected=expected)
+    ok, agree, rel = check_engine(
+        engine, reference, check_clips, max_rel_error=max_rel_error, expected=expected
+    )
     if not ok:
-        log.warning("precision %s (%s) disagrees with fp32 (top-1 agreement %.0f%%, relative error %.3g): "
-                    "using fp32", chosen, engine.path, agree * 100, rel)
+        log.warning(
+            "precision %s (%s) disagrees with fp32 (top-1 agreement %.0f%%, relative error %.3g): "
+            "using fp32",
+            chosen,
+            engine.path,
+            agree * 100,
+            rel,
+        )
         if chosen == "fp32":
             return reference
         engine = _candidate(model, dev, "fp32", cache_dir=cache)
-        ok, agree, rel = check_engine(engine, reference, check_clips, max_rel_error=max_rel_error,
-                                      expected=expected)
+        ok, agree, rel = check_engine(
+            engine, reference, check_clips, max_rel_error=max_rel_error, expected=expected
+        )
         if not ok:
-            log.warning("path %s disagrees with the model too (relative error %.3g): using plain eager fp32",
-                        engine.path, rel)
+            log.warning(
+                "path %s disagrees with the model too (relative error %.3g): using plain eager fp32",
+                engine.path,
+                rel,
+            )
             return reference
     if engine.path.endswith("-compiled"):
         warm_other_batch_size(engine, check_clips)
-    log.info("inference path: %s on %s (top-1 agreement %.0f%%, relative error %.2g vs fp32; ready in %.1f s)",
-             engine.path, dev, agree * 100, rel, time.perf_counter() - t0)
+    log.info(
+        "inference path: %s on %s (top-1 agreement %.0f%%, relative error %.2g vs fp32; ready in %.1f s)",
+        engine.path,
+        dev,
+        agree * 100,
+        rel,
+        time.perf_counter() - t0,
+    )
     return engine

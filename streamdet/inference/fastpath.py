@@ -31,7 +31,13 @@ from streamdet.models.c3d import C3D_BN, conv_names
 log = logging.getLogger(__name__)
 
 # conv name -> name of the pool after it (the C3D layout; pool names follow the conv's stage).
-_POOL_AFTER = {"conv1": "pool1", "conv2": "pool2", "conv3b": "pool3", "conv4b": "pool4", "conv5b": "pool5"}
+_POOL_AFTER = {
+    "conv1": "pool1",
+    "conv2": "pool2",
+    "conv3b": "pool3",
+    "conv4b": "pool4",
+    "conv5b": "pool5",
+}
 
 
 class InferenceNet(nn.Module):
@@ -53,7 +59,9 @@ class InferenceNet(nn.Module):
         super().__init__()
         for name in conv_names():
             if not isinstance(getattr(fused, f"{name}_bn"), nn.Identity):
-                raise ValueError(f"InferenceNet needs a BN-folded model, but {name}_bn is not folded")
+                raise ValueError(
+                    f"InferenceNet needs a BN-folded model, but {name}_bn is not folded"
+                )
         self.num_classes = fused.num_classes
         convs: list[nn.Module] = [getattr(fused, name) for name in conv_names()]
         conv1 = convs[0]
@@ -66,7 +74,8 @@ class InferenceNet(nn.Module):
             convs[0] = nn.Sequential(ChannelPad(pad_conv1), channel_padded_conv(conv1, pad_conv1))
         self.convs = nn.ModuleList(convs)
         self.pools = nn.ModuleList(
-            getattr(fused, _POOL_AFTER[name]) if name in _POOL_AFTER else nn.Identity() for name in conv_names()
+            getattr(fused, _POOL_AFTER[name]) if name in _POOL_AFTER else nn.Identity()
+            for name in conv_names()
         )
         self.fc6, self.fc7, self.fc8 = fused.fc6, fused.fc7, fused.fc8
 
@@ -81,7 +90,9 @@ class InferenceNet(nn.Module):
 
 def onednn_prepack_available() -> bool:
     """True when this PyTorch build can prepack 3D conv weights for oneDNN."""
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(
+        torch.ops.mkldnn, "_convolution_pointwise"
+    )
 
 
 class PackedConv3dReLU(nn.Module):
@@ -112,7 +123,16 @@ class PackedConv3dReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._convolution_pointwise(
-            x, self.weight, self.bias, self.padding, self.stride, self.dilation, 1, "relu", [None], ""
+            x,
+            self.weight,
+            self.bias,
+            self.padding,
+            self.stride,
+            self.dilation,
+            1,
+            "relu",
+            [None],
+            "",
         )
 
 
@@ -140,7 +160,10 @@ class WidthFold(nn.Module):
         dtype: the folded tensor's dtype (None: the input's).
     """
 
-    _KERNEL_BITS = {torch.float32: (torch.int32, np.uint32), torch.bfloat16: (torch.int16, np.uint16)}
+    _KERNEL_BITS = {
+        torch.float32: (torch.int32, np.uint32),
+        torch.bfloat16: (torch.int16, np.uint16),
+    }
 
     def __init__(self, taps: int, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -152,9 +175,16 @@ class WidthFold(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.dtype or x.dtype
         compiled = kernels.get()
-        if (compiled is not None and self.taps == 3 and x.dim() == 5 and x.shape[1] == 3
-                and x.dtype == torch.float32 and dtype in self._KERNEL_BITS and x.device.type == "cpu"
-                and x.is_contiguous()):
+        if (
+            compiled is not None
+            and self.taps == 3
+            and x.dim() == 5
+            and x.shape[1] == 3
+            and x.dtype == torch.float32
+            and dtype in self._KERNEL_BITS
+            and x.device.type == "cpu"
+            and x.is_contiguous()
+        ):
             return self._kernel_fold(compiled.fold_width3, x, dtype)
         pad = self.taps // 2
         b, c, t, h, w = x.shape
@@ -163,7 +193,9 @@ class WidthFold(nn.Module):
         folded = padded.as_strided((b, c * self.taps, t, h, w), (s[0], 1, s[2], s[3], c))
         return folded.contiguous(memory_format=torch.channels_last_3d)
 
-    def _kernel_fold(self, fold: Callable[..., None], x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _kernel_fold(
+        self, fold: Callable[..., None], x: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
         storage, bits = self._KERNEL_BITS[dtype]
         b, c, t, h, w = x.shape
         out = torch.empty((b, t, h, w, c * self.taps), dtype=storage)
@@ -181,10 +213,18 @@ def width_folded_conv(conv: nn.Conv3d) -> nn.Conv3d:
     """
     kt, kh, kw = conv.kernel_size
     pt, ph, pw = _triple(conv.padding)  # type: ignore[arg-type]
-    if (conv.stride != (1, 1, 1) or conv.dilation != (1, 1, 1) or conv.groups != 1 or conv.bias is None
-            or kw % 2 != 1 or pw != kw // 2):
-        raise ValueError(f"width folding needs stride 1, dilation 1, groups 1, a bias and 'same' padding "
-                         f"along an odd kernel width, but got {conv}")
+    if (
+        conv.stride != (1, 1, 1)
+        or conv.dilation != (1, 1, 1)
+        or conv.groups != 1
+        or conv.bias is None
+        or kw % 2 != 1
+        or pw != kw // 2
+    ):
+        raise ValueError(
+            f"width folding needs stride 1, dilation 1, groups 1, a bias and 'same' padding "
+            f"along an odd kernel width, but got {conv}"
+        )
     cin, cout = conv.in_channels, conv.out_channels
     folded = nn.Conv3d(cin * kw, cout, (kt, kh, 1), padding=(pt, ph, 0)).to(conv.weight.device)
     with torch.no_grad():
@@ -224,15 +264,23 @@ def channel_padded_conv(conv: nn.Conv3d, channels: int) -> nn.Conv3d:
     """The conv that, applied to ``ChannelPad(channels)(x)``, equals ``conv(x)`` (zero weights
     for the added channels)."""
     if conv.groups != 1 or channels < conv.in_channels:
-        raise ValueError(f"channel padding needs groups 1 and channels >= {conv.in_channels}, "
-                         f"but got {conv} and {channels}")
-    padded = nn.Conv3d(channels, conv.out_channels, conv.kernel_size, stride=conv.stride,  # type: ignore[arg-type]
-                       padding=conv.padding, dilation=conv.dilation,  # type: ignore[arg-type]
-                       bias=conv.bias is not None)
+        raise ValueError(
+            f"channel padding needs groups 1 and channels >= {conv.in_channels}, "
+            f"but got {conv} and {channels}"
+        )
+    padded = nn.Conv3d(
+        channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        bias=conv.bias is not None,
+    )
     padded = padded.to(device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         padded.weight.zero_()
-        padded.weight[:, :conv.in_channels].copy_(conv.weight)
+        padded.weight[:, : conv.in_channels].copy_(conv.weight)
         if conv.bias is not None:
             assert padded.bias is not None
             padded.bias.copy_(conv.bias)
@@ -312,7 +360,9 @@ class NonNegMaxPool3d(nn.Module):
 
     _AS_INT = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
-    def __init__(self, pool: nn.MaxPool3d, pool_fn: Callable[..., None], min_elements: int = 1 << 20) -> None:
+    def __init__(
+        self, pool: nn.MaxPool3d, pool_fn: Callable[..., None], min_elements: int = 1 << 20
+    ) -> None:
         super().__init__()
         self.pool = pool
         self._pool_fn = pool_fn
@@ -322,11 +372,18 @@ class NonNegMaxPool3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         as_int = self._AS_INT.get(x.dtype)
-        if (as_int is None or x.dim() != 5 or not x.is_contiguous(memory_format=torch.channels_last_3d)
-                or x.shape[0] == 0 or x[0].numel() < self.min_elements):
+        if (
+            as_int is None
+            or x.dim() != 5
+            or not x.is_contiguous(memory_format=torch.channels_last_3d)
+            or x.shape[0] == 0
+            or x[0].numel() < self.min_elements
+        ):
             return self.pool(x)
         b, c, t, h, w = x.shape
-        out = torch.empty((b, *_pooled_size((t, h, w), self._kernel, self._padding), c), dtype=as_int)
+        out = torch.empty(
+            (b, *_pooled_size((t, h, w), self._kernel, self._padding), c), dtype=as_int
+        )
         src = x.view(as_int).permute(0, 2, 3, 4, 1)  # (B, T, H, W, C), contiguous
         for n in range(b):
             self._pool_fn(src[n].numpy(), out[n].numpy(), self._kernel, self._padding)
@@ -338,17 +395,27 @@ def nonneg_max_pool(pool: nn.Module, min_elements: int = 1 << 20) -> nn.Module:
     (kernel 1 or 2 per axis, as in C3D; stride = kernel; no dilation, ceil mode or indices) and
     the kernels load; else ``pool``."""
     compiled = kernels.get()
-    if (compiled is None or not isinstance(pool, nn.MaxPool3d) or pool.return_indices or pool.ceil_mode
-            or not all(k in (1, 2) for k in _triple(pool.kernel_size))
-            or _triple(pool.stride) != _triple(pool.kernel_size) or _triple(pool.dilation) != (1, 1, 1)):
+    if (
+        compiled is None
+        or not isinstance(pool, nn.MaxPool3d)
+        or pool.return_indices
+        or pool.ceil_mode
+        or not all(k in (1, 2) for k in _triple(pool.kernel_size))
+        or _triple(pool.stride) != _triple(pool.kernel_size)
+        or _triple(pool.dilation) != (1, 1, 1)
+    ):
         return pool
     return NonNegMaxPool3d(pool, compiled.max_pool_nonneg, min_elements)
 
 
-def _pooled_size(size: Sequence[int], kernel: Sequence[int] | np.ndarray,
-                 padding: Sequence[int] | np.ndarray) -> tuple[int, ...]:
+def _pooled_size(
+    size: Sequence[int], kernel: Sequence[int] | np.ndarray, padding: Sequence[int] | np.ndarray
+) -> tuple[int, ...]:
     """(T, H, W) after a max pool whose stride is its kernel."""
-    return tuple((d + 2 * int(p) - int(k)) // int(k) + 1 for d, k, p in zip(size, kernel, padding, strict=True))
+    return tuple(
+        (d + 2 * int(p) - int(k)) // int(k) + 1
+        for d, k, p in zip(size, kernel, padding, strict=True)
+    )
 
 
 def plain_pool(pool: nn.Module) -> nn.Module:
@@ -378,7 +445,9 @@ def _linear_copy(fc: nn.Linear, dtype: torch.dtype) -> nn.Linear:
     return out.eval()
 
 
-def compile_net(net: nn.Module, cache_dir: Path, mode: str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def compile_net(
+    net: nn.Module, cache_dir: Path, mode: str | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """torch.compile ``net`` with Inductor and weight freezing, caching kernels in ``cache_dir``.
 
     Compilation happens lazily: on the first call (batch-specialised), and once more on the first
@@ -455,7 +524,11 @@ class GraphedForward:
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+    if (
+        x.dim() == 5
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+        and not x.is_contiguous()
+    ):
         return torch.channels_last_3d
     return torch.contiguous_format
 

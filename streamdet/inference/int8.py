@@ -85,12 +85,16 @@ def quantize_int8(
             if cache_file is not None and cache_file.is_file():
                 # The failed load may have written part of the entry into the observers and into
                 # the layers prepared shares with net: start again from the model.
-                prepared = _with_observers(InferenceNet(fuse_bn(model), fold_conv1=True).eval(), example)
-            log.info("int8: calibrating activations on %d real windows (cold start, cached afterwards)",
-                     calibration_clips.shape[0])
+                prepared = _with_observers(
+                    InferenceNet(fuse_bn(model), fold_conv1=True).eval(), example
+                )
+            log.info(
+                "int8: calibrating activations on %d real windows (cold start, cached afterwards)",
+                calibration_clips.shape[0],
+            )
             with torch.inference_mode():
                 for i in range(0, calibration_clips.shape[0], batch):
-                    prepared(calibration_clips[i:i + batch].float())
+                    prepared(calibration_clips[i : i + batch].float())
             if cache_file is not None:
                 save_calibration(prepared.state_dict(), cache_file)
         quantized = convert_fx(prepared)

@@ -117,8 +117,10 @@ class InferenceThread(threading.Thread):
         self.threads_per_worker = threads_per_worker
         pin = device is not None and device.type == "cuda"
         # One preallocated host batch per worker for the whole run: (max_batch, 3, 16, 112, 112).
-        self._batches = [torch.empty((max_batch, *INPUT_SHAPE), dtype=torch.float32, pin_memory=pin)
-                         for _ in range(workers)]
+        self._batches = [
+            torch.empty((max_batch, *INPUT_SHAPE), dtype=torch.float32, pin_memory=pin)
+            for _ in range(workers)
+        ]
         self.inference_ms: list[float] = []
         self.windows_done = 0
         self.idle = threading.Event()  # set while no window is pending or being scored
@@ -159,8 +161,10 @@ class InferenceThread(threading.Thread):
         return windows
 
     def run(self) -> None:
-        helpers = [threading.Thread(target=self._work, args=(slot,), name=f"inference-{slot}", daemon=True)
-                   for slot in range(1, self.workers)]
+        helpers = [
+            threading.Thread(target=self._work, args=(slot,), name=f"inference-{slot}", daemon=True)
+            for slot in range(1, self.workers)
+        ]
         for helper in helpers:
             helper.start()
         self._work(0)
@@ -209,8 +213,12 @@ class InferenceThread(threading.Thread):
         delivered."""
         for ring in self.rings:
             # closed is read before pending: a closed ring gets no more windows.
-            if (ring.name not in self._done and ring.closed and ring.pending() == 0
-                    and self._in_flight[ring.name] == 0):
+            if (
+                ring.name not in self._done
+                and ring.closed
+                and ring.pending() == 0
+                and self._in_flight[ring.name] == 0
+            ):
                 self._done.add(ring.name)
                 self._ended.append(ring.name)
 

@@ -24,7 +24,9 @@ CROP_SIZE = 112
 INPUT_SHAPE = (3, CLIP_LENGTH, CROP_SIZE, CROP_SIZE)
 
 # (name, output channels at width 1.0, pool after it: (name, kernel, padding) or None)
-_CONV_LAYERS: tuple[tuple[str, int, tuple[str, tuple[int, int, int], tuple[int, int, int]] | None], ...] = (
+_CONV_LAYERS: tuple[
+    tuple[str, int, tuple[str, tuple[int, int, int], tuple[int, int, int]] | None], ...
+] = (
     ("conv1", 64, ("pool1", (1, 2, 2), (0, 0, 0))),
     ("conv2", 128, ("pool2", (2, 2, 2), (0, 0, 0))),
     ("conv3a", 256, None),

@@ -163,7 +163,9 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     path = Path(path)
     _check_is_file(path)
     try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise on the CLI's stderr
+        with (
+            warnings.catch_warnings()
+        ):  # e.g. "Detected pickle protocol 4": noise on the CLI's stderr
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, KeyError, ...
@@ -173,7 +175,9 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: expected a state dict of tensors, but got {type(obj).__name__}")
+        raise WeightsError(
+            f"{path}: expected a state dict of tensors, but got {type(obj).__name__}"
+        )
     # Checkpoints saved from nn.DataParallel prefix every key with "module.".
     return {str(k).removeprefix("module."): v for k, v in obj.items()}
 
@@ -189,10 +193,14 @@ def _load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: Path
         problems.append(f"unexpected keys {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}")
     for key, value in state.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
-            problems.append(f"{key}: expected shape {tuple(expected[key].shape)}, got {tuple(value.shape)}")
+            problems.append(
+                f"{key}: expected shape {tuple(expected[key].shape)}, got {tuple(value.shape)}"
+            )
     if problems:
         raise WeightsError(f"{source}: weights do not fit the model: " + "; ".join(problems))
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    model.load_state_dict(
+        {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=False
+    )
 
 
 def load_checkpoint(
@@ -218,7 +226,9 @@ def load_checkpoint(
     with open(path, "rb") as f:
         head = f.read(8)
     is_safetensors = path.suffix == ".safetensors" or (
-        len(head) == 8 and int.from_bytes(head, "little") < 100_000_000 and not head.startswith(b"PK")
+        len(head) == 8
+        and int.from_bytes(head, "little") < 100_000_000
+        and not head.startswith(b"PK")
     )
     if is_safetensors:
         tensors, meta = _read_safetensors(path)
@@ -248,11 +258,17 @@ def load_checkpoint(
         if len(names) != file_classes:
             raise WeightsError(f"{path}: {len(names)} class names for {file_classes} classes")
         if num_classes is not None and num_classes != file_classes:
-            raise WeightsError(f"{path}: checkpoint has {file_classes} classes, but {num_classes} were asked for")
+            raise WeightsError(
+                f"{path}: checkpoint has {file_classes} classes, but {num_classes} were asked for"
+            )
         if width is not None and abs(width - file_width) > 1e-9:
-            raise WeightsError(f"{path}: checkpoint has width {file_width}, but width {width} was asked for")
+            raise WeightsError(
+                f"{path}: checkpoint has width {file_width}, but width {width} was asked for"
+            )
         if contract.crop != CROP_SIZE:
-            raise WeightsError(f"{path}: preprocessing crop {contract.crop} does not fit C3D_BN (needs {CROP_SIZE})")
+            raise WeightsError(
+                f"{path}: preprocessing crop {contract.crop} does not fit C3D_BN (needs {CROP_SIZE})"
+            )
         model = _build_model(path, file_classes, file_width)
         _load_into(model, tensors, path)
         return Checkpoint(model.eval(), names, contract, path.name, sha, extra)
@@ -300,13 +316,16 @@ def load_or_random(
     classes = 8 if num_classes is None else num_classes
     torch.manual_seed(0)
     model = C3D_BN(num_classes=classes, width=1.0 if width is None else width).eval()
-    return Checkpoint(model, default_class_names(classes), DEFAULT_CONTRACT, "random-init",
-                      RANDOM_SHA256)
+    return Checkpoint(
+        model, default_class_names(classes), DEFAULT_CONTRACT, "random-init", RANDOM_SHA256
+    )
 
 
 def _class_names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
-        raise ValueError(f"class_names must be a JSON list of strings, but got {json.dumps(value)[:80]}")
+        raise ValueError(
+            f"class_names must be a JSON list of strings, but got {json.dumps(value)[:80]}"
+        )
     return tuple(value)
 
 
@@ -348,7 +367,9 @@ def import_sports1m(
         if key not in state:
             problems.append(f"{key}: missing")
         elif tuple(state[key].shape) != tuple(target[key].shape):
-            problems.append(f"{key}: expected {tuple(target[key].shape)}, got {tuple(state[key].shape)}")
+            problems.append(
+                f"{key}: expected {tuple(target[key].shape)}, got {tuple(state[key].shape)}"
+            )
     if problems:
         raise WeightsError(f"{source}: not a Sports-1M C3D state dict: " + "; ".join(problems))
     with torch.no_grad():

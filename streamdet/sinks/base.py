@@ -189,8 +189,9 @@ class SinkWorker(threading.Thread):
         max_frames: bound of the frame queue (default ``MAX_FRAMES``).
     """
 
-    def __init__(self, sink: Sink, *, max_messages: int | None = None,
-                 max_frames: int | None = None) -> None:
+    def __init__(
+        self, sink: Sink, *, max_messages: int | None = None, max_frames: int | None = None
+    ) -> None:
         super().__init__(name=f"sink-{sink.name}", daemon=True)
         self.sink = sink
         self._max_messages = max_messages or MAX_MESSAGES
@@ -298,8 +299,12 @@ class SinkWorker(threading.Thread):
             self.dropped += len(self._messages) + len(self._frames)
             self._messages.clear()
             self._frames.clear()
-        log.error("output %s failed and gets no more messages (detection goes on): %s: %s",
-                  self.sink.name, type(exc).__name__, exc)
+        log.error(
+            "output %s failed and gets no more messages (detection goes on): %s: %s",
+            self.sink.name,
+            type(exc).__name__,
+            exc,
+        )
 
     def _close_sink(self) -> None:
         started = time.monotonic()
@@ -308,7 +313,9 @@ class SinkWorker(threading.Thread):
         except Exception as exc:
             if self.error is None:
                 self.error = exc
-                log.error("output %s failed to close: %s: %s", self.sink.name, type(exc).__name__, exc)
+                log.error(
+                    "output %s failed to close: %s: %s", self.sink.name, type(exc).__name__, exc
+                )
         finally:
             log.debug("output %s closed in %.2f s", self.sink.name, time.monotonic() - started)
             self.closed.set()

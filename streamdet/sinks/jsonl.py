@@ -78,8 +78,9 @@ def file_kind(mode: int) -> str:
 
 
 def _not_regular(path: Path, mode: int, what: str) -> StreamdetError:
-    return StreamdetError(f"{path}: is {file_kind(mode)}, not a regular file: cannot use it as "
-                          f"{what}")
+    return StreamdetError(
+        f"{path}: is {file_kind(mode)}, not a regular file: cannot use it as {what}"
+    )
 
 
 def _role(file: Path, log_path: Path) -> str:
@@ -243,8 +244,16 @@ class EventLog:
         'status'
     """
 
-    def __init__(self, path: str | os.PathLike[str], model: dict[str, str], *, stride: int = 8,
-                 length: int = 16, rotate_bytes: int | None = None, run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        model: dict[str, str],
+        *,
+        stride: int = 8,
+        length: int = 16,
+        rotate_bytes: int | None = None,
+        run_id: str | None = None,
+    ) -> None:
         self.path = Path(path)
         self.model = dict(model)
         self.stride = stride
@@ -292,16 +301,31 @@ class EventLog:
             elif obj.get("type") == "end":
                 open_events.pop(obj["id"], None)
         if ignored:
-            log.warning("%s: %d line(s) are not event lines written by streamdet (not UTF-8, not "
-                        "strict JSON or an event without a string id; first at %s): left as they "
-                        "are and ignored", self.path, len(ignored), ignored[0])
+            log.warning(
+                "%s: %d line(s) are not event lines written by streamdet (not UTF-8, not "
+                "strict JSON or an event without a string id; first at %s): left as they "
+                "are and ignored",
+                self.path,
+                len(ignored),
+                ignored[0],
+            )
         if not open_events:
             return 0
-        self._append(b"".join(
-            self._encode(dict(last, type="end", end_reason="crash_recovery", run_id=self.run_id,
-                              seq=self._next_seq(), latency_ms=None))
-            for last in open_events.values()
-        ))
+        self._append(
+            b"".join(
+                self._encode(
+                    dict(
+                        last,
+                        type="end",
+                        end_reason="crash_recovery",
+                        run_id=self.run_id,
+                        seq=self._next_seq(),
+                        latency_ms=None,
+                    )
+                )
+                for last in open_events.values()
+            )
+        )
         os.fsync(fd)
         log.warning("%s: ended %d event(s) left open by a crash", self.path, len(open_events))
         return len(open_events)
@@ -313,19 +337,24 @@ class EventLog:
         # Every line starts with the schema; a crash may have left a first line torn short of it.
         torn_first = size == len(head) and _LINE_START.startswith(head)
         if size and head != _LINE_START and not torn_first:
-            raise StreamdetError(f"{self.path}: exists and is not a streamdet event log; not "
-                                 f"writing to it (give another --events or sinks.events.path)")
+            raise StreamdetError(
+                f"{self.path}: exists and is not a streamdet event log; not "
+                f"writing to it (give another --events or sinks.events.path)"
+            )
         tail_start = max(0, size - _TAIL_BYTES)  # lines are short: the tail holds the last one
         tail = os.pread(fd, size - tail_start, tail_start)
         if tail and not tail.endswith(b"\n"):
             if b"\n" not in tail and tail_start > 0:
-                raise StreamdetError(f"{self.path}: its last line is over {_TAIL_BYTES} bytes: "
-                                     f"not a streamdet event log; not writing to it")
+                raise StreamdetError(
+                    f"{self.path}: its last line is over {_TAIL_BYTES} bytes: "
+                    f"not a streamdet event log; not writing to it"
+                )
             cut = tail_start + tail.rfind(b"\n") + 1
             os.ftruncate(fd, cut)
             self._file.seek(0, os.SEEK_END)  # the next line's start, should its write fail
-            log.warning("%s: removed a torn last line (%d bytes) left by a crash", self.path,
-                        size - cut)
+            log.warning(
+                "%s: removed a torn last line (%d bytes) left by a crash", self.path, size - cut
+            )
 
     def _scan(self, fd: int) -> Iterator[tuple[str, dict[str, Any] | None]]:
         """('file:line', parsed line or None) of the rotated files, then of the log itself."""
@@ -353,7 +382,11 @@ class EventLog:
             line = self._encode(obj)
             start = None
             try:
-                if self.rotate_bytes and self._file.tell() > 0 and self._file.tell() + len(line) > self.rotate_bytes:
+                if (
+                    self.rotate_bytes
+                    and self._file.tell() > 0
+                    and self._file.tell() + len(line) > self.rotate_bytes
+                ):
                     self._rotate()
                 start = self._file.tell()
                 self._append(line)
@@ -362,7 +395,9 @@ class EventLog:
             except OSError as exc:
                 error = self._cannot_write(exc)
                 self._broken = str(error)
-                if start is not None:  # no torn line: readers see only whole lines (truncating frees space)
+                if (
+                    start is not None
+                ):  # no torn line: readers see only whole lines (truncating frees space)
                     try:
                         os.ftruncate(self._file.fileno(), start)
                     except OSError:
@@ -392,11 +427,16 @@ class EventLog:
         try:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise StreamdetError(f"{self.path}: in use by another running streamdet; give each run its own "
-                                 f"event log (--events or sinks.events.path)") from None
+            raise StreamdetError(
+                f"{self.path}: in use by another running streamdet; give each run its own "
+                f"event log (--events or sinks.events.path)"
+            ) from None
         except OSError as exc:  # a file system without locks (some network mounts): write unlocked
-            log.warning("%s: cannot be locked (%s): a second run on this log would not be refused",
-                        self.path, exc.strerror or exc)
+            log.warning(
+                "%s: cannot be locked (%s): a second run on this log would not be refused",
+                self.path,
+                exc.strerror or exc,
+            )
 
     def _rotate(self) -> None:
         os.fsync(self._file.fileno())
@@ -441,7 +481,9 @@ class EventLog:
         }
         return self._write(obj, durable=change.type != "update")
 
-    def write_status(self, source: str, status: str, reason: str, wall_time: float) -> dict[str, Any]:
+    def write_status(
+        self, source: str, status: str, reason: str, wall_time: float
+    ) -> dict[str, Any]:
         """Append a ``status`` line (``online`` / ``offline``)."""
         obj = {
             "schema": SCHEMA,

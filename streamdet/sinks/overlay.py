@@ -61,16 +61,25 @@ def display_problem() -> str | None:
     aborts the whole process at the first window (exit 134), which would lose the events still
     open. Costs about a second, only for runs that show a window.
     """
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
         return "no display (neither DISPLAY nor WAYLAND_DISPLAY is set)"
-    probe = "import cv2; cv2.namedWindow('streamdet-probe'); cv2.waitKey(1); cv2.destroyAllWindows()"
+    probe = (
+        "import cv2; cv2.namedWindow('streamdet-probe'); cv2.waitKey(1); cv2.destroyAllWindows()"
+    )
     try:
-        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30
+        )
     except subprocess.TimeoutExpired:
         return "opening a window did not finish in 30 s"
     if done.returncode == 0:
         return None
-    said = next((line.strip() for line in done.stderr.splitlines() if line.strip()), f"exit code {done.returncode}")
+    said = next(
+        (line.strip() for line in done.stderr.splitlines() if line.strip()),
+        f"exit code {done.returncode}",
+    )
     return f"OpenCV cannot open a window ({said[:160]})"
 
 
@@ -78,8 +87,10 @@ def check_display() -> None:
     """Raise a StreamdetError when frames cannot be shown in a window (see :func:`display_problem`)."""
     problem = display_problem()
     if problem is not None:
-        raise StreamdetError(f"cannot show frames in a window: {problem}; write an annotated video "
-                             f"instead (--output-video or sinks.overlay.video)")
+        raise StreamdetError(
+            f"cannot show frames in a window: {problem}; write an annotated video "
+            f"instead (--output-video or sinks.overlay.video)"
+        )
 
 
 @dataclass
@@ -95,8 +106,14 @@ class SourceView:
     latency_ms: float = 0.0
 
 
-def draw_overlay(frame: np.ndarray, class_names: Sequence[str], view: SourceView, *, top_k: int = 3,
-                 source: str = "") -> np.ndarray:
+def draw_overlay(
+    frame: np.ndarray,
+    class_names: Sequence[str],
+    view: SourceView,
+    *,
+    top_k: int = 3,
+    source: str = "",
+) -> np.ndarray:
     """Draw scores, events and figures on ``frame`` (BGR uint8, modified in place and returned)."""
     if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 1):
         frame = cv2.cvtColor(frame, cv2.COLOR_GRAY2BGR)
@@ -111,7 +128,7 @@ def draw_overlay(frame: np.ndarray, class_names: Sequence[str], view: SourceView
     rows = top_k + 2 + len(view.open_events)
     panel_w = int(w * 0.45) if w < 500 else int(360 * scale)
     panel_h = min(h, line_h * rows + int(10 * scale))
-    roi = frame[0:panel_h, 0:min(w, panel_w)]
+    roi = frame[0:panel_h, 0 : min(w, panel_w)]
     roi[...] = (roi * 0.4 + np.array(_PANEL) * 0.6).astype(np.uint8)
 
     y = line_h
@@ -125,12 +142,28 @@ def draw_overlay(frame: np.ndarray, class_names: Sequence[str], view: SourceView
             x0 = int(6 * scale)
             cv2.rectangle(frame, (x0, y - int(14 * scale)), (x0 + int(bar_w * p), y), _GREEN, -1)
             cv2.rectangle(frame, (x0, y - int(14 * scale)), (x0 + bar_w, y), _WHITE, 1)
-            cv2.putText(frame, f"{class_names[idx]} {p:.2f}", (x0 + bar_w + int(8 * scale), y), font,
-                        0.5 * scale, _WHITE, thick, cv2.LINE_AA)
+            cv2.putText(
+                frame,
+                f"{class_names[idx]} {p:.2f}",
+                (x0 + bar_w + int(8 * scale), y),
+                font,
+                0.5 * scale,
+                _WHITE,
+                thick,
+                cv2.LINE_AA,
+            )
     for label, score in view.open_events:
         y += line_h
-        cv2.putText(frame, f"EVENT {label} {score:.2f}", (int(6 * scale), y), font, 0.6 * scale, _RED,
-                    thick + 1, cv2.LINE_AA)
+        cv2.putText(
+            frame,
+            f"EVENT {label} {score:.2f}",
+            (int(6 * scale), y),
+            font,
+            0.6 * scale,
+            _RED,
+            thick + 1,
+            cv2.LINE_AA,
+        )
     if view.open_events:
         cv2.rectangle(frame, (0, 0), (w - 1, h - 1), _RED, max(2, int(4 * scale)))
     return frame
@@ -198,10 +231,18 @@ class OverlaySink(threading.Thread, BaseSink):
 
     name = "overlay"
 
-    def __init__(self, class_names: Sequence[str], *, video_path: str | None, display: bool,
-                 sources: Sequence[str], replays: Mapping[str, Opener] | None = None,
-                 top_k: int = 3, max_frames: int = 96,
-                 stop_event: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        *,
+        video_path: str | None,
+        display: bool,
+        sources: Sequence[str],
+        replays: Mapping[str, Opener] | None = None,
+        top_k: int = 3,
+        max_frames: int = 96,
+        stop_event: threading.Event | None = None,
+    ) -> None:
         super().__init__(name="overlay", daemon=True)
         if display:
             check_display()
@@ -221,7 +262,8 @@ class OverlaySink(threading.Thread, BaseSink):
         # every window detection is ahead by (a few hundred bytes each: about 1 MB for an hour
         # of video), so detection never waits; a live source needs only the newest few.
         self._results: dict[str, deque[_Result]] = {
-            s: deque() if s in self._replays else deque(maxlen=256) for s in sources}
+            s: deque() if s in self._replays else deque(maxlen=256) for s in sources
+        }
         self._ended: set[str] = set()  # sources whose windows have all been scored
         self._replays_done: set[str] = set()  # replays drawn to their last frame
         self._finishing = False
@@ -250,16 +292,25 @@ class OverlaySink(threading.Thread, BaseSink):
 
     # -- fed by the event stage -----------------------------------------------------------------
 
-    def add_result(self, source: str, last_frame: int, probs: np.ndarray, inference_ms: float,
-                   latency_ms: float, open_events: Sequence[tuple[str, float]] = ()) -> None:
+    def add_result(
+        self,
+        source: str,
+        last_frame: int,
+        probs: np.ndarray,
+        inference_ms: float,
+        latency_ms: float,
+        open_events: Sequence[tuple[str, float]] = (),
+    ) -> None:
         """The scores of the window ending at ``last_frame``; windows come in order per source."""
         with self._cond:
             self._results[source].append(
-                _Result(last_frame, probs, inference_ms, latency_ms, tuple(open_events)))
+                _Result(last_frame, probs, inference_ms, latency_ms, tuple(open_events))
+            )
             self._cond.notify_all()
 
-    def set_view(self, source: str, *, status: str | None = None,
-                 fps_in: float | None = None) -> None:
+    def set_view(
+        self, source: str, *, status: str | None = None, fps_in: float | None = None
+    ) -> None:
         """Live figures: the source's status and its measured capture rate."""
         with self._cond:
             view = self._views[source]
@@ -297,8 +348,9 @@ class OverlaySink(threading.Thread, BaseSink):
         self.put_frame(msg.source, msg.index, msg.frame, msg.fps)
 
     def on_scores(self, msg: ScoresMessage) -> None:
-        self.add_result(msg.source, msg.last_frame, msg.probs, msg.inference_ms, msg.latency_ms,
-                        msg.open_events)
+        self.add_result(
+            msg.source, msg.last_frame, msg.probs, msg.inference_ms, msg.latency_ms, msg.open_events
+        )
 
     def on_status(self, msg: StatusMessage) -> None:
         self.set_view(msg.source, status=msg.status)
@@ -359,9 +411,15 @@ class OverlaySink(threading.Thread, BaseSink):
             while True:
                 live = list(self._live)
                 self._live.clear()
-                drawable = {} if self.stop_event.is_set() else {
-                    r.name: n for r in self._replays.values()
-                    if not r.done and (n := self._drawable(r)) > 0}
+                drawable = (
+                    {}
+                    if self.stop_event.is_set()
+                    else {
+                        r.name: n
+                        for r in self._replays.values()
+                        if not r.done and (n := self._drawable(r)) > 0
+                    }
+                )
                 if live or drawable:
                     return live, drawable
                 if self._finishing:
@@ -411,8 +469,15 @@ class OverlaySink(threading.Thread, BaseSink):
                 view.open_events = list(r.open_events)
             # Every frame of a replay was read while its file was open.
             status = "online" if source in self._replays else view.status
-            return SourceView(view.probs, view.window_last_frame, list(view.open_events), status,
-                              view.fps_in, view.inference_ms, view.latency_ms)
+            return SourceView(
+                view.probs,
+                view.window_last_frame,
+                list(view.open_events),
+                status,
+                view.fps_in,
+                view.inference_ms,
+                view.latency_ms,
+            )
 
     def _draw_and_write(self, source: str, index: int, frame: np.ndarray, fps: float) -> None:
         view = self._view_for(source, index)
@@ -443,7 +508,9 @@ class OverlaySink(threading.Thread, BaseSink):
         fourcc = cv2.VideoWriter.fourcc(*("MJPG" if path.suffix.lower() == ".avi" else "mp4v"))
         writer = cv2.VideoWriter(str(path), fourcc, fps or 10.0, size)
         if not writer.isOpened():
-            raise StreamdetError(f"{path}: cannot write video (unsupported extension or folder not writable)")
+            raise StreamdetError(
+                f"{path}: cannot write video (unsupported extension or folder not writable)"
+            )
         self._sizes[source] = size
         self._writers[source] = writer
         self._paths[source] = path
@@ -483,8 +550,10 @@ def check_video_path(path: str | Path) -> None:
     """
     path = Path(path)
     if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise StreamdetError(f"{path}: cannot write video: unsupported extension "
-                             f"{path.suffix or '(none)'!r}; use one of {', '.join(VIDEO_SUFFIXES)}")
+        raise StreamdetError(
+            f"{path}: cannot write video: unsupported extension "
+            f"{path.suffix or '(none)'!r}; use one of {', '.join(VIDEO_SUFFIXES)}"
+        )
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

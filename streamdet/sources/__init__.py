@@ -46,8 +46,24 @@ from streamdet.sources.pacing import Pacing, pacing_of
 from streamdet.sources.watchdog import AbandonedThreads, StuckThreadsError
 
 __all__ = [
-    "AbandonedThreads", "Backoff", "CaptureStats", "CaptureThread", "OpenCVSource", "Opener",
-    "Pacing", "SourceKind", "Status", "StatusChange", "StuckThreadsError", "VideoSource",
-    "check_sources", "make_opener", "pacing_of", "redact_text", "redact_url", "register_secrets",
-    "source_kind", "source_name",
+    "AbandonedThreads",
+    "Backoff",
+    "CaptureStats",
+    "CaptureThread",
+    "OpenCVSource",
+    "Opener",
+    "Pacing",
+    "SourceKind",
+    "Status",
+    "StatusChange",
+    "StuckThreadsError",
+    "VideoSource",
+    "check_sources",
+    "make_opener",
+    "pacing_of",
+    "redact_text",
+    "redact_url",
+    "register_secrets",
+    "source_kind",
+    "source_name",
 ]

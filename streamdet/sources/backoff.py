@@ -16,8 +16,14 @@ class Backoff:
         [0.46, 0.88, 1.42]
     """
 
-    def __init__(self, initial: float, maximum: float, *, healthy_after: float = 60.0,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        initial: float,
+        maximum: float,
+        *,
+        healthy_after: float = 60.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.initial = initial
         self.maximum = maximum
         self.healthy_after = healthy_after
@@ -25,7 +31,7 @@ class Backoff:
         self._rng = rng or random.Random()
 
     def next_delay(self) -> float:
-        cap = min(self.maximum, self.initial * (2 ** self._attempt))
+        cap = min(self.maximum, self.initial * (2**self._attempt))
         self._attempt += 1
         return self._rng.uniform(cap / 2, cap)
 

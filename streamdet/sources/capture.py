@@ -179,8 +179,10 @@ class CaptureThread(threading.Thread):
         abandoned: AbandonedThreads | None = None,
     ) -> None:
         if (kind is SourceKind.FILE) == (pacing is Pacing.LIVE):
-            raise ValueError(f"a {kind.value} source cannot be paced {pacing.value}: cameras and "
-                             "streams are live, files paced or replayed")
+            raise ValueError(
+                f"a {kind.value} source cannot be paced {pacing.value}: cameras and "
+                "streams are live, files paced or replayed"
+            )
         super().__init__(name=f"capture-{name}", daemon=True)
         self.source_name = name
         self._opener = opener
@@ -195,9 +197,11 @@ class CaptureThread(threading.Thread):
         self.reconnect = reconnect and kind is not SourceKind.FILE
         self.backoff = backoff or Backoff(0.5, 30.0)
         # Only sources that reconnect are watched: a file or a source given up on just ends.
-        self.watch = StallWatch(stall_timeout_s=stall_timeout_s if self.reconnect else None,
-                                open_timeout_s=open_timeout_s,
-                                read_timeout_s=read_timeout_s if self.reconnect else None)
+        self.watch = StallWatch(
+            stall_timeout_s=stall_timeout_s if self.reconnect else None,
+            open_timeout_s=open_timeout_s,
+            read_timeout_s=read_timeout_s if self.reconnect else None,
+        )
         self.abandoned = abandoned if abandoned is not None else AbandonedThreads()
         self.stats = CaptureStats()
         self.error: BaseException | None = None  # SourceError, or a crash of this thread
@@ -220,8 +224,12 @@ class CaptureThread(threading.Thread):
         try:
             self._run()
         except BaseException as exc:  # a crash stops the whole run with this error, never hangs it
-            log.error("%s: capture failed: %s: %s", self.source_name, type(exc).__name__,
-                      redact_text(str(exc)))
+            log.error(
+                "%s: capture failed: %s: %s",
+                self.source_name,
+                type(exc).__name__,
+                redact_text(str(exc)),
+            )
             self.error = exc
             self.stop_event.set()
             self.ring.close()
@@ -234,13 +242,19 @@ class CaptureThread(threading.Thread):
             stalled = self._supervise(session)
             if self.stop_event.is_set():
                 return
-            if stalled and attempts == 1 and session.opened_at is None and self.kind is SourceKind.CAMERA:
+            if (
+                stalled
+                and attempts == 1
+                and session.opened_at is None
+                and self.kind is SourceKind.CAMERA
+            ):
                 # Like a camera that fails to open: a clear error now, not a retry loop.
                 self._retire(session)
                 assert session.thread is not None
                 self.abandoned.add(session.thread)
-                self.error = SourceError(f"{self.source_name}: the camera's open never returned "
-                                         f"({stalled.detail})")
+                self.error = SourceError(
+                    f"{self.source_name}: the camera's open never returned ({stalled.detail})"
+                )
                 self._status(Status.ENDED, str(self.error))
                 self.ring.close()
                 return
@@ -267,8 +281,10 @@ class CaptureThread(threading.Thread):
                 if outcome is Outcome.STOPPED:
                     return
                 if outcome is Outcome.ENDED or not self.reconnect:
-                    self._status(Status.ENDED,
-                                 "end of file" if self.kind is SourceKind.FILE else session.reason())
+                    self._status(
+                        Status.ENDED,
+                        "end of file" if self.kind is SourceKind.FILE else session.reason(),
+                    )
                     self.ring.close()
                     return
                 if outcome is Outcome.STALLED:
@@ -285,8 +301,12 @@ class CaptureThread(threading.Thread):
         with self._publish_lock:
             self._generation += 1
             session = _Session(self._generation, reconnecting)
-        session.thread = threading.Thread(target=self._session_main, args=(session,),
-                                          name=f"{self.name}-{session.generation}", daemon=True)
+        session.thread = threading.Thread(
+            target=self._session_main,
+            args=(session,),
+            name=f"{self.name}-{session.generation}",
+            daemon=True,
+        )
         session.thread.start()
         return session
 
@@ -321,8 +341,13 @@ class CaptureThread(threading.Thread):
         self.stats.abandoned += 1
         assert session.thread is not None
         alive = self.abandoned.add(session.thread)
-        log.warning("%s: %s; its thread is abandoned (%d abandoned thread(s) alive, limit %d)",
-                    self.source_name, stall.reason, alive, self.abandoned.limit)
+        log.warning(
+            "%s: %s; its thread is abandoned (%d abandoned thread(s) alive, limit %d)",
+            self.source_name,
+            stall.reason,
+            alive,
+            self.abandoned.limit,
+        )
         if alive > self.abandoned.limit:
             raise StuckThreadsError(
                 f"{self.source_name}: {alive} capture threads are stuck in calls that never returned "
@@ -384,8 +409,9 @@ class CaptureThread(threading.Thread):
         t0 = time.monotonic()
         # A replay is stamped on the file's own timeline from the open, so stream times, and the
         # events that depend on them, do not depend on decoding speed.
-        replay_clock = ((time.time(), source.fps or self.contract.fps)
-                        if self.pacing is Pacing.REPLAY else None)
+        replay_clock = (
+            (time.time(), source.fps or self.contract.fps) if self.pacing is Pacing.REPLAY else None
+        )
         # Frames nobody looks at need no colour conversion: skip them where the source can.
         skip = getattr(source, "skip", None) if self.on_frame is None else None
         n_in_session = 0
@@ -433,7 +459,9 @@ class CaptureThread(threading.Thread):
     def _write(self, frame: np.ndarray, meta: FrameMeta, session: _Session) -> None:
         shape = frame.shape
         if self._shape is not None and shape != self._shape:
-            log.info("%s: resolution changed %s -> %s", self.source_name, self._shape[:2], shape[:2])
+            log.info(
+                "%s: resolution changed %s -> %s", self.source_name, self._shape[:2], shape[:2]
+            )
             self.ring.mark_gap()
         self._shape = shape
         while not self.stop_event.is_set():
@@ -461,13 +489,24 @@ class CaptureThread(threading.Thread):
             self.on_used()
 
 
-def make_opener(url: str, *, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0,
-                fps: float | None = None, decode_threads: int | None = None) -> Opener:
+def make_opener(
+    url: str,
+    *,
+    open_timeout_s: float = 10.0,
+    read_timeout_s: float = 5.0,
+    fps: float | None = None,
+    decode_threads: int | None = None,
+) -> Opener:
     """An opener for :class:`CaptureThread` reading ``url`` with OpenCV (see :class:`OpenCVSource`)."""
 
     def open_source() -> VideoSource:
-        return OpenCVSource(url, open_timeout_s=open_timeout_s, read_timeout_s=read_timeout_s, fps=fps,
-                            decode_threads=decode_threads)
+        return OpenCVSource(
+            url,
+            open_timeout_s=open_timeout_s,
+            read_timeout_s=read_timeout_s,
+            fps=fps,
+            decode_threads=decode_threads,
+        )
 
     open_source.__doc__ = f"Open {redact_url(url)}"
     return open_source

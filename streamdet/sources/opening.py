@@ -27,8 +27,14 @@ import numpy as np
 from streamdet.errors import ConfigError, SourceError
 from streamdet.redaction import MASK, redact_text, redact_url, register_secrets
 
-__all__ = ["OpenCVSource", "SourceKind", "VideoSource", "check_sources", "source_kind",
-           "source_name"]
+__all__ = [
+    "OpenCVSource",
+    "SourceKind",
+    "VideoSource",
+    "check_sources",
+    "source_kind",
+    "source_name",
+]
 
 
 class SourceKind(enum.Enum):
@@ -107,11 +113,15 @@ def _configure_ffmpeg_once() -> None:
     # Must be set before the first FFmpeg open in the process. TCP avoids UDP loss on RTSP;
     # a short analyzeduration cuts time to first frame from ~4 s to ~1.5 s.
     with _ffmpeg_env_lock:
-        os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp|analyzeduration;500000")
+        os.environ.setdefault(
+            "OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp|analyzeduration;500000"
+        )
         os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # quiet: FFmpeg may print URLs
         # OpenCV's own log lines can contain URLs with passwords; we report failures ourselves.
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # cv2.setLogLevel: not in OpenCV 5
+        cv2.utils.logging.setLogLevel(
+            cv2.utils.logging.LOG_LEVEL_SILENT
+        )  # cv2.setLogLevel: not in OpenCV 5
 
 
 class OpenCVSource:
@@ -148,13 +158,21 @@ class OpenCVSource:
         try:
             self._open(url, shown, open_timeout_s, read_timeout_s, decode_threads)
         except cv2.error as exc:  # e.g. a malformed URL or a corrupt header; never a traceback
-            raise SourceError(f"{shown}: cannot open ({redact_text(' '.join(str(exc).split()))})") from None
+            raise SourceError(
+                f"{shown}: cannot open ({redact_text(' '.join(str(exc).split()))})"
+            ) from None
         reported = self._cap.get(cv2.CAP_PROP_FPS)
         self.fps = fps or (reported if reported and 0 < reported <= 1000 else None)
         self.frame_count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
 
-    def _open(self, url: str, shown: str, open_timeout_s: float, read_timeout_s: float,
-              decode_threads: int | None) -> None:
+    def _open(
+        self,
+        url: str,
+        shown: str,
+        open_timeout_s: float,
+        read_timeout_s: float,
+        decode_threads: int | None,
+    ) -> None:
         threads = [] if decode_threads is None else [cv2.CAP_PROP_N_THREADS, decode_threads]
         if self.kind is SourceKind.CAMERA:
             self._cap = cv2.VideoCapture(int(url))
@@ -167,14 +185,18 @@ class OpenCVSource:
                 raise SourceError(f"{path}: cannot decode video (corrupt or unsupported format)")
         else:
             params = [
-                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(open_timeout_s * 1000),
-                cv2.CAP_PROP_READ_TIMEOUT_MSEC, int(read_timeout_s * 1000),
+                cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+                int(open_timeout_s * 1000),
+                cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+                int(read_timeout_s * 1000),
                 *threads,
             ]
             self._cap = cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
             if not self._cap.isOpened():
                 self._cap.release()
-                raise SourceError(f"{shown}: cannot open stream (unreachable, refused, unauthorized or timed out)")
+                raise SourceError(
+                    f"{shown}: cannot open stream (unreachable, refused, unauthorized or timed out)"
+                )
 
     def read(self) -> np.ndarray | None:
         try:

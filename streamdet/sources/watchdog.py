@@ -24,8 +24,15 @@ from dataclasses import dataclass
 
 from streamdet.errors import SourceError
 
-__all__ = ["MAX_ABANDONED_THREADS", "AbandonedThreads", "Phase", "Progress", "Stall", "StallWatch",
-           "StuckThreadsError"]
+__all__ = [
+    "MAX_ABANDONED_THREADS",
+    "AbandonedThreads",
+    "Phase",
+    "Progress",
+    "Stall",
+    "StallWatch",
+    "StuckThreadsError",
+]
 
 MAX_ABANDONED_THREADS = 8  # alive at once, over all sources of a run; one more stops the run
 OPEN_GRACE_S = 5.0  # an open may overrun its own timeout this long before it is abandoned
@@ -86,8 +93,9 @@ class StallWatch:
             is a stall, even one that returns a frame. None: reads are not timed.
     """
 
-    def __init__(self, *, stall_timeout_s: float | None, open_timeout_s: float,
-                 read_timeout_s: float | None) -> None:
+    def __init__(
+        self, *, stall_timeout_s: float | None, open_timeout_s: float, read_timeout_s: float | None
+    ) -> None:
         self.stall_timeout_s = stall_timeout_s
         self.open_timeout_s = open_timeout_s
         self.read_timeout_s = read_timeout_s

@@ -57,8 +57,11 @@ def evaluate_checkpoint(
     """
     if (folder is None) == (synthetic_clips is None):
         raise ConfigError("give exactly one of a folder or a number of synthetic clips")
-    for name, value, low in (("batch size", batch_size, 1), ("workers", workers, 0),
-                             ("threads", threads, 1)):
+    for name, value, low in (
+        ("batch size", batch_size, 1),
+        ("workers", workers, 0),
+        ("threads", threads, 1),
+    ):
         if value is not None and value < low:
             raise ConfigError(f"{name} must be >= {low}, but got {value}")
     if threads:

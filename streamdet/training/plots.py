@@ -82,8 +82,9 @@ def plot_confusion(
     for i in range(n):
         for j in range(n):
             color = "white" if norm[i, j] > 0.6 else "black"
-            ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", color=color,
-                    fontsize=8)
+            ax.text(
+                j, i, str(int(confusion[i, j])), ha="center", va="center", color=color, fontsize=8
+            )
     ticks = range(n)
     ax.set_xticks(ticks, [str(c)[:16] for c in class_names], rotation=90)
     ax.set_yticks(ticks, [str(c)[:16] for c in class_names])

@@ -323,7 +323,11 @@ def _atomic_save(obj: Any, path: Path) -> None:
     except (OSError, RuntimeError) as exc:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)  # a partial file: the last good checkpoint stays
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())[:200]
+        reason = (
+            exc.strerror
+            if isinstance(exc, OSError) and exc.strerror
+            else " ".join(str(exc).split())[:200]
+        )
         raise StreamdetError(f"{path}: cannot save ({reason})") from exc
 
 
@@ -407,8 +411,15 @@ class _Progress:
         if self._bar is None or epoch != self._epoch:
             self.close()
             # A resumed epoch starts part way: the bar starts where the batches left off.
-            self._bar = tqdm(total=batches, initial=batch - 1, file=self.stream, unit="batch",
-                             desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True, leave=True)
+            self._bar = tqdm(
+                total=batches,
+                initial=batch - 1,
+                file=self.stream,
+                unit="batch",
+                desc=f"epoch {epoch + 1}/{epochs}",
+                dynamic_ncols=True,
+                leave=True,
+            )
             self._epoch = epoch
         self._bar.set_postfix_str(stats, refresh=False)
         self._bar.update(batch - self._bar.n)
