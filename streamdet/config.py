@@ -423,7 +423,7 @@ class _BoundedComposer:
             node: Node = ScalarNode(
                 self._tag(ScalarNode, event, event.value),
                 event.value,
-                event.start_mark,
+                event.start_mark,  # type: ignore[arg-type]
                 event.end_mark,  # type: ignore[arg-type]
                 style=event.style,
             )

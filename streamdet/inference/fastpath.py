@@ -271,9 +271,9 @@ def channel_padded_conv(conv: nn.Conv3d, channels: int) -> nn.Conv3d:
     padded = nn.Conv3d(
         channels,
         conv.out_channels,
-        conv.kernel_size,
+        conv.kernel_size,  # type: ignore[arg-type]  # a Conv3d's, so three ints
         stride=conv.stride,  # type: ignore[arg-type]
-        padding=conv.padding,
+        padding=conv.padding,  # type: ignore[arg-type]
         dilation=conv.dilation,  # type: ignore[arg-type]
         bias=conv.bias is not None,
     )
