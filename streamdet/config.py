@@ -186,7 +186,8 @@ class ModelConfig(_Model):
     cuda_graphs: bool = Field(
         False,
         description="CUDA: replay CUDA graphs for batches of 1, 2, 4, ... up to max_batch (fewer kernel "
-        "launches: 1.8x at batch 1 on an H100). Ignored on a CPU.",
+        "launches, which pay off at batch 1; see benchmarks/RESULTS.md, 'GPU: NVIDIA H100'). "
+        "Ignored on a CPU.",
     )
     calibration: str | None = Field(
         None,
@@ -309,7 +310,7 @@ class RunConfig(_Model):
     @field_validator("sources")
     @classmethod
     def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
-        counts = Counter(s.name for s in sources)  # one pass: list.count per name took 5 s at 20k
+        counts = Counter(s.name for s in sources)  # one pass: list.count per name is quadratic
         dupes = sorted(name for name, count in counts.items() if count > 1)
         if dupes:
             raise ValueError(f"source names must be unique, but {_some(dupes)} repeat")
@@ -523,8 +524,8 @@ class _BoundedComposer:
     def construct_value(self, node: Node) -> Any:
         """``node`` as ``yaml.safe_load`` makes it, recursing at most MAX_YAML_DEPTH deep.
 
-        Strings, lists and mappings of scalar keys are made here, 6x faster than by
-        SafeConstructor's general path (0.25 s against 1.7 s for 200,000 sources); everything
+        Strings, lists and mappings of scalar keys are made here, several times faster than by
+        SafeConstructor's general path, which dispatches and checks per node; everything
         else (numbers, booleans, timestamps, merge keys ``<<``) by SafeConstructor. An aliased
         node is made each time it is used, as the steps after loading would copy it anyway.
         """
@@ -557,7 +558,7 @@ _LOADER: Any = _PyLoader
 if CParser is not None:
 
     class _CLoader(_BoundedComposer, CParser, SafeConstructor, Resolver):
-        """The bounded loader on libyaml's parser: 20,000 sources compose 6x faster."""
+        """The bounded loader on libyaml's parser: large configs compose several times faster."""
 
         def __init__(self, text: str) -> None:
             CParser.__init__(self, text)
@@ -581,9 +582,9 @@ def _parse_yaml(text: str) -> Any:
 def _gc_paused() -> Iterator[None]:
     """Pause the cyclic garbage collector while a config is built.
 
-    Loading makes millions of objects that live on, and each full collection walks them all:
-    200,000 sources took 15 s of CPU to load with it, 6.8 s without. Nothing built here is a
-    cycle to collect.
+    Loading makes millions of objects that live on, and each full collection walks them all, so
+    a large config loads in about half the CPU time without it. Nothing built here is a cycle to
+    collect.
     """
     enabled = gc.isenabled()
     gc.disable()

@@ -10,13 +10,15 @@ Why not OpenCV / ATen:
 
 - ``supersample2``: 2x2 supersampling of a 720p frame's crop region to 112x112 with OpenCV is a
   3-channel nearest-neighbour resize (no SIMD path), a 2x area resize, a transpose and two
-  numpy passes: about 110 us. One pass that reads the 4 samples of each output pixel and writes
-  the normalised planes takes 67-85 us, as long as the issue's one bilinear resize.
-- ``max_pool_nonneg``: ATen's CPU ``max_pool3d`` also writes int64 indices; at batch 1, pool1 of
-  C3D in bf16 takes 3.9-5.5 ms. The inputs follow a ReLU, so they are non-negative, and
+  numpy passes. One pass that reads the 4 samples of each output pixel and writes the
+  normalised planes is faster, and as fast as the issue's one bilinear resize.
+- ``max_pool_nonneg``: ATen's CPU ``max_pool3d`` also writes int64 indices, which dominate
+  pool1 of C3D in bf16 at batch 1. The inputs follow a ReLU, so they are non-negative, and
   non-negative IEEE floats order like their bit patterns read as signed integers: the max of an
-  int16 (bf16) or int32 (fp32) view is the max of the values, with no conversions. 2.0-2.9 ms on
-  one core (``benchmarks/bench_layers.py``).
+  int16 (bf16) or int32 (fp32) view is the max of the values, with no conversions, and on one
+  core it beats ATen on two (``benchmarks/bench_layers.py``).
+
+Both timings: see benchmarks/RESULTS.md, 'Latest figures (2026-11-26, 19:58-21:10)'.
 
 Example:
     >>> k = get()
@@ -135,7 +137,7 @@ def _compile() -> SimpleNamespace:
         (out uint32) or, with ``to_bf16``, bfloat16 bits rounded to nearest even as torch does
         (out uint16): C3D conv1's 3 colour channels times its 3 width taps, channels last.
         Each (t, h) row is converted once into a padded buffer, then written out in order, nine
-        values per pixel (unrolled: a loop over taps and channels ran 4x slower)."""
+        values per pixel (unrolled: a loop over taps and channels ran several times slower)."""
         t_in, h_in, w_in = x.shape[1], x.shape[2], x.shape[3]
         bits = x.view(np.uint32)
         row = np.zeros((3, w_in + 2), out.dtype)

@@ -256,11 +256,11 @@ class Pipeline:
     def _batch_size(cfg: RunConfig, engine: Engine) -> int:
         """Windows per forward pass: ``max_batch`` on CUDA, one on a CPU.
 
-        On a CPU batching does not raise per-clip throughput (int8: 22.0 clips/s at batch 1, 21.3
-        at batch 4), but a window that arrives as a batch starts waits for the whole batch: with
-        8 paced streams, batch 8 gave latency p99 1.7 s and skipped windows, batch 1 0.74 s and
-        none (benchmarks/RESULTS.md). A pure replay also runs every batch at one fixed size, so
-        its events repeat exactly: on CUDA it pads every pass to ``max_batch``.
+        On a CPU batching does not raise per-clip throughput (see benchmarks/RESULTS.md, 'Idle
+        machine'), but a window that arrives as a batch starts waits for the whole batch: with
+        paced streams, batch 8 gave a higher latency p99 than batch 1 and skipped windows (see
+        'Figures of 2026-11-26, 18:00-18:35'). A pure replay also runs every batch at one fixed
+        size, so its events repeat exactly: on CUDA it pads every pass to ``max_batch``.
         """
         return cfg.model.max_batch if engine.device.type == "cuda" else 1
 

@@ -8,9 +8,10 @@ resizing the whole frame: each output pixel averages a 2x2 grid of samples centr
 footprint of the source region that maps onto the crop (more samples for 8K frames; one area
 resize for regions under twice the crop, see ``_resize_region``). One compiled pass
 (:mod:`streamdet.kernels`) reads the samples and writes the normalised planes into the output or a
-caller's buffer: about 70 us per warm 720p frame on a 2-vCPU Xeon, against about 110 us for the
-same sampling through OpenCV (the fallback without Numba) and 75-85 us for one bilinear resize,
-which has 2.8x the error (it aliases); see ``benchmarks/bench_pipeline.py``.
+caller's buffer. That is faster than the same sampling through OpenCV (the fallback without
+Numba) and as fast as one bilinear resize, which has several times the error (it aliases); see
+``benchmarks/bench_pipeline.py`` and benchmarks/RESULTS.md, 'Latest figures (2026-11-26,
+19:58-21:10)'.
 
 Example:
     >>> import numpy as np
@@ -238,9 +239,10 @@ def _resize_region(region: np.ndarray, size: int) -> np.ndarray:
     Regions at least twice the output size are supersampled: nearest-neighbour samples on an
     n x n grid centred in each output pixel's footprint (n = 2, see ``_taps_per_axis``), then
     2x2 box averages (INTER_AREA by exactly 2, as many times as needed) down to ``size``. Both
-    steps are OpenCV fast paths, about 1 ns per sample: ~75 us for a 720p region (630x838),
-    against ~150 us for the previous bilinear-to-224 then 2x area, and ~2.7 ms for one INTER_AREA
-    resize (OpenCV's area filter has no fast path for non-integer factors). On real footage the
+    steps are OpenCV fast paths, faster than the previous bilinear-to-224 then 2x area, and far
+    faster than one INTER_AREA resize (OpenCV's area filter has no fast path for non-integer
+    factors); see benchmarks/RESULTS.md, 'Figures of 2026-11-26, 18:00-18:35' and 'Pipeline'
+    ('Preprocessing per frame'). On real footage the
     result is within 0.03 (normalised units, mean absolute) of an exact area resize, versus 0.02
     for bilinear-then-area and 0.08 for one bilinear resize, which aliases; of white noise it
     keeps half the standard deviation (exact area a sixth, bilinear-then-area a third, one

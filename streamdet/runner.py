@@ -116,9 +116,11 @@ def inference_plan(
 
     ``model.workers`` when set: the threads are shared out evenly. Unset, on a CPU with a
     concurrent engine: one worker per source, up to one per thread, and one per thread when a file
-    is replayed as fast as possible. On 2 cores, two one-thread workers beside a file's decoder ran
-    1.3-2.1x the clips/s of one worker, and held 12 paced streams against 8: an OpenMP team stalls
-    at every barrier for whichever of its threads the decoder or the host displaced. A single
+    is replayed as fast as possible. On 2 cores, two one-thread workers beside a file's decoder
+    replayed it faster than one two-thread worker, and held more paced streams: an OpenMP team
+    stalls at every barrier for whichever of its threads the decoder or the host displaced (see
+    benchmarks/RESULTS.md, 'Inference workers: two one-thread workers instead of one two-thread
+    team'). A single
     live source keeps one worker on every thread, the lowest latency per window. Without
     concurrency (compile on a CPU), a replay leaves its decoder a core: one worker on one thread
     fewer. CUDA runs one worker.

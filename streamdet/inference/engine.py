@@ -160,9 +160,9 @@ def _prepare(model: C3D_BN, device: torch.device) -> C3D_BN:
     return fused.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
 
 
-# The compiled CUDA path: Inductor's max-autotune with conv1's input padded to 8 channels ran at
-# 44% of an H200's bf16 peak at batch 128, against 40% in the default mode; compiling cold takes
-# about a minute more (benchmarks/RESULTS.md, GPU section).
+# The compiled CUDA path: Inductor's max-autotune with conv1's input padded to 8 channels ran
+# closer to an H200's bf16 peak at batch 128 than the default mode; compiling cold takes longer
+# (see benchmarks/RESULTS.md, 'GPU: NVIDIA H200').
 CUDA_COMPILE_MODE = "max-autotune-no-cudagraphs"
 CUDA_CONV1_CHANNELS = 8
 
@@ -288,7 +288,9 @@ def _preferred_path(device: torch.device, precision: str, compile: bool) -> str:
         return "int8"
     if device.type == "cuda":
         if precision == "bf16" and compile:
-            return "bf16-compiled"  # 1.6x bf16 autocast on an H100 at batch 128 (benchmarks/RESULTS.md)
+            # Faster than bf16 autocast at large batches; see benchmarks/RESULTS.md, 'GPU: NVIDIA
+            # H100' and 'GPU: NVIDIA H200'.
+            return "bf16-compiled"
         if precision in ("bf16", "fp16"):
             return f"{precision}-autocast"
         return "fp32-compiled" if compile else "fp32-eager"
@@ -395,7 +397,7 @@ def _reference_logits(
     model: C3D_BN, reference: Engine, clips: torch.Tensor, cache: Path
 ) -> torch.Tensor:
     """fp32 logits of ``clips``, cached by the weights' and clips' sha256 (fp32 is the slow part
-    of a start-up check: ~1 s per clip for the full C3D_BN on a CPU)."""
+    of a start-up check on a CPU; see benchmarks/RESULTS.md, '`build_engine` start-up')."""
     path = reference_logits_path(cache, model, clips)
     logits = load_reference_logits(path, (clips.shape[0], model.num_classes))
     if logits is None:

@@ -98,8 +98,8 @@ def onednn_prepack_available() -> bool:
 class PackedConv3dReLU(nn.Module):
     """Conv3d + ReLU with its weight reordered once into oneDNN's blocked layout.
 
-    Eager ``F.conv3d`` reorders the weight on every call (up to ~17 ms for conv5 in bf16 at
-    batch 1); this does it once, at build time, and fuses the ReLU.
+    Eager ``F.conv3d`` reorders the weight on every call, which at batch 1 can cost as much as
+    the convolution itself; this does it once, at build time, and fuses the ReLU.
 
     Args:
         conv: a 3x3x3 Conv3d (stride 1, padding 1, groups 1).
@@ -145,15 +145,14 @@ class WidthFold(nn.Module):
     folded tensor is an overlapping strided view of the width-padded input; one copy makes it
     dense. For C3D's conv1 (3 channels, 3 taps) on a float32 NCDHW clip, the engine's input,
     :func:`streamdet.kernels.get`'s ``fold_width3`` does the layout change, the fold and the
-    conversion to ``dtype`` in one pass: 0.5 ms per clip on one thread, against 2.2 ms (bf16) and
-    1.8 ms (float32) for the copies through ATen (``benchmarks/RESULTS.md``). Other inputs take the
-    ATen route; both give the same values.
+    conversion to ``dtype`` in one pass, several times faster than the three copies through ATen
+    (see benchmarks/RESULTS.md, 'conv1's width fold in one compiled pass, and the model at batch
+    1'). Other inputs take the ATen route; both give the same values.
 
     Why: oneDNN's AMX kernels waste most of each tile on C3D conv1's 3 input channels. With 9
-    channels and 9 taps instead of 27, conv1 at batch 1 runs 1.2-2.4x faster in bf16 (4.4 instead
-    of 5.2 ms idle, 5.0 instead of 11.9 ms on a busy host) and about 2x in int8 (3.7 instead of
-    7.2 ms); the model is 1.05-1.08x (bf16) and 1.07-1.16x (int8) faster, in paired interleaved
-    rounds. fp32 gains nothing.
+    channels and 9 taps instead of 27, conv1 at batch 1 runs faster in bf16 (most of all on a busy
+    host, where AMX is contended) and in int8, and the whole model gains a few percent (see
+    benchmarks/RESULTS.md, 'Figures of 2026-11-26, 18:00-18:35'). fp32 gains nothing.
 
     Args:
         taps: the conv's kernel width (odd).
@@ -240,10 +239,10 @@ class ChannelPad(nn.Module):
     appended, for a conv whose weights are padded the same way (see :func:`channel_padded_conv`).
 
     Why: C3D's conv1 has 3 input channels, and 16-bit tensor-core kernels work on multiples of 8.
-    On an H200, Inductor's max-autotune ran the padded conv1 on its Triton template (6.05 ms per
-    128 clips) and the whole net at 44% of the bf16 peak; the unpadded form has not been timed
-    in that mode yet. cuDNN itself gains nothing from the padding (12-13 ms for conv1 at batch 128
-    either way; benchmarks/RESULTS.md, GPU section).
+    On an H200, Inductor's max-autotune ran the padded conv1 on its Triton template, and the
+    whole net reached the 40% of the bf16 peak target; the unpadded form has not been timed in
+    that mode yet. cuDNN itself gains nothing from the padding (see benchmarks/RESULTS.md, 'GPU:
+    NVIDIA H200').
     """
 
     def __init__(self, channels: int) -> None:
@@ -334,7 +333,8 @@ class PackedNet(nn.Module):
         x = torch.flatten(x, 1)  # (B, C5, 1, 4, 4) -> (B, C5 * 16)
         if x.shape[0] == 1:
             # One clip reads all 100 MB of fc weights for one row: ATen's matrix-vector product
-            # streams them 1.2-1.5x faster than the matmul nn.Linear calls (same values).
+            # streams them faster than the matmul nn.Linear calls (same values); see
+            # benchmarks/RESULTS.md, 'Figures of 2026-11-26, 18:00-18:35'.
             v = F.relu(_matvec(self.fc6, x[0]))
             v = F.relu(_matvec(self.fc7, v))
             return _matvec(self.fc8, v).unsqueeze(0)
@@ -346,16 +346,16 @@ class PackedNet(nn.Module):
 class NonNegMaxPool3d(nn.Module):
     """``pool`` (a MaxPool3d whose stride is its kernel) for non-negative input, such as a ReLU's
     output, in channels_last_3d memory, through :func:`streamdet.kernels.get`'s
-    ``max_pool_nonneg``: 1.4-2.7x faster than ATen on C3D's pool1 in bf16 at batch 1 (2.0-2.9 ms
-    on one core against 3.9-5.5 ms on two), because ATen also computes int64 indices; the whole
-    clip 1.01-1.04x (``benchmarks/bench_layers.py``).
+    ``max_pool_nonneg``: faster than ATen on C3D's pool1 in bf16 at batch 1, on one core against
+    ATen's two, because ATen also computes int64 indices; the whole clip gains a few percent
+    (``benchmarks/bench_layers.py``; see benchmarks/RESULTS.md, 'Latest figures (2026-11-26,
+    19:58-21:10)').
 
     Values equal ATen's for non-negative input (+0 and -0 alike) and for positive NaN; negative
     input is the caller's error and gives wrong maxima, not an exception. Other dtypes and
     memory layouts run ``pool`` itself, and so do clips under ``min_elements`` (default 2^20),
-    where the ~50 us of calling the kernel outweigh ATen's indices: C3D's pool4 and pool5 took
-    0.16 and 0.12 ms through the kernel against 0.13 and 0.06 ms in ATen, pool3 (1.6 M
-    elements) 0.28 against 0.40 ms.
+    where the fixed cost of calling the kernel outweighs ATen's indices: C3D's pool4 and pool5
+    ran slower through the kernel than in ATen, pool3 (1.6 M elements) faster.
     """
 
     _AS_INT = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -453,7 +453,9 @@ def compile_net(
     Compilation happens lazily: on the first call (batch-specialised), and once more on the first
     other batch size, which compiles a graph dynamic in the batch (Dynamo's automatic dynamic
     shapes), so the inference thread's varying batches never recompile again. Each compile takes
-    8 to 15 s on 2 busy cores, and about a minute on CUDA in max-autotune mode (cold cache).
+    seconds on a CPU and about a minute on CUDA in max-autotune mode, cold (see
+    benchmarks/RESULTS.md, 'Model: interleaved, 5 rounds, batch 1 / 4 / 16' and 'GPU: NVIDIA
+    H200').
 
     Args:
         mode: torch.compile's mode (None: its default).

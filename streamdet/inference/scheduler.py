@@ -49,9 +49,10 @@ class InferenceThread(threading.Thread):
     the deliverer rather than queue results without bound (live sources then skip windows).
 
     Several workers suit a CPU: on 2 cores, beside a decoding thread, two workers on one torch
-    thread each replayed a file at 1.3-2.1x the clips/s of one worker (an OpenMP team waits at
-    every barrier for whichever of its threads the decoder or the host displaced; independent
-    workers do not). ``benchmarks/RESULTS.md``, "Inference workers".
+    thread each replayed a file faster than one worker on two (an OpenMP team waits at every
+    barrier for whichever of its threads the decoder or the host displaced; independent workers
+    do not). See benchmarks/RESULTS.md, 'Inference workers: two one-thread workers instead of one
+    two-thread team'.
 
     Args:
         rings: one ring buffer per source.

@@ -111,7 +111,7 @@ _ffmpeg_env_lock = threading.Lock()
 
 def _configure_ffmpeg_once() -> None:
     # Must be set before the first FFmpeg open in the process. TCP avoids UDP loss on RTSP;
-    # a short analyzeduration cuts time to first frame from ~4 s to ~1.5 s.
+    # a short analyzeduration cuts seconds off the time to first frame.
     with _ffmpeg_env_lock:
         os.environ.setdefault(
             "OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp|analyzeduration;500000"
@@ -133,9 +133,9 @@ class OpenCVSource:
         read_timeout_s: for URLs, a read blocking this long fails.
         fps: override the reported frame rate.
         decode_threads: FFmpeg decoding threads for a file or stream (None: FFmpeg's choice, one
-            per core). One costs 15-30% less CPU per H.264 frame than frame threading on two (1.5
-            against 1.7-2.2 ms at 768x576 here), so a replay whose inference keeps every core busy
-            decodes on one.
+            per core). One costs less CPU per H.264 frame than frame threading on two (see
+            benchmarks/RESULTS.md, 'Inference workers: two one-thread workers instead of one
+            two-thread team'), so a replay whose inference keeps every core busy decodes on one.
 
     Raises:
         SourceError: the source cannot be opened (the message never contains a password).
@@ -208,8 +208,8 @@ class OpenCVSource:
         return frame
 
     def skip(self) -> bool:
-        """Advance one frame without converting it to BGR (``grab``): about half the cost of a
-        ``read`` for H.264 (469 vs 890 us per 768x576 frame here), less for MJPEG."""
+        """Advance one frame without converting it to BGR (``grab``): for H.264 the
+        conversion is a large share of a ``read``'s cost, for MJPEG a smaller one."""
         try:
             return bool(self._cap.grab())
         except cv2.error:
@@ -238,7 +238,7 @@ def _video_file(url: str) -> Path:
 def check_sources(urls: Sequence[str], *, open_files: bool = True) -> None:
     """Fail fast, with a clear message, when there is no source, or a file source is missing,
     empty or (``open_files``) not a video FFmpeg can open: its container is opened, not decoded,
-    which takes up to ~10 ms for an H.264 file. Without ``open_files`` only the path is checked;
+    which takes milliseconds for an H.264 file. Without ``open_files`` only the path is checked;
     a capture reports a file it cannot open with the same message."""
     if not urls:
         raise ConfigError("no sources: give --source URL or list sources in the config")
