@@ -192,8 +192,9 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
             rotated = rotated_paths(Path(events))[:-1]
             outputs += [("a rotated file of the event log", p) for p in rotated]
     video = cfg.sinks.overlay.video
+    videos: list[tuple[str, Path]] = []
     if video and len(cfg.sources) > 1:
-        outputs += [
+        videos = [
             (
                 f"the annotated video of source {s.name!r}",
                 video_file(video, s.name, len(cfg.sources)),
@@ -201,7 +202,8 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
             for s in cfg.sources
         ]
     elif video:
-        outputs.append(("the annotated video", Path(video)))
+        videos = [("the annotated video", Path(video))]
+    outputs += videos
     inputs = [
         (f"the video of source {s.name!r}", Path(s.url.removeprefix("file://")))
         for s in cfg.sources
@@ -230,9 +232,8 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
                 raise StreamdetError(
                     f"{path} is both {what} and {other}: give each output a path of its own"
                 )
-    for what, path in outputs:
-        if what.startswith("the annotated video"):
-            check_video_path(path)
+    for _, path in videos:
+        check_video_path(path)
 
 
 def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
