@@ -1,9 +1,9 @@
 """Compiled loops for two hot spots that OpenCV and ATen serve badly: the supersampled centre
 crop of a frame, and max pooling after a ReLU.
 
-Both are Numba functions compiled for fixed argument types, cached on disk (Numba's cache, next
-to this file or in the user's cache directory), and released from the GIL so capture threads run
-them side by side. They are loaded on first use; :func:`get` returns None, and callers take
+Both are Numba functions compiled for fixed argument types, cached on disk (Numba's cache, in
+``$STREAMDET_CACHE_DIR/numba`` or ~/.cache/streamdet/numba, never inside the installed package),
+and released from the GIL so capture threads run them side by side. They are loaded on first use; :func:`get` returns None, and callers take
 their OpenCV / ATen route, when Numba is missing or broken, or when ``STREAMDET_NO_JIT=1``.
 
 Why not OpenCV / ATen:
@@ -67,6 +67,13 @@ def get() -> SimpleNamespace | None:
 
 
 def _compile() -> SimpleNamespace:
+    # Numba caches beside the module by default: inside site-packages, where files pip does not
+    # know of outlive an uninstall and leave a bare `streamdet` folder that shadows a later
+    # editable install. streamdet's own cache folder (as in streamdet.inference.cache) instead.
+    cache_root = os.environ.get("STREAMDET_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "streamdet"
+    )
+    os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(cache_root, "numba"))
     import numba
     import numpy as np
 
