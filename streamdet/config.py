@@ -672,6 +672,13 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = _shorten(getattr(exc, "problem", None) or "invalid YAML", 2 * _MAX_ECHO)
+        if "maximum nesting depth" in problem and mark:
+            # PyYAML >= 6.0.4's parser has a depth limit of its own, above ours, that it can
+            # reach reading ahead in a flow collection before our composer sees the depth.
+            raise ConfigError(
+                f"{path}: lists and mappings nested more than {MAX_YAML_DEPTH} deep at "
+                f"line {mark.line + 1}"
+            ) from None
         raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
     if data is None:
         return {}
