@@ -16,6 +16,8 @@ PACKAGES=(
     gstreamer1.0-plugins-ugly
     gstreamer1.0-libav
     gstreamer1.0-tools
+    mosquitto
+    chromium
 )
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VTEST="$REPO_ROOT/tests/.assets/vtest.avi"

@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -107,6 +108,13 @@ class SourceOptions(_Model):
         gt=0,
         le=1000,
         description="Override the frame rate reported by the source (used for pacing).",
+    )
+    backend: Literal["auto", "pyav", "opencv"] = Field(
+        "auto",
+        description=(
+            "Decoder: pyav (FFmpeg through PyAV: files and network streams, and the encoded "
+            "packets event clips are cut from), opencv (webcams), or auto (pyav where it can)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -284,11 +292,172 @@ class OverlayConfig(_Model):
     top_k: int = Field(3, ge=1, le=20, description="Classes drawn with score bars.")
 
 
+_MQTT_TOPIC_PART = r"^[^#+/\x00]+(/[^#+/\x00]+)*$"  # levels without wildcards or empty ones
+
+
+class MqttTlsConfig(_Model):
+    """TLS to the broker (the system's CAs when ``ca_certs`` is not given)."""
+
+    ca_certs: str | None = Field(
+        None, description="CA bundle (PEM) the broker's cert is checked by."
+    )
+    certfile: str | None = Field(None, description="Client certificate (PEM), for mutual TLS.")
+    keyfile: str | None = Field(None, description="Client key (PEM), with certfile.")
+    insecure: bool = Field(False, description="Skip the broker's hostname check (test setups).")
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> MqttTlsConfig:
+        if self.keyfile and not self.certfile:
+            raise ValueError("keyfile needs certfile")
+        return self
+
+
+class MqttConfig(_Model):
+    """Events, source status and figures to an MQTT broker (Frigate-style topics)."""
+
+    host: str = Field(..., min_length=1, max_length=253, description="Broker host name or address.")
+    port: int = Field(1883, ge=1, le=65535, description="Broker port (8883 is usual with TLS).")
+    topic_prefix: str = Field(
+        "streamdet",
+        min_length=1,
+        max_length=200,
+        pattern=_MQTT_TOPIC_PART,
+        description="First level of every topic.",
+    )
+    client_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="MQTT client id (default streamdet-<hostname>); unique per instance.",
+    )
+    user: str | None = Field(None, min_length=1, description="Broker user name.")
+    password: SecretStr | None = Field(None, description="Broker password (use ${ENV_VAR}).")
+    tls: MqttTlsConfig | None = Field(None, description="TLS settings (none: plain TCP).")
+    qos: int = Field(1, ge=0, le=2, description="QoS of event and state messages.")
+    ha_discovery: bool = Field(True, description="Publish Home Assistant discovery configs.")
+    discovery_prefix: str = Field(
+        "homeassistant",
+        min_length=1,
+        max_length=200,
+        pattern=_MQTT_TOPIC_PART,
+        description="Home Assistant's discovery prefix.",
+    )
+    stats_interval_s: float = Field(60.0, gt=0, le=86400, description="Seconds between stats.")
+    max_queued: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Messages kept while the broker is away (the oldest are dropped first).",
+    )
+
+    @model_validator(mode="after")
+    def _user_and_password(self) -> MqttConfig:
+        if (self.user is None) != (self.password is None):
+            raise ValueError("user and password go together: give both or neither")
+        return self
+
+
+WebhookEvent = Literal["new", "update", "end", "clip"]
+
+
+def _new_and_end() -> list[WebhookEvent]:
+    return ["new", "end"]
+
+
+class WebhookConfig(_Model):
+    """One HTTP endpoint that gets event lines, signed as Standard Webhooks say."""
+
+    url: str = Field(..., min_length=1, max_length=2048, description="http:// or https:// URL.")
+    events: list[WebhookEvent] = Field(
+        default_factory=_new_and_end, min_length=1, description="Line types sent."
+    )
+    sources: list[str] | None = Field(None, description="Only these sources (default: all).")
+    labels: list[str] | None = Field(None, description="Only these labels (default: all).")
+    min_score: float = Field(0.0, ge=0, le=1, description="Only events scoring at least this.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers.")
+    secret: SecretStr | None = Field(
+        None, description="Signing secret (whsec_<base64> or any text; use ${ENV_VAR})."
+    )
+    timeout_s: float = Field(10.0, gt=0, le=300, description="Per request.")
+    max_attempts: int = Field(6, ge=1, le=100, description="Tries per line, with backoff.")
+    max_queued: int = Field(
+        1000, ge=1, le=1_000_000, description="Lines waiting for this endpoint (then dropped)."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        from streamdet.redaction import redact_url
+
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018  # raises on a port that is not a number or out of range
+        except ValueError:
+            raise ValueError(f"not a valid URL: {redact_url(url)}") from None
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host: {redact_url(url)}")
+        return url
+
+
 class SinksConfig(_Model):
     """Where results go."""
 
     events: EventLogConfig = Field(default_factory=EventLogConfig, description="Event log.")
     overlay: OverlayConfig = Field(default_factory=OverlayConfig, description="Annotated output.")
+    mqtt: MqttConfig | None = Field(None, description="MQTT broker (none: no MQTT).")
+    webhooks: list[WebhookConfig] = Field(default_factory=list, description="HTTP endpoints.")
+
+
+class ClipsConfig(_Model):
+    """A clip per event, stream-copied from the camera's own encoding."""
+
+    enabled: bool = Field(True, description="Write a clip per event.")
+    pre_capture_s: float = Field(5.0, ge=0, le=60, description="Seconds before the event.")
+    post_capture_s: float = Field(5.0, ge=0, le=300, description="Seconds after the event.")
+    max_clip_s: float = Field(120.0, gt=0, le=3600, description="Longest clip.")
+
+
+class SnapshotsConfig(_Model):
+    """A JPEG of each event's best frame."""
+
+    enabled: bool = Field(True, description="Write a snapshot per event.")
+    height: int | None = Field(None, ge=16, le=4320, description="Resize to this height.")
+    quality: int = Field(80, ge=1, le=100, description="JPEG quality.")
+    overlay: bool = Field(False, description="Draw the event's label and score on it.")
+
+
+class RetainConfig(_Model):
+    """How long media is kept."""
+
+    days: float | None = Field(7.0, gt=0, le=36500, description="Delete media older than this.")
+    max_gb: float | None = Field(None, gt=0, description="Keep the folder under this size.")
+
+
+class MediaConfig(_Model):
+    """Event clips and snapshots."""
+
+    dir: str = Field("streamdet-out/media", min_length=1, description="Folder for media files.")
+    clips: ClipsConfig = Field(default_factory=ClipsConfig, description="Clips.")
+    snapshots: SnapshotsConfig = Field(default_factory=SnapshotsConfig, description="Snapshots.")
+    retain: RetainConfig = Field(default_factory=RetainConfig, description="Retention.")
+
+
+class WebConfig(_Model):
+    """The live web page, the events API, health checks and Prometheus metrics."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Address to bind.")
+    port: int = Field(8080, ge=0, le=65535, description="Port (0: any free one, printed).")
+    token: SecretStr | None = Field(None, description="Bearer token every request must carry.")
+    auth: Literal["token", "none"] | None = Field(
+        None, description="'none' allows a non-loopback bind without a token."
+    )
+    public: list[Literal["healthz", "readyz", "metrics"]] = Field(
+        default_factory=list, description="Endpoints answered without the token."
+    )
+    mjpeg_fps: float = Field(5.0, gt=0, le=30, description="Frames per second of live streams.")
+    max_clients: int = Field(20, ge=1, le=1000, description="Concurrent live streams.")
 
 
 class RunConfig(_Model):
@@ -299,6 +468,8 @@ class RunConfig(_Model):
     window: WindowConfig = Field(default_factory=WindowConfig, description="Windowing.")
     events: EventsConfig = Field(default_factory=EventsConfig, description="Event tracker.")
     sinks: SinksConfig = Field(default_factory=SinksConfig, description="Outputs.")
+    media: MediaConfig | None = Field(None, description="Event clips and snapshots (none: off).")
+    web: WebConfig | None = Field(None, description="Web page and HTTP API (none: off).")
     progress_interval_s: float = Field(
         5.0, gt=0, le=3600, description="Seconds between progress lines."
     )
@@ -315,6 +486,15 @@ class RunConfig(_Model):
         if dupes:
             raise ValueError(f"source names must be unique, but {_some(dupes)} repeat")
         return sources
+
+    @model_validator(mode="after")
+    def _webhook_sources_exist(self) -> RunConfig:
+        names = {s.name for s in self.sources}
+        for i, hook in enumerate(self.sinks.webhooks):
+            unknown = sorted(set(hook.sources or ()) - names) if self.sources else []
+            if unknown:
+                raise ValueError(f"sinks.webhooks[{i}].sources: unknown source(s) {_some(unknown)}")
+        return self
 
 
 def _shorten(text: str, limit: int = _MAX_ECHO) -> str:
@@ -692,7 +872,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _resolve_input_paths(data: dict[str, Any], folder: Path) -> None:
     """Make the relative input paths of a config file's ``data`` relative to ``folder`` (the
     file's), in place: file sources (``file://`` dropped), ``model.weights``,
-    ``model.calibration`` and ``truth``; ``~`` is expanded. A value of another type is left for
+    ``model.calibration``, ``truth`` and the MQTT TLS files; ``~`` is expanded. A value of another type is left for
     validation to report."""
     from streamdet.sources.opening import SourceKind, source_kind  # cv2: only to read a file
 
@@ -712,6 +892,13 @@ def _resolve_input_paths(data: dict[str, Any], folder: Path) -> None:
                 model[key] = resolve(model[key])
     if isinstance(data.get("truth"), str) and data["truth"]:
         data["truth"] = resolve(data["truth"])
+    sinks = data.get("sinks")
+    mqtt = sinks.get("mqtt") if isinstance(sinks, dict) else None
+    tls = mqtt.get("tls") if isinstance(mqtt, dict) else None
+    if isinstance(tls, dict):
+        for key in ("ca_certs", "certfile", "keyfile"):
+            if isinstance(tls.get(key), str) and tls[key]:
+                tls[key] = resolve(tls[key])
 
 
 def load_config(

@@ -31,6 +31,7 @@ from streamdet.redaction import redact_url
 from streamdet.report import RunReport, RunSummary
 from streamdet.router import EventRouter
 from streamdet.sinks.base import Sink
+from streamdet.sinks.configured import SinkContext, build_sinks
 from streamdet.sinks.jsonl import EventLog
 from streamdet.sinks.overlay import OverlaySink
 from streamdet.sources.backoff import Backoff
@@ -148,13 +149,26 @@ class Pipeline:
         # A replay is drawn from the overlay's own read of the file (with the same opener).
         replays = {name: openers[name] for name, p in self.pacing.items() if p is Pacing.REPLAY}
         self.overlay = self._build_overlay(cfg, checkpoint, replays)
+        urls = {s.name: redact_url(s.url) for s in cfg.sources}
+        configured = build_sinks(
+            cfg,
+            SinkContext(
+                run_id=self.run_id,
+                class_names=checkpoint.class_names,
+                sources=tuple(s.name for s in cfg.sources),
+                urls=urls,
+                model={"name": checkpoint.name, "sha256": checkpoint.sha256},
+                stop_event=self.stop_event,
+                record_media=lambda fields: self.router.record_media(fields),
+            ),
+        )
         self.router = EventRouter(
             tracker_settings(cfg, checkpoint.class_names),
             run_id=self.run_id,
             stride=cfg.window.stride,
             event_log=build_event_log(cfg, checkpoint, self.run_id),
-            sinks=(*([self.overlay] if self.overlay else []), *sinks),
-            urls={s.name: redact_url(s.url) for s in cfg.sources},
+            sinks=(*([self.overlay] if self.overlay else []), *configured, *sinks),
+            urls=urls,
         )
         self.rings = [
             RingBuffer(
@@ -303,7 +317,7 @@ class Pipeline:
                     self.stop("source failed")
                     break
                 if now >= next_stats:
-                    self.router.publish_stats(self.report.source_stats())
+                    self.router.publish_stats(self.report.run_stats())
                     next_stats = now + STATS_INTERVAL_S
                 if self.inference.all_done and self._outputs_caught_up():
                     self.stop("all sources ended")

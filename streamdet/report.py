@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from streamdet.buffer import RingBuffer
     from streamdet.inference import Engine, InferenceThread
     from streamdet.router import EventRouter
-    from streamdet.sinks.base import SourceStats
+    from streamdet.sinks.base import RunStats
     from streamdet.sources.capture import CaptureThread
 
 
@@ -114,20 +114,36 @@ class RunReport:
         self.event_log = event_log
         self._last_windows, self._last_t = 0, time.monotonic()
 
-    def source_stats(self) -> dict[str, SourceStats]:
-        from streamdet.sinks.base import SourceStats
+    def run_stats(self) -> RunStats:
+        """The figures every output gets with ``on_stats``."""
+        from streamdet.sinks.base import OutputStats, RunStats, SourceStats
 
-        return {
-            c.source_name: SourceStats(
+        sources = {}
+        for c, ring in zip(self.captures, self.rings, strict=True):
+            lat = self.router.latencies(c.source_name)
+            sources[c.source_name] = SourceStats(
                 c.stats.fps_in,
                 c.stats.frames_skipped,
                 ring.windows_taken,
                 ring.windows_skipped,
                 c.stats.reconnects,
                 self.router.status(c.source_name),
+                percentile(lat, 50),
+                percentile(lat, 99),
             )
-            for c, ring in zip(self.captures, self.rings, strict=True)
-        }
+        inf, lat = self.inference.inference_ms, self.router.latencies()
+        return RunStats(
+            sources,
+            percentile(inf, 50),
+            percentile(inf, 99),
+            percentile(lat, 50),
+            percentile(lat, 99),
+            self.router.events_opened,
+            {
+                name: OutputStats(delivered, dropped, failed)
+                for name, delivered, dropped, failed in self.router.output_counts()
+            },
+        )
 
     def progress_line(self) -> str:
         """One ``[progress]`` line; the window rate is since the previous line."""
@@ -153,6 +169,9 @@ class RunReport:
             f"{format_ms(percentile(lat, 50))} p99 {format_ms(percentile(lat, 99))} | "
             f"events {self.router.events_opened}"
         )
+        for w in self.router.workers:
+            if text := w.progress_text():
+                line += f" | {w.sink.name}: {text}"
         drops = [
             f"{name} {dropped}" for name, _, dropped, _ in self.router.output_counts() if dropped
         ]

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,10 +36,11 @@ from streamdet.redaction import redact_text
 from streamdet.sinks.base import (
     EventMessage,
     FrameMessage,
+    MediaMessage,
+    RunStats,
     ScoresMessage,
     Sink,
     SinkWorker,
-    SourceStats,
     StatusMessage,
 )
 from streamdet.sinks.jsonl import EventLog
@@ -94,6 +95,7 @@ class EventRouter:
         self._online_once: set[str] = set()
         self._not_yet_online: dict[str, str] = {}  # source -> why it was offline before that
         self.latency_ms: deque[float] = deque(maxlen=4096)
+        self._source_latency_ms: dict[str, deque[float]] = {}
         self.event_counts: dict[str, int] = {}
         self.events_opened = 0
 
@@ -182,6 +184,7 @@ class EventRouter:
         self._emit(changes, w.last_monotonic)
         latency = (time.monotonic() - w.last_monotonic) * 1000.0  # newest frame -> lines written
         self.latency_ms.append(latency)
+        self._source_latency_ms.setdefault(w.source, deque(maxlen=1024)).append(latency)
         if self.workers:
             open_events = tuple((e.label, e.score) for e in self.tracker.open_events(w.source))
             msg = ScoresMessage(
@@ -190,15 +193,38 @@ class EventRouter:
             for worker in self.workers:
                 worker.offer_scores(msg)
 
-    def publish_stats(self, stats: Mapping[str, SourceStats]) -> None:
+    def publish_stats(self, stats: RunStats) -> None:
         for w in self.workers:
             w.offer_stats(stats)
 
+    def record_media(self, fields: Mapping[str, Any]) -> Mapping[str, Any]:
+        """An output finished a clip or snapshot of an event: append its line to the log
+        (fsynced), then hand it to every output (the one that made it too). Called from that
+        output's thread. Returns the line.
+
+        ``fields`` holds ``type`` (``clip`` or ``snapshot``), ``id`` (the event's), ``source``
+        and what the media says of itself (``path``, ...).
+
+        Raises:
+            StreamdetError: the log cannot be written (the line is not handed on).
+        """
+        with self._lock:
+            line: Mapping[str, Any] = dict(fields)
+            if self.event_log is not None:
+                line = self.event_log.write_media(dict(fields))
+            msg = MediaMessage(line)
+            for w in self.workers:
+                w.offer_media(msg)
+        return line
+
     # -- what the run reports ----------------------------------------------------------------
 
-    def latencies(self) -> list[float]:
+    def latencies(self, source: str | None = None) -> list[float]:
+        """Recent window latencies (ms), of every source or of ``source``."""
         with self._lock:
-            return list(self.latency_ms)
+            if source is None:
+                return list(self.latency_ms)
+            return list(self._source_latency_ms.get(source, ()))
 
     def status(self, source: str) -> str:
         with self._lock:

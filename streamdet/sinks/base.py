@@ -14,9 +14,14 @@ else) and calls the sink's methods from that thread only, in the order the route
 ``on_scores(msg)``     a window was scored (:class:`ScoresMessage`), every window
 ``on_frame(msg)``      a decoded frame of a source named by ``frame_sources()``
 ``on_source_ended``    every window of an ended source has been scored
-``on_stats(stats)``    the run's figures, about twice a second (:class:`SourceStats` per source)
+``on_media(msg)``      a clip or snapshot of an event is complete (:class:`MediaMessage`): its
+                       log line is written and fsynced before it
+``on_stats(stats)``    the run's figures, about twice a second (:class:`RunStats`)
 ``close()``            after the last message; flush and release
 =====================  ==============================================================
+
+Two methods are called from the run's thread instead: ``caught_up()`` and ``progress_text()``
+(what the progress line says of this output: keep it short, read counters only).
 
 The router never waits for a sink: a message that finds its queue full is dropped and counted
 (``SinkWorker.dropped``). A sink that raises is reported once, gets no further messages (they
@@ -42,7 +47,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -96,8 +101,16 @@ class FrameMessage:
 
 
 @dataclass(frozen=True)
+class MediaMessage:
+    """A clip or snapshot of an event is complete; ``line`` is its event-log line (``type``
+    ``clip`` or ``snapshot``, ``id`` the event's), as written (or as it would be, with no log)."""
+
+    line: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class SourceStats:
-    """A source's figures as progress lines show them."""
+    """A source's figures as progress lines show them; latencies over its recent windows."""
 
     fps_in: float
     frames_skipped: int
@@ -105,6 +118,30 @@ class SourceStats:
     windows_skipped: int
     reconnects: int
     status: str
+    latency_ms_p50: float = float("nan")
+    latency_ms_p99: float = float("nan")
+
+
+@dataclass(frozen=True)
+class OutputStats:
+    """An output's messages delivered and dropped so far, and whether it failed."""
+
+    delivered: int
+    dropped: int
+    failed: bool
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """The run's figures, as ``on_stats`` gets them (nan: nothing measured yet)."""
+
+    sources: Mapping[str, SourceStats]
+    inference_ms_p50: float = float("nan")
+    inference_ms_p99: float = float("nan")
+    latency_ms_p50: float = float("nan")
+    latency_ms_p99: float = float("nan")
+    events_opened: int = 0
+    outputs: Mapping[str, OutputStats] = field(default_factory=dict)
 
 
 class Sink(Protocol):
@@ -126,11 +163,18 @@ class Sink(Protocol):
 
     def on_source_ended(self, source: str) -> None: ...
 
-    def on_stats(self, stats: Mapping[str, SourceStats]) -> None: ...
+    def on_media(self, msg: MediaMessage) -> None: ...
+
+    def on_stats(self, stats: RunStats) -> None: ...
 
     def caught_up(self) -> bool:
         """False while the sink still has work of its own (a replay being drawn); called from
         the run's thread, unlike the other methods."""
+        ...
+
+    def progress_text(self) -> str:
+        """What the progress line says of this output ('' for nothing); called from the run's
+        thread, so it only reads counters."""
         ...
 
     def summary_lines(self) -> list[str]:
@@ -163,11 +207,17 @@ class BaseSink:
     def on_source_ended(self, source: str) -> None:
         pass
 
-    def on_stats(self, stats: Mapping[str, SourceStats]) -> None:
+    def on_media(self, msg: MediaMessage) -> None:
+        pass
+
+    def on_stats(self, stats: RunStats) -> None:
         pass
 
     def caught_up(self) -> bool:
         return True
+
+    def progress_text(self) -> str:
+        return ""
 
     def summary_lines(self) -> list[str]:
         return []
@@ -220,7 +270,10 @@ class SinkWorker(threading.Thread):
     def offer_source_ended(self, source: str) -> None:
         self._offer(self._messages, self._max_messages, (self.sink.on_source_ended, source))
 
-    def offer_stats(self, stats: Mapping[str, SourceStats]) -> None:
+    def offer_media(self, msg: MediaMessage) -> None:
+        self._offer(self._messages, self._max_messages, (self.sink.on_media, msg))
+
+    def offer_stats(self, stats: RunStats) -> None:
         self._offer(self._messages, self._max_messages, (self.sink.on_stats, stats))
 
     def offer_frame(self, msg: FrameMessage) -> None:
@@ -233,6 +286,13 @@ class SinkWorker(threading.Thread):
                 return
             queue.append(call)
             self._cond.notify()
+
+    def progress_text(self) -> str:
+        """The sink's part of the progress line ('' for none, or when it cannot say)."""
+        try:
+            return str(self.sink.progress_text() or "")
+        except Exception:  # an output that cannot describe itself does not spoil the line
+            return ""
 
     def caught_up(self) -> bool:
         """The sink has no work of its own left (or it failed). Messages still queued do not

@@ -497,6 +497,13 @@ class EventLog:
         }
         return self._write(obj, durable=True)
 
+    def write_media(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Append a media line (``type`` ``clip`` or ``snapshot``, for an event ``id``), fsynced;
+        returns what was written."""
+        obj = {"schema": SCHEMA, "type": fields["type"], "run_id": self.run_id, "seq": 0}
+        obj.update((k, v) for k, v in fields.items() if k not in obj)
+        return self._write(obj, durable=True)
+
     def close(self) -> None:
         """fsync and close. StreamdetError when that fails, unless a write has already reported
         the log broken."""

@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 
 from streamdet.errors import StreamdetError
-from streamdet.sinks.base import BaseSink, FrameMessage, ScoresMessage, SourceStats, StatusMessage
+from streamdet.sinks.base import BaseSink, FrameMessage, RunStats, ScoresMessage, StatusMessage
 
 if TYPE_CHECKING:
     from streamdet.sources import VideoSource
@@ -358,8 +358,8 @@ class OverlaySink(threading.Thread, BaseSink):
     def on_source_ended(self, source: str) -> None:
         self.source_ended(source)
 
-    def on_stats(self, stats: Mapping[str, SourceStats]) -> None:
-        for source, s in stats.items():
+    def on_stats(self, stats: RunStats) -> None:
+        for source, s in stats.sources.items():
             if source in self._views:
                 self.set_view(source, fps_in=s.fps_in)
 

@@ -1,0 +1,52 @@
+"""The outputs a config names beyond the event log and the annotated video: MQTT, webhooks,
+event media and the web page.
+
+:func:`build_sinks` is the one place that turns those config sections into
+:class:`~streamdet.sinks.base.Sink` objects; the pipeline hands them to the event router. Each
+output's module is imported only when the config asks for it, so a run without MQTT never loads
+paho.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from streamdet.config import RunConfig
+from streamdet.sinks.base import Sink
+
+
+@dataclass(frozen=True)
+class SinkContext:
+    """What the outputs know of the run, beside their own config section.
+
+    Attributes:
+        run_id: the run's id (event ids start with it).
+        class_names: the model's classes, in score order.
+        sources: every source's name, in config order.
+        urls: each source's URL, redacted.
+        model: ``{"name": ..., "sha256": ...}`` of the model in use.
+        stop_event: set when the run stops.
+        record_media: :meth:`streamdet.router.EventRouter.record_media`, for an output that
+            completes a clip or snapshot.
+    """
+
+    run_id: str
+    class_names: tuple[str, ...]
+    sources: tuple[str, ...]
+    urls: Mapping[str, str]
+    model: Mapping[str, str]
+    stop_event: threading.Event
+    record_media: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+
+
+def build_sinks(cfg: RunConfig, ctx: SinkContext) -> list[Sink]:
+    """The outputs ``cfg`` names (none by default).
+
+    Raises:
+        StreamdetError: a section that cannot work (checked before anything starts).
+    """
+    sinks: list[Sink] = []
+    return sinks
