@@ -38,12 +38,18 @@ from streamdet.sources.backoff import Backoff
 from streamdet.sources.capture import CaptureThread, Opener, make_opener
 from streamdet.sources.opening import SourceKind, check_sources, source_kind
 from streamdet.sources.pacing import Pacing, pacing_of
+from streamdet.sources.packets import PacketRing
 from streamdet.sources.watchdog import AbandonedThreads
 
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 1.5
 STATS_INTERVAL_S = 0.5  # how often the outputs get the sources' figures (the overlay's header)
+# Encoded packets kept per live source for event clips: the pre-roll, plus this margin for an
+# event to be detected and its clip started (windows to open it, inference), plus the keyframe
+# at or before it; the byte bound holds whatever the camera's bitrate or keyframe interval.
+PACKET_RING_MARGIN_S = 20.0
+PACKET_RING_MAX_BYTES = 64 * 1024 * 1024
 
 
 class StageError(StreamdetError):
@@ -149,6 +155,7 @@ class Pipeline:
         # A replay is drawn from the overlay's own read of the file (with the same opener).
         replays = {name: openers[name] for name, p in self.pacing.items() if p is Pacing.REPLAY}
         self.overlay = self._build_overlay(cfg, checkpoint, replays)
+        self.packet_rings = self._packet_rings(cfg)
         urls = {s.name: redact_url(s.url) for s in cfg.sources}
         configured = build_sinks(
             cfg,
@@ -160,6 +167,7 @@ class Pipeline:
                 model={"name": checkpoint.name, "sha256": checkpoint.sha256},
                 stop_event=self.stop_event,
                 record_media=lambda fields: self.router.record_media(fields),
+                packet_rings=self.packet_rings,
             ),
         )
         self.router = EventRouter(
@@ -241,6 +249,18 @@ class Pipeline:
             top_k=overlay.top_k,
             stop_event=self.stop_event,
         )
+
+    def _packet_rings(self, cfg: RunConfig) -> dict[str, PacketRing]:
+        """A ring of encoded packets per live source, when event clips are on (a replayed file
+        is cut from the file itself)."""
+        if cfg.media is None or not cfg.media.clips.enabled:
+            return {}
+        seconds = cfg.media.clips.pre_capture_s + PACKET_RING_MARGIN_S
+        return {
+            s.name: PacketRing(max_seconds=seconds, max_bytes=PACKET_RING_MAX_BYTES)
+            for s in cfg.sources
+            if self.pacing[s.name] is not Pacing.REPLAY
+        }
 
     def _build_capture(
         self, s: SourceConfig, ring: RingBuffer, opener: Opener, checkpoint: Checkpoint

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from streamdet.config import RunConfig
 from streamdet.sinks.base import Sink
+from streamdet.sources.packets import PacketRing
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class SinkContext:
         stop_event: set when the run stops.
         record_media: :meth:`streamdet.router.EventRouter.record_media`, for an output that
             completes a clip or snapshot.
+        packet_rings: the encoded packets of each source whose capture keeps them (event
+            clips are on and its backend demuxes packets), by source name.
     """
 
     run_id: str
@@ -40,6 +43,7 @@ class SinkContext:
     model: Mapping[str, str]
     stop_event: threading.Event
     record_media: Callable[[Mapping[str, Any]], Mapping[str, Any]]
+    packet_rings: Mapping[str, PacketRing] = field(default_factory=dict)
 
 
 def build_sinks(cfg: RunConfig, ctx: SinkContext) -> list[Sink]:
