@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gc
 import os
@@ -358,6 +359,19 @@ class MqttConfig(_Model):
 
 
 WebhookEvent = Literal["new", "update", "end", "clip"]
+# Headers a webhook request gets from streamdet (lower case), which a config may not set.
+_WEBHOOK_OWN_HEADERS = frozenset(
+    {
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "content-type",
+        "content-length",
+        "host",
+        "transfer-encoding",
+        "connection",
+    }
+)
 
 
 def _new_and_end() -> list[WebhookEvent]:
@@ -399,6 +413,37 @@ class WebhookConfig(_Model):
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ValueError(f"must be an http:// or https:// URL with a host: {redact_url(url)}")
         return url
+
+    @field_validator("headers")
+    @classmethod
+    def _plain_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        # Values are never echoed: an Authorization header is a secret.
+        for name, value in headers.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"{_shorten(name)!r} is not a valid header name")
+            if name.lower() in _WEBHOOK_OWN_HEADERS:
+                raise ValueError(f"{name!r} is set by streamdet and cannot be given")
+            if any(c in value for c in "\r\n\x00"):
+                raise ValueError(f"the value of {name!r} holds a line break or NUL")
+        return headers
+
+    @field_validator("secret")
+    @classmethod
+    def _usable_secret(cls, secret: SecretStr | None) -> SecretStr | None:
+        # Standard Webhooks serialize a key as whsec_<base64>; other text is the key's bytes.
+        if secret is None:
+            return None
+        text = secret.get_secret_value()
+        if not text:
+            raise ValueError("is empty (leave it out to send unsigned requests)")
+        if text.startswith("whsec_"):
+            try:
+                key = base64.b64decode(text.removeprefix("whsec_"), validate=True)
+            except ValueError:
+                key = b""
+            if not key:
+                raise ValueError("starts with whsec_ but what follows is not base64 of a key")
+        return secret
 
 
 class SinksConfig(_Model):
