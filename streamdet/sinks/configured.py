@@ -53,4 +53,16 @@ def build_sinks(cfg: RunConfig, ctx: SinkContext) -> list[Sink]:
         StreamdetError: a section that cannot work (checked before anything starts).
     """
     sinks: list[Sink] = []
+    if cfg.sinks.webhooks:
+        from streamdet.sinks.webhooks import build_webhooks
+
+        sinks.append(
+            build_webhooks(
+                cfg.sinks.webhooks,
+                class_names=ctx.class_names,
+                run_id=ctx.run_id,
+                model=ctx.model,
+                window=cfg.window,
+            )
+        )
     return sinks
