@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import doctest
 import json
 import logging
 import random
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 from webhook_receiver import Receiver, Reply, key_of
 
+import streamdet.sinks.webhooks
 from streamdet.config import WebhookConfig, load_config
 from streamdet.errors import ConfigError
 from streamdet.events import EventChange
@@ -530,3 +532,8 @@ def test_secrets_never_reach_logs_errors_or_the_summary(
     for secret in secrets:
         for text in texts:
             assert secret not in text
+
+
+def test_docstring_examples_run() -> None:
+    result = doctest.testmod(streamdet.sinks.webhooks)
+    assert result.attempted > 0 and result.failed == 0

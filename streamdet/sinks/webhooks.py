@@ -346,7 +346,8 @@ class Endpoint(threading.Thread):
         self._last_failure = ""
 
     @property
-    def name_text(self) -> str:
+    def redacted_url(self) -> str:
+        """The endpoint's URL with its credentials masked: how logs and the summary name it."""
         return self.target.name
 
     def counts(self) -> Counts:
@@ -417,7 +418,7 @@ class Endpoint(threading.Thread):
                     delay = backoff_s(tries, self.backoff_base_s, self.backoff_cap_s, self._rng)
                 log.debug(
                     "webhook %s: %s, try %d again in %.2f s",
-                    self.name_text,
+                    self.redacted_url,
                     answer.reason,
                     tries + 1,
                     delay,
@@ -471,14 +472,14 @@ class Endpoint(threading.Thread):
         if answer.outcome is Outcome.GONE:
             log.warning(
                 "webhook %s: %s: endpoint disabled, later lines are dropped",
-                self.name_text,
+                self.redacted_url,
                 answer.reason,
             )
         elif first_failure:
             log.warning(
                 "webhook %s: a line was not delivered (%s, after %d %s); further failures are "
                 "counted in the summary",
-                self.name_text,
+                self.redacted_url,
                 answer.reason,
                 tries,
                 "try" if tries == 1 else "tries",
@@ -605,7 +606,7 @@ class WebhooksSink(BaseSink):
         for e in self.endpoints:
             c = e.counts()
             line = (
-                f"webhook {e.name_text}: {c.delivered} delivered, {c.retried} retried, "
+                f"webhook {e.redacted_url}: {c.delivered} delivered, {c.retried} retried, "
                 f"{c.failed} failed, {c.dropped} dropped"
             )
             if c.gone:
