@@ -357,3 +357,31 @@ def preprocess_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
     else:
         monkeypatch.setattr(kernels, "get", lambda: None)
     return request.param
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """Factory starting real Mosquitto brokers (tests/mosquitto.py) on free ports; all are
+    killed after the test. Skips when /usr/sbin/mosquitto is not installed.
+
+    ``mosquitto(users=None, persistence=False, port=None)`` returns a started
+    :class:`mosquitto.Mosquitto` (``.port``, ``.kill()``, ``.stop()``, ``.restart()``,
+    ``.set_users()``, ``.save()``, ``.log_text()``).
+    """
+    from mosquitto import MOSQUITTO, Mosquitto
+
+    if not os.access(MOSQUITTO, os.X_OK):
+        pytest.skip(f"{MOSQUITTO} is not installed; {INSTALL_HINT}")
+    brokers: list[Mosquitto] = []
+
+    def start(**kwargs: object) -> Mosquitto:
+        folder = tmp_path / f"mosquitto{len(brokers)}"
+        folder.mkdir()
+        broker = Mosquitto(folder, **kwargs)
+        brokers.append(broker)
+        broker.start()
+        return broker
+
+    yield start
+    for broker in brokers:
+        broker.kill()

@@ -53,6 +53,18 @@ def build_sinks(cfg: RunConfig, ctx: SinkContext) -> list[Sink]:
         StreamdetError: a section that cannot work (checked before anything starts).
     """
     sinks: list[Sink] = []
+    if cfg.sinks.mqtt is not None:
+        from streamdet.sinks.mqtt import MqttSink, labels_of  # paho only when asked for
+
+        sinks.append(
+            MqttSink(
+                cfg.sinks.mqtt,
+                sources=ctx.sources,
+                labels=labels_of(ctx.class_names, cfg.events.background),
+                run_id=ctx.run_id,
+                model=ctx.model,
+            )
+        )
     if cfg.sinks.webhooks:
         from streamdet.sinks.webhooks import build_webhooks
 
