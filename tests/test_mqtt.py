@@ -3,12 +3,10 @@ discovery, the outage queue and its order, refusals, secrets, stats and a clean 
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,7 +87,9 @@ def events_of(watcher: Watcher) -> list[dict[str, Any]]:
 def wait_progress(sink: MqttSink, prefix: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not sink.progress_text().startswith(prefix):
-        assert time.monotonic() < deadline, f"progress never said {prefix!r}: {sink.progress_text()}"
+        assert time.monotonic() < deadline, (
+            f"progress never said {prefix!r}: {sink.progress_text()}"
+        )
         time.sleep(0.02)
 
 
@@ -191,9 +191,7 @@ def test_a_broker_down_at_start_then_refusing_keeps_the_newest_events_and_hides_
     void); the queue waits, oldest dropped first; the password shows nowhere."""
     caplog.set_level(logging.DEBUG)
     port = free_port()  # nothing listens yet
-    sink = sinks(
-        port, max_queued=3, user="sink", password=SecretStr(PASSWORD), ha_discovery=False
-    )
+    sink = sinks(port, max_queued=3, user="sink", password=SecretStr(PASSWORD), ha_discovery=False)
     started = time.monotonic()
     for n in range(1, 6):
         sink.on_event(change(n))

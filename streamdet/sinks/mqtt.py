@@ -161,24 +161,30 @@ def discovery_configs(
             "manufacturer": "streamdet",
             "model": model_name,
         }
-        yield topics.discovery("event", f"{source}_event"), {
-            "name": "Event",
-            "unique_id": f"{device_id}_event",
-            "state_topic": topics.ha_event(source),
-            "event_types": list(labels),
-            "device": device,
-            **availability,
-        }
-        for label in labels:
-            yield topics.discovery("binary_sensor", f"{source}_{label}"), {
-                "name": label,
-                "unique_id": f"{device_id}_{_NOT_IN_DISCOVERY_ID.sub('_', label)}",
-                "state_topic": topics.label(source, label),
-                "payload_on": "ON",
-                "payload_off": "OFF",
+        yield (
+            topics.discovery("event", f"{source}_event"),
+            {
+                "name": "Event",
+                "unique_id": f"{device_id}_event",
+                "state_topic": topics.ha_event(source),
+                "event_types": list(labels),
                 "device": device,
                 **availability,
-            }
+            },
+        )
+        for label in labels:
+            yield (
+                topics.discovery("binary_sensor", f"{source}_{label}"),
+                {
+                    "name": label,
+                    "unique_id": f"{device_id}_{_NOT_IN_DISCOVERY_ID.sub('_', label)}",
+                    "state_topic": topics.label(source, label),
+                    "payload_on": "ON",
+                    "payload_off": "OFF",
+                    "device": device,
+                    **availability,
+                },
+            )
 
 
 def stats_payload(stats: RunStats) -> dict[str, Any]:
@@ -446,7 +452,9 @@ class MqttSink(BaseSink):
         status = "online" if msg.status == "online" else "offline"  # "ended" is offline too
         with self._lock:
             self._source_status[msg.source] = status
-            self._publish_state(Outgoing(self.topics.status(msg.source), status, self.cfg.qos, True))
+            self._publish_state(
+                Outgoing(self.topics.status(msg.source), status, self.cfg.qos, True)
+            )
 
     def on_media(self, msg: MediaMessage) -> None:
         self._start()
