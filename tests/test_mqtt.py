@@ -260,4 +260,4 @@ def test_close_turns_open_labels_off_and_says_stopped_and_stats_go_out_on_their_
             "fall",
             "run",
         ]
-    assert sink.progress_text().startswith("disconnected,")
+    assert sink.progress_text().startswith("closed,")

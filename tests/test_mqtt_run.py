@@ -128,7 +128,7 @@ def test_the_demo_publishes_its_event_lines_turns_stale_labels_off_and_says_stop
         assert [e["event_type"] for e in ha] == [x["label"] for x in lines if x["type"] == "new"]
     summary = mqtt_summary(out)
     assert re.fullmatch(
-        rf"\[summary\] mqtt 127\.0\.0\.1:{broker.port}: disconnected, \d+ published, "
+        rf"\[summary\] mqtt 127\.0\.0\.1:{broker.port}: closed, \d+ published, "
         r"0 queued, 0 dropped, 0 reconnects",
         summary,
     ), summary

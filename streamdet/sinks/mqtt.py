@@ -82,6 +82,7 @@ class Link(Enum):
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"  # lost, or never reached: retrying with backoff
     REFUSED = "refused"  # the broker answered with a refusal (bad credentials...): retrying
+    CLOSED = "closed"  # disconnected cleanly by close()
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,6 @@ class MqttSink(BaseSink):
         self._client = self._build_client()
         self._started = False  # the network thread runs (touched by the sink's thread only)
         self._last_stats = -math.inf
-        self._closing = threading.Event()  # set by close(): a disconnect then is no loss
         self._after: dict[str, Mapping[str, Any]] = {}  # open event id -> its latest line
 
         self._lock = threading.Lock()  # protects everything below (see the module docstring)
@@ -384,9 +384,9 @@ class MqttSink(BaseSink):
     ) -> None:
         with self._lock:
             was_connected = self._link is Link.CONNECTED
-            if self._link is not Link.REFUSED:
+            if self._link not in (Link.REFUSED, Link.CLOSED):
                 self._link = Link.DISCONNECTED
-        if was_connected and not self._closing.is_set():
+        if was_connected:  # not after close(): the link is CLOSED then
             log.warning(
                 "mqtt: lost the connection to %s (%s); retrying with backoff, keeping up to "
                 "%d events",
@@ -485,10 +485,11 @@ class MqttSink(BaseSink):
         if not self._started:
             return
         self._wait_for_acks(CLOSE_WAIT_S)
-        self._closing.set()
         with self._lock:
             self.dropped += len(self._queue)
             self._queue.clear()
+            if self._link is Link.CONNECTED:
+                self._link = Link.CLOSED
         self._client.disconnect()
         self._client.loop_stop()
 
