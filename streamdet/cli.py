@@ -70,6 +70,16 @@ def _num_classes(text: str) -> int:
     return value
 
 
+def _web_address(text: str) -> tuple[str | None, int]:
+    """``--web``: ``PORT``, ``HOST:PORT`` or ``[IPv6]:PORT`` -> (host or None, port)."""
+    host, sep, port = text.rpartition(":")
+    if not port.isdigit() or int(port) > 65535 or (sep and not host.strip("[]")):
+        raise argparse.ArgumentTypeError(
+            f"invalid address {text!r}: expected [HOST:]PORT with PORT 0-65535 (0: any free port)"
+        )
+    return (host.strip("[]") or None) if sep else None, int(port)
+
+
 def _int_at_least(low: int) -> Callable[[str], int]:
     """An argparse type: an integer >= ``low``, else a usage error naming what was given."""
 
@@ -178,6 +188,12 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", choices=Device.values(), help="overrides model.device")
     p.add_argument("--precision", choices=Precision.values(), help="overrides model.precision")
+    p.add_argument(
+        "--web",
+        type=_web_address,
+        metavar="[HOST:]PORT",
+        help="serve the live page, events API, health and metrics (overrides web.host/port)",
+    )
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:

@@ -31,7 +31,7 @@ from streamdet.redaction import redact_url
 from streamdet.report import RunReport, RunSummary
 from streamdet.router import EventRouter
 from streamdet.sinks.base import Sink
-from streamdet.sinks.configured import SinkContext, build_sinks
+from streamdet.sinks.configured import RunHealth, SinkContext, SourceHealth, build_sinks
 from streamdet.sinks.jsonl import EventLog
 from streamdet.sinks.overlay import OverlaySink
 from streamdet.sources.backoff import Backoff
@@ -168,6 +168,7 @@ class Pipeline:
                 stop_event=self.stop_event,
                 record_media=lambda fields: self.router.record_media(fields),
                 packet_rings=self.packet_rings,
+                health=self.health,
             ),
         )
         self.router = EventRouter(
@@ -299,6 +300,27 @@ class Pipeline:
         return cfg.model.max_batch if engine.device.type == "cuda" else 1
 
     # -- callbacks from the capture and inference threads ------------------------------------
+
+    def health(self) -> RunHealth:
+        """Each source's newest frame and status, and whether inference is alive (any thread:
+        it reads counters, and the router's status under its lock)."""
+        now_wall, now_mono = time.time(), time.monotonic()
+        captures = getattr(self, "captures", None)  # an output may ask before they are built
+        if captures is None:
+            return RunHealth({}, inference_alive=False)
+        sources = {}
+        for s, c in zip(self.cfg.sources, captures, strict=True):
+            read = c.stats.frames_read
+            last = now_wall - (now_mono - c.last_frame_monotonic) if read else None
+            sources[s.name] = SourceHealth(
+                status=self.router.status(s.name),
+                frames=read,
+                last_frame_time=last,
+                stall_timeout_s=s.options.stall_timeout_s,
+                capture_alive=c.is_alive(),
+            )
+        alive = self.inference.is_alive() and self.inference.error is None
+        return RunHealth(sources, inference_alive=alive)
 
     def _on_frame(self, source: str, meta: FrameMeta, frame: np.ndarray, used: bool) -> None:
         self.router.on_frame(source, meta.index, frame, self._by_name[source].fps or 10.0)

@@ -69,6 +69,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         sinks["overlay"] = overlay
     if sinks:
         over["sinks"] = sinks
+    if getattr(args, "web", None):
+        host, port = args.web
+        over["web"] = {"port": port, **({"host": host} if host else {})}
     return over
 
 
@@ -255,6 +258,11 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
         except SourceError as exc:
             raise ConfigError(f"model.calibration: {exc}") from None
     check_outputs(cfg, config_path)
+    if cfg.web is not None:  # before the model is built; a port in use is found at the bind
+        from streamdet.web.server import check_bind
+
+        token = cfg.web.token.get_secret_value() if cfg.web.token else None
+        check_bind(cfg.web.host, token, cfg.web.auth)
     if cfg.sinks.overlay.display:
         from streamdet.sinks.overlay import check_display
 
@@ -297,6 +305,9 @@ def _run(cfg: RunConfig, checkpoint: Checkpoint, max_seconds: float | None) -> i
         workers=workers,
         threads_per_worker=per_worker,
     )
+    for worker in pipeline.router.workers:
+        if worker.sink.name == "web":  # the actual port when web.port is 0
+            print(f"[web] serving on {getattr(worker.sink, 'url', '?')}", flush=True)
 
     def on_signal(signum: int, _frame: object) -> None:
         pipeline.stop(f"signal {signal.Signals(signum).name}")

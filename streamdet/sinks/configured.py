@@ -20,6 +20,34 @@ from streamdet.sources.packets import PacketRing
 
 
 @dataclass(frozen=True)
+class SourceHealth:
+    """One source's health, as a readiness check judges it.
+
+    Attributes:
+        status: ``online``, ``offline``, ``ended`` or ``never online``.
+        frames: frames read so far.
+        last_frame_time: wall-clock time (UTC epoch s) of the newest frame read; None before
+            the first.
+        stall_timeout_s: the source's ``options.stall_timeout_s``.
+        capture_alive: its capture thread is running.
+    """
+
+    status: str
+    frames: int
+    last_frame_time: float | None
+    stall_timeout_s: float
+    capture_alive: bool
+
+
+@dataclass(frozen=True)
+class RunHealth:
+    """The run's health now: each source's, and whether inference is alive."""
+
+    sources: Mapping[str, SourceHealth]
+    inference_alive: bool
+
+
+@dataclass(frozen=True)
 class SinkContext:
     """What the outputs know of the run, beside their own config section.
 
@@ -34,6 +62,8 @@ class SinkContext:
             completes a clip or snapshot.
         packet_rings: the encoded packets of each source whose capture keeps them (event
             clips are on and its backend demuxes packets), by source name.
+        health: the run's health now (sources' last frames, threads alive), for a readiness
+            check; callable from any thread. None: unknown (a sink built outside a run).
     """
 
     run_id: str
@@ -44,6 +74,7 @@ class SinkContext:
     stop_event: threading.Event
     record_media: Callable[[Mapping[str, Any]], Mapping[str, Any]]
     packet_rings: Mapping[str, PacketRing] = field(default_factory=dict)
+    health: Callable[[], RunHealth] | None = None
 
 
 def build_sinks(cfg: RunConfig, ctx: SinkContext) -> list[Sink]:
@@ -77,4 +108,8 @@ def build_sinks(cfg: RunConfig, ctx: SinkContext) -> list[Sink]:
                 window=cfg.window,
             )
         )
+    if cfg.web is not None:
+        from streamdet.web import WebSink
+
+        sinks.append(WebSink(cfg.web, ctx, cfg.media))
     return sinks
