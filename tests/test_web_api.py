@@ -40,7 +40,8 @@ def sink() -> Iterator[WebSink]:
 
 
 def feed_events(sink: WebSink) -> None:
-    """Four events: two walks on cam (one ended), a run on door (in progress), a weak walk."""
+    """Five events: walks on cam (one ended, one weak), a run on door, and a walk on door that
+    started before two others but is seen last (its source lags)."""
     t0 = 1_800_000_000.0
     for c in (
         change("new", 1, start=t0, score=0.9),
@@ -48,6 +49,7 @@ def feed_events(sink: WebSink) -> None:
         change("new", 2, source="door", label="run", start=t0 + 10, score=0.7),
         change("new", 3, start=t0 + 20, score=0.55),
         change("new", 4, start=t0 + 30, score=0.95),
+        change("new", 5, source="door", start=t0 + 5, score=0.6),
     ):
         sink.on_event(EventMessage(c, None, 12.5))
 
@@ -59,9 +61,9 @@ def ids(r) -> list[str]:
 @pytest.mark.parametrize(
     ("query", "expected"),
     [
-        ("", ["4:walk", "3:walk", "2:run", "1:walk"]),  # newest start first
-        ("?source=door", ["2:run"]),
-        ("?label=walk", ["4:walk", "3:walk", "1:walk"]),
+        ("", ["4:walk", "3:walk", "2:run", "5:walk", "1:walk"]),  # newest start first
+        ("?source=door", ["2:run", "5:walk"]),
+        ("?label=walk", ["4:walk", "3:walk", "5:walk", "1:walk"]),
         ("?in_progress=false", ["1:walk"]),
         ("?in_progress=true&source=cam", ["4:walk", "3:walk"]),
         ("?min_score=0.8", ["4:walk", "1:walk"]),
@@ -258,7 +260,7 @@ def test_every_series_exists_at_zero_from_the_start_and_counts_events(sink: WebS
     m = metrics_of(sink.server.port)
     assert m["streamdet_events_total"][(("label", "walk"), ("source", "cam"), ("type", "new"))] == 3
     assert m["streamdet_events_open"][(("source", "cam"),)] == 2
-    assert m["streamdet_event_latency_seconds_count"][()] == 4
+    assert m["streamdet_event_latency_seconds_count"][()] == 5
     assert m["streamdet_output_dropped_total"][(("output", "web"),)] == 3
 
 
@@ -484,3 +486,34 @@ def test_a_huge_request_line_and_header_are_refused_and_the_server_still_answers
     assert conn.getresponse().status == 501
     conn.close()
     assert get(port, "/healthz").status == 200
+
+
+def test_a_viewer_that_never_reads_is_dropped_and_frees_its_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stuck viewer must not hold one of max_clients forever (its sends time out)."""
+    from streamdet.web import server
+
+    monkeypatch.setattr(server, "STREAM_WRITE_TIMEOUT_S", 0.5)
+    sink = make_sink(web={"max_clients": 1})
+    port = sink.server.port
+    big = np.random.default_rng(1).integers(0, 255, (720, 1280, 3), np.uint8)
+    stuck = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.sendall(b"GET /api/sources/cam/stream.mjpeg HTTP/1.1\r\nHost: x\r\n\r\n")
+        deadline = time.monotonic() + 30
+        while sink.server.slots.used == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        i = 0
+        while sink.server.slots.used and time.monotonic() < deadline:
+            sink.on_frame(FrameMessage("cam", i, big, 10.0))  # ~1 MB each, never read
+            i += 1
+            time.sleep(0.25)
+        assert sink.server.slots.used == 0, "the stuck viewer still holds its slot"
+        viewer, head = open_stream(port, "/api/sources/cam/stream.mjpeg")
+        assert head.startswith(b"HTTP/1.1 200")
+        viewer.close()
+    finally:
+        stuck.close()
+        sink.close()
