@@ -393,3 +393,46 @@ def test_readyz_follows_the_rtsp_camera_and_abuse_stops_neither_detection_nor_th
         elapsed = run.stop()
     assert run.proc.returncode == 0, "".join(run.err)[-3000:]
     assert elapsed < STOP_DEADLINE_S, f"exit took {elapsed:.2f} s after the signal"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--web", "0.0.0.0:0"], "error: web.host 0.0.0.0 is not a loopback address"),
+        (["--web", "[::]:0"], "error: web.host :: is not a loopback address"),
+    ],
+)
+def test_a_network_bind_without_a_token_is_one_error_line_before_the_model_is_built(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    from streamdet import runner
+    from streamdet.cli import main
+
+    monkeypatch.setattr(runner, "load_model", lambda cfg: pytest.fail("the model was built"))
+    assert main(["run", *args, "--max-seconds", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message), err
+
+
+def test_a_port_in_use_is_one_error_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    from streamdet.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["run", "--web", str(port), "--max-seconds", "1"])
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert code == 2
+    assert err == [f"error: web: cannot listen on 127.0.0.1:{port} (Address already in use)"]
+
+
+@pytest.mark.parametrize("value", ["http", "99999", "host:", ":80x", "1.2.3.4:-1"])
+def test_a_bad_web_address_is_a_usage_error(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from streamdet.cli import main
+
+    assert main(["run", "--web", value]) == 2
+    assert "[HOST:]PORT" in capsys.readouterr().err
