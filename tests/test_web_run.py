@@ -140,6 +140,7 @@ def assert_live_image_changes(page, source: str) -> bytes:
     )
     _, second = live_image(page, source)
     assert first != second, "the live picture did not change between two screenshots"
+    assert page.locator(f".tile[data-source='{source}'] .none").is_hidden()
     return second
 
 
