@@ -30,8 +30,8 @@ from streamdet.models.weights import Checkpoint
 from streamdet.redaction import redact_url
 from streamdet.report import RunReport, RunSummary
 from streamdet.router import EventRouter
-from streamdet.sinks.base import Sink
-from streamdet.sinks.configured import RunHealth, SinkContext, SourceHealth, build_sinks
+from streamdet.sinks.base import RunHealth, Sink, SourceHealth
+from streamdet.sinks.configured import SinkContext, build_sinks
 from streamdet.sinks.jsonl import EventLog
 from streamdet.sinks.overlay import OverlaySink
 from streamdet.sources.backoff import Backoff

@@ -14,7 +14,7 @@ import numpy as np
 
 from streamdet.config import MediaConfig, WebConfig
 from streamdet.events import EventChange
-from streamdet.sinks.configured import RunHealth, SinkContext, SourceHealth
+from streamdet.sinks.base import RunHealth, SourceHealth
 from streamdet.web import WebSink
 
 CLASSES = ("none", "walk", "run")
@@ -120,15 +120,13 @@ def make_sink(
     health: Callable[[], RunHealth] | None = None,
 ) -> WebSink:
     """A web output on a free port of 127.0.0.1, fed by hand (close it after the test)."""
-    ctx = SinkContext(
-        run_id="run1",
-        class_names=CLASSES,
+    cfg = WebConfig.model_validate({"port": 0, **(web or {})})
+    return WebSink(
+        cfg,
         sources=sources,
+        class_names=CLASSES,
         urls={s: f"rtsp://admin:***@10.0.0.{i}/stream" for i, s in enumerate(sources)},
         model={"name": "tiny", "sha256": "ab" * 32},
-        stop_event=threading.Event(),
-        record_media=lambda fields: fields,
         health=health or FakeHealth(sources),
+        media=MediaConfig.model_validate(media) if media is not None else None,
     )
-    cfg = WebConfig.model_validate({"port": 0, **(web or {})})
-    return WebSink(cfg, ctx, MediaConfig.model_validate(media) if media is not None else None)

@@ -144,6 +144,34 @@ class RunStats:
     outputs: Mapping[str, OutputStats] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SourceHealth:
+    """One source's health, as a readiness check judges it.
+
+    Attributes:
+        status: ``online``, ``offline``, ``ended`` or ``never online``.
+        frames: frames read so far.
+        last_frame_time: wall-clock time (UTC epoch s) of the newest frame read; None before
+            the first.
+        stall_timeout_s: the source's ``options.stall_timeout_s``.
+        capture_alive: its capture thread is running.
+    """
+
+    status: str
+    frames: int
+    last_frame_time: float | None
+    stall_timeout_s: float
+    capture_alive: bool
+
+
+@dataclass(frozen=True)
+class RunHealth:
+    """The run's health now: each source's, and whether inference is alive."""
+
+    sources: Mapping[str, SourceHealth]
+    inference_alive: bool
+
+
 class Sink(Protocol):
     """An output of the event stage. Every method is called from the sink's own thread."""
 

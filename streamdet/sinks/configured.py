@@ -15,36 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamdet.config import RunConfig
-from streamdet.sinks.base import Sink
+from streamdet.sinks.base import RunHealth, Sink
 from streamdet.sources.packets import PacketRing
-
-
-@dataclass(frozen=True)
-class SourceHealth:
-    """One source's health, as a readiness check judges it.
-
-    Attributes:
-        status: ``online``, ``offline``, ``ended`` or ``never online``.
-        frames: frames read so far.
-        last_frame_time: wall-clock time (UTC epoch s) of the newest frame read; None before
-            the first.
-        stall_timeout_s: the source's ``options.stall_timeout_s``.
-        capture_alive: its capture thread is running.
-    """
-
-    status: str
-    frames: int
-    last_frame_time: float | None
-    stall_timeout_s: float
-    capture_alive: bool
-
-
-@dataclass(frozen=True)
-class RunHealth:
-    """The run's health now: each source's, and whether inference is alive."""
-
-    sources: Mapping[str, SourceHealth]
-    inference_alive: bool
 
 
 @dataclass(frozen=True)
@@ -111,5 +83,15 @@ def build_sinks(cfg: RunConfig, ctx: SinkContext) -> list[Sink]:
     if cfg.web is not None:
         from streamdet.web import WebSink
 
-        sinks.append(WebSink(cfg.web, ctx, cfg.media))
+        sinks.append(
+            WebSink(
+                cfg.web,
+                sources=ctx.sources,
+                class_names=ctx.class_names,
+                urls=ctx.urls,
+                model=ctx.model,
+                health=ctx.health,
+                media=cfg.media,
+            )
+        )
     return sinks

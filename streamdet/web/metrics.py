@@ -26,8 +26,7 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from streamdet import __version__
-from streamdet.sinks.base import RunStats
-from streamdet.sinks.configured import RunHealth
+from streamdet.sinks.base import RunHealth, RunStats
 
 EVENT_TYPES = ("new", "update", "end")
 # Seconds: from 1 ms (a tiny model's window) to 10 s (a CPU far behind).

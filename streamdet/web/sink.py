@@ -14,7 +14,7 @@ import math
 import os
 import stat
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
@@ -26,11 +26,11 @@ from streamdet.sinks.base import (
     EventMessage,
     FrameMessage,
     MediaMessage,
+    RunHealth,
     RunStats,
     ScoresMessage,
     StatusMessage,
 )
-from streamdet.sinks.configured import RunHealth, SinkContext
 from streamdet.sinks.overlay import SourceView
 from streamdet.web.api import CLIP_GRACE_S, EventStore
 from streamdet.web.live import LiveFrames, encode_live
@@ -68,19 +68,35 @@ class WebSink(BaseSink):
 
     Args:
         cfg: the ``web`` section.
-        ctx: what outputs know of the run.
+        sources: every source's name, in config order.
+        class_names: the model's classes, in score order.
+        urls: each source's URL, redacted.
+        model: ``{"name": ..., "sha256": ...}`` of the model in use.
+        health: the run's health now, callable from any thread (None: unknown, and
+            ``/readyz`` answers 503).
         media: the ``media`` section (None: no snapshots or clips are made).
     """
 
     name = "web"
 
-    def __init__(self, cfg: WebConfig, ctx: SinkContext, media: MediaConfig | None = None) -> None:
+    def __init__(
+        self,
+        cfg: WebConfig,
+        *,
+        sources: Sequence[str],
+        class_names: Sequence[str],
+        urls: Mapping[str, str],
+        model: Mapping[str, str],
+        health: Callable[[], RunHealth] | None = None,
+        media: MediaConfig | None = None,
+    ) -> None:
         token = cfg.token.get_secret_value() if cfg.token is not None else None
         check_bind(cfg.host, token, cfg.auth)
         self.cfg = cfg
-        self.ctx = ctx
-        self.class_names = list(ctx.class_names)
-        self.sources = list(ctx.sources)
+        self.class_names = list(class_names)
+        self.sources = list(sources)
+        self.urls = dict(urls)
+        self.health = health
         self.media_dir = Path(media.dir) if media is not None else None
         clips = media is not None and media.clips.enabled
         self.store = EventStore(
@@ -96,7 +112,7 @@ class WebSink(BaseSink):
         self.metrics = Metrics(
             self.sources,
             self.class_names,
-            ctx.model,
+            model,
             stats=lambda: self._stats,
             health=self._health,
             open_counts=self.store.open_counts,
@@ -184,7 +200,7 @@ class WebSink(BaseSink):
     # -- what the server shows (request threads) -----------------------------------------------
 
     def _health(self) -> RunHealth | None:
-        return self.ctx.health() if self.ctx.health is not None else None
+        return self.health() if self.health is not None else None
 
     def sources_json(self) -> list[dict[str, Any]]:
         stats, health, now = self._stats, self._health(), time.time()
@@ -196,7 +212,7 @@ class WebSink(BaseSink):
             out.append(
                 {
                     "name": name,
-                    "url": self.ctx.urls.get(name, ""),  # redacted by the pipeline
+                    "url": self.urls.get(name, ""),  # redacted by the pipeline
                     "status": (h.status if h else None) or self._statuses.get(name, "starting"),
                     "fps": _finite(s.fps_in) if s else None,
                     "frames": h.frames if h else None,
