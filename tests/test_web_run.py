@@ -387,10 +387,18 @@ def test_readyz_follows_the_rtsp_camera_and_abuse_stops_neither_detection_nor_th
             lambda: (r := get(port, "/readyz")).status == 503 and r, 60, "/readyz 503 when killed"
         )
         assert r.json()["sources"]["cam"]["ready"] is False and r.json()["sources"]["cam"]["why"]
-        assert metric_values(port)[("streamdet_source_up", "cam")] == 0
+        wait_for(
+            lambda: metric_values(port)[("streamdet_source_up", "cam")] == 0,
+            30,
+            "streamdet_source_up 0 once the camera is found gone",
+        )
         server.start()
         wait_for(lambda: get(port, "/readyz").status == 200, 90, "/readyz 200 once it is back")
-        assert metric_values(port)[("streamdet_reconnects_total", "cam")] >= 1
+        wait_for(  # from the run's figures, which the output gets twice a second
+            lambda: metric_values(port)[("streamdet_reconnects_total", "cam")] >= 1,
+            10,
+            "the reconnect counted",
+        )
         elapsed = run.stop()
     assert run.proc.returncode == 0, "".join(run.err)[-3000:]
     assert elapsed < STOP_DEADLINE_S, f"exit took {elapsed:.2f} s after the signal"
