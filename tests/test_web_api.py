@@ -363,7 +363,7 @@ def test_a_port_in_use_is_one_clear_error() -> None:
 def open_stream(port: int, path: str) -> tuple[socket.socket, bytes]:
     """A raw connection that sent GET ``path``; returns it and the first bytes it got."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     return sock, sock.recv(4096)
 
 
@@ -441,7 +441,7 @@ def test_stop_ends_within_2_s_with_viewers_connected_one_never_reading() -> None
     viewers.append(open_stream(port, "/api/live")[0])
     stuck = socket.create_connection(("127.0.0.1", port), timeout=10)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.sendall(b"GET /api/sources/cam/stream.mjpeg HTTP/1.1\r\nHost: x\r\n\r\n")  # never read
+    stuck.sendall(b"GET /api/sources/cam/stream.mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
     idle = socket.create_connection(("127.0.0.1", port), timeout=10)  # sends nothing
     stop = threading.Event()
 
@@ -501,7 +501,7 @@ def test_a_viewer_that_never_reads_is_dropped_and_frees_its_slot(
     stuck = socket.create_connection(("127.0.0.1", port), timeout=10)
     try:
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.sendall(b"GET /api/sources/cam/stream.mjpeg HTTP/1.1\r\nHost: x\r\n\r\n")
+        stuck.sendall(b"GET /api/sources/cam/stream.mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         deadline = time.monotonic() + 30
         while sink.server.slots.used == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -517,3 +517,20 @@ def test_a_viewer_that_never_reads_is_dropped_and_frees_its_slot(
     finally:
         stuck.close()
         sink.close()
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("evil.example:8080", 421),
+        ("evil.example", 421),
+        ("127.0.0.1:8080", 200),
+        ("localhost:8080", 200),
+        ("[::1]:8080", 200),
+    ],
+)
+def test_without_a_token_a_loopback_server_answers_only_loopback_host_names(
+    sink: WebSink, host: str, status: int
+) -> None:
+    """A site re-pointed at 127.0.0.1 (DNS rebinding) must not read the open API."""
+    assert get(sink.server.port, "/api/events", {"Host": host}).status == status

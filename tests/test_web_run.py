@@ -208,10 +208,10 @@ class SnapshotMaker(BaseSink):
         self.made += 1
 
 
-def test_the_page_of_an_rtsp_camera_shows_live_video_and_event_snapshots(
+def test_the_page_of_an_rtsp_camera_shows_live_video_event_snapshots_and_no_password(
     tmp_path: Path, rtsp_server, assets_dir: Path, walk_clip: Path
 ) -> None:
-    server = rtsp_server()
+    server = rtsp_server(user="alice", password="pw-s3cret")
     checkpoint = load_checkpoint(make_tiny_weights(assets_dir, walk_clip))
     cfg = load_config(
         None,
@@ -248,6 +248,12 @@ def test_the_page_of_an_rtsp_camera_shows_live_video_and_event_snapshots(
                 timeout=30_000,
             )
             assert snapshots.made >= 1
+            shown = [page.content().encode()] + [
+                get(web.server.port, path).body
+                for path in ("/api/sources", "/api/stats", "/metrics", "/readyz", "/api/events")
+            ]
+            assert b"alice:***@127.0.0.1" in shown[1]  # the camera URL, redacted
+            assert not [body for body in shown if b"pw-s3cret" in body]
     finally:
         pipeline.stop("test over")
         runner.join(30)
@@ -296,14 +302,14 @@ class Abuse:
             s = self._connect()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.sendall(
-                f"GET /api/sources/cam/stream.mjpeg?token={TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                f"GET /api/sources/cam/stream.mjpeg?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
             )
         for t in self.threads:
             t.start()
 
     def _slow_reader(self) -> None:
         s = self._connect()
-        s.sendall(f"GET /api/live?token={TOKEN} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        s.sendall(f"GET /api/live?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         with contextlib.suppress(OSError):
             while not self.stop.wait(0.5):
                 s.recv(512)

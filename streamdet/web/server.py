@@ -23,7 +23,8 @@ it comes as ``Authorization: Bearer <token>``, as ``?token=`` (for a video playe
 the cookie the page gets when opened once with ``/?token=...`` (then redirected to ``/`` so the
 token leaves the address bar). ``web.public`` exempts ``healthz``, ``readyz`` and ``metrics``.
 Ids and names in URLs are checked against what the run knows and never reach the file system;
-there is no CORS header (no other site's page may read the API), and every answer says
+there is no CORS header (no other site's page may read the API); without a token on a
+loopback address, a request naming another host is refused (DNS rebinding); every answer says
 ``nosniff`` and ``no-store``.
 """
 
@@ -178,6 +179,7 @@ class WebServer(ThreadingHTTPServer):
         self.token = token
         self.session = _session_of(token) if token else None
         self.public = public
+        self.loopback = is_loopback(host)
         self.slots = _Slots(max_clients)
         self.stopping = threading.Event()
         # The condition's lock protects the set of connections open.
@@ -310,6 +312,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.NOT_FOUND, {"error": "not found"})
             return
         endpoint, handler = route
+        if not self._host_allowed():
+            self._json(HTTPStatus.MISDIRECTED_REQUEST, {"error": "unexpected Host header"})
+            return
         if not self._authorized(endpoint, query):
             self._unauthorized(endpoint)
             return
@@ -343,6 +348,16 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
     # -- auth ------------------------------------------------------------------------------
+
+    def _host_allowed(self) -> bool:
+        """A page served without a token on a loopback address answers only requests for a
+        loopback name: a web site whose name was re-pointed at 127.0.0.1 (DNS rebinding) gets
+        nothing from it."""
+        if self.server.token is not None or not self.server.loopback:
+            return True
+        host = self.headers.get("Host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        return is_loopback(name.strip("[]")) if name else True
 
     def _authorized(self, endpoint: str, query: Mapping[str, list[str]]) -> bool:
         token = self.server.token
