@@ -441,7 +441,9 @@ def test_stop_ends_within_2_s_with_viewers_connected_one_never_reading() -> None
     viewers.append(open_stream(port, "/api/live")[0])
     stuck = socket.create_connection(("127.0.0.1", port), timeout=10)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    stuck.sendall(b"GET /api/sources/cam/stream.mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # never read
+    stuck.sendall(
+        b"GET /api/sources/cam/stream.mjpeg HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    )  # never read
     idle = socket.create_connection(("127.0.0.1", port), timeout=10)  # sends nothing
     stop = threading.Event()
 
