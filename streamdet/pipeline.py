@@ -151,11 +151,14 @@ class Pipeline:
 
         # Decided once per source: how its capture, ring, the scheduler and the overlay treat it.
         self.pacing = {s.name: pacing_of(s) for s in cfg.sources}
-        openers = {s.name: self._opener(s, self.pacing[s.name]) for s in cfg.sources}
+        self.packet_rings = self._packet_rings(cfg)
+        openers = {
+            s.name: self._opener(s, self.pacing[s.name], keep_packets=s.name in self.packet_rings)
+            for s in cfg.sources
+        }
         # A replay is drawn from the overlay's own read of the file (with the same opener).
         replays = {name: openers[name] for name, p in self.pacing.items() if p is Pacing.REPLAY}
         self.overlay = self._build_overlay(cfg, checkpoint, replays)
-        self.packet_rings = self._packet_rings(cfg)
         urls = {s.name: redact_url(s.url) for s in cfg.sources}
         configured = build_sinks(
             cfg,
@@ -224,11 +227,14 @@ class Pipeline:
     # -- building ---------------------------------------------------------------------------
 
     @staticmethod
-    def _opener(s: SourceConfig, pacing: Pacing) -> Opener:
-        """How ``s`` is opened: its options, and the decoding threads its pacing asks for."""
+    def _opener(s: SourceConfig, pacing: Pacing, *, keep_packets: bool) -> Opener:
+        """How ``s`` is opened: its backend and options, the decoding threads its pacing asks
+        for, and whether its encoded packets are kept (for its packet ring)."""
         opts = s.options
         return make_opener(
             s.url,
+            backend=opts.backend,
+            keep_packets=keep_packets,
             open_timeout_s=opts.open_timeout_s,
             read_timeout_s=opts.read_timeout_s,
             fps=opts.fps,
@@ -285,6 +291,7 @@ class Pipeline:
             stall_timeout_s=opts.stall_timeout_s,
             open_timeout_s=opts.open_timeout_s,
             abandoned=self.abandoned,
+            packet_ring=self.packet_rings.get(s.name),
         )
 
     @staticmethod
@@ -395,6 +402,8 @@ class Pipeline:
         self.stop(self._stop_reason or "stopping")
         for ring in self.rings:
             ring.close()
+        for packet_ring in self.packet_rings.values():  # wakes a clip waiting for its end
+            packet_ring.close()
         stop_started = time.monotonic()
         deadline = stop_started + JOIN_TIMEOUT_S  # one budget for all: stop within 2 s
         for t in threads:

@@ -2,8 +2,10 @@
 
 One module per part:
 
-- :mod:`~streamdet.sources.opening`: cameras, files and streams opened with OpenCV
-  (:class:`OpenCVSource`), what kind a source is and its short name, and the start-up check.
+- :mod:`~streamdet.sources.opening`: what kind a source is, its short name, which library reads
+  it (:func:`backend_for`), cameras read with OpenCV (:class:`OpenCVSource`), the start-up check.
+- :mod:`~streamdet.sources.pyav`: files and streams read with PyAV (:class:`PyAVSource`):
+  decoded frames and the encoded packets event clips are cut from, from one demuxer.
 - :mod:`~streamdet.sources.pacing`: whether a source is live, a paced file or a replay
   (:class:`Pacing`, decided once per source by :func:`pacing_of`), and what that means for
   capture, the ring buffer, the inference scheduler and the outputs.
@@ -30,34 +32,42 @@ from streamdet.sources.capture import (
     CaptureStats,
     CaptureThread,
     Opener,
+    SourceOpener,
     Status,
     StatusChange,
     make_opener,
 )
 from streamdet.sources.opening import (
+    Backend,
     OpenCVSource,
     SourceKind,
     VideoSource,
+    backend_for,
     check_sources,
     source_kind,
     source_name,
 )
 from streamdet.sources.pacing import Pacing, pacing_of
+from streamdet.sources.pyav import PyAVSource
 from streamdet.sources.watchdog import AbandonedThreads, StuckThreadsError
 
 __all__ = [
     "AbandonedThreads",
+    "Backend",
     "Backoff",
     "CaptureStats",
     "CaptureThread",
     "OpenCVSource",
     "Opener",
+    "SourceOpener",
     "Pacing",
+    "PyAVSource",
     "SourceKind",
     "Status",
     "StatusChange",
     "StuckThreadsError",
     "VideoSource",
+    "backend_for",
     "check_sources",
     "make_opener",
     "pacing_of",

@@ -32,8 +32,10 @@ from streamdet.errors import SourceError
 from streamdet.preprocess import PreprocessContract, preprocess_frame
 from streamdet.redaction import redact_text, redact_url
 from streamdet.sources.backoff import Backoff
-from streamdet.sources.opening import OpenCVSource, SourceKind, VideoSource
+from streamdet.sources.opening import Backend, OpenCVSource, SourceKind, VideoSource, backend_for
 from streamdet.sources.pacing import Pacing
+from streamdet.sources.packets import EncodedPacket, PacketRing
+from streamdet.sources.pyav import PyAVSource, UnsupportedSourceError
 from streamdet.sources.watchdog import (
     AbandonedThreads,
     Phase,
@@ -117,6 +119,7 @@ class _Session:
         self.stall: Stall | None = None  # why, when the outcome is STALLED
         self.open_error: SourceError | None = None
         self.error: BaseException | None = None
+        self.segment_started = False  # its packets went to the packet ring (a new segment)
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -156,6 +159,9 @@ class CaptureThread(threading.Thread):
         open_timeout_s: the source's open timeout; an open still blocked ``OPEN_GRACE_S`` after
             it is abandoned too.
         abandoned: registry of abandoned threads shared by a run's captures (default: own).
+        packet_ring: where the encoded packets of a source that gives them (``drain_packets``)
+            go, each stamped with its frame's index and wall time; a segment per session. None:
+            packets are not kept. Closed when the capture ends.
     """
 
     def __init__(
@@ -177,6 +183,7 @@ class CaptureThread(threading.Thread):
         stall_timeout_s: float | None = None,
         open_timeout_s: float = 10.0,
         abandoned: AbandonedThreads | None = None,
+        packet_ring: PacketRing | None = None,
     ) -> None:
         if (kind is SourceKind.FILE) == (pacing is Pacing.LIVE):
             raise ValueError(
@@ -203,6 +210,7 @@ class CaptureThread(threading.Thread):
             read_timeout_s=read_timeout_s if self.reconnect else None,
         )
         self.abandoned = abandoned if abandoned is not None else AbandonedThreads()
+        self.packet_ring = packet_ring
         self.stats = CaptureStats()
         self.error: BaseException | None = None  # SourceError, or a crash of this thread
         self.last_frame_monotonic = time.monotonic()
@@ -233,6 +241,9 @@ class CaptureThread(threading.Thread):
             self.error = exc
             self.stop_event.set()
             self.ring.close()
+        finally:
+            if self.packet_ring is not None:  # no more packets from this source
+                self.packet_ring.close()
 
     def _run(self) -> None:
         attempts = 0
@@ -414,6 +425,7 @@ class CaptureThread(threading.Thread):
         )
         # Frames nobody looks at need no colour conversion: skip them where the source can.
         skip = getattr(source, "skip", None) if self.on_frame is None else None
+        drain = getattr(source, "drain_packets", None) if self.packet_ring is not None else None
         n_in_session = 0
         fps_window_start, fps_window_count = time.monotonic(), 0
         while not self.stop_event.is_set():
@@ -444,6 +456,8 @@ class CaptureThread(threading.Thread):
                 fps_window_start, fps_window_count = now_mono, 0
             meta = FrameMeta(self._frame_index, wall, now_mono)
             n_in_session += 1
+            if drain is not None:  # before the frame reaches inference: an event's packets are
+                self._keep_packets(source, drain(meta.index, meta.wall_time), session)  # kept
             if used:
                 assert frame is not None
                 self._write(frame, meta, session)
@@ -455,6 +469,23 @@ class CaptureThread(threading.Thread):
                 if delay > 0 and self.stop_event.wait(delay):
                     break
         return Outcome.STOPPED
+
+    def _keep_packets(
+        self, source: VideoSource, packets: list[EncodedPacket], session: _Session
+    ) -> None:
+        """Append a session's packets to the packet ring, the first ones in a new segment. Only
+        the current session may: a retired one's packets would join the wrong segment."""
+        if not packets:
+            return
+        assert self.packet_ring is not None
+        with self._publish_lock:
+            if not self._current(session):
+                return
+            if not session.segment_started:
+                self.packet_ring.start_segment(source.stream_info)  # type: ignore[attr-defined]
+                session.segment_started = True
+            for packet in packets:
+                self.packet_ring.append(packet)
 
     def _write(self, frame: np.ndarray, meta: FrameMeta, session: _Session) -> None:
         shape = frame.shape
@@ -489,27 +520,119 @@ class CaptureThread(threading.Thread):
             self.on_used()
 
 
+class SourceOpener:
+    """Opens one source with its backend, for :class:`CaptureThread` (each call, a new open).
+
+    With ``backend="auto"`` a file or stream is read with PyAV and a camera index with OpenCV
+    (:func:`~streamdet.sources.opening.backend_for`). When PyAV cannot read a source at all
+    (its format, codec or protocol: :class:`~streamdet.sources.pyav.UnsupportedSourceError`, not
+    a source that is unreachable now) and OpenCV can, OpenCV reads it from then on, logged once;
+    it gives no encoded packets (no event clips for that source).
+
+    Args:
+        url: camera index, file path or stream URL.
+        backend: ``auto``, ``pyav`` or ``opencv`` (``sources[].options.backend``).
+        open_timeout_s: for URLs, give up opening after this long.
+        read_timeout_s: for URLs, a read blocking this long fails.
+        fps: override the reported frame rate.
+        decode_threads: FFmpeg decoding threads (None: FFmpeg's choice).
+        keep_packets: PyAV keeps the encoded packets (``drain_packets``) for a packet ring.
+
+    Raises:
+        ConfigError: ``pyav`` asked for a camera index.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        backend: str = "auto",
+        open_timeout_s: float = 10.0,
+        read_timeout_s: float = 5.0,
+        fps: float | None = None,
+        decode_threads: int | None = None,
+        keep_packets: bool = False,
+    ) -> None:
+        self.url = url
+        self.backend = backend_for(url, backend)
+        self.fallback = backend == "auto"
+        self.keep_packets = keep_packets
+        self.open_timeout_s = open_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.fps = fps
+        self.decode_threads = decode_threads
+
+    def __call__(self) -> VideoSource:
+        if self.backend is Backend.OPENCV:
+            return self._opencv()
+        try:
+            return self._pyav()
+        except UnsupportedSourceError as exc:
+            if not self.fallback:
+                raise
+            try:
+                source = self._opencv()
+            except SourceError:
+                raise exc from None  # PyAV's reason says more
+            self.backend = Backend.OPENCV
+            log.warning(
+                "%s: PyAV cannot read it (%s); OpenCV reads it from now on (no event clips)",
+                redact_url(self.url),
+                redact_text(str(exc)),
+            )
+            return source
+
+    def _pyav(self) -> PyAVSource:
+        return PyAVSource(
+            self.url,
+            open_timeout_s=self.open_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+            fps=self.fps,
+            decode_threads=self.decode_threads,
+            keep_packets=self.keep_packets,
+        )
+
+    def _opencv(self) -> OpenCVSource:
+        return OpenCVSource(
+            self.url,
+            open_timeout_s=self.open_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+            fps=self.fps,
+            decode_threads=self.decode_threads,
+        )
+
+    def __repr__(self) -> str:
+        return f"SourceOpener({redact_url(self.url)!r}, backend={self.backend.value!r})"
+
+
 def make_opener(
     url: str,
     *,
+    backend: str = "auto",
     open_timeout_s: float = 10.0,
     read_timeout_s: float = 5.0,
     fps: float | None = None,
     decode_threads: int | None = None,
+    keep_packets: bool = False,
 ) -> Opener:
-    """An opener for :class:`CaptureThread` reading ``url`` with OpenCV (see :class:`OpenCVSource`)."""
-
-    def open_source() -> VideoSource:
-        return OpenCVSource(
-            url,
-            open_timeout_s=open_timeout_s,
-            read_timeout_s=read_timeout_s,
-            fps=fps,
-            decode_threads=decode_threads,
-        )
-
-    open_source.__doc__ = f"Open {redact_url(url)}"
-    return open_source
+    """An opener for :class:`CaptureThread` reading ``url`` (see :class:`SourceOpener`)."""
+    return SourceOpener(
+        url,
+        backend=backend,
+        open_timeout_s=open_timeout_s,
+        read_timeout_s=read_timeout_s,
+        fps=fps,
+        decode_threads=decode_threads,
+        keep_packets=keep_packets,
+    )
 
 
-__all__ = ["CaptureStats", "CaptureThread", "Opener", "Status", "StatusChange", "make_opener"]
+__all__ = [
+    "CaptureStats",
+    "CaptureThread",
+    "Opener",
+    "SourceOpener",
+    "Status",
+    "StatusChange",
+    "make_opener",
+]

@@ -1,4 +1,8 @@
-"""Opening video sources: cameras, files and network streams, with OpenCV.
+"""Opening video sources: cameras, files and network streams, and which library reads each.
+
+Files and network streams are read with PyAV (:mod:`streamdet.sources.pyav`), which also gives
+the encoded packets event clips are cut from; cameras (webcam indexes) with OpenCV
+(:class:`OpenCVSource`), also the fallback for what PyAV cannot read (:func:`backend_for`).
 
 Credentials in URLs never leave this module in clear: every URL shown goes through
 :func:`~streamdet.redaction.redact_url`, every message quoting OpenCV or FFmpeg through
@@ -28,9 +32,11 @@ from streamdet.errors import ConfigError, SourceError
 from streamdet.redaction import MASK, redact_text, redact_url, register_secrets
 
 __all__ = [
+    "Backend",
     "OpenCVSource",
     "SourceKind",
     "VideoSource",
+    "backend_for",
     "check_sources",
     "source_kind",
     "source_name",
@@ -51,6 +57,35 @@ def source_kind(url: str) -> SourceKind:
     if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", text) and not text.lower().startswith("file://"):
         return SourceKind.STREAM
     return SourceKind.FILE
+
+
+class Backend(enum.Enum):
+    """The library that decodes a source."""
+
+    PYAV = "pyav"  # FFmpeg through PyAV: frames and encoded packets from one demuxer
+    OPENCV = "opencv"  # OpenCV's VideoCapture: webcams, and the fallback
+
+
+def backend_for(url: str, option: str = "auto") -> Backend:
+    """The backend of a source: ``option`` (``sources[].options.backend``) unless ``auto``,
+    which picks PyAV for files and network streams and OpenCV for camera indexes.
+
+    Raises:
+        ConfigError: ``pyav`` asked for a camera index (PyAV opens no webcam here).
+
+    Example:
+        >>> backend_for("rtsp://10.0.0.5/stream1"), backend_for("0")
+        (<Backend.PYAV: 'pyav'>, <Backend.OPENCV: 'opencv'>)
+    """
+    kind = source_kind(url)
+    if option == "auto":
+        return Backend.OPENCV if kind is SourceKind.CAMERA else Backend.PYAV
+    backend = Backend(option)
+    if backend is Backend.PYAV and kind is SourceKind.CAMERA:
+        raise ConfigError(
+            f"camera {url}: backend pyav reads files and network streams; use opencv or auto"
+        )
+    return backend
 
 
 def source_name(url: str, taken: set[str]) -> str:
@@ -96,7 +131,9 @@ class VideoSource(Protocol):
     """What capture needs from a source. ``read`` returns None when no frame came.
 
     A source may also offer ``skip() -> bool``: advance one frame without returning it (False
-    when no frame came), which capture uses for frames the model does not sample.
+    when no frame came), which capture uses for frames the model does not sample; and, to keep
+    the encoded stream, ``stream_info`` and ``drain_packets(frame_index, wall_time)``
+    (:class:`~streamdet.sources.pyav.PyAVSource`).
     """
 
     fps: float | None
