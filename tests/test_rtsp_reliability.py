@@ -266,13 +266,14 @@ def windows_made(ring: RingBuffer) -> int:
 def record_opens(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Monotonic start times of every open the pipeline's captures attempt (real opens)."""
     starts: list[float] = []
-    real_source = capture_module.OpenCVSource
+    for backend in ("PyAVSource", "OpenCVSource"):  # whichever the source's backend is
+        real_source = getattr(capture_module, backend)
 
-    def recording_source(*args: Any, **kwargs: Any) -> Any:
-        starts.append(time.monotonic())
-        return real_source(*args, **kwargs)
+        def recording_source(*args: Any, real_source: Any = real_source, **kwargs: Any) -> Any:
+            starts.append(time.monotonic())
+            return real_source(*args, **kwargs)
 
-    monkeypatch.setattr(capture_module, "OpenCVSource", recording_source)
+        monkeypatch.setattr(capture_module, backend, recording_source)
     return starts
 
 

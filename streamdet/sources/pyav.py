@@ -54,11 +54,12 @@ MAX_REORDER = 16
 STREAM_ANALYZE_US = 500_000
 # FFmpeg's errors that say PyAV cannot read this source at all (an OpenCV built otherwise
 # might), as opposed to a source it cannot reach now (refused, unauthorized, timed out).
+# Not InvalidDataError: FFmpeg's RTSP client reports an open that its interrupt callback cut
+# short (the open timeout) as invalid data, and OpenCV's FFmpeg reads the same bytes alike.
 _UNSUPPORTED = (
     av.DecoderNotFoundError,
     av.DemuxerNotFoundError,
     av.ProtocolNotFoundError,
-    av.InvalidDataError,
     av.PatchWelcomeError,
 )
 
@@ -280,7 +281,7 @@ class PacketLog:
         self._next += 1
         self._pending.append(_Pending(number, packet))
         waiting = [p for p in self._pending if not p.settled]
-        for oldest in waiting[: len(waiting) - self.limit]:  # over the bound: no frame for it
+        for oldest in waiting[: max(0, len(waiting) - self.limit)]:  # over the bound: frameless
             oldest.settled = True
         return number
 
@@ -365,6 +366,7 @@ def _open_container(
                 f"{path}: cannot decode video (corrupt or unsupported format: {_reason(exc)})"
             ) from None
     shown = redact_url(url)
+    started = time.monotonic()
     try:
         return av.open(
             url,
@@ -372,14 +374,22 @@ def _open_container(
             timeout=(open_timeout_s, read_timeout_s),
             metadata_errors="ignore",
         )
-    except av.ExitError:  # the interrupt callback: the open ran into its timeout
-        raise SourceError(
-            f"{shown}: cannot open stream (timed out after {open_timeout_s:g} s)"
-        ) from None
-    except _UNSUPPORTED as exc:
-        raise UnsupportedSourceError(f"{shown}: cannot open stream ({_reason(exc)})") from None
     except (av.FFmpegError, OSError) as exc:
-        raise SourceError(f"{shown}: cannot open stream ({_reason(exc)})") from None
+        raise _stream_open_error(shown, exc, time.monotonic() - started, open_timeout_s) from None
+
+
+def _stream_open_error(
+    shown: str, exc: BaseException, elapsed: float, open_timeout_s: float
+) -> SourceError:
+    """Why a stream did not open, in words without a password.
+
+    The interrupt callback ends an open at its timeout, which HTTP reports as "exit requested"
+    and RTSP as "invalid data": the time it took tells a timeout from a refusal.
+    """
+    if isinstance(exc, av.ExitError) or elapsed >= open_timeout_s:
+        return SourceError(f"{shown}: cannot open stream (timed out after {open_timeout_s:g} s)")
+    error = UnsupportedSourceError if isinstance(exc, _UNSUPPORTED) else SourceError
+    return error(f"{shown}: cannot open stream ({_reason(exc)})")
 
 
 def _stream_options(url: str, read_timeout_s: float) -> dict[str, str]:
