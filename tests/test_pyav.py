@@ -299,7 +299,12 @@ def test_the_rtsp_cameras_packets_mux_into_an_mp4_that_plays(rtsp_server, tmp_pa
             out.mux(packet)
     probe = subprocess.run(
         ["ffprobe", "-v", "error", "-count_frames", "-show_entries"]
-        + ["stream=codec_name,width,height,nb_read_frames", "-of", "json", str(clip)],
+        + [
+            "stream=codec_name,width,height,nb_read_frames,extradata_size",
+            "-of",
+            "json",
+            str(clip),
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -307,6 +312,7 @@ def test_the_rtsp_cameras_packets_mux_into_an_mp4_that_plays(rtsp_server, tmp_pa
     )
     (stream_probe,) = json.loads(probe.stdout)["streams"]
     assert stream_probe["codec_name"] == "h264"
+    assert stream_probe["extradata_size"] > 0, "no avcC: SPS/PPS only in-band, not in the MP4"
     assert (stream_probe["width"], stream_probe["height"]) == (320, 240)
     assert int(stream_probe["nb_read_frames"]) == len(muxed)
 
@@ -363,7 +369,7 @@ def test_packets_leave_in_demux_order_once_their_reordered_frames_are_stamped() 
 
 
 def test_a_packet_that_never_decodes_goes_out_frameless_and_waiting_packets_are_bounded() -> None:
-    log = PacketLog(limit=8)
+    log = PacketLog()
     broken = log.add_encoded(encoded(0))  # its frame never comes
     numbers = [log.add_encoded(encoded(n)) for n in range(1, MAX_REORDER + 3)]
     log.handed_out(numbers[-1])
