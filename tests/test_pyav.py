@@ -317,13 +317,6 @@ def test_the_rtsp_cameras_packets_mux_into_an_mp4_that_plays(rtsp_server, tmp_pa
     assert int(stream_probe["nb_read_frames"]) == len(muxed)
 
 
-def annex_b_packets(path: Path, count: int) -> tuple[bytes, list[av.Packet]]:
-    """The container's extradata and the first ``count`` packets of an MPEG-TS H.264 file."""
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        extradata = bytes(stream.codec_context.extradata)
-        packets = [p for p, _ in zip(container.demux(stream), range(count), strict=False)]
-    return extradata, packets
 
 
 def test_extradata_is_taken_from_parameter_sets_sent_in_band(
@@ -338,11 +331,14 @@ def test_extradata_is_taken_from_parameter_sets_sent_in_band(
         check=True,
         timeout=60,
     )
-    expected, packets = annex_b_packets(ts, 3)
-    probe = ExtradataProbe("h264", b"")
-    assert probe.extradata is None
-    for packet in packets:
-        probe.feed(packet)
+    with av.open(str(ts)) as container:
+        stream = container.streams.video[0]
+        expected = bytes(stream.codec_context.extradata)  # FFmpeg's probe found them in-band
+        probe = ExtradataProbe(stream, b"")  # as for a stream whose container has none
+        assert probe.extradata is None
+        packets = [p for p, _ in zip(container.demux(stream), range(3), strict=False)]
+        for packet in packets:
+            probe.feed(packet)
     assert probe.extradata == expected and H264_SPS in nal_types(expected)
     assert packets[0].size > 0, "the probe took the packet's data instead of a copy's"
     assert ExtradataProbe("mjpeg", b"").extradata == b""  # a codec that has none

@@ -14,6 +14,11 @@ frame for ``stall_timeout_s``, or an open far past its timeout) is retired and a
 never write to the ring or report a status again, its thread is left to die in its blocking call,
 and a new session opens the source. More than ``MAX_ABANDONED_THREADS`` abandoned threads alive
 at once stop the run with an error.
+
+A source read with PyAV also gives its encoded packets: with a packet ring (a live source with
+event clips on) each session starts a segment of it and appends its packets, stamped with their
+frame's index and wall time, before the frame reaches the ring buffer, under the same rule: a
+retired session appends nothing. :class:`SourceOpener` picks each source's backend.
 """
 
 from __future__ import annotations
@@ -147,8 +152,8 @@ class CaptureThread(threading.Thread):
             the file's own timeline).
         on_status: called (in this thread) on each online/offline/ended change.
         on_frame: called (in this thread) with every decoded frame, e.g. for the overlay. Without
-            it, frames the model does not sample (``frame_step``) are skipped undecoded where the
-            source can (``skip()``: OpenCV's ``grab`` without the colour conversion).
+            it, frames the model does not sample (``frame_step``) are skipped where the source
+            can (``skip()``: decoded without the colour conversion to BGR).
         on_used: called (in this thread) after each frame written to the ring.
         reconnect: reopen lost cameras/streams with backoff.
         backoff: reconnect delays (default 0.5 s doubling to 30 s, with jitter).

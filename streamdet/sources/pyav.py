@@ -25,8 +25,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import cast
 
 import av
 import numpy as np
@@ -119,7 +121,8 @@ class PyAVSource:
         self.fps = fps or _frame_rate(self._stream)
         self.frame_count = int(self._stream.frames or 0)
         self.size = (codec.width, codec.height)
-        self._packets = self._container.demux(self._stream)
+        packets = self._container.demux(self._stream)
+        self._packets = cast(Generator[av.Packet], packets)  # a generator: closed in release
         self._frames: deque[av.VideoFrame] = deque()
         self._drained = False  # the decoder was flushed: no frame will come any more
         self._reformatter = VideoReformatter()  # one per source: ~2x faster than a new one a frame
@@ -128,7 +131,7 @@ class PyAVSource:
         if keep_packets:
             codec.copy_opaque = True  # each frame carries its packet's number (``opaque``)
             self._log = PacketLog()
-            self._probe = ExtradataProbe(codec.name, bytes(codec.extradata or b""))
+            self._probe = ExtradataProbe(self._stream, bytes(codec.extradata or b""))
 
     # -- VideoSource ----------------------------------------------------------------------------
 
@@ -168,6 +171,7 @@ class PyAVSource:
             return None
         stream, codec = self._stream, self._stream.codec_context
         rate = stream.average_rate or stream.guessed_rate
+        assert stream.time_base is not None, "a demuxed stream always has a time base"
         return StreamInfo(
             codec=codec.name,
             width=codec.width,
@@ -185,7 +189,8 @@ class PyAVSource:
         if self._log is None:
             return []
         packets = self._log.stamp(frame_index, wall_time)
-        return packets if self.stream_info is not None else []
+        known = self._probe is not None and self._probe.extradata is not None
+        return packets if known else []
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -321,6 +326,10 @@ class ExtradataProbe:
     taken from the first packet that carries it in-band, with FFmpeg's ``extract_extradata``
     bitstream filter (a camera may send its parameter sets only in-band).
 
+    Args:
+        stream: the stream the packets come from (or its codec's name).
+        extradata: the container's extradata of the stream (empty: none).
+
     ``extradata`` is None until known; empty bytes for a codec that has none (MJPEG).
 
     Example:
@@ -328,12 +337,12 @@ class ExtradataProbe:
         b''
     """
 
-    def __init__(self, codec: str, extradata: bytes) -> None:
+    def __init__(self, stream: av.VideoStream | str, extradata: bytes) -> None:
         self.extradata: bytes | None = extradata or None
         self._filter: av.BitStreamFilterContext | None = None
         if self.extradata is None:
             try:
-                self._filter = av.BitStreamFilterContext("extract_extradata", codec)
+                self._filter = av.BitStreamFilterContext("extract_extradata", stream)
             except (av.FFmpegError, ValueError):  # a codec the filter does not know: no extradata
                 self.extradata = b""
 
