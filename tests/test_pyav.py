@@ -273,6 +273,38 @@ def test_each_packet_reaches_the_ring_stamped_with_its_frames_index_and_time(
 
 
 @pytest.mark.timeout(60)
+def test_a_size_change_inside_a_session_starts_a_segment_with_the_new_parameter_sets(
+    rtsp_server,
+) -> None:
+    """The camera switches 320x240 -> 480x360 after 30 frames without dropping the client: a
+    clip across the switch would mux new-size packets under the old SPS and size."""
+    server = rtsp_server(switch=(30, (480, 360)))
+    ring = PacketRing(max_seconds=60.0, max_bytes=50_000_000)
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def on_frame(name: str, meta: FrameMeta, frame: np.ndarray, used: bool) -> None:
+        shapes[meta.index] = frame.shape
+
+    capture = rtsp_capture(server.url, ring, on_frame=on_frame)
+    capture.start()
+    try:
+        wait_until(lambda: capture.stats.frames_read >= 60, timeout=40, what="60 frames")
+    finally:
+        capture.stop_event.set()
+        capture.join(10)
+    assert capture.error is None and capture.stats.reconnects == 0
+
+    segments = [s for s in ring._segments if s.packets]
+    assert [(s.info.width, s.info.height) for s in segments] == [(320, 240), (480, 360)]
+    old, new = segments
+    first_new = new.packets[0]
+    assert first_new.keyframe and shapes[first_new.frame_index] == (360, 480, 3)
+    assert shapes[old.packets[-1].frame_index] == (240, 320, 3)
+    assert H264_SPS in nal_types(new.info.extradata)
+    assert new.info.extradata != old.info.extradata
+
+
+@pytest.mark.timeout(60)
 def test_the_rtsp_cameras_packets_mux_into_an_mp4_that_plays(rtsp_server, tmp_path: Path) -> None:
     """The test camera sends SPS/PPS in-band: MP4 needs them as extradata (issue 19)."""
     server = rtsp_server(pattern=True)
@@ -315,8 +347,6 @@ def test_the_rtsp_cameras_packets_mux_into_an_mp4_that_plays(rtsp_server, tmp_pa
     assert stream_probe["extradata_size"] > 0, "no avcC: SPS/PPS only in-band, not in the MP4"
     assert (stream_probe["width"], stream_probe["height"]) == (320, 240)
     assert int(stream_probe["nb_read_frames"]) == len(muxed)
-
-
 
 
 def test_extradata_is_taken_from_parameter_sets_sent_in_band(

@@ -39,7 +39,7 @@ from streamdet.redaction import redact_text, redact_url
 from streamdet.sources.backoff import Backoff
 from streamdet.sources.opening import Backend, OpenCVSource, SourceKind, VideoSource, backend_for
 from streamdet.sources.pacing import Pacing
-from streamdet.sources.packets import EncodedPacket, PacketRing
+from streamdet.sources.packets import EncodedPacket, PacketRing, StreamInfo
 from streamdet.sources.pyav import PyAVSource, UnsupportedSourceError
 from streamdet.sources.watchdog import (
     AbandonedThreads,
@@ -124,7 +124,7 @@ class _Session:
         self.stall: Stall | None = None  # why, when the outcome is STALLED
         self.open_error: SourceError | None = None
         self.error: BaseException | None = None
-        self.segment_started = False  # its packets went to the packet ring (a new segment)
+        self.segment: StreamInfo | None = None  # of the packet ring's segment it appends to
         self.done = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -478,17 +478,19 @@ class CaptureThread(threading.Thread):
     def _keep_packets(
         self, source: VideoSource, packets: list[EncodedPacket], session: _Session
     ) -> None:
-        """Append a session's packets to the packet ring, the first ones in a new segment. Only
-        the current session may: a retired one's packets would join the wrong segment."""
+        """Append a session's packets to the packet ring, in a new segment at its start and when
+        the picture size changes (a clip never spans two sizes). Only the current session may:
+        a retired one's packets would join the wrong segment."""
         if not packets:
             return
         assert self.packet_ring is not None
         with self._publish_lock:
             if not self._current(session):
                 return
-            if not session.segment_started:
-                self.packet_ring.start_segment(source.stream_info)  # type: ignore[attr-defined]
-                session.segment_started = True
+            info: StreamInfo = source.stream_info  # type: ignore[attr-defined]
+            if session.segment is None or _size(info) != _size(session.segment):
+                self.packet_ring.start_segment(info)  # a (re)connect, or a new picture size
+                session.segment = info
             for packet in packets:
                 self.packet_ring.append(packet)
 
@@ -523,6 +525,10 @@ class CaptureThread(threading.Thread):
         self.stats.frames_used += 1
         if self.on_used is not None:
             self.on_used()
+
+
+def _size(info: StreamInfo) -> tuple[int, int]:
+    return info.width, info.height
 
 
 class SourceOpener:

@@ -89,7 +89,8 @@ class PyAVSource:
         frame_count: frames the container says it holds (0 for a stream).
         size: (width, height) at open.
         stream_info: what a muxer needs to write the packets (codec, size, time base,
-            extradata); None until it is known (see :class:`ExtradataProbe`).
+            extradata) as of the frame handed out last: a camera may change its size inside a
+            session; None until it is known (see :class:`ExtradataProbe`).
 
     Raises:
         SourceError: the source cannot be opened (the message never contains a password).
@@ -128,6 +129,7 @@ class PyAVSource:
         self._reformatter = VideoReformatter()  # one per source: ~2x faster than a new one a frame
         self._log: PacketLog | None = None
         self._probe: ExtradataProbe | None = None
+        self._frame_size: tuple[int, int] | None = None  # of the frame handed out last
         if keep_packets:
             codec.copy_opaque = True  # each frame carries its packet's number (``opaque``)
             self._log = PacketLog()
@@ -172,10 +174,11 @@ class PyAVSource:
         stream, codec = self._stream, self._stream.codec_context
         rate = stream.average_rate or stream.guessed_rate
         assert stream.time_base is not None, "a demuxed stream always has a time base"
+        width, height = self._frame_size or (codec.width, codec.height)
         return StreamInfo(
             codec=codec.name,
-            width=codec.width,
-            height=codec.height,
+            width=width,
+            height=height,
             time_base=Fraction(stream.time_base),
             rate=Fraction(rate) if rate else None,
             extradata=self._probe.extradata,
@@ -214,6 +217,7 @@ class PyAVSource:
         frame = self._frames.popleft()
         if self._log is not None:
             self._log.handed_out(frame.opaque)
+            self._frame_size = (frame.width, frame.height)
         return frame
 
     def _demux(self) -> av.Packet | None:
@@ -323,8 +327,10 @@ def _stamped(packet: EncodedPacket, frame_index: int, wall_time: float) -> Encod
 
 class ExtradataProbe:
     """A stream's codec configuration (H.264 SPS/PPS...) for MP4 muxing: the container's, else
-    taken from the first packet that carries it in-band, with FFmpeg's ``extract_extradata``
-    bitstream filter (a camera may send its parameter sets only in-band).
+    taken from the packets that carry it in-band, with FFmpeg's ``extract_extradata`` bitstream
+    filter (a camera may send its parameter sets only in-band). Keyframes are looked at for as
+    long as the stream runs, so that a camera that changes its size mid-session (new SPS) has
+    the new parameter sets here by the time its first frame of the new size decodes.
 
     Args:
         stream: the stream the packets come from (or its codec's name).
@@ -340,15 +346,15 @@ class ExtradataProbe:
     def __init__(self, stream: av.VideoStream | str, extradata: bytes) -> None:
         self.extradata: bytes | None = extradata or None
         self._filter: av.BitStreamFilterContext | None = None
-        if self.extradata is None:
-            try:
-                self._filter = av.BitStreamFilterContext("extract_extradata", stream)
-            except (av.FFmpegError, ValueError):  # a codec the filter does not know: no extradata
-                self.extradata = b""
+        try:
+            self._filter = av.BitStreamFilterContext("extract_extradata", stream)
+        except (av.FFmpegError, ValueError):  # a codec the filter does not know (MJPEG): none
+            self.extradata = self.extradata or b""
 
     def feed(self, packet: av.Packet) -> None:
-        """Look for parameter sets in a packet (a copy is filtered: the filter takes its data)."""
-        if self._filter is None:
+        """Look for parameter sets in a packet: every packet until some are found, then each
+        keyframe (a copy is filtered: the filter takes its packet's data)."""
+        if self._filter is None or (self.extradata is not None and not packet.is_keyframe):
             return
         try:
             filtered = self._filter.filter(av.Packet(bytes(packet)))
@@ -358,8 +364,6 @@ class ExtradataProbe:
             if out.has_sidedata("new_extradata"):
                 side = out.get_sidedata("new_extradata")
                 self.extradata = bytes(side)[: side.data_size]
-                self._filter = None
-                return
 
 
 def _open_container(
