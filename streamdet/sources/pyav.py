@@ -13,7 +13,8 @@ like HTTP, FFmpeg's own socket ``timeout`` at the read timeout.
 
 Credentials: FFmpeg's error messages quote the URL, so no message of PyAV's is shown as it is:
 only its reason, through :func:`~streamdet.redaction.redact_text`. PyAV ignores FFmpeg's log by
-default, and this module leaves it so.
+default, and this module leaves it so: that log quotes URLs too, and PyAV's docs warn that its
+callback, called from FFmpeg's decoding threads, can deadlock them ("Caveats").
 
 Example:
     >>> with PyAVSource("clip.mp4") as source:  # doctest: +SKIP
@@ -126,7 +127,8 @@ class PyAVSource:
         self._packets = cast(Generator[av.Packet], packets)  # a generator: closed in release
         self._frames: deque[av.VideoFrame] = deque()
         self._drained = False  # the decoder was flushed: no frame will come any more
-        self._reformatter = VideoReformatter()  # one per source: ~2x faster than a new one a frame
+        # One per source: a new one per frame rebuilds its swscale context (twice the time).
+        self._reformatter = VideoReformatter()
         self._log: PacketLog | None = None
         self._probe: ExtradataProbe | None = None
         self._frame_size: tuple[int, int] | None = None  # of the frame handed out last
