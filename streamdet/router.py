@@ -87,6 +87,11 @@ class EventRouter:
         for w in self.workers:
             for source in w.sink.frame_sources():
                 self._frame_workers.setdefault(source, []).append(w)
+        # Outputs that add to event lines (the media output: the snapshot's path on ``end``)
+        # define ``event_line_fields(change) -> Mapping``; it must only compute, never wait.
+        self._line_fields = [
+            f for w in self.workers if (f := getattr(w.sink, "event_line_fields", None)) is not None
+        ]
         self._urls = dict(urls or {})
         self._lock = threading.Lock()  # protects everything below
         # Event ids start with the run id: several runs append to one log, each counting from 1.
@@ -258,7 +263,10 @@ class EventRouter:
             )
             line = None
             if self.event_log is not None:  # written (and fsynced) before any output sees it
-                line = self.event_log.write_event(change, latency_ms=latency)
+                extra: dict[str, Any] = {}
+                for fields in self._line_fields:
+                    extra.update(fields(change))
+                line = self.event_log.write_event(change, latency_ms=latency, extra=extra)
             msg = EventMessage(change, line, latency)
             for w in self.workers:
                 w.offer_event(msg)

@@ -237,6 +237,10 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
                 )
     for _, path in videos:
         check_video_path(path)
+    if cfg.media is not None and (cfg.media.clips.enabled or cfg.media.snapshots.enabled):
+        from streamdet.media.sink import check_media_dir
+
+        check_media_dir(cfg.media.dir)
 
 
 def run_from_args(args: argparse.Namespace, default_config: Path) -> int:

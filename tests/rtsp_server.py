@@ -12,6 +12,12 @@ frame per buffer and stamps it ``n / fps``. The pipeline is not live, so the RTS
 pace it in real time. ``x264enc`` encodes with no B-frames and a keyframe every ``--gop``
 frames, so a client (OpenCV's FFmpeg backend) opens the stream in well under a second.
 
+With ``--counter`` (``--video`` only) each frame carries its number in the stream, from 0 for
+each client, burnt into the picture as a row of ``COUNTER_BITS`` black or white blocks (most
+significant bit first, ``COUNTER_BLOCK`` pixels square, from ``(COUNTER_X, COUNTER_Y)``): a test
+reads it back from any decoded frame, a clip's first frame for instance, without OCR
+(``tests/media_helpers.py`` ``read_counter``).
+
 Prints ``READY`` on stdout once listening. SIGTERM and SIGINT stop it cleanly (exit status 0).
 """
 
@@ -30,6 +36,21 @@ from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
 
 ENCODER = "x264enc tune=zerolatency speed-preset=ultrafast bframes=0 key-int-max={gop}"
 PAYLOADER = "rtph264pay name=pay0 pt=96 config-interval=1"
+# The burnt-in frame counter (--counter): luma blocks, white for 1, black for 0.
+COUNTER_BITS = 16
+COUNTER_BLOCK = 12
+COUNTER_X = 4
+COUNTER_Y = 4
+
+
+def burn_counter(frame: bytearray, width: int, number: int) -> None:
+    """Write ``number`` into an I420 frame's luma plane as blocks (see the module docstring)."""
+    for bit in range(COUNTER_BITS):
+        value = 235 if number >> (COUNTER_BITS - 1 - bit) & 1 else 16
+        x = COUNTER_X + bit * COUNTER_BLOCK
+        row = bytes([value]) * COUNTER_BLOCK
+        for y in range(COUNTER_Y, COUNTER_Y + COUNTER_BLOCK):
+            frame[y * width + x : y * width + x + COUNTER_BLOCK] = row
 
 
 def raw_caps(width: int, height: int, fps: int) -> str:
@@ -50,8 +71,9 @@ class LoopingFileFeeder:
         height: int,
         fps: int,
         switch: tuple[int, int, int] | None = None,
+        counter: bool = False,
     ) -> None:
-        self.video, self.fps, self.switch = video, fps, switch
+        self.video, self.fps, self.switch, self.counter = video, fps, switch, counter
         self.frame_duration = Gst.SECOND // fps
         self.frames_pushed = 0
         self.ffmpeg: subprocess.Popen[bytes] | None = None
@@ -95,6 +117,10 @@ class LoopingFileFeeder:
         if len(data) < self.frame_bytes:
             appsrc.emit("end-of-stream")
             return
+        if self.counter:
+            frame = bytearray(data)
+            burn_counter(frame, self.width, self.frames_pushed)
+            data = bytes(frame)
         buffer = Gst.Buffer.new_wrapped(data)
         buffer.pts = buffer.dts = self.frames_pushed * self.frame_duration
         buffer.duration = self.frame_duration
@@ -121,10 +147,11 @@ class LoopingFileFactory(GstRtspServer.RTSPMediaFactory):
         fps: int,
         gop: int,
         switch: tuple[int, int, int] | None = None,
+        counter: bool = False,
     ) -> None:
         super().__init__()
         self.video, self.width, self.height, self.fps = video, width, height, fps
-        self.switch = switch
+        self.switch, self.counter = switch, counter
         self.feeders: list[LoopingFileFeeder] = []
         caps = raw_caps(width, height, fps)
         self.set_launch(
@@ -134,7 +161,9 @@ class LoopingFileFactory(GstRtspServer.RTSPMediaFactory):
         self.connect("media-configure", self._on_media_configure)
 
     def _on_media_configure(self, _factory: object, media: GstRtspServer.RTSPMedia) -> None:
-        feeder = LoopingFileFeeder(self.video, self.width, self.height, self.fps, self.switch)
+        feeder = LoopingFileFeeder(
+            self.video, self.width, self.height, self.fps, self.switch, self.counter
+        )
         self.feeders.append(feeder)
         appsrc = media.get_element().get_by_name_recurse_up("src")
         appsrc.connect("need-data", feeder.on_need_data)
@@ -196,6 +225,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--fps", type=int, default=10)
     parser.add_argument("--gop", type=int, default=10, help="frames between keyframes")
+    parser.add_argument(
+        "--counter",
+        action="store_true",
+        help="--video only: burn each frame's number into the picture (see the docstring)",
+    )
     parser.add_argument("--user", help="require HTTP basic auth with this user")
     parser.add_argument("--password", help="password for --user")
     args = parser.parse_args(argv)
@@ -203,6 +237,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--user and --password go together")
     if args.switch and not args.video:
         parser.error("--switch needs --video")
+    if args.counter and not args.video:
+        parser.error("--counter needs --video")
     return args
 
 
@@ -222,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.switch:
             frames, size = args.switch.split(":")
             switch = (int(frames), *parse_size(size))
-        factory = LoopingFileFactory(args.video, width, height, args.fps, args.gop, switch)
+        factory = LoopingFileFactory(
+            args.video, width, height, args.fps, args.gop, switch, args.counter
+        )
     else:
         factory = make_pattern_factory(width, height, args.fps, args.gop)
     server = GstRtspServer.RTSPServer()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from streamdet.config import RunConfig
@@ -94,4 +95,31 @@ def build_sinks(cfg: RunConfig, ctx: SinkContext) -> list[Sink]:
                 media=cfg.media,
             )
         )
+    media = _media_sink(cfg, ctx)
+    if media is not None:
+        sinks.append(media)
     return sinks
+
+
+def _media_sink(cfg: RunConfig, ctx: SinkContext) -> Sink | None:
+    """Event clips and snapshots (``media``): a live source's clips come from its packet ring,
+    a file's clips and snapshots from the file itself."""
+    media = cfg.media
+    if media is None or not (media.clips.enabled or media.snapshots.enabled):
+        return None
+    from streamdet.media.sink import MediaSink, MediaSource
+    from streamdet.sources.opening import SourceKind, source_kind
+
+    sources = {
+        s.name: MediaSource(
+            s.name,
+            ring=ctx.packet_rings.get(s.name),
+            file=Path(s.url.removeprefix("file://"))
+            if source_kind(s.url) is SourceKind.FILE
+            else None,
+        )
+        for s in cfg.sources
+    }
+    return MediaSink(
+        media, sources=sources, record_media=ctx.record_media, stop_event=ctx.stop_event
+    )

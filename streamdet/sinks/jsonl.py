@@ -23,7 +23,7 @@ import os
 import stat
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -452,8 +452,15 @@ class EventLog:
         self._file.close()
         self._file = new
 
-    def write_event(self, change: EventChange, *, latency_ms: float | None) -> dict[str, Any]:
-        """Append one ``new``/``update``/``end`` line; returns what was written."""
+    def write_event(
+        self,
+        change: EventChange,
+        *,
+        latency_ms: float | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Append one ``new``/``update``/``end`` line (with ``extra``'s fields after the
+        event's own, such as an ``end`` line's ``snapshot`` path); returns what was written."""
         obj: dict[str, Any] = {
             "schema": SCHEMA,
             "type": change.type,
@@ -479,6 +486,7 @@ class EventLog:
             "end_reason": change.end_reason,
             "model": self.model,
         }
+        obj.update((k, v) for k, v in (extra or {}).items() if k not in obj)
         return self._write(obj, durable=change.type != "update")
 
     def write_status(

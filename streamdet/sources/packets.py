@@ -8,9 +8,13 @@ packets go only while a keyframe after them is still kept. Each (re)connect star
 with its own :class:`StreamInfo`; a clip never joins two segments (timestamps and codec
 parameters may differ across a reconnect).
 
-The capture thread writes (``start_segment``, ``append``); the media writer reads
-(``cut``, ``wait_until``) from its own thread. Times are wall-clock epoch seconds of the
-frames, the clock of the event log's ``start_time`` / ``end_time``.
+The capture thread writes (``start_segment``, ``append``); the media writer reads from its own
+thread: ``cut`` copies a span that is all in the ring, ``follow`` returns a
+:class:`PacketFollower` that takes a segment's packets in order as they arrive, so a clip may last
+longer than the ring keeps (up to ``max_clip_s``). A follower that falls so far behind that the
+ring dropped packets it had not taken yet reports them as ``lost`` and resumes at the next
+keyframe. Times are wall-clock epoch seconds of the frames, the clock of the event log's
+``start_time`` / ``end_time``.
 
 Example:
     >>> ring = PacketRing(max_seconds=10.0, max_bytes=1_000_000)
@@ -97,10 +101,35 @@ class Cut:
     end_time: float
 
 
+@dataclass(frozen=True)
+class Taken:
+    """What :meth:`PacketFollower.take` got.
+
+    Attributes:
+        packets: the next packets of the segment, in demux order, none later than asked.
+        lost: packets the ring dropped before they were taken (the reader fell behind); the
+            packets after them start at a keyframe again.
+        reached: the segment holds a packet later than asked: everything up to then is taken.
+        ended: no more packets will come for this segment (a reconnect started another one, or
+            the ring was closed).
+    """
+
+    packets: tuple[EncodedPacket, ...]
+    lost: int
+    reached: bool
+    ended: bool
+
+
 class _Segment:
     def __init__(self, info: StreamInfo) -> None:
         self.info = info
         self.packets: deque[EncodedPacket] = deque()
+        self.first_seq = 0  # sequence number of packets[0]: counts the packets dropped before it
+
+    @property
+    def end_seq(self) -> int:
+        """Sequence number the next appended packet will get."""
+        return self.first_seq + len(self.packets)
 
 
 class PacketRing:
@@ -184,6 +213,16 @@ class PacketRing:
                     return Cut(segment.info, packets, packets[0].time, packets[-1].time)
             return None
 
+    def follow(self, start_time: float) -> PacketFollower | None:
+        """A reader of the newest segment that has a keyframe, from the last keyframe at or
+        before ``start_time`` (or the first kept one after it); None when none has one yet."""
+        with self._cond:
+            for segment in reversed(self._segments):
+                first = _start_index(segment.packets, start_time, float("inf"))
+                if first is not None:
+                    return PacketFollower(self, segment, segment.first_seq + first)
+            return None
+
     # -- internals (under _cond) ---------------------------------------------------------------
 
     def _trim(self) -> None:
@@ -200,6 +239,7 @@ class PacketRing:
             if not over_bytes and not self._may_drop_oldest(oldest, horizon):
                 return
             packet = oldest.packets.popleft()
+            oldest.first_seq += 1
             self._bytes -= len(packet.data)
             if over_bytes and packet.time >= horizon:
                 self.dropped_bytes += len(packet.data)
@@ -221,18 +261,83 @@ class PacketRing:
         return False
 
 
-def _span(packets: deque[EncodedPacket], start: float, end: float) -> tuple[EncodedPacket, ...]:
-    """From the last keyframe at or before ``start`` (else the first after it) up to ``end``."""
-    items = list(packets)
+class PacketFollower:
+    """Takes one segment's packets in order as they arrive, from a keyframe on.
+
+    Made by :meth:`PacketRing.follow`; used by one thread (the clip writer).
+
+    Attributes:
+        info: the segment's stream parameters.
+        lost: packets lost so far (dropped by the ring before they were taken).
+    """
+
+    def __init__(self, ring: PacketRing, segment: _Segment, next_seq: int) -> None:
+        self.info = segment.info
+        self.lost = 0
+        self._ring = ring
+        self._segment = segment
+        self._next_seq = next_seq
+        self._need_keyframe = False  # after a loss: skip to the next keyframe
+
+    def take(self, until: float, timeout: float = 0.0) -> Taken:
+        """The packets not taken yet, up to wall time ``until``; waits up to ``timeout`` seconds
+        for at least one (or for the segment to reach past ``until``, or to end)."""
+        ring, segment = self._ring, self._segment
+        with ring._cond:
+            if timeout > 0:
+                ring._cond.wait_for(lambda: self._has_news(until), timeout)
+            lost = self._catch_up()
+            packets: list[EncodedPacket] = []
+            reached = False
+            start = self._next_seq - segment.first_seq
+            for packet in itertools.islice(segment.packets, start, None):
+                if packet.time > until:
+                    reached = True
+                    break
+                self._next_seq += 1
+                if self._need_keyframe and not packet.keyframe:
+                    lost += 1
+                    continue
+                self._need_keyframe = False
+                packets.append(packet)
+            ended = ring._closed or segment is not (ring._segments[-1] if ring._segments else None)
+            self.lost += lost
+            return Taken(tuple(packets), lost, reached, ended)
+
+    def _has_news(self, until: float) -> bool:  # under the ring's _cond
+        ring, segment = self._ring, self._segment
+        if ring._closed or not ring._segments or segment is not ring._segments[-1]:
+            return True
+        return segment.end_seq > max(self._next_seq, segment.first_seq)
+
+    def _catch_up(self) -> int:  # under the ring's _cond
+        """Skip what the ring dropped before it was taken; returns how many packets that was."""
+        dropped = self._segment.first_seq - self._next_seq
+        if dropped <= 0:
+            return 0
+        self._next_seq = self._segment.first_seq
+        self._need_keyframe = True
+        return dropped
+
+
+def _start_index(packets: deque[EncodedPacket], start: float, end: float) -> int | None:
+    """Index of the last keyframe at or before ``start`` (else the first one after it, up to
+    ``end``); None when there is none."""
     first = None
-    for i, packet in enumerate(items):
+    for i, packet in enumerate(packets):
         if packet.time > end:
             break
         if packet.keyframe and (packet.time <= start or first is None):
             first = i
             if packet.time > start:
                 break
+    return first
+
+
+def _span(packets: deque[EncodedPacket], start: float, end: float) -> tuple[EncodedPacket, ...]:
+    """From the last keyframe at or before ``start`` (else the first after it) up to ``end``."""
+    first = _start_index(packets, start, end)
     if first is None:
         return ()
-    chosen = [p for p in items[first:] if p.time <= end]
+    chosen = [p for p in itertools.islice(packets, first, None) if p.time <= end]
     return tuple(chosen)
