@@ -111,7 +111,10 @@ class EventRouter:
             w.start()
 
     def close(self, reason: EndReason = "shutdown") -> None:
-        """End every open event with ``reason``, close the log, then let each output finish.
+        """End every open event with ``reason``, let each output finish, then close the log.
+
+        The log closes last: an output that completes media as the run stops (a clip cut from
+        a replayed file, a clip whose camera stopped) still gets its line written.
 
         Raises:
             StreamdetError: the log could not be written or closed (the outputs are closed all
@@ -120,8 +123,6 @@ class EventRouter:
         try:
             with self._lock:
                 self._emit(self.tracker.close_all(reason), None)
-            if self.event_log is not None:
-                self.event_log.close()
         finally:
             deadline = time.monotonic() + CLOSE_TIMEOUT_S
             for w in self.workers:
@@ -131,6 +132,8 @@ class EventRouter:
                         w.sink.name,
                         CLOSE_TIMEOUT_S,
                     )
+            if self.event_log is not None:
+                self.event_log.close()
 
     def caught_up(self) -> bool:
         """True when no output still has work queued or of its own (a replay being drawn)."""

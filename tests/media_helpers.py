@@ -51,22 +51,40 @@ def read_counter(frame_bgr: np.ndarray) -> int:
     return number
 
 
+def burn_counter(frame_bgr: np.ndarray, number: int) -> None:
+    """Burn ``number`` into a frame as the test camera does (``rtsp_server.py --counter``)."""
+    for bit in range(COUNTER_BITS):
+        value = 235 if number >> (COUNTER_BITS - 1 - bit) & 1 else 16
+        x = COUNTER_X + bit * COUNTER_BLOCK
+        frame_bgr[COUNTER_Y : COUNTER_Y + COUNTER_BLOCK, x : x + COUNTER_BLOCK] = value
+
+
 def make_event_video(folder: Path, source: Path) -> Path:
-    """``PERIOD`` frames of ``source`` at 320x240, 10 fps, negated in ``EVENT_FRAMES``."""
+    """``PERIOD`` frames of ``source`` at 320x240, 10 fps, H.264 with a keyframe every ``GOP``
+    frames, colour-negated in ``EVENT_FRAMES``, each frame's number burnt in (cached)."""
     path = folder / "event_video.mp4"
     if path.exists():
         return path
-    first, last = EVENT_FRAMES
-    subprocess.run(
-        [
-            "ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", str(source),
-            "-vf", f"fps={FPS},scale=320:240,negate=enable='between(n,{first},{last - 1})'",
-            "-frames:v", str(PERIOD), "-c:v", "libx264", "-preset", "veryfast", "-bf", "0",
-            "-g", str(GOP), "-pix_fmt", "yuv420p", "-an", str(path),
-        ],
-        check=True,
-        timeout=120,
+    cap = cv2.VideoCapture(str(source), cv2.CAP_FFMPEG)
+    encoder = subprocess.Popen(
+        ["ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "bgr24",
+         "-s", "320x240", "-r", str(FPS), "-i", "pipe:0", "-c:v", "libx264", "-preset",
+         "veryfast", "-bf", "0", "-g", str(GOP), "-pix_fmt", "yuv420p", str(path)],
+        stdin=subprocess.PIPE,
     )  # fmt: skip
+    assert encoder.stdin is not None
+    first, last = EVENT_FRAMES
+    for n in range(PERIOD):
+        ok, frame = cap.read()
+        assert ok, f"{source} has fewer than {PERIOD} frames"
+        frame = cv2.resize(frame, (320, 240), interpolation=cv2.INTER_AREA)
+        if first <= n < last:
+            frame = 255 - frame
+        burn_counter(frame, n)
+        encoder.stdin.write(frame.tobytes())
+    cap.release()
+    encoder.stdin.close()
+    assert encoder.wait(120) == 0
     return path
 
 
@@ -300,5 +318,3 @@ def source_sps_and_idr(info: StreamInfo, keyframe: bytes) -> tuple[bytes, bytes]
 
 def jpeg_counter(path: Path) -> int:
     return read_counter(cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR))
-
-

@@ -96,6 +96,7 @@ class MediaWorker(threading.Thread):
         self._tasks: deque[Callable[[], None]] = deque()
         self._wake = threading.Event()
         self._stopping = False
+        self._running = 0  # tasks taken from the queue and not finished yet
         self.done = threading.Event()  # set when the thread has finished everything
 
     # -- called from the media output's thread -----------------------------------------------
@@ -129,6 +130,11 @@ class MediaWorker(threading.Thread):
             self._tasks.append(task)
         self._wake.set()
 
+    def idle(self) -> bool:
+        """No clip open and no task queued or running."""
+        with self._lock:
+            return not self._clips and not self._tasks and not self._running
+
     def open_paths(self) -> set[Path]:
         """Final paths of the clips not finished yet."""
         with self._lock:
@@ -155,8 +161,11 @@ class MediaWorker(threading.Thread):
                     stopping = self._stopping
                     tasks = list(self._tasks)
                     self._tasks.clear()
+                    self._running = len(tasks)
                 for task in tasks:
                     self._run_task(task)
+                    with self._lock:
+                        self._running -= 1
                 self._step_clips(final=stopping)
                 if stopping:
                     with self._lock:
@@ -195,6 +204,8 @@ class MediaWorker(threading.Thread):
             overdue = time.monotonic() > clip.deadline
             limit = clip.limit()
             ended = clip.end_target is not None
+            # The end is covered (the frame showing it is taken); max_s is never passed.
+            through = ended and limit == clip.end_target and not gone
         if clip.follower is None:
             clip.follower = clip.ring.follow(clip.want_start)
             if clip.follower is None:
@@ -202,7 +213,7 @@ class MediaWorker(threading.Thread):
                     clip.error = "no keyframe of the source was kept"
                     return True
                 return False
-        taken = clip.follower.take(limit)
+        taken = clip.follower.take(limit, through=through)
         clip.lost = clip.follower.lost
         if taken.lost:
             log.warning(

@@ -170,6 +170,7 @@ class MediaSink(BaseSink):
         self._events: dict[str, _Event] = {}  # open events, by id (this output's thread)
         self._buffers: dict[str, FrameBuffer] = {}
         self._pending: list[_PendingSnapshot] = []
+        self._pending_count = 0  # len(_pending), for caught_up() in the run's thread
         # Files written under their final names while their event is open (read by retention).
         self._busy_lock = threading.Lock()  # protects _busy
         self._busy: set[Path] = set()
@@ -245,6 +246,11 @@ class MediaSink(BaseSink):
         self._start()
         now = time.monotonic()
         self._resolve(lambda p: now >= p.deadline)
+
+    def caught_up(self) -> bool:
+        """False while clips or snapshots are still being made (a replay's run waits for them;
+        a stopped run does not). Called from the run's thread: reads counters only."""
+        return self._pending_count == 0 and self.worker.idle()
 
     def progress_text(self) -> str:
         return f"media {self.clips_written} clips, {self.snapshots_written} snapshots"
@@ -361,6 +367,7 @@ class MediaSink(BaseSink):
         )
         event.pending = pending
         self._pending.append(pending)
+        self._pending_count = len(self._pending)
         buffer = self._buffers.get(event.change.source)
         if buffer is not None and buffer.newest_index is not None:
             if buffer.newest_index >= pending.frame:  # already here (or dropped): no waiting
@@ -375,6 +382,7 @@ class MediaSink(BaseSink):
             self._pending.remove(pending)
             pending.event.pending = None
             self._write_live_snapshot(pending)
+        self._pending_count = len(self._pending)
 
     def _write_live_snapshot(self, pending: _PendingSnapshot) -> None:
         event = pending.event
@@ -512,7 +520,7 @@ class MediaSink(BaseSink):
     def _record(self, fields: Mapping[str, Any]) -> None:
         try:
             self.record_media(fields)
-        except StreamdetError as exc:  # the log cannot be written: the run reports it
+        except (StreamdetError, ValueError) as exc:  # the log is broken (reported) or closed
             log.error("media: cannot log the %s of %s: %s", fields["type"], fields["id"], exc)
 
 

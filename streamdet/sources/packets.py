@@ -278,20 +278,26 @@ class PacketFollower:
         self._segment = segment
         self._next_seq = next_seq
         self._need_keyframe = False  # after a loss: skip to the next keyframe
+        self._last_time: float | None = None  # of the last packet taken
 
-    def take(self, until: float, timeout: float = 0.0) -> Taken:
+    def take(self, until: float, *, through: bool = False, timeout: float = 0.0) -> Taken:
         """The packets not taken yet, up to wall time ``until``; waits up to ``timeout`` seconds
-        for at least one (or for the segment to reach past ``until``, or to end)."""
+        for at least one (or for the segment to reach past ``until``, or to end).
+
+        With ``through``, the first packet at or after ``until`` is taken too (a clip that must
+        cover ``until`` ends with the frame showing it)."""
         ring, segment = self._ring, self._segment
         with ring._cond:
             if timeout > 0:
                 ring._cond.wait_for(lambda: self._has_news(until), timeout)
             lost = self._catch_up()
             packets: list[EncodedPacket] = []
-            reached = False
+            # With ``through``, the span ends at the first packet at or after ``until``, which
+            # an earlier take may have taken already.
+            reached = through and self._last_time is not None and self._last_time >= until
             start = self._next_seq - segment.first_seq
             for packet in itertools.islice(segment.packets, start, None):
-                if packet.time > until:
+                if reached or (packet.time > until and not through):
                     reached = True
                     break
                 self._next_seq += 1
@@ -300,6 +306,8 @@ class PacketFollower:
                     continue
                 self._need_keyframe = False
                 packets.append(packet)
+                self._last_time = packet.time
+                reached = through and packet.time >= until
             ended = ring._closed or segment is not (ring._segments[-1] if ring._segments else None)
             self.lost += lost
             return Taken(tuple(packets), lost, reached, ended)
