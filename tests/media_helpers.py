@@ -13,9 +13,11 @@ import json
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import cv2
@@ -154,8 +156,10 @@ class RtspFeeder:
 
     url: str
     ring: PacketRing
+    on_frame: Callable[[int, np.ndarray], None] | None = None
     packets: list[FedPacket] = field(default_factory=list)
     info: StreamInfo | None = None
+    profile: str = ""
     error: BaseException | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     ended: threading.Event = field(default_factory=threading.Event)
@@ -186,6 +190,7 @@ class RtspFeeder:
                 stream.average_rate or Fraction(FPS),
                 ctx.extradata or b"",
             )
+            self.profile = ctx.profile or ""
             self.ring.start_segment(self.info)
             for packet in container.demux(stream):
                 if self.stop.is_set():
@@ -195,7 +200,8 @@ class RtspFeeder:
                 frames = packet.decode()
                 if not frames:
                     continue
-                counter = read_counter(frames[0].to_ndarray(format="bgr24"))
+                picture = frames[0].to_ndarray(format="bgr24")
+                counter = read_counter(picture)
                 now = time.time()
                 data = bytes(packet)
                 self.ring.append(
@@ -211,6 +217,8 @@ class RtspFeeder:
                 )
                 with self.lock:
                     self.packets.append(FedPacket(counter, now, packet.is_keyframe, data))
+                if self.on_frame is not None:
+                    self.on_frame(counter, picture)
 
     def wait_for(self, counter: int, timeout: float = 60.0) -> FedPacket:
         """The packet of frame ``counter`` once it came (AssertionError after ``timeout``)."""
@@ -318,3 +326,101 @@ def source_sps_and_idr(info: StreamInfo, keyframe: bytes) -> tuple[bytes, bytes]
 
 def jpeg_counter(path: Path) -> int:
     return read_counter(cv2.imdecode(np.frombuffer(path.read_bytes(), np.uint8), cv2.IMREAD_COLOR))
+
+
+# -- a media output fed from the test camera ------------------------------------------------------
+
+
+def event_change(
+    kind: str,
+    start: FedPacket,
+    end: FedPacket,
+    *,
+    event_id: str = "run1-cam-event-1",
+    score: float = 0.9,
+    end_reason: str | None = None,
+) -> Any:
+    """An :class:`~streamdet.events.EventChange` of source ``cam`` from ``start`` to ``end``."""
+    from streamdet.events import EventChange
+
+    return EventChange(
+        kind,  # type: ignore[arg-type]
+        event_id,
+        "cam",
+        "event",
+        1,
+        score,
+        score,
+        0.6,
+        start.time,
+        end.time,
+        start.counter,
+        end.counter,
+        max(start.counter, end.counter - 15),
+        end.counter,
+        end.time,
+        end_reason,  # type: ignore[arg-type]
+    )
+
+
+class MediaLines:
+    """The media lines an output recorded (its ``record_media``), waited on by tests."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.lines: list[dict[str, Any]] = []
+
+    def __call__(self, fields: Any) -> Any:
+        with self._cond:
+            self.lines.append(dict(fields))
+            self._cond.notify_all()
+        return fields
+
+    def wait(self, kind: str, count: int = 1, timeout: float = 60.0) -> list[dict[str, Any]]:
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: len([o for o in self.lines if o["type"] == kind]) >= count, timeout
+            )
+            assert ok, f"no {kind} line in {timeout} s: {self.lines}"
+            return [o for o in self.lines if o["type"] == kind]
+
+
+def main(argv: list[str]) -> int:
+    """``python media_helpers.py URL MEDIA_DIR``: record a clip of an event that never ends from
+    the test camera, print ``WRITING <temp file>`` once it is being written, then wait (for the
+    test to SIGKILL this process)."""
+    from streamdet.config import MediaConfig
+    from streamdet.media.clips import temp_path
+    from streamdet.media.sink import MediaSink, MediaSource
+    from streamdet.sinks.base import EventMessage, SinkWorker
+
+    url, folder = argv
+    ring = PacketRing(max_seconds=20.0, max_bytes=64 * 1024 * 1024)
+    feeder = RtspFeeder(url, ring).start()
+    cfg = MediaConfig.model_validate(
+        {"dir": folder, "clips": {"pre_capture_s": 1.0}, "snapshots": {"enabled": False}}
+    )
+    stop = threading.Event()
+    sink = MediaSink(
+        cfg, sources={"cam": MediaSource("cam", ring=ring)}, record_media=MediaLines(),
+        stop_event=stop,
+    )  # fmt: skip
+    worker = SinkWorker(sink)
+    worker.start()
+    start = feeder.wait_for(15)
+    change = event_change("new", start, start)
+    worker.offer_event(EventMessage(change, None, None))
+    temp = temp_path(Path(folder) / "cam" / f"{change.id}.mp4")
+    deadline = time.monotonic() + 60
+    while not (temp.exists() and temp.stat().st_size > 0):
+        assert time.monotonic() < deadline, "the clip was never started"
+        time.sleep(0.05)
+    print(f"WRITING {temp}", flush=True)
+    stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
