@@ -213,7 +213,7 @@ def test_the_camera_lost_during_an_event_ends_its_clip_where_the_stream_ended(
     # What the capture reports, then the router: the source offline, its events stream_lost.
     r.worker.offer_status(StatusMessage("cam", "offline", "read failed", time.time()))
     r.event("end", start, last, end_reason="stream_lost")
-    (line,) = r.lines.wait("clip")
+    (line,) = r.lines.wait("clip", timeout=8.0)  # not after post_capture_s and a grace
     clip = inspect_clip(Path(line["path"]))
     first = last_keyframe_at_or_before(r.feeder, start.time - 1.0)
     assert clip.counters == list(range(first, last.counter + 1))
