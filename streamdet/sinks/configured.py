@@ -57,6 +57,11 @@ def build_sinks(cfg: RunConfig, ctx: SinkContext) -> list[Sink]:
         StreamdetError: a section that cannot work (checked before anything starts).
     """
     sinks: list[Sink] = []
+    # The media output first: outputs are closed in order at the end of a run, and the clips it
+    # completes then must still reach the others (MQTT, webhooks).
+    media = _media_sink(cfg, ctx)
+    if media is not None:
+        sinks.append(media)
     if cfg.sinks.mqtt is not None:
         from streamdet.sinks.mqtt import MqttSink, labels_of  # paho only when asked for
 
@@ -95,9 +100,6 @@ def build_sinks(cfg: RunConfig, ctx: SinkContext) -> list[Sink]:
                 media=cfg.media,
             )
         )
-    media = _media_sink(cfg, ctx)
-    if media is not None:
-        sinks.append(media)
     return sinks
 
 
