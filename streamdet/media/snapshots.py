@@ -120,7 +120,7 @@ def read_file_frame(path: Path, index: int) -> np.ndarray | None:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate
-        if not rate:
+        if not rate or stream.time_base is None:
             return None
         offset = stream.start_time or 0
         target = offset + int(index / rate / stream.time_base)
