@@ -258,3 +258,17 @@ def test_a_replayed_file_gets_a_clip_cut_from_it_with_pre_and_post_roll_and_a_sn
     assert end["start_frame"] <= snap["frame"] <= end["end_frame"]
     assert snap["score"] == end["peak_score"]
     assert lines.index(end) < lines.index(snap)
+
+
+def test_a_snapshot_is_resized_to_its_height_and_gets_its_caption_drawn() -> None:
+    import numpy as np
+
+    from streamdet.media.snapshots import render
+
+    frame = np.full((240, 320, 3), 128, np.uint8)
+    plain = render(frame, height=120, caption=None)
+    assert plain.shape == (120, 160, 3) and (plain == 128).all()
+    drawn = render(frame, height=120, caption="event 0.95")
+    assert drawn.shape == (120, 160, 3) and (drawn != 128).any()
+    assert (frame == 128).all()  # the caller's frame is left alone
+    assert render(frame, height=480, caption=None).shape == (240, 320, 3)  # never enlarged

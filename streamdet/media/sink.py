@@ -177,6 +177,7 @@ class MediaSink(BaseSink):
         self.worker = MediaWorker(self._on_clip)
         self.retention: RetentionThread | None = None
         self._started = False
+        self._told_no_clips: set[str] = set()
         self.clips_written = 0
         self.clips_failed = 0
         self.snapshots_written = 0
@@ -318,6 +319,8 @@ class MediaSink(BaseSink):
         with self._busy_lock:
             self._busy.add(event.snapshot)
         clips = self.cfg.clips
+        if clips.enabled and source.ring is None and source.file is None:
+            self._no_clips(change.source)
         if clips.enabled and source.ring is not None:
             self.worker.start_clip(
                 LiveClip(
@@ -331,6 +334,15 @@ class MediaSink(BaseSink):
             )
         if self.cfg.snapshots.enabled and source.file is None:
             self._want_snapshot(event, final=False)  # the file exists before the end line is out
+
+    def _no_clips(self, source: str) -> None:
+        if source not in self._told_no_clips:
+            self._told_no_clips.add(source)
+            log.warning(
+                "%s: no event clips: its capture keeps no encoded packets (a webcam read with "
+                "OpenCV); snapshots only",
+                source,
+            )
 
     def _ended(self, change: EventChange) -> None:
         event = self._events.pop(change.id, None)
