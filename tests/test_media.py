@@ -272,3 +272,42 @@ def test_a_snapshot_is_resized_to_its_height_and_gets_its_caption_drawn() -> Non
     assert drawn.shape == (120, 160, 3) and (drawn != 128).any()
     assert (frame == 128).all()  # the caller's frame is left alone
     assert render(frame, height=480, caption=None).shape == (240, 320, 3)  # never enlarged
+
+
+@pytest.mark.parametrize("form", ["mp4", "annexb"])
+def test_a_clip_file_takes_mp4s_length_prefixed_packets_and_raw_annexb_without_timestamps(
+    tmp_path: Path, event_video: Path, form: str
+) -> None:
+    """Packets as an MP4 demuxer gives them (avcC extradata) or as a raw H.264 stream (in-band
+    parameter sets, no timestamps): both make a clip that plays, frame for frame."""
+    import av
+
+    from streamdet.media.clips import ClipFile
+
+    source = event_video
+    if form == "annexb":
+        source = tmp_path / "event.h264"
+        subprocess.run(
+            ["ffmpeg", "-nostdin", "-v", "error", "-i", str(event_video), "-c", "copy",
+             "-bsf:v", "h264_mp4toannexb", "-f", "h264", str(source)],
+            check=True, timeout=60,
+        )  # fmt: skip
+    with av.open(str(source)) as container:
+        stream = container.streams.video[0]
+        info = StreamInfo(
+            "h264", 320, 240, stream.time_base or Fraction(1, 90000), Fraction(FPS),
+            stream.codec_context.extradata or b"",
+        )  # fmt: skip
+        packets = [
+            EncodedPacket(bytes(p), p.pts, p.dts, p.duration, p.is_keyframe, i / FPS, i)
+            for i, p in enumerate(q for q in container.demux(stream) if q.size)
+        ]
+    assert (info.extradata[:1] == b"\x01") == (form == "mp4")
+    assert form == "mp4" or packets[0].pts is None
+    clip = ClipFile(tmp_path / "clip.mp4", info, packets[30])
+    for packet in packets[31:80]:
+        clip.write(packet)
+    stats = clip.finish()
+    got = inspect_clip(stats.path)
+    assert got.counters == list(range(30, 80)) and got.decode_errors == ""
+    assert got.probe_duration_s == pytest.approx(5.0, abs=0.05)

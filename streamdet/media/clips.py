@@ -101,12 +101,42 @@ def _template(info: StreamInfo, keyframe: bytes) -> tuple[Any, Any]:
         raise ClipError(
             f"clips of {info.codec!r} streams are not supported (only {list(RAW_FORMATS)})"
         )
+    head, body = info.extradata, keyframe
+    if info.codec == "h264" and head[:1] == b"\x01":  # MP4's avcC and length-prefixed NALs
+        head, body = _avcc_to_annexb(head), _length_prefixed_to_annexb(body)
     try:
-        container = av.open(io.BytesIO(info.extradata + keyframe), format=raw)
+        container = av.open(io.BytesIO(head + body), format=raw)
         stream = container.streams.video[0]
     except (av.FFmpegError, IndexError) as exc:
         raise ClipError(f"cannot read the {info.codec} stream's parameters: {exc}") from exc
     return container, stream
+
+
+_START_CODE = b"\x00\x00\x00\x01"
+
+
+def _avcc_to_annexb(avcc: bytes) -> bytes:
+    """The SPS and PPS of an ``avcC`` record (ISO 14496-15), each behind a start code."""
+    units, i = [], 5
+    for count_mask in (0x1F, 0xFF):  # SPS count (low 5 bits), then PPS count
+        if i >= len(avcc):
+            break
+        count, i = avcc[i] & count_mask, i + 1
+        for _ in range(count):
+            size = int.from_bytes(avcc[i : i + 2], "big")
+            units.append(avcc[i + 2 : i + 2 + size])
+            i += 2 + size
+    return b"".join(_START_CODE + unit for unit in units)
+
+
+def _length_prefixed_to_annexb(data: bytes) -> bytes:
+    """NAL units with 4-byte big-endian lengths (MP4's) behind start codes instead."""
+    out, i = [], 0
+    while i + 4 <= len(data):
+        size = int.from_bytes(data[i : i + 4], "big")
+        out.append(_START_CODE + data[i + 4 : i + 4 + size])
+        i += 4 + size
+    return b"".join(out)
 
 
 class ClipFile:
