@@ -9,6 +9,7 @@ capture's frame and whose picture shows the camera's number).
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import json
 import os
@@ -207,6 +208,9 @@ def test_streamdet_run_ends_a_clip_where_the_stream_ended_when_the_camera_is_los
     (offline,) = [o for o in lines if o["type"] == "status" and o["status"] == "offline"]
     assert end["end_time"] <= clip["end_time"] <= offline["time"]
     assert 0.0 <= clip["post_capture_s"] < 16 / FPS
+    # ...and is finished at once, not after waiting for post-roll that cannot come.
+    lost_at = dt.datetime.fromisoformat(offline["time"].replace("Z", "+00:00")).timestamp()
+    assert Path(clip["path"]).stat().st_mtime - lost_at < 5.0
 
 
 @pytest.mark.timeout(180)
