@@ -111,7 +111,12 @@ def run(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
                 server.stop()
     lines = [json.loads(line) for line in events.read_text().splitlines()]
     clips = [o for o in lines if o["type"] == "clip"]
-    return report(args, samples, lines, clips, proc.returncode)
+    result = report(args, samples, lines, clips, proc.returncode)
+    files = [p for p in (folder / "media").rglob("*") if p.is_file()]
+    result["media_files_left"] = len(files)
+    result["media_mb_left"] = round(sum(p.stat().st_size for p in files) / 1e6, 1)
+    result["retention_deleted"] = (folder / "run.log").read_text().count("retention: deleted")
+    return result
 
 
 def report(
