@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from streamdet.media.clips import ClipError, ClipFile, ClipStats
@@ -70,7 +70,7 @@ class LiveClip:
     stats: ClipStats | None = None
     error: str | None = None
     capped: bool = False
-    lost: int = field(default=0)
+    lost: int = 0
 
     def limit(self) -> float:
         """Wall time of the last packet it may take now."""

@@ -266,6 +266,18 @@ class PacketFollower:
 
     Made by :meth:`PacketRing.follow`; used by one thread (the clip writer).
 
+    Example:
+        >>> ring = PacketRing(max_seconds=10.0, max_bytes=1_000_000)
+        >>> ring.start_segment(StreamInfo("h264", 64, 48, Fraction(1, 10), None, b""))
+        >>> for i in range(20):
+        ...     ring.append(EncodedPacket(b"x", i, i, 1, i % 10 == 0, 100.0 + i, i))
+        >>> follower = ring.follow(start_time=112.0)  # from the keyframe at 110.0
+        >>> [p.frame_index for p in follower.take(until=114.5).packets]
+        [10, 11, 12, 13, 14]
+        >>> taken = follower.take(until=114.5, through=True)  # ...and the frame covering 114.5
+        >>> [p.frame_index for p in taken.packets], taken.reached
+        ([15], True)
+
     Attributes:
         info: the segment's stream parameters.
         lost: packets lost so far (dropped by the ring before they were taken).
