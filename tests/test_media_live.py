@@ -71,7 +71,13 @@ class Rig:
     """A media output fed by the test camera, with the lines it recorded."""
 
     def __init__(
-        self, url: str, folder: Path, media: dict[str, Any], *, ring_s: float = 30.0
+        self,
+        url: str,
+        folder: Path,
+        media: dict[str, Any],
+        *,
+        ring_s: float = 30.0,
+        retention_interval_s: float = 0.1,
     ) -> None:
         self.cfg = MediaConfig.model_validate({"dir": str(folder), **media})
         self.ring = PacketRing(max_seconds=ring_s, max_bytes=64 * 1024 * 1024)
@@ -82,7 +88,7 @@ class Rig:
             sources={"cam": MediaSource("cam", ring=self.ring)},
             record_media=self.lines,
             stop_event=self.stop,
-            retention_interval_s=0.1,
+            retention_interval_s=retention_interval_s,
         )
         self.worker = SinkWorker(self.sink)
         self.worker.start()
@@ -268,6 +274,27 @@ def test_retention_deletes_old_media_but_never_a_clip_being_written_or_an_open_s
     (line,) = r.lines.wait("clip")  # finishing renames the temp file: it was never deleted
     assert line["id"] == change.id and line["frames"] >= 30
     r.lines.wait("snapshot")
+
+
+@pytest.mark.timeout(120)
+def test_retention_keeps_the_folder_under_max_gb_clip_by_clip_not_once_a_minute(
+    rig: Any,
+) -> None:
+    """Regression: with the minute between sweeps, 4 cameras' clips took the soak's folder to
+    22 MB over a 5 MB max_gb. Each finished clip now wakes the sweep."""
+    r = rig(
+        {"clips": {"pre_capture_s": 0.5, "post_capture_s": 0.5}, "retain": {"max_gb": 1e-7}},
+        retention_interval_s=60.0,
+    )
+    start = r.feeder.wait_for(15)
+    r.event("new", start, start)
+    end = r.feeder.wait_for(30)
+    r.event("end", start, end, end_reason="score_drop")
+    (line,) = r.lines.wait("clip")
+    deadline = time.monotonic() + 10.0
+    while Path(line["path"]).exists():  # over the 100 bytes allowed: deleted, within seconds
+        assert time.monotonic() < deadline, "the sweep waited for its minute"
+        time.sleep(0.05)
 
 
 @pytest.mark.timeout(120)

@@ -89,7 +89,8 @@ def sweep(
 
 
 class RetentionThread(threading.Thread):
-    """Sweeps the media folder now and then (see :func:`sweep`) until ``stop_event`` is set.
+    """Sweeps the media folder (see :func:`sweep`) at start, whenever :meth:`wake` is called (a
+    clip or snapshot was added) and every ``interval_s``, until ``stop_event`` is set.
 
     Args:
         folder: the media folder.
@@ -118,21 +119,29 @@ class RetentionThread(threading.Thread):
         self.stop_event = stop_event
         self.interval_s = interval_s
         self.deleted = 0
+        self._wake = threading.Event()
+
+    def wake(self) -> None:
+        """Sweep soon (media was added, or the run stops)."""
+        self._wake.set()
 
     def run(self) -> None:
-        while True:
-            try:
-                gone = sweep(
-                    self.folder,
-                    max_age_s=self.max_age_s,
-                    max_bytes=self.max_bytes,
-                    busy=set(self.busy()),
-                )
-            except OSError as exc:  # the folder itself went away: try again next time
-                log.warning("retention: cannot sweep %s: %s", self.folder, exc)
-                gone = []
-            if gone:
-                self.deleted += len(gone)
-                log.info("retention: deleted %d media file(s) under %s", len(gone), self.folder)
-            if self.stop_event.wait(self.interval_s):
-                return
+        while not self.stop_event.is_set():
+            self._sweep()
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+
+    def _sweep(self) -> None:
+        try:
+            gone = sweep(
+                self.folder,
+                max_age_s=self.max_age_s,
+                max_bytes=self.max_bytes,
+                busy=set(self.busy()),
+            )
+        except OSError as exc:  # the folder itself went away: try again next time
+            log.warning("retention: cannot sweep %s: %s", self.folder, exc)
+            gone = []
+        if gone:
+            self.deleted += len(gone)
+            log.info("retention: deleted %d media file(s) under %s", len(gone), self.folder)

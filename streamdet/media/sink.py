@@ -272,6 +272,7 @@ class MediaSink(BaseSink):
                 STOP_TIMEOUT_S,
             )
         if self.retention is not None:
+            self.retention.wake()  # it sees the stop event set
             self.retention.join(1.0)
 
     # -- events --------------------------------------------------------------------------------
@@ -530,6 +531,8 @@ class MediaSink(BaseSink):
         )
 
     def _record(self, fields: Mapping[str, Any]) -> None:
+        if self.retention is not None:
+            self.retention.wake()  # keep the folder under max_gb clip by clip, not minute by minute
         try:
             self.record_media(fields)
         except (StreamdetError, ValueError) as exc:  # the log is broken (reported) or closed
