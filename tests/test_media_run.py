@@ -10,7 +10,6 @@ capture's frame and whose picture shows the camera's number).
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import os
 import signal
@@ -37,12 +36,6 @@ from media_helpers import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-# A live camera's packets are kept by the PyAV capture backend (streamdet.sources.pyav).
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("streamdet.sources.pyav") is None,
-    reason="needs the PyAV capture backend, which keeps a live camera's packets",
-)
 
 
 @pytest.fixture(scope="module")
