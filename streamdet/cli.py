@@ -194,6 +194,19 @@ def _run_options(p: argparse.ArgumentParser) -> None:
         metavar="[HOST:]PORT",
         help="serve the live page, events API, health and metrics (overrides web.host/port)",
     )
+    p.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine (default); ray: across a Ray cluster (pip install "
+        "'streamdet[ray]')",
+    )
+    p.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="with --backend ray: the cluster's head (`ray start --head`); default: start a "
+        "local cluster. Unreachable in 10 s: an error",
+    )
 
 
 def _train_options(p: argparse.ArgumentParser) -> None:

@@ -118,6 +118,8 @@ class Pipeline:
             ``streamdet.runner.inference_plan`` picks them for ``streamdet run``).
         threads_per_worker: torch threads each worker sets (None: the process's count).
         sinks: more outputs of the event stage, beside those the config names.
+        event_log: where the event lines go instead of ``sinks.events`` (a cluster node hands
+            them to the driver, ``streamdet.distributed``); None: the configured log.
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class Pipeline:
         workers: int = 1,
         threads_per_worker: int | None = None,
         sinks: tuple[Sink, ...] = (),
+        event_log: EventLog | None = None,
     ) -> None:
         # Paths only: `streamdet run` has opened the files already (check_sources), and a capture
         # reports a file it cannot open with the same message.
@@ -178,7 +181,7 @@ class Pipeline:
             tracker_settings(cfg, checkpoint.class_names),
             run_id=self.run_id,
             stride=cfg.window.stride,
-            event_log=build_event_log(cfg, checkpoint, self.run_id),
+            event_log=event_log or build_event_log(cfg, checkpoint, self.run_id),
             sinks=(*([self.overlay] if self.overlay else []), *configured, *sinks),
             urls=urls,
         )

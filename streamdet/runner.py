@@ -250,9 +250,13 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
             f"no config given and the bundled demo config {default_config} is missing"
         )
     overrides = _overrides(args)
-    if not args.config and args.source and not args.output_video:
+    backend = getattr(args, "backend", "local")
+    if getattr(args, "address", None) and backend != "ray":
+        raise ConfigError("--address is the Ray cluster's: give --backend ray with it")
+    if not args.config and (args.source or backend == "ray") and not args.output_video:
         # Your sources with the demo's model and tracker: the demo's annotated video is the demo's
-        # output, not yours (a live camera would be recorded without end).
+        # output, not yours (a live camera would be recorded without end). A cluster run draws
+        # no video at all: the frames stay on the nodes.
         overrides.setdefault("sinks", {}).setdefault("overlay", {})["video"] = None
     cfg = load_config(config_path, overrides)  # the file's relative paths: from its folder
     check_sources([s.url for s in cfg.sources])  # fail fast, before the model is built
@@ -271,6 +275,10 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
         from streamdet.sinks.overlay import check_display
 
         check_display()
+    if backend == "ray":  # the nodes run the pipeline; frames stay there (no overlay, no media)
+        from streamdet.distributed.backend import run_on_ray
+
+        return run_on_ray(cfg, args.address, args.max_seconds)
     checkpoint = load_model(cfg)
     import torch
 

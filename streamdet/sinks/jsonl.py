@@ -458,9 +458,13 @@ class EventLog:
         *,
         latency_ms: float | None,
         extra: Mapping[str, Any] | None = None,
+        node: str | None = None,
     ) -> dict[str, Any]:
         """Append one ``new``/``update``/``end`` line (with ``extra``'s fields after the
-        event's own, such as an ``end`` line's ``snapshot`` path); returns what was written."""
+        event's own, such as an ``end`` line's ``snapshot`` path); returns what was written.
+
+        ``node``: the cluster node that scored it (``--backend ray``), a ``node`` field; none on
+        a single machine."""
         obj: dict[str, Any] = {
             "schema": SCHEMA,
             "type": change.type,
@@ -486,13 +490,15 @@ class EventLog:
             "end_reason": change.end_reason,
             "model": self.model,
         }
+        if node is not None:
+            obj["node"] = node
         obj.update((k, v) for k, v in (extra or {}).items() if k not in obj)
         return self._write(obj, durable=change.type != "update")
 
     def write_status(
-        self, source: str, status: str, reason: str, wall_time: float
+        self, source: str, status: str, reason: str, wall_time: float, node: str | None = None
     ) -> dict[str, Any]:
-        """Append a ``status`` line (``online`` / ``offline``)."""
+        """Append a ``status`` line (``online`` / ``offline``); ``node`` as in :meth:`write_event`."""
         obj = {
             "schema": SCHEMA,
             "type": "status",
@@ -503,6 +509,8 @@ class EventLog:
             "reason": redact_text(reason),  # reasons quote errors, which may quote a URL
             "time": iso_utc(wall_time),
         }
+        if node is not None:
+            obj["node"] = node
         return self._write(obj, durable=True)
 
     def write_media(self, fields: dict[str, Any]) -> dict[str, Any]:

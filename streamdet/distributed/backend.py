@@ -1,0 +1,506 @@
+"""``streamdet run --backend ray``: connect, place sources on node engines, merge, stop.
+
+The :class:`Coordinator` runs in the driver. It starts one engine actor on every node with CPUs
+(pinned there), shares the sources out by the windows/s each engine measured
+(:func:`~streamdet.distributed.placement.spread`), polls every engine a few times a second for
+its lines (:class:`~streamdet.distributed.merge.ClusterLog` writes them), and watches the nodes:
+
+- a node that leaves, or an engine that dies: its sources go offline, their open events end
+  ``stream_lost``, and they are placed on the engines still running, where they come back
+  ``online``. An engine that died on a node still alive is started again there.
+- a node that joins gets an engine, and takes a share of the sources placed after that.
+- a stop (Ctrl-C, SIGTERM, ``--max-seconds``, every source ended) stops every engine at once;
+  events still open end ``shutdown``, on the node or, past ``STOP_TIMEOUT_S``, here.
+
+This is the only module that imports Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamdet.config import RunConfig
+from streamdet.distributed.engine import NodeEngine
+from streamdet.distributed.merge import ClusterLog
+from streamdet.distributed.placement import spread
+from streamdet.distributed.records import EngineReport, StatusRecord
+from streamdet.errors import StreamdetError
+from streamdet.redaction import redact_url
+from streamdet.report import format_ms, percentile
+from streamdet.sinks.base import RunStats
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0  # for --address to answer
+ENGINE_START_TIMEOUT_S = 120.0  # for the first engines to load the model and measure it
+POLL_INTERVAL_S = 0.25
+NODE_CHECK_INTERVAL_S = 1.0
+STATS_INTERVAL_S = 0.5
+STOP_TIMEOUT_S = 4.0  # engines stop in this; the whole stop stays within 5 s
+
+
+def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """StreamdetError unless ``host:port`` (or ``ray://host:port``) accepts a connection in
+    ``timeout`` seconds. ``ray.init`` itself waits without end for a cluster that is not there.
+    ``auto`` (the cluster this machine is part of) is left to Ray."""
+    if address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise StreamdetError(
+            f"--address must be HOST:PORT (the head's GCS port, 6379 by default), got {address!r}"
+        )
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise StreamdetError(
+            f"cannot reach the Ray cluster at {address} ({why} within {timeout:g} s): start it "
+            f"with `ray start --head` there, or leave --address out for a local cluster"
+        ) from None
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address``, or start one on this machine (None).
+
+    Raises:
+        StreamdetError: Ray is not installed, or the cluster cannot be reached or joined.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise StreamdetError("--backend ray needs Ray: pip install 'streamdet[ray]'") from None
+    if address:
+        check_address(address)
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False if not address else None,
+            logging_level=logging.WARNING,
+            configure_logging=True,
+        )
+    except Exception as exc:  # an auth token refused, a version mismatch, ...
+        where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+        raise StreamdetError(f"cannot join {where}: {type(exc).__name__}: {exc}") from None
+
+
+@dataclass
+class NodeState:
+    """One node as the coordinator sees it."""
+
+    node_id: str
+    name: str  # the first 8 hex digits of its Ray node id: every line it scored says this
+    cpus: int
+    actor: Any = None
+    capacity: float | None = None  # windows/s its engine measured
+    capacity_ref: Any = None
+    poll_ref: Any = None
+    sources: list[str] = field(default_factory=list)
+    windows: int = 0  # scored by its engines so far (all of them, restarts included)
+    engine_windows: int = 0  # by the current engine
+    restarts: int = 0
+    lost: bool = False
+    last: EngineReport | None = None
+
+
+class Coordinator:
+    """Places sources on node engines and keeps them placed until the run stops.
+
+    Args:
+        cfg: the run's configuration.
+        cluster_log: where every node's lines go.
+        max_seconds: stop after this long (None: until the sources end or a signal).
+        print_fn: where progress lines go.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        cluster_log: ClusterLog,
+        *,
+        max_seconds: float | None = None,
+        print_fn: Callable[[str], None] = print,
+    ) -> None:
+        import ray
+
+        self.cfg = cfg
+        self.log = cluster_log
+        self.max_seconds = max_seconds
+        self.print = print_fn
+        self.stop_event = threading.Event()
+        self.stop_reason = ""
+        self.nodes: dict[str, NodeState] = {}
+        self.pending: list[str] = [s.name for s in cfg.sources]  # waiting for a node
+        self.ended: set[str] = set()
+        self.moves: list[tuple[str, str, float]] = []  # (source, to node, when placed)
+        self._actor_class = ray.remote(NodeEngine)
+        self._last_windows, self._last_t = 0, time.monotonic()
+
+    def stop(self, reason: str = "stop requested") -> None:
+        if not self.stop_event.is_set():
+            self.stop_reason = reason
+        self.stop_event.set()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> float:
+        """Run until stopped; returns the seconds it ran.
+
+        Raises:
+            StreamdetError: no node could run an engine, or a source failed on its node.
+        """
+        started = time.monotonic()
+        try:
+            self._check_nodes()
+            self._wait_for_engines(started + ENGINE_START_TIMEOUT_S)
+            next_nodes = next_stats = time.monotonic()
+            next_progress = started + self.cfg.progress_interval_s
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                if now >= next_nodes:
+                    self._check_nodes()
+                    next_nodes = now + NODE_CHECK_INTERVAL_S
+                self._collect_capacities()
+                self._place_pending()
+                self._poll_engines()
+                if now >= next_stats:
+                    self.log.publish_stats(self.run_stats())
+                    next_stats = now + STATS_INTERVAL_S
+                if self.ended >= {s.name for s in self.cfg.sources}:
+                    self.stop("all sources ended")
+                elif self.max_seconds is not None and now - started >= self.max_seconds:
+                    self.stop(f"--max-seconds {self.max_seconds:g} reached")
+                elif now >= next_progress:
+                    self.print(self.progress_line())
+                    next_progress = now + self.cfg.progress_interval_s
+                self.stop_event.wait(POLL_INTERVAL_S)
+        finally:
+            self._shut_down()
+        return time.monotonic() - started
+
+    def _wait_for_engines(self, deadline: float) -> None:
+        """Wait for every engine started so far to measure itself, so that the first placement
+        sees them all."""
+        while not self.stop_event.is_set():
+            self._collect_capacities()
+            waiting = [n for n in self.nodes.values() if n.capacity_ref is not None]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                log.warning(
+                    "engines on %s not ready after %.0f s: placing sources on the others",
+                    ", ".join(n.name for n in waiting),
+                    ENGINE_START_TIMEOUT_S,
+                )
+                return
+            self.stop_event.wait(POLL_INTERVAL_S)
+
+    # -- nodes and engines -------------------------------------------------------------------
+
+    def _check_nodes(self) -> None:
+        """Start an engine on each new node with CPUs; hand back the sources of lost ones."""
+        import ray
+
+        alive = {
+            n["NodeID"]: n
+            for n in ray.nodes()
+            if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) >= 1
+        }
+        for node in self.nodes.values():
+            if not node.lost and node.node_id not in alive:
+                node.lost = True
+                self._engine_lost(node, "node lost")
+        for node_id, info in alive.items():
+            if node_id not in self.nodes:
+                cpus = int(info["Resources"]["CPU"])
+                node = self.nodes[node_id] = NodeState(node_id, node_id[:8], cpus)
+                self.print(f"[ray] node {node.name}: {cpus} CPU(s), starting its engine")
+                self._start_engine(node)
+
+    def _start_engine(self, node: NodeState) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node.actor = self._actor_class.options(
+            num_cpus=1,
+            max_restarts=0,  # restarted by the coordinator, which hands its sources back
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
+        ).remote(self.cfg, self.cfg.model.threads or node.cpus)
+        node.capacity, node.engine_windows = None, 0
+        node.capacity_ref = node.actor.capacity.remote()
+
+    def _engine_lost(self, node: NodeState, why: str) -> None:
+        """End the engine's part: its sources offline and back in the queue; a new engine when
+        its node is still there."""
+        import ray
+
+        if node.actor is not None:
+            ray.kill(node.actor, no_restart=True)
+        node.actor = node.capacity_ref = node.poll_ref = None
+        node.windows += node.engine_windows
+        node.engine_windows = 0
+        live = [s for s in node.sources if s not in self.ended]
+        if node.sources:
+            self.print(f"[ray] node {node.name}: {why}; moving {', '.join(live) or 'nothing'}")
+        self.log.lose(node.name, live, why)
+        self.pending += live
+        node.sources = []
+        if not node.lost and not self.stop_event.is_set():
+            node.restarts += 1
+            self._start_engine(node)
+
+    def _collect_capacities(self) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        for node in list(self.nodes.values()):
+            if node.capacity_ref is None:
+                continue
+            ready, _ = ray.wait([node.capacity_ref], timeout=0)
+            if not ready:
+                continue
+            try:
+                node.capacity = float(ray.get(node.capacity_ref))
+            except RayActorError as exc:
+                node.capacity_ref = None
+                if node.lost or not self._alive(node):
+                    continue  # the node went: _check_nodes hands its sources on
+                raise StreamdetError(
+                    f"node {node.name}: its engine could not start: {_cause(exc)}"
+                ) from None
+            node.capacity_ref = None
+            self.print(f"[ray] node {node.name}: engine ready, {node.capacity:.0f} windows/s")
+
+    def _place_pending(self) -> None:
+        ready = {n.name: n for n in self.nodes.values() if n.capacity and n.actor and not n.lost}
+        if not self.pending or not ready:
+            return
+        placed = spread(
+            self.pending,
+            {name: n.capacity or 0.0 for name, n in ready.items()},
+            {name: len(n.sources) for name, n in ready.items()},
+        )
+        now = time.monotonic()
+        for name, sources in placed.items():
+            node = ready[name]
+            node.actor.start.remote(sources)  # a failure shows in the engine's next poll
+            node.sources += sources
+            self.moves += [(s, name, now) for s in sources]
+            self.print(f"[ray] node {name} runs {', '.join(sources)}")
+        self.pending = []
+
+    def _poll_engines(self) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        for node in list(self.nodes.values()):
+            if node.actor is None or node.capacity is None:
+                continue
+            if node.poll_ref is None:
+                node.poll_ref = node.actor.poll.remote()
+                continue
+            ready, _ = ray.wait([node.poll_ref], timeout=0)
+            if not ready:
+                continue
+            ref, node.poll_ref = node.poll_ref, None
+            try:
+                report = ray.get(ref)
+            except RayActorError as exc:
+                if not node.lost:
+                    node.lost = not self._alive(node)
+                    self._engine_lost(
+                        node, "node lost" if node.lost else f"engine died: {_cause(exc)}"
+                    )
+                continue
+            self._take(node, report)
+
+    def _take(self, node: NodeState, report: EngineReport) -> None:
+        node.last, node.engine_windows = report, report.windows
+        for r in report.records:
+            if isinstance(r, StatusRecord) and r.status == "offline" and r.reason == "ended":
+                self.ended.add(r.source)
+        self.log.deliver(node.name, report.records)
+        if report.errors:
+            raise StreamdetError(f"node {node.name}: {report.errors[0]}")
+
+    @staticmethod
+    def _alive(node: NodeState) -> bool:
+        import ray
+
+        return any(n["NodeID"] == node.node_id and n.get("Alive") for n in ray.nodes())
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def _shut_down(self) -> None:
+        """Stop every engine at once; take the lines of those that answer in time."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        self.stop(self.stop_reason or "stopping")
+        running = [n for n in self.nodes.values() if n.actor is not None]
+        calls = {
+            n.name: ([n.poll_ref] if n.poll_ref else []) + [n.actor.stop.remote()] for n in running
+        }
+        refs = [ref for node_refs in calls.values() for ref in node_refs]
+        ready, late = ray.wait(refs, num_returns=len(refs), timeout=STOP_TIMEOUT_S)
+        done = set(ready)
+        for node in running:
+            for ref in calls[node.name]:
+                if ref not in done:
+                    break
+                try:
+                    self._take(node, ray.get(ref))
+                except (RayActorError, StreamdetError):
+                    break  # stopping anyway: its open events end here
+            node.windows += node.engine_windows
+            node.engine_windows = 0
+            ray.kill(node.actor, no_restart=True)
+            node.actor = node.poll_ref = None
+        if late:
+            log.warning("%d engine(s) did not stop in %.0f s: killed", len(late), STOP_TIMEOUT_S)
+
+    # -- what the run reports ----------------------------------------------------------------
+
+    def run_stats(self) -> RunStats:
+        sources = {}
+        for node in self.nodes.values():
+            if node.last is not None and not node.lost:
+                sources.update({s: v for s, v in node.last.stats.items() if s in node.sources})
+        lat = [v.latency_ms_p99 for v in sources.values()]
+        return RunStats(
+            sources,
+            latency_ms_p99=max(lat, default=float("nan")),
+            events_opened=self.log.events_opened,
+        )
+
+    def windows(self) -> int:
+        return sum(n.windows + n.engine_windows for n in self.nodes.values())
+
+    def progress_line(self) -> str:
+        now, done = time.monotonic(), self.windows()
+        rate = (done - self._last_windows) / max(now - self._last_t, 1e-9)
+        self._last_windows, self._last_t = done, now
+        live = [n for n in self.nodes.values() if not n.lost]
+        nodes = "; ".join(f"{n.name}: {', '.join(n.sources) or 'no sources'}" for n in live)
+        online = sum(self.log.status(s.name) == "online" for s in self.cfg.sources)
+        p99 = percentile([v.latency_ms_p99 for v in self.run_stats().sources.values()], 100)
+        return (
+            f"[progress] ray: {len(live)} node(s) ({nodes}) | {online}/{len(self.cfg.sources)} "
+            f"sources online | {rate:.1f} windows/s | latency ms p99 {format_ms(p99)} | "
+            f"events {self.log.events_opened}"
+        )
+
+    def summary_lines(self, run_id: str, seconds: float) -> list[str]:
+        lines = [
+            f"[summary] run {run_id} on ray: {seconds:.1f} s, {len(self.nodes)} node(s), "
+            f"{self.windows()} windows, {self.log.events_opened} events, "
+            f"{self.log.lines_written} log lines"
+        ]
+        for n in self.nodes.values():
+            capacity = f"{n.capacity:.0f} windows/s" if n.capacity else "not measured"
+            state = ", lost" if n.lost else ""
+            restarts = f", engine restarted {n.restarts}x" if n.restarts else ""
+            lines.append(
+                f"[summary] node {n.name}: {capacity}, {n.windows} windows{restarts}{state}"
+            )
+        if self.log.event_counts:
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(self.log.event_counts.items()))
+            lines.append(f"[summary] events by label: {counts}")
+        if self.cfg.sinks.events.path:
+            lines.append(f"[summary] event log: {self.cfg.sinks.events.path}")
+        return lines
+
+
+def _cause(exc: BaseException) -> str:
+    """The last line of a Ray error (the original exception, after Ray's traceback)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Refuse what a cluster run cannot do: frames stay on the nodes.
+
+    Raises:
+        StreamdetError: an annotated video or window, or event media, is asked for.
+    """
+    if cfg.sinks.overlay.video or cfg.sinks.overlay.display:
+        raise StreamdetError(
+            "sinks.overlay: the annotated video and window are not available with --backend ray "
+            "(frames stay on the nodes); set sinks.overlay.video to null and display to false"
+        )
+    if cfg.media is not None:
+        raise StreamdetError(
+            "media: event clips and snapshots are not available with --backend ray yet; "
+            "remove the media section"
+        )
+
+
+def run_on_ray(cfg: RunConfig, address: str | None, max_seconds: float | None) -> int:
+    """``streamdet run --backend ray``. Returns the exit status.
+
+    Raises:
+        StreamdetError: bad input (as for a single machine), an unreachable cluster, a source
+            that failed on its node.
+    """
+    import ray
+
+    from streamdet.pipeline import build_event_log
+    from streamdet.runner import load_model
+    from streamdet.sinks.configured import SinkContext, build_sinks
+
+    check_config(cfg)
+    checkpoint = load_model(cfg)  # the driver's log names the model; the engines load their own
+    run_id = uuid.uuid4().hex[:12]
+    stop_event = threading.Event()
+    sinks = build_sinks(
+        cfg,
+        SinkContext(
+            run_id=run_id,
+            class_names=checkpoint.class_names,
+            sources=tuple(s.name for s in cfg.sources),
+            urls={s.name: redact_url(s.url) for s in cfg.sources},
+            model={"name": checkpoint.name, "sha256": checkpoint.sha256},
+            stop_event=stop_event,
+            record_media=_no_media,
+        ),
+    )
+    connect(address)
+    try:
+        cluster_log = ClusterLog(run_id, build_event_log(cfg, checkpoint, run_id), sinks)
+        coordinator = Coordinator(cfg, cluster_log, max_seconds=max_seconds)
+        _on_signals(coordinator)
+        cluster_log.start()
+        for w in cluster_log.workers:
+            if w.sink.name == "web":
+                print(f"[web] serving on {getattr(w.sink, 'url', '?')}", flush=True)
+        seconds = 0.0
+        try:
+            seconds = coordinator.run()
+        finally:
+            stop_event.set()
+            cluster_log.close("shutdown")
+        print("\n".join(coordinator.summary_lines(run_id, seconds)), flush=True)
+        return 0
+    finally:
+        ray.shutdown()
+
+
+def _no_media(fields: Any) -> Any:
+    raise StreamdetError("event media is not available with --backend ray")
+
+
+def _on_signals(coordinator: Coordinator) -> None:
+    def on_signal(signum: int, _frame: object) -> None:
+        coordinator.stop(f"signal {signal.Signals(signum).name}")
+
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), on_signal)

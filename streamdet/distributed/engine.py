@@ -1,0 +1,170 @@
+"""The engine on each node: the single-machine pipeline for the sources it is given.
+
+:class:`NodeEngine` is a plain class; :mod:`streamdet.distributed.backend` makes it a Ray actor,
+one per node. It loads the model once, measures how many windows/s it scores (the coordinator
+shares sources out by that figure), and runs one :class:`~streamdet.pipeline.Pipeline` per batch
+of sources it is given: sources added later (a lost node's) start beside the running ones
+without interrupting them. Every pipeline writes to one :class:`~streamdet.distributed.records.Outbox`,
+which the driver drains with :meth:`NodeEngine.poll`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, cast
+
+from streamdet.config import RunConfig
+from streamdet.distributed.records import EngineReport, Outbox
+from streamdet.errors import StreamdetError
+from streamdet.redaction import redact_text
+from streamdet.sinks.base import SourceStats
+
+if TYPE_CHECKING:
+    from streamdet.pipeline import Pipeline
+    from streamdet.sinks.jsonl import EventLog
+
+log = logging.getLogger(__name__)
+
+MEASURE_S = 1.0  # how long the capacity measurement scores windows
+STOP_JOIN_S = 3.0  # for every pipeline to stop (the driver waits 5 s in all)
+
+
+def node_config(cfg: RunConfig, sources: list[str]) -> RunConfig:
+    """``cfg`` for a node running ``sources``: no outputs (the driver has them) and no log."""
+    wanted = set(sources)
+    sinks = cfg.sinks.model_copy(
+        update={
+            "events": cfg.sinks.events.model_copy(update={"path": None}),
+            "mqtt": None,
+            "webhooks": [],
+        }
+    )
+    return cfg.model_copy(
+        update={
+            "sources": [s for s in cfg.sources if s.name in wanted],
+            "sinks": sinks,
+            "web": None,
+            "media": None,
+            "truth": None,
+            "progress_interval_s": 3600.0,  # the driver prints the progress lines
+        }
+    )
+
+
+class PipelineThread(threading.Thread):
+    """Runs one pipeline to its end; keeps why it failed."""
+
+    def __init__(self, pipeline: Pipeline, sources: list[str]) -> None:
+        super().__init__(name=f"pipeline-{'+'.join(sources)}"[:60], daemon=True)
+        self.pipeline = pipeline
+        self.sources = sources
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            self.pipeline.run()
+        except Exception as exc:  # a source that cannot be opened on this node, a failed stage
+            self.error = redact_text(f"{', '.join(self.sources)}: {exc}")
+            log.error("pipeline of %s failed: %s", self.sources, self.error)
+
+
+class NodeEngine:
+    """The model, and the pipelines of this node's sources.
+
+    Args:
+        cfg: the run's whole configuration (every source: it is given its own by :meth:`start`).
+        threads: torch threads for inference (None: the process's count).
+    """
+
+    def __init__(self, cfg: RunConfig, threads: int | None = None) -> None:
+        import torch
+
+        from streamdet.inference import build_engine
+        from streamdet.runner import check_windows, load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.incarnation = uuid.uuid4().hex[:8]
+        self.cfg = cfg
+        self.checkpoint = load_model(cfg)
+        self.engine = build_engine(
+            self.checkpoint.model,
+            cfg.model.device,
+            cfg.model.precision,
+            check_clips=check_windows(cfg, self.checkpoint),
+            compile=cfg.model.compile,
+        )
+        self.outbox = Outbox()
+        self._lock = threading.Lock()  # protects _threads
+        self._threads: list[PipelineThread] = []
+
+    def capacity(self) -> float:
+        """Windows/s this node scores, one window at a time (as a CPU run takes them), measured
+        for about ``MEASURE_S`` seconds."""
+        import torch
+
+        clip = torch.zeros((1, 3, 16, 112, 112))
+        self.engine(clip)  # warm-up: the first pass allocates
+        done, started = 0, time.monotonic()
+        while done < 3 or time.monotonic() - started < MEASURE_S:
+            self.engine(clip)
+            done += 1
+        return done / (time.monotonic() - started)
+
+    def start(self, sources: list[str]) -> None:
+        """Run ``sources`` (beside any running already).
+
+        Raises:
+            StreamdetError: a source that is not in the config.
+        """
+        from streamdet.pipeline import Pipeline
+
+        unknown = set(sources) - {s.name for s in self.cfg.sources}
+        if unknown:
+            raise StreamdetError(f"sources not in the config: {sorted(unknown)}")
+        pipeline = Pipeline(
+            node_config(self.cfg, sources),
+            self.checkpoint,
+            self.engine,
+            print_fn=log.info,
+            event_log=cast("EventLog", self.outbox),  # duck-typed: the driver writes the lines
+        )
+        thread = PipelineThread(pipeline, sources)
+        with self._lock:
+            self._threads.append(thread)
+        thread.start()
+
+    def poll(self) -> EngineReport:
+        """The lines since the previous poll, and every source's figures."""
+        with self._lock:
+            threads = list(self._threads)
+        stats: dict[str, SourceStats] = {}
+        windows = 0
+        for t in threads:
+            stats.update(t.pipeline.report.run_stats().sources)
+            windows += t.pipeline.inference.windows_done
+        return EngineReport(
+            incarnation=self.incarnation,
+            sources=tuple(s for t in threads for s in t.sources),
+            records=self.outbox.drain(),
+            stats=stats,
+            windows=windows,
+            errors=tuple(t.error for t in threads if t.error),
+        )
+
+    def stop(self) -> EngineReport:
+        """Stop every pipeline (open events end ``shutdown``), then the last lines."""
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.pipeline.stop("the driver stopped the run")
+        deadline = time.monotonic() + STOP_JOIN_S
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in threads if t.is_alive()]
+        if alive:
+            log.warning("pipelines still stopping after %.0f s: %s", STOP_JOIN_S, alive)
+        return self.poll()

@@ -1,0 +1,98 @@
+"""What a node's engine sends the driver, and the stand-in event log that collects it.
+
+A node's pipeline writes its event and status lines to an :class:`Outbox` instead of a file;
+the driver drains it (:meth:`Outbox.drain`) and writes the lines to the one log. Records are
+small frozen dataclasses: an event change and its latency, or a status line.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamdet.events import EventChange
+from streamdet.sinks.base import SourceStats
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """An event line as the node's tracker made it (its id is the node's own)."""
+
+    change: EventChange
+    latency_ms: float | None
+
+
+@dataclass(frozen=True)
+class StatusRecord:
+    """A status line: ``online`` or ``offline`` (``reason`` ``ended``: a file read to its end)."""
+
+    source: str
+    status: str
+    reason: str
+    wall_time: float
+
+
+Record = EventRecord | StatusRecord
+
+
+@dataclass(frozen=True)
+class EngineReport:
+    """An engine's answer to a poll.
+
+    Attributes:
+        incarnation: changes when the engine actor is a new one (a restart starts empty).
+        sources: the sources it runs now.
+        records: lines since the previous poll, in the order its trackers made them.
+        stats: each of its sources' figures.
+        windows: windows scored since it started.
+        errors: why a source group stopped on its own (a source that failed), redacted.
+    """
+
+    incarnation: str
+    sources: tuple[str, ...]
+    records: tuple[Record, ...] = ()
+    stats: dict[str, SourceStats] = field(default_factory=dict)
+    windows: int = 0
+    errors: tuple[str, ...] = ()
+
+
+class Outbox:
+    """Takes the event log's writes on a node and keeps them for the driver.
+
+    Duck-types what :class:`~streamdet.router.EventRouter` calls on an
+    :class:`~streamdet.sinks.jsonl.EventLog`. Unbounded on purpose: a line is never dropped,
+    and the driver drains it several times a second (events are rare beside windows).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # protects _records and lines_written
+        self._records: list[Record] = []
+        self.lines_written = 0
+
+    def write_event(self, change: EventChange, *, latency_ms: float | None) -> dict[str, Any]:
+        self._put(EventRecord(change, latency_ms))
+        return {}  # the node has no outputs of its own to hand the line to
+
+    def write_status(
+        self, source: str, status: str, reason: str, wall_time: float
+    ) -> dict[str, Any]:
+        self._put(StatusRecord(source, status, reason, wall_time))
+        return {}
+
+    def write_media(self, fields: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError("event media is not made on cluster nodes")
+
+    def close(self) -> None:
+        """Nothing to close: several pipelines of one engine share the outbox."""
+
+    def _put(self, record: Record) -> None:
+        with self._lock:
+            self._records.append(record)
+            self.lines_written += 1
+
+    def drain(self) -> tuple[Record, ...]:
+        """Every record since the previous drain, oldest first."""
+        with self._lock:
+            records, self._records = tuple(self._records), []
+        return records
