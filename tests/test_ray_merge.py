@@ -1,0 +1,91 @@
+"""The ray backend's pure parts, without Ray: where sources go, and how the driver merges the
+nodes' lines into one log."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from streamdet.distributed.merge import ClusterLog
+from streamdet.distributed.placement import spread
+from streamdet.distributed.records import EventRecord, StatusRecord
+from streamdet.events import EventChange
+from streamdet.sinks.jsonl import EventLog
+
+
+def change(type_: str, node_id: str, source: str = "cam", reason: str | None = None):
+    return EventChange(
+        type=type_,  # type: ignore[arg-type]
+        id=node_id,
+        source=source,
+        label="walk",
+        class_index=1,
+        score=0.9,
+        peak_score=0.9,
+        threshold=0.6,
+        start_time=1.0,
+        end_time=2.0,
+        start_frame=0,
+        end_frame=8,
+        window_first_frame=0,
+        window_last_frame=15,
+        window_time=2.0,
+        end_reason=reason,  # type: ignore[arg-type]
+    )
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("capacity", "load", "expected"),
+    [
+        ({"a": 100.0, "b": 100.0}, {}, {"a": ["s0", "s2"], "b": ["s1", "s3"]}),
+        ({"a": 300.0, "b": 100.0}, {}, {"a": ["s0", "s1", "s2"], "b": ["s3"]}),
+        ({"a": 100.0, "b": 100.0}, {"a": 2}, {"b": ["s0", "s1", "s3"], "a": ["s2"]}),
+        ({"a": 100.0, "b": 0.0}, {}, {"a": ["s0", "s1", "s2", "s3"]}),
+    ],
+)
+def test_sources_spread_in_proportion_to_measured_capacity(capacity, load, expected):
+    assert spread([f"s{i}" for i in range(4)], capacity, load) == expected
+
+
+def test_spread_with_no_node_to_take_sources_is_an_error():
+    with pytest.raises(ValueError, match="no node with capacity"):
+        spread(["s0"], {"a": 0.0})
+
+
+def test_merged_log_numbers_every_node_and_ends_a_lost_nodes_events(tmp_path: Path):
+    """Two nodes' lines reach one log with increasing seq and their node; events open on a lost
+    node end stream_lost and its later lines are dropped; what is open at close ends shutdown."""
+    path = tmp_path / "events.jsonl"
+    merged = ClusterLog("run1", EventLog(path, {"name": "m", "sha256": "0"}, run_id="run1"))
+    merged.start()
+    merged.deliver("n1", [StatusRecord("a", "online", "opened", 1.0)])
+    merged.deliver("n2", [StatusRecord("b", "online", "opened", 1.0)])
+    merged.deliver("n1", [EventRecord(change("new", "x-a-walk-1", "a"), 5.0)])
+    # Node n2's tracker numbers from 1 too: its event must not take n1's id.
+    merged.deliver("n2", [EventRecord(change("new", "y-b-walk-1", "b"), 5.0)])
+    merged.lose("n1", ["a"], "node lost")
+    merged.deliver("n1", [EventRecord(change("end", "x-a-walk-1", "a", "score_drop"), 1.0)])
+    merged.deliver("n3", [StatusRecord("a", "online", "opened", 2.0)])
+    merged.close()
+
+    got = lines(path)
+    assert [g["seq"] for g in got] == list(range(1, len(got) + 1))
+    brief = [
+        (g["type"], g.get("id"), g.get("end_reason") or g.get("status"), g["node"]) for g in got
+    ]
+    assert brief == [
+        ("status", None, "online", "n1"),
+        ("status", None, "online", "n2"),
+        ("new", "run1-a-walk-1", None, "n1"),
+        ("new", "run1-b-walk-2", None, "n2"),
+        ("end", "run1-a-walk-1", "stream_lost", "n1"),
+        ("status", None, "offline", "n1"),
+        ("status", None, "online", "n3"),
+        ("end", "run1-b-walk-2", "shutdown", "n2"),
+    ]
