@@ -149,8 +149,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from streamdet.runner import run_from_args
+    from streamdet.runner import load_run_config, run_from_args
 
+    if args.backend == "ray":  # the nodes run the pipeline; frames stay there
+        from streamdet.distributed.backend import run_on_ray
+
+        cfg = load_run_config(args, default_config_path())
+        return run_on_ray(cfg, args.address, args.max_seconds)
     return run_from_args(args, default_config_path())
 
 

@@ -243,7 +243,13 @@ def check_outputs(cfg: RunConfig, config_path: Path | None = None) -> None:
         check_media_dir(cfg.media.dir)
 
 
-def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
+def load_run_config(args: argparse.Namespace, default_config: Path) -> RunConfig:
+    """The run's configuration from ``streamdet run``'s arguments, its sources and outputs
+    checked (on this machine) before any model is built.
+
+    Raises:
+        StreamdetError: bad input, one clear message.
+    """
     config_path = Path(args.config) if args.config else default_config
     if not args.config and not default_config.exists():
         raise ConfigError(
@@ -275,10 +281,11 @@ def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
         from streamdet.sinks.overlay import check_display
 
         check_display()
-    if backend == "ray":  # the nodes run the pipeline; frames stay there (no overlay, no media)
-        from streamdet.distributed.backend import run_on_ray
+    return cfg
 
-        return run_on_ray(cfg, args.address, args.max_seconds)
+
+def run_from_args(args: argparse.Namespace, default_config: Path) -> int:
+    cfg = load_run_config(args, default_config)
     checkpoint = load_model(cfg)
     import torch
 

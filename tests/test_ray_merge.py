@@ -4,6 +4,8 @@ nodes' lines into one log."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,14 @@ def test_merged_log_numbers_every_node_and_ends_a_lost_nodes_events(tmp_path: Pa
         ("status", None, "online", "n3"),
         ("end", "run1-b-walk-2", "shutdown", "n2"),
     ]
+
+
+def test_ray_is_imported_only_by_the_ray_backend():
+    """A single-machine run, and the backend's Ray-free parts, never load Ray (~1 s, 100 MB)."""
+    code = (
+        "import sys, streamdet.cli, streamdet.runner, streamdet.pipeline, "
+        "streamdet.distributed.engine, streamdet.distributed.merge; "
+        "print('ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
