@@ -8,6 +8,7 @@ small frozen dataclasses: an event change and its latency, or a status line.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,14 @@ class Outbox:
         self._records: list[Record] = []
         self.lines_written = 0
 
-    def write_event(self, change: EventChange, *, latency_ms: float | None) -> dict[str, Any]:
+    def write_event(
+        self,
+        change: EventChange,
+        *,
+        latency_ms: float | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        # ``extra`` comes from outputs' event_line_fields: nodes run none (media is refused)
         self._put(EventRecord(change, latency_ms))
         return {}  # the node has no outputs of its own to hand the line to
 
