@@ -17,12 +17,17 @@ Example:
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from streamdet.gating import ActivityMeter
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class Window:
     frame_times: np.ndarray  # (length,) UTC epoch seconds of each frame
     last_monotonic: float  # monotonic capture time of the newest frame
     seq: int  # sequence number (frames written to this ring) of the newest frame
+    activity: float = math.inf  # largest frame activity (> 1: active; inf: not measured)
 
     @property
     def first_time(self) -> float:
@@ -66,6 +72,8 @@ class RingBuffer:
         lossless: True (file replay): the writer waits rather than overwrite a frame of a window
             the reader has not taken. False (live): the writer never waits; windows overwritten
             before they were taken are counted in ``windows_skipped``.
+        meter: measures each frame's activity as it is committed (motion gating); None: every
+            frame counts as active.
     """
 
     def __init__(
@@ -77,6 +85,7 @@ class RingBuffer:
         frame_shape: tuple[int, int, int] = (3, 112, 112),
         capacity: int | None = None,
         lossless: bool = False,
+        meter: ActivityMeter | None = None,
     ) -> None:
         if length < 1 or stride < 1:
             raise ValueError(f"length and stride must be >= 1, but got {length}, {stride}")
@@ -88,12 +97,14 @@ class RingBuffer:
         self.stride = stride
         self.capacity = capacity
         self.lossless = lossless
+        self.meter = meter
         # (C, 2 * capacity, H, W): frame seq n lives at time index n % capacity and n % capacity + capacity.
         c, h, w = frame_shape
         self._frames = np.zeros((c, 2 * capacity, h, w), np.float32)
         self._index = np.zeros(capacity, np.int64)
         self._wall = np.zeros(capacity, np.float64)
         self._mono = np.zeros(capacity, np.float64)
+        self._activity = np.full(capacity, math.inf, np.float64)
 
         # The lock protects every attribute below and the slots of published frames. Invariants:
         # frames with seq in [max(0, _written - capacity + 1), _written) are published and intact;
@@ -140,9 +151,15 @@ class RingBuffer:
 
     def commit(self, meta: FrameMeta) -> None:
         """Publish the frame just written into ``slot()``."""
+        activity = math.inf
+        if self.meter is not None:
+            # Only this (the writer's) thread moves _written, and the slot is its own until the
+            # commit below: both are read without the lock.
+            activity = self.meter.update(self._frames[:, self._written % self.capacity])
         with self._lock:
             seq = self._written
             k = seq % self.capacity
+            self._activity[k] = activity
             self._frames[:, k + self.capacity] = self._frames[:, k]
             self._index[k] = meta.index
             self._wall[k] = meta.wall_time
@@ -170,6 +187,8 @@ class RingBuffer:
             if self._segment_start != self._written:
                 self.gaps += 1
             self._segment_start = self._written
+        if self.meter is not None:
+            self.meter.reset()  # the scene after a gap is compared with itself, not the old one
 
     # -- reader side (the inference thread) ---------------------------------------------------
 
@@ -220,6 +239,7 @@ class RingBuffer:
                 frame_times=self._wall[slots].copy(),
                 last_monotonic=float(self._mono[slots[-1]]),
                 seq=end,
+                activity=float(self._activity[slots].max()),
             )
             self.windows_taken += 1
             self._taken.notify_all()

@@ -125,6 +125,28 @@ class SourceOptions(_Model):
         return self
 
 
+class GatingConfig(_Model):
+    """Motion gating: a window none of whose frames shows activity above the source's learnt
+    noise floor is not scored but taken as background (see ``streamdet.gating``)."""
+
+    enabled: bool = Field(False, description="Skip the forward pass of quiet windows.")
+    keepalive_s: float = Field(
+        10.0, gt=0, le=3600, description="A quiet source is still scored once per this many s."
+    )
+    sensitivity: float = Field(
+        6.0, ge=0, le=100, description="Noise floor = median + sensitivity x MAD of the measure."
+    )
+    local_margin: float = Field(
+        0.15, ge=0, le=10, description="Least block change above the floor (normalised units)."
+    )
+    global_margin: float = Field(
+        0.08, ge=0, le=10, description="Least mean frame change above the floor (normalised)."
+    )
+    reference_rate: float = Field(
+        0.05, gt=0, le=1, description="Share of each frame blended into the scene reference."
+    )
+
+
 class SourceConfig(_Model):
     """One video source."""
 
@@ -145,6 +167,9 @@ class SourceConfig(_Model):
     )
     options: SourceOptions = Field(
         default_factory=SourceOptions, description="Opening and watchdog settings."
+    )
+    gating: GatingConfig | None = Field(
+        None, description="This source's motion gating, in place of window.gating (null: that)."
     )
 
     @field_validator("url", mode="before")
@@ -221,6 +246,9 @@ class WindowConfig(_Model):
 
     length: Literal[16] = Field(16, description="Frames per window (C3D takes 16).")
     stride: int = Field(8, ge=1, le=256, description="A new window every `stride` sampled frames.")
+    gating: GatingConfig = Field(
+        default_factory=GatingConfig, description="Motion gating of every source (default off)."
+    )
 
 
 class ClassEventConfig(_Model):
@@ -531,6 +559,20 @@ class RunConfig(_Model):
         if dupes:
             raise ValueError(f"source names must be unique, but {_some(dupes)} repeat")
         return sources
+
+    def gating_of(self, source: SourceConfig) -> GatingConfig:
+        """The motion gating ``source`` gets: its own, else ``window.gating``."""
+        return source.gating if source.gating is not None else self.window.gating
+
+    @model_validator(mode="after")
+    def _gating_needs_a_background(self) -> RunConfig:
+        gated = [s.name for s in self.sources if self.gating_of(s).enabled]
+        if gated and self.events.background is None:
+            raise ValueError(
+                f"gating is enabled for {_some(gated)}, but events.background is null: a gated "
+                "window is scored as the background class, so name one"
+            )
+        return self
 
     @model_validator(mode="after")
     def _webhook_sources_exist(self) -> RunConfig:

@@ -23,8 +23,9 @@ import numpy as np
 from streamdet import kernels
 from streamdet.buffer import FrameMeta, RingBuffer
 from streamdet.config import RunConfig, SourceConfig
-from streamdet.errors import StreamdetError
+from streamdet.errors import ConfigError, StreamdetError
 from streamdet.events import ClassRule, TrackerSettings
+from streamdet.gating import ActivityMeter, Gate, GateSettings
 from streamdet.inference import Engine, InferenceThread
 from streamdet.models.weights import Checkpoint
 from streamdet.redaction import redact_url
@@ -103,6 +104,36 @@ def build_event_log(cfg: RunConfig, checkpoint: Checkpoint, run_id: str) -> Even
         rotate_bytes=rotate,
         run_id=run_id,
     )
+
+
+def build_gate(cfg: RunConfig, class_names: tuple[str, ...]) -> Gate | None:
+    """The motion gate of the sources whose gating is enabled; None when none is.
+
+    Raises:
+        ConfigError: gating is on but the model has no ``events.background`` class.
+    """
+    settings = {
+        s.name: GateSettings(
+            sensitivity=g.sensitivity,
+            local_margin=g.local_margin,
+            global_margin=g.global_margin,
+            reference_rate=g.reference_rate,
+            keepalive_s=g.keepalive_s,
+        )
+        for s in cfg.sources
+        if (g := cfg.gating_of(s)).enabled
+    }
+    if not settings:
+        return None
+    background = cfg.events.background
+    if background not in class_names:
+        raise ConfigError(
+            f"window.gating needs events.background to name a class of the model, but "
+            f"{background!r} is not one of {list(class_names)}"
+        )
+    probs = np.zeros(len(class_names), np.float32)
+    probs[class_names.index(background)] = 1.0
+    return Gate(settings, probs)
 
 
 class Pipeline:
@@ -185,6 +216,7 @@ class Pipeline:
             sinks=(*([self.overlay] if self.overlay else []), *configured, *sinks),
             urls=urls,
         )
+        self.gate = build_gate(cfg, checkpoint.class_names)
         self.rings = [
             RingBuffer(
                 s.name,
@@ -192,6 +224,7 @@ class Pipeline:
                 stride=cfg.window.stride,
                 lossless=self.pacing[s.name].lossless,
                 frame_shape=(3, checkpoint.contract.crop, checkpoint.contract.crop),
+                meter=self._meter(s.name),
             )
             for s in cfg.sources
         ]
@@ -215,6 +248,7 @@ class Pipeline:
             on_source_done=self._on_source_done,
             workers=workers,
             threads_per_worker=threads_per_worker,
+            gate=self.gate,
         )
         self._by_name = {c.source_name: c for c in self.captures}
         self.report = RunReport(
@@ -228,6 +262,12 @@ class Pipeline:
         )
 
     # -- building ---------------------------------------------------------------------------
+
+    def _meter(self, source: str) -> ActivityMeter | None:
+        """The activity meter of a gated source's ring; None for a source scored in full."""
+        if self.gate is None or source not in self.gate.settings:
+            return None
+        return ActivityMeter(self.gate.settings[source])
 
     @staticmethod
     def _opener(s: SourceConfig, pacing: Pacing, *, keep_packets: bool) -> Opener:

@@ -50,6 +50,7 @@ class SourceSummary:
     status: str = "online"
     stalls: int = 0
     never_online: str | None = None  # why, for a source that never came online during the run
+    windows_gated: int | None = None  # of ``windows``, not scored (motion gating); None: not gated
 
 
 @dataclass
@@ -80,6 +81,7 @@ class RunSummary:
     precision: str
     device: str
     workers: int = 1
+    windows_gated: int | None = None  # of ``windows``, not scored (motion gating); None: gating off
     threads_per_worker: int | None = None  # None: the process's torch thread count
     event_counts: dict[str, int] = field(default_factory=dict)
     outputs: list[OutputSummary] = field(default_factory=list)
@@ -145,6 +147,13 @@ class RunReport:
             },
         )
 
+    def _gated(self, source: str) -> int | None:
+        """Windows of ``source`` gated so far; None when it is not gated."""
+        gate = self.inference.gate
+        if gate is None or source not in gate.settings:
+            return None
+        return gate.gated.get(source, 0)
+
     def progress_line(self) -> str:
         """One ``[progress]`` line; the window rate is since the previous line."""
         now, done = time.monotonic(), self.inference.windows_done
@@ -161,6 +170,8 @@ class RunReport:
                     f", {c.stats.reconnects} reconnects, {c.stats.stalls} stalls, "
                     f"{c.stats.offline_total():.1f} s offline"
                 )
+            if (gated := self._gated(c.source_name)) is not None:
+                part += f", {gated} windows gated"
             parts.append(part)
         inf, lat = self.inference.inference_ms, self.router.latencies()
         line = (
@@ -191,6 +202,7 @@ class RunReport:
                 self.router.status(c.source_name),
                 c.stats.stalls,
                 self.router.never_online(c.source_name),
+                self._gated(c.source_name),
             )
             for c, ring in zip(self.captures, self.rings, strict=True)
         ]
@@ -201,6 +213,7 @@ class RunReport:
             for w in self.router.workers
         ]
         inf, lat = self.inference.inference_ms, self.router.latencies()
+        gate = self.inference.gate
         return RunSummary(
             run_id=self.run_id,
             seconds=seconds,
@@ -215,11 +228,19 @@ class RunReport:
             precision=self.engine.precision,
             device=str(self.engine.device),
             workers=self.inference.workers,
+            windows_gated=None if gate is None else sum(gate.gated.values()),
             threads_per_worker=self.inference.threads_per_worker,
             event_counts=dict(self.router.event_counts),
             outputs=outputs,
             event_log=self.event_log,
         )
+
+
+def _gated_text(windows: int, gated: int | None) -> str:
+    """'12 windows' without gating, '3 windows scored, 9 gated' with it."""
+    if gated is None:
+        return f"{windows} windows"
+    return f"{windows - gated} windows scored, {gated} gated"
 
 
 def _summary_lines(sink: object) -> list[str]:
@@ -232,7 +253,8 @@ def _summary_lines(sink: object) -> list[str]:
 def format_summary(summary: RunSummary) -> str:
     """The ``[summary]`` lines printed at the end of ``streamdet run``."""
     lines = [
-        f"[summary] run {summary.run_id}: {summary.seconds:.1f} s, {summary.windows} windows, "
+        f"[summary] run {summary.run_id}: {summary.seconds:.1f} s, "
+        f"{_gated_text(summary.windows, summary.windows_gated)}, "
         f"{summary.events} events, {summary.lines} log lines, {summary.precision} on {summary.device}"
         f"{_workers_text(summary.workers, summary.threads_per_worker)}",
         f"[summary] inference ms p50 {format_ms(summary.inference_ms_p50, 1)} "
@@ -242,7 +264,8 @@ def format_summary(summary: RunSummary) -> str:
     for s in summary.sources:
         lines.append(
             f"[summary] {s.name}: {s.frames_read} frames read, {s.frames_used} used, "
-            f"{s.frames_skipped} skipped, {s.windows} windows ({s.windows_skipped} skipped), "
+            f"{s.frames_skipped} skipped, {_gated_text(s.windows, s.windows_gated)} "
+            f"({s.windows_skipped} skipped), "
             f"{s.reconnects} reconnects, {s.stalls} stalls, {s.offline_s:.1f} s offline"
         )
     never_online = [f"{s.name} ({s.never_online})" for s in summary.sources if s.never_online]

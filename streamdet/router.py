@@ -191,8 +191,9 @@ class EventRouter:
         )
         self._emit(changes, w.last_monotonic)
         latency = (time.monotonic() - w.last_monotonic) * 1000.0  # newest frame -> lines written
-        self.latency_ms.append(latency)
-        self._source_latency_ms.setdefault(w.source, deque(maxlen=1024)).append(latency)
+        if not r.gated:  # the latency figures are those of scored windows (a gated one is ~0)
+            self.latency_ms.append(latency)
+            self._source_latency_ms.setdefault(w.source, deque(maxlen=1024)).append(latency)
         if self.workers:
             open_events = tuple((e.label, e.score) for e in self.tracker.open_events(w.source))
             msg = ScoresMessage(

@@ -24,7 +24,10 @@ import numpy as np
 import torch
 
 from streamdet.buffer import RingBuffer, Window
+from streamdet.gating import Gate
 from streamdet.models.c3d import INPUT_SHAPE
+
+GATED_PER_PASS = 4  # a pass takes at most this many times max_batch windows, gated ones included
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ class WindowResult:
     window: Window
     probs: np.ndarray  # (num_classes,) softmax probabilities
     inference_ms: float  # this batch's forward time
-    batch_size: int
+    batch_size: int  # windows in this batch's forward pass (0: none ran)
+    gated: bool = False  # not scored (motion gating): ``probs`` is all background
 
 
 class InferenceThread(threading.Thread):
@@ -80,6 +84,8 @@ class InferenceThread(threading.Thread):
             batch. This thread is the first; it starts and joins the others.
         threads_per_worker: torch intra-op threads each worker sets for itself (None: leave the
             process's setting).
+        gate: motion gating: a window it does not let through is not scored but handed on, in
+            its place in the order, with the gate's background probabilities (``gated``).
     """
 
     def __init__(
@@ -98,6 +104,7 @@ class InferenceThread(threading.Thread):
         live_max_lag: int = 2,
         workers: int = 1,
         threads_per_worker: int | None = None,
+        gate: Gate | None = None,
     ) -> None:
         super().__init__(name="inference", daemon=True)
         if workers < 1:
@@ -116,6 +123,7 @@ class InferenceThread(threading.Thread):
         self.on_source_done = on_source_done
         self.workers = workers
         self.threads_per_worker = threads_per_worker
+        self.gate = gate
         pin = device is not None and device.type == "cuda"
         # One preallocated host batch per worker for the whole run: (max_batch, 3, 16, 112, 112).
         self._batches = [
@@ -140,26 +148,35 @@ class InferenceThread(threading.Thread):
         self._delivering = False  # a worker is handing results on (outside the lock)
         self._max_undelivered = 2 * workers  # gathered, not yet delivered: beyond it, wait
 
-    def _gather(self, batch: np.ndarray) -> list[Window]:
-        windows: list[Window] = []
+    def _gather(self, batch: np.ndarray) -> tuple[list[Window], list[Window]]:
+        """Take ready windows into ``batch``: (every window taken, in order; those to score,
+        each in the batch slot of its position in this list)."""
+        taken: list[Window] = []
+        scored: list[Window] = []
         n = len(self.rings)
         progress = True
+
+        def full() -> bool:
+            return len(scored) >= self.max_batch or len(taken) >= GATED_PER_PASS * self.max_batch
+
         # Round-robin over sources, one window each per pass, so no source starves another.
-        while progress and len(windows) < self.max_batch:
+        while progress and not full():
             progress = False
             for i in range(n):
-                if len(windows) >= self.max_batch:
+                if full():
                     break
                 ring = self.rings[(self._next_ring + i) % n]
                 newest = ring.name in self.newest_only
-                if newest and any(w.source == ring.name for w in windows):
+                if newest and any(w.source == ring.name for w in taken):
                     continue
-                w = ring.take_window(batch[len(windows)], newest=newest, max_lag=self.live_max_lag)
+                w = ring.take_window(batch[len(scored)], newest=newest, max_lag=self.live_max_lag)
                 if w is not None:
-                    windows.append(w)
+                    taken.append(w)
+                    if self.gate is None or self.gate.should_score(w):
+                        scored.append(w)  # else its slot is written again by the next window
                     progress = True
         self._next_ring = (self._next_ring + 1) % max(n, 1)
-        return windows
+        return taken, scored
 
     def run(self) -> None:
         helpers = [
@@ -182,7 +199,7 @@ class InferenceThread(threading.Thread):
                 self.wake.clear()
                 with self._lock:
                     backlog = self._gathered - self._delivered >= self._max_undelivered
-                    windows = [] if backlog else self._gather(batch_np)
+                    windows, scored = ([], []) if backlog else self._gather(batch_np)
                     number = self._gathered
                     if windows:
                         self._gathered += 1
@@ -200,7 +217,7 @@ class InferenceThread(threading.Thread):
                 self.idle.clear()
                 if self.workers > 1 and any(ring.pending() for ring in self.rings):
                     self.wake.set()  # a wake-up this worker consumed may be another's window
-                results = self._infer(batch, windows)
+                results = self._infer(batch, windows, scored)
                 with self._lock:
                     self._finished[number] = results
                 self._hand_on()
@@ -227,13 +244,28 @@ class InferenceThread(threading.Thread):
     def all_done(self) -> bool:
         return len(self._done) == len(self.rings)
 
-    def _infer(self, batch: torch.Tensor, windows: list[Window]) -> list[WindowResult]:
-        n = len(windows)
-        t0 = time.perf_counter()
-        logits = self.engine(batch if self.fixed_batch else batch[:n])
-        probs = torch.softmax(logits[:n].float(), dim=1).cpu().numpy()
-        ms = (time.perf_counter() - t0) * 1000.0
-        return [WindowResult(w, probs[i], ms, n) for i, w in enumerate(windows)]
+    def _infer(
+        self, batch: torch.Tensor, windows: list[Window], scored: list[Window]
+    ) -> list[WindowResult]:
+        """Results of ``windows`` in their order: those in ``scored`` (batch slots 0..) from one
+        forward pass, the others gated."""
+        n = len(scored)
+        ms, probs = 0.0, None
+        if n:
+            t0 = time.perf_counter()
+            logits = self.engine(batch if self.fixed_batch else batch[:n])
+            probs = torch.softmax(logits[:n].float(), dim=1).cpu().numpy()
+            ms = (time.perf_counter() - t0) * 1000.0
+        results, slot = [], 0
+        for w in windows:
+            if slot < n and w is scored[slot]:
+                assert probs is not None
+                results.append(WindowResult(w, probs[slot], ms, n))
+                slot += 1
+            else:
+                assert self.gate is not None
+                results.append(WindowResult(w, self.gate.background_probs, 0.0, 0, gated=True))
+        return results
 
     def _hand_on(self) -> bool:
         """Deliver what is ready, unless another worker is delivering (then it will).
@@ -279,7 +311,8 @@ class InferenceThread(threading.Thread):
 
     def _count_delivered(self, ready: list[WindowResult]) -> None:  # with self._lock held
         self._delivered += 1
-        self.inference_ms.append(ready[0].inference_ms)
+        if any(not r.gated for r in ready):  # a forward pass ran
+            self.inference_ms.append(next(r.inference_ms for r in ready if not r.gated))
         if len(self.inference_ms) > 4096:
             del self.inference_ms[:2048]  # bounded: recent history is enough for percentiles
         self.windows_done += len(ready)
