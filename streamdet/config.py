@@ -134,7 +134,7 @@ class GatingConfig(_Model):
         10.0, gt=0, le=3600, description="A quiet source is still scored once per this many s."
     )
     sensitivity: float = Field(
-        6.0, ge=0, le=100, description="Noise floor = median + sensitivity x MAD of the measure."
+        3.0, ge=0, le=100, description="Noise floor = median + sensitivity x MAD of the measure."
     )
     local_margin: float = Field(
         0.15, ge=0, le=10, description="Least block change above the floor (normalised units)."
@@ -142,8 +142,8 @@ class GatingConfig(_Model):
     global_margin: float = Field(
         0.08, ge=0, le=10, description="Least mean frame change above the floor (normalised)."
     )
-    reference_rate: float = Field(
-        0.05, gt=0, le=1, description="Share of each frame blended into the scene reference."
+    lag_frames: int = Field(
+        4, ge=1, le=64, description="Each frame is compared with the one this many frames back."
     )
 
 

@@ -117,7 +117,7 @@ def build_gate(cfg: RunConfig, class_names: tuple[str, ...]) -> Gate | None:
             sensitivity=g.sensitivity,
             local_margin=g.local_margin,
             global_margin=g.global_margin,
-            reference_rate=g.reference_rate,
+            lag_frames=g.lag_frames,
             keepalive_s=g.keepalive_s,
         )
         for s in cfg.sources
