@@ -1,0 +1,220 @@
+"""Motion gating: the activity measure ignores noise and lighting drift, sees objects and global
+changes; gated windows reach the tracker as background, in order, with a keep-alive."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from streamdet.buffer import FrameMeta, RingBuffer, Window
+from streamdet.events import EventTracker, TrackerSettings
+from streamdet.gating import WARMUP_FRAMES, ActivityMeter, Gate, GateSettings
+from streamdet.inference import InferenceThread, WindowResult
+from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame
+
+VTEST = Path(__file__).resolve().parent / ".assets" / "vtest.avi"
+QUIET_FRAMES = 200
+
+
+@pytest.fixture(scope="module")
+def scene() -> np.ndarray:
+    """A real still frame (the hall of vtest.avi), 320x240 BGR."""
+    cap = cv2.VideoCapture(str(VTEST))
+    ok, frame = cap.read()
+    cap.release()
+    assert ok
+    return cv2.resize(frame, (320, 240), interpolation=cv2.INTER_AREA)
+
+
+def activities(frames: list[np.ndarray]) -> np.ndarray:
+    """Each frame's activity, after the meter's warm-up, through the model's preprocessing."""
+    meter = ActivityMeter()
+    values = [meter.update(preprocess_frame(f, DEFAULT_CONTRACT)) for f in frames]
+    return np.array(values[WARMUP_FRAMES:])
+
+
+def noisy(frame: np.ndarray, rng: np.random.Generator, sigma: float = 6.0) -> np.ndarray:
+    return np.clip(frame + rng.normal(0, sigma, frame.shape), 0, 255).astype(np.uint8)
+
+
+def jpeg(frame: np.ndarray, quality: int) -> np.ndarray:
+    ok, data = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return cv2.imdecode(data, cv2.IMREAD_COLOR)
+
+
+def quiet_stream(scene: np.ndarray, kind: str, n: int = QUIET_FRAMES) -> list[np.ndarray]:
+    """A still scene with one nuisance the gate must not take for activity."""
+    rng = np.random.default_rng(1)
+    frames = []
+    for i in range(n):
+        f = noisy(scene, rng)
+        if kind == "jpeg":  # blocking that moves with the noise, at a varying quality
+            f = jpeg(f, 30 + 20 * (i % 3))
+        elif kind == "flicker":  # mains flicker / auto exposure: +-4% brightness, frame to frame
+            f = np.clip(f * (1.0 + 0.04 * (-1) ** i), 0, 255).astype(np.uint8)
+        elif kind == "ramp":  # dusk: 25% darker over the stream
+            f = np.clip(f * (1.0 - 0.25 * i / n), 0, 255).astype(np.uint8)
+        frames.append(f)
+    return frames
+
+
+@pytest.mark.parametrize("kind", ["noise", "jpeg", "flicker", "ramp"])
+def test_noise_compression_flicker_and_a_slow_ramp_do_not_open_the_gate(
+    scene: np.ndarray, kind: str
+) -> None:
+    values = activities(quiet_stream(scene, kind))
+    assert (values > 1.0).mean() < 0.01, f"{kind}: {np.sort(values)[-5:]}"
+
+
+def test_h264_artefacts_do_not_open_the_gate(scene: np.ndarray, tmp_path: Path) -> None:
+    """A still scene with sensor noise, through a low-bitrate H.264 file (I/P-frame pumping)."""
+    path = tmp_path / "still.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"avc1"), 10.0, (320, 240))
+    if not writer.isOpened():
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), 10.0, (320, 240))
+    for f in quiet_stream(scene, "noise"):
+        writer.write(f)
+    writer.release()
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while (ok_frame := cap.read())[0]:
+        frames.append(ok_frame[1])
+    cap.release()
+    assert len(frames) >= QUIET_FRAMES - 2
+    values = activities(frames)
+    assert (values > 1.0).mean() < 0.01, np.sort(values)[-5:]
+
+
+def crossing(scene: np.ndarray, size: tuple[int, int], start: int) -> list[np.ndarray]:
+    """The quiet noisy scene, then a small dark object crossing it, 6 px per frame."""
+    frames = quiet_stream(scene, "noise")
+    rng = np.random.default_rng(2)
+    for i in range(40):
+        f = scene.copy()
+        x = 20 + 6 * i
+        cv2.rectangle(f, (x, start), (x + size[0], start + size[1]), (40, 50, 60), -1)
+        frames.append(noisy(f, rng))
+    return frames
+
+
+def test_a_small_object_crossing_opens_the_gate(scene: np.ndarray) -> None:
+    """A 12x24 px object in a 320x240 view (about 6x12 px of the model's 112x112)."""
+    values = activities(crossing(scene, (12, 24), start=150))
+    quiet, moving = values[: QUIET_FRAMES - WARMUP_FRAMES], values[-40:]
+    assert (quiet > 1.0).mean() < 0.01
+    assert (moving > 1.0).mean() > 0.8, moving
+
+
+@pytest.mark.parametrize("change", ["lights_off", "covered", "moved"])
+def test_a_global_change_opens_the_gate(scene: np.ndarray, change: str) -> None:
+    frames = quiet_stream(scene, "noise")
+    rng = np.random.default_rng(3)
+    if change == "lights_off":
+        after = (scene * 0.3).astype(np.uint8)
+    elif change == "covered":
+        after = np.full_like(scene, 90)
+    else:  # the camera turned: the view shifted by 40 px
+        after = np.roll(scene, 40, axis=1)
+    frames += [noisy(after, rng) for _ in range(4)]
+    assert activities(frames)[-4] > 1.0
+
+
+def window(source: str, t: float, activity: float) -> Window:
+    return Window(source, int(t), int(t) + 15, np.full(16, t), 0.0, int(t), activity)
+
+
+def test_the_gate_scores_active_windows_and_a_quiet_source_at_the_keepalive_rate() -> None:
+    gate = Gate({"cam": GateSettings(keepalive_s=10.0)}, np.array([1.0, 0.0]))
+    quiet = [gate.should_score(window("cam", t, 0.2)) for t in range(0, 40, 2)]
+    # the first window (no score yet), then one every 10 s of frame time
+    assert [t for t, s in zip(range(0, 40, 2), quiet, strict=True) if s] == [0, 10, 20, 30]
+    assert gate.should_score(window("cam", 31, 1.5))  # active: scored at once
+    assert gate.should_score(window("other", 31, 0.2))  # not gated at all
+    assert (gate.scored["cam"], gate.gated["cam"]) == (5, 16)
+
+
+def test_gated_windows_end_an_open_event_as_background_windows_would() -> None:
+    """A gated window is scored as pure background: the event opened by scored windows ends
+    after the same windows as when the model itself had said background."""
+    settings = TrackerSettings(class_names=("none", "fall"), smoothing=2, background="none")
+    fall, background = np.array([0.05, 0.95]), np.array([1.0, 0.0])
+
+    def lines(probs_after: np.ndarray) -> list[tuple[str, int]]:
+        tracker = EventTracker(settings)
+        out = []
+        for k in range(8):
+            probs = fall if k < 3 else probs_after
+            for c in tracker.update("cam", 8 * k, 8 * k + 15, k, k + 1.5, probs):
+                out.append((c.type, k))
+        return out
+
+    gate = Gate({"cam": GateSettings()}, background)
+    assert lines(gate.background_probs) == lines(background)
+    assert ("end", 4) in lines(gate.background_probs)
+
+
+def write_frames(ring: RingBuffer, count: int, active: bool, start: int) -> None:
+    """Frames of fresh noise (active), or of a still scene with faint noise."""
+    rng = np.random.default_rng(start)
+    still = np.random.default_rng(0).normal(0, 1, (3, 112, 112)).astype(np.float32)
+    for i in range(start, start + count):
+        noise = rng.normal(0, 1 if active else 0.01, (3, 112, 112)).astype(np.float32)
+        frame = noise if active else still + noise
+        assert ring.write_frame(frame, FrameMeta(i, i / 10, time.monotonic()), timeout=30)
+
+
+QUIET = ((0, 40), (80, 240))  # frame ranges of the still scene; active noise elsewhere
+
+
+@pytest.mark.timeout(120)
+def test_the_scheduler_hands_on_gated_windows_in_order_without_a_forward_pass() -> None:
+    """Still stretches between active ones: their windows come back gated (background probs,
+    no engine call), every window in the order it was taken."""
+    ring = RingBuffer("cam", length=16, stride=8, capacity=400, meter=ActivityMeter())
+    gate = Gate({"cam": GateSettings(keepalive_s=1000.0)}, np.array([1.0, 0.0], np.float32))
+    calls: list[int] = []
+    results: list[WindowResult] = []
+    done = threading.Event()
+
+    def engine(clips: torch.Tensor) -> torch.Tensor:
+        calls.append(len(clips))
+        return torch.tensor([[0.0, 5.0]] * len(clips))
+
+    stop = threading.Event()
+    thread = InferenceThread(
+        [ring],
+        engine,
+        results.extend,
+        stop,
+        max_batch=4,
+        gate=gate,
+        on_source_done=lambda source: done.set(),
+    )
+    write_frames(ring, 40, False, 0)
+    write_frames(ring, 40, True, 40)
+    write_frames(ring, 160, False, 80)
+    write_frames(ring, 40, True, 240)
+    ring.close()
+    thread.start()
+    try:
+        assert done.wait(60)
+    finally:
+        stop.set()
+        thread.join(10)
+    firsts = [r.window.first_frame for r in results]
+    assert firsts == sorted(firsts) and len(firsts) == (280 - 16) // 8 + 1
+    gated = [r for r in results if r.gated]
+    assert len(gated) >= 15  # the windows wholly inside the long still stretch, at least
+    for r in gated:
+        w = r.window
+        assert any(a <= w.first_frame and w.last_frame < b for a, b in QUIET), (w.first_frame,)
+    assert all(np.array_equal(r.probs, [1.0, 0.0]) and r.batch_size == 0 for r in gated)
+    assert sum(calls) == len(results) - len(gated)  # no forward pass for a gated window
+    assert gate.gated["cam"] == len(gated)
