@@ -3,6 +3,8 @@ changes; gated windows reach the tracker as background, in order, with a keep-al
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -11,13 +13,17 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from streamdet import demo
 from streamdet.buffer import FrameMeta, RingBuffer, Window
+from streamdet.cli import main
 from streamdet.events import EventTracker, TrackerSettings
 from streamdet.gating import WARMUP_FRAMES, ActivityMeter, Gate, GateSettings
 from streamdet.inference import InferenceThread, WindowResult
 from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame
 
+DEMO = demo.config_path().parent
 VTEST = Path(__file__).resolve().parent / ".assets" / "vtest.avi"
 QUIET_FRAMES = 200
 
@@ -229,3 +235,55 @@ def test_the_scheduler_hands_on_gated_windows_in_order_without_a_forward_pass() 
     assert all(np.array_equal(r.probs, [1.0, 0.0]) and r.batch_size == 0 for r in gated)
     assert sum(calls) == len(results) - len(gated)  # no forward pass for a gated window
     assert gate.gated["cam"] == len(gated)
+
+
+def mostly_still_demo_clip(dst: Path, still: int = 150) -> Path:
+    """The demo video's first 60 frames (an ``enter``, truth frames 24-45), between ``still``
+    frames of its first and last frame held, with fresh sensor noise each: a quiet camera."""
+    cap = cv2.VideoCapture(str(DEMO / "demo.mp4"))
+    clip = [cap.read()[1] for _ in range(60)]
+    cap.release()
+    rng = np.random.default_rng(5)
+    frames = [noisy(clip[0], rng, 3.0) for _ in range(still)]
+    frames += clip + [noisy(clip[-1], rng, 3.0) for _ in range(still)]
+    h, w = clip[0].shape[:2]
+    writer = cv2.VideoWriter(str(dst), cv2.VideoWriter.fourcc(*"MJPG"), 10.0, (w, h))
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    return dst
+
+
+@pytest.mark.timeout(300)
+def test_streamdet_run_gates_a_mostly_still_video_and_still_finds_its_event(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The demo's model and settings, gating on, a still camera with one person entering: most
+    windows are gated, the summary and progress lines count them, the event is found and ends."""
+    video = mostly_still_demo_clip(tmp_path / "still.avi")
+    config = yaml.safe_load((DEMO / "demo.yaml").read_text())
+    config["sources"] = [{"name": "hall", "url": str(video)}]
+    config["model"]["weights"] = str(DEMO / "c3d_bn_demo.safetensors")
+    config["window"]["gating"] = {"enabled": True}
+    config["sinks"] = {"events": {"path": str(tmp_path / "events.jsonl")}}
+    config["progress_interval_s"] = 0.05  # a line every pass of the run loop
+    del config["truth"]
+    path = tmp_path / "gated.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    assert main(["run", str(path)]) == 0
+
+    out = capsys.readouterr().out
+    run = re.search(r"\[summary\] run \w+: [0-9.]+ s, (\d+) windows scored, (\d+) gated", out)
+    assert run, out
+    scored, gated = int(run.group(1)), int(run.group(2))
+    assert scored + gated == (360 - 16) // 4 + 1
+    assert gated >= 40, out  # of 87 windows, ~70 lie wholly in the still stretches
+    assert (
+        f"hall: 360 frames read, 360 used, 0 skipped, {scored} windows scored, {gated} gated" in out
+    )
+    assert re.search(r"\[progress\] hall: .*, \d+ windows gated", out)
+    lines = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    events = [line for line in lines if line["type"] in ("new", "end")]
+    assert [(e["type"], e["label"]) for e in events] == [("new", "enter"), ("end", "enter")]
+    assert events[1]["end_reason"] != "stream_ended"  # ended by the still windows after it
