@@ -129,6 +129,22 @@ def test_a_small_object_crossing_under_flicker_opens_the_gate(scene: np.ndarray)
     assert (moving > 1.0).mean() > 0.8, moving
 
 
+def test_a_busy_scene_does_not_raise_the_floor_above_a_small_object(scene: np.ndarray) -> None:
+    """The floor learns from quiet frames (and few active ones): after a stretch where a large
+    object walks about half the time, a small object crossing still counts."""
+    rng = np.random.default_rng(4)
+    frames = quiet_stream(scene, "noise", 40)
+    for i in range(320):
+        f = scene.copy()
+        if (i // 20) % 2 == 0:  # a large object pacing back and forth, every other 2 s
+            x = 40 + 8 * (i % 20)
+            cv2.rectangle(f, (x, 60), (x + 60, 200), (200, 200, 230), -1)
+        frames.append(noisy(f, rng))
+    frames += crossing(scene, (12, 24), start=150)[-40:]
+    moving = activities(frames)[-40:]
+    assert (moving > 1.0).mean() > 0.8, moving
+
+
 @pytest.mark.parametrize("change", ["lights_off", "covered", "moved"])
 def test_a_global_change_opens_the_gate(scene: np.ndarray, change: str) -> None:
     frames = quiet_stream(scene, "noise")
