@@ -195,15 +195,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", default="7001,7002,7003")
     ap.add_argument("--seconds", type=float, default=180.0)
+    ap.add_argument("--gaps", default="22-45,90-150", help="quiet gaps (frames) of the streams")
+    ap.add_argument("--skip-real", action="store_true", help="no real-footage run")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     print(machine())
     print(bench_cost())
     with tempfile.TemporaryDirectory(prefix="bench-gating-") as tmp:
         out = Path(tmp)
-        for line in bench_real(out):
+        for line in [] if args.skip_real else bench_real(out):
             print(line, flush=True)
-        for gaps in ((22, 45), (90, 150)):
+        for text in args.gaps.split(","):
+            low, high = (int(v) for v in text.split("-"))
+            gaps = (low, high)
             for line in bench_synthetic(out, seeds, args.seconds, gaps):
                 print(line, flush=True)
 

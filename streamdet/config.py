@@ -133,6 +133,9 @@ class GatingConfig(_Model):
     keepalive_s: float = Field(
         10.0, gt=0, le=3600, description="A quiet source is still scored once per this many s."
     )
+    hangover_windows: int = Field(
+        2, ge=0, le=100, description="Windows still scored after the last active one."
+    )
     sensitivity: float = Field(
         3.0, ge=0, le=100, description="Noise floor = median + sensitivity x MAD of the measure."
     )

@@ -75,6 +75,8 @@ class GateSettings:
         lag_frames: each frame is compared with the one this many frames before it.
         keepalive_s: a quiet source is still scored once this many seconds (of its frame
             times) have passed since its last scored window.
+        hangover_windows: windows still scored after the last active one, so the model sees
+            an event to its end (what stays after it: a person lying, a light on).
     """
 
     sensitivity: float = 3.0
@@ -82,12 +84,15 @@ class GateSettings:
     global_margin: float = 0.08
     lag_frames: int = 4
     keepalive_s: float = 10.0
+    hangover_windows: int = 2
 
     def __post_init__(self) -> None:
         if self.lag_frames < 1:
             raise ValueError(f"lag_frames must be >= 1, but got {self.lag_frames}")
         if self.sensitivity < 0 or self.local_margin < 0 or self.global_margin < 0:
             raise ValueError("sensitivity and margins must be >= 0")
+        if self.hangover_windows < 0:
+            raise ValueError(f"hangover_windows must be >= 0, but got {self.hangover_windows}")
         if self.keepalive_s <= 0:
             raise ValueError(f"keepalive_s must be > 0, but got {self.keepalive_s}")
 
@@ -205,17 +210,25 @@ class Gate:
         self.settings = dict(settings)
         self.background_probs = np.asarray(background_probs, np.float32)
         self._last_scored: dict[str, float] = {}
+        self._hangover: dict[str, int] = {}  # windows still to score since the last active one
         self.scored: dict[str, int] = {}
         self.gated: dict[str, int] = {}
 
     def should_score(self, window: Window) -> bool:
-        """True unless ``window``'s source is gated, no frame of it was active and the source
-        was scored within its keep-alive period."""
+        """True unless ``window``'s source is gated, no frame of it was active, nor of the
+        source's last ``hangover_windows`` windows, and the source was scored within its
+        keep-alive period."""
         settings = self.settings.get(window.source)
         last = self._last_scored.get(window.source)
+        hangover = self._hangover.get(window.source, 0)
+        if settings is not None and window.activity > 1.0:
+            self._hangover[window.source] = settings.hangover_windows
+        elif hangover:
+            self._hangover[window.source] = hangover - 1
         score = (
             settings is None
             or window.activity > 1.0
+            or hangover > 0
             or last is None
             or not (0.0 <= window.last_time - last < settings.keepalive_s)  # or the clock jumped
         )

@@ -173,6 +173,13 @@ def test_the_gate_scores_active_windows_and_a_quiet_source_at_the_keepalive_rate
     assert (gate.scored["cam"], gate.gated["cam"]) == (5, 16)
 
 
+def test_the_windows_after_an_active_one_are_scored_for_the_hangover() -> None:
+    gate = Gate({"cam": GateSettings(keepalive_s=1000.0, hangover_windows=2)}, np.ones(2))
+    activity = [0.1, 2.0, 0.1, 0.1, 0.1, 0.1]
+    scored = [gate.should_score(window("cam", t, a)) for t, a in enumerate(activity)]
+    assert scored == [True, True, True, True, False, False]
+
+
 def test_gated_windows_end_an_open_event_as_background_windows_would() -> None:
     """A gated window is scored as pure background: the event opened by scored windows ends
     after the same windows as when the model itself had said background."""
