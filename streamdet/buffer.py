@@ -22,12 +22,17 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from streamdet.gating import ActivityMeter
+
+class FrameMeter(Protocol):
+    """Measures each committed frame (``streamdet.gating.ActivityMeter``: its activity)."""
+
+    def update(self, frame: np.ndarray) -> float: ...
+
+    def reset(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,7 @@ class RingBuffer:
         frame_shape: tuple[int, int, int] = (3, 112, 112),
         capacity: int | None = None,
         lossless: bool = False,
-        meter: ActivityMeter | None = None,
+        meter: FrameMeter | None = None,
     ) -> None:
         if length < 1 or stride < 1:
             raise ValueError(f"length and stride must be >= 1, but got {length}, {stride}")
