@@ -137,10 +137,10 @@ class GatingConfig(_Model):
         2, ge=0, le=100, description="Windows still scored after the last active one."
     )
     sensitivity: float = Field(
-        3.0, ge=0, le=100, description="Noise floor = median + sensitivity x MAD of the measure."
+        1.5, ge=0, le=100, description="Noise floor = median + sensitivity x MAD of the measure."
     )
     local_margin: float = Field(
-        0.15, ge=0, le=10, description="Least block change above the floor (normalised units)."
+        0.1, ge=0, le=10, description="Least block change above the floor (normalised units)."
     )
     global_margin: float = Field(
         0.08, ge=0, le=10, description="Least mean frame change above the floor (normalised)."

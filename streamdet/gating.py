@@ -79,8 +79,8 @@ class GateSettings:
             an event to its end (what stays after it: a person lying, a light on).
     """
 
-    sensitivity: float = 3.0
-    local_margin: float = 0.15
+    sensitivity: float = 1.5
+    local_margin: float = 0.1
     global_margin: float = 0.08
     lag_frames: int = 4
     keepalive_s: float = 10.0
