@@ -310,3 +310,35 @@ def test_streamdet_run_gates_a_mostly_still_video_and_still_finds_its_event(
     events = [line for line in lines if line["type"] in ("new", "end")]
     assert [(e["type"], e["label"]) for e in events] == [("new", "enter"), ("end", "enter")]
     assert events[1]["end_reason"] != "stream_ended"  # ended by the still windows after it
+
+
+def test_a_source_gating_replaces_the_window_one_and_gating_needs_a_background() -> None:
+    from streamdet.config import load_config
+    from streamdet.errors import ConfigError
+    from streamdet.pipeline import build_gate
+
+    cfg = load_config(
+        None,
+        {
+            "sources": [
+                {"name": "a", "url": "a.mp4"},
+                {"name": "b", "url": "b.mp4", "gating": {"enabled": False}},
+            ],
+            "window": {"gating": {"enabled": True, "keepalive_s": 30}},
+        },
+    )
+    gate = build_gate(cfg, ("none", "fall"))
+    assert gate is not None and set(gate.settings) == {"a"}
+    assert gate.settings["a"].keepalive_s == 30.0
+    assert list(gate.background_probs) == [1.0, 0.0]
+    with pytest.raises(ConfigError, match="events.background is null"):
+        load_config(
+            None,
+            {
+                "sources": [{"name": "a", "url": "a.mp4"}],
+                "window": {"gating": {"enabled": True}},
+                "events": {"background": None},
+            },
+        )
+    with pytest.raises(ConfigError, match="not one of"):
+        build_gate(cfg, ("class_0", "class_1"))
