@@ -145,6 +145,9 @@ class EventRouter:
         return source in self._frame_workers
 
     def on_frame(self, source: str, index: int, frame: np.ndarray, fps: float) -> None:
+        # One array for every output that wants it: read-only, so none can draw on another's
+        # picture (the overlay's labels in the web page's frame or in a snapshot).
+        frame.flags.writeable = False
         msg = FrameMessage(source, index, frame, fps)
         for w in self._frame_workers.get(source, ()):
             w.offer_frame(msg)

@@ -255,6 +255,21 @@ def test_a_stopping_run_draws_no_more_replay_frames_and_leaves_a_playable_video(
     assert len(frames_of(out)) == 16
 
 
+@pytest.mark.timeout(30)
+def test_a_live_frame_shared_with_other_outputs_is_drawn_on_a_copy(tmp_path: Path) -> None:
+    frame = np.full((120, 160, 3), 77, np.uint8)
+    frame.flags.writeable = False  # as the router hands it to every output
+    sink = OverlaySink(NAMES, video_path=str(tmp_path / "out.mp4"), display=False, sources=["cam"])
+    sink.start()
+    for i in range(3):
+        sink.put_frame("cam", i, frame, 10.0)
+    sink.close()
+
+    assert sink.error is None
+    assert sink.frames_written == 3
+    assert (frame == 77).all()  # the shared picture is untouched
+
+
 def test_a_live_source_drops_frames_when_the_sink_lags_and_counts_them() -> None:
     sink = OverlaySink(
         NAMES, video_path=None, display=False, sources=["cam"], max_frames=3

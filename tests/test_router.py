@@ -210,6 +210,39 @@ def test_frames_are_decoded_and_sent_only_for_sources_an_output_subscribes_to(
     assert (counter.frames > 0) is subscribed
 
 
+class Scribbler(BaseSink):
+    """An output that draws on the frames it gets, as a careless one would."""
+
+    name = "scribbler"
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.seen = threading.Event()
+
+    def frame_sources(self) -> list[str]:
+        return ["walk"]
+
+    def on_frame(self, msg: FrameMessage) -> None:
+        try:
+            msg.frame[0, 0] = 255
+        except ValueError as exc:
+            self.errors.append(str(exc))
+        self.seen.set()
+
+
+@pytest.mark.timeout(60)
+def test_frames_shared_by_outputs_are_read_only(
+    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
+) -> None:
+    scribbler = Scribbler()
+    cfg = config(walk_clip, tmp_path / "events.jsonl", realtime=True)
+    pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda s: None, sinks=(scribbler,))
+    pipeline.run()
+
+    assert scribbler.seen.is_set()
+    assert scribbler.errors and all("read-only" in e for e in scribbler.errors)
+
+
 def test_a_sink_worker_never_blocks_the_caller_and_counts_what_it_drops() -> None:
     hung = Hung()
     worker = SinkWorker(hung, max_messages=3)

@@ -92,7 +92,10 @@ class ScoresMessage:
 
 @dataclass(frozen=True)
 class FrameMessage:
-    """A decoded frame (BGR, source resolution) of a live source; ``fps`` is the source's rate."""
+    """A decoded frame (BGR, source resolution) of a live source; ``fps`` is the source's rate.
+
+    ``frame`` is shared by every output that wants the source's frames, and read-only: copy it
+    to draw on it."""
 
     source: str
     index: int

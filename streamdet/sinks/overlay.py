@@ -481,6 +481,8 @@ class OverlaySink(threading.Thread, BaseSink):
 
     def _draw_and_write(self, source: str, index: int, frame: np.ndarray, fps: float) -> None:
         view = self._view_for(source, index)
+        if not frame.flags.writeable:  # a live frame, shared with the other outputs
+            frame = frame.copy()
         frame = draw_overlay(frame, self.class_names, view, top_k=self.top_k, source=source)
         if self.video_path:
             writer = self._writers.get(source)
