@@ -364,7 +364,7 @@ def mosquitto(tmp_path: Path) -> Iterator[Callable[..., object]]:
     """Factory starting real Mosquitto brokers (tests/mosquitto.py) on free ports; all are
     killed after the test. Skips when /usr/sbin/mosquitto is not installed.
 
-    ``mosquitto(users=None, persistence=False, port=None)`` returns a started
+    ``mosquitto(users=None, persistence=False, port=None, tls=None)`` returns a started
     :class:`mosquitto.Mosquitto` (``.port``, ``.kill()``, ``.stop()``, ``.restart()``,
     ``.set_users()``, ``.save()``, ``.log_text()``).
     """

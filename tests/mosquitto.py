@@ -1,6 +1,7 @@
 """A real Mosquitto broker for the tests: Debian's ``/usr/sbin/mosquitto`` on a free 127.0.0.1
 port, its config, password file and log in a tmp dir, stopped or killed by its pid, restartable
-on the same port. ``.ci/install-system.sh`` installs the ``mosquitto`` package.
+on the same port; optionally a TLS listener (:class:`BrokerTls`). ``.ci/install-system.sh``
+installs the ``mosquitto`` package.
 
 And :class:`Watcher`, a paho subscriber that records what it receives, with waits on conditions.
 """
@@ -35,6 +36,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """The broker's TLS listener: its CA (checks client certificates), its certificate and key
+    (PEM files); ``require_certificate``: clients must present a certificate signed by the CA."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+
+    def config_lines(self) -> list[str]:
+        return [
+            f"cafile {self.cafile}",
+            f"certfile {self.certfile}",
+            f"keyfile {self.keyfile}",
+            f"require_certificate {'true' if self.require_certificate else 'false'}",
+        ]
+
+
 class Mosquitto:
     """One broker process, restartable on the same port.
 
@@ -44,6 +64,7 @@ class Mosquitto:
         port: the port to listen on (default: a free one).
         persistence: keep sessions and retained messages in ``folder`` across restarts
             (written at a clean stop, or on :meth:`save`).
+        tls: listen with TLS only (plain TCP when None).
     """
 
     def __init__(
@@ -53,11 +74,13 @@ class Mosquitto:
         users: dict[str, str] | None = None,
         persistence: bool = False,
         port: int | None = None,
+        tls: BrokerTls | None = None,
     ) -> None:
         self.folder = folder
         self.port = port or free_port()
         self.users = users
         self.persistence = persistence
+        self.tls = tls
         self.log_path = folder / "mosquitto.log"
         self.db_path = folder / "mosquitto.db"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -74,6 +97,7 @@ class Mosquitto:
             f"persistence_location {self.folder}/",
             "log_dest stderr",
             "log_type all",
+            *(self.tls.config_lines() if self.tls is not None else []),
         ]
         if self.users is None:
             lines.append("allow_anonymous true")
@@ -183,6 +207,8 @@ class Watcher:
         topics: filters subscribed to (QoS 1) on every connect.
         client_id / clean_session: a fixed id with ``clean_session=False`` keeps a session on
             the broker, which queues QoS 1 messages while the watcher is away.
+        tls: keyword arguments of paho's ``tls_set`` (``ca_certs``, ``certfile``, ...), for a
+            broker listening with TLS.
     """
 
     def __init__(
@@ -194,6 +220,7 @@ class Watcher:
         clean_session: bool = True,
         user: str | None = None,
         password: str | None = None,
+        tls: dict[str, Any] | None = None,
     ) -> None:
         self.port = port
         self.topics = topics
@@ -205,6 +232,8 @@ class Watcher:
         )
         if user is not None:
             self.client.username_pw_set(user, password)
+        if tls is not None:
+            self.client.tls_set(**tls)
         self.client.reconnect_delay_set(0.1, 0.5)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = self._on_subscribe
