@@ -272,6 +272,10 @@ def load_run_config(args: argparse.Namespace, default_config: Path) -> RunConfig
         except SourceError as exc:
             raise ConfigError(f"model.calibration: {exc}") from None
     check_outputs(cfg, config_path)
+    if cfg.sinks.mqtt is not None and cfg.sinks.mqtt.tls is not None:
+        from streamdet.sinks.mqtt import tls_context  # paho only when asked for
+
+        tls_context(cfg.sinks.mqtt.tls)  # its files, before the model is built
     if cfg.web is not None:  # before the model is built; a port in use is found at the bind
         from streamdet.web.server import check_bind
 

@@ -39,6 +39,7 @@ import math
 import re
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections import deque
@@ -50,7 +51,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
-from streamdet.config import MqttConfig
+from streamdet.config import MqttConfig, MqttTlsConfig
 from streamdet.errors import ConfigError
 from streamdet.events import EventChange
 from streamdet.sinks.base import (
@@ -213,6 +214,62 @@ def stats_payload(stats: RunStats) -> dict[str, Any]:
     }
 
 
+def tls_context(tls: MqttTlsConfig) -> ssl.SSLContext:
+    """The client's TLS context, as paho's ``tls_set`` makes it: the broker's certificate must
+    chain to ``ca_certs`` (the system's CAs without it) and name the host; ``insecure`` is
+    applied on the client (``tls_insecure_set``: the name check only, never the chain).
+
+    Raises:
+        ConfigError: a file cannot be read or does not hold what it should, naming its key.
+    """
+    for key in ("ca_certs", "certfile", "keyfile"):
+        path = getattr(tls, key)
+        if path is not None:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(
+                    f"sinks.mqtt.tls.{key}: cannot read {path}: {exc.strerror or exc}"
+                ) from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # certificate and hostname required
+    try:
+        if tls.ca_certs is not None:
+            context.load_verify_locations(tls.ca_certs)
+        else:
+            context.load_default_certs()
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            f"sinks.mqtt.tls.ca_certs: {tls.ca_certs} holds no PEM CA certificate: {exc.reason}"
+        ) from None
+    if tls.certfile is not None:
+        try:
+            context.load_cert_chain(tls.certfile, tls.keyfile)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"sinks.mqtt.tls: certfile {tls.certfile} and keyfile "
+                f"{tls.keyfile or '(in certfile)'} are not a PEM certificate and its key: "
+                f"{exc.reason}"
+            ) from None
+    return context
+
+
+def connect_failure(exc: BaseException | None) -> str:
+    """Why a connect attempt failed, in a few words.
+
+    Example:
+        >>> connect_failure(ConnectionRefusedError(111, "Connection refused"))
+        'Connection refused'
+    """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc) or type(exc).__name__
+    return "no answer"
+
+
 def _number(value: float) -> float | None:
     return None if math.isnan(value) else round(value, 2)
 
@@ -275,6 +332,7 @@ class MqttSink(BaseSink):
         self._started = False  # the network thread runs (touched by the sink's thread only)
         self._last_stats = -math.inf
         self._after: dict[str, Mapping[str, Any]] = {}  # open event id -> its latest line
+        self._socket_error = ""  # paho's last error message, for a warning (see _on_log)
 
         self._lock = threading.Lock()  # protects everything below (see the module docstring)
         self._link = Link.CONNECTING
@@ -306,12 +364,7 @@ class MqttSink(BaseSink):
         if cfg.user is not None and cfg.password is not None:
             client.username_pw_set(cfg.user, cfg.password.get_secret_value())
         if cfg.tls is not None:
-            try:
-                client.tls_set(
-                    ca_certs=cfg.tls.ca_certs, certfile=cfg.tls.certfile, keyfile=cfg.tls.keyfile
-                )
-            except (OSError, ssl.SSLError, ValueError) as exc:
-                raise ConfigError(f"sinks.mqtt.tls: cannot load the TLS files: {exc}") from None
+            client.tls_set_context(tls_context(cfg.tls))
             client.tls_insecure_set(cfg.tls.insecure)
         client.will_set(self.topics.available, "offline", qos=AVAILABLE_QOS, retain=True)
         client.on_connect = self._on_connect
@@ -319,6 +372,7 @@ class MqttSink(BaseSink):
         client.on_connect_fail = self._on_connect_fail
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_log = self._on_log
         return client
 
     def _start(self) -> None:
@@ -383,10 +437,10 @@ class MqttSink(BaseSink):
         properties: Any,
     ) -> None:
         with self._lock:
-            was_connected = self._link is Link.CONNECTED
+            was = self._link
             if self._link not in (Link.REFUSED, Link.CLOSED):
                 self._link = Link.DISCONNECTED
-        if was_connected:  # not after close(): the link is CLOSED then
+        if was is Link.CONNECTED:  # not after close(): the link is CLOSED then
             log.warning(
                 "mqtt: lost the connection to %s (%s); retrying with backoff, keeping up to "
                 "%d events",
@@ -394,19 +448,38 @@ class MqttSink(BaseSink):
                 reason_code,
                 self.cfg.max_queued,
             )
+        elif was is Link.CONNECTING and reason_code.is_failure:
+            # Dropped before the CONNACK of the first attempt: with TLS 1.3 a broker that
+            # rejects our client certificate says so here, after the handshake (paho logged it).
+            log.warning(
+                "mqtt: %s dropped the connection before answering (%s); retrying with backoff, "
+                "keeping up to %d events",
+                self.address,
+                self._socket_error or reason_code,
+                self.cfg.max_queued,
+            )
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        """A connect attempt failed before the broker answered (nothing listens, ...)."""
+        """A connect attempt failed before the broker answered (nothing listens, the TLS
+        handshake failed, ...). paho passes no exception but calls this inside its
+        ``except OSError``, so ``sys.exc_info()`` holds the cause."""
+        cause = connect_failure(sys.exc_info()[1])
         with self._lock:
             first = self._link is Link.CONNECTING
             if first:
                 self._link = Link.DISCONNECTED
         if first:
             log.warning(
-                "mqtt: cannot reach %s; retrying with backoff, keeping up to %d events",
+                "mqtt: cannot reach %s (%s); retrying with backoff, keeping up to %d events",
                 self.address,
+                cause,
                 self.cfg.max_queued,
             )
+
+    def _on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
+        """Keeps paho's last error (a socket's, as a TLS alert) for the next warning."""
+        if level == paho.MQTT_LOG_ERR:
+            self._socket_error = buf  # one str assignment: no lock (paho may hold its own)
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
