@@ -335,7 +335,11 @@ class MqttTlsConfig(_Model):
     )
     certfile: str | None = Field(None, description="Client certificate (PEM), for mutual TLS.")
     keyfile: str | None = Field(None, description="Client key (PEM), with certfile.")
-    insecure: bool = Field(False, description="Skip the broker's hostname check (test setups).")
+    insecure: bool = Field(
+        False,
+        description="Skip the check that the broker's cert names host (test setups); its chain "
+        "is still checked.",
+    )
 
     @model_validator(mode="after")
     def _key_with_cert(self) -> MqttTlsConfig:

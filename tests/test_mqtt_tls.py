@@ -99,20 +99,25 @@ class Pki:
     rogue_server: KeyPair
     client: KeyPair
     rogue_client: KeyPair
+    encrypted_client_key: Path  # the client's key, with a password
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     folder = tmp_path_factory.mktemp("pki")
     ca, rogue_ca = new_ca(folder, "ca"), new_ca(folder, "rogue-ca")
+    client = issue(folder, "client", ca, "DNS:streamdet-client")
+    encrypted = folder / "client-encrypted.key"
+    openssl("pkey", "-in", client.key, "-aes256", "-passout", "pass:x", "-out", encrypted)
     return Pki(
         ca=ca,
         rogue_ca=rogue_ca,
         server=issue(folder, "server", ca, SERVER_NAMES),
         other_name=issue(folder, "other-name", ca, "DNS:broker.example.invalid"),
         rogue_server=issue(folder, "rogue-server", rogue_ca, SERVER_NAMES),
-        client=issue(folder, "client", ca, "DNS:streamdet-client"),
+        client=client,
         rogue_client=issue(folder, "rogue-client", rogue_ca, "DNS:streamdet-client"),
+        encrypted_client_key=encrypted,
     )
 
 
@@ -370,8 +375,19 @@ def write_not_pem(path: Path) -> Path:
             lambda p, t: {"certfile": str(p.client.cert), "keyfile": str(p.rogue_client.key)},
             r"certfile.*keyfile",
         ),
+        (
+            lambda p, t: {"certfile": str(p.client.cert), "keyfile": str(p.encrypted_client_key)},
+            r"keyfile.*client-encrypted\.key is encrypted",
+        ),
     ],
-    ids=["missing-ca", "ca-not-pem", "missing-cert", "missing-key", "key-of-another-cert"],
+    ids=[
+        "missing-ca",
+        "ca-not-pem",
+        "missing-cert",
+        "missing-key",
+        "key-of-another-cert",
+        "encrypted-key",
+    ],
 )
 def test_tls_files_that_cannot_be_loaded_are_one_error_line_and_exit_2_before_the_model(
     pki: Pki,

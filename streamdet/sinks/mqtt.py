@@ -220,7 +220,8 @@ def tls_context(tls: MqttTlsConfig) -> ssl.SSLContext:
     applied on the client (``tls_insecure_set``: the name check only, never the chain).
 
     Raises:
-        ConfigError: a file cannot be read or does not hold what it should, naming its key.
+        ConfigError: a file cannot be read or does not hold what it should (an encrypted key
+            among them: OpenSSL would ask for its password on the terminal), naming its key.
     """
     for key in ("ca_certs", "certfile", "keyfile"):
         path = getattr(tls, key)
@@ -240,16 +241,23 @@ def tls_context(tls: MqttTlsConfig) -> ssl.SSLContext:
             context.load_default_certs()
     except ssl.SSLError as exc:
         raise ConfigError(
-            f"sinks.mqtt.tls.ca_certs: {tls.ca_certs} holds no PEM CA certificate: {exc.reason}"
+            f"sinks.mqtt.tls.ca_certs: {tls.ca_certs} holds no PEM CA certificate: "
+            f"{exc.reason or exc}"
         ) from None
     if tls.certfile is not None:
+        key = tls.keyfile or tls.certfile
+
+        def refuse_password() -> bytes:  # raised through load_cert_chain
+            raise ConfigError(
+                f"sinks.mqtt.tls.keyfile: {key} is encrypted; give an unencrypted key"
+            )
+
         try:
-            context.load_cert_chain(tls.certfile, tls.keyfile)
+            context.load_cert_chain(tls.certfile, tls.keyfile, password=refuse_password)
         except ssl.SSLError as exc:
             raise ConfigError(
-                f"sinks.mqtt.tls: certfile {tls.certfile} and keyfile "
-                f"{tls.keyfile or '(in certfile)'} are not a PEM certificate and its key: "
-                f"{exc.reason}"
+                f"sinks.mqtt.tls: certfile {tls.certfile} and keyfile {key} are not a PEM "
+                f"certificate and its key: {exc.reason or exc}"
             ) from None
     return context
 
