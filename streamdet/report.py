@@ -132,6 +132,7 @@ class RunReport:
                 self.router.status(c.source_name),
                 percentile(lat, 50),
                 percentile(lat, 99),
+                self._gated(c.source_name),
             )
         inf, lat = self.inference.inference_ms, self.router.latencies()
         return RunStats(

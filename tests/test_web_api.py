@@ -244,6 +244,8 @@ def test_every_series_exists_at_zero_from_the_start_and_counts_events(sink: WebS
             "streamdet_frames_skipped_total",
             "streamdet_reconnects_total",
             "streamdet_events_open",
+            "streamdet_windows_total",
+            "streamdet_windows_gated_total",
         ):
             assert name in m and key in m[name], (name, source)
         assert (
@@ -256,8 +258,11 @@ def test_every_series_exists_at_zero_from_the_start_and_counts_events(sink: WebS
     assert dict(build)["model"] == "tiny" and dict(build)["sha256"] == "ab" * 32
     assert m["streamdet_source_up"][(("source", "cam"),)] == 1  # FakeHealth: online
     feed_events(sink)
-    sink.on_stats(RunStats({}, outputs={"web": OutputStats(10, 3, False)}))
+    gated = SourceStats(10.0, 0, 40, 0, 0, "online", windows_gated=31)
+    sink.on_stats(RunStats({"cam": gated}, outputs={"web": OutputStats(10, 3, False)}))
     m = metrics_of(sink.server.port)
+    assert m["streamdet_windows_total"][(("source", "cam"),)] == 40
+    assert m["streamdet_windows_gated_total"][(("source", "cam"),)] == 31
     assert m["streamdet_events_total"][(("label", "walk"), ("source", "cam"), ("type", "new"))] == 3
     assert m["streamdet_events_open"][(("source", "cam"),)] == 2
     assert m["streamdet_event_latency_seconds_count"][()] == 5

@@ -123,6 +123,7 @@ class SourceStats:
     status: str
     latency_ms_p50: float = float("nan")
     latency_ms_p99: float = float("nan")
+    windows_gated: int | None = None  # of ``windows``, not scored (motion gating); None: off
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ Two kinds of series:
   run's health view and the event store), so they are never stale or double-counted:
   ``streamdet_source_up``, ``streamdet_frames_total``, ``streamdet_frames_skipped_total``,
   ``streamdet_reconnects_total``, ``streamdet_last_frame_timestamp_seconds``,
-  ``streamdet_events_open``, ``streamdet_output_delivered_total``,
+  ``streamdet_events_open``, ``streamdet_windows_total``, ``streamdet_windows_gated_total``,
+  ``streamdet_output_delivered_total``,
   ``streamdet_output_dropped_total``.
 
 Every series of a known source, class and event type exists at zero from the start, so a rate
@@ -72,6 +73,14 @@ class _RunCollector(Collector):
             labels=["source"],
         )
         opened = GaugeMetricFamily("streamdet_events_open", "Events in progress", labels=["source"])
+        windows = CounterMetricFamily(
+            "streamdet_windows", "Windows taken from the source's ring", labels=["source"]
+        )
+        gated = CounterMetricFamily(
+            "streamdet_windows_gated",
+            "Windows not scored because the scene was still (motion gating; 0 when off)",
+            labels=["source"],
+        )
         for name in self.sources:
             s = stats.sources.get(name) if stats else None
             h = health.sources.get(name) if health else None
@@ -82,6 +91,8 @@ class _RunCollector(Collector):
             reconnects.add_metric([name], float(s.reconnects if s else 0))
             last.add_metric([name], (h.last_frame_time or 0.0) if h else 0.0)
             opened.add_metric([name], float(open_now.get(name, 0)))
+            windows.add_metric([name], float(s.windows if s else 0))
+            gated.add_metric([name], float(s.windows_gated or 0) if s else 0.0)
         delivered = CounterMetricFamily(
             "streamdet_output_delivered", "Messages an output handled", labels=["output"]
         )
@@ -93,7 +104,8 @@ class _RunCollector(Collector):
         for output, o in (stats.outputs if stats else {}).items():
             delivered.add_metric([output], float(o.delivered))
             dropped.add_metric([output], float(o.dropped))
-        yield from (up, frames, skipped, reconnects, last, opened, delivered, dropped)
+        yield from (up, frames, skipped, reconnects, last, opened, windows, gated)
+        yield from (delivered, dropped)
 
 
 class Metrics:
