@@ -30,13 +30,8 @@ from streamdet.errors import ConfigError
 from streamdet.events import EventChange
 from streamdet.sinks.base import EventMessage, MediaMessage
 from streamdet.sinks.configured import SinkContext, build_sinks
-from streamdet.sinks.jsonl import EventLog
-from streamdet.sinks.webhooks import (
-    WebhooksSink,
-    backoff_s,
-    event_line,
-    retry_after_s,
-)
+from streamdet.sinks.jsonl import EventLog, event_line
+from streamdet.sinks.webhooks import WebhooksSink, backoff_s, retry_after_s
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 MODEL = {"name": "tiny.safetensors", "sha256": "ab" * 32}

@@ -72,6 +72,8 @@ def build_sinks(cfg: RunConfig, ctx: SinkContext) -> list[Sink]:
                 labels=labels_of(ctx.class_names, cfg.events.background),
                 run_id=ctx.run_id,
                 model=ctx.model,
+                stride=cfg.window.stride,
+                length=cfg.window.length,
             )
         )
     if cfg.sinks.webhooks:

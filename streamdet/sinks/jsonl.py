@@ -227,6 +227,45 @@ def read_lines(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
             yield line.obj
 
 
+def event_line(
+    change: EventChange,
+    *,
+    seq: int,
+    run_id: str,
+    model: Mapping[str, str],
+    stride: int,
+    length: int,
+    latency_ms: float | None,
+) -> dict[str, Any]:
+    """The fields of ``change``'s ``new``/``update``/``end`` line, in the log's order: what
+    :meth:`EventLog.write_event` writes, and what an output builds for a run without a log."""
+    return {
+        "schema": SCHEMA,
+        "type": change.type,
+        "id": change.id,
+        "run_id": run_id,
+        "seq": seq,
+        "source": change.source,
+        "label": change.label,
+        "score": round(float(change.score), 4),
+        "peak_score": round(float(change.peak_score), 4),
+        "threshold": change.threshold,
+        "start_time": iso_utc(change.start_time),
+        "end_time": iso_utc(change.end_time),
+        "start_frame": change.start_frame,
+        "end_frame": change.end_frame,
+        "window": {
+            "first_frame": change.window_first_frame,
+            "last_frame": change.window_last_frame,
+            "stride": stride,
+            "length": length,
+        },
+        "latency_ms": None if latency_ms is None else round(latency_ms, 1),
+        "end_reason": change.end_reason,
+        "model": dict(model),
+    }
+
+
 class EventLog:
     """Appends event and status lines to a JSONL file.
 
@@ -465,31 +504,15 @@ class EventLog:
 
         ``node``: the cluster node that scored it (``--backend ray``), a ``node`` field; none on
         a single machine."""
-        obj: dict[str, Any] = {
-            "schema": SCHEMA,
-            "type": change.type,
-            "id": change.id,
-            "run_id": self.run_id,
-            "seq": 0,
-            "source": change.source,
-            "label": change.label,
-            "score": round(float(change.score), 4),
-            "peak_score": round(float(change.peak_score), 4),
-            "threshold": change.threshold,
-            "start_time": iso_utc(change.start_time),
-            "end_time": iso_utc(change.end_time),
-            "start_frame": change.start_frame,
-            "end_frame": change.end_frame,
-            "window": {
-                "first_frame": change.window_first_frame,
-                "last_frame": change.window_last_frame,
-                "stride": self.stride,
-                "length": self.length,
-            },
-            "latency_ms": None if latency_ms is None else round(latency_ms, 1),
-            "end_reason": change.end_reason,
-            "model": self.model,
-        }
+        obj = event_line(
+            change,
+            seq=0,
+            run_id=self.run_id,
+            model=self.model,
+            stride=self.stride,
+            length=self.length,
+            latency_ms=latency_ms,
+        )
         if node is not None:
             obj["node"] = node
         obj.update((k, v) for k, v in (extra or {}).items() if k not in obj)

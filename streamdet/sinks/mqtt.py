@@ -61,7 +61,7 @@ from streamdet.sinks.base import (
     RunStats,
     StatusMessage,
 )
-from streamdet.sinks.jsonl import iso_utc
+from streamdet.sinks.jsonl import event_line, iso_utc
 
 log = logging.getLogger(__name__)
 
@@ -321,6 +321,8 @@ class MqttSink(BaseSink):
         labels: Sequence[str],
         run_id: str,
         model: Mapping[str, str],
+        stride: int = 8,
+        length: int = 16,
     ) -> None:
         clashes = sorted({topic_level(x) for x in labels} & set(RESERVED_LEVELS))
         if clashes:
@@ -335,6 +337,8 @@ class MqttSink(BaseSink):
         self.labels = tuple(labels)
         self.run_id = run_id
         self.model = dict(model)
+        self.window = (stride, length)  # for the lines of a run without an event log
+        self._lines_made = 0
         self.address = f"{cfg.host}:{cfg.port}"
         self._client = self._build_client()
         self._started = False  # the network thread runs (touched by the sink's thread only)
@@ -594,23 +598,19 @@ class MqttSink(BaseSink):
         return max(0, self._connects - 1)
 
     def _line_of(self, change: EventChange) -> dict[str, Any]:
-        """The event-log fields of ``change``, for a run without an event log."""
-        return {
-            "type": change.type,
-            "id": change.id,
-            "run_id": self.run_id,
-            "source": change.source,
-            "label": change.label,
-            "score": round(float(change.score), 4),
-            "peak_score": round(float(change.peak_score), 4),
-            "threshold": change.threshold,
-            "start_time": iso_utc(change.start_time),
-            "end_time": iso_utc(change.end_time),
-            "start_frame": change.start_frame,
-            "end_frame": change.end_frame,
-            "end_reason": change.end_reason,
-            "model": self.model,
-        }
+        """The event-log fields of ``change``, for a run without an event log (``seq`` counts
+        the lines this output made)."""
+        self._lines_made += 1
+        stride, length = self.window
+        return event_line(
+            change,
+            seq=self._lines_made,
+            run_id=self.run_id,
+            model=self.model,
+            stride=stride,
+            length=length,
+            latency_ms=None,
+        )
 
     def _send(self, msg: Outgoing) -> None:
         """Publish an event now, or queue it while the broker is away (oldest dropped)."""

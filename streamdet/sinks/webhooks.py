@@ -79,10 +79,9 @@ from urllib.parse import unquote, urlsplit
 from streamdet import __version__
 from streamdet.config import WebhookConfig, WindowConfig
 from streamdet.errors import ConfigError
-from streamdet.events import EventChange
 from streamdet.redaction import redact_text, redact_url
 from streamdet.sinks.base import BaseSink, EventMessage, MediaMessage
-from streamdet.sinks.jsonl import SCHEMA, iso_utc
+from streamdet.sinks.jsonl import event_line
 
 log = logging.getLogger(__name__)
 
@@ -196,45 +195,6 @@ def backoff_s(tries: int, base_s: float, cap_s: float, rng: random.Random) -> fl
     """Full jitter: a random delay in ``[0, min(cap_s, base_s * 2**(tries - 1))]`` after
     ``tries`` failed tries."""
     return rng.uniform(0.0, min(cap_s, base_s * 2.0 ** min(tries - 1, 60)))
-
-
-def event_line(
-    change: EventChange,
-    *,
-    seq: int,
-    run_id: str,
-    model: Mapping[str, str],
-    stride: int,
-    length: int,
-    latency_ms: float | None,
-) -> dict[str, Any]:
-    """The fields :meth:`streamdet.sinks.jsonl.EventLog.write_event` would write for ``change``
-    (for a run without an event log)."""
-    return {
-        "schema": SCHEMA,
-        "type": change.type,
-        "id": change.id,
-        "run_id": run_id,
-        "seq": seq,
-        "source": change.source,
-        "label": change.label,
-        "score": round(float(change.score), 4),
-        "peak_score": round(float(change.peak_score), 4),
-        "threshold": change.threshold,
-        "start_time": iso_utc(change.start_time),
-        "end_time": iso_utc(change.end_time),
-        "start_frame": change.start_frame,
-        "end_frame": change.end_frame,
-        "window": {
-            "first_frame": change.window_first_frame,
-            "last_frame": change.window_last_frame,
-            "stride": stride,
-            "length": length,
-        },
-        "latency_ms": None if latency_ms is None else round(latency_ms, 1),
-        "end_reason": change.end_reason,
-        "model": dict(model),
-    }
 
 
 class Target:
