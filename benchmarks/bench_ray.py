@@ -1,0 +1,363 @@
+"""``--backend ray`` against the single-machine run: windows/s, event latency, per-node overhead.
+
+The same sources (``--sources`` copies of the bundled demo video, paced at its 10 fps like
+cameras, window stride 4: 2.5 windows/s each) and the demo model run, in pairs measured one
+right after the other:
+
+- single: one in-process :class:`~streamdet.pipeline.Pipeline` (one inference worker, torch
+  threads ``--threads``), as ``streamdet run`` runs it;
+- ray N: the backend's :class:`~streamdet.distributed.backend.Coordinator` in this process
+  (the driver) on a ``ray.cluster_utils.Cluster`` of N simulated one-CPU nodes, one engine actor
+  each running the same pipeline (same threads) for its share of the sources.
+
+The cluster starts with one node and grows to each size of ``--nodes`` in turn; every size gets
+``--rounds`` pairs. Each run is measured for ``--seconds`` once every source is online plus a
+``--warmup``. Simulated nodes are processes on this machine: they share its cores with each
+other, with the driver and with the single run's turn, so more nodes cannot mean more cores.
+
+Per run: windows/s scored; event latency (a window's newest frame captured -> its event line
+written to the one log, ``time.time() - window_time``: on ray this includes the driver's poll
+and the trip from the node) p50/p99 over the new, update and score-drop end lines; the node's
+own window latency p99 (what ``latency_ms`` in the lines says); CPU seconds per window of every
+process of the run (single: this process; ray: this driver + the engine actors + Ray's own
+processes of the cluster, raylet, GCS, workers); engine actor RSS.
+
+    python benchmarks/bench_ray.py                       # 6 sources, 1/2/3 nodes, 3 rounds
+    python benchmarks/bench_ray.py --rounds 2 --seconds 15   # shorter
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _common import git_rev, machine  # noqa: E402
+
+from streamdet.config import RunConfig  # noqa: E402
+from streamdet.events import EventChange  # noqa: E402
+from streamdet.inference import build_engine  # noqa: E402
+from streamdet.runner import load_model  # noqa: E402
+from streamdet.sinks.jsonl import EventLog  # noqa: E402
+
+DEMO = REPO / "streamdet" / "demo"
+ONLINE_TIMEOUT_S = 180.0  # engines load the model and measure it, under load
+
+
+class TimedLog(EventLog):
+    """The JSONL log, noting when each line is written: the delay from the window's newest
+    frame to its line, and when each source first came online."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock_t = threading.Lock()  # protects delays and online
+        self.delays: list[tuple[float, float]] = []  # (written at, seconds since window_time)
+        self.online: dict[str, float] = {}
+
+    def write_event(self, change: EventChange, **kwargs: Any) -> dict[str, Any]:
+        line = super().write_event(change, **kwargs)
+        now = time.time()
+        if change.type != "end" or change.end_reason == "score_drop":  # made by a window
+            with self._lock_t:
+                self.delays.append((time.monotonic(), now - change.window_time))
+        return line
+
+    def write_status(self, source: str, status: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        line = super().write_status(source, status, *args, **kwargs)
+        if status == "online":
+            with self._lock_t:
+                self.online.setdefault(source, time.monotonic())
+        return line
+
+    def delays_since(self, t: float) -> list[float]:
+        with self._lock_t:
+            return [d for at, d in self.delays if at >= t]
+
+
+@dataclass
+class Result:
+    """One run's figures."""
+
+    name: str
+    nodes: int
+    windows_per_s: float
+    windows_skipped: int
+    event_ms: list[float]
+    node_p99_ms: float
+    cpu_s_per_window: float
+    cpu_parts: dict[str, float] = field(default_factory=dict)  # share of one core, by process
+    engine_rss_mib: list[float] = field(default_factory=list)
+
+
+def make_config(folder: Path, n_sources: int, threads: int) -> RunConfig:
+    cfg = yaml.safe_load((DEMO / "demo.yaml").read_text())
+    cfg["sources"] = [
+        {"name": f"cam{i}", "url": str(DEMO / "demo.mp4"), "realtime": True}
+        for i in range(n_sources)
+    ]
+    cfg["model"].update(
+        weights=str(DEMO / cfg["model"]["weights"]), device="cpu", precision="fp32",
+        threads=threads,
+    )  # fmt: skip
+    cfg["sinks"] = {"events": {"path": str(folder / "events.jsonl")}, "overlay": {"video": None}}
+    cfg.pop("truth")
+    cfg["progress_interval_s"] = 3600
+    return RunConfig.model_validate(cfg)
+
+
+def make_log(cfg: RunConfig, checkpoint: Any, path: Path) -> TimedLog:
+    path.unlink(missing_ok=True)
+    return TimedLog(
+        path,
+        {"name": checkpoint.name, "sha256": checkpoint.sha256},
+        stride=cfg.window.stride,
+        length=cfg.window.length,
+        run_id="bench",
+    )
+
+
+def wait_online(timed: TimedLog, cfg: RunConfig, alive: Callable[[], bool]) -> float:
+    """When the last source came online (monotonic)."""
+    deadline = time.monotonic() + ONLINE_TIMEOUT_S
+    names = {s.name for s in cfg.sources}
+    while set(timed.online) < names:
+        if not alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"sources never online: {sorted(names - set(timed.online))}")
+        time.sleep(0.1)
+    return max(timed.online.values())
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
+    out = {}
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            out[p.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def measure_window(
+    timed: TimedLog,
+    cfg: RunConfig,
+    args: argparse.Namespace,
+    alive: Callable[[], bool],
+    windows: Callable[[], int],
+    procs: Callable[[], dict[str, list[psutil.Process]]],
+) -> tuple[float, float, int, list[float], dict[str, float]]:
+    """(seconds, windows/s, windows, event delays ms, CPU seconds by part) over the span measured."""
+    start = wait_online(timed, cfg, alive)
+    time.sleep(max(0.0, start + args.warmup - time.monotonic()))
+    parts = procs()
+    before = {k: cpu_seconds(v) for k, v in parts.items()}
+    w0, t0 = windows(), time.monotonic()
+    time.sleep(args.seconds)
+    w1, t1 = windows(), time.monotonic()
+    after = {k: cpu_seconds(v) for k, v in parts.items()}
+    cpu = {k: sum(after[k].get(pid, b) - b for pid, b in before[k].items()) for k in parts}
+    delays = [d * 1000 for d in timed.delays_since(t0)]
+    return t1 - t0, (w1 - w0) / (t1 - t0), w1 - w0, delays, cpu
+
+
+def run_single(cfg: RunConfig, args: argparse.Namespace, folder: Path) -> Result:
+    from streamdet.pipeline import Pipeline
+
+    checkpoint = load_model(cfg)
+    torch.set_num_threads(args.threads)
+    engine = build_engine(checkpoint.model, "cpu", "fp32")
+    timed = make_log(cfg, checkpoint, folder / "single.jsonl")
+    pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda _: None, event_log=timed)
+    thread = threading.Thread(target=pipeline.run, name="bench-single", daemon=True)
+    thread.start()
+    try:
+        seconds, wps, n, delays, cpu = measure_window(
+            timed, cfg, args, thread.is_alive,
+            lambda: pipeline.inference.windows_done,
+            lambda: {"process": [psutil.Process()]},
+        )  # fmt: skip
+        stats = pipeline.report.run_stats()
+    finally:
+        pipeline.stop("benchmark done")
+        thread.join(30)
+    return Result(
+        "single", 0, wps,
+        sum(s.windows_skipped for s in stats.sources.values()),
+        delays,
+        max(s.latency_ms_p99 for s in stats.sources.values()),
+        cpu["process"] / max(n, 1),
+        {k: v / seconds for k, v in cpu.items()},
+    )  # fmt: skip
+
+
+def ray_processes() -> dict[str, list[psutil.Process]]:
+    """This process's descendants (the Cluster's): engine actors, and Ray's own others."""
+    engines, others = [], []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            name = " ".join(p.cmdline()[:1])
+        except psutil.Error:
+            continue
+        (engines if "NodeEngine" in name else others).append(p)
+    return {"driver": [psutil.Process()], "engines": engines, "ray": others}
+
+
+def run_ray(cfg: RunConfig, args: argparse.Namespace, folder: Path, nodes: int) -> Result:
+    from streamdet.distributed.backend import Coordinator
+    from streamdet.distributed.merge import ClusterLog
+
+    checkpoint = load_model(cfg)
+    timed = make_log(cfg, checkpoint, folder / f"ray{nodes}.jsonl")
+    cluster_log = ClusterLog("bench", timed)
+    coordinator = Coordinator(cfg, cluster_log, print_fn=logging.getLogger("coordinator").info)
+    thread = threading.Thread(target=coordinator.run, name="bench-coordinator", daemon=True)
+    thread.start()
+    try:
+        seconds, wps, n, delays, cpu = measure_window(
+            timed, cfg, args, thread.is_alive, coordinator.windows, ray_processes
+        )
+        stats = coordinator.run_stats()
+        rss = []
+        for p in ray_processes()["engines"]:
+            try:
+                rss.append(p.memory_info().rss / 2**20)
+            except psutil.Error:
+                pass
+    finally:
+        coordinator.stop("benchmark done")
+        thread.join(60)
+        cluster_log.close("shutdown")
+    return Result(
+        f"ray {nodes}", nodes, wps,
+        sum(s.windows_skipped for s in stats.sources.values()),
+        delays,
+        stats.latency_ms_p99,
+        sum(cpu.values()) / max(n, 1),
+        {k: v / seconds for k, v in cpu.items()},
+        rss,
+    )  # fmt: skip
+
+
+def p(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+def med(values: list[float]) -> float:
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def table(pairs: dict[int, list[tuple[Result, Result]]]) -> list[str]:
+    rows = [
+        "| nodes | run | windows/s | ratio to single | windows skipped | event ms p50 | "
+        "event ms p99 | node window ms p99 | CPU ms/window | ratio to single | "
+        "CPU (cores): driver / engines / Ray | engine RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for nodes, runs in sorted(pairs.items()):
+        for which in (0, 1):
+            rs = [pair[which] for pair in runs]
+            single = [pair[0] for pair in runs]
+            wps = med([r.windows_per_s for r in rs])
+            wratio = med(
+                [r.windows_per_s / s.windows_per_s for r, s in zip(rs, single, strict=True)]
+            )
+            cpu = med([r.cpu_s_per_window * 1000 for r in rs])
+            cratio = med(
+                [r.cpu_s_per_window / s.cpu_s_per_window for r, s in zip(rs, single, strict=True)]
+            )
+            if which == 0:
+                parts = f"{med([r.cpu_parts['process'] for r in rs]):.2f} (one process)"
+                rss = "-"
+            else:
+                parts = " / ".join(
+                    f"{med([r.cpu_parts[k] for r in rs]):.2f}" for k in ("driver", "engines", "ray")
+                )
+                rss_each = [statistics.mean(r.engine_rss_mib) for r in rs if r.engine_rss_mib]
+                rss = f"{med(rss_each):.0f}"
+            rows.append(
+                f"| {nodes} | {rs[0].name} | {wps:.2f} | {wratio:.3f} | "
+                f"{med([float(r.windows_skipped) for r in rs]):.0f} | "
+                f"{med([p(r.event_ms, 50) for r in rs]):.0f} | "
+                f"{med([p(r.event_ms, 99) for r in rs]):.0f} | "
+                f"{med([r.node_p99_ms for r in rs]):.0f} | {cpu:.1f} | {cratio:.2f} | "
+                f"{parts} | {rss} |"
+            )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sources", type=int, default=6)
+    ap.add_argument("--nodes", default="1,2,3", help="cluster sizes, growing")
+    ap.add_argument("--rounds", type=int, default=3, help="pairs (single, ray) per size")
+    ap.add_argument("--seconds", type=float, default=20.0, help="measured span of each run")
+    ap.add_argument("--warmup", type=float, default=3.0, help="after every source is online")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (single and engines)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import ray
+    from ray.cluster_utils import Cluster
+
+    sizes = sorted(int(n) for n in args.nodes.split(","))
+    print(f"machine: {machine()}; git {git_rev()}; ray {ray.__version__}", flush=True)
+    pairs: dict[int, list[tuple[Result, Result]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
+        folder = Path(tmp)
+        cfg = make_config(folder, args.sources, args.threads)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, logging_level=logging.WARNING)
+            have = 1
+            for size in sizes:
+                while have < size:
+                    cluster.add_node(num_cpus=1)
+                    have += 1
+                cluster.wait_for_nodes()
+                for r in range(args.rounds):
+                    single = run_single(cfg, args, folder)
+                    on_ray = run_ray(cfg, args, folder, size)
+                    pairs.setdefault(size, []).append((single, on_ray))
+                    for res in (single, on_ray):
+                        print(
+                            f"nodes {size} round {r + 1} {res.name}: "
+                            f"{res.windows_per_s:.2f} windows/s, "
+                            f"event ms p99 {p(res.event_ms, 99):.0f} "
+                            f"({len(res.event_ms)} lines), "
+                            f"CPU ms/window {res.cpu_s_per_window * 1000:.1f}, "
+                            f"cores {res.cpu_parts}, RSS {res.engine_rss_mib}",
+                            flush=True,
+                        )
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    print(
+        f"\n{args.sources} sources (demo.mp4 paced at 10 fps, stride 4: "
+        f"{args.sources * 2.5:.1f} windows/s offered), {args.seconds:g} s measured per run, "
+        f"medians of {args.rounds} pairs, torch threads {args.threads}\n"
+    )
+    print("\n".join(table(pairs)))
+
+
+if __name__ == "__main__":
+    main()
