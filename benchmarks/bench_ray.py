@@ -162,7 +162,7 @@ def measure_window(
     windows: Callable[[], int],
     procs: Callable[[], dict[str, list[psutil.Process]]],
 ) -> tuple[float, float, int, list[float], dict[str, float]]:
-    """(seconds, windows/s, windows, event delays ms, CPU seconds by part) over the span measured."""
+    """(seconds, windows/s, windows, event delays ms, CPU s by part) over the span measured."""
     start = wait_online(timed, cfg, alive)
     time.sleep(max(0.0, start + args.warmup - time.monotonic()))
     parts = procs()
