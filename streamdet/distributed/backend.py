@@ -12,6 +12,9 @@ its lines (:class:`~streamdet.distributed.merge.ClusterLog` writes them), and wa
 - a stop (Ctrl-C, SIGTERM, ``--max-seconds``, every source ended) stops every engine at once;
   events still open end ``shutdown``, on the node or, past ``STOP_TIMEOUT_S``, here.
 
+The run's health (the web output's ``/healthz`` and ``/readyz``) is what the engines reported
+at their latest poll: :meth:`Coordinator.health`.
+
 This is the only module that imports Ray.
 """
 
@@ -35,7 +38,7 @@ from streamdet.distributed.records import EngineReport, StatusRecord
 from streamdet.errors import StreamdetError
 from streamdet.redaction import redact_url
 from streamdet.report import format_ms, percentile
-from streamdet.sinks.base import RunStats
+from streamdet.sinks.base import RunHealth, RunStats
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +146,8 @@ class Coordinator:
         self.moves: list[tuple[str, str, float]] = []  # (source, to node, when placed)
         self._actor_class = ray.remote(NodeEngine)
         self._last_windows, self._last_t = 0, time.monotonic()
+        # Made by the loop at each report and loss, read by web request threads: replaced whole.
+        self._health = RunHealth({}, inference_alive=False)
 
     def stop(self, reason: str = "stop requested") -> None:
         if not self.stop_event.is_set():
@@ -243,7 +248,7 @@ class Coordinator:
 
         if node.actor is not None:
             ray.kill(node.actor, no_restart=True)
-        node.actor = node.capacity_ref = node.poll_ref = None
+        node.actor = node.capacity_ref = node.poll_ref = node.last = None
         node.windows += node.engine_windows
         node.engine_windows = 0
         live = [s for s in node.sources if s not in self.ended]
@@ -252,6 +257,7 @@ class Coordinator:
         self.log.lose(node.name, live, why)
         self.pending += live
         node.sources = []
+        self._health = self._gather_health()
         if not node.lost and not self.stop_event.is_set():
             node.restarts += 1
             self._start_engine(node)
@@ -323,6 +329,7 @@ class Coordinator:
 
     def _take(self, node: NodeState, report: EngineReport) -> None:
         node.last, node.engine_windows = report, report.windows
+        self._health = self._gather_health()
         for r in report.records:
             if isinstance(r, StatusRecord) and r.status == "offline" and r.reason == "ended":
                 self.ended.add(r.source)
@@ -367,6 +374,26 @@ class Coordinator:
             log.warning("%d engine(s) did not stop in %.0f s: killed", len(late), STOP_TIMEOUT_S)
 
     # -- what the run reports ----------------------------------------------------------------
+
+    def health(self) -> RunHealth:
+        """The run's health as of the engines' latest polls (any thread).
+
+        A source running on an engine has the health its node reported (its newest frame's
+        time is the node's clock); a source waiting for a node (its node lost) is absent, so
+        ``/readyz`` calls it not started. Inference is alive when at least one engine has
+        reported and every live engine's inference is."""
+        return self._health
+
+    def _gather_health(self) -> RunHealth:
+        reports = [(n, n.last) for n in self.nodes.values() if not n.lost and n.last is not None]
+        sources = {
+            name: h
+            for node, report in reports
+            for name, h in report.health.items()
+            if name in node.sources
+        }
+        alive = bool(reports) and all(report.inference_alive for _, report in reports)
+        return RunHealth(sources, inference_alive=alive)
 
     def run_stats(self) -> RunStats:
         sources = {}
@@ -459,6 +486,13 @@ def run_on_ray(cfg: RunConfig, address: str | None, max_seconds: float | None) -
     checkpoint = load_model(cfg)  # the driver's log names the model; the engines load their own
     run_id = uuid.uuid4().hex[:12]
     stop_event = threading.Event()
+    coordinator: Coordinator | None = None  # the outputs are built first; their health waits
+
+    def health() -> RunHealth:
+        if coordinator is None:
+            return RunHealth({}, inference_alive=False)
+        return coordinator.health()
+
     sinks = build_sinks(
         cfg,
         SinkContext(
@@ -469,6 +503,7 @@ def run_on_ray(cfg: RunConfig, address: str | None, max_seconds: float | None) -
             model={"name": checkpoint.name, "sha256": checkpoint.sha256},
             stop_event=stop_event,
             record_media=_no_media,
+            health=health,
         ),
     )
     connect(address)

@@ -20,7 +20,7 @@ from streamdet.config import RunConfig
 from streamdet.distributed.records import EngineReport, Outbox
 from streamdet.errors import StreamdetError
 from streamdet.redaction import redact_text
-from streamdet.sinks.base import SourceStats
+from streamdet.sinks.base import SourceHealth, SourceStats
 
 if TYPE_CHECKING:
     from streamdet.pipeline import Pipeline
@@ -142,10 +142,15 @@ class NodeEngine:
         with self._lock:
             threads = list(self._threads)
         stats: dict[str, SourceStats] = {}
-        windows = 0
+        health: dict[str, SourceHealth] = {}
+        windows, inference_alive = 0, True
         for t in threads:
             stats.update(t.pipeline.report.run_stats().sources)
             windows += t.pipeline.inference.windows_done
+            if t.is_alive():  # a pipeline whose sources all ended has stopped its inference
+                run_health = t.pipeline.health()
+                health.update(run_health.sources)
+                inference_alive &= run_health.inference_alive
         return EngineReport(
             incarnation=self.incarnation,
             sources=tuple(s for t in threads for s in t.sources),
@@ -153,6 +158,8 @@ class NodeEngine:
             stats=stats,
             windows=windows,
             errors=tuple(t.error for t in threads if t.error),
+            health=health,
+            inference_alive=inference_alive,
         )
 
     def stop(self) -> EngineReport:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamdet.events import EventChange
-from streamdet.sinks.base import SourceStats
+from streamdet.sinks.base import SourceHealth, SourceStats
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class EngineReport:
         stats: each of its sources' figures.
         windows: windows scored since it started.
         errors: why a source group stopped on its own (a source that failed), redacted.
+        health: each of its running sources' health (newest frame, capture thread alive), for
+            the driver's ``/readyz``.
+        inference_alive: the inference of every pipeline still running is alive.
     """
 
     incarnation: str
@@ -56,6 +59,8 @@ class EngineReport:
     stats: dict[str, SourceStats] = field(default_factory=dict)
     windows: int = 0
     errors: tuple[str, ...] = ()
+    health: dict[str, SourceHealth] = field(default_factory=dict)
+    inference_alive: bool = True
 
 
 class Outbox:
