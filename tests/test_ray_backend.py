@@ -7,6 +7,7 @@ Ray clusters take seconds to start: the tests are few and each checks several th
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -30,6 +31,13 @@ from streamdet.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 BACK_ONLINE_S = 30.0  # a lost node's sources are online elsewhere within this (issue 21)
+STREAM_OPTIONS = {  # a camera reconnects fast on its new node
+    "open_timeout_s": 5.0,
+    "read_timeout_s": 5.0,
+    "backoff_initial_s": 0.2,
+    "backoff_max_s": 1.0,
+}
+CAMERA_PASSWORD = "ray-s3cret-pw"  # must reach the node that opens the camera, and no line
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +65,21 @@ def cluster() -> Iterator[Any]:
         c.shutdown()
 
 
-def write_config(path: Path, sources: dict[str, Path], weights: Path, **source_keys: Any) -> Path:
+def write_config(
+    path: Path,
+    sources: dict[str, Path],
+    weights: Path,
+    streams: dict[str, str] | None = None,
+    web: dict[str, Any] | None = None,
+    **source_keys: Any,
+) -> Path:
+    """A run of ``sources`` (files, with ``source_keys``) and ``streams`` (RTSP URLs), with the
+    web output when ``web`` is given."""
     cfg = {
-        "sources": [
-            {"name": name, "url": str(url), **source_keys} for name, url in sources.items()
+        "sources": [{"name": name, "url": str(url), **source_keys} for name, url in sources.items()]
+        + [
+            {"name": name, "url": url, "options": STREAM_OPTIONS}
+            for name, url in (streams or {}).items()
         ],
         "model": {"weights": str(weights), "device": "cpu", "precision": "fp32"},
         "window": {"stride": 8},
@@ -68,6 +87,8 @@ def write_config(path: Path, sources: dict[str, Path], weights: Path, **source_k
         "sinks": {"events": {"path": str(path.parent / "events.jsonl")}},
         "progress_interval_s": 2,
     }
+    if web is not None:
+        cfg["web"] = web
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -88,6 +109,19 @@ def wait_for(condition, timeout: float, proc: subprocess.Popen[str], what: str) 
         assert time.monotonic() - started < timeout, f"not within {timeout:.0f} s: {what}"
         time.sleep(0.2)
     return time.monotonic() - started
+
+
+def camera_ready(port: int) -> bool:
+    """The driver's /readyz says the source ``rtsp`` is ready (a fresh frame on its node)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/readyz")
+        details = json.loads(conn.getresponse().read())
+    except (OSError, ValueError):
+        return False
+    finally:
+        conn.close()
+    return bool(details.get("sources", {}).get("rtsp", {}).get("ready"))
 
 
 def check_log(lines: list[dict[str, Any]]) -> None:
@@ -128,16 +162,29 @@ def test_unreachable_address_is_one_error_line_and_exit_2(
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_a_lost_nodes_sources_come_back_online_elsewhere_and_every_line_reaches_the_log(
-    tmp_path: Path, assets_dir: Path, weights: Path, cluster: Any
+    tmp_path: Path, assets_dir: Path, weights: Path, cluster: Any, rtsp_server: Any
 ):
-    """Six paced sources on three one-CPU nodes: every source's events reach the one log; a node
-    removed mid-run has its sources online on the others within 30 s (its open events end
-    stream_lost); SIGTERM stops the run within 5 s, open events ending shutdown."""
+    """Five paced files and the RTSP test camera (with a password) on three one-CPU nodes: every
+    source's events reach the one log, the camera's too (its node opens it with the password,
+    which no line or output shows), and the driver's /readyz shows the camera ready from its
+    node's report; a node removed mid-run has its sources online on the others within 30 s (its
+    open events end stream_lost); SIGTERM stops the run within 5 s, open events ending
+    shutdown."""
     clip = assets_dir / "walk300.avi"  # 30 s paced: the first 100 frames make the tiny events
     if not clip.exists():
         cut_clip(vtest_path(), clip, start_frame=0, n_frames=300, size=(320, 240))
-    sources = {f"cam{i}": clip for i in range(6)}
-    config = write_config(tmp_path / "c.yaml", sources, weights, realtime=True)
+    camera = rtsp_server(clip, user="viewer", password=CAMERA_PASSWORD)  # each client: frame 0
+    files = {f"cam{i}": clip for i in range(5)}
+    sources = {**files, "rtsp": camera.url}
+    port = free_port()
+    config = write_config(
+        tmp_path / "c.yaml",
+        files,
+        weights,
+        streams={"rtsp": camera.url},
+        web={"port": port},
+        realtime=True,
+    )
     c = cluster(3)
     log_path = tmp_path / "events.jsonl"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -156,6 +203,7 @@ def test_a_lost_nodes_sources_come_back_online_elsewhere_and_every_line_reaches_
             return seen >= set(sources)
 
         wait_for(lambda: each_source_has("new"), 180, proc, "every source's first event")
+        wait_for(lambda: camera_ready(port), 30, proc, "/readyz showing the camera ready")
         head = c.head_node.node_id[:8]
         where = {}
         for line in read_log(log_path):
@@ -218,6 +266,9 @@ def test_a_lost_nodes_sources_come_back_online_elsewhere_and_every_line_reaches_
         "events open at the stop end shutdown"
     )
     assert "[summary] run" in out
+    assert any(line["source"] == "rtsp" and line["type"] == "new" for line in lines)
+    for text in (out, log_path.read_text()):
+        assert CAMERA_PASSWORD not in text
 
 
 def test_the_demo_on_a_one_node_cluster_gives_the_single_machine_events(
