@@ -266,12 +266,19 @@ def med(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def per_node_overhead(single: Result, on_ray: Result) -> float:
+    """Cores the ray run used beyond the single run's, per node: the driver, the engines'
+    extra and Ray's own processes, for the same windows (paced sources: same windows/s)."""
+    return (sum(on_ray.cpu_parts.values()) - single.cpu_parts["process"]) / on_ray.nodes
+
+
 def table(pairs: dict[int, list[tuple[Result, Result]]]) -> list[str]:
     rows = [
         "| nodes | run | windows/s | ratio to single | windows skipped | event ms p50 | "
         "event ms p99 | node window ms p99 | CPU ms/window | ratio to single | "
-        "CPU (cores): driver / engines / Ray | engine RSS MiB |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "CPU (cores): driver / engines / Ray | backend overhead per node (cores) | "
+        "engine RSS MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for nodes, runs in sorted(pairs.items()):
         for which in (0, 1):
@@ -287,8 +294,9 @@ def table(pairs: dict[int, list[tuple[Result, Result]]]) -> list[str]:
             )
             if which == 0:
                 parts = f"{med([r.cpu_parts['process'] for r in rs]):.2f} (one process)"
-                rss = "-"
+                rss = overhead = "-"
             else:
+                overhead = f"{med([per_node_overhead(a, b) for a, b in runs]):.3f}"
                 parts = " / ".join(
                     f"{med([r.cpu_parts[k] for r in rs]):.2f}" for k in ("driver", "engines", "ray")
                 )
@@ -300,7 +308,7 @@ def table(pairs: dict[int, list[tuple[Result, Result]]]) -> list[str]:
                 f"{med([p(r.event_ms, 50) for r in rs]):.0f} | "
                 f"{med([p(r.event_ms, 99) for r in rs]):.0f} | "
                 f"{med([r.node_p99_ms for r in rs]):.0f} | {cpu:.1f} | {cratio:.2f} | "
-                f"{parts} | {rss} |"
+                f"{parts} | {overhead} | {rss} |"
             )
     return rows
 
@@ -357,6 +365,12 @@ def main() -> None:
         f"medians of {args.rounds} pairs, torch threads {args.threads}\n"
     )
     print("\n".join(table(pairs)))
+    for size, runs in sorted(pairs.items()):
+        cores = med([per_node_overhead(single, on_ray) for single, on_ray in runs])
+        print(
+            f"{size} node(s): the backend costs {cores:.3f} cores per node, "
+            f"{cores * 100:.1f}% of a one-CPU node's windows/s when it is saturated"
+        )
 
 
 if __name__ == "__main__":
