@@ -44,7 +44,11 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0  # for --address to answer
 ENGINE_START_TIMEOUT_S = 120.0  # for the first engines to load the model and measure it
-POLL_INTERVAL_S = 0.25
+POLL_INTERVAL_S = 0.25  # waits while engines start
+# Each engine is long-polled: its answer comes as soon as it makes a line, or after this long,
+# and the next poll is sent at once. The loop checks for answers every LOOP_INTERVAL_S.
+LONG_POLL_S = 0.5
+LOOP_INTERVAL_S = 0.05
 NODE_CHECK_INTERVAL_S = 1.0
 STATS_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 4.0  # engines stop in this; the whole stop stays within 5 s
@@ -186,7 +190,7 @@ class Coordinator:
                 elif now >= next_progress:
                     self.print(self.progress_line())
                     next_progress = now + self.cfg.progress_interval_s
-                self.stop_event.wait(POLL_INTERVAL_S)
+                self.stop_event.wait(LOOP_INTERVAL_S)
         finally:
             self._shut_down()
         return time.monotonic() - started
@@ -310,7 +314,7 @@ class Coordinator:
             if node.actor is None or node.capacity is None:
                 continue
             if node.poll_ref is None:
-                node.poll_ref = node.actor.poll.remote()
+                node.poll_ref = node.actor.poll.remote(LONG_POLL_S)
                 continue
             ready, _ = ray.wait([node.poll_ref], timeout=0)
             if not ready:
@@ -326,6 +330,7 @@ class Coordinator:
                     )
                 continue
             self._take(node, report)
+            node.poll_ref = node.actor.poll.remote(LONG_POLL_S)  # the next one, at once
 
     def _take(self, node: NodeState, report: EngineReport) -> None:
         node.last, node.engine_windows = report, report.windows

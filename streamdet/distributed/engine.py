@@ -137,8 +137,11 @@ class NodeEngine:
             self._threads.append(thread)
         thread.start()
 
-    def poll(self) -> EngineReport:
-        """The lines since the previous poll, and every source's figures."""
+    def poll(self, wait_s: float = 0.0) -> EngineReport:
+        """The lines since the previous poll, and every source's figures; with ``wait_s``, a
+        long poll: it answers as soon as a line is made, or after ``wait_s`` seconds."""
+        if wait_s > 0:
+            self.outbox.wait(wait_s)
         with self._lock:
             threads = list(self._threads)
         stats: dict[str, SourceStats] = {}

@@ -68,11 +68,12 @@ class Outbox:
 
     Duck-types what :class:`~streamdet.router.EventRouter` calls on an
     :class:`~streamdet.sinks.jsonl.EventLog`. Unbounded on purpose: a line is never dropped,
-    and the driver drains it several times a second (events are rare beside windows).
+    and the driver drains it several times a second (events are rare beside windows). The
+    driver's poll waits on it (:meth:`wait`), so a line leaves the node as soon as it is made.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # protects _records and lines_written
+        self._cond = threading.Condition()  # protects _records and lines_written
         self._records: list[Record] = []
         self.lines_written = 0
 
@@ -100,12 +101,18 @@ class Outbox:
         """Nothing to close: several pipelines of one engine share the outbox."""
 
     def _put(self, record: Record) -> None:
-        with self._lock:
+        with self._cond:
             self._records.append(record)
             self.lines_written += 1
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a record to drain; True when there is one."""
+        with self._cond:
+            return self._cond.wait_for(lambda: bool(self._records), timeout)
 
     def drain(self) -> tuple[Record, ...]:
         """Every record since the previous drain, oldest first."""
-        with self._lock:
+        with self._cond:
             records, self._records = tuple(self._records), []
         return records
