@@ -302,15 +302,15 @@ class Pipeline:
         )
 
     def _packet_rings(self, cfg: RunConfig) -> dict[str, PacketRing]:
-        """A ring of encoded packets per live source, when event clips are on (a replayed file
-        is cut from the file itself)."""
+        """A ring of encoded packets per camera or stream, when event clips are on (a file,
+        replayed or paced, is cut from the file itself: streamdet.media)."""
         if cfg.media is None or not cfg.media.clips.enabled:
             return {}
         seconds = cfg.media.clips.pre_capture_s + PACKET_RING_MARGIN_S
         return {
             s.name: PacketRing(max_seconds=seconds, max_bytes=PACKET_RING_MAX_BYTES)
             for s in cfg.sources
-            if self.pacing[s.name] is not Pacing.REPLAY
+            if source_kind(s.url) is not SourceKind.FILE
         }
 
     def _build_capture(

@@ -476,22 +476,29 @@ def test_a_reopen_starts_a_new_segment_and_an_abandoned_session_appends_no_packe
 
 
 @pytest.mark.timeout(60)
-def test_the_pipeline_hands_each_live_source_its_packet_ring_and_closes_it(
-    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
+def test_the_pipeline_hands_each_camera_its_packet_ring_and_closes_it(
+    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine, rtsp_server
 ) -> None:
+    server = rtsp_server(pattern=True)
     cfg = load_config(
         None,
         {
-            "sources": [{"name": "walk", "url": str(walk_clip), "realtime": True}],
+            "sources": [
+                {"name": "cam", "url": server.url},
+                {"name": "walk", "url": str(walk_clip), "realtime": True},
+            ],
             "model": {"device": "cpu", "precision": "fp32"},
             "sinks": {"events": {"path": str(tmp_path / "events.jsonl")}},
             "media": {"dir": str(tmp_path / "media")},
         },
     )
-    pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=2.0, print_fn=lambda s: None)
-    ring = pipeline.packet_rings["walk"]
+    pipeline = Pipeline(cfg, checkpoint, engine, max_seconds=3.0, print_fn=lambda s: None)
+    # A file's clips are cut from the file: it keeps no packets, paced or not.
+    assert set(pipeline.packet_rings) == {"cam"}
+    ring = pipeline.packet_rings["cam"]
     assert pipeline.captures[0].packet_ring is ring
+    assert pipeline.captures[1].packet_ring is None
     pipeline.run()
     assert closed(ring) and ring.newest_time is not None
     cut = ring.cut(0.0, ring.newest_time)
-    assert cut is not None and cut.info.codec == "mjpeg" and cut.packets[0].frame_index == 0
+    assert cut is not None and cut.info.codec == "h264" and cut.packets[0].keyframe
