@@ -24,13 +24,25 @@ processes of the cluster, raylet, GCS, workers); engine actor RSS.
 
     python benchmarks/bench_ray.py                       # 6 sources, 1/2/3 nodes, 3 rounds
     python benchmarks/bench_ray.py --rounds 2 --seconds 15   # shorter
+    python benchmarks/bench_ray.py --saturate            # one core: windows/s lost to the backend
+
+``--saturate`` measures the backend's per-node overhead as the issue states it, a share of the
+node's windows/s: the whole benchmark (this process, so the driver, and every process the
+cluster starts: GCS, raylet, the engine actor) is pinned to one CPU, the sources are files read
+as fast as the model takes them (``realtime: false``: the node is saturated), and each round
+runs the single-machine pipeline and a one-node cluster's engine in turn on that core (the
+order alternating between rounds). The overhead is ``1 - ray windows/s / single windows/s``:
+the driver's and Ray's own processes are on the same core, so this charges the whole cluster's
+cost to its one node (an upper bound).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -105,10 +117,12 @@ class Result:
     engine_rss_mib: list[float] = field(default_factory=list)
 
 
-def make_config(folder: Path, n_sources: int, threads: int) -> RunConfig:
+def make_config(folder: Path, n_sources: int, threads: int, video: Path | None = None) -> RunConfig:
+    """The demo's model and tracker on ``n_sources`` copies of ``video``: paced like cameras
+    (None: the demo video at its 10 fps) or, given a video, read as fast as the model takes it."""
     cfg = yaml.safe_load((DEMO / "demo.yaml").read_text())
     cfg["sources"] = [
-        {"name": f"cam{i}", "url": str(DEMO / "demo.mp4"), "realtime": True}
+        {"name": f"cam{i}", "url": str(video or DEMO / "demo.mp4"), "realtime": video is None}
         for i in range(n_sources)
     ]
     cfg["model"].update(
@@ -313,6 +327,75 @@ def table(pairs: dict[int, list[tuple[Result, Result]]]) -> list[str]:
     return rows
 
 
+def long_video(folder: Path, loops: int) -> Path:
+    """The demo video ``loops`` times over (stream copy), so a saturated run outlasts its
+    measurement."""
+    out = folder / "long.mp4"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-y", "-stream_loop", str(loops - 1), "-i",
+         str(DEMO / "demo.mp4"), "-c", "copy", str(out)],
+        check=True,
+    )  # fmt: skip
+    return out
+
+
+def saturate(args: argparse.Namespace) -> None:
+    """Single vs one-node ray, everything on one CPU, sources as fast as the model goes."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cpu = max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpu})  # inherited by every process the cluster starts
+    print(
+        f"machine: {machine()}; git {git_rev()}; ray {ray.__version__}; pinned to CPU {cpu}",
+        flush=True,
+    )
+    rows: list[tuple[Result, Result]] = []
+    with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
+        folder = Path(tmp)
+        cfg = make_config(folder, args.sources, args.threads, long_video(folder, 8))
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            cluster.wait_for_nodes()
+            ray.init(address=cluster.address, logging_level=logging.WARNING)
+            for r in range(args.rounds):
+                if r % 2 == 0:  # turn about, so that a drift in load hits both alike
+                    single = run_single(cfg, args, folder)
+                    on_ray = run_ray(cfg, args, folder, 1)
+                else:
+                    on_ray = run_ray(cfg, args, folder, 1)
+                    single = run_single(cfg, args, folder)
+                rows.append((single, on_ray))
+                print(
+                    f"round {r + 1}: single {single.windows_per_s:.2f} windows/s, "
+                    f"ray {on_ray.windows_per_s:.2f} windows/s, "
+                    f"ratio {on_ray.windows_per_s / single.windows_per_s:.3f}",
+                    flush=True,
+                )
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    print(
+        f"\n{args.sources} sources (demo.mp4 x8, realtime: false), one CPU for everything, "
+        f"{args.seconds:g} s measured per run, torch threads {args.threads}\n"
+    )
+    print("| round | single windows/s | ray (1 node) windows/s | ratio | overhead |")
+    print("|---:|---:|---:|---:|---:|")
+    ratios = []
+    for i, (single, on_ray) in enumerate(rows, 1):
+        ratio = on_ray.windows_per_s / single.windows_per_s
+        ratios.append(ratio)
+        print(
+            f"| {i} | {single.windows_per_s:.2f} | {on_ray.windows_per_s:.2f} | {ratio:.3f} | "
+            f"{(1 - ratio) * 100:.1f}% |"
+        )
+    print(
+        f"| median | {med([a.windows_per_s for a, _ in rows]):.2f} | "
+        f"{med([b.windows_per_s for _, b in rows]):.2f} | {med(ratios):.3f} | "
+        f"{(1 - med(ratios)) * 100:.1f}% |"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sources", type=int, default=6)
@@ -321,8 +404,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0, help="measured span of each run")
     ap.add_argument("--warmup", type=float, default=3.0, help="after every source is online")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (single and engines)")
+    ap.add_argument(
+        "--saturate", action="store_true", help="one CPU, sources as fast as possible (see above)"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.saturate:
+        saturate(args)
+        return
     import ray
     from ray.cluster_utils import Cluster
 
