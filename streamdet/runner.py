@@ -346,11 +346,9 @@ def _run(cfg: RunConfig, checkpoint: Checkpoint, max_seconds: float | None) -> i
         _exit_now_if_threads_stuck(pipeline, f"error: {redact_text(' '.join(str(exc).split()))}", 2)
         raise
     print(format_summary(summary))
-    if cfg.truth and cfg.sinks.events.path:
-        if summary.lines:
-            print(evaluate_against_truth(cfg.sinks.events.path, cfg.truth, summary.run_id))
-        else:
-            print("[summary] against the truth: nothing to score, this run wrote no line")
+    truth = truth_summary_line(cfg, summary.run_id, summary.lines)
+    if truth:
+        print(truth)
     _exit_now_if_threads_stuck(pipeline, None, 0)
     return 0
 
@@ -378,6 +376,17 @@ def _exit_now_if_threads_stuck(pipeline: Any, message: str | None, code: int) ->
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def truth_summary_line(cfg: RunConfig, run_id: str, lines_written: int) -> str | None:
+    """The summary's line scoring run ``run_id``'s events against ``truth`` (event F1), read
+    back from the event log; None without a truth file or a log. The same for a single machine
+    and for ``--backend ray`` (whose driver writes the one log)."""
+    if not (cfg.truth and cfg.sinks.events.path):
+        return None
+    if not lines_written:
+        return "[summary] against the truth: nothing to score, this run wrote no line"
+    return evaluate_against_truth(cfg.sinks.events.path, cfg.truth, run_id)
 
 
 def evaluate_against_truth(events_path: str, truth_path: str, run_id: str) -> str:

@@ -21,6 +21,7 @@ This is the only module that imports Ray.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -183,7 +184,7 @@ class Coordinator:
                 if now >= next_stats:
                     self.log.publish_stats(self.run_stats())
                     next_stats = now + STATS_INTERVAL_S
-                if self.ended >= {s.name for s in self.cfg.sources}:
+                if self.ended >= {s.name for s in self.cfg.sources} and not self._finishing():
                     self.stop("all sources ended")
                 elif self.max_seconds is not None and now - started >= self.max_seconds:
                     self.stop(f"--max-seconds {self.max_seconds:g} reached")
@@ -342,6 +343,15 @@ class Coordinator:
         if report.errors:
             raise StreamdetError(f"node {node.name}: {report.errors[0]}")
 
+    def _finishing(self) -> bool:
+        """Some engine still runs a pipeline: its sources ended, its outputs are not done (a
+        file's last clip, cut once its event ended)."""
+        return any(
+            n.last is not None and n.last.pipelines_alive
+            for n in self.nodes.values()
+            if n.actor is not None and not n.lost
+        )
+
     @staticmethod
     def _alive(node: NodeState) -> bool:
         import ray
@@ -457,21 +467,31 @@ def _cause(exc: BaseException) -> str:
 
 
 def check_config(cfg: RunConfig) -> None:
-    """Refuse what a cluster run cannot do: frames stay on the nodes.
+    """Refuse what a cluster run cannot do: frames stay on the nodes (event media are made
+    there, :func:`with_media_dir_absolute`).
 
     Raises:
-        StreamdetError: an annotated video or window, or event media, is asked for.
+        StreamdetError: an annotated video or window is asked for.
     """
     if cfg.sinks.overlay.video or cfg.sinks.overlay.display:
         raise StreamdetError(
             "sinks.overlay: the annotated video and window are not available with --backend ray "
             "(frames stay on the nodes); set sinks.overlay.video to null and display to false"
         )
-    if cfg.media is not None:
-        raise StreamdetError(
-            "media: event clips and snapshots are not available with --backend ray yet; "
-            "remove the media section"
-        )
+
+
+def with_media_dir_absolute(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``media.dir`` absolute, from the driver's working folder.
+
+    Each node makes the media of its own sources, in ``media.dir`` on its own filesystem, and
+    the lines name those paths. A relative folder would be relative to each Ray worker's
+    working folder; absolute, it is one path on every node: on a cluster of several machines,
+    a shared mount there (NFS) lets the driver's web page serve every node's media.
+    """
+    if cfg.media is None:
+        return cfg
+    folder = os.path.abspath(os.path.expanduser(cfg.media.dir))
+    return cfg.model_copy(update={"media": cfg.media.model_copy(update={"dir": folder})})
 
 
 def run_on_ray(cfg: RunConfig, address: str | None, max_seconds: float | None) -> int:
@@ -484,10 +504,11 @@ def run_on_ray(cfg: RunConfig, address: str | None, max_seconds: float | None) -
     import ray
 
     from streamdet.pipeline import build_event_log
-    from streamdet.runner import load_model
+    from streamdet.runner import load_model, truth_summary_line
     from streamdet.sinks.configured import SinkContext, build_sinks
 
     check_config(cfg)
+    cfg = with_media_dir_absolute(cfg)
     checkpoint = load_model(cfg)  # the driver's log names the model; the engines load their own
     run_id = uuid.uuid4().hex[:12]
     stop_event = threading.Event()
@@ -498,7 +519,10 @@ def run_on_ray(cfg: RunConfig, address: str | None, max_seconds: float | None) -
             return RunHealth({}, inference_alive=False)
         return coordinator.health()
 
-    sinks = build_sinks(
+    # Every output but the media one, which build_sinks makes when the config has a media
+    # section: the nodes make the media (they hold the packets and frames), the driver only
+    # writes their lines and hands them on.
+    configured = build_sinks(
         cfg,
         SinkContext(
             run_id=run_id,
@@ -511,6 +535,7 @@ def run_on_ray(cfg: RunConfig, address: str | None, max_seconds: float | None) -
             health=health,
         ),
     )
+    sinks = [s for s in configured if s.name != "media"]
     connect(address)
     try:
         cluster_log = ClusterLog(run_id, build_event_log(cfg, checkpoint, run_id), sinks)
@@ -527,6 +552,9 @@ def run_on_ray(cfg: RunConfig, address: str | None, max_seconds: float | None) -
             stop_event.set()
             cluster_log.close("shutdown")
         print("\n".join(coordinator.summary_lines(run_id, seconds)), flush=True)
+        truth = truth_summary_line(cfg, run_id, cluster_log.lines_written)
+        if truth:
+            print(truth, flush=True)
         return 0
     finally:
         ray.shutdown()

@@ -33,7 +33,9 @@ STOP_JOIN_S = 3.0  # for every pipeline to stop (the driver waits 5 s in all)
 
 
 def node_config(cfg: RunConfig, sources: list[str]) -> RunConfig:
-    """``cfg`` for a node running ``sources``: no outputs (the driver has them) and no log."""
+    """``cfg`` for a node running ``sources``: no outputs (the driver has them) and no log,
+    but event media: clips and snapshots are made where the packets and frames are, in
+    ``media.dir`` (the driver made it absolute: every node writes under the same path)."""
     wanted = set(sources)
     sinks = cfg.sinks.model_copy(
         update={
@@ -47,7 +49,6 @@ def node_config(cfg: RunConfig, sources: list[str]) -> RunConfig:
             "sources": [s for s in cfg.sources if s.name in wanted],
             "sinks": sinks,
             "web": None,
-            "media": None,
             "truth": None,
             "progress_interval_s": 3600.0,  # the driver prints the progress lines
         }
@@ -147,6 +148,8 @@ class NodeEngine:
         stats: dict[str, SourceStats] = {}
         health: dict[str, SourceHealth] = {}
         windows, inference_alive = 0, True
+        # Counted before the drain: a pipeline that has finished has put all its lines by now.
+        pipelines_alive = sum(t.is_alive() for t in threads)
         for t in threads:
             stats.update(t.pipeline.report.run_stats().sources)
             windows += t.pipeline.inference.windows_done
@@ -163,6 +166,7 @@ class NodeEngine:
             errors=tuple(t.error for t in threads if t.error),
             health=health,
             inference_alive=inference_alive,
+            pipelines_alive=pipelines_alive,
         )
 
     def stop(self) -> EngineReport:

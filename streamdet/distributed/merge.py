@@ -7,6 +7,14 @@ machine numbers them (``<run id>-<source>-<label>-<n>``), so that a source moved
 never repeats an id. The driver remembers every open event, so that it can end those of a node
 that is lost (``stream_lost``) or that never answered the stop (``shutdown``).
 
+Event media (clips and snapshots) are made on the node that holds the camera's connection, in
+``media.dir`` on that node's filesystem, and named with the node's own event id (the node names
+its files before the driver has numbered the event). Their lines come here like the others: the
+driver writes them with its own id for the event, so that a media line and its event's lines
+carry one id, and leaves ``path`` (and an ``end`` line's ``snapshot``) as the node gave it: the
+file's real name. It remembers the ids of the last ``MAX_ENDED_IDS`` ended events for their
+media, which come after the ``end`` (a clip is finished ``post_capture_s`` later).
+
 Locking: ``_lock`` protects the log, the open events, the statuses and the counters; under it
 only the log is written and the outputs' non-blocking ``offer_*`` called.
 """
@@ -17,16 +25,30 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
-from streamdet.distributed.records import EventRecord, Record, StatusRecord
+from streamdet.distributed.records import EventRecord, MediaRecord, Record, StatusRecord
 from streamdet.events import EndReason, EventChange
 from streamdet.redaction import redact_text
 from streamdet.router import CLOSE_TIMEOUT_S
-from streamdet.sinks.base import EventMessage, RunStats, Sink, SinkWorker, StatusMessage
+from streamdet.sinks.base import (
+    EventMessage,
+    MediaMessage,
+    RunStats,
+    Sink,
+    SinkWorker,
+    StatusMessage,
+)
 from streamdet.sinks.jsonl import EventLog
 
 log = logging.getLogger(__name__)
+
+# Ended events whose ids the driver keeps for their media lines. A clip comes within
+# post_capture_s plus its grace of the end; thousands of events end in that time only on a
+# cluster far beyond one log's rate.
+MAX_ENDED_IDS = 4096
 
 
 @dataclasses.dataclass
@@ -50,6 +72,7 @@ class ClusterLog:
         self.workers = [SinkWorker(s) for s in sinks]
         self._lock = threading.Lock()  # protects everything below
         self._open: dict[str, _Open] = {}  # by the node's event id (unique: it has a uuid)
+        self._ended: OrderedDict[str, str] = OrderedDict()  # node's id -> driver's, newest last
         self._status: dict[str, str] = {}
         self._count = 0
         self.events_opened = 0
@@ -66,7 +89,9 @@ class ClusterLog:
         with self._lock:
             for record in records:
                 if isinstance(record, EventRecord):
-                    self._event(node, record.change, record.latency_ms)
+                    self._event(node, record.change, record.latency_ms, record.extra)
+                elif isinstance(record, MediaRecord):
+                    self._media(node, record.fields)
                 else:
                     self._status_line(node, record)
 
@@ -113,7 +138,23 @@ class ClusterLog:
 
     # -- internals (under _lock) -------------------------------------------------------------
 
-    def _event(self, node: str, change: EventChange, latency_ms: float | None) -> None:
+    def driver_id(self, remote: str) -> str | None:
+        """The driver's id of the event a node calls ``remote`` (open, or among the last
+        ``MAX_ENDED_IDS`` ended); None when unknown."""
+        with self._lock:
+            return self._driver_id(remote)
+
+    def _driver_id(self, remote: str) -> str | None:
+        opened = self._open.get(remote)
+        return opened.change.id if opened is not None else self._ended.get(remote)
+
+    def _event(
+        self,
+        node: str,
+        change: EventChange,
+        latency_ms: float | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         remote = change.id
         if change.type == "new":
             self._count += 1
@@ -127,21 +168,48 @@ class ClusterLog:
         change = dataclasses.replace(change, id=local)
         if change.type == "end":
             del self._open[remote]
+            self._remember_ended(remote, local)
         else:
             self._open[remote] = _Open(node, change)
-        self._write(node, change, latency_ms)
+        self._write(node, change, latency_ms, extra)
+
+    def _remember_ended(self, remote: str, local: str) -> None:
+        self._ended[remote] = local
+        while len(self._ended) > MAX_ENDED_IDS:
+            self._ended.popitem(last=False)
+
+    def _media(self, node: str, fields: Mapping[str, Any]) -> None:
+        """A node's clip or snapshot line: written with the driver's id for its event."""
+        remote = str(fields.get("id"))
+        local = self._driver_id(remote)
+        if local is None:  # its event's lines never came (or long ago): keep the line as it is
+            log.warning("%s of an unknown event %s from %s", fields.get("type"), remote, node)
+            local = remote
+        line: Mapping[str, Any] = {**fields, "id": local, "node": node}
+        if self.event_log is not None:
+            line = self.event_log.write_media(dict(line))
+        msg = MediaMessage(line)
+        for w in self.workers:
+            w.offer_media(msg)
 
     def _end_open(self, which: Callable[[_Open], bool], reason: EndReason) -> None:
         for remote, opened in list(self._open.items()):
             if which(opened):
                 del self._open[remote]
+                self._remember_ended(remote, opened.change.id)
                 end = dataclasses.replace(opened.change, type="end", end_reason=reason)
                 self._write(opened.node, end, None)
 
-    def _write(self, node: str, change: EventChange, latency_ms: float | None) -> None:
+    def _write(
+        self,
+        node: str,
+        change: EventChange,
+        latency_ms: float | None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
         line = None
         if self.event_log is not None:  # written (and fsynced) before any output sees it
-            line = self.event_log.write_event(change, latency_ms=latency_ms, node=node)
+            line = self.event_log.write_event(change, latency_ms=latency_ms, extra=extra, node=node)
         msg = EventMessage(change, line, latency_ms)
         for w in self.workers:
             w.offer_event(msg)

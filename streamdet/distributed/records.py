@@ -1,8 +1,10 @@
 """What a node's engine sends the driver, and the stand-in event log that collects it.
 
-A node's pipeline writes its event and status lines to an :class:`Outbox` instead of a file;
-the driver drains it (:meth:`Outbox.drain`) and writes the lines to the one log. Records are
-small frozen dataclasses: an event change and its latency, or a status line.
+A node's pipeline writes its event, status and media lines to an :class:`Outbox` instead of a
+file; the driver drains it (:meth:`Outbox.drain`) and writes the lines to the one log. Records
+are small frozen dataclasses: an event change with its latency and the fields the node's outputs
+add to its line (an ``end`` line's ``snapshot``), a status line, or a media line (a clip or
+snapshot the node made: the media files stay on the node, only their lines travel).
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from streamdet.sinks.base import SourceHealth, SourceStats
 
 @dataclass(frozen=True)
 class EventRecord:
-    """An event line as the node's tracker made it (its id is the node's own)."""
+    """An event line as the node's tracker made it (its id is the node's own).
+
+    ``extra``: what the node's outputs add to the line (the media output: the snapshot's path
+    on ``end``, a file on the node named with the node's event id).
+    """
 
     change: EventChange
     latency_ms: float | None
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,16 @@ class StatusRecord:
     wall_time: float
 
 
-Record = EventRecord | StatusRecord
+@dataclass(frozen=True)
+class MediaRecord:
+    """A clip or snapshot line as the node's media output made it: ``type`` (``clip`` or
+    ``snapshot``), ``id`` (the node's event id), ``source``, ``path`` (on the node) and what
+    the media says of itself."""
+
+    fields: Mapping[str, Any]
+
+
+Record = EventRecord | StatusRecord | MediaRecord
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,9 @@ class EngineReport:
         health: each of its running sources' health (newest frame, capture thread alive), for
             the driver's ``/readyz``.
         inference_alive: the inference of every pipeline still running is alive.
+        pipelines_alive: its pipelines still running. One whose sources all ended runs on
+            until its outputs are done (a file's last clip is cut after its end): the driver
+            waits for it before it stops the run.
     """
 
     incarnation: str
@@ -61,6 +80,7 @@ class EngineReport:
     errors: tuple[str, ...] = ()
     health: dict[str, SourceHealth] = field(default_factory=dict)
     inference_alive: bool = True
+    pipelines_alive: int = 0
 
 
 class Outbox:
@@ -84,9 +104,9 @@ class Outbox:
         latency_ms: float | None,
         extra: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        # ``extra`` comes from outputs' event_line_fields: nodes run none (media is refused)
-        self._put(EventRecord(change, latency_ms))
-        return {}  # the node has no outputs of its own to hand the line to
+        # ``extra`` comes from the node's outputs' event_line_fields (the media output's)
+        self._put(EventRecord(change, latency_ms, dict(extra or {})))
+        return {}  # the line is the driver's to write
 
     def write_status(
         self, source: str, status: str, reason: str, wall_time: float
@@ -95,7 +115,9 @@ class Outbox:
         return {}
 
     def write_media(self, fields: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError("event media is not made on cluster nodes")
+        """A clip or snapshot the node's media output finished (from that output's thread)."""
+        self._put(MediaRecord(dict(fields)))
+        return dict(fields)
 
     def close(self) -> None:
         """Nothing to close: several pipelines of one engine share the outbox."""
