@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from streamdet.distributed import merge
 from streamdet.distributed.merge import ClusterLog
 from streamdet.distributed.placement import spread
-from streamdet.distributed.records import EventRecord, StatusRecord
+from streamdet.distributed.records import EventRecord, MediaRecord, Outbox, StatusRecord
 from streamdet.events import EventChange
+from streamdet.sinks.base import BaseSink, MediaMessage
 from streamdet.sinks.jsonl import EventLog
 
 
@@ -91,6 +93,91 @@ def test_merged_log_numbers_every_node_and_ends_a_lost_nodes_events(tmp_path: Pa
         ("status", None, "online", "n3"),
         ("end", "run1-b-walk-2", "shutdown", "n2"),
     ]
+
+
+class MediaSeen(BaseSink):
+    """Keeps the media messages an output is offered."""
+
+    name = "seen"
+
+    def __init__(self) -> None:
+        self.lines: list[dict] = []
+
+    def on_media(self, msg: MediaMessage) -> None:
+        self.lines.append(dict(msg.line))
+
+
+def snapshot_fields(node_id: str, source: str = "a") -> dict:
+    return {
+        "type": "snapshot",
+        "id": node_id,
+        "source": source,
+        "label": "walk",
+        "path": f"/media/{source}/{node_id}.jpg",
+        "frame": 4,
+    }
+
+
+def test_media_lines_carry_the_drivers_id_of_their_event_and_their_nodes_path(tmp_path: Path):
+    """A node names its event (and its media files) with its own id; the driver renumbers the
+    event, so the clip and snapshot lines, which come after the end, must get the driver's id
+    too, keep the node's path, and reach the other outputs. The end line keeps the snapshot
+    field the node's media output put on it."""
+    path = tmp_path / "events.jsonl"
+    seen = MediaSeen()
+    merged = ClusterLog("run1", EventLog(path, {"name": "m", "sha256": "0"}, run_id="run1"), [seen])
+    merged.start()
+    outbox = Outbox()  # the node's end, as its pipeline's router and media output use it
+    outbox.write_event(change("new", "x-a-walk-1", "a"), latency_ms=5.0)
+    snap = {"snapshot": "/media/a/x-a-walk-1.jpg"}
+    outbox.write_event(change("end", "x-a-walk-1", "a", "score_drop"), latency_ms=1.0, extra=snap)
+    outbox.write_media(snapshot_fields("x-a-walk-1"))
+    merged.deliver("n2", [EventRecord(change("new", "y-b-walk-1", "b"), 5.0)])
+    merged.deliver("n1", outbox.drain())
+    merged.deliver("n1", [MediaRecord({**snapshot_fields("x-a-walk-1"), "type": "clip"})])
+    merged.close()
+
+    got = lines(path)
+    assert [g["seq"] for g in got] == list(range(1, len(got) + 1))
+    brief = [(g["type"], g["id"], g["node"], g.get("path") or g.get("snapshot")) for g in got]
+    assert brief == [
+        ("new", "run1-b-walk-1", "n2", None),
+        ("new", "run1-a-walk-2", "n1", None),
+        ("end", "run1-a-walk-2", "n1", "/media/a/x-a-walk-1.jpg"),
+        ("snapshot", "run1-a-walk-2", "n1", "/media/a/x-a-walk-1.jpg"),
+        ("clip", "run1-a-walk-2", "n1", "/media/a/x-a-walk-1.jpg"),
+        ("end", "run1-b-walk-1", "n2", None),
+    ]
+    assert got[3]["frame"] == 4 and got[3]["label"] == "walk"
+    assert [(m["type"], m["id"], m["seq"]) for m in seen.lines] == [
+        ("snapshot", "run1-a-walk-2", 4),
+        ("clip", "run1-a-walk-2", 5),
+    ]
+
+
+def test_media_of_an_event_the_driver_ended_or_forgot(tmp_path: Path, monkeypatch):
+    """Media of an event ended by the driver (its node taken for lost) still get the driver's
+    id; the driver keeps only the newest ended ids, and a media line of an event it no longer
+    knows is written all the same, with the node's id (a line is never dropped)."""
+    monkeypatch.setattr(merge, "MAX_ENDED_IDS", 2)
+    path = tmp_path / "events.jsonl"
+    merged = ClusterLog("run1", EventLog(path, {"name": "m", "sha256": "0"}, run_id="run1"))
+    merged.start()
+    for n in (1, 2, 3):
+        merged.deliver("n1", [EventRecord(change("new", f"x-a-walk-{n}", "a"), 5.0)])
+    merged.lose("n1", ["a"], "node lost")  # ends all three, oldest first
+    for n in (1, 2, 3):
+        merged.deliver("n1", [MediaRecord(snapshot_fields(f"x-a-walk-{n}"))])
+    merged.close()
+
+    media = [(g["id"], g["path"]) for g in lines(path) if g["type"] == "snapshot"]
+    assert media == [
+        ("x-a-walk-1", "/media/a/x-a-walk-1.jpg"),
+        ("run1-a-walk-2", "/media/a/x-a-walk-2.jpg"),
+        ("run1-a-walk-3", "/media/a/x-a-walk-3.jpg"),
+    ]
+    assert merged.driver_id("x-a-walk-3") == "run1-a-walk-3"
+    assert merged.driver_id("x-a-walk-1") is None
 
 
 def test_ray_is_imported_only_by_the_ray_backend():
