@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from media_helpers import (
 from ray.cluster_utils import Cluster
 
 from streamdet.cli import main
+from streamdet.config import RunConfig
+from streamdet.distributed.engine import NodeEngine
+from streamdet.distributed.records import EventRecord, MediaRecord, Record
 
 STREAM_OPTIONS = {"open_timeout_s": 5.0, "read_timeout_s": 5.0, "backoff_initial_s": 0.2}
 
@@ -67,6 +71,18 @@ def camera(rtsp_available: None, tmp_path: Path, event_video: Path) -> Iterator[
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def tail(tmp_path: Path, event_video: Path) -> Path:
+    """Frames 0-119 of the event video: its event (frames 90-129) is open when it ends."""
+    path = tmp_path / "tail.mp4"
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(event_video), "-frames:v", "120",
+         "-c", "copy", str(path)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    return path
 
 
 def write_config(folder: Path, sources: list[dict[str, Any]], weights: Path) -> Path:
@@ -180,19 +196,13 @@ def test_clips_and_snapshots_are_made_on_the_nodes_and_logged_with_the_drivers_i
 def test_the_run_waits_for_the_media_of_the_event_open_when_its_file_ended(
     tmp_path: Path,
     two_nodes: Cluster,
-    event_video: Path,
+    tail: Path,
     event_weights: Path,
     capsys: pytest.CaptureFixture[str],
 ):
     """A file that ends in the middle of its event: the event ends stream_ended, and its clip
     and snapshot are cut from the file only then. The run stops by itself (every source
     ended) only after the node has made them, so both lines reach the log."""
-    tail = tmp_path / "tail.mp4"  # frames 0-119: the event (90-129) is open at the end
-    subprocess.run(
-        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(event_video), "-frames:v", "120",
-         "-c", "copy", str(tail)],
-        check=True, timeout=60,
-    )  # fmt: skip
     config = write_config(tmp_path, [{"name": "tail", "url": str(tail)}], event_weights)
 
     code = main(["run", str(config), "--backend", "ray", "--address", two_nodes.address]
@@ -205,3 +215,41 @@ def test_the_run_waits_for_the_media_of_the_event_open_when_its_file_ended(
     assert [e["end_reason"] for e in ends] == ["stream_ended"], (lines, out)
     check_media_lines(lines, tmp_path / "media")
     check_event_media(lines, ends[0])
+
+
+@pytest.mark.timeout(120)
+def test_a_node_reports_its_pipeline_alive_until_the_media_of_its_ended_file_are_out(
+    tmp_path: Path, tail: Path, event_weights: Path
+):
+    """What the driver waits on before it stops a run whose sources all ended: a node engine
+    (here without Ray) counts a pipeline alive until its media output is done, so the first
+    poll that says none is alive has handed over the clip and snapshot of the event that the
+    file's end ended (cut from the file after that end); nothing comes after it."""
+    cfg = RunConfig.model_validate(
+        {
+            "sources": [{"name": "tail", "url": str(tail)}],
+            "model": {"weights": str(event_weights), "device": "cpu", "precision": "fp32"},
+            "events": {"threshold": 0.6, "exit_threshold": 0.4, "smoothing": 1},
+            "media": {"dir": str(tmp_path / "media")},
+        }
+    )
+    engine = NodeEngine(cfg, threads=1)
+    engine.start(["tail"])
+    records: list[Record] = []
+    deadline = time.monotonic() + 90.0
+    while True:
+        report = engine.poll(0.5)
+        records += report.records
+        assert not report.errors, report.errors
+        if not report.pipelines_alive:
+            break
+        assert time.monotonic() < deadline, records
+    assert engine.poll().records == ()
+
+    ends = [r for r in records if isinstance(r, EventRecord) and r.change.type == "end"]
+    assert [e.change.end_reason for e in ends] == ["stream_ended"], records
+    media = {r.fields["type"]: r.fields for r in records if isinstance(r, MediaRecord)}
+    assert set(media) == {"clip", "snapshot"}, records
+    assert {m["id"] for m in media.values()} == {ends[0].change.id}
+    assert ends[0].extra["snapshot"] == media["snapshot"]["path"]
+    assert Path(media["clip"]["path"]).is_file() and Path(media["snapshot"]["path"]).is_file()
