@@ -275,20 +275,26 @@ def test_the_demo_on_a_one_node_cluster_gives_the_single_machine_events(
     tmp_path: Path, cluster: Any, capsys: pytest.CaptureFixture[str]
 ):
     """The bundled demo replayed through the ray backend writes the same new and end lines as
-    the single-machine run (ids, times and latencies aside)."""
+    the single-machine run (ids, times and latencies aside), and prints the same event F1
+    against the demo's truth (regression: the ray run printed no truth line)."""
     cfg = yaml.safe_load((Path(demo.__file__).parent / "demo.yaml").read_text())
     folder = Path(demo.__file__).parent
     cfg["sources"][0]["url"] = str(folder / cfg["sources"][0]["url"])
     cfg["model"]["weights"] = str(folder / cfg["model"]["weights"])
     cfg["model"]["precision"] = "fp32"
     cfg["sinks"] = {"overlay": {"video": None}}
-    cfg.pop("truth")
+    cfg["truth"] = str(folder / cfg["truth"])
     config = tmp_path / "demo.yaml"
     config.write_text(yaml.safe_dump(cfg))
     single, on_ray = tmp_path / "single.jsonl", tmp_path / "ray.jsonl"
     c = cluster(1)
 
+    def truth_lines() -> list[str]:
+        out = capsys.readouterr().out
+        return [line for line in out.splitlines() if line.startswith("[summary] against")]
+
     assert main(["run", str(config), "--events", str(single)]) == 0
+    single_truth = truth_lines()
     assert (
         main(
             ["run", str(config), "--events", str(on_ray), "--backend", "ray"]
@@ -296,6 +302,7 @@ def test_the_demo_on_a_one_node_cluster_gives_the_single_machine_events(
         )
         == 0
     )
+    ray_truth = truth_lines()
 
     def brief(path: Path) -> list[tuple[Any, ...]]:
         keys = ("type", "source", "label", "start_frame", "end_frame", "score", "end_reason")
@@ -308,3 +315,5 @@ def test_the_demo_on_a_one_node_cluster_gives_the_single_machine_events(
     assert len(brief(single)) >= 20
     assert brief(on_ray) == brief(single)
     check_log(read_log(on_ray))
+    assert len(single_truth) == 1 and "F1" in single_truth[0], single_truth
+    assert ray_truth == single_truth
