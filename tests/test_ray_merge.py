@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from web_helpers import get, make_sink
 
 from streamdet.distributed import merge
 from streamdet.distributed.merge import ClusterLog
@@ -178,6 +180,38 @@ def test_media_of_an_event_the_driver_ended_or_forgot(tmp_path: Path, monkeypatc
     ]
     assert merged.driver_id("x-a-walk-3") == "run1-a-walk-3"
     assert merged.driver_id("x-a-walk-1") is None
+
+
+@pytest.mark.timeout(60)
+def test_the_drivers_web_page_serves_a_nodes_media_under_the_drivers_event_id(tmp_path: Path):
+    """The web output (in the driver) gets the media lines: ``/api/events/<driver's id>/...``
+    serves the files the node named with its own id (on one machine, or shared storage)."""
+    media = tmp_path / "media"
+    (media / "a").mkdir(parents=True)
+    jpeg, mp4 = media / "a" / "x-a-walk-1.jpg", media / "a" / "x-a-walk-1.mp4"
+    jpeg.write_bytes(b"\xff\xd8 a snapshot")
+    mp4.write_bytes(b"an mp4")
+    web = make_sink(("a",), media={"dir": str(media)})
+    merged = ClusterLog(
+        "run1", EventLog(tmp_path / "events.jsonl", {"name": "m", "sha256": "0"}, run_id="run1"),
+        [web],
+    )  # fmt: skip
+    merged.start()
+    try:
+        merged.deliver("n1", [EventRecord(change("new", "x-a-walk-1", "a"), 5.0)])
+        end = change("end", "x-a-walk-1", "a", "score_drop")
+        merged.deliver("n1", [EventRecord(end, 1.0, {"snapshot": str(jpeg)})])
+        merged.deliver("n1", [MediaRecord({**snapshot_fields("x-a-walk-1"), "path": str(jpeg)})])
+        merged.deliver("n1", [MediaRecord({"type": "clip", "id": "x-a-walk-1", "path": str(mp4)})])
+        base = "/api/events/run1-a-walk-1"
+        deadline = time.monotonic() + 20.0
+        while get(web.server.port, f"{base}/clip.mp4").status != 200:
+            assert time.monotonic() < deadline, get(web.server.port, base).body
+            time.sleep(0.05)
+        assert get(web.server.port, f"{base}/clip.mp4").body == b"an mp4"
+        assert get(web.server.port, f"{base}/snapshot.jpg").body == jpeg.read_bytes()
+    finally:
+        merged.close()
 
 
 def test_ray_is_imported_only_by_the_ray_backend():
