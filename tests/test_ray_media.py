@@ -175,6 +175,8 @@ def test_clips_and_snapshots_are_made_on_the_nodes_and_logged_with_the_drivers_i
     assert code == 0, out
     lines = read_log(tmp_path / "events.jsonl")
     check_media_lines(lines, tmp_path / "media")
+    made = [sum(line["type"] == kind for line in lines) for kind in ("clip", "snapshot")]
+    assert f"[summary] media: {made[0]} clips, {made[1]} snapshots in {tmp_path / 'media'}" in out
     first, last = EVENT_FRAMES
     for source in ("file", "cam"):
         ends = [

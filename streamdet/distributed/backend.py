@@ -552,6 +552,13 @@ def run_on_ray(cfg: RunConfig, address: str | None, max_seconds: float | None) -
             stop_event.set()
             cluster_log.close("shutdown")
         print("\n".join(coordinator.summary_lines(run_id, seconds)), flush=True)
+        if cfg.media is not None:
+            made = cluster_log.media_counts
+            print(
+                f"[summary] media: {made.get('clip', 0)} clips, {made.get('snapshot', 0)} "
+                f"snapshots in {cfg.media.dir} (made on the nodes)",
+                flush=True,
+            )
         truth = truth_summary_line(cfg, run_id, cluster_log.lines_written)
         if truth:
             print(truth, flush=True)

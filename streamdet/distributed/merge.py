@@ -77,6 +77,7 @@ class ClusterLog:
         self._count = 0
         self.events_opened = 0
         self.event_counts: dict[str, int] = {}
+        self.media_counts: dict[str, int] = {}  # media lines written, by type (clip, snapshot)
 
     def start(self) -> None:
         for w in self.workers:
@@ -185,6 +186,8 @@ class ClusterLog:
         if local is None:  # its event's lines never came (or long ago): keep the line as it is
             log.warning("%s of an unknown event %s from %s", fields.get("type"), remote, node)
             local = remote
+        kind = str(fields.get("type"))
+        self.media_counts[kind] = self.media_counts.get(kind, 0) + 1
         line: Mapping[str, Any] = {**fields, "id": local, "node": node}
         if self.event_log is not None:
             line = self.event_log.write_media(dict(line))
