@@ -255,3 +255,56 @@ def test_a_node_reports_its_pipeline_alive_until_the_media_of_its_ended_file_are
     assert {m["id"] for m in media.values()} == {ends[0].change.id}
     assert ends[0].extra["snapshot"] == media["snapshot"]["path"]
     assert Path(media["clip"]["path"]).is_file() and Path(media["snapshot"]["path"]).is_file()
+
+
+def cam_clips(records: list[Record]) -> list[Any]:
+    return [
+        r.fields
+        for r in records
+        if isinstance(r, MediaRecord) and r.fields["type"] == "clip" and r.fields["source"] == "cam"
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_pipeline_started_mid_run_leaves_the_clips_other_pipelines_are_writing(
+    tmp_path: Path, camera: RtspServer, event_video: Path, event_weights: Path
+):
+    """Regression: a pipeline starting on a media folder deletes the temporary files a crashed
+    run left, and it took a live clip being written in the same folder by another pipeline
+    (a source moved there mid-run, or another node of the cluster on shared storage) for one:
+    that clip was lost ("cannot finish the clip ... No such file")."""
+    media = tmp_path / "media"
+    cfg = RunConfig.model_validate(
+        {
+            "sources": [
+                {"name": "cam", "url": camera.url, "options": STREAM_OPTIONS},
+                {"name": "file", "url": str(event_video), "realtime": True},
+            ],
+            "model": {"weights": str(event_weights), "device": "cpu", "precision": "fp32"},
+            "events": {"threshold": 0.6, "exit_threshold": 0.4, "smoothing": 1},
+            "media": {"dir": str(media), "clips": {"pre_capture_s": 2.0, "post_capture_s": 1.0}},
+        }
+    )
+    engine = NodeEngine(cfg, threads=1)
+    records: list[Record] = []
+    try:
+        engine.start(["cam"])
+        deadline = time.monotonic() + 60.0
+        while not list(media.rglob(".*.mp4.part")):  # the camera's event's clip, being written
+            records += engine.poll(0.1).records
+            assert time.monotonic() < deadline, records
+        engine.start(["file"])  # its media output starts on the same folder
+        deadline = time.monotonic() + 60.0
+        while not cam_clips(records):
+            report = engine.poll(0.5)
+            records += report.records
+            assert not report.errors, report.errors
+            assert time.monotonic() < deadline, records
+    finally:
+        engine.stop()
+    (clip,) = cam_clips(records)
+    opened = [r.change.id for r in records if isinstance(r, EventRecord) and r.change.type == "new"]
+    assert clip["id"] == opened[0], "the clip of the first event was lost"
+    assert Path(clip["path"]).is_file()
+    assert inspect_clip(Path(clip["path"])).decode_errors == ""

@@ -2,8 +2,11 @@
 
 A clip is written to a temporary name in its folder (``.<name>.part``: hidden, and never taken
 for a clip) and renamed when complete, so a reader never sees half a file and a crash leaves
-none that looks finished (:func:`remove_temp_files` clears what a crash left). The MP4 is
-written with ``+faststart`` (its index first: it plays while it downloads).
+none that looks finished (:func:`remove_temp_files` clears what a crash left). A live clip,
+written for as long as its event lasts, holds an advisory lock on its temporary file, so that
+another run or cluster node starting on the same folder (``--backend ray`` on shared storage)
+leaves it alone; a crashed writer's lock is gone with it. The MP4 is written with ``+faststart``
+(its index first: it plays while it downloads).
 
 Two sources of packets:
 
@@ -28,6 +31,11 @@ from typing import Any
 
 import av
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; every temporary file is taken for a leftover
+    fcntl = None  # type: ignore[assignment]
+
 from streamdet.sources.packets import EncodedPacket, StreamInfo
 
 # Raw elementary-stream formats FFmpeg can read a codec's configuration from.
@@ -50,15 +58,49 @@ def is_temp(path: Path) -> bool:
 
 
 def remove_temp_files(folder: Path) -> int:
-    """Delete the temporary media files a crashed run left under ``folder``; returns how many."""
+    """Delete the temporary media files a crashed run left under ``folder``; returns how many.
+    A live clip still being written (by another run or node) is locked, and left."""
     removed = 0
     for path in folder.rglob(f".*{TEMP_SUFFIX}"):
         try:
+            if _locked(path):
+                continue
             path.unlink()
             removed += 1
         except OSError:
             pass
     return removed
+
+
+def _lock(temp: Path) -> int | None:
+    """Create ``temp`` and hold an exclusive advisory lock on it; returns the fd to close."""
+    if fcntl is None:
+        return None
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # no lock on this filesystem: written unlocked, as without fcntl
+        pass
+    return fd
+
+
+def _locked(path: Path) -> bool:
+    """True while a writer holds ``path``'s lock (:func:`_lock`)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(path, os.O_RDWR)  # read-write: NFS emulates flock with write locks
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def finish_file(temp: Path, path: Path) -> None:
@@ -162,6 +204,7 @@ class ClipFile:
         self.temp = temp_path(path)
         self.info = info
         template, source = _template(info, first.data)
+        self._lock_fd = _lock(self.temp)  # held until the clip is finished or given up
         try:
             self._out = av.open(
                 str(self.temp), "w", format="mp4", options={"movflags": "+faststart"}
@@ -244,7 +287,10 @@ class ClipFile:
         except av.FFmpegError as exc:
             self._discard()
             raise ClipError(f"cannot finish the clip {self.path.name}: {exc}") from exc
-        finish_file(self.temp, self.path)
+        try:
+            finish_file(self.temp, self.path)
+        finally:
+            self._unlock()
         frame_s = float(self._default_duration * self.info.time_base)
         return ClipStats(
             path=self.path,
@@ -268,6 +314,12 @@ class ClipFile:
             self.temp.unlink()
         except FileNotFoundError:
             pass
+        self._unlock()
+
+    def _unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 @dataclass(frozen=True)
