@@ -175,6 +175,11 @@ class Pipeline:
         self.max_seconds = max_seconds
         self.print = print_fn
         self.stop_event = threading.Event()
+        # Each capture stops on its own event, so that one source can be let go (release); a
+        # stop sets them all.
+        self._capture_stops = {s.name: threading.Event() for s in cfg.sources}
+        self._released: set[str] = set()  # under _release_lock
+        self._release_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop_reason = ""
         self._told_outputs_behind = False
@@ -322,7 +327,7 @@ class Pipeline:
             opener,
             ring,
             checkpoint.contract,
-            self.stop_event,
+            self._capture_stops[s.name],
             kind=kind,
             pacing=self.pacing[s.name],
             on_status=self.router.on_status,
@@ -387,7 +392,44 @@ class Pipeline:
         if not self.stop_event.is_set():
             self._stop_reason = reason
         self.stop_event.set()
+        for capture_stop in self._capture_stops.values():
+            capture_stop.set()
         self._wake.set()
+
+    def release(self, source: str, reason: str) -> bool:
+        """Stop running ``source`` alone, as a cluster node does when another node takes it;
+        the other sources run on.
+
+        Only a source with no open event is let go (so no event is cut): its status goes
+        ``offline`` with ``reason`` and nothing more of it is written (no ``ended`` line), its
+        capture stops and its ring closes. When it was the last source running, the run ends
+        as when every source ended.
+
+        Returns:
+            False, and nothing done, when ``source`` has an open event, is not running here
+            (not one of this run's, ended or released already) or the run is stopping.
+        """
+        capture = self._by_name.get(source)
+        with self._release_lock:
+            if (
+                capture is None
+                or source in self._released
+                or self.stop_event.is_set()
+                or capture.ring.closed
+                or not self.router.release(source, reason)
+            ):
+                return False
+            self._released.add(source)
+        self._capture_stops[source].set()
+        capture.ring.close()  # inference scores what it holds (not written), then it is done
+        self._wake.set()
+        return True
+
+    @property
+    def released(self) -> frozenset[str]:
+        """The sources let go by :meth:`release`."""
+        with self._release_lock:
+            return frozenset(self._released)
 
     def run(self) -> RunSummary:
         started = time.monotonic()

@@ -99,6 +99,7 @@ class EventRouter:
         self._status: dict[str, str] = {}
         self._online_once: set[str] = set()
         self._not_yet_online: dict[str, str] = {}  # source -> why it was offline before that
+        self._released: set[str] = set()  # handed to another node: their later lines are dropped
         self.latency_ms: deque[float] = deque(maxlen=4096)
         self._source_latency_ms: dict[str, deque[float]] = {}
         self.event_counts: dict[str, int] = {}
@@ -157,6 +158,8 @@ class EventRouter:
         end when its last window is scored, :meth:`on_source_done`)."""
         status, reason = change.status.value, redact_text(change.reason)
         with self._lock:
+            if change.source in self._released:
+                return
             self._status[change.source] = status
             self._note_first_online(change.source, status, reason)
             if self.event_log is not None and change.status is not Status.ENDED:
@@ -170,11 +173,35 @@ class EventRouter:
     def on_source_done(self, source: str) -> None:
         """Every window of an ended source has been scored: end its events."""
         with self._lock:
+            if source in self._released:
+                return
             self._emit(self.tracker.close_source(source, "stream_ended"), None)
             if self.event_log is not None:
                 self.event_log.write_status(source, "offline", "ended", time.time())
             for w in self.workers:
                 w.offer_source_ended(source)
+
+    def release(self, source: str, reason: str) -> bool:
+        """Let ``source`` go (another node of a cluster takes it), unless it has an open event:
+        it goes ``offline`` with ``reason``, and nothing more of it is written (its windows still
+        scored, a late status change, its end). Checked and done under the lock, so no event can
+        open in between and none is cut.
+
+        Returns:
+            False, and nothing done, while ``source`` has an open event.
+        """
+        with self._lock:
+            if self.tracker.open_events(source):
+                return False
+            self._released.add(source)
+            self._status[source] = "offline"
+            now = time.time()
+            if self.event_log is not None:
+                self.event_log.write_status(source, "offline", reason, now)
+            msg = StatusMessage(source, "offline", reason, now)
+            for w in self.workers:
+                w.offer_status(msg)
+            return True
 
     def on_results(self, results: Sequence[WindowResult]) -> None:
         """Scored windows, in the order inference took them."""

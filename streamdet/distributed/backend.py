@@ -8,7 +8,16 @@ its lines (:class:`~streamdet.distributed.merge.ClusterLog` writes them), and wa
 - a node that leaves, or an engine that dies: its sources go offline, their open events end
   ``stream_lost``, and they are placed on the engines still running, where they come back
   ``online``. An engine that died on a node still alive is started again there.
-- a node that joins gets an engine, and takes a share of the sources placed after that.
+- a node that joins gets an engine and, once it measured itself, a share of the running
+  sources: :func:`~streamdet.distributed.placement.rebalance` picks the moves (from the busiest
+  nodes, sources without an open event first) that bring the spread to what ``spread`` would
+  give. A source moves only between events, never cutting one: its old node lets it go when it
+  has no open event (:meth:`NodeEngine.release`, asked again each ``RELEASE_RETRY_S`` until its
+  event ends; one whose events never end stays where it is), its ``offline`` line (``moved to
+  node X``) reaches the log, and only then does the new node open it (one connection to a camera
+  at a time), where it comes back ``online``. Moves are planned only when an engine becomes
+  ready after the first placement (a join, an engine restarted), never continuously, so no
+  source ping-pongs. A moved file starts again from its beginning, as a lost node's does.
 - a stop (Ctrl-C, SIGTERM, ``--max-seconds``, every source ended) stops every engine at once;
   events still open end ``shutdown``, on the node or, past ``STOP_TIMEOUT_S``, here.
 
@@ -34,7 +43,7 @@ from typing import Any
 from streamdet.config import RunConfig
 from streamdet.distributed.engine import NodeEngine
 from streamdet.distributed.merge import ClusterLog
-from streamdet.distributed.placement import spread
+from streamdet.distributed.placement import Move, rebalance, spread
 from streamdet.distributed.records import EngineReport, StatusRecord
 from streamdet.errors import StreamdetError
 from streamdet.redaction import redact_url
@@ -53,6 +62,8 @@ LOOP_INTERVAL_S = 0.05
 NODE_CHECK_INTERVAL_S = 1.0
 STATS_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 4.0  # engines stop in this; the whole stop stays within 5 s
+RELEASE_RETRY_S = 0.5  # a source to move whose node refused (an event open) is asked again
+DEMAND_MIN_S = 2.0  # a source's windows/s are measured over at least this long on one node
 
 
 def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -98,6 +109,20 @@ def connect(address: str | None) -> None:
     except Exception as exc:  # an auth token refused, a version mismatch, ...
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise StreamdetError(f"cannot join {where}: {type(exc).__name__}: {exc}") from None
+
+
+@dataclass
+class Moving:
+    """A source to move to a node that joined: waiting for its old node to let it go."""
+
+    move: Move
+    release_ref: Any = None  # the old node's answer to release(), while asked
+    next_try: float = 0.0  # monotonic: when to ask again after a refusal
+    released: bool = False  # the old node let it go: its offline line is on its way
+
+    @property
+    def under_way(self) -> bool:
+        return self.released or self.release_ref is not None
 
 
 @dataclass
@@ -149,6 +174,11 @@ class Coordinator:
         self.pending: list[str] = [s.name for s in cfg.sources]  # waiting for a node
         self.ended: set[str] = set()
         self.moves: list[tuple[str, str, float]] = []  # (source, to node, when placed)
+        self.moving: dict[str, Moving] = {}  # by source: planned moves not done yet
+        self.rebalanced = 0  # sources moved onto nodes that joined
+        self._placed = False  # the first placement is done: an engine ready later rebalances
+        self._rebalance_due = False
+        self._demand_since: dict[str, tuple[str, float, int]] = {}  # source: node, t, windows
         self._actor_class = ray.remote(NodeEngine)
         self._last_windows, self._last_t = 0, time.monotonic()
         # Made by the loop at each report and loss, read by web request threads: replaced whole.
@@ -180,6 +210,9 @@ class Coordinator:
                     next_nodes = now + NODE_CHECK_INTERVAL_S
                 self._collect_capacities()
                 self._place_pending()
+                if self._rebalance_due:
+                    self._plan_moves()
+                self._advance_moves()
                 self._poll_engines()
                 if now >= next_stats:
                     self.log.publish_stats(self.run_stats())
@@ -257,6 +290,8 @@ class Coordinator:
         node.windows += node.engine_windows
         node.engine_windows = 0
         live = [s for s in node.sources if s not in self.ended]
+        for source in [s for s, m in self.moving.items() if m.move.from_ == node.name]:
+            del self.moving[source]  # its sources are placed again, as every lost node's
         if node.sources:
             self.print(f"[ray] node {node.name}: {why}; moving {', '.join(live) or 'nothing'}")
         self.log.lose(node.name, live, why)
@@ -288,11 +323,13 @@ class Coordinator:
                 ) from None
             node.capacity_ref = None
             self.print(f"[ray] node {node.name}: engine ready, {node.capacity:.0f} windows/s")
+            self._rebalance_due = self._placed  # the first placement spreads them all
 
     def _place_pending(self) -> None:
-        ready = {n.name: n for n in self.nodes.values() if n.capacity and n.actor and not n.lost}
+        ready = self._ready()
         if not self.pending or not ready:
             return
+        self._placed = True
         placed = spread(
             self.pending,
             {name: n.capacity or 0.0 for name, n in ready.items()},
@@ -306,6 +343,116 @@ class Coordinator:
             self.moves += [(s, name, now) for s in sources]
             self.print(f"[ray] node {name} runs {', '.join(sources)}")
         self.pending = []
+
+    def _ready(self) -> dict[str, NodeState]:
+        """The nodes whose engine is running and measured, by name."""
+        return {n.name: n for n in self.nodes.values() if n.capacity and n.actor and not n.lost}
+
+    # -- moving sources onto a node that joined ----------------------------------------------
+
+    def _plan_moves(self) -> None:
+        """Plan the moves that even out the running sources (an engine just became ready)."""
+        self._rebalance_due = False
+        ready = self._ready()
+        in_flight = {s: m for s, m in self.moving.items() if m.under_way}
+        self.moving = in_flight  # the others are planned again, from the cluster as it is now
+        assigned = {
+            name: [s for s in n.sources if s not in self.ended and s not in in_flight]
+            for name, n in ready.items()
+        }
+        for source, m in in_flight.items():
+            if m.move.to in assigned:
+                assigned[m.move.to].append(source)
+        moves = rebalance(
+            assigned,
+            {name: n.capacity or 0.0 for name, n in ready.items()},
+            demand=self._demand(),
+            busy=self.log.open_sources(),
+        )
+        for move in moves:
+            self.moving[move.source] = Moving(move)
+        for (src, to), group in _grouped(moves).items():
+            self.print(
+                f"[ray] node {to}: taking {', '.join(group)} from node {src} (each once it "
+                f"has no open event)"
+            )
+
+    def _demand(self) -> dict[str, float]:
+        """Each running source's windows/s (scored and skipped), measured on its node since it
+        started there; sources not measured yet count as the mean of those measured (all as one
+        when none is)."""
+        now, rates = time.monotonic(), {}
+        for node in self._ready().values():
+            if node.last is None:
+                continue
+            for source in node.sources:
+                stats = node.last.stats.get(source)
+                if stats is None:
+                    continue
+                total = stats.windows + stats.windows_skipped
+                since = self._demand_since.get(source)
+                if since is None or since[0] != node.name or total < since[2]:
+                    self._demand_since[source] = (node.name, now, total)
+                elif now - since[1] >= DEMAND_MIN_S:
+                    rates[source] = (total - since[2]) / (now - since[1])
+        if not rates or not any(rates.values()):
+            return {}
+        mean = sum(rates.values()) / len(rates)
+        running = [s for n in self._ready().values() for s in n.sources]
+        return {s: rates.get(s) or mean for s in running}
+
+    def _advance_moves(self) -> None:
+        """Ask each source's old node to let it go, when the log shows it has no open event;
+        a refusal (an event opened meanwhile) is asked again after ``RELEASE_RETRY_S``."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        if not self.moving:
+            return
+        ready, now = self._ready(), time.monotonic()
+        busy = self.log.open_sources()
+        for source, m in list(self.moving.items()):
+            old = ready.get(m.move.from_)
+            if m.released:
+                continue  # it moves when its offline line arrives (_take)
+            if old is None or source not in old.sources or m.move.to not in ready:
+                if m.release_ref is None:  # a node went: the moves are planned again
+                    del self.moving[source]
+                    continue
+            if m.release_ref is None:
+                if old is not None and now >= m.next_try and source not in busy:
+                    m.release_ref = old.actor.release.remote(source, f"moved to node {m.move.to}")
+                continue
+            done, _ = ray.wait([m.release_ref], timeout=0)
+            if not done:
+                continue
+            try:
+                released = ray.get(m.release_ref)
+            except RayActorError:
+                released = False  # its node is going: its poll hands the source on
+            m.release_ref, m.released = None, released
+            if not released:
+                m.next_try = now + RELEASE_RETRY_S
+
+    def _arrive(self, node: NodeState, sources: list[str]) -> None:
+        """``node`` let these sources go (their offline lines are in the log): start each on
+        the node it moves to, or wait for a node if that one is gone."""
+        ready, now = self._ready(), time.monotonic()
+        starts: dict[str, list[str]] = {}
+        for source in sources:
+            m = self.moving.pop(source)
+            node.sources.remove(source)
+            if m.move.to in ready:
+                starts.setdefault(m.move.to, []).append(source)
+            else:
+                self.pending.append(source)
+        for to, group in starts.items():
+            ready[to].actor.start.remote(group)
+            ready[to].sources += group
+            self.moves += [(s, to, now) for s in group]
+            self.rebalanced += len(group)
+            for source in group:
+                self.print(f"[ray] moved {source} from node {node.name} to node {to}")
 
     def _poll_engines(self) -> None:
         import ray
@@ -336,10 +483,15 @@ class Coordinator:
     def _take(self, node: NodeState, report: EngineReport) -> None:
         node.last, node.engine_windows = report, report.windows
         self._health = self._gather_health()
+        let_go = []
         for r in report.records:
             if isinstance(r, StatusRecord) and r.status == "offline" and r.reason == "ended":
                 self.ended.add(r.source)
+            elif isinstance(r, StatusRecord) and r.status == "offline" and self._moved(node, r):
+                let_go.append(r.source)
         self.log.deliver(node.name, report.records)
+        if let_go:
+            self._arrive(node, let_go)
         if report.errors:
             raise StreamdetError(f"node {node.name}: {report.errors[0]}")
 
@@ -350,6 +502,16 @@ class Coordinator:
             n.last is not None and n.last.pipelines_alive
             for n in self.nodes.values()
             if n.actor is not None and not n.lost
+        )
+
+    def _moved(self, node: NodeState, record: StatusRecord) -> bool:
+        """``record`` is the offline line of a source ``node`` let go for a move."""
+        m = self.moving.get(record.source)
+        return (
+            m is not None
+            and m.move.from_ == node.name
+            and record.source in node.sources
+            and record.reason == f"moved to node {m.move.to}"
         )
 
     @staticmethod
@@ -443,7 +605,8 @@ class Coordinator:
         lines = [
             f"[summary] run {run_id} on ray: {seconds:.1f} s, {len(self.nodes)} node(s), "
             f"{self.windows()} windows, {self.log.events_opened} events, "
-            f"{self.log.lines_written} log lines"
+            f"{self.log.lines_written} log lines, {self.rebalanced} source(s) moved onto "
+            f"nodes that joined"
         ]
         for n in self.nodes.values():
             capacity = f"{n.capacity:.0f} windows/s" if n.capacity else "not measured"
@@ -579,3 +742,11 @@ def _on_signals(coordinator: Coordinator) -> None:
         for name in ("SIGINT", "SIGTERM", "SIGHUP"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), on_signal)
+
+
+def _grouped(moves: list[Move]) -> dict[tuple[str, str], list[str]]:
+    """(from node, to node) -> the sources moved between them, in order."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for m in moves:
+        groups.setdefault((m.from_, m.to), []).append(m.source)
+    return groups

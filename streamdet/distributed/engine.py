@@ -3,9 +3,11 @@
 :class:`NodeEngine` is a plain class; :mod:`streamdet.distributed.backend` makes it a Ray actor,
 one per node. It loads the model once, measures how many windows/s it scores (the coordinator
 shares sources out by that figure), and runs one :class:`~streamdet.pipeline.Pipeline` per batch
-of sources it is given: sources added later (a lost node's) start beside the running ones
-without interrupting them. Every pipeline writes to one :class:`~streamdet.distributed.records.Outbox`,
-which the driver drains with :meth:`NodeEngine.poll`.
+of sources it is given: sources added later (a lost node's, or one moved here) start beside the
+running ones without interrupting them, and :meth:`NodeEngine.release` stops one source alone
+(moved to a node that joined). Every pipeline writes to one
+:class:`~streamdet.distributed.records.Outbox`, which the driver drains with
+:meth:`NodeEngine.poll`.
 """
 
 from __future__ import annotations
@@ -138,6 +140,19 @@ class NodeEngine:
             self._threads.append(thread)
         thread.start()
 
+    def release(self, source: str, reason: str) -> bool:
+        """Stop running ``source`` here (another node takes it) unless it has an open event:
+        its ``offline`` line (with ``reason``) is in the outbox when this returns True, and
+        nothing more of it follows. See :meth:`~streamdet.pipeline.Pipeline.release`.
+
+        Returns:
+            False while ``source`` has an open event (ask again when it ended), or when it is not
+            running here.
+        """
+        with self._lock:
+            threads = [t for t in self._threads if source in t.sources and t.is_alive()]
+        return any(t.pipeline.release(source, reason) for t in threads[-1:])
+
     def poll(self, wait_s: float = 0.0) -> EngineReport:
         """The lines since the previous poll, and every source's figures; with ``wait_s``, a
         long poll: it answers as soon as a line is made, or after ``wait_s`` seconds."""
@@ -151,15 +166,18 @@ class NodeEngine:
         # Counted before the drain: a pipeline that has finished has put all its lines by now.
         pipelines_alive = sum(t.is_alive() for t in threads)
         for t in threads:
-            stats.update(t.pipeline.report.run_stats().sources)
+            gone = t.pipeline.released  # run elsewhere now: their figures are the other node's
+            stats.update(
+                (s, v) for s, v in t.pipeline.report.run_stats().sources.items() if s not in gone
+            )
             windows += t.pipeline.inference.windows_done
             if t.is_alive():  # a pipeline whose sources all ended has stopped its inference
                 run_health = t.pipeline.health()
-                health.update(run_health.sources)
+                health.update((s, h) for s, h in run_health.sources.items() if s not in gone)
                 inference_alive &= run_health.inference_alive
         return EngineReport(
             incarnation=self.incarnation,
-            sources=tuple(s for t in threads for s in t.sources),
+            sources=tuple(s for t in threads for s in t.sources if s not in t.pipeline.released),
             records=self.outbox.drain(),
             stats=stats,
             windows=windows,

@@ -129,6 +129,11 @@ class ClusterLog:
         with self._lock:
             return self._status.get(source, "never online")
 
+    def open_sources(self) -> set[str]:
+        """The sources with an event open, as the lines delivered so far tell."""
+        with self._lock:
+            return {opened.change.source for opened in self._open.values()}
+
     def open_events(self) -> int:
         with self._lock:
             return len(self._open)
