@@ -1,0 +1,260 @@
+"""Moving running sources onto a node that joins a ``--backend ray`` run: a source is let go
+on its old node only between events (:meth:`Pipeline.release`), and the coordinator moves a
+share of the sources onto the new node (real ``ray.cluster_utils.Cluster``, paced clips, the
+tiny fitted model of tests/tiny_model.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from assets import cut_clip, vtest_path
+from test_ray_backend import check_log, cluster, read_log, wait_for, weights, write_config
+from threads import run_in_thread
+from tiny_model import make_tiny_weights
+
+from streamdet.config import RunConfig, load_config
+from streamdet.distributed.placement import spread
+from streamdet.models.weights import Checkpoint, load_checkpoint
+from streamdet.pipeline import Pipeline
+
+__all__ = ["cluster", "weights"]  # fixtures shared with test_ray_backend
+
+REPO = Path(__file__).resolve().parent.parent
+CUT_REASONS = {"stream_lost", "shutdown", "stream_ended"}  # an end a move must never cause
+
+
+@pytest.fixture(scope="module")
+def checkpoint(assets_dir: Path, walk_clip: Path) -> Checkpoint:
+    return load_checkpoint(make_tiny_weights(assets_dir, walk_clip))
+
+
+@pytest.fixture(scope="module")
+def walk300(assets_dir: Path) -> Path:
+    """30 s paced: the first 100 frames make the tiny model's walk and run events."""
+    clip = assets_dir / "walk300.avi"
+    if not clip.exists():
+        cut_clip(vtest_path(), clip, start_frame=0, n_frames=300, size=(320, 240))
+    return clip
+
+
+def run_config(sources: dict[str, Path], events: Path, threshold: float) -> RunConfig:
+    return load_config(
+        None,
+        {
+            "sources": [{"name": n, "url": str(u), "realtime": True} for n, u in sources.items()],
+            "model": {"device": "cpu", "precision": "fp32"},
+            "window": {"stride": 8},
+            "events": {
+                "threshold": threshold,
+                "exit_threshold": threshold * 2 / 3,
+                "smoothing": 1,
+                "open_windows": 1,
+            },
+            "sinks": {"events": {"path": str(events)}},
+            "progress_interval_s": 60,
+        },
+    )
+
+
+def lines_of(events: Path, source: str) -> list[dict[str, Any]]:
+    return [line for line in read_log(events) if line["source"] == source]
+
+
+@pytest.mark.timeout(120)
+def test_a_source_with_an_open_event_is_not_let_go(
+    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
+) -> None:
+    """Thresholds 0: the source's event opens at its first window and lasts to the file's end.
+    Asked to let it go meanwhile, the pipeline refuses and the event ends ``stream_ended`` when
+    the file does, not cut by a move; once ended, it is not let go either."""
+    events = tmp_path / "events.jsonl"
+    pipeline = Pipeline(
+        run_config({"busy": walk_clip}, events, 0.0), checkpoint, engine, print_fn=lambda _: None
+    )
+    thread, outcome = run_in_thread(pipeline)
+    deadline = time.monotonic() + 60
+    while not any(line["type"] == "new" for line in lines_of(events, "busy")):
+        assert time.monotonic() < deadline and thread.is_alive(), "no event opened"
+        time.sleep(0.05)
+
+    assert not pipeline.release("busy", "moved to node x")
+    thread.join(60)
+
+    assert not thread.is_alive() and "error" not in outcome
+    assert not pipeline.release("busy", "moved to node x")
+    mine = lines_of(events, "busy")
+    assert {line["end_reason"] for line in mine if line["type"] == "end"} == {"stream_ended"}
+    assert (mine[-1]["status"], mine[-1]["reason"]) == ("offline", "ended")
+    assert not any(line.get("reason") == "moved to node x" for line in mine)
+
+
+@pytest.mark.timeout(120)
+def test_a_source_let_go_between_events_goes_offline_and_the_others_run_on(
+    tmp_path: Path, walk300: Path, checkpoint: Checkpoint, engine
+) -> None:
+    """Asked each 0.1 s, as the coordinator asks, the pipeline lets ``moving`` go once its
+    event ended: its last line is ``offline`` with the reason given (no ``ended`` line, no event
+    cut), its capture stops, and ``staying`` runs on to its file's end."""
+    events = tmp_path / "events.jsonl"
+    pipeline = Pipeline(
+        run_config({"moving": walk300, "staying": walk300}, events, 0.6),
+        checkpoint,
+        engine,
+        print_fn=lambda _: None,
+    )
+    thread, outcome = run_in_thread(pipeline)
+    deadline = time.monotonic() + 60
+    while not any(line["type"] == "new" for line in lines_of(events, "moving")):
+        assert time.monotonic() < deadline and thread.is_alive(), "no event opened"
+        time.sleep(0.05)
+    refused = 0
+    while not pipeline.release("moving", "moved to node x"):
+        refused += 1
+        assert time.monotonic() < deadline and thread.is_alive(), "never let go"
+        time.sleep(0.1)
+    thread.join(60)
+
+    assert not thread.is_alive() and "error" not in outcome
+    print(f"let go after {refused} refusal(s)")
+    mine = lines_of(events, "moving")
+    assert (mine[-1]["type"], mine[-1].get("status")) == ("status", "offline"), mine[-1]
+    assert mine[-1]["reason"] == "moved to node x"
+    news = [line["id"] for line in mine if line["type"] == "new"]
+    ends = {line["id"]: line["end_reason"] for line in mine if line["type"] == "end"}
+    assert news and set(news) == set(ends), "an event of the moved source never ended"
+    assert not set(ends.values()) & CUT_REASONS, ends
+    capture = next(c for c in pipeline.captures if c.source_name == "moving")
+    assert not capture.is_alive()
+    assert "moving" in pipeline.released
+    theirs = lines_of(events, "staying")
+    assert (theirs[-1]["status"], theirs[-1]["reason"]) == ("offline", "ended")
+    assert theirs[-1]["seq"] > mine[-1]["seq"], "the other source stopped with the moved one"
+
+
+MOVED_WITHIN_S = 60.0  # after a node is added, sources run on it within this (measured: see -s)
+
+
+@pytest.fixture(scope="module")
+def walk600(assets_dir: Path) -> Path:
+    """60 s paced, so that the sources still run when the added node is ready."""
+    clip = assets_dir / "walk600.avi"
+    if not clip.exists():
+        cut_clip(vtest_path(), clip, start_frame=0, n_frames=600, size=(320, 240))
+    return clip
+
+
+def where_online(lines: list[dict[str, Any]]) -> dict[str, str]:
+    """Each source's node, as its latest ``online`` line says."""
+    return {
+        line["source"]: line["node"]
+        for line in lines
+        if line["type"] == "status" and line["status"] == "online"
+    }
+
+
+def ideal_counts(out: str, sources: list[str], nodes: list[str]) -> Counter[str]:
+    """What ``spread`` gives ``nodes`` for the capacities their engines printed."""
+    printed = dict(re.findall(r"node (\w+): engine ready, (\d+) windows/s", out))
+    capacity = {n: float(printed[n]) for n in nodes}
+    return Counter({n: len(v) for n, v in spread(sources, capacity).items()})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_nodes_that_join_take_a_share_of_the_running_sources_between_their_events(
+    tmp_path: Path, walk600: Path, weights: Path, cluster: Any
+):
+    """Four paced files on a one-node cluster; two nodes added one after the other mid-run
+    each take sources within ``MOVED_WITHIN_S`` (in the end each node runs as many as ``spread``
+    gives it for the capacities the engines measured, within one). Each moved source goes
+    offline on its old node (``moved to node X``) with no event open, then online on the new
+    one, where its events (the file starts again) reach the log too; the log stays valid, and
+    no event ends ``stream_lost``, ``shutdown`` or ``stream_ended`` because of a move.
+
+    Regression: a node that joined took only sources placed after it joined; running ones
+    were never moved onto it."""
+    sources = {f"cam{i}": walk600 for i in range(4)}
+    config = write_config(tmp_path / "c.yaml", sources, weights, realtime=True)
+    c = cluster(1)
+    log_path = tmp_path / "events.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamdet", "run", str(config), "--backend", "ray"]
+        + ["--address", c.address, "--max-seconds", "240"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True)
+    reader.start()
+    nodes = [c.head_node.node_id[:8]]
+
+    def running_on(node: str) -> int:
+        return sum(n == node for n in where_online(read_log(log_path)).values())
+
+    def events_on(node: str) -> set[str]:
+        return {
+            line["source"]
+            for line in read_log(log_path)
+            if line["type"] == "new" and line["node"] == node
+        }
+
+    try:
+        wait_for(
+            lambda: events_on(nodes[0]) >= set(sources), 120, proc, "every source's first event"
+        )
+        for _ in range(2):
+            nodes.append(c.add_node(num_cpus=1).node_id[:8])
+            took = wait_for(lambda: running_on(nodes[-1]) >= 1, MOVED_WITHIN_S, proc, "a move")
+            print(f"a source ran on node {nodes[-1]} {took:.1f} s after it was added")
+            ideal = ideal_counts("".join(out), list(sources), nodes)
+            share = ideal[nodes[-1]]
+            wait_for(lambda s=share: running_on(nodes[-1]) >= s - 1, 30, proc, "every move")
+        moved = {s: n for s, n in where_online(read_log(log_path)).items() if n != nodes[0]}
+        wait_for(
+            lambda: all(s in events_on(n) for s, n in moved.items()),
+            60,
+            proc,
+            "events of the moved sources on their new nodes",
+        )
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(out)
+    print("\n".join(line for line in text.splitlines() if line.startswith(("[ray]", "[summary]"))))
+    assert proc.returncode == 0, text[-3000:]
+    lines = read_log(log_path)
+    check_log(lines)
+    for node in nodes:
+        assert abs(running_on(node) - ideal[node]) <= 1, (node, dict(ideal), text[-2000:])
+    moves = re.findall(r"\[ray\] moved (\w+) from node (\w+) to node (\w+)", text)
+    assert len(moves) >= len(moved) >= 2, text[-2000:]
+    assert f"{len(moves)} source(s) moved onto nodes that joined" in text
+    for source, old, new in moves:
+        mine = [line for line in lines if line["source"] == source]
+        off = mine.index(
+            next(line for line in mine if line.get("reason") == f"moved to node {new}")
+        )
+        assert mine[off]["node"] == old
+        again = next(line for line in mine[off + 1 :] if line["type"] == "status")
+        assert (again["node"], again["status"]) == (new, "online"), again
+        news = {line["id"] for line in mine[:off] if line["type"] == "new"}
+        ends = {line["id"]: line["end_reason"] for line in mine[:off] if line["type"] == "end"}
+        assert set(ends) == news, f"{source}: an event open when it moved"
+        assert not set(ends.values()) & CUT_REASONS, ends
