@@ -13,9 +13,11 @@ running ones without interrupting them, and :meth:`NodeEngine.release` stops one
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from streamdet.config import RunConfig
@@ -32,6 +34,10 @@ log = logging.getLogger(__name__)
 
 MEASURE_S = 1.0  # how long the capacity measurement scores windows
 STOP_JOIN_S = 3.0  # for every pipeline to stop (the driver waits 5 s in all)
+# A poll answers as soon as a line is made, but the sources' figures and health (percentiles
+# over each source's recent windows: about 1 ms for 6 sources) are made again only this often,
+# as often as the driver hands them to its outputs (backend.STATS_INTERVAL_S).
+FIGURES_INTERVAL_S = 0.5
 
 
 def node_config(cfg: RunConfig, sources: list[str]) -> RunConfig:
@@ -103,6 +109,8 @@ class NodeEngine:
         self.outbox = Outbox()
         self._lock = threading.Lock()  # protects _threads
         self._threads: list[PipelineThread] = []
+        self._figures = _Figures({}, {}, inference_alive=True)  # as of _figures_at (polls only)
+        self._figures_at = -math.inf
 
     def capacity(self) -> float:
         """Windows/s this node scores, one window at a time (as a CPU run takes them), measured
@@ -139,6 +147,7 @@ class NodeEngine:
         with self._lock:
             self._threads.append(thread)
         thread.start()
+        self._figures_at = -math.inf  # the next poll shows them
 
     def release(self, source: str, reason: str) -> bool:
         """Stop running ``source`` here (another node takes it) unless it has an open event:
@@ -151,39 +160,37 @@ class NodeEngine:
         """
         with self._lock:
             threads = [t for t in self._threads if source in t.sources and t.is_alive()]
-        return any(t.pipeline.release(source, reason) for t in threads[-1:])
+        released = any(t.pipeline.release(source, reason) for t in threads[-1:])
+        self._figures_at = -math.inf  # the next poll drops its figures
+        return released
 
     def poll(self, wait_s: float = 0.0) -> EngineReport:
         """The lines since the previous poll, and every source's figures; with ``wait_s``, a
         long poll: it answers as soon as a line is made, or after ``wait_s`` seconds."""
         if wait_s > 0:
             self.outbox.wait(wait_s)
+        return self._report(fresh=False)
+
+    def _report(self, *, fresh: bool) -> EngineReport:
+        """The report: the lines since the previous one, figures at most ``FIGURES_INTERVAL_S``
+        old (``fresh``: made now)."""
         with self._lock:
             threads = list(self._threads)
-        stats: dict[str, SourceStats] = {}
-        health: dict[str, SourceHealth] = {}
-        windows, inference_alive = 0, True
         # Counted before the drain: a pipeline that has finished has put all its lines by now.
         pipelines_alive = sum(t.is_alive() for t in threads)
-        for t in threads:
-            gone = t.pipeline.released  # run elsewhere now: their figures are the other node's
-            stats.update(
-                (s, v) for s, v in t.pipeline.report.run_stats().sources.items() if s not in gone
-            )
-            windows += t.pipeline.inference.windows_done
-            if t.is_alive():  # a pipeline whose sources all ended has stopped its inference
-                run_health = t.pipeline.health()
-                health.update((s, h) for s, h in run_health.sources.items() if s not in gone)
-                inference_alive &= run_health.inference_alive
+        now = time.monotonic()
+        if fresh or now - self._figures_at >= FIGURES_INTERVAL_S:
+            self._figures, self._figures_at = gather_figures(threads), now
+        figures = self._figures
         return EngineReport(
             incarnation=self.incarnation,
             sources=tuple(s for t in threads for s in t.sources if s not in t.pipeline.released),
             records=self.outbox.drain(),
-            stats=stats,
-            windows=windows,
+            stats=figures.stats,
+            windows=sum(t.pipeline.inference.windows_done for t in threads),
             errors=tuple(t.error for t in threads if t.error),
-            health=health,
-            inference_alive=inference_alive,
+            health=figures.health,
+            inference_alive=figures.inference_alive,
             pipelines_alive=pipelines_alive,
         )
 
@@ -199,4 +206,30 @@ class NodeEngine:
         alive = [t.name for t in threads if t.is_alive()]
         if alive:
             log.warning("pipelines still stopping after %.0f s: %s", STOP_JOIN_S, alive)
-        return self.poll()
+        return self._report(fresh=True)
+
+
+@dataclass(frozen=True)
+class _Figures:
+    """The sources' figures and health, as a poll reports them."""
+
+    stats: dict[str, SourceStats]
+    health: dict[str, SourceHealth]
+    inference_alive: bool
+
+
+def gather_figures(threads: list[PipelineThread]) -> _Figures:
+    """The figures of every source still running on one of ``threads`` (not let go)."""
+    stats: dict[str, SourceStats] = {}
+    health: dict[str, SourceHealth] = {}
+    inference_alive = True
+    for t in threads:
+        gone = t.pipeline.released  # run elsewhere now: their figures are the other node's
+        stats.update(
+            (s, v) for s, v in t.pipeline.report.run_stats().sources.items() if s not in gone
+        )
+        if t.is_alive():  # a pipeline whose sources all ended has stopped its inference
+            run_health = t.pipeline.health()
+            health.update((s, h) for s, h in run_health.sources.items() if s not in gone)
+            inference_alive &= run_health.inference_alive
+    return _Figures(stats, health, inference_alive)
