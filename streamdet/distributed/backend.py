@@ -56,7 +56,9 @@ CONNECT_TIMEOUT_S = 10.0  # for --address to answer
 ENGINE_START_TIMEOUT_S = 120.0  # for the first engines to load the model and measure it
 POLL_INTERVAL_S = 0.25  # waits while engines start
 # Each engine is long-polled: its answer comes as soon as it makes a line, or after this long,
-# and the next poll is sent at once. The loop checks for answers every LOOP_INTERVAL_S.
+# and the next poll is sent at once. The loop waits for any answer (a poll's, an engine's
+# capacity, a release), so a line is written as soon as it arrives, and wakes at least every
+# LOOP_INTERVAL_S for its own deadlines (node checks, stats, a stop).
 LONG_POLL_S = 0.5
 LOOP_INTERVAL_S = 0.05
 NODE_CHECK_INTERVAL_S = 1.0
@@ -224,10 +226,26 @@ class Coordinator:
                 elif now >= next_progress:
                     self.print(self.progress_line())
                     next_progress = now + self.cfg.progress_interval_s
-                self.stop_event.wait(LOOP_INTERVAL_S)
+                self._wait_for_answers(LOOP_INTERVAL_S)
         finally:
             self._shut_down()
         return time.monotonic() - started
+
+    def _wait_for_answers(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for any engine to answer a call."""
+        import ray
+
+        refs = [
+            ref
+            for node in self.nodes.values()
+            for ref in (node.poll_ref, node.capacity_ref)
+            if ref is not None
+        ]
+        refs += [m.release_ref for m in self.moving.values() if m.release_ref is not None]
+        if refs:
+            ray.wait(refs, num_returns=1, timeout=timeout)
+        else:
+            self.stop_event.wait(timeout)
 
     def _wait_for_engines(self, deadline: float) -> None:
         """Wait for every engine started so far to measure itself, so that the first placement
