@@ -258,3 +258,41 @@ def test_nodes_that_join_take_a_share_of_the_running_sources_between_their_event
         ends = {line["id"]: line["end_reason"] for line in mine[:off] if line["type"] == "end"}
         assert set(ends) == news, f"{source}: an event open when it moved"
         assert not set(ends.values()) & CUT_REASONS, ends
+
+
+def test_the_coordinator_weighs_sources_by_the_windows_per_second_they_made(walk_clip: Path):
+    """A source's demand is its windows/s (scored and skipped) on its node, measured from the
+    engines' figures over ``DEMAND_MIN_S`` at least; one not measured yet counts as the mean."""
+    from streamdet.distributed.backend import DEMAND_MIN_S, Coordinator, NodeState
+    from streamdet.distributed.merge import ClusterLog
+    from streamdet.distributed.records import EngineReport
+    from streamdet.sinks.base import SourceStats
+
+    cfg = RunConfig.model_validate(
+        {"sources": [{"name": n, "url": str(walk_clip)} for n in ("fast", "slow", "new")]}
+    )
+    coordinator = Coordinator(cfg, ClusterLog("run", None), print_fn=lambda _: None)
+    node = NodeState("a" * 56, "aaaaaaaa", 1, actor=object(), capacity=50.0)
+    node.sources = ["fast", "slow", "new"]
+    coordinator.nodes = {node.node_id: node}
+
+    def figures(fast: int, slow: int) -> EngineReport:
+        def stats(windows: int, skipped: int = 0) -> SourceStats:
+            return SourceStats(10.0, 0, windows, skipped, 0, "online")
+
+        return EngineReport(
+            "e1", ("fast", "slow"), stats={"fast": stats(fast, 2), "slow": stats(slow)}
+        )
+
+    assert coordinator._demand() == {}  # nothing measured: every source counts as one
+    node.last = figures(10, 10)
+    coordinator._measure_demand(100.0)
+    node.last = figures(10 + 40, 10 + 10)
+    coordinator._measure_demand(100.0 + DEMAND_MIN_S / 2)
+    assert coordinator._demand() == {}  # not long enough yet
+    coordinator._measure_demand(100.0 + 2 * DEMAND_MIN_S)
+
+    demand = coordinator._demand()
+    assert demand["fast"] == pytest.approx(40 / (2 * DEMAND_MIN_S))
+    assert demand["slow"] == pytest.approx(10 / (2 * DEMAND_MIN_S))
+    assert demand["new"] == pytest.approx((demand["fast"] + demand["slow"]) / 2)

@@ -181,6 +181,7 @@ class Coordinator:
         self._placed = False  # the first placement is done: an engine ready later rebalances
         self._rebalance_due = False
         self._demand_since: dict[str, tuple[str, float, int]] = {}  # source: node, t, windows
+        self._rates: dict[str, float] = {}  # source: windows/s on its node, since _demand_since
         self._actor_class = ray.remote(NodeEngine)
         self._last_windows, self._last_t = 0, time.monotonic()
         # Made by the loop at each report and loss, read by web request threads: replaced whole.
@@ -218,6 +219,7 @@ class Coordinator:
                 self._poll_engines()
                 if now >= next_stats:
                     self.log.publish_stats(self.run_stats())
+                    self._measure_demand(now)
                     next_stats = now + STATS_INTERVAL_S
                 if self.ended >= {s.name for s in self.cfg.sources} and not self._finishing():
                     self.stop("all sources ended")
@@ -395,11 +397,9 @@ class Coordinator:
                 f"has no open event)"
             )
 
-    def _demand(self) -> dict[str, float]:
-        """Each running source's windows/s (scored and skipped), measured on its node since it
-        started there; sources not measured yet count as the mean of those measured (all as one
-        when none is)."""
-        now, rates = time.monotonic(), {}
+    def _measure_demand(self, now: float) -> None:
+        """Each running source's windows/s (scored and skipped) on its node, since it started
+        there (over ``DEMAND_MIN_S`` at least), from the engines' latest figures."""
         for node in self._ready().values():
             if node.last is None:
                 continue
@@ -411,13 +411,20 @@ class Coordinator:
                 since = self._demand_since.get(source)
                 if since is None or since[0] != node.name or total < since[2]:
                     self._demand_since[source] = (node.name, now, total)
+                    self._rates.pop(source, None)
                 elif now - since[1] >= DEMAND_MIN_S:
-                    rates[source] = (total - since[2]) / (now - since[1])
-        if not rates or not any(rates.values()):
+                    self._rates[source] = (total - since[2]) / (now - since[1])
+
+    def _demand(self) -> dict[str, float]:
+        """Each running source's demand for :func:`rebalance`: its windows/s as measured; one
+        not measured yet (or idle, as a camera offline for now) counts as the mean of those
+        measured; all count as one when none is."""
+        running = [s for n in self._ready().values() for s in n.sources]
+        rates = {s: r for s in running if (r := self._rates.get(s, 0.0)) > 0}
+        if not rates:
             return {}
         mean = sum(rates.values()) / len(rates)
-        running = [s for n in self._ready().values() for s in n.sources]
-        return {s: rates.get(s) or mean for s in running}
+        return {s: rates.get(s, mean) for s in running}
 
     def _advance_moves(self) -> None:
         """Ask each source's old node to let it go, when the log shows it has no open event;
