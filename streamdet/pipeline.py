@@ -51,6 +51,10 @@ STATS_INTERVAL_S = 0.5  # how often the outputs get the sources' figures (the ov
 # at or before it; the byte bound holds whatever the camera's bitrate or keyframe interval.
 PACKET_RING_MARGIN_S = 20.0
 PACKET_RING_MAX_BYTES = 64 * 1024 * 1024
+# A source let go (release) is closed before release returns, so that the node taking it never
+# opens a second connection to a camera: its capture ends within a read, or after
+# SESSION_JOIN_S (1 s) when the read is stuck (that connection is dead anyway).
+RELEASE_JOIN_S = 2.0
 
 
 class StageError(StreamdetError):
@@ -402,8 +406,9 @@ class Pipeline:
 
         Only a source with no open event is let go (so no event is cut): its status goes
         ``offline`` with ``reason`` and nothing more of it is written (no ``ended`` line), its
-        capture stops and its ring closes. When it was the last source running, the run ends
-        as when every source ended.
+        capture stops and its ring closes. It returns once the capture has closed the source
+        (within ``RELEASE_JOIN_S``; a capture stuck in a read longer is logged and left to
+        end). When it was the last source running, the run ends as when every source ended.
 
         Returns:
             False, and nothing done, when ``source`` has an open event, is not running here
@@ -423,6 +428,9 @@ class Pipeline:
         self._capture_stops[source].set()
         capture.ring.close()  # inference scores what it holds (not written), then it is done
         self._wake.set()
+        capture.join(RELEASE_JOIN_S)
+        if capture.is_alive():
+            log.warning("%s: let go, but its capture is still stuck in a read", source)
         return True
 
     @property

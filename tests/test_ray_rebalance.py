@@ -104,7 +104,8 @@ def test_a_source_let_go_between_events_goes_offline_and_the_others_run_on(
 ) -> None:
     """Asked each 0.1 s, as the coordinator asks, the pipeline lets ``moving`` go once its
     event ended: its last line is ``offline`` with the reason given (no ``ended`` line, no event
-    cut), its capture stops, and ``staying`` runs on to its file's end."""
+    cut), its capture has closed it when release returns (a camera never has two connections),
+    and ``staying`` runs on to its file's end."""
     events = tmp_path / "events.jsonl"
     pipeline = Pipeline(
         run_config({"moving": walk300, "staying": walk300}, events, 0.6),
@@ -122,10 +123,14 @@ def test_a_source_let_go_between_events_goes_offline_and_the_others_run_on(
         refused += 1
         assert time.monotonic() < deadline and thread.is_alive(), "never let go"
         time.sleep(0.1)
+    capture = next(c for c in pipeline.captures if c.source_name == "moving")
+    closed = not capture.is_alive()  # no second connection when the new node opens it
     thread.join(60)
 
     assert not thread.is_alive() and "error" not in outcome
     print(f"let go after {refused} refusal(s)")
+    assert closed, "the source was still open when release returned"
+    assert pipeline.captures[1].stats.frames_read > 0
     mine = lines_of(events, "moving")
     assert (mine[-1]["type"], mine[-1].get("status")) == ("status", "offline"), mine[-1]
     assert mine[-1]["reason"] == "moved to node x"
@@ -133,8 +138,6 @@ def test_a_source_let_go_between_events_goes_offline_and_the_others_run_on(
     ends = {line["id"]: line["end_reason"] for line in mine if line["type"] == "end"}
     assert news and set(news) == set(ends), "an event of the moved source never ended"
     assert not set(ends.values()) & CUT_REASONS, ends
-    capture = next(c for c in pipeline.captures if c.source_name == "moving")
-    assert not capture.is_alive()
     assert "moving" in pipeline.released
     theirs = lines_of(events, "staying")
     assert (theirs[-1]["status"], theirs[-1]["reason"]) == ("offline", "ended")
