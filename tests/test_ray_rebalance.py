@@ -14,6 +14,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -299,3 +300,49 @@ def test_the_coordinator_weighs_sources_by_the_windows_per_second_they_made(walk
     assert demand["fast"] == pytest.approx(40 / (2 * DEMAND_MIN_S))
     assert demand["slow"] == pytest.approx(10 / (2 * DEMAND_MIN_S))
     assert demand["new"] == pytest.approx((demand["fast"] + demand["slow"]) / 2)
+
+
+class FakeEngine:
+    """An engine actor's handle as the coordinator calls it: records each ``start``."""
+
+    def __init__(self) -> None:
+        self.started: list[list[str]] = []
+        self.start = SimpleNamespace(remote=self.started.append)
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+def test_a_move_completes_on_the_old_nodes_offline_line_and_not_while_stopping(
+    walk_clip: Path, stopping: bool
+):
+    """The new node opens the source only once the old node's ``moved to`` line reached the
+    log (never two connections to a camera), and not at all once the run is stopping (the
+    stop already went to every engine); another offline line (the camera's own outage) does not
+    complete a move."""
+    from streamdet.distributed.backend import Coordinator, Moving, NodeState
+    from streamdet.distributed.merge import ClusterLog
+    from streamdet.distributed.placement import Move
+    from streamdet.distributed.records import EngineReport, StatusRecord
+
+    cfg = RunConfig.model_validate({"sources": [{"name": "cam", "url": str(walk_clip)}]})
+    coordinator = Coordinator(cfg, ClusterLog("run", None), print_fn=lambda _: None)
+    old, new = FakeEngine(), FakeEngine()
+    a = NodeState("a" * 56, "aaaaaaaa", 1, actor=old, capacity=50.0, sources=["cam"])
+    b = NodeState("b" * 56, "bbbbbbbb", 1, actor=new, capacity=50.0)
+    coordinator.nodes = {a.node_id: a, b.node_id: b}
+    coordinator.moving["cam"] = Moving(Move("cam", a.name, b.name), released=True)
+
+    def line(reason: str) -> EngineReport:
+        return EngineReport("e1", (), records=(StatusRecord("cam", "offline", reason, 0.0),))
+
+    coordinator._take(a, line("read failed"))
+    assert new.started == [] and a.sources == ["cam"]
+
+    if stopping:
+        coordinator.stop("test")
+    coordinator._take(a, line(f"moved to node {b.name}"))
+
+    assert a.sources == [] and "cam" not in coordinator.moving
+    if stopping:
+        assert new.started == [] and b.sources == [] and coordinator.rebalanced == 0
+    else:
+        assert new.started == [["cam"]] and b.sources == ["cam"] and coordinator.rebalanced == 1

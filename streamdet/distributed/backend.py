@@ -467,7 +467,7 @@ class Coordinator:
         for source in sources:
             m = self.moving.pop(source)
             node.sources.remove(source)
-            if m.move.to in ready:
+            if m.move.to in ready and not self.stop_event.is_set():  # stopping: it stays off
                 starts.setdefault(m.move.to, []).append(source)
             else:
                 self.pending.append(source)
