@@ -1,7 +1,8 @@
 """Which node runs which source: by each node's measured capacity (windows/s).
 
 Pure logic, no Ray: the coordinator (:mod:`streamdet.distributed.backend`) keeps the state and
-asks :func:`spread` where sources waiting for a node should go.
+asks :func:`spread` where sources waiting for a node should go, and :func:`rebalance` which
+running sources should move when a node joins.
 """
 
 from __future__ import annotations
