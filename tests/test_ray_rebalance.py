@@ -145,7 +145,9 @@ def test_a_source_let_go_between_events_goes_offline_and_the_others_run_on(
     assert theirs[-1]["seq"] > mine[-1]["seq"], "the other source stopped with the moved one"
 
 
-MOVED_WITHIN_S = 60.0  # after a node is added, sources run on it within this (measured: see -s)
+# After a node is added, sources run on it within this: measured 3.6-7.9 s on a shared 2-core
+# machine (the node starts, its engine loads the model and measures itself, a source is let go).
+MOVED_WITHIN_S = 60.0
 
 
 @pytest.fixture(scope="module")
