@@ -181,8 +181,9 @@ def test_nodes_that_join_take_a_share_of_the_running_sources_between_their_event
     tmp_path: Path, walk600: Path, weights: Path, cluster: Any
 ):
     """Four paced files on a one-node cluster; two nodes added one after the other mid-run
-    each take sources within ``MOVED_WITHIN_S`` (in the end each node runs as many as ``spread``
-    gives it for the capacities the engines measured, within one). Each moved source goes
+    each take sources within ``MOVED_WITHIN_S`` of being added, when ``spread`` gives them any
+    for the capacities the engines measured (in the end each node runs as many as ``spread``
+    gives it, within one). Each moved source goes
     offline on its old node (``moved to node X``) with no event open, then online on the new
     one, where its events (the file starts again) reach the log too; the log stays valid, and
     no event ends ``stream_lost``, ``shutdown`` or ``stream_ended`` because of a move.
@@ -223,11 +224,15 @@ def test_nodes_that_join_take_a_share_of_the_running_sources_between_their_event
         )
         for _ in range(2):
             nodes.append(c.add_node(num_cpus=1).node_id[:8])
-            took = wait_for(lambda: running_on(nodes[-1]) >= 1, MOVED_WITHIN_S, proc, "a move")
-            print(f"a source ran on node {nodes[-1]} {took:.1f} s after it was added")
+            added = time.monotonic()
+            ready = f"node {nodes[-1]}: engine ready"
+            wait_for(lambda r=ready: r in "".join(out), MOVED_WITHIN_S, proc, "the engine")
             ideal = ideal_counts("".join(out), list(sources), nodes)
-            share = ideal[nodes[-1]]
-            wait_for(lambda s=share: running_on(nodes[-1]) >= s - 1, 30, proc, "every move")
+            if ideal[nodes[-1]] == 0:  # measured much slower than the others: it takes none
+                continue
+            wait_for(lambda: running_on(nodes[-1]) >= 1, MOVED_WITHIN_S, proc, "a move")
+            took = time.monotonic() - added
+            print(f"a source ran on node {nodes[-1]} {took:.1f} s after it was added")
         moved = {s: n for s, n in where_online(read_log(log_path)).items() if n != nodes[0]}
         wait_for(
             lambda: all(s in events_on(n) for s, n in moved.items()),
@@ -250,7 +255,7 @@ def test_nodes_that_join_take_a_share_of_the_running_sources_between_their_event
     for node in nodes:
         assert abs(running_on(node) - ideal[node]) <= 1, (node, dict(ideal), text[-2000:])
     moves = re.findall(r"\[ray\] moved (\w+) from node (\w+) to node (\w+)", text)
-    assert len(moves) >= len(moved) >= 2, text[-2000:]
+    assert len(moves) >= len(moved) >= 1, text[-2000:]
     assert f"{len(moves)} source(s) moved onto nodes that joined" in text
     for source, old, new in moves:
         mine = [line for line in lines if line["source"] == source]
