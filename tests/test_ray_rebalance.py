@@ -168,6 +168,20 @@ def where_online(lines: list[dict[str, Any]]) -> dict[str, str]:
     }
 
 
+def statuses_of(lines: list[dict[str, Any]], source: str) -> list[tuple[str, str, str]]:
+    """(node, status, reason) of each status line of ``source``, in order."""
+    return [
+        (line["node"], line["status"], line["reason"])
+        for line in lines
+        if line["source"] == source and line["type"] == "status"
+    ]
+
+
+def moved_back(printed: list[str], node: str) -> list[tuple[str, str]]:
+    """(source, from node) of each move to ``node`` the coordinator printed."""
+    return re.findall(rf"\[ray\] moved (\w+) from node (\w+) to node {node}", "\n".join(printed))
+
+
 def ideal_counts(out: str, sources: list[str], nodes: list[str]) -> Counter[str]:
     """What ``spread`` gives ``nodes`` for the capacities their engines printed."""
     printed = dict(re.findall(r"node (\w+): engine ready, (\d+) windows/s", out))
@@ -353,3 +367,69 @@ def test_a_move_completes_on_the_old_nodes_offline_line_and_not_while_stopping(
         assert new.started == [] and b.sources == [] and coordinator.rebalanced == 0
     else:
         assert new.started == [["cam"]] and b.sources == ["cam"] and coordinator.rebalanced == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_restarted_engine_takes_sources_back(
+    tmp_path: Path, walk600: Path, weights: Path, cluster: Any
+):
+    """Two nodes, four paced files; one node's engine is killed: its sources go offline
+    (``engine died``) and on to the other node, the engine is started again on its node, and
+    once it measured itself it takes a share back, between events, within ``MOVED_WITHIN_S``."""
+    import ray
+
+    from streamdet.distributed.backend import Coordinator, connect
+    from streamdet.distributed.merge import ClusterLog
+    from streamdet.pipeline import build_event_log
+    from streamdet.runner import load_model
+
+    sources = {f"cam{i}": walk600 for i in range(4)}
+    cfg = load_config(write_config(tmp_path / "c.yaml", sources, weights, realtime=True))
+    c = cluster(2)
+    connect(c.address)
+    log_path = tmp_path / "events.jsonl"
+    cluster_log = ClusterLog("run", build_event_log(cfg, load_model(cfg), "run"))
+    printed: list[str] = []
+    coordinator = Coordinator(cfg, cluster_log, print_fn=printed.append)
+    thread = threading.Thread(target=coordinator.run, daemon=True)
+    thread.start()
+    try:
+
+        def online() -> dict[str, str]:
+            return where_online(read_log(log_path))
+
+        deadline = time.monotonic() + 120
+        while len(online()) < len(sources) or len(set(online().values())) < 2:
+            assert thread.is_alive() and time.monotonic() < deadline, printed
+            time.sleep(0.2)
+        victim = next(n for n in list(coordinator.nodes.values()) if n.sources)
+        lost = list(victim.sources)
+        ray.kill(victim.actor, no_restart=True)
+        killed = time.monotonic()
+        while not any(line.startswith("[ray] moved") for line in printed):
+            assert thread.is_alive(), printed
+            assert time.monotonic() - killed < MOVED_WITHIN_S, printed
+            time.sleep(0.2)
+        print(f"a source moved back {time.monotonic() - killed:.1f} s after the kill")
+        while any(online().get(s) != victim.name for s, _ in moved_back(printed, victim.name)):
+            assert thread.is_alive() and time.monotonic() - killed < 2 * MOVED_WITHIN_S, printed
+            time.sleep(0.2)  # the online lines, from the node they moved back to
+    finally:
+        coordinator.stop("test over")
+        thread.join(30)
+        cluster_log.close("shutdown")
+    assert not thread.is_alive()
+    lines = read_log(log_path)
+    check_log(lines)
+    assert victim.restarts == 1 and coordinator.rebalanced >= 1
+    back = moved_back(printed, victim.name)
+    assert back, printed
+    for source, other in back:
+        statuses = statuses_of(lines, source)
+        at = statuses.index((other, "offline", f"moved to node {victim.name}"))
+        assert statuses[at + 1][:2] == (victim.name, "online"), statuses
+    for source in lost:  # went offline on the killed engine, online elsewhere at once
+        statuses = statuses_of(lines, source)
+        died = next(i for i, s in enumerate(statuses) if s[2].startswith("engine died"))
+        assert statuses[died][0] == victim.name and statuses[died + 1][1] == "online", statuses
