@@ -18,15 +18,29 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import ray
 from assets import cut_clip, vtest_path
 from test_ray_backend import check_log, cluster, read_log, wait_for, weights, write_config
+from test_ray_merge import change
 from threads import run_in_thread
 from tiny_model import make_tiny_weights
 
 from streamdet.config import RunConfig, load_config
-from streamdet.distributed.placement import spread
+from streamdet.distributed.backend import (
+    CLIP_HOLD_MARGIN_S,
+    DEMAND_MIN_S,
+    Coordinator,
+    Moving,
+    NodeState,
+    connect,
+)
+from streamdet.distributed.merge import ClusterLog
+from streamdet.distributed.placement import Move, spread
+from streamdet.distributed.records import EngineReport, EventRecord, StatusRecord
 from streamdet.models.weights import Checkpoint, load_checkpoint
-from streamdet.pipeline import Pipeline
+from streamdet.pipeline import Pipeline, build_event_log
+from streamdet.runner import load_model
+from streamdet.sinks.base import SourceStats
 
 __all__ = ["cluster", "weights"]  # fixtures shared with test_ray_backend
 
@@ -288,10 +302,6 @@ def test_nodes_that_join_take_a_share_of_the_running_sources_between_their_event
 def test_the_coordinator_weighs_sources_by_the_windows_per_second_they_made(walk_clip: Path):
     """A source's demand is its windows/s (scored and skipped) on its node, measured from the
     engines' figures over ``DEMAND_MIN_S`` at least; one not measured yet counts as the mean."""
-    from streamdet.distributed.backend import DEMAND_MIN_S, Coordinator, NodeState
-    from streamdet.distributed.merge import ClusterLog
-    from streamdet.distributed.records import EngineReport
-    from streamdet.sinks.base import SourceStats
 
     cfg = RunConfig.model_validate(
         {"sources": [{"name": n, "url": str(walk_clip)} for n in ("fast", "slow", "new")]}
@@ -339,10 +349,6 @@ def test_a_move_completes_on_the_old_nodes_offline_line_and_not_while_stopping(
     log (never two connections to a camera), and not at all once the run is stopping (the
     stop already went to every engine); another offline line (the camera's own outage) does not
     complete a move."""
-    from streamdet.distributed.backend import Coordinator, Moving, NodeState
-    from streamdet.distributed.merge import ClusterLog
-    from streamdet.distributed.placement import Move
-    from streamdet.distributed.records import EngineReport, StatusRecord
 
     cfg = RunConfig.model_validate({"sources": [{"name": "cam", "url": str(walk_clip)}]})
     coordinator = Coordinator(cfg, ClusterLog("run", None), print_fn=lambda _: None)
@@ -377,12 +383,6 @@ def test_a_restarted_engine_takes_sources_back(
     """Two nodes, four paced files; one node's engine is killed: its sources go offline
     (``engine died``) and on to the other node, the engine is started again on its node, and
     once it measured itself it takes a share back, between events, within ``MOVED_WITHIN_S``."""
-    import ray
-
-    from streamdet.distributed.backend import Coordinator, connect
-    from streamdet.distributed.merge import ClusterLog
-    from streamdet.pipeline import build_event_log
-    from streamdet.runner import load_model
 
     sources = {f"cam{i}": walk600 for i in range(4)}
     cfg = load_config(write_config(tmp_path / "c.yaml", sources, weights, realtime=True))
@@ -433,3 +433,35 @@ def test_a_restarted_engine_takes_sources_back(
         statuses = statuses_of(lines, source)
         died = next(i for i, s in enumerate(statuses) if s[2].startswith("engine died"))
         assert statuses[died][0] == victim.name and statuses[died + 1][1] == "online", statuses
+
+
+def test_a_camera_with_clips_moves_only_once_its_last_clip_is_complete(
+    tmp_path: Path, walk_clip: Path
+):
+    """With event clips on, a camera's clip runs ``post_capture_s`` past its event's end, from
+    the packets its node keeps: the coordinator asks its node to let it go only after that (and
+    ``CLIP_HOLD_MARGIN_S``), so a move never cuts a clip's end short."""
+
+    cfg = RunConfig.model_validate(
+        {
+            "sources": [{"name": "cam", "url": str(walk_clip)}],
+            "media": {"dir": str(tmp_path / "media"), "clips": {"post_capture_s": 1.0}},
+        }
+    )
+    coordinator = Coordinator(cfg, ClusterLog("run", None), print_fn=lambda _: None)
+    asked: list[tuple[str, str]] = []
+    old = FakeEngine()
+    old.release = SimpleNamespace(remote=lambda *args: asked.append(args) or "ref")
+    a = NodeState("a" * 56, "aaaaaaaa", 1, actor=old, capacity=50.0, sources=["cam"])
+    b = NodeState("b" * 56, "bbbbbbbb", 1, actor=FakeEngine(), capacity=50.0)
+    coordinator.nodes = {a.node_id: a, b.node_id: b}
+    coordinator.moving["cam"] = Moving(Move("cam", a.name, b.name))
+    coordinator._take(a, EngineReport("e1", (), records=(EventRecord(change("new", "n1"), 1.0),)))
+    coordinator._take(a, EngineReport("e1", (), records=(EventRecord(change("end", "n1"), 1.0),)))
+
+    coordinator._advance_moves()
+    assert asked == []  # its clip is still being made on its node
+
+    coordinator._last_end["cam"] -= 1.0 + CLIP_HOLD_MARGIN_S
+    coordinator._advance_moves()
+    assert asked == [("cam", f"moved to node {b.name}")]

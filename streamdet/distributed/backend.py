@@ -13,7 +13,8 @@ its lines (:class:`~streamdet.distributed.merge.ClusterLog` writes them), and wa
   nodes, sources without an open event first) that bring the spread to what ``spread`` would
   give. A source moves only between events, never cutting one: its old node lets it go when it
   has no open event (:meth:`NodeEngine.release`, asked again each ``RELEASE_RETRY_S`` until its
-  event ends; one whose events never end stays where it is), its ``offline`` line (``moved to
+  event ends; one whose events never end stays where it is; with event clips, not before the
+  last clip's ``post_capture_s`` has passed), its ``offline`` line (``moved to
   node X``) reaches the log, and only then does the new node open it (one connection to a camera
   at a time), where it comes back ``online``. Moves are planned only when an engine becomes
   ready after the first placement (a join, an engine restarted), never continuously, so no
@@ -30,6 +31,7 @@ This is the only module that imports Ray.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import socket
@@ -44,7 +46,7 @@ from streamdet.config import RunConfig
 from streamdet.distributed.engine import NodeEngine
 from streamdet.distributed.merge import ClusterLog
 from streamdet.distributed.placement import Move, rebalance, spread
-from streamdet.distributed.records import EngineReport, StatusRecord
+from streamdet.distributed.records import EngineReport, EventRecord, StatusRecord
 from streamdet.errors import StreamdetError
 from streamdet.redaction import redact_url
 from streamdet.report import format_ms, percentile
@@ -66,6 +68,9 @@ STATS_INTERVAL_S = 0.5
 STOP_TIMEOUT_S = 4.0  # engines stop in this; the whole stop stays within 5 s
 RELEASE_RETRY_S = 0.5  # a source to move whose node refused (an event open) is asked again
 DEMAND_MIN_S = 2.0  # a source's windows/s are measured over at least this long on one node
+# A camera's clip goes on for media.clips.post_capture_s after its event ended, from the packets
+# its node keeps: a source is not moved before that (and this margin) has passed.
+CLIP_HOLD_MARGIN_S = 2.0
 
 
 def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
@@ -182,6 +187,11 @@ class Coordinator:
         self._rebalance_due = False
         self._demand_since: dict[str, tuple[str, float, int]] = {}  # source: node, t, windows
         self._rates: dict[str, float] = {}  # source: windows/s on its node, since _demand_since
+        clips = cfg.media.clips if cfg.media is not None else None
+        self._clip_hold_s = (
+            clips.post_capture_s + CLIP_HOLD_MARGIN_S if clips and clips.enabled else 0.0
+        )
+        self._last_end: dict[str, float] = {}  # source: monotonic time its latest event ended
         self._actor_class = ray.remote(NodeEngine)
         self._last_windows, self._last_t = 0, time.monotonic()
         # Made by the loop at each report and loss, read by web request threads: replaced whole.
@@ -445,7 +455,8 @@ class Coordinator:
                     del self.moving[source]
                     continue
             if m.release_ref is None:
-                if old is not None and now >= m.next_try and source not in busy:
+                clip_done = now >= self._last_end.get(source, -math.inf) + self._clip_hold_s
+                if old is not None and now >= m.next_try and source not in busy and clip_done:
                     m.release_ref = old.actor.release.remote(source, f"moved to node {m.move.to}")
                 continue
             done, _ = ray.wait([m.release_ref], timeout=0)
@@ -514,6 +525,8 @@ class Coordinator:
                 self.ended.add(r.source)
             elif isinstance(r, StatusRecord) and r.status == "offline" and self._moved(node, r):
                 let_go.append(r.source)
+            elif isinstance(r, EventRecord) and r.change.type == "end":
+                self._last_end[r.change.source] = time.monotonic()
         self.log.deliver(node.name, report.records)
         if let_go:
             self._arrive(node, let_go)
