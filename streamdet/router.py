@@ -195,7 +195,7 @@ class EventRouter:
                 return False
             self._released.add(source)
             self._status[source] = "offline"
-            now = time.time()
+            now, reason = time.time(), redact_text(reason)
             if self.event_log is not None:
                 self.event_log.write_status(source, "offline", reason, now)
             msg = StatusMessage(source, "offline", reason, now)
