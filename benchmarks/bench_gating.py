@@ -5,13 +5,18 @@
    held-out synthetic streams (seeds the demo never used), gating off and on, same files:
    event F1 per class and overall, onset delay p90, windows scored and gated. Streams:
    ``scripts/build_demo.py``'s held-out streams (seeds 7001-7003, 180 s: events every 2-4.5 s)
-   and, with the same seeds, streams whose quiet gaps are 9-15 s (about 90% empty scene).
+   and, with the same seeds, streams with longer quiet gaps (``--gaps``); a gap set written
+   ``still:LOW-HIGH`` is rendered as a fixed camera (``iter_stream(still_camera=True)``: no
+   sway of scene objects, no camera jitter; noise, flicker and compression kept). The share of
+   quiet frames (frame count outside every true event) is printed per set.
 3. Real footage: a still scene cut from ``tests/.assets/vtest.avi`` (its first frame held, with
-   fresh sensor noise each frame) with 4 s of the real clip every 20 s (80% still): windows
-   scored and events, off and on.
+   fresh sensor noise each frame, MJPG-compressed) and, every 50 s, 10 s of the real clip (people
+   walking through the hall): 80% still by frame count, 2000 frames at 10 fps. Windows scored
+   and events, off and on.
 
 Usage:
     python benchmarks/bench_gating.py [--seeds 7001,7002,7003] [--seconds 180]
+    python benchmarks/bench_gating.py --gaps 22-45,still:50-80 --skip-real
 """
 
 from __future__ import annotations
@@ -69,13 +74,20 @@ def bench_cost(frames: int = 2000) -> str:
     return f"ActivityMeter.update: {us:.1f} us per 3x112x112 frame (mean of {frames})"
 
 
-def write_stream(out: Path, seed: int, seconds: float, gaps: tuple[int, int]) -> tuple[Path, Path]:
-    """A synthetic stream and its truth (as make_stream, with the quiet gaps chosen)."""
+def write_stream(
+    out: Path, seed: int, seconds: float, gaps: tuple[int, int], still: bool = False
+) -> tuple[Path, Path]:
+    """A synthetic stream and its truth (as make_stream, with the quiet gaps chosen; ``still``:
+    a fixed camera's quiet scene)."""
     bg = load_background_frames(list(BACKGROUNDS))
-    video, truth = out / f"s{seed}_{gaps[0]}.mp4", out / f"s{seed}_{gaps[0]}_truth.json"
+    tag = f"s{seed}_{gaps[0]}{'_still' if still else ''}"
+    video, truth = out / f"{tag}.mp4", out / f"{tag}_truth.json"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"mp4v"), 10.0, (WIDTH, HEIGHT))
     events, n = [], 0
-    for frame, ev in iter_stream(seed, duration_s=seconds, background_frames=bg, gap_frames=gaps):
+    frames = iter_stream(
+        seed, duration_s=seconds, background_frames=bg, gap_frames=gaps, still_camera=still
+    )
+    for frame, ev in frames:
         writer.write(frame)
         n += 1
         if ev is not None:
@@ -87,20 +99,25 @@ def write_stream(out: Path, seed: int, seconds: float, gaps: tuple[int, int]) ->
     return video, truth
 
 
-def write_still_vtest(out: Path) -> Path:
-    """vtest's first frame held with fresh noise, 4 s of the real clip every 20 s (80% still)."""
+REAL_STILL, REAL_ACTIVE = 400, 100  # frames per cycle of the real-footage stream (80% still)
+
+
+def write_still_vtest(out: Path, still: int = REAL_STILL, active: int = REAL_ACTIVE) -> Path:
+    """vtest's first frame held with fresh noise for ``still`` frames, then ``active`` frames of
+    the real clip (each cycle a different part of it), 4 cycles, MJPG at 10 fps."""
     cap = cv2.VideoCapture(str(VTEST))
-    real = [cap.read()[1] for _ in range(400)]
+    real = [f for ok, f in iter(cap.read, (False, None)) if ok][: 4 * 2 * active]
     cap.release()
     rng = np.random.default_rng(0)
     h, w = real[0].shape[:2]
     path = out / "vtest_still.avi"
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), 10.0, (w, h))
     for k in range(4):
-        for _ in range(160):
+        for _ in range(still):
             noise = rng.normal(0, 3.0, real[0].shape)
             writer.write(np.clip(real[0] + noise, 0, 255).astype(np.uint8))
-        for f in real[100 * k : 100 * k + 40]:
+        start = (k * len(real) // 4) % max(1, len(real) - active)
+        for f in real[start : start + active]:
             writer.write(f)
     writer.release()
     return path
@@ -145,15 +162,25 @@ def f1(tp: int, fp: int, fn: int) -> float:
     return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
 
 
+def quiet_share(truth: Path) -> tuple[int, int]:
+    """(frames outside every true event, frames) of a stream's truth file."""
+    doc = json.loads(truth.read_text())
+    busy = sum(e["end_frame"] - e["start_frame"] + 1 for e in doc["events"])
+    return doc["frame_count"] - busy, doc["frame_count"]
+
+
 def bench_synthetic(
-    out: Path, seeds: list[int], seconds: float, gaps: tuple[int, int]
+    out: Path, seeds: list[int], seconds: float, gaps: tuple[int, int], still: bool = False
 ) -> list[str]:
     totals = {g: {c: [0, 0, 0, []] for c in EVENT_CLASSES} for g in (False, True)}
     windows = {False: [0, 0], True: [0, 0]}
+    quiet = [0, 0]
     for seed in seeds:
-        video, truth = write_stream(out, seed, seconds, gaps)
+        video, truth = write_stream(out, seed, seconds, gaps, still)
+        q, n = quiet_share(truth)
+        quiet = [quiet[0] + q, quiet[1] + n]
         for gating in (False, True):
-            log, w = run(video, out, gating, f"s{seed}_{gaps[0]}")
+            log, w = run(video, out, gating, video.stem)
             windows[gating][0] += w["scored"]
             windows[gating][1] += w["gated"]
             for c, (tp, fp, fn, delays) in class_counts(log, truth).items():
@@ -162,7 +189,11 @@ def bench_synthetic(
                 t[1] += fp
                 t[2] += fn
                 t[3] += delays
-    lines = [f"streams: seeds {seeds}, {seconds:g} s, quiet gaps {gaps[0]}-{gaps[1]} frames"]
+    lines = [
+        f"streams: seeds {seeds}, {seconds:g} s, quiet gaps {gaps[0]}-{gaps[1]} frames, "
+        f"{'still' if still else 'swaying'} camera, {100 * quiet[0] / max(quiet[1], 1):.0f}% "
+        "of frames outside events"
+    ]
     for gating in (False, True):
         per = totals[gating]
         tp, fp, fn = (sum(v[i] for v in per.values()) for i in range(3))
@@ -179,7 +210,10 @@ def bench_synthetic(
 
 def bench_real(out: Path) -> list[str]:
     video = write_still_vtest(out)
-    lines = ["real footage: vtest.avi, 80% still (first frame held, noise sigma 3), 800 frames"]
+    lines = [
+        f"real footage: vtest.avi's first frame held (noise sigma 3) {REAL_STILL} frames, then "
+        f"{REAL_ACTIVE} frames of the real clip, 4 times (80% still), 10 fps, MJPG"
+    ]
     for gating in (False, True):
         log, w = run(video, out, gating, "vtest")
         news = [json.loads(x) for x in log.read_text().splitlines()]
@@ -195,7 +229,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", default="7001,7002,7003")
     ap.add_argument("--seconds", type=float, default=180.0)
-    ap.add_argument("--gaps", default="22-45,90-150", help="quiet gaps (frames) of the streams")
+    ap.add_argument(
+        "--gaps",
+        default="22-45,90-150,still:50-80",
+        help="quiet gaps (frames) of the streams, comma-separated; still:LOW-HIGH: a fixed camera",
+    )
     ap.add_argument("--skip-real", action="store_true", help="no real-footage run")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -206,9 +244,9 @@ def main() -> None:
         for line in [] if args.skip_real else bench_real(out):
             print(line, flush=True)
         for text in args.gaps.split(","):
-            low, high = (int(v) for v in text.split("-"))
-            gaps = (low, high)
-            for line in bench_synthetic(out, seeds, args.seconds, gaps):
+            still = text.startswith("still:")
+            low, high = (int(v) for v in text.removeprefix("still:").split("-"))
+            for line in bench_synthetic(out, seeds, args.seconds, (low, high), still):
                 print(line, flush=True)
 
 

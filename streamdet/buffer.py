@@ -54,7 +54,11 @@ class Window:
     frame_times: np.ndarray  # (length,) UTC epoch seconds of each frame
     last_monotonic: float  # monotonic capture time of the newest frame
     seq: int  # sequence number (frames written to this ring) of the newest frame
-    activity: float = math.inf  # largest frame activity (> 1: active; inf: not measured)
+    # Of the frames new to this window (not in the ring's previous window taken; all of them
+    # for the first window of a ring): the largest activity (> 1: active; inf: not measured),
+    # and the seq of the newest active one (-1: none active).
+    activity: float = math.inf
+    newest_active: int = -1
 
     @property
     def first_time(self) -> float:
@@ -123,6 +127,7 @@ class RingBuffer:
         self._written = 0  # frames published so far (the next frame's seq)
         self._segment_start = 0  # seq of the first frame after the latest gap
         self._ready: deque[int] = deque(maxlen=capacity // stride + 2)
+        self._last_taken = -1  # seq of the newest frame of the last window taken
         self._closed = False
         self.frames_written = 0
         self.windows_taken = 0
@@ -237,6 +242,7 @@ class RingBuffer:
             else:
                 np.copyto(out, view)
             slots = (np.arange(start, end + 1)) % self.capacity
+            activity, newest_active = self._new_activity(start, end)
             window = Window(
                 source=self.name,
                 first_frame=int(self._index[slots[0]]),
@@ -244,11 +250,29 @@ class RingBuffer:
                 frame_times=self._wall[slots].copy(),
                 last_monotonic=float(self._mono[slots[-1]]),
                 seq=end,
-                activity=float(self._activity[slots].max()),
+                activity=activity,
+                newest_active=newest_active,
             )
+            self._last_taken = end
             self.windows_taken += 1
             self._taken.notify_all()
             return window
+
+    def _new_activity(self, start: int, end: int) -> tuple[float, int]:  # with the lock held
+        """(largest activity, seq of the newest active frame or -1) of the frames of the window
+        [start, end] that the previous window taken did not hold.
+
+        Judging a window by its new frames only (not all of them) is what lets an active stretch
+        cost about its own length in scored windows: by all its frames, every window that still
+        held one active frame was scored, 15 frames' worth of windows after each stretch.
+        """
+        first = max(start, self._last_taken + 1)
+        if first > end:  # the same window again (cannot happen: windows move forward)
+            first = end
+        values = self._activity[np.arange(first, end + 1) % self.capacity]
+        active = np.flatnonzero(values > 1.0)
+        newest = first + int(active[-1]) if active.size else -1
+        return float(values.max()), newest
 
     def close(self) -> None:
         """Wake a waiting writer; later writes are refused."""

@@ -131,10 +131,14 @@ class GatingConfig(_Model):
 
     enabled: bool = Field(False, description="Skip the forward pass of quiet windows.")
     keepalive_s: float = Field(
-        10.0, gt=0, le=3600, description="A quiet source is still scored once per this many s."
+        30.0, gt=0, le=3600, description="A quiet source is still scored once per this many s."
     )
-    hangover_windows: int = Field(
-        2, ge=0, le=100, description="Windows still scored after the last active one."
+    hangover_frames: int = Field(
+        8,
+        ge=0,
+        le=1000,
+        description="Windows are scored until the last active frame is this many frames old "
+        "(8: it has reached the centre of a 16-frame window).",
     )
     sensitivity: float = Field(
         1.5, ge=0, le=100, description="Noise floor = median + sensitivity x MAD of the measure."

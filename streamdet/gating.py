@@ -4,8 +4,12 @@ Most of a monitoring camera's day is an empty scene. :class:`ActivityMeter` look
 preprocessed frame as the capture writes it into its ring (a few tens of microseconds, see
 ``benchmarks/RESULTS.md``, 'Motion gating') and says how far it is from a slow reference of the
 scene, relative to a noise floor it learns per source. :class:`Gate` then lets the inference
-scheduler skip a window none of whose frames was active: the window is handed to the event
-tracker as pure background, so open events end as they would, without a forward pass.
+scheduler skip a window none of whose new frames (those the source's previous window did not
+hold) was active, once the source's last active frame has reached the window's centre: the
+window is handed to the event tracker as pure background, so open events end as they would,
+without a forward pass. An active stretch of A frames so costs about (A + lag + hangover) /
+stride scored windows, not (A + lag + 15) / stride + hangover as when a window was judged by
+all 16 of its frames (see ``benchmarks/RESULTS.md``, 'Motion gating').
 
 The measure compares each frame with the one ``lag_frames`` before it, on grids of 8x8-pixel
 block means of each colour plane (3 x 14x14 blocks at 112x112; colour, not luma: a purple
@@ -75,24 +79,27 @@ class GateSettings:
         lag_frames: each frame is compared with the one this many frames before it.
         keepalive_s: a quiet source is still scored once this many seconds (of its frame
             times) have passed since its last scored window.
-        hangover_windows: windows still scored after the last active one, so the model sees
-            an event to its end (what stays after it: a person lying, a light on).
+        hangover_frames: windows are still scored until the newest active frame lies this many
+            frames back from their newest frame. The default, 8, half the model's 16-frame
+            window, scores until the end of an event has reached the window's centre, which is
+            where the model was trained to place what it names (the stride does not matter:
+            2 windows at stride 4, 1 at stride 8).
     """
 
     sensitivity: float = 1.5
     local_margin: float = 0.1
     global_margin: float = 0.08
     lag_frames: int = 4
-    keepalive_s: float = 10.0
-    hangover_windows: int = 2
+    keepalive_s: float = 30.0
+    hangover_frames: int = 8
 
     def __post_init__(self) -> None:
         if self.lag_frames < 1:
             raise ValueError(f"lag_frames must be >= 1, but got {self.lag_frames}")
         if self.sensitivity < 0 or self.local_margin < 0 or self.global_margin < 0:
             raise ValueError("sensitivity and margins must be >= 0")
-        if self.hangover_windows < 0:
-            raise ValueError(f"hangover_windows must be >= 0, but got {self.hangover_windows}")
+        if self.hangover_frames < 0:
+            raise ValueError(f"hangover_frames must be >= 0, but got {self.hangover_frames}")
         if self.keepalive_s <= 0:
             raise ValueError(f"keepalive_s must be > 0, but got {self.keepalive_s}")
 
@@ -210,25 +217,22 @@ class Gate:
         self.settings = dict(settings)
         self.background_probs = np.asarray(background_probs, np.float32)
         self._last_scored: dict[str, float] = {}
-        self._hangover: dict[str, int] = {}  # windows still to score since the last active one
+        self._last_active: dict[str, int] = {}  # seq of the newest active frame seen per source
         self.scored: dict[str, int] = {}
         self.gated: dict[str, int] = {}
 
     def should_score(self, window: Window) -> bool:
-        """True unless ``window``'s source is gated, no frame of it was active, nor of the
-        source's last ``hangover_windows`` windows, and the source was scored within its
-        keep-alive period."""
+        """True unless ``window``'s source is gated, none of the frames new to the window was
+        active, the source's newest active frame lies more than ``hangover_frames`` before the
+        window's newest frame, and the source was scored within its keep-alive period."""
         settings = self.settings.get(window.source)
+        if window.newest_active >= 0:
+            self._last_active[window.source] = window.newest_active
+        last_active = self._last_active.get(window.source)
         last = self._last_scored.get(window.source)
-        hangover = self._hangover.get(window.source, 0)
-        if settings is not None and window.activity > 1.0:
-            self._hangover[window.source] = settings.hangover_windows
-        elif hangover:
-            self._hangover[window.source] = hangover - 1
         score = (
             settings is None
-            or window.activity > 1.0
-            or hangover > 0
+            or (last_active is not None and window.seq - last_active <= settings.hangover_frames)
             or last is None
             or not (0.0 <= window.last_time - last < settings.keepalive_s)  # or the clock jumped
         )

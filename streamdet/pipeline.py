@@ -123,7 +123,7 @@ def build_gate(cfg: RunConfig, class_names: tuple[str, ...]) -> Gate | None:
             global_margin=g.global_margin,
             lag_frames=g.lag_frames,
             keepalive_s=g.keepalive_s,
-            hangover_windows=g.hangover_windows,
+            hangover_frames=g.hangover_frames,
         )
         for s in cfg.sources
         if (g := cfg.gating_of(s)).enabled

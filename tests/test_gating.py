@@ -160,7 +160,9 @@ def test_a_global_change_opens_the_gate(scene: np.ndarray, change: str) -> None:
 
 
 def window(source: str, t: float, activity: float) -> Window:
-    return Window(source, int(t), int(t) + 15, np.full(16, t), 0.0, int(t), activity)
+    """A window ending at frame (and seq) t, its new frames' activity ``activity`` (newest)."""
+    newest_active = int(t) if activity > 1.0 else -1
+    return Window(source, int(t), int(t) + 15, np.full(16, t), 0.0, int(t), activity, newest_active)
 
 
 def test_the_gate_scores_active_windows_and_a_quiet_source_at_the_keepalive_rate() -> None:
@@ -173,11 +175,13 @@ def test_the_gate_scores_active_windows_and_a_quiet_source_at_the_keepalive_rate
     assert (gate.scored["cam"], gate.gated["cam"]) == (5, 16)
 
 
-def test_the_windows_after_an_active_one_are_scored_for_the_hangover() -> None:
-    gate = Gate({"cam": GateSettings(keepalive_s=1000.0, hangover_windows=2)}, np.ones(2))
-    activity = [0.1, 2.0, 0.1, 0.1, 0.1, 0.1]
-    scored = [gate.should_score(window("cam", t, a)) for t, a in enumerate(activity)]
-    assert scored == [True, True, True, True, False, False]
+def test_windows_are_scored_until_the_last_active_frame_is_hangover_frames_old() -> None:
+    gate = Gate({"cam": GateSettings(keepalive_s=1000.0, hangover_frames=8)}, np.ones(2))
+    ends = range(0, 40, 4)  # stride 4: windows ending at frames 0, 4, ..., 36
+    activity = [0.1, 2.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
+    scored = [gate.should_score(window("cam", t, a)) for t, a in zip(ends, activity, strict=True)]
+    # the first (no score yet), the active one ending at 4, then those ending at 8 and 12
+    assert scored == [True, True, True, True, False, False, False, False, False, False]
 
 
 def test_gated_windows_end_an_open_event_as_background_windows_would() -> None:

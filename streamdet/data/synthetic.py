@@ -362,7 +362,12 @@ class Scene:
     noise_sigma: float = 2.0
     jitter: float = 0.0
     frame_index: int = 0
+    still: bool = False  # a fixed camera: no sway of scene objects, no jitter (see iter_stream)
     _noise_bank: np.ndarray | None = None
+
+    def sway_dx(self, obj: SceneObject) -> float:
+        """How far ``obj`` is swayed sideways in the current frame (0 for a still camera)."""
+        return 0.0 if self.still else obj.sway * math.sin(0.35 * self.frame_index + obj.phase)
 
     def noise_bank(self) -> np.ndarray:
         if self._noise_bank is None:
@@ -389,12 +394,10 @@ def render(scene: Scene, overlay: Overlay | None = None) -> np.ndarray:
     rng = scene.rng
     overlay = overlay or Overlay()
     img = scene.background.copy()
-    t = scene.frame_index
     for i, obj in enumerate(scene.objects):
         if i in overlay.hidden:
             continue
-        dx = obj.sway * math.sin(0.35 * t + obj.phase)
-        obj.draw(img, dx=dx)
+        obj.draw(img, dx=scene.sway_dx(obj))
     for obj in overlay.movers:
         obj.draw(img)
     light = overlay.light if overlay.light is not None else scene.light
@@ -410,9 +413,10 @@ def render(scene: Scene, overlay: Overlay | None = None) -> np.ndarray:
         wash[:] = np.asarray(overlay.smear_color, np.uint8)
         img = cv2.addWeighted(blurred, 1 - 0.8 * overlay.smear, wash, 0.8 * overlay.smear, 0)
     if scene.jitter > 0:
-        sx, sy = rng.normal(0, scene.jitter, 2)
-        m = np.array([[1, 0, sx], [0, 1, sy]], np.float32)
-        img = cv2.warpAffine(img, m, (WIDTH, HEIGHT), borderMode=cv2.BORDER_REFLECT)
+        sx, sy = rng.normal(0, scene.jitter, 2)  # drawn when still too: the same events follow
+        if not scene.still:
+            m = np.array([[1, 0, sx], [0, 1, sy]], np.float32)
+            img = cv2.warpAffine(img, m, (WIDTH, HEIGHT), borderMode=cv2.BORDER_REFLECT)
     bank = scene.noise_bank()
     oy, ox = int(rng.integers(0, 16)), int(rng.integers(0, 16))
     noise = bank[int(rng.integers(0, bank.shape[0])), oy : oy + HEIGHT, ox : ox + WIDTH]
@@ -511,9 +515,7 @@ class Exit(Event):
         self.obj = scene.objects[self.index]
         half = self.obj.half_extent()
         to_left = rng.random() < 0.5
-        self.start_x = self.obj.x + self.obj.sway * math.sin(
-            0.35 * scene.frame_index + self.obj.phase
-        )
+        self.start_x = self.obj.x + scene.sway_dx(self.obj)
         self.end_x = x0 - half if to_left else x1 + half
         self.length = int(rng.integers(12, 23))
 
@@ -550,7 +552,7 @@ class Fall(Event):
 
     def frames(self) -> Iterator[Overlay]:
         rng = self.scene.rng
-        self.obj.x += self.obj.sway * math.sin(0.35 * self.scene.frame_index + self.obj.phase)
+        self.obj.x += self.scene.sway_dx(self.obj)
         self.obj.sway = 0.0
         for t in range(self.stumble):
             self.obj.angle = (
@@ -813,6 +815,7 @@ def iter_stream(
     background_frames: Sequence[np.ndarray] = (),
     gap_frames: tuple[int, int] = (22, 45),
     new_scene_every: int = 6,
+    still_camera: bool = False,
 ) -> Iterator[tuple[np.ndarray, TruthEvent | None]]:
     """Frames of a long stream; yields ``(frame, event)`` where ``event`` is set on the frame an
     event ends (its truth). Events alternate with quiet gaps of ``gap_frames`` frames. Every
@@ -821,10 +824,17 @@ def iter_stream(
     someone covers a camera and turns it. (A bare cut is what a fixed camera never shows; it
     looks like tampering, and unlabelled it would count as a false event.) Event classes are
     balanced: each next event is one of the classes seen least so far (among those the scene
-    allows: a fall needs a standing object, light_on a dark room)."""
+    allows: a fall needs a standing object, light_on a dark room).
+
+    ``still_camera`` (off for training data, whose quiet scenes sway and jitter on purpose: they
+    are the model's hard negatives) keeps scene objects from swaying and the camera from
+    jittering, as a fixed monitoring camera's empty scene; sensor noise, light flicker and, when
+    written to a file, compression remain. The same seed gives the same events at the same
+    frames either way (the random draws are the same)."""
     rng = np.random.default_rng([int(seed), 0x57])
     total = int(round(duration_s * fps))
     scene = new_scene(rng, difficulty, background_frames, dark=False)
+    scene.still = still_camera
     produced = 0
     events_in_scene = 0
     labels = [c for c in CLASSES if c != BACKGROUND_CLASS]
@@ -858,6 +868,7 @@ def iter_stream(
                 old_index = scene.frame_index
                 scene = new_scene(rng, difficulty, background_frames, dark=False)
                 scene.frame_index = old_index
+                scene.still = still_camera
                 events_in_scene = 0
             frame = render(scene, overlay)
             last = produced
