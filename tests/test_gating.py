@@ -18,6 +18,7 @@ import yaml
 from streamdet import demo
 from streamdet.buffer import FrameMeta, RingBuffer, Window
 from streamdet.cli import main
+from streamdet.data.synthetic import iter_stream
 from streamdet.events import EventTracker, TrackerSettings
 from streamdet.gating import WARMUP_FRAMES, ActivityMeter, Gate, GateSettings
 from streamdet.inference import InferenceThread, WindowResult
@@ -182,6 +183,59 @@ def test_windows_are_scored_until_the_last_active_frame_is_hangover_frames_old()
     scored = [gate.should_score(window("cam", t, a)) for t, a in zip(ends, activity, strict=True)]
     # the first (no score yet), the active one ending at 4, then those ending at 8 and 12
     assert scored == [True, True, True, True, False, False, False, False, False, False]
+
+
+class ScriptedMeter:
+    """A frame meter whose frames ``active`` (by seq) have activity 2.0, the others 0.1."""
+
+    def __init__(self, active: range) -> None:
+        self.active = active
+        self.seq = 0
+
+    def update(self, frame: np.ndarray) -> float:
+        self.seq += 1
+        return 2.0 if self.seq - 1 in self.active else 0.1
+
+    def reset(self) -> None:
+        pass
+
+
+def test_a_window_is_judged_by_the_frames_new_to_it_not_all_of_its_frames() -> None:
+    """Regression: a window's activity was the largest of all its 16 frames, so every window
+    that still held an active frame was scored (15 frames' worth of windows after each active
+    stretch, most of the windows of an 80%-still stream). Only the frames the previous window
+    taken did not hold count now; the gate's hangover covers the tail."""
+    ring = RingBuffer(
+        "cam", length=16, stride=4, capacity=200, lossless=True, meter=ScriptedMeter(range(40, 48))
+    )
+    for i in range(80):
+        ring.write_frame(np.zeros((3, 112, 112), np.float32), FrameMeta(i, i / 10, 0.0))
+    windows = list(iter(ring.take_window, None))
+    assert [w.seq for w in windows] == list(range(15, 80, 4))
+    active = {w.seq: w.newest_active for w in windows if w.activity > 1.0}
+    assert active == {43: 43, 47: 47}  # the windows whose 4 new frames hold frames 40-47
+    assert windows[0].activity == 0.1  # the first window: all 16 frames are new
+
+
+def test_a_still_camera_stream_has_the_same_events_and_a_quiet_empty_scene() -> None:
+    """The generator's ``still_camera`` option (the gating benchmark's fixed camera): the same
+    events at the same frames, and its empty scene does not open the gate, where the default
+    stream's swaying objects and jitter do."""
+
+    def stream(still: bool) -> tuple[list[tuple[str, int, int]], float]:
+        meter, quiet = ActivityMeter(), []
+        frames = list(iter_stream(7001, duration_s=30, gap_frames=(50, 80), still_camera=still))
+        events = [(e.label, e.start_frame, e.end_frame) for _, e in frames if e is not None]
+        for i, (frame, _) in enumerate(frames):
+            activity = meter.update(preprocess_frame(frame, DEFAULT_CONTRACT))
+            near_event = any(start - 4 <= i <= end + 8 for _, start, end in events)
+            if i >= WARMUP_FRAMES and not near_event:
+                quiet.append(activity)
+        return events, float(np.mean(np.array(quiet) > 1.0))
+
+    swaying, still = stream(False), stream(True)
+    assert still[0] == swaying[0] and len(still[0]) >= 3
+    assert still[1] <= 0.02 < 0.1 <= swaying[1]
 
 
 def test_gated_windows_end_an_open_event_as_background_windows_would() -> None:
