@@ -123,12 +123,15 @@ def write_still_vtest(out: Path, still: int = REAL_STILL, active: int = REAL_ACT
     return path
 
 
+GATING: dict[str, float] = {}  # window.gating settings besides ``enabled`` (command line)
+
+
 def run(video: Path, out: Path, gating: bool, tag: str) -> tuple[Path, dict[str, int]]:
     """``streamdet run`` with the demo's settings; returns the log and its window counts."""
     config = yaml.safe_load((demo.config_path()).read_text())
     config["sources"] = [{"name": "s", "url": str(video)}]
     config["model"]["weights"] = str(demo.config_path().parent / "c3d_bn_demo.safetensors")
-    config["window"]["gating"] = {"enabled": gating}
+    config["window"]["gating"] = {"enabled": gating} | GATING
     events = out / f"{tag}_{'on' if gating else 'off'}.jsonl"
     config["sinks"] = {"events": {"path": str(events)}}
     del config["truth"]
@@ -235,7 +238,14 @@ def main() -> None:
         help="quiet gaps (frames) of the streams, comma-separated; still:LOW-HIGH: a fixed camera",
     )
     ap.add_argument("--skip-real", action="store_true", help="no real-footage run")
+    ap.add_argument("--hangover-frames", type=int, help="window.gating.hangover_frames")
+    ap.add_argument("--keepalive-s", type=float, help="window.gating.keepalive_s")
     args = ap.parse_args()
+    if args.hangover_frames is not None:
+        GATING["hangover_frames"] = args.hangover_frames
+    if args.keepalive_s is not None:
+        GATING["keepalive_s"] = args.keepalive_s
+    print(f"window.gating: defaults, except {GATING}")
     seeds = [int(s) for s in args.seeds.split(",")]
     print(machine())
     print(bench_cost())

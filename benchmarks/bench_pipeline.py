@@ -14,11 +14,19 @@
 3. Real time: N copies of a 30 fps file paced like cameras (``realtime: true``), window stride 8,
    for N = 1, 2, 4, ...; a count holds when no window and under 1% of frames are skipped. Latency
    p50/p99 (capture of the newest frame -> result handled, event line written) per N.
+   With ``--gating both`` (or ``on``), the streams are instead 80%-quiet cameras, and the trials
+   run with motion gating off and then on, in the same run, ending in a table "streams held: off
+   N, on M, ratio". Each camera's clip is cut from one timeline of 2-s H.264 pieces: the first
+   frame of the video held (fresh sensor noise each frame, sigma 3) for 40 s, 10 s of the real
+   video (people walking through the hall), its last frame held for 40 s, the next 10 s, ...;
+   camera i of N starts at slot i * 25 // N of that 50-s cycle, so at any time 20% of the
+   cameras see activity (as independent cameras would), never all at once.
 
 Usage:
     python benchmarks/bench_pipeline.py --precision int8
     python benchmarks/bench_pipeline.py --quick
     python benchmarks/bench_pipeline.py --precision int8 --file-frames 795 --skip preprocess,streams
+    python benchmarks/bench_pipeline.py --precision int8 --skip preprocess,file --gating both
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -279,6 +288,7 @@ def run_pipeline(
     max_seconds: float | None,
     workers: int = 1,
     threads_per_worker: int | None = None,
+    gating: bool = False,
 ):
     # -> RunSummary
     cfg = RunConfig.model_validate(
@@ -289,10 +299,13 @@ def run_pipeline(
                 "precision": engine.precision,
                 "max_batch": max_batch,
             },
-            "window": {"stride": 8},
+            "window": {"stride": 8, "gating": {"enabled": gating}},
             "sinks": {"events": {"path": str(out_dir / "events.jsonl")}},
             "progress_interval_s": 3600,
         }
+        | (  # a gated window is scored as this class (the benchmark's model names none)
+            {"events": {"background": checkpoint.class_names[0]}} if gating else {}
+        )
     )
     pipeline = Pipeline(
         cfg,
@@ -421,6 +434,157 @@ def bench_file(
     return "\n".join(lines)
 
 
+SLOT_S = 2.0  # seconds per piece of the quiet cameras' timeline (one H.264 GOP at 30 fps)
+CYCLE_SLOTS = 25  # a 50-s cycle: 20 slots still, 5 slots (10 s) of the real video
+
+
+class QuietTimeline:
+    """80%-quiet cameras cut from one timeline of 2-s H.264 pieces of a real video (see part 3 of
+    the module docstring); pieces are encoded once, each camera's clip is a copy-concatenation.
+
+    Args:
+        video: the real video (read at its own frame rate, played at 30 fps).
+        out: folder for the pieces and the cameras' clips.
+    """
+
+    FPS = 30.0
+
+    def __init__(self, video: Path, out: Path) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        self.out = out
+        cap = cv2.VideoCapture(str(video))
+        frames = [f for ok, f in iter(cap.read, (False, None)) if ok]
+        cap.release()
+        per = int(SLOT_S * self.FPS)
+        active = CYCLE_SLOTS // 5
+        self.stretches = len(frames) // (per * active)  # 10-s stretches of real video
+        if self.stretches < 1:
+            raise SystemExit(f"error: {video} is too short for a 10-s active stretch")
+        rng = np.random.default_rng(0)
+        self.timeline: list[Path] = []
+        for k in range(self.stretches):
+            real = frames[k * per * active : (k + 1) * per * active]
+            held = self._piece(f"hold{k}", [noisy(real[0], rng) for _ in range(per)])
+            self.timeline += [held] * (CYCLE_SLOTS - active)
+            for j in range(active):
+                self.timeline.append(self._piece(f"real{k}_{j}", real[j * per : (j + 1) * per]))
+        last = frames[self.stretches * per * active - 1]
+        self.timeline += [self._piece("hold_end", [noisy(last, rng) for _ in range(per)])] * (
+            CYCLE_SLOTS - active
+        )
+
+    def describe(self) -> str:
+        active = CYCLE_SLOTS // 5
+        return (
+            f"{len(self.timeline)} slots of {SLOT_S:g} s: {self.stretches} stretches of "
+            f"{SLOT_S * active:g} s of real video, each after "
+            f"{SLOT_S * (CYCLE_SLOTS - active):g} s of a still frame (noise sigma 3)"
+        )
+
+    def _piece(self, name: str, frames: list[np.ndarray]) -> Path:
+        raw = self.out / f"{name}.avi"
+        h, w = frames[0].shape[:2]
+        writer = cv2.VideoWriter(str(raw), cv2.VideoWriter_fourcc(*"MJPG"), self.FPS, (w, h))
+        for f in frames:
+            writer.write(f)
+        writer.release()
+        dst = make_h264_clip(raw, self.out / f"{name}.mp4", len(frames), self.FPS)
+        if dst is None:
+            raise SystemExit("error: the quiet cameras need ffmpeg with libx264")
+        raw.unlink()
+        return dst
+
+    def camera(self, phase: int, slots: int) -> Path:
+        """The clip of a camera ``phase`` slots into the cycle, ``slots`` pieces long."""
+        if phase + slots > len(self.timeline):
+            raise SystemExit(
+                f"error: a trial of {slots} slots needs at most "
+                f"{(len(self.timeline) - CYCLE_SLOTS) * SLOT_S:g} s (--stream-seconds)"
+            )
+        dst = self.out / f"cam_{phase}_{slots}.mp4"
+        if not dst.exists():
+            listing = self.out / f"cam_{phase}_{slots}.txt"
+            listing.write_text(
+                "".join(f"file '{p.name}'\n" for p in self.timeline[phase : phase + slots])
+            )
+            cmd = ["ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "concat"]
+            cmd += ["-safe", "0", "-i", str(listing), "-c", "copy", str(dst)]
+            subprocess.run(cmd, check=True, capture_output=True)
+        return dst
+
+
+def noisy(frame: np.ndarray, rng: np.random.Generator, sigma: float = 3.0) -> np.ndarray:
+    """``frame`` with fresh sensor noise."""
+    return np.clip(frame + rng.normal(0, sigma, frame.shape), 0, 255).astype(np.uint8)
+
+
+def bench_streams(
+    checkpoint: Checkpoint,
+    engine,
+    args: argparse.Namespace,
+    tmp: Path,
+    infer_ms: float,
+    codec: str,
+    clip_of: Callable[[int, int], Path],
+    gating: bool,
+) -> int:
+    """Paced 30 fps streams (camera i of n plays ``clip_of(i, n)``), n ascending from
+    ``--streams`` until one count is not held; prints a table row per count and returns the
+    largest count held."""
+    step = DEFAULT_CONTRACT.step_for(30.0)
+    stride_period_ms = 8 * step / 30.0 * 1e3
+    print(
+        f"\n## Paced 30 fps {codec} streams, stride 8, gating {'on' if gating else 'off'} "
+        f"(frame_step {step} for the model's {DEFAULT_CONTRACT.fps:g} fps: a window every "
+        f"{stride_period_ms:.0f} ms per stream; single-clip inference {infer_ms:.0f} ms, so the "
+        f"p99 target is {stride_period_ms + 1.5 * infer_ms:.0f} ms)\n"
+    )
+    print(
+        "| streams | workers x threads | windows | windows scored | windows skipped | "
+        "frames skipped / read | inference p50/p99 ms | latency p50/p99 ms | held |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    held_max = 0
+    for n in (int(s) for s in args.streams.split(",")):
+        sources = [
+            {"name": f"cam{i}", "url": str(clip_of(i, n)), "realtime": True} for i in range(n)
+        ]
+        if args.stream_mode == "auto":  # as streamdet run would
+            cfg = RunConfig.model_validate({"sources": sources, "model": {"device": "cpu"}})
+            workers, per_worker = inference_plan(
+                cfg, engine.device, engine.concurrent, torch.get_num_threads()
+            )
+        else:
+            [(workers, per_worker)] = parse_modes(args.stream_mode)
+        s = run_pipeline(
+            checkpoint,
+            engine,
+            sources,
+            args.max_batch,
+            tmp,
+            args.stream_seconds,
+            workers,
+            per_worker,
+            gating,
+        )
+        read = sum(x.frames_read for x in s.sources)
+        fskip = sum(x.frames_skipped for x in s.sources)
+        wskip = sum(x.windows_skipped for x in s.sources)
+        scored = s.windows - (s.windows_gated or 0)
+        held = wskip == 0 and fskip <= 0.01 * max(read, 1)
+        print(
+            f"| {n} | {workers} x {per_worker or torch.get_num_threads()} | {s.windows} | "
+            f"{scored} | {wskip} | {fskip}/{read} | {s.inference_ms_p50:.0f}/"
+            f"{s.inference_ms_p99:.0f} | {s.latency_ms_p50:.0f}/{s.latency_ms_p99:.0f} | "
+            f"{'yes' if held else 'no'} |",
+            flush=True,
+        )
+        if not held:
+            break
+        held_max = n
+    return held_max
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -475,6 +639,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--skip", default="", help="comma-separated parts to skip: preprocess,file,streams"
     )
+    ap.add_argument(
+        "--gating",
+        default="off",
+        choices=["off", "on", "both"],
+        help="part 3: off: the video on every stream (as before); on or both: 80%%-quiet "
+        "cameras, with motion gating on, or off then on in the same run",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
@@ -521,65 +692,45 @@ def main(argv: list[str] | None = None) -> int:
             print(bench_file(checkpoint, engine, windows, clip, args, tmp))
 
         if "streams" not in skip:
-            clip30 = (
-                make_h264_clip(video, tmp / "cam30.mp4", 795, 30.0)
-                if args.stream_codec == "h264"
-                else None
-            )
-            if clip30 is None:
-                if args.stream_codec == "h264":
-                    print("# ffmpeg with libx264 not found: streams are MJPG instead")
-                clip30 = make_clip(video, tmp / "cam30.avi", 795, fps=30.0)
-            codec = "H.264" if clip30.suffix == ".mp4" else "MJPG"
-            step = DEFAULT_CONTRACT.step_for(30.0)
-            stride_period_ms = 8 * step / 30.0 * 1e3
-            print(
-                f"\n## Paced 30 fps {codec} streams, stride 8 (frame_step {step} for the model's "
-                f"{DEFAULT_CONTRACT.fps:g} fps: a window every {stride_period_ms:.0f} ms per stream; "
-                f"single-clip inference {infer_ms:.0f} ms, so the p99 target is "
-                f"{stride_period_ms + 1.5 * infer_ms:.0f} ms)\n"
-            )
-            print(
-                "| streams | workers x threads | windows | windows skipped | frames skipped / read | "
-                "inference p50/p99 ms | latency p50/p99 ms | held |"
-            )
-            print("|---|---|---|---|---|---|---|---|")
-            held_max = 0
-            for n in (int(s) for s in args.streams.split(",")):
-                sources = [
-                    {"name": f"cam{i}", "url": str(clip30), "realtime": True} for i in range(n)
-                ]
-                if args.stream_mode == "auto":  # as streamdet run would
-                    cfg = RunConfig.model_validate({"sources": sources, "model": {"device": "cpu"}})
-                    workers, per_worker = inference_plan(
-                        cfg, engine.device, engine.concurrent, torch.get_num_threads()
+            if args.gating == "off":
+                clip30 = (
+                    make_h264_clip(video, tmp / "cam30.mp4", 795, 30.0)
+                    if args.stream_codec == "h264"
+                    else None
+                )
+                if clip30 is None:
+                    if args.stream_codec == "h264":
+                        print("# ffmpeg with libx264 not found: streams are MJPG instead")
+                    clip30 = make_clip(video, tmp / "cam30.avi", 795, fps=30.0)
+                codec = "H.264" if clip30.suffix == ".mp4" else "MJPG"
+                held = bench_streams(
+                    checkpoint, engine, args, tmp, infer_ms, codec, lambda i, n: clip30, False
+                )
+                print(f"\nstreams held in real time: {held}")
+            else:
+                timeline = QuietTimeline(video, tmp / "quiet")
+                slots = int(np.ceil(args.stream_seconds / SLOT_S)) + 4  # start-up margin
+                print(f"\n# 80%-quiet cameras: {timeline.describe()}")
+                held = {}
+                for gating in [False, True] if args.gating == "both" else [True]:
+                    held[gating] = bench_streams(
+                        checkpoint,
+                        engine,
+                        args,
+                        tmp,
+                        infer_ms,
+                        "H.264, 80% quiet",
+                        lambda i, n: timeline.camera(i * CYCLE_SLOTS // n, slots),
+                        gating,
                     )
-                else:
-                    [(workers, per_worker)] = parse_modes(args.stream_mode)
-                s = run_pipeline(
-                    checkpoint,
-                    engine,
-                    sources,
-                    args.max_batch,
-                    tmp,
-                    args.stream_seconds,
-                    workers,
-                    per_worker,
-                )
-                read = sum(x.frames_read for x in s.sources)
-                fskip = sum(x.frames_skipped for x in s.sources)
-                wskip = sum(x.windows_skipped for x in s.sources)
-                held = wskip == 0 and fskip <= 0.01 * max(read, 1)
-                print(
-                    f"| {n} | {workers} x {per_worker or torch.get_num_threads()} | {s.windows} | {wskip} | {fskip}/{read} | {s.inference_ms_p50:.0f}/"
-                    f"{s.inference_ms_p99:.0f} | {s.latency_ms_p50:.0f}/{s.latency_ms_p99:.0f} | "
-                    f"{'yes' if held else 'no'} |",
-                    flush=True,
-                )
-                if not held:
-                    break
-                held_max = n
-            print(f"\nstreams held in real time: {held_max}")
+                    state = "on" if gating else "off"
+                    print(f"\nstreams held in real time, gating {state}: {held[gating]}")
+                if args.gating == "both":
+                    ratio = held[True] / held[False] if held[False] else float("inf")
+                    print("\n| streams held | gating off | gating on | ratio |")
+                    print("|---|---|---|---|")
+                    print(f"| 80%-quiet cameras | {held[False]} | {held[True]} | {ratio:.2f}x |")
+                    print(f"\nstreams held: off {held[False]}, on {held[True]}, ratio {ratio:.2f}")
     del one
     print(
         f"\n# command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}"
