@@ -56,7 +56,7 @@ class Window:
     seq: int  # sequence number (frames written to this ring) of the newest frame
     # Of the frames new to this window (not in the ring's previous window taken; all of them
     # for the first window of a ring): the largest activity (> 1: active; inf: not measured),
-    # and the seq of the newest active one (-1: none active).
+    # and the seq of the newest measured active one (-1: none).
     activity: float = math.inf
     newest_active: int = -1
 
@@ -259,8 +259,8 @@ class RingBuffer:
             return window
 
     def _new_activity(self, start: int, end: int) -> tuple[float, int]:  # with the lock held
-        """(largest activity, seq of the newest active frame or -1) of the frames of the window
-        [start, end] that the previous window taken did not hold.
+        """(largest activity, seq of the newest measured active frame or -1) of the frames of
+        the window [start, end] that the previous window taken did not hold.
 
         Judging a window by its new frames only (not all of them) is what lets an active stretch
         cost about its own length in scored windows: by all its frames, every window that still
@@ -270,7 +270,7 @@ class RingBuffer:
         if first > end:  # the same window again (cannot happen: windows move forward)
             first = end
         values = self._activity[np.arange(first, end + 1) % self.capacity]
-        active = np.flatnonzero(values > 1.0)
+        active = np.flatnonzero((values > 1.0) & np.isfinite(values))
         newest = first + int(active[-1]) if active.size else -1
         return float(values.max()), newest
 

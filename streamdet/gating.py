@@ -223,8 +223,15 @@ class Gate:
 
     def should_score(self, window: Window) -> bool:
         """True unless ``window``'s source is gated, none of the frames new to the window was
-        active, the source's newest active frame lies more than ``hangover_frames`` before the
-        window's newest frame, and the source was scored within its keep-alive period."""
+        active or unmeasured, the source's newest active frame lies more than
+        ``hangover_frames`` before the window's newest frame, and the source was scored within
+        its keep-alive period.
+
+        An unmeasured frame (the meter's warm-up after a start or a reconnect) has its window
+        scored but starts no hangover: nothing was seen to happen. With it, every camera's
+        first two windows were scored, and cameras started together made a burst that a
+        machine held in steady state could not absorb (windows skipped).
+        """
         settings = self.settings.get(window.source)
         if window.newest_active >= 0:
             self._last_active[window.source] = window.newest_active
@@ -232,6 +239,7 @@ class Gate:
         last = self._last_scored.get(window.source)
         score = (
             settings is None
+            or window.activity > 1.0
             or (last_active is not None and window.seq - last_active <= settings.hangover_frames)
             or last is None
             or not (0.0 <= window.last_time - last < settings.keepalive_s)  # or the clock jumped

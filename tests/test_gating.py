@@ -4,9 +4,11 @@ changes; gated windows reach the tracker as background, in order, with a keep-al
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -186,15 +188,15 @@ def test_windows_are_scored_until_the_last_active_frame_is_hangover_frames_old()
 
 
 class ScriptedMeter:
-    """A frame meter whose frames ``active`` (by seq) have activity 2.0, the others 0.1."""
+    """A frame meter whose activity of frame seq n is ``activity(n)``."""
 
-    def __init__(self, active: range) -> None:
-        self.active = active
+    def __init__(self, activity: Callable[[int], float]) -> None:
+        self.activity = activity
         self.seq = 0
 
     def update(self, frame: np.ndarray) -> float:
         self.seq += 1
-        return 2.0 if self.seq - 1 in self.active else 0.1
+        return self.activity(self.seq - 1)
 
     def reset(self) -> None:
         pass
@@ -206,7 +208,7 @@ def test_a_window_is_judged_by_the_frames_new_to_it_not_all_of_its_frames() -> N
     stretch, most of the windows of an 80%-still stream). Only the frames the previous window
     taken did not hold count now; the gate's hangover covers the tail."""
     ring = RingBuffer(
-        "cam", length=16, stride=4, capacity=200, lossless=True, meter=ScriptedMeter(range(40, 48))
+        "cam", length=16, stride=4, capacity=200, lossless=True, meter=ScriptedMeter(lambda n: 2.0 if 40 <= n < 48 else 0.1)
     )
     for i in range(80):
         ring.write_frame(np.zeros((3, 112, 112), np.float32), FrameMeta(i, i / 10, 0.0))
@@ -215,6 +217,19 @@ def test_a_window_is_judged_by_the_frames_new_to_it_not_all_of_its_frames() -> N
     active = {w.seq: w.newest_active for w in windows if w.activity > 1.0}
     assert active == {43: 43, 47: 47}  # the windows whose 4 new frames hold frames 40-47
     assert windows[0].activity == 0.1  # the first window: all 16 frames are new
+
+
+def test_a_meters_warm_up_has_its_window_scored_but_starts_no_hangover() -> None:
+    """Regression: the warm-up's unmeasured frames counted as active, so the window after the
+    first was scored for the hangover too; cameras started together then made a burst of twice
+    their count in windows (windows skipped on a machine that held them in steady state)."""
+    gate = Gate({"cam": GateSettings(keepalive_s=1000.0)}, np.ones(2))
+    meter = ScriptedMeter(lambda n: math.inf if n < 16 else 0.1)
+    ring = RingBuffer("cam", length=16, stride=8, capacity=100, lossless=True, meter=meter)
+    for i in range(48):
+        ring.write_frame(np.zeros((3, 112, 112), np.float32), FrameMeta(i, i / 10, 0.0))
+    decisions = [gate.should_score(w) for w in iter(ring.take_window, None)]
+    assert decisions == [True, False, False, False, False]
 
 
 def test_a_still_camera_stream_has_the_same_events_and_a_quiet_empty_scene() -> None:
@@ -382,12 +397,12 @@ def test_a_source_gating_replaces_the_window_one_and_gating_needs_a_background()
                 {"name": "a", "url": "a.mp4"},
                 {"name": "b", "url": "b.mp4", "gating": {"enabled": False}},
             ],
-            "window": {"gating": {"enabled": True, "keepalive_s": 30}},
+            "window": {"gating": {"enabled": True, "keepalive_s": 45, "hangover_frames": 12}},
         },
     )
     gate = build_gate(cfg, ("none", "fall"))
     assert gate is not None and set(gate.settings) == {"a"}
-    assert gate.settings["a"].keepalive_s == 30.0
+    assert (gate.settings["a"].keepalive_s, gate.settings["a"].hangover_frames) == (45.0, 12)
     assert list(gate.background_probs) == [1.0, 0.0]
     with pytest.raises(ConfigError, match="events.background is null"):
         load_config(
