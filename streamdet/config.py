@@ -126,8 +126,10 @@ class SourceOptions(_Model):
 
 
 class GatingConfig(_Model):
-    """Motion gating: a window none of whose frames shows activity above the source's learnt
-    noise floor is not scored but taken as background (see ``streamdet.gating``)."""
+    """Motion gating: a window none of whose new frames (those its source's previous window did
+    not hold) shows activity above the source's learnt noise floor, once the last active frame
+    is ``hangover_frames`` old, is not scored but taken as background (see
+    ``streamdet.gating``)."""
 
     enabled: bool = Field(False, description="Skip the forward pass of quiet windows.")
     keepalive_s: float = Field(
