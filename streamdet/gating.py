@@ -51,6 +51,7 @@ Example:
 from __future__ import annotations
 
 import math
+import zlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -245,8 +246,21 @@ class Gate:
             or not (0.0 <= window.last_time - last < settings.keepalive_s)  # or the clock jumped
         )
         if score:
-            self._last_scored[window.source] = window.last_time
+            if last is None and settings is not None:
+                # Cameras started together would score their keep-alive windows together, a
+                # burst every keepalive_s: a fixed phase per source spreads them over the period.
+                last = window.last_time - keepalive_phase(window.source) * settings.keepalive_s
+            else:
+                last = window.last_time
+            self._last_scored[window.source] = last
             self.scored[window.source] = self.scored.get(window.source, 0) + 1
         else:
             self.gated[window.source] = self.gated.get(window.source, 0) + 1
         return score
+
+
+def keepalive_phase(source: str) -> float:
+    """A fixed fraction in [0, 1) of the keep-alive period for ``source`` (from its name): its
+    first keep-alive window comes that much earlier, so sources started together spread theirs.
+    """
+    return zlib.crc32(source.encode()) % 1000 / 1000

@@ -22,7 +22,7 @@ from streamdet.buffer import FrameMeta, RingBuffer, Window
 from streamdet.cli import main
 from streamdet.data.synthetic import iter_stream
 from streamdet.events import EventTracker, TrackerSettings
-from streamdet.gating import WARMUP_FRAMES, ActivityMeter, Gate, GateSettings
+from streamdet.gating import WARMUP_FRAMES, ActivityMeter, Gate, GateSettings, keepalive_phase
 from streamdet.inference import InferenceThread, WindowResult
 from streamdet.preprocess import DEFAULT_CONTRACT, preprocess_frame
 
@@ -171,11 +171,27 @@ def window(source: str, t: float, activity: float) -> Window:
 def test_the_gate_scores_active_windows_and_a_quiet_source_at_the_keepalive_rate() -> None:
     gate = Gate({"cam": GateSettings(keepalive_s=10.0)}, np.array([1.0, 0.0]))
     quiet = [gate.should_score(window("cam", t, 0.2)) for t in range(0, 40, 2)]
-    # the first window (no score yet), then one every 10 s of frame time
-    assert [t for t, s in zip(range(0, 40, 2), quiet, strict=True) if s] == [0, 10, 20, 30]
-    assert gate.should_score(window("cam", 31, 1.5))  # active: scored at once
-    assert gate.should_score(window("other", 31, 0.2))  # not gated at all
-    assert (gate.scored["cam"], gate.gated["cam"]) == (5, 16)
+    # the first window (no score yet), then one every 10 s of frame time, the first of them
+    # keepalive_phase("cam") (0.672) of a period early: at 3.28 s, so at the window ending at 4
+    assert keepalive_phase("cam") == pytest.approx(0.672)
+    assert [t for t, s in zip(range(0, 40, 2), quiet, strict=True) if s] == [0, 4, 14, 24, 34]
+    assert gate.should_score(window("cam", 35, 1.5))  # active: scored at once
+    assert gate.should_score(window("other", 35, 0.2))  # not gated at all
+    assert (gate.scored["cam"], gate.gated["cam"]) == (6, 15)
+
+
+def test_cameras_started_together_spread_their_keepalive_windows() -> None:
+    """Regression: quiet cameras started together scored their keep-alive windows in the same
+    instant, every keepalive_s: a burst of one window per camera that skipped windows on a
+    machine that held them all otherwise."""
+    names = [f"cam{i}" for i in range(10)]
+    gate = Gate({n: GateSettings(keepalive_s=30.0) for n in names}, np.array([1.0, 0.0]))
+    ends = np.arange(0.0, 120.0, 0.8)  # a window every 0.8 s (stride 8 at 10 fps)
+    times = {n: [t for t in ends if gate.should_score(window(n, t, 0.2))] for n in names}
+    keepalives = {round(ts[1], 1) for ts in times.values()}
+    assert len(keepalives) >= 8  # the first keep-alive of 10 cameras: (nearly) all apart
+    for ts in times.values():  # and still one at least every keepalive_s
+        assert max(np.diff(ts)) <= 30.0 + 0.8
 
 
 def test_windows_are_scored_until_the_last_active_frame_is_hangover_frames_old() -> None:
@@ -208,7 +224,12 @@ def test_a_window_is_judged_by_the_frames_new_to_it_not_all_of_its_frames() -> N
     stretch, most of the windows of an 80%-still stream). Only the frames the previous window
     taken did not hold count now; the gate's hangover covers the tail."""
     ring = RingBuffer(
-        "cam", length=16, stride=4, capacity=200, lossless=True, meter=ScriptedMeter(lambda n: 2.0 if 40 <= n < 48 else 0.1)
+        "cam",
+        length=16,
+        stride=4,
+        capacity=200,
+        lossless=True,
+        meter=ScriptedMeter(lambda n: 2.0 if 40 <= n < 48 else 0.1),
     )
     for i in range(80):
         ring.write_frame(np.zeros((3, 112, 112), np.float32), FrameMeta(i, i / 10, 0.0))
