@@ -11,8 +11,8 @@
    bare engine on the same number of windows (bare runs before and after, averaged, so load
    drift hits both), in rounds, for each of ``--file-modes`` (inference workers x torch threads
    each), and the share of the run the workers spent inside the engine (see ``bench_file``).
-3. Real time: N copies of a 30 fps file paced like cameras (``realtime: true``), window stride 8,
-   for N = 1, 2, 4, ...; a count holds when no window and under 1% of frames are skipped. Latency
+3. Real time: N copies of a 30 fps file (``--stream-fps``) paced like cameras (``realtime:
+   true``), window stride 8, for N = 1, 2, 4, ...; a count holds when no window and under 1% of frames are skipped. Latency
    p50/p99 (capture of the newest frame -> result handled, event line written) per N.
    With ``--gating both`` (or ``on``), the streams are instead 80%-quiet cameras, and the trials
    run with motion gating off and then on, in the same run, ending in a table "streams held: off
@@ -434,7 +434,7 @@ def bench_file(
     return "\n".join(lines)
 
 
-SLOT_S = 2.0  # seconds per piece of the quiet cameras' timeline (one H.264 GOP at 30 fps)
+SLOT_S = 2.0  # seconds per piece of the quiet cameras' timeline (one H.264 GOP)
 CYCLE_SLOTS = 25  # a 50-s cycle: 20 slots still, 5 slots (10 s) of the real video
 
 
@@ -443,15 +443,15 @@ class QuietTimeline:
     the module docstring); pieces are encoded once, each camera's clip is a copy-concatenation.
 
     Args:
-        video: the real video (read at its own frame rate, played at 30 fps).
+        video: the real video (read at its own frame rate, played at ``fps``).
         out: folder for the pieces and the cameras' clips.
+        fps: the cameras' frame rate.
     """
 
-    FPS = 30.0
-
-    def __init__(self, video: Path, out: Path) -> None:
+    def __init__(self, video: Path, out: Path, fps: float = 30.0) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.out = out
+        self.FPS = fps
         cap = cv2.VideoCapture(str(video))
         frames = [f for ok, f in iter(cap.read, (False, None)) if ok]
         cap.release()
@@ -528,13 +528,14 @@ def bench_streams(
     clip_of: Callable[[int, int], Path],
     gating: bool,
 ) -> int:
-    """Paced 30 fps streams (camera i of n plays ``clip_of(i, n)``), n ascending from
+    """Paced ``--stream-fps`` streams (camera i of n plays ``clip_of(i, n)``), n ascending from
     ``--streams`` until one count is not held; prints a table row per count and returns the
     largest count held."""
-    step = DEFAULT_CONTRACT.step_for(30.0)
-    stride_period_ms = 8 * step / 30.0 * 1e3
+    fps = args.stream_fps
+    step = DEFAULT_CONTRACT.step_for(fps)
+    stride_period_ms = 8 * step / fps * 1e3
     print(
-        f"\n## Paced 30 fps {codec} streams, stride 8, gating {'on' if gating else 'off'} "
+        f"\n## Paced {fps:g} fps {codec} streams, stride 8, gating {'on' if gating else 'off'} "
         f"(frame_step {step} for the model's {DEFAULT_CONTRACT.fps:g} fps: a window every "
         f"{stride_period_ms:.0f} ms per stream; single-clip inference {infer_ms:.0f} ms, so the "
         f"p99 target is {stride_period_ms + 1.5 * infer_ms:.0f} ms)\n"
@@ -607,6 +608,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--streams", default="1,2,4,6,8,10,12", help="stream counts to try, ascending")
     ap.add_argument("--stream-seconds", type=float, default=20.0, help="length of each paced trial")
+    ap.add_argument(
+        "--stream-fps",
+        type=float,
+        default=30.0,
+        help="frame rate of the paced streams (10: a camera's detect substream at the model's "
+        "rate, where every decoded frame is used)",
+    )
     ap.add_argument(
         "--file-codec",
         default="h264",
@@ -694,21 +702,21 @@ def main(argv: list[str] | None = None) -> int:
         if "streams" not in skip:
             if args.gating == "off":
                 clip30 = (
-                    make_h264_clip(video, tmp / "cam30.mp4", 795, 30.0)
+                    make_h264_clip(video, tmp / "cam30.mp4", 795, args.stream_fps)
                     if args.stream_codec == "h264"
                     else None
                 )
                 if clip30 is None:
                     if args.stream_codec == "h264":
                         print("# ffmpeg with libx264 not found: streams are MJPG instead")
-                    clip30 = make_clip(video, tmp / "cam30.avi", 795, fps=30.0)
+                    clip30 = make_clip(video, tmp / "cam30.avi", 795, fps=args.stream_fps)
                 codec = "H.264" if clip30.suffix == ".mp4" else "MJPG"
                 held = bench_streams(
                     checkpoint, engine, args, tmp, infer_ms, codec, lambda i, n: clip30, False
                 )
                 print(f"\nstreams held in real time: {held}")
             else:
-                timeline = QuietTimeline(video, tmp / "quiet")
+                timeline = QuietTimeline(video, tmp / "quiet", args.stream_fps)
                 slots = int(np.ceil(args.stream_seconds / SLOT_S)) + 4  # start-up margin
                 print(f"\n# 80%-quiet cameras: {timeline.describe()}")
                 held = {}

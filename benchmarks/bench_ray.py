@@ -27,13 +27,14 @@ processes of the cluster, raylet, GCS, workers); engine actor RSS.
     python benchmarks/bench_ray.py --saturate            # one core: windows/s lost to the backend
 
 ``--saturate`` measures the backend's per-node overhead as the issue states it, a share of the
-node's windows/s: the whole benchmark (this process, so the driver, and every process the
-cluster starts: GCS, raylet, the engine actor) is pinned to one CPU, the sources are files read
-as fast as the model takes them (``realtime: false``: the node is saturated), and each round
-runs the single-machine pipeline and a one-node cluster's engine in turn on that core (the
-order alternating between rounds). The overhead is ``1 - ray windows/s / single windows/s``:
-the driver's and Ray's own processes are on the same core, so this charges the whole cluster's
-cost to its one node (an upper bound).
+node's windows/s: the sources are files read as fast as the model takes them (``realtime:
+false``: the node is saturated), and each round runs the single-machine pipeline and a one-node
+cluster's engine in turn on one CPU (the order alternating between rounds); the overhead is
+``1 - ray windows/s / single windows/s``. ``--layout one-core`` puts everything on that CPU (the
+driver, GCS, raylet, the engine actor): the whole cluster's cost charged to its one node, an
+upper bound. ``--layout worker-node`` (two CPUs) runs the head (GCS, the driver) on the other
+CPU and a worker node (its raylet and the engine actor) on the node's CPU, as a node of a real
+cluster is: the cost a node pays for each node added.
 """
 
 from __future__ import annotations
@@ -340,31 +341,54 @@ def long_video(folder: Path, loops: int) -> Path:
 
 
 def saturate(args: argparse.Namespace) -> None:
-    """Single vs one-node ray, everything on one CPU, sources as fast as the model goes."""
+    """Single vs one-node ray, sources as fast as the model goes, on one CPU: everything there
+    (``--layout one-core``), or the node's own processes there and the head (GCS, driver) on
+    another (``--layout worker-node``)."""
     import ray
     from ray.cluster_utils import Cluster
 
-    cpu = max(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpu})  # inherited by every process the cluster starts
+    cpus = sorted(os.sched_getaffinity(0))
+    node_cpu = cpus[-1]
+    head_cpu = node_cpu if args.layout == "one-core" else cpus[0]
+    if head_cpu == node_cpu and args.layout != "one-core":
+        raise SystemExit("error: --layout worker-node needs two CPUs")
+    # Affinity is per thread and inherited by the threads and processes a thread starts: the
+    # head's processes and Ray's driver threads are started on head_cpu, the worker node's
+    # raylet (and the engine actor it starts) and the single run's threads on node_cpu.
+    os.sched_setaffinity(0, {head_cpu})
     print(
-        f"machine: {machine()}; git {git_rev()}; ray {ray.__version__}; pinned to CPU {cpu}",
+        f"machine: {machine()}; git {git_rev()}; ray {ray.__version__}; layout {args.layout}: "
+        f"node on CPU {node_cpu}, head and driver on CPU {head_cpu}",
         flush=True,
     )
     rows: list[tuple[Result, Result]] = []
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as tmp:
         folder = Path(tmp)
         cfg = make_config(folder, args.sources, args.threads, long_video(folder, 8))
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        one_core = args.layout == "one-core"
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1 if one_core else 0})
         try:
+            if not one_core:
+                os.sched_setaffinity(0, {node_cpu})
+                cluster.add_node(num_cpus=1)
+                os.sched_setaffinity(0, {head_cpu})
             cluster.wait_for_nodes()
             ray.init(address=cluster.address, logging_level=logging.WARNING)
+
+            def single_run() -> Result:
+                os.sched_setaffinity(0, {node_cpu})  # the pipeline's threads start from here
+                try:
+                    return run_single(cfg, args, folder)
+                finally:
+                    os.sched_setaffinity(0, {head_cpu})
+
             for r in range(args.rounds):
                 if r % 2 == 0:  # turn about, so that a drift in load hits both alike
-                    single = run_single(cfg, args, folder)
+                    single = single_run()
                     on_ray = run_ray(cfg, args, folder, 1)
                 else:
                     on_ray = run_ray(cfg, args, folder, 1)
-                    single = run_single(cfg, args, folder)
+                    single = single_run()
                 rows.append((single, on_ray))
                 print(
                     f"round {r + 1}: single {single.windows_per_s:.2f} windows/s, "
@@ -376,7 +400,7 @@ def saturate(args: argparse.Namespace) -> None:
             ray.shutdown()
             cluster.shutdown()
     print(
-        f"\n{args.sources} sources (demo.mp4 x8, realtime: false), one CPU for everything, "
+        f"\n{args.sources} sources (demo.mp4 x8, realtime: false), layout {args.layout}, "
         f"{args.seconds:g} s measured per run, torch threads {args.threads}\n"
     )
     print("| round | single windows/s | ray (1 node) windows/s | ratio | overhead |")
@@ -406,6 +430,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (single and engines)")
     ap.add_argument(
         "--saturate", action="store_true", help="one CPU, sources as fast as possible (see above)"
+    )
+    ap.add_argument(
+        "--layout",
+        default="one-core",
+        choices=["one-core", "worker-node"],
+        help="with --saturate: everything on the node's CPU, or the head and driver elsewhere",
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
