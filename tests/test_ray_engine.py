@@ -58,3 +58,28 @@ def test_polls_hand_lines_on_at_once_but_make_the_figures_at_most_twice_a_second
     assert polls > 100
     assert len(made) - 1 <= spent / FIGURES_INTERVAL_S + 1, (len(made), polls)
     assert final.stats["cam"].windows == final.windows  # the stop's figures are made anew
+
+
+@pytest.mark.timeout(120)
+def test_a_start_that_fails_on_the_node_is_reported_by_the_next_poll(
+    tmp_path: Path, assets_dir: Path, walk_clip: Path
+) -> None:
+    """The driver's start call does not wait for its answer: a pipeline that could not even be
+    built on the node (here its media folder cannot be made) was lost with that answer, and its
+    sources never came online without a word. The next poll now carries the error, which the
+    driver turns into one ``error:`` line."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the media folder's parent should be")
+    cfg = RunConfig.model_validate(
+        {
+            "sources": [{"name": "cam", "url": str(walk_clip), "realtime": True}],
+            "model": {"weights": str(make_tiny_weights(assets_dir, walk_clip)), "device": "cpu"},
+            "window": {"stride": 8},
+            "media": {"dir": str(blocker / "media")},
+        }
+    )
+    node = NodeEngine(cfg, threads=1)
+    node.start(["cam"])  # returns: an unawaited Ray call's error would print a traceback
+    report = node.poll()
+    assert len(report.errors) == 1 and report.errors[0].startswith("cam: "), report.errors
+    assert report.sources == ()

@@ -109,6 +109,9 @@ class NodeEngine:
         self.outbox = Outbox()
         self._lock = threading.Lock()  # protects _threads
         self._threads: list[PipelineThread] = []
+        # Why a start failed (the driver's call does not wait for the answer): the next poll
+        # reports it, as it reports a pipeline that failed while running.
+        self._start_errors: list[str] = []  # under _lock
         self._figures = _Figures({}, {}, inference_alive=True)  # as of _figures_at (polls only)
         self._figures_at = -math.inf
 
@@ -126,7 +129,9 @@ class NodeEngine:
         return done / (time.monotonic() - started)
 
     def start(self, sources: list[str]) -> None:
-        """Run ``sources`` (beside any running already).
+        """Run ``sources`` (beside any running already). A pipeline that cannot be built here
+        (an output that cannot start on this node) is reported by the next :meth:`poll`'s
+        ``errors``: the driver does not wait for this call's answer.
 
         Raises:
             StreamdetError: a source that is not in the config.
@@ -136,13 +141,20 @@ class NodeEngine:
         unknown = set(sources) - {s.name for s in self.cfg.sources}
         if unknown:
             raise StreamdetError(f"sources not in the config: {sorted(unknown)}")
-        pipeline = Pipeline(
-            node_config(self.cfg, sources),
-            self.checkpoint,
-            self.engine,
-            print_fn=log.info,
-            event_log=cast("EventLog", self.outbox),  # duck-typed: the driver writes the lines
-        )
+        try:
+            pipeline = Pipeline(
+                node_config(self.cfg, sources),
+                self.checkpoint,
+                self.engine,
+                print_fn=log.info,
+                event_log=cast("EventLog", self.outbox),  # duck-typed: the driver writes lines
+            )
+        except Exception as exc:  # an output that cannot start here (media.dir not writable)
+            error = redact_text(f"{', '.join(sources)}: {exc}")
+            log.error("pipeline of %s could not start: %s", sources, error)
+            with self._lock:
+                self._start_errors.append(error)
+            return  # not raised: Ray would print the unawaited call's traceback on the driver
         thread = PipelineThread(pipeline, sources)
         with self._lock:
             self._threads.append(thread)
@@ -176,6 +188,7 @@ class NodeEngine:
         old (``fresh``: made now)."""
         with self._lock:
             threads = list(self._threads)
+            start_errors = tuple(self._start_errors)
         # Counted before the drain: a pipeline that has finished has put all its lines by now.
         pipelines_alive = sum(t.is_alive() for t in threads)
         now = time.monotonic()
@@ -188,7 +201,7 @@ class NodeEngine:
             records=self.outbox.drain(),
             stats=figures.stats,
             windows=sum(t.pipeline.inference.windows_done for t in threads),
-            errors=tuple(t.error for t in threads if t.error),
+            errors=start_errors + tuple(t.error for t in threads if t.error),
             health=figures.health,
             inference_alive=figures.inference_alive,
             pipelines_alive=pipelines_alive,
