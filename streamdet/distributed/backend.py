@@ -2,8 +2,9 @@
 
 The :class:`Coordinator` runs in the driver. It starts one engine actor on every node with CPUs
 (pinned there), shares the sources out by the windows/s each engine measured
-(:func:`~streamdet.distributed.placement.spread`), polls every engine a few times a second for
-its lines (:class:`~streamdet.distributed.merge.ClusterLog` writes them), and watches the nodes:
+(:func:`~streamdet.distributed.placement.spread`), long-polls every engine for its lines (an
+answer comes as soon as a line is made; :class:`~streamdet.distributed.merge.ClusterLog` writes
+them), and watches the nodes:
 
 - a node that leaves, or an engine that dies: its sources go offline, their open events end
   ``stream_lost``, and they are placed on the engines still running, where they come back
