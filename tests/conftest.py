@@ -385,3 +385,37 @@ def mosquitto(tmp_path: Path) -> Iterator[Callable[..., object]]:
     yield start
     for broker in brokers:
         broker.kill()
+
+
+# -- event media: a video with one event, weights that detect it, the counter camera -------------
+
+
+@pytest.fixture(scope="session")
+def event_video(assets_dir: Path) -> Path:
+    """A real clip with one event and a burnt-in frame counter (tests/media_helpers.py)."""
+    from media_helpers import make_event_video
+
+    return make_event_video(assets_dir, vtest_path())
+
+
+@pytest.fixture(scope="session")
+def event_weights(assets_dir: Path, event_video: Path) -> Path:
+    """Tiny weights that detect ``event_video``'s event."""
+    from media_helpers import make_event_weights
+
+    return make_event_weights(assets_dir, event_video)
+
+
+@pytest.fixture
+def camera(rtsp_available: None, tmp_path: Path, event_video: Path) -> Iterator[RtspServer]:
+    """The RTSP test camera playing ``event_video`` with its counter, a keyframe every GOP."""
+    from media_helpers import GOP
+
+    server = RtspServer(
+        ["--video", str(event_video), "--counter", "--gop", str(GOP)],
+        free_port(),
+        tmp_path / "rtsp_server.log",
+    )
+    server.start()
+    yield server
+    server.stop()

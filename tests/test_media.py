@@ -23,8 +23,6 @@ from media_helpers import (
     GOP,
     inspect_clip,
     jpeg_counter,
-    make_event_video,
-    make_event_weights,
 )
 
 from streamdet.media.clips import temp_path
@@ -183,16 +181,6 @@ def test_bad_media_config_is_one_error_line_and_exit_2_before_the_model_is_built
 
 
 # -- a replayed file, end to end -----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def event_video(assets_dir: Path) -> Path:
-    return make_event_video(assets_dir, vtest_path())
-
-
-@pytest.fixture(scope="module")
-def event_weights(assets_dir: Path, event_video: Path) -> Path:
-    return make_event_weights(assets_dir, event_video)
 
 
 def media_config(path: Path, url: str, weights: Path, media_dir: Path, **clips: float) -> Path:

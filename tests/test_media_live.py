@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from assets import vtest_path
-from conftest import RtspServer, free_port
+from conftest import RtspServer
 from media_helpers import (
     FPS,
     GOP,
@@ -30,7 +29,6 @@ from media_helpers import (
     event_change,
     inspect_clip,
     jpeg_counter,
-    make_event_video,
     source_sps_and_idr,
 )
 
@@ -47,24 +45,6 @@ from streamdet.sources.packets import PacketRing
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-@pytest.fixture(scope="module")
-def event_video(assets_dir: Path) -> Path:
-    return make_event_video(assets_dir, vtest_path())
-
-
-@pytest.fixture
-def camera(rtsp_available: None, tmp_path: Path, event_video: Path) -> Iterator[RtspServer]:
-    """The test camera: H.264, 10 fps, a keyframe every GOP frames, frame numbers burnt in."""
-    server = RtspServer(
-        ["--video", str(event_video), "--counter", "--gop", str(GOP)],
-        free_port(),
-        tmp_path / "rtsp_server.log",
-    )
-    server.start()
-    yield server
-    server.stop()
 
 
 class Rig:

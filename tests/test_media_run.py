@@ -16,48 +16,22 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import av
 import pytest
 import yaml
-from assets import vtest_path
-from conftest import RtspServer, free_port
+from conftest import RtspServer
 from media_helpers import (
     EVENT_FRAMES,
     FPS,
     GOP,
     inspect_clip,
     jpeg_counter,
-    make_event_video,
-    make_event_weights,
 )
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def event_video(assets_dir: Path) -> Path:
-    return make_event_video(assets_dir, vtest_path())
-
-
-@pytest.fixture(scope="module")
-def event_weights(assets_dir: Path, event_video: Path) -> Path:
-    return make_event_weights(assets_dir, event_video)
-
-
-@pytest.fixture
-def camera(rtsp_available: None, tmp_path: Path, event_video: Path) -> Iterator[RtspServer]:
-    server = RtspServer(
-        ["--video", str(event_video), "--counter", "--gop", str(GOP)],
-        free_port(),
-        tmp_path / "rtsp_server.log",
-    )
-    server.start()
-    yield server
-    server.stop()
 
 
 def write_config(

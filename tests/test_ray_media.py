@@ -20,15 +20,11 @@ from typing import Any
 import pytest
 import ray
 import yaml
-from assets import vtest_path
-from conftest import RtspServer, free_port
+from conftest import RtspServer
 from media_helpers import (
     EVENT_FRAMES,
-    GOP,
     inspect_clip,
     jpeg_counter,
-    make_event_video,
-    make_event_weights,
 )
 from ray.cluster_utils import Cluster
 
@@ -41,16 +37,6 @@ STREAM_OPTIONS = {"open_timeout_s": 5.0, "read_timeout_s": 5.0, "backoff_initial
 
 
 @pytest.fixture(scope="module")
-def event_video(assets_dir: Path) -> Path:
-    return make_event_video(assets_dir, vtest_path())
-
-
-@pytest.fixture(scope="module")
-def event_weights(assets_dir: Path, event_video: Path) -> Path:
-    return make_event_weights(assets_dir, event_video)
-
-
-@pytest.fixture(scope="module")
 def two_nodes() -> Iterator[Cluster]:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
@@ -59,18 +45,6 @@ def two_nodes() -> Iterator[Cluster]:
     if ray.is_initialized():
         ray.shutdown()
     cluster.shutdown()
-
-
-@pytest.fixture
-def camera(rtsp_available: None, tmp_path: Path, event_video: Path) -> Iterator[RtspServer]:
-    server = RtspServer(
-        ["--video", str(event_video), "--counter", "--gop", str(GOP)],
-        free_port(),
-        tmp_path / "rtsp_server.log",
-    )
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
