@@ -366,14 +366,17 @@ class Coordinator:
             {name: n.capacity or 0.0 for name, n in ready.items()},
             {name: len(n.sources) for name, n in ready.items()},
         )
-        now = time.monotonic()
         for name, sources in placed.items():
-            node = ready[name]
-            node.actor.start.remote(sources)  # a failure shows in the engine's next poll
-            node.sources += sources
-            self.moves += [(s, name, now) for s in sources]
+            self._start_on(ready[name], sources)
             self.print(f"[ray] node {name} runs {', '.join(sources)}")
         self.pending = []
+
+    def _start_on(self, node: NodeState, sources: list[str]) -> None:
+        """Run ``sources`` on ``node``'s engine (a failure shows in its next poll)."""
+        node.actor.start.remote(sources)
+        node.sources += sources
+        now = time.monotonic()
+        self.moves += [(s, node.name, now) for s in sources]
 
     def _ready(self) -> dict[str, NodeState]:
         """The nodes whose engine is running and measured, by name."""
@@ -474,7 +477,7 @@ class Coordinator:
     def _arrive(self, node: NodeState, sources: list[str]) -> None:
         """``node`` let these sources go (their offline lines are in the log): start each on
         the node it moves to, or wait for a node if that one is gone."""
-        ready, now = self._ready(), time.monotonic()
+        ready = self._ready()
         starts: dict[str, list[str]] = {}
         for source in sources:
             m = self.moving.pop(source)
@@ -484,9 +487,7 @@ class Coordinator:
             else:
                 self.pending.append(source)
         for to, group in starts.items():
-            ready[to].actor.start.remote(group)
-            ready[to].sources += group
-            self.moves += [(s, to, now) for s in group]
+            self._start_on(ready[to], group)
             self.rebalanced += len(group)
             for source in group:
                 self.print(f"[ray] moved {source} from node {node.name} to node {to}")

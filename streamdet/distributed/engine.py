@@ -171,8 +171,8 @@ class NodeEngine:
             running here.
         """
         with self._lock:
-            threads = [t for t in self._threads if source in t.sources and t.is_alive()]
-        released = any(t.pipeline.release(source, reason) for t in threads[-1:])
+            running = [t for t in self._threads if source in t.sources and t.is_alive()]
+        released = bool(running) and running[-1].pipeline.release(source, reason)
         self._figures_at = -math.inf  # the next poll drops its figures
         return released
 
@@ -195,9 +195,10 @@ class NodeEngine:
         if fresh or now - self._figures_at >= FIGURES_INTERVAL_S:
             self._figures, self._figures_at = gather_figures(threads), now
         figures = self._figures
+        released = {t: t.pipeline.released for t in threads}  # read once: it takes a lock
         return EngineReport(
             incarnation=self.incarnation,
-            sources=tuple(s for t in threads for s in t.sources if s not in t.pipeline.released),
+            sources=tuple(s for t in threads for s in t.sources if s not in released[t]),
             records=self.outbox.drain(),
             stats=figures.stats,
             windows=sum(t.pipeline.inference.windows_done for t in threads),
