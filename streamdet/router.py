@@ -160,13 +160,14 @@ class EventRouter:
         with self._lock:
             if change.source in self._released:
                 return
-            self._status[change.source] = status
             self._note_first_online(change.source, status, reason)
-            if self.event_log is not None and change.status is not Status.ENDED:
-                self.event_log.write_status(change.source, status, reason, change.wall_time)
-            msg = StatusMessage(change.source, status, reason, change.wall_time)
-            for w in self.workers:
-                w.offer_status(msg)
+            self._publish_status(
+                change.source,
+                status,
+                reason,
+                change.wall_time,
+                log_it=change.status is not Status.ENDED,
+            )
             if change.status is Status.OFFLINE:
                 self._emit(self.tracker.close_source(change.source, "stream_lost"), None)
 
@@ -194,14 +195,19 @@ class EventRouter:
             if self.tracker.open_events(source):
                 return False
             self._released.add(source)
-            self._status[source] = "offline"
-            now, reason = time.time(), redact_text(reason)
-            if self.event_log is not None:
-                self.event_log.write_status(source, "offline", reason, now)
-            msg = StatusMessage(source, "offline", reason, now)
-            for w in self.workers:
-                w.offer_status(msg)
+            self._publish_status(source, "offline", redact_text(reason), time.time())
             return True
+
+    def _publish_status(
+        self, source: str, status: str, reason: str, wall_time: float, *, log_it: bool = True
+    ) -> None:  # under _lock
+        """Note ``source``'s status, write its line (``log_it``) and hand it to every output."""
+        self._status[source] = status
+        if self.event_log is not None and log_it:
+            self.event_log.write_status(source, status, reason, wall_time)
+        msg = StatusMessage(source, status, reason, wall_time)
+        for w in self.workers:
+            w.offer_status(msg)
 
     def on_results(self, results: Sequence[WindowResult]) -> None:
         """Scored windows, in the order inference took them."""
