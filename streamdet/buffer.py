@@ -83,6 +83,10 @@ class RingBuffer:
             before they were taken are counted in ``windows_skipped``.
         meter: measures each frame's activity as it is committed (motion gating); None: every
             frame counts as active.
+        phase: frames (0 .. stride - 1) by which every window of a segment comes later than the
+            stride alone would put it. Live cameras started together tick in step, so all their
+            windows would be ready in the same instant and queue behind one another for the
+            inference workers; giving each its own phase spreads them over the stride period.
     """
 
     def __init__(
@@ -95,9 +99,12 @@ class RingBuffer:
         capacity: int | None = None,
         lossless: bool = False,
         meter: FrameMeter | None = None,
+        phase: int = 0,
     ) -> None:
         if length < 1 or stride < 1:
             raise ValueError(f"length and stride must be >= 1, but got {length}, {stride}")
+        if not 0 <= phase < stride:
+            raise ValueError(f"phase must be in [0, stride), but got {phase}")
         capacity = capacity if capacity is not None else length + stride + 8
         if capacity <= length:
             raise ValueError(f"capacity must exceed the window length {length}, but got {capacity}")
@@ -107,6 +114,7 @@ class RingBuffer:
         self.capacity = capacity
         self.lossless = lossless
         self.meter = meter
+        self.phase = phase
         # (C, 2 * capacity, H, W): frame seq n lives at time index n % capacity and n % capacity + capacity.
         c, h, w = frame_shape
         self._frames = np.zeros((c, 2 * capacity, h, w), np.float32)
@@ -176,8 +184,8 @@ class RingBuffer:
             self._mono[k] = meta.monotonic
             self._written = seq + 1
             self.frames_written += 1
-            in_segment = seq - self._segment_start + 1
-            if in_segment >= self.length and (in_segment - self.length) % self.stride == 0:
+            past_first = seq - self._segment_start + 1 - self.length - self.phase
+            if past_first >= 0 and past_first % self.stride == 0:
                 if len(self._ready) == self._ready.maxlen:
                     self.windows_skipped += 1
                 self._ready.append(seq)

@@ -84,6 +84,19 @@ def test_windows_are_ready_every_stride_frames_after_the_first_length() -> None:
     assert ring.windows_taken == 4 and ring.windows_skipped == 0
 
 
+def test_a_phase_delays_every_window_of_a_segment_by_that_many_frames() -> None:
+    ring = RingBuffer(
+        "cam", length=4, stride=3, frame_shape=SHAPE, capacity=32, lossless=True, phase=2
+    )
+
+    write(ring, range(12))
+    ring.mark_gap()
+    write(ring, range(20, 27))
+
+    spans = [(w.first_frame, w.last_frame) for w, _ in take_all(ring)]
+    assert spans == [(2, 5), (5, 8), (8, 11), (22, 25)]
+
+
 def test_window_view_holds_the_frames_in_order_across_the_wraparound() -> None:
     ring = RingBuffer("cam", length=4, stride=3, frame_shape=SHAPE, capacity=6, lossless=True)
     seen = []
@@ -290,6 +303,9 @@ def test_live_reader_never_gets_a_window_whose_oldest_slot_the_writer_holds() ->
         ({"capacity": 4}, pytest.raises(ValueError, match="capacity must exceed")),
         ({"stride": 0}, pytest.raises(ValueError, match="length and stride")),
         ({"length": 0}, pytest.raises(ValueError, match="length and stride")),
+        ({"phase": 7}, contextlib.nullcontext()),
+        ({"phase": 8}, pytest.raises(ValueError, match="phase must be")),
+        ({"phase": -1}, pytest.raises(ValueError, match="phase must be")),
     ],
 )
 def test_capacity_and_sizes_are_validated(kwargs: dict, expectation) -> None:

@@ -277,6 +277,27 @@ def test_a_replay_decodes_on_one_thread_and_a_live_source_on_ffmpegs_choice(
     assert asked == {str(walk_clip): 1, str(paced): None}
 
 
+def test_live_sources_get_their_windows_in_spread_phases_and_a_replay_in_phase_zero(
+    tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine
+) -> None:
+    """Cameras started together would otherwise have every window ready in the same instant."""
+    sources = [{"name": "replay", "url": str(walk_clip), "realtime": False}]
+    for i in range(3):
+        paced = tmp_path / f"paced{i}.avi"
+        paced.write_bytes(walk_clip.read_bytes())
+        sources.append({"name": f"paced{i}", "url": str(paced), "realtime": True})
+    cfg = config(sources, None, window={"length": 16, "stride": 8})
+
+    pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
+
+    assert {ring.name: ring.phase for ring in pipeline.rings} == {
+        "replay": 0,
+        "paced0": 0,
+        "paced1": 2,
+        "paced2": 5,
+    }
+
+
 FULL_DISK_RUN = """
 import resource, signal, sys
 sys.path.insert(0, sys.argv[3])  # tests/: the tiny model
