@@ -239,13 +239,10 @@ def main() -> None:
     )
     ap.add_argument("--skip-real", action="store_true", help="no real-footage run")
     ap.add_argument("--hangover-frames", type=int, help="window.gating.hangover_frames")
-    ap.add_argument("--local-hangover-frames", type=int, help="window.gating.local_hangover_frames")
     ap.add_argument("--keepalive-s", type=float, help="window.gating.keepalive_s")
     args = ap.parse_args()
     if args.hangover_frames is not None:
         GATING["hangover_frames"] = args.hangover_frames
-    if args.local_hangover_frames is not None:
-        GATING["local_hangover_frames"] = args.local_hangover_frames
     if args.keepalive_s is not None:
         GATING["keepalive_s"] = args.keepalive_s
     print(f"window.gating: defaults, except {GATING}")

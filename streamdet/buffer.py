@@ -30,8 +30,6 @@ import numpy as np
 class FrameMeter(Protocol):
     """Measures each committed frame (``streamdet.gating.ActivityMeter``: its activity)."""
 
-    changed_globally: bool  # of the frame last measured: its change was global (lights, cover)
-
     def update(self, frame: np.ndarray) -> float: ...
 
     def reset(self) -> None: ...
@@ -58,11 +56,9 @@ class Window:
     seq: int  # sequence number (frames written to this ring) of the newest frame
     # Of the frames new to this window (not in the ring's previous window taken; all of them
     # for the first window of a ring): the largest activity (> 1: active; inf: not measured),
-    # the seq of the newest measured active one (-1: none), and of the newest one whose change
-    # was global (-1: none).
+    # and the seq of the newest measured active one (-1: none).
     activity: float = math.inf
     newest_active: int = -1
-    newest_global: int = -1
 
     @property
     def first_time(self) -> float:
@@ -126,7 +122,6 @@ class RingBuffer:
         self._wall = np.zeros(capacity, np.float64)
         self._mono = np.zeros(capacity, np.float64)
         self._activity = np.full(capacity, math.inf, np.float64)
-        self._global = np.zeros(capacity, bool)
 
         # The lock protects every attribute below and the slots of published frames. Invariants:
         # frames with seq in [max(0, _written - capacity + 1), _written) are published and intact;
@@ -174,17 +169,15 @@ class RingBuffer:
 
     def commit(self, meta: FrameMeta) -> None:
         """Publish the frame just written into ``slot()``."""
-        activity, changed_globally = math.inf, False
+        activity = math.inf
         if self.meter is not None:
             # Only this (the writer's) thread moves _written, and the slot is its own until the
             # commit below: both are read without the lock.
             activity = self.meter.update(self._frames[:, self._written % self.capacity])
-            changed_globally = self.meter.changed_globally
         with self._lock:
             seq = self._written
             k = seq % self.capacity
             self._activity[k] = activity
-            self._global[k] = changed_globally
             self._frames[:, k + self.capacity] = self._frames[:, k]
             self._index[k] = meta.index
             self._wall[k] = meta.wall_time
@@ -257,7 +250,7 @@ class RingBuffer:
             else:
                 np.copyto(out, view)
             slots = (np.arange(start, end + 1)) % self.capacity
-            activity, newest_active, newest_global = self._new_activity(start, end)
+            activity, newest_active = self._new_activity(start, end)
             window = Window(
                 source=self.name,
                 first_frame=int(self._index[slots[0]]),
@@ -267,17 +260,15 @@ class RingBuffer:
                 seq=end,
                 activity=activity,
                 newest_active=newest_active,
-                newest_global=newest_global,
             )
             self._last_taken = end
             self.windows_taken += 1
             self._taken.notify_all()
             return window
 
-    def _new_activity(self, start: int, end: int) -> tuple[float, int, int]:  # lock held
-        """(largest activity, seq of the newest measured active frame or -1, seq of the newest
-        one that changed globally or -1) of the frames of the window [start, end] that the
-        previous window taken did not hold.
+    def _new_activity(self, start: int, end: int) -> tuple[float, int]:  # with the lock held
+        """(largest activity, seq of the newest measured active frame or -1) of the frames of
+        the window [start, end] that the previous window taken did not hold.
 
         Judging a window by its new frames only (not all of them) is what lets an active stretch
         cost about its own length in scored windows: by all its frames, every window that still
@@ -286,16 +277,10 @@ class RingBuffer:
         first = max(start, self._last_taken + 1)
         if first > end:  # the same window again (cannot happen: windows move forward)
             first = end
-        slots = np.arange(first, end + 1) % self.capacity
-        values = self._activity[slots]
-        active = (values > 1.0) & np.isfinite(values)
-        newest = np.flatnonzero(active)
-        changed = np.flatnonzero(active & self._global[slots])
-        return (
-            float(values.max()),
-            first + int(newest[-1]) if newest.size else -1,
-            first + int(changed[-1]) if changed.size else -1,
-        )
+        values = self._activity[np.arange(first, end + 1) % self.capacity]
+        active = np.flatnonzero((values > 1.0) & np.isfinite(values))
+        newest = first + int(active[-1]) if active.size else -1
+        return float(values.max()), newest
 
     def close(self) -> None:
         """Wake a waiting writer; later writes are refused."""

@@ -139,16 +139,8 @@ class GatingConfig(_Model):
         8,
         ge=0,
         le=1000,
-        description="After a global change (lights, a covered or moved camera), windows are "
-        "scored until its last frame is this many frames old (8: it has reached the centre of a "
-        "16-frame window).",
-    )
-    local_hangover_frames: int = Field(
-        8,
-        ge=0,
-        le=1000,
-        description="The same after a local change (something moving in part of the view); at "
-        "most hangover_frames.",
+        description="Windows are scored until the last active frame is this many frames old "
+        "(8: it has reached the centre of a 16-frame window).",
     )
     sensitivity: float = Field(
         1.5, ge=0, le=100, description="Noise floor = median + sensitivity x MAD of the measure."
@@ -162,12 +154,6 @@ class GatingConfig(_Model):
     lag_frames: int = Field(
         4, ge=1, le=64, description="Each frame is compared with the one this many frames back."
     )
-
-    @model_validator(mode="after")
-    def _hangover_order(self) -> GatingConfig:
-        if self.local_hangover_frames > self.hangover_frames:
-            raise ValueError("local_hangover_frames must be <= hangover_frames")
-        return self
 
 
 class SourceConfig(_Model):

@@ -80,15 +80,11 @@ class GateSettings:
         lag_frames: each frame is compared with the one this many frames before it.
         keepalive_s: a quiet source is still scored once this many seconds (of its frame
             times) have passed since its last scored window.
-        hangover_frames: after a global change (lights, a covered or moved camera), windows
-            are still scored until the newest such frame lies this many frames back from their
-            newest frame. The default, 8, half the model's 16-frame window, scores until the
-            change has reached the window's centre, which is where the model was trained to
-            place what it names (2 windows at stride 4, 1 at stride 8): a covered lens or a dark
-            room holds still once changed, so only the hangover shows it to the model.
-        local_hangover_frames: the same after a local change only (something moving in part
-            of the view), which goes on being active for as long as it moves; at most
-            ``hangover_frames``.
+        hangover_frames: windows are still scored until the newest active frame lies this many
+            frames back from their newest frame. The default, 8, half the model's 16-frame
+            window, scores until the end of an event has reached the window's centre, which is
+            where the model was trained to place what it names (the stride does not matter:
+            2 windows at stride 4, 1 at stride 8).
     """
 
     sensitivity: float = 1.5
@@ -97,18 +93,14 @@ class GateSettings:
     lag_frames: int = 4
     keepalive_s: float = 30.0
     hangover_frames: int = 8
-    local_hangover_frames: int = 8
 
     def __post_init__(self) -> None:
         if self.lag_frames < 1:
             raise ValueError(f"lag_frames must be >= 1, but got {self.lag_frames}")
         if self.sensitivity < 0 or self.local_margin < 0 or self.global_margin < 0:
             raise ValueError("sensitivity and margins must be >= 0")
-        if not 0 <= self.local_hangover_frames <= self.hangover_frames:
-            raise ValueError(
-                "need 0 <= local_hangover_frames <= hangover_frames, but got "
-                f"{self.local_hangover_frames} and {self.hangover_frames}"
-            )
+        if self.hangover_frames < 0:
+            raise ValueError(f"hangover_frames must be >= 0, but got {self.hangover_frames}")
         if self.keepalive_s <= 0:
             raise ValueError(f"keepalive_s must be > 0, but got {self.keepalive_s}")
 
@@ -151,7 +143,6 @@ class ActivityMeter:
 
     ``update`` returns the frame's activity: the larger of its local and global measure, each
     divided by its threshold. Above 1.0 the frame is active; infinite while warming up.
-    ``changed_globally`` then says whether the global measure was above its threshold.
     """
 
     def __init__(self, settings: GateSettings | None = None) -> None:
@@ -160,7 +151,6 @@ class ActivityMeter:
         self._global = _Floor(self.settings.sensitivity, self.settings.global_margin)
         self._past: deque[np.ndarray] = deque(maxlen=self.settings.lag_frames)
         self._since_reset = 0
-        self.changed_globally = False
 
     def reset(self) -> None:
         """Forget the past frames (a reconnect or a new resolution); the floor is kept."""
@@ -178,15 +168,10 @@ class ActivityMeter:
         local, global_ = change_measures(grid, reference)
         past.append(grid)
         self._since_reset += 1
-        global_activity = global_ / self._global.threshold
-        activity = max(local / self._local.threshold, global_activity)
+        activity = max(local / self._local.threshold, global_ / self._global.threshold)
         self._local.add(local, activity > 1.0)
         self._global.add(global_, activity > 1.0)
-        if self._since_reset <= WARMUP_FRAMES:
-            self.changed_globally = False
-            return math.inf
-        self.changed_globally = global_activity > 1.0
-        return activity
+        return math.inf if self._since_reset <= WARMUP_FRAMES else activity
 
 
 def block_means(frame: np.ndarray) -> np.ndarray:
@@ -234,16 +219,14 @@ class Gate:
         self.background_probs = np.asarray(background_probs, np.float32)
         self._last_scored: dict[str, float] = {}
         self._last_active: dict[str, int] = {}  # seq of the newest active frame seen per source
-        self._last_global: dict[str, int] = {}  # ... and of the newest one that changed globally
         self.scored: dict[str, int] = {}
         self.gated: dict[str, int] = {}
 
     def should_score(self, window: Window) -> bool:
         """True unless ``window``'s source is gated, none of the frames new to the window was
-        active or unmeasured, the source's newest active frame lies more than its hangover
-        (``hangover_frames`` after a global change, ``local_hangover_frames`` after a local one)
-        before the window's newest frame, and the source was scored within its keep-alive
-        period.
+        active or unmeasured, the source's newest active frame lies more than
+        ``hangover_frames`` before the window's newest frame, and the source was scored within
+        its keep-alive period.
 
         An unmeasured frame (the meter's warm-up after a start or a reconnect) has its window
         scored but starts no hangover: nothing was seen to happen. With it, every camera's
@@ -253,13 +236,12 @@ class Gate:
         settings = self.settings.get(window.source)
         if window.newest_active >= 0:
             self._last_active[window.source] = window.newest_active
-        if window.newest_global >= 0:
-            self._last_global[window.source] = window.newest_global
+        last_active = self._last_active.get(window.source)
         last = self._last_scored.get(window.source)
         score = (
             settings is None
             or window.activity > 1.0
-            or self._in_hangover(window, settings)
+            or (last_active is not None and window.seq - last_active <= settings.hangover_frames)
             or last is None
             or not (0.0 <= window.last_time - last < settings.keepalive_s)  # or the clock jumped
         )
@@ -275,16 +257,6 @@ class Gate:
         else:
             self.gated[window.source] = self.gated.get(window.source, 0) + 1
         return score
-
-    def _in_hangover(self, window: Window, settings: GateSettings) -> bool:
-        """True while the source's newest active frame is within its hangover of ``window``'s
-        newest frame: ``hangover_frames`` after a global change, ``local_hangover_frames``
-        after a local one."""
-        active = self._last_active.get(window.source)
-        changed = self._last_global.get(window.source)
-        local_tail = active is not None and window.seq - active <= settings.local_hangover_frames
-        global_tail = changed is not None and window.seq - changed <= settings.hangover_frames
-        return local_tail or global_tail
 
 
 def keepalive_phase(source: str) -> float:

@@ -124,7 +124,6 @@ def build_gate(cfg: RunConfig, class_names: tuple[str, ...]) -> Gate | None:
             lag_frames=g.lag_frames,
             keepalive_s=g.keepalive_s,
             hangover_frames=g.hangover_frames,
-            local_hangover_frames=g.local_hangover_frames,
         )
         for s in cfg.sources
         if (g := cfg.gating_of(s)).enabled

@@ -162,48 +162,10 @@ def test_a_global_change_opens_the_gate(scene: np.ndarray, change: str) -> None:
     assert activities(frames)[-4] > 1.0
 
 
-@pytest.mark.parametrize("change", ["lights_off", "covered", "small object"])
-def test_the_meter_says_which_changes_were_global(scene: np.ndarray, change: str) -> None:
-    """Lights and a covered lens hold still once changed, so they get the longer hangover; a
-    small object crossing is a local change."""
-    rng = np.random.default_rng(4)
-    frames = quiet_stream(scene, "noise")
-    if change == "small object":
-        frames = crossing(scene, (12, 24), start=150)
-    else:
-        after = (
-            (scene * 0.3).astype(np.uint8) if change == "lights_off" else np.full_like(scene, 90)
-        )
-        frames += [noisy(after, rng) for _ in range(4)]
-    meter = ActivityMeter()
-    flags = []
-    for f in frames:
-        activity = meter.update(preprocess_frame(f, DEFAULT_CONTRACT))
-        flags.append((activity > 1.0 and math.isfinite(activity), meter.changed_globally))
-    quiet = flags[WARMUP_FRAMES:QUIET_FRAMES]
-    assert not any(g for _, g in quiet)
-    if change == "small object":
-        moving = flags[-40:]
-        assert sum(a for a, _ in moving) > 30 and not any(g for _, g in moving)
-    else:
-        assert flags[QUIET_FRAMES] == (True, True)
-
-
-def window(source: str, t: float, activity: float, changed_globally: bool = False) -> Window:
+def window(source: str, t: float, activity: float) -> Window:
     """A window ending at frame (and seq) t, its new frames' activity ``activity`` (newest)."""
     newest_active = int(t) if activity > 1.0 else -1
-    newest_global = newest_active if changed_globally else -1
-    return Window(
-        source,
-        int(t),
-        int(t) + 15,
-        np.full(16, t),
-        0.0,
-        int(t),
-        activity,
-        newest_active,
-        newest_global,
-    )
+    return Window(source, int(t), int(t) + 15, np.full(16, t), 0.0, int(t), activity, newest_active)
 
 
 def test_the_gate_scores_active_windows_and_a_quiet_source_at_the_keepalive_rate() -> None:
@@ -241,34 +203,15 @@ def test_windows_are_scored_until_the_last_active_frame_is_hangover_frames_old()
     assert scored == [True, True, True, True, False, False, False, False, False, False]
 
 
-@pytest.mark.parametrize(("changed_globally", "expected"), [(False, 1), (True, 2)])
-def test_a_local_change_gets_the_shorter_hangover_and_a_global_one_the_longer(
-    changed_globally: bool, expected: int
-) -> None:
-    settings = GateSettings(keepalive_s=1000.0, hangover_frames=8, local_hangover_frames=4)
-    gate = Gate({"cam": settings}, np.ones(2))
-    gate.should_score(window("cam", 0, 0.1))  # the first window: scored, nothing known yet
-    assert gate.should_score(window("cam", 4, 2.0, changed_globally))
-    after = [gate.should_score(window("cam", t, 0.1)) for t in range(8, 40, 4)]
-    assert after == [True] * expected + [False] * (len(after) - expected)
-
-
 class ScriptedMeter:
     """A frame meter whose activity of frame seq n is ``activity(n)``."""
 
-    def __init__(
-        self,
-        activity: Callable[[int], float],
-        changes_globally: Callable[[int], bool] = lambda n: False,
-    ) -> None:
+    def __init__(self, activity: Callable[[int], float]) -> None:
         self.activity = activity
-        self.changes_globally = changes_globally
-        self.changed_globally = False
         self.seq = 0
 
     def update(self, frame: np.ndarray) -> float:
         self.seq += 1
-        self.changed_globally = self.changes_globally(self.seq - 1)
         return self.activity(self.seq - 1)
 
     def reset(self) -> None:
@@ -294,18 +237,7 @@ def test_a_window_is_judged_by_the_frames_new_to_it_not_all_of_its_frames() -> N
     assert [w.seq for w in windows] == list(range(15, 80, 4))
     active = {w.seq: w.newest_active for w in windows if w.activity > 1.0}
     assert active == {43: 43, 47: 47}  # the windows whose 4 new frames hold frames 40-47
-    assert all(w.newest_global == -1 for w in windows)  # the meter saw only local changes
     assert windows[0].activity == 0.1  # the first window: all 16 frames are new
-
-
-def test_a_window_carries_its_newest_frame_that_changed_globally() -> None:
-    meter = ScriptedMeter(lambda n: 2.0 if 40 <= n < 48 else 0.1, lambda n: n in (41, 42, 52))
-    ring = RingBuffer("cam", length=16, stride=4, capacity=200, lossless=True, meter=meter)
-    for i in range(60):
-        ring.write_frame(np.zeros((3, 112, 112), np.float32), FrameMeta(i, i / 10, 0.0))
-    windows = {w.seq: w for w in iter(ring.take_window, None)}
-    # 52 is flagged but not active (a meter only flags active frames; the ring trusts both)
-    assert {seq: w.newest_global for seq, w in windows.items() if w.newest_global >= 0} == {43: 42}
 
 
 def test_a_meters_warm_up_has_its_window_scored_but_starts_no_hangover() -> None:
@@ -486,20 +418,12 @@ def test_a_source_gating_replaces_the_window_one_and_gating_needs_a_background()
                 {"name": "a", "url": "a.mp4"},
                 {"name": "b", "url": "b.mp4", "gating": {"enabled": False}},
             ],
-            "window": {
-                "gating": {
-                    "enabled": True,
-                    "keepalive_s": 45,
-                    "hangover_frames": 12,
-                    "local_hangover_frames": 3,
-                }
-            },
+            "window": {"gating": {"enabled": True, "keepalive_s": 45, "hangover_frames": 12}},
         },
     )
     gate = build_gate(cfg, ("none", "fall"))
     assert gate is not None and set(gate.settings) == {"a"}
-    a = gate.settings["a"]
-    assert (a.keepalive_s, a.hangover_frames, a.local_hangover_frames) == (45.0, 12, 3)
+    assert (gate.settings["a"].keepalive_s, gate.settings["a"].hangover_frames) == (45.0, 12)
     assert list(gate.background_probs) == [1.0, 0.0]
     with pytest.raises(ConfigError, match="events.background is null"):
         load_config(
@@ -512,11 +436,3 @@ def test_a_source_gating_replaces_the_window_one_and_gating_needs_a_background()
         )
     with pytest.raises(ConfigError, match="not one of"):
         build_gate(cfg, ("class_0", "class_1"))
-    with pytest.raises(ConfigError, match="local_hangover_frames must be <= hangover_frames"):
-        load_config(
-            None,
-            {
-                "sources": [{"name": "a", "url": "a.mp4"}],
-                "window": {"gating": {"enabled": True, "local_hangover_frames": 9}},
-            },
-        )
