@@ -224,39 +224,39 @@ class Gate:
 
     def should_score(self, window: Window) -> bool:
         """True unless ``window``'s source is gated, none of the frames new to the window was
-        active or unmeasured, the source's newest active frame lies more than
-        ``hangover_frames`` before the window's newest frame, and the source was scored within
-        its keep-alive period.
+        active, the source's newest active frame lies more than ``hangover_frames`` before the
+        window's newest frame, and the source was scored within its keep-alive period.
 
-        An unmeasured frame (the meter's warm-up after a start or a reconnect) has its window
-        scored but starts no hangover: nothing was seen to happen. With it, every camera's
-        first two windows were scored, and cameras started together made a burst that a
-        machine held in steady state could not absorb (windows skipped).
+        A source's first keep-alive window comes a fixed fraction of the period
+        (:func:`keepalive_phase`) after its first window, so cameras started together spread
+        theirs. Unmeasured frames (the meter's warm-up, its first 16 frames after a start or a
+        reconnect) are not a reason to score: the window after them is measured. Scoring every
+        source's first window made a burst as long as the camera count at every start: 24
+        cameras' first windows were 2.4 s of forward passes on 2 cores, so windows were skipped
+        at the start of a run the machine held in steady state.
         """
         settings = self.settings.get(window.source)
-        if window.newest_active >= 0:
-            self._last_active[window.source] = window.newest_active
-        last_active = self._last_active.get(window.source)
-        last = self._last_scored.get(window.source)
-        score = (
-            settings is None
-            or window.activity > 1.0
-            or (last_active is not None and window.seq - last_active <= settings.hangover_frames)
-            or last is None
-            or not (0.0 <= window.last_time - last < settings.keepalive_s)  # or the clock jumped
-        )
+        score = settings is None or self._wanted(window, settings)
         if score:
-            if last is None and settings is not None:
-                # Cameras started together would score their keep-alive windows together, a
-                # burst every keepalive_s: a fixed phase per source spreads them over the period.
-                last = window.last_time - keepalive_phase(window.source) * settings.keepalive_s
-            else:
-                last = window.last_time
-            self._last_scored[window.source] = last
+            self._last_scored[window.source] = window.last_time
             self.scored[window.source] = self.scored.get(window.source, 0) + 1
         else:
             self.gated[window.source] = self.gated.get(window.source, 0) + 1
         return score
+
+    def _wanted(self, window: Window, settings: GateSettings) -> bool:
+        if window.newest_active >= 0:
+            self._last_active[window.source] = window.newest_active
+        last_active = self._last_active.get(window.source)
+        last = self._last_scored.get(window.source)
+        if last is None:  # the keep-alive clock starts with the source's first window
+            last = window.last_time - keepalive_phase(window.source) * settings.keepalive_s
+            self._last_scored[window.source] = last
+        return (
+            1.0 < window.activity < math.inf
+            or (last_active is not None and window.seq - last_active <= settings.hangover_frames)
+            or not (0.0 <= window.last_time - last < settings.keepalive_s)  # or the clock jumped
+        )
 
 
 def keepalive_phase(source: str) -> float:

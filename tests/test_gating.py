@@ -171,13 +171,13 @@ def window(source: str, t: float, activity: float) -> Window:
 def test_the_gate_scores_active_windows_and_a_quiet_source_at_the_keepalive_rate() -> None:
     gate = Gate({"cam": GateSettings(keepalive_s=10.0)}, np.array([1.0, 0.0]))
     quiet = [gate.should_score(window("cam", t, 0.2)) for t in range(0, 40, 2)]
-    # the first window (no score yet), then one every 10 s of frame time, the first of them
-    # keepalive_phase("cam") (0.672) of a period early: at 3.28 s, so at the window ending at 4
+    # one every 10 s of frame time from the first window, the first of them keepalive_phase
+    # ("cam") (0.672) of a period early: at 3.28 s, so at the window ending at 4
     assert keepalive_phase("cam") == pytest.approx(0.672)
-    assert [t for t, s in zip(range(0, 40, 2), quiet, strict=True) if s] == [0, 4, 14, 24, 34]
+    assert [t for t, s in zip(range(0, 40, 2), quiet, strict=True) if s] == [4, 14, 24, 34]
     assert gate.should_score(window("cam", 35, 1.5))  # active: scored at once
     assert gate.should_score(window("other", 35, 0.2))  # not gated at all
-    assert (gate.scored["cam"], gate.gated["cam"]) == (6, 15)
+    assert (gate.scored["cam"], gate.gated["cam"]) == (5, 16)
 
 
 def test_cameras_started_together_spread_their_keepalive_windows() -> None:
@@ -188,10 +188,10 @@ def test_cameras_started_together_spread_their_keepalive_windows() -> None:
     gate = Gate({n: GateSettings(keepalive_s=30.0) for n in names}, np.array([1.0, 0.0]))
     ends = np.arange(0.0, 120.0, 0.8)  # a window every 0.8 s (stride 8 at 10 fps)
     times = {n: [t for t in ends if gate.should_score(window(n, t, 0.2))] for n in names}
-    keepalives = {round(ts[1], 1) for ts in times.values()}
+    keepalives = {round(ts[0], 1) for ts in times.values()}
     assert len(keepalives) >= 8  # the first keep-alive of 10 cameras: (nearly) all apart
-    for ts in times.values():  # and still one at least every keepalive_s
-        assert max(np.diff(ts)) <= 30.0 + 0.8
+    for ts in times.values():  # and still one at least every keepalive_s from the start
+        assert max(np.diff([0.0, *ts])) <= 30.0 + 0.8
 
 
 def test_windows_are_scored_until_the_last_active_frame_is_hangover_frames_old() -> None:
@@ -199,8 +199,8 @@ def test_windows_are_scored_until_the_last_active_frame_is_hangover_frames_old()
     ends = range(0, 40, 4)  # stride 4: windows ending at frames 0, 4, ..., 36
     activity = [0.1, 2.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]
     scored = [gate.should_score(window("cam", t, a)) for t, a in zip(ends, activity, strict=True)]
-    # the first (no score yet), the active one ending at 4, then those ending at 8 and 12
-    assert scored == [True, True, True, True, False, False, False, False, False, False]
+    # the active one ending at 4, then those ending at 8 and 12
+    assert scored == [False, True, True, True, False, False, False, False, False, False]
 
 
 class ScriptedMeter:
@@ -240,17 +240,18 @@ def test_a_window_is_judged_by_the_frames_new_to_it_not_all_of_its_frames() -> N
     assert windows[0].activity == 0.1  # the first window: all 16 frames are new
 
 
-def test_a_meters_warm_up_has_its_window_scored_but_starts_no_hangover() -> None:
-    """Regression: the warm-up's unmeasured frames counted as active, so the window after the
-    first was scored for the hangover too; cameras started together then made a burst of twice
-    their count in windows (windows skipped on a machine that held them in steady state)."""
+def test_a_meters_warm_up_neither_has_its_window_scored_nor_starts_a_hangover() -> None:
+    """Regression: the warm-up's unmeasured frames counted as active, so every source's first
+    two windows were scored, then its first: cameras started together made a burst as long as
+    their count at every start (windows skipped on a machine that held them in steady state).
+    The window after the warm-up is measured."""
     gate = Gate({"cam": GateSettings(keepalive_s=1000.0)}, np.ones(2))
     meter = ScriptedMeter(lambda n: math.inf if n < 16 else 0.1)
     ring = RingBuffer("cam", length=16, stride=8, capacity=100, lossless=True, meter=meter)
     for i in range(48):
         ring.write_frame(np.zeros((3, 112, 112), np.float32), FrameMeta(i, i / 10, 0.0))
     decisions = [gate.should_score(w) for w in iter(ring.take_window, None)]
-    assert decisions == [True, False, False, False, False]
+    assert decisions == [False, False, False, False, False]
 
 
 def test_a_still_camera_stream_has_the_same_events_and_a_quiet_empty_scene() -> None:
