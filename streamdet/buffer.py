@@ -117,7 +117,7 @@ class RingBuffer:
         self.phase = phase
         # (C, 2 * capacity, H, W): frame seq n lives at time index n % capacity and n % capacity + capacity.
         c, h, w = frame_shape
-        self._frames = np.zeros((c, 2 * capacity, h, w), np.float32)
+        self._frames = self._allocate((c, 2 * capacity, h, w))
         self._index = np.zeros(capacity, np.int64)
         self._wall = np.zeros(capacity, np.float64)
         self._mono = np.zeros(capacity, np.float64)
@@ -141,6 +141,19 @@ class RingBuffer:
         self.windows_taken = 0
         self.windows_skipped = 0
         self.gaps = 0
+
+    # -- storage: host memory here, a torch device in streamdet.device_buffer -----------------
+
+    def _allocate(self, shape: tuple[int, int, int, int]) -> np.ndarray:
+        """The (C, 2 * capacity, H, W) float32 frame store, zeroed."""
+        return np.zeros(shape, np.float32)
+
+    def _copy_window(self, view: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """``view`` (a window of the store) copied into ``out``, or into a new array."""
+        if out is None:
+            return view.copy()
+        np.copyto(out, view)
+        return out
 
     # -- writer side (one capture thread) ---------------------------------------------------
 
@@ -244,11 +257,7 @@ class RingBuffer:
             start = end - self.length + 1
             k0 = start % self.capacity
             # (C, 2*cap, H, W)[:, k0:k0+length] is the window: contiguous in time, no wrap.
-            view = self._frames[:, k0 : k0 + self.length]
-            if out is None:
-                out = view.copy()
-            else:
-                np.copyto(out, view)
+            out = self._copy_window(self._frames[:, k0 : k0 + self.length], out)
             slots = (np.arange(start, end + 1)) % self.capacity
             activity, newest_active = self._new_activity(start, end)
             window = Window(

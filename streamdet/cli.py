@@ -194,6 +194,12 @@ def _run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=Device.values(), help="overrides model.device")
     p.add_argument("--precision", choices=Precision.values(), help="overrides model.precision")
     p.add_argument(
+        "--decode",
+        choices=("cpu", "gpu"),
+        help="decode on the cpu (FFmpeg) or the gpu (NVDEC, frames kept on the GPU); overrides "
+        "decode",
+    )
+    p.add_argument(
         "--web",
         type=_web_address,
         metavar="[HOST:]PORT",

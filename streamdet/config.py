@@ -559,6 +559,14 @@ class RunConfig(_Model):
     progress_interval_s: float = Field(
         5.0, gt=0, le=3600, description="Seconds between progress lines."
     )
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu",
+        description=(
+            "Where sources are decoded: cpu (FFmpeg; frames preprocessed on the CPU) or gpu "
+            "(NVDEC through PyNvVideoCodec; frames stay on the GPU up to the model). gpu without "
+            "a CUDA device or PyNvVideoCodec: one warning, then cpu."
+        ),
+    )
     truth: str | None = Field(
         None,
         description="Ground-truth events JSON for the first source: event F1 is printed at exit.",

@@ -17,17 +17,22 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import torch
 
 from streamdet import kernels
 from streamdet.buffer import FrameMeta, RingBuffer
 from streamdet.config import RunConfig, SourceConfig
+from streamdet.device_buffer import DeviceRingBuffer
 from streamdet.errors import ConfigError, StreamdetError
 from streamdet.events import ClassRule, TrackerSettings
 from streamdet.gating import ActivityMeter, Gate, GateSettings
 from streamdet.inference import Engine, InferenceThread
 from streamdet.models.weights import Checkpoint
+from streamdet.preprocess import preprocess_frame
+from streamdet.preprocess_torch import preprocess_tensor
 from streamdet.redaction import redact_url
 from streamdet.report import RunReport, RunSummary
 from streamdet.router import EventRouter
@@ -37,6 +42,7 @@ from streamdet.sinks.jsonl import EventLog
 from streamdet.sinks.overlay import OverlaySink
 from streamdet.sources.backoff import Backoff
 from streamdet.sources.capture import CaptureThread, Opener, make_opener
+from streamdet.sources.decoding import DevicePath, device_opener, resolve_decode, to_host_bgr
 from streamdet.sources.opening import SourceKind, check_sources, source_kind
 from streamdet.sources.pacing import Pacing, pacing_of
 from streamdet.sources.packets import PacketRing
@@ -172,6 +178,9 @@ class Pipeline:
         sinks: more outputs of the event stage, beside those the config names.
         event_log: where the event lines go instead of ``sinks.events`` (a cluster node hands
             them to the driver, ``streamdet.distributed``); None: the configured log.
+        device_path: frames as torch tensors on a device, in device rings
+            (:mod:`streamdet.sources.decoding`), in place of what the config's ``decode``
+            resolves to; the tests run the GPU path on ``cpu`` with it.
     """
 
     def __init__(
@@ -186,6 +195,7 @@ class Pipeline:
         threads_per_worker: int | None = None,
         sinks: tuple[Sink, ...] = (),
         event_log: EventLog | None = None,
+        device_path: DevicePath | None = None,
     ) -> None:
         # Paths only: `streamdet run` has opened the files already (check_sources), and a capture
         # reports a file it cannot open with the same message.
@@ -211,6 +221,9 @@ class Pipeline:
 
         # Decided once per source: how its capture, ring, the scheduler and the overlay treat it.
         self.pacing = {s.name: pacing_of(s) for s in cfg.sources}
+        self.device_path = device_path or resolve_decode(cfg.decode)
+        if self.device_path is not None:
+            log.info("decode: %s", self.device_path.describe())
         self.packet_rings = self._packet_rings(cfg)
         openers = {
             s.name: self._opener(s, self.pacing[s.name], keep_packets=s.name in self.packet_rings)
@@ -246,20 +259,9 @@ class Pipeline:
         phases = window_phases(
             [s.name for s in cfg.sources if not self.pacing[s.name].lossless], cfg.window.stride
         )
-        self.rings = [
-            RingBuffer(
-                s.name,
-                length=cfg.window.length,
-                stride=cfg.window.stride,
-                lossless=self.pacing[s.name].lossless,
-                frame_shape=(3, checkpoint.contract.crop, checkpoint.contract.crop),
-                meter=self._meter(s.name),
-                phase=phases.get(s.name, 0),
-            )
-            for s in cfg.sources
-        ]
+        self.rings = [self._ring(s, checkpoint, phases.get(s.name, 0)) for s in cfg.sources]
         self.captures = [
-            self._build_capture(s, ring, openers[s.name], checkpoint)
+            self._build_capture(s, ring, self._frame_opener(s, openers[s.name]), checkpoint)
             for s, ring in zip(cfg.sources, self.rings, strict=True)
         ]
         # Sources that may skip windows take the newest when inference lags; a run of replays
@@ -279,6 +281,7 @@ class Pipeline:
             workers=workers,
             threads_per_worker=threads_per_worker,
             gate=self.gate,
+            batch_device=self.device_path.device if self.device_path else None,
         )
         self._by_name = {c.source_name: c for c in self.captures}
         self.report = RunReport(
@@ -292,6 +295,36 @@ class Pipeline:
         )
 
     # -- building ---------------------------------------------------------------------------
+
+    def _ring(self, s: SourceConfig, checkpoint: Checkpoint, phase: int) -> RingBuffer:
+        """The ring buffer of ``s`` (its windows in ``phase``): in host memory, or on the device
+        path's device."""
+        options: dict[str, Any] = dict(
+            length=self.cfg.window.length,
+            stride=self.cfg.window.stride,
+            lossless=self.pacing[s.name].lossless,
+            frame_shape=(3, checkpoint.contract.crop, checkpoint.contract.crop),
+            meter=self._meter(s.name),
+            phase=phase,
+        )
+        if self.device_path is None:
+            return RingBuffer(s.name, **options)
+        return DeviceRingBuffer(s.name, device=self.device_path.device, **options)
+
+    def _frame_opener(self, s: SourceConfig, opener: Opener) -> Opener:
+        """How the capture of ``s`` opens it: ``opener``, or on the device path an opener
+        whose frames are tensors on the device."""
+        if self.device_path is None:
+            return opener
+        opts = s.options
+        return device_opener(
+            opener,
+            self.device_path,
+            url=s.url,
+            open_timeout_s=opts.open_timeout_s,
+            read_timeout_s=opts.read_timeout_s,
+            fps=opts.fps,
+        )
 
     def _meter(self, source: str) -> ActivityMeter | None:
         """The activity meter of a gated source's ring; None for a source scored in full."""
@@ -365,6 +398,7 @@ class Pipeline:
             open_timeout_s=opts.open_timeout_s,
             abandoned=self.abandoned,
             packet_ring=self.packet_rings.get(s.name),
+            preprocess=preprocess_frame if self.device_path is None else preprocess_tensor,
         )
 
     @staticmethod
@@ -402,7 +436,9 @@ class Pipeline:
         alive = self.inference.is_alive() and self.inference.error is None
         return RunHealth(sources, inference_alive=alive)
 
-    def _on_frame(self, source: str, meta: FrameMeta, frame: np.ndarray, used: bool) -> None:
+    def _on_frame(self, source: str, meta: FrameMeta, frame: Any, used: bool) -> None:
+        if isinstance(frame, torch.Tensor):  # the device path: outputs draw host BGR frames
+            frame = to_host_bgr(frame)
         self.router.on_frame(source, meta.index, frame, self._by_name[source].fps or 10.0)
 
     def _on_source_done(self, source: str) -> None:

@@ -44,6 +44,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             taken.add(name)
             sources.append({"name": name, "url": url, "realtime": False})
         over["sources"] = sources
+    if args.decode:
+        over["decode"] = args.decode
     if args.truth:
         over["truth"] = args.truth
     elif args.source:

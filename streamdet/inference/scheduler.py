@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,6 +87,9 @@ class InferenceThread(threading.Thread):
             process's setting).
         gate: motion gating: a window it does not let through is not scored but handed on, in
             its place in the order, with the gate's background probabilities (``gated``).
+        batch_device: where the batches live when the rings are
+            :class:`~streamdet.device_buffer.DeviceRingBuffer` on that device (the GPU path):
+            windows are copied into the batch there, never through the host. None: host batches.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class InferenceThread(threading.Thread):
         workers: int = 1,
         threads_per_worker: int | None = None,
         gate: Gate | None = None,
+        batch_device: torch.device | None = None,
     ) -> None:
         super().__init__(name="inference", daemon=True)
         if workers < 1:
@@ -124,10 +129,14 @@ class InferenceThread(threading.Thread):
         self.workers = workers
         self.threads_per_worker = threads_per_worker
         self.gate = gate
-        pin = device is not None and device.type == "cuda"
-        # One preallocated host batch per worker for the whole run: (max_batch, 3, 16, 112, 112).
+        pin = device is not None and device.type == "cuda" and batch_device is None
+        self._device_batches = batch_device is not None
+        # One preallocated batch per worker for the whole run: (max_batch, 3, 16, 112, 112), on
+        # the host (pinned for CUDA) or on the rings' device.
         self._batches = [
-            torch.empty((max_batch, *INPUT_SHAPE), dtype=torch.float32, pin_memory=pin)
+            torch.empty(
+                (max_batch, *INPUT_SHAPE), dtype=torch.float32, pin_memory=pin, device=batch_device
+            )
             for _ in range(workers)
         ]
         self.inference_ms: list[float] = []
@@ -148,8 +157,9 @@ class InferenceThread(threading.Thread):
         self._delivering = False  # a worker is handing results on (outside the lock)
         self._max_undelivered = 2 * workers  # gathered, not yet delivered: beyond it, wait
 
-    def _gather(self, batch: np.ndarray) -> tuple[list[Window], list[Window]]:
-        """Take ready windows into ``batch``: (every window taken, in order; those to score,
+    def _gather(self, batch: Any) -> tuple[list[Window], list[Window]]:
+        """Take ready windows into ``batch`` (a host array, or a tensor on the rings' device):
+        (every window taken, in order; those to score,
         each in the batch slot of its position in this list)."""
         taken: list[Window] = []
         scored: list[Window] = []
@@ -194,7 +204,7 @@ class InferenceThread(threading.Thread):
             if self.threads_per_worker is not None:
                 torch.set_num_threads(self.threads_per_worker)  # this thread's OpenMP team
             batch = self._batches[slot]
-            batch_np = batch.numpy()
+            batch_np = batch if self._device_batches else batch.numpy()
             while not self.stop_event.is_set():
                 self.wake.clear()
                 with self._lock:

@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -93,6 +94,8 @@ class CaptureStats:
 
 
 Opener = Callable[[], VideoSource]
+# (frame, contract, ring slot) -> fills the slot: a host array's or a device tensor's preprocessing
+Preprocess = Callable[[Any, PreprocessContract, Any], object]
 
 SESSION_JOIN_S = 1.0  # how long a stopping supervisor waits for its session thread
 
@@ -167,6 +170,10 @@ class CaptureThread(threading.Thread):
         packet_ring: where the encoded packets of a source that gives them (``drain_packets``)
             go, each stamped with its frame's index and wall time; a segment per session. None:
             packets are not kept. Closed when the capture ends.
+        preprocess: writes a frame, as the source gives it, into its ring slot (``frame,
+            contract, out``): :func:`~streamdet.preprocess.preprocess_frame` for host frames,
+            :func:`~streamdet.preprocess_torch.preprocess_tensor` for the tensors of the device
+            path (:mod:`streamdet.sources.decoding`). A ValueError skips the frame.
     """
 
     def __init__(
@@ -189,6 +196,7 @@ class CaptureThread(threading.Thread):
         open_timeout_s: float = 10.0,
         abandoned: AbandonedThreads | None = None,
         packet_ring: PacketRing | None = None,
+        preprocess: Preprocess = preprocess_frame,
     ) -> None:
         if (kind is SourceKind.FILE) == (pacing is Pacing.LIVE):
             raise ValueError(
@@ -216,6 +224,7 @@ class CaptureThread(threading.Thread):
         )
         self.abandoned = abandoned if abandoned is not None else AbandonedThreads()
         self.packet_ring = packet_ring
+        self.preprocess = preprocess
         self.stats = CaptureStats()
         self.error: BaseException | None = None  # SourceError, or a crash of this thread
         self.last_frame_monotonic = time.monotonic()
@@ -494,7 +503,7 @@ class CaptureThread(threading.Thread):
             for packet in packets:
                 self.packet_ring.append(packet)
 
-    def _write(self, frame: np.ndarray, meta: FrameMeta, session: _Session) -> None:
+    def _write(self, frame: Any, meta: FrameMeta, session: _Session) -> None:
         shape = frame.shape
         if self._shape is not None and shape != self._shape:
             log.info(
@@ -516,7 +525,7 @@ class CaptureThread(threading.Thread):
             if not self._current(session):
                 return
             try:
-                preprocess_frame(frame, self.contract, out=slot)
+                self.preprocess(frame, self.contract, slot)
             except ValueError:
                 self.stats.frames_skipped += 1
                 self.ring.mark_gap()
