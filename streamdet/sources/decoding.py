@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamdet.preprocess import _as_bgr
 from streamdet.redaction import redact_text, redact_url
 from streamdet.sources.opening import SourceKind, VideoSource, source_kind
 from streamdet.sources.pyav import UnsupportedSourceError
@@ -112,11 +113,16 @@ class TensorFrames:
         self._source = source
         self.device = device
 
-    def read(self) -> torch.Tensor | None:
+    def read(self) -> torch.Tensor | np.ndarray | None:
+        """The next frame as a tensor; a frame of a shape no image has is handed on as it came,
+        for the preprocessing to refuse (the frame is skipped, as on the host path)."""
         frame = self._source.read()
         if frame is None:
             return None
-        return to_tensor_frame(frame, self.device)
+        try:
+            return to_tensor_frame(frame, self.device)
+        except ValueError:
+            return frame
 
     def release(self) -> None:
         self._source.release()
@@ -126,9 +132,15 @@ class TensorFrames:
 
 
 def to_tensor_frame(frame: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(H, W, 3) BGR uint8 array -> (H, W, 3) RGB uint8 tensor on ``device`` (a copy)."""
-    if frame.ndim != 3 or frame.shape[2] != 3:
-        raise ValueError(f"frame must be (H, W, 3) BGR, but got shape {frame.shape}")
+    """A frame as OpenCV and PyAV give it ((H, W, 3) BGR uint8; grayscale and BGRA are
+    converted) -> (H, W, 3) RGB uint8 tensor on ``device`` (a copy).
+
+    Raises:
+        ValueError: not a uint8 image of 1, 3 or 4 channels.
+    """
+    if frame.dtype != np.uint8 or frame.size == 0:
+        raise ValueError(f"frame must be a non-empty uint8 image, but got {frame.dtype}")
+    frame = _as_bgr(frame)
     # BGR -> RGB: a reversed view of the last axis, copied once into contiguous memory
     return torch.from_numpy(np.ascontiguousarray(frame[:, :, ::-1])).to(device)
 
