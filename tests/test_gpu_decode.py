@@ -125,8 +125,9 @@ def test_nvdec_source_hands_the_decoder_annex_b_and_gives_pyavs_frames_in_order(
         made.append(CpuStandIn(codec, device))
         return made[-1]
 
-    ours, reference = NvdecSource(str(video), device=CPU, decoder_factory=factory), PyAVSource(
-        str(video)
+    ours, reference = (
+        NvdecSource(str(video), device=CPU, decoder_factory=factory),
+        PyAVSource(str(video)),
     )
     count = 0
     with ours, reference:

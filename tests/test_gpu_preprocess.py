@@ -96,7 +96,11 @@ def test_an_out_of_the_wrong_shape_is_refused() -> None:
 
 @pytest.mark.parametrize(
     "frame",
-    [np.zeros((24, 32), np.uint8), np.zeros((24, 32, 4), np.uint8), np.zeros((24, 32, 1), np.uint8)],
+    [
+        np.zeros((24, 32), np.uint8),
+        np.zeros((24, 32, 4), np.uint8),
+        np.zeros((24, 32, 1), np.uint8),
+    ],
     ids=["gray", "bgra", "one-channel"],
 )
 def test_gray_and_bgra_frames_become_rgb_tensors_as_the_cpu_path_converts_them(frame) -> None:
