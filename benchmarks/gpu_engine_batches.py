@@ -5,9 +5,11 @@
 
 The inference scheduler hands the engine whatever number of windows is ready, 1 to max_batch:
 a compiled engine (``model.compile: true``) runs those through one graph dynamic in the batch
-(``warm_other_batch_size``), a path no table had timed. Each round calls every batch size once,
-in shuffled order, so consecutive calls differ in size as in a run; per size it prints the
-median ms per batch, clips/s, TFLOP/s and the share of the card's dense bf16 peak.
+(``warm_other_batch_size``), a path no table had timed. Each engine is built as ``streamdet
+run`` builds it (its fp32 check included), every size is run once to warm up, then each round
+calls every batch size once, in shuffled order, so consecutive calls differ in size as in a
+run; per size it prints the median ms per batch, clips/s, TFLOP/s and the share of the card's
+dense bf16 peak. The default engine comes first: a cold compile takes minutes.
 """
 
 from __future__ import annotations
@@ -48,38 +50,34 @@ def main(argv: list[str] | None = None) -> int:
     flop = count_flops(model)
     print(f"# {name}, torch {torch.__version__}; model {desc}, {flop / 1e9:.1f} GFLOP/clip")
     batches = [int(b) for b in args.batches.split(",")]
-    engines = {}
-    for path in args.paths.split(","):
-        t0 = time.perf_counter()
-        engine = build_engine(model, device, "auto", compile=path == "compiled")
-        engines[path] = engine
-        print(f"# {path}: {engine.path}, built in {time.perf_counter() - t0:.0f} s", flush=True)
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn((b, *INPUT_SHAPE), generator=gen).to(device) for b in batches}
-    for engine in engines.values():  # warm-up: each size once (a compiled one may recompile)
-        for b in batches:
-            engine(inputs[b])
-    times: dict[tuple[str, int], list[float]] = {}
-    for _ in range(args.rounds):
-        order = [(p, b) for p in engines for b in batches]
-        random.shuffle(order)
-        for path, b in order:
-            synchronize()
-            t0 = time.perf_counter()
-            engines[path](inputs[b])
-            synchronize()
-            times.setdefault((path, b), []).append(time.perf_counter() - t0)
     print(
         "\n| path | batch | ms/batch | clips/s | TFLOP/s | % bf16 peak |\n|---|---|---|---|---|---|"
     )
-    for path in engines:
+    for path in args.paths.split(","):  # the default first: a compile may run out of time
+        t0 = time.perf_counter()
+        engine = build_engine(model, device, "auto", compile=path == "compiled")
+        for b in batches:  # warm-up: each size once (a compiled engine may compile again)
+            engine(inputs[b])
+        synchronize()
+        label = f"{path} ({engine.path}, ready in {time.perf_counter() - t0:.0f} s)"
+        times: dict[int, list[float]] = {b: [] for b in batches}
+        for _ in range(args.rounds):
+            order = list(batches)
+            random.shuffle(order)  # consecutive calls differ in size, as in a live run
+            for b in order:
+                synchronize()
+                t0 = time.perf_counter()
+                engine(inputs[b])
+                synchronize()
+                times[b].append(time.perf_counter() - t0)
         for b in batches:
-            med = statistics.median(times[(path, b)])
+            med = statistics.median(times[b])
             tflops = flop * b / med / 1e12
             share = f"{tflops / peak * 100:.0f}%" if peak else "?"
             print(
-                f"| {path} ({engines[path].path}) | {b} | {med * 1e3:.1f} | {b / med:.0f} | "
-                f"{tflops:.1f} | {share} |",
+                f"| {label} | {b} | {med * 1e3:.1f} | {b / med:.0f} | {tflops:.1f} | {share} |",
                 flush=True,
             )
     return 0

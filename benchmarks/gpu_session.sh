@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should measure, in one call of at most ~8.5 minutes (plus the
+# Everything a lent GPU machine should measure, in one call of at most ~7.5 minutes (plus the
 # machine's start), most important first; each step has its own time limit, and its output goes
-# to $OUT (or benchmarks/out/). Cold max-autotune compiles take about a minute per graph.
+# to $OUT (or benchmarks/out/).
 #
-#   bash benchmarks/gpu_session.sh
+#   bash benchmarks/gpu_wheels.sh      # here, once: the packages the machine lacks, into .whl/
+#   bash benchmarks/gpu_session.sh     # there, in one call (see benchmarks/RESULTS.md, 'GPU end to end')
 #
-# The machine is offline: its own python3 with PyTorch runs the checkout; pydantic travels as
-# wheels in .whl/ (see benchmarks/RESULTS.md, GPU section).
+# The machine is offline: its own python3 with PyTorch runs the checkout; pydantic, PyAV and
+# PyNvVideoCodec travel in .whl/gpu-site.tar.xz (or as wheels in .whl/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/out}
 mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -f .whl/gpu-site.tar.xz ]; then
+    mkdir -p /tmp/site && tar -xJf .whl/gpu-site.tar.xz -C /tmp/site && export PYTHONPATH=/tmp/site
+elif ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 fi
@@ -22,8 +25,13 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, keep the output, nev
     echo "## $name ($(date +%T), limit ${limit}s)"
     timeout "$limit" "$@" 2>&1 | grep -v '^USDT:' | tee "$out/$name.txt"
 }
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader
-step 60 cuda-tests python3 -m pytest -q -x -p no:cacheprovider tests/test_inference_cuda.py
-step 240 bench python3 benchmarks/gpu_bench.py --graphs --compile --batches 1,32,128 --budget-s 220
-step 45 layers python3 benchmarks/gpu_layers.py --batch 128 --conv1 3,8
-step 150 variants python3 benchmarks/gpu_variants.py --modes max-autotune-no-cudagraphs --conv1 3,8 --batches 128
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv,noheader
+python3 -c "import PyNvVideoCodec as n, av; print('PyNvVideoCodec', n.__version__, 'PyAV', av.__version__)"
+# CUDA tests: the engine's, NVDEC's frames and the device path against the CPU path's.
+step 75 cuda-tests python3 -m pytest -q -x -p no:cacheprovider tests/test_inference_cuda.py tests/test_gpu_cuda.py
+# The whole pipeline, decode gpu: N synthetic 1080p30 H.264 streams at stride 8, the N it holds
+# and where the time goes. The default (eager) engine: decoding, not the model, bounds N.
+step 190 pipeline python3 benchmarks/gpu_pipeline.py --budget-s 140 --start 64 --json "$out/pipeline.json"
+# The engine as `streamdet run` builds it, at the varying batch sizes a run gives it: the
+# default engine, then the compiled one (model.compile: true; a cold compile takes minutes).
+step 180 engine-batches python3 benchmarks/gpu_engine_batches.py --rounds 3
