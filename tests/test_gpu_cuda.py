@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ import torch
 from test_gpu_decode import write_video
 
 from streamdet import demo
+from streamdet.buffer import FrameMeta
 from streamdet.config import load_config
-from streamdet.inference import build_engine
+from streamdet.device_buffer import DeviceRingBuffer
+from streamdet.inference import InferenceThread, build_engine
 from streamdet.models.weights import load_checkpoint
 from streamdet.pipeline import Pipeline
 from streamdet.preprocess import preprocess_frame
@@ -36,6 +39,23 @@ def test_preprocessing_on_the_gpu_matches_the_cpu_path() -> None:
     cpu = preprocess_frame(frame)
     gpu = preprocess_tensor(to_tensor_frame(frame, CUDA)).cpu().numpy()
     assert np.abs(cpu - gpu).max() <= 1e-4
+
+
+def test_the_scheduler_gathers_device_rings_into_a_batch_on_the_device() -> None:
+    ring = DeviceRingBuffer("cam", device=CUDA, length=16, stride=8, frame_shape=(3, 112, 112))
+    for i in range(16):
+        ring.write_frame(torch.full((3, 112, 112), float(i), device=CUDA), FrameMeta(i, i, i))
+    results = []
+    thread = InferenceThread(
+        [ring],
+        lambda clips: torch.zeros(len(clips), 2, device=clips.device) + clips.is_cuda,
+        results.extend,
+        threading.Event(),
+        batch_device=CUDA,
+    )
+    assert thread._batches[0].device.type == CUDA.type
+    taken, scored = thread._gather(thread._batches[0])
+    assert len(scored) == 1 and thread._batches[0][0, 0, :, 0, 0].tolist() == list(range(16))
 
 
 @needs_nvdec

@@ -166,7 +166,9 @@ def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[s
             "truth": None,
         }
         cfg = load_config(demo.config_path(), overrides)
-        Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None, device_path=path).run()
+        pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None, device_path=path)
+        assert isinstance(pipeline.rings[0], DeviceRingBuffer) == (path is not None)
+        pipeline.run()
         logs[name] = [json.loads(line) for line in events.read_text().splitlines()]
     return logs
 
