@@ -31,7 +31,6 @@ from streamdet.events import ClassRule, TrackerSettings
 from streamdet.gating import ActivityMeter, Gate, GateSettings
 from streamdet.inference import Engine, InferenceThread
 from streamdet.models.weights import Checkpoint
-from streamdet.preprocess import preprocess_frame
 from streamdet.preprocess_torch import preprocess_tensor
 from streamdet.redaction import redact_url
 from streamdet.report import RunReport, RunSummary
@@ -398,7 +397,7 @@ class Pipeline:
             open_timeout_s=opts.open_timeout_s,
             abandoned=self.abandoned,
             packet_ring=self.packet_rings.get(s.name),
-            preprocess=preprocess_frame if self.device_path is None else preprocess_tensor,
+            preprocess=preprocess_tensor if self.device_path is not None else None,
         )
 
     @staticmethod

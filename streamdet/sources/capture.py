@@ -171,9 +171,10 @@ class CaptureThread(threading.Thread):
             go, each stamped with its frame's index and wall time; a segment per session. None:
             packets are not kept. Closed when the capture ends.
         preprocess: writes a frame, as the source gives it, into its ring slot (``frame,
-            contract, out``): :func:`~streamdet.preprocess.preprocess_frame` for host frames,
-            :func:`~streamdet.preprocess_torch.preprocess_tensor` for the tensors of the device
-            path (:mod:`streamdet.sources.decoding`). A ValueError skips the frame.
+            contract, out``): :func:`~streamdet.preprocess_torch.preprocess_tensor` for the
+            tensors of the device path (:mod:`streamdet.sources.decoding`); None:
+            :func:`~streamdet.preprocess.preprocess_frame`, for host frames. A ValueError
+            skips the frame.
     """
 
     def __init__(
@@ -196,7 +197,7 @@ class CaptureThread(threading.Thread):
         open_timeout_s: float = 10.0,
         abandoned: AbandonedThreads | None = None,
         packet_ring: PacketRing | None = None,
-        preprocess: Preprocess = preprocess_frame,
+        preprocess: Preprocess | None = None,
     ) -> None:
         if (kind is SourceKind.FILE) == (pacing is Pacing.LIVE):
             raise ValueError(
@@ -525,7 +526,8 @@ class CaptureThread(threading.Thread):
             if not self._current(session):
                 return
             try:
-                self.preprocess(frame, self.contract, slot)
+                preprocess = self.preprocess or preprocess_frame
+                preprocess(frame, self.contract, slot)
             except ValueError:
                 self.stats.frames_skipped += 1
                 self.ring.mark_gap()
