@@ -75,6 +75,7 @@ class _Nvdec:
     def __init__(self, codec: str, device: torch.device) -> None:
         nvc: Any = importlib.import_module("PyNvVideoCodec")
         self._nvc = nvc
+        self._device = device
         stream = torch.cuda.current_stream(device)
         self._decoder = nvc.CreateDecoder(
             gpuid=device.index or 0,
@@ -92,7 +93,19 @@ class _Nvdec:
         packet.bsl = buffer.size  # 0: end of stream, the decoder flushes
         # Each frame is a view of a decoder surface, valid until the next decode call: capture
         # reads (preprocesses) every frame of one call before it demuxes the next packet.
-        return [torch.from_dlpack(frame) for frame in self._decoder.Decode(packet)]
+        return [_as_hwc(frame, self._device) for frame in self._decoder.Decode(packet)]
+
+
+def _as_hwc(frame: Any, device: torch.device) -> torch.Tensor:
+    """A decoded frame as an (H, W, 3) tensor view, without a copy: through DLPack, else the
+    CUDA array interface; a planar (3, H, W) frame is viewed as (H, W, 3)."""
+    try:
+        tensor = torch.from_dlpack(frame)
+    except (AttributeError, TypeError, BufferError):
+        tensor = torch.as_tensor(frame, device=device)
+    if tensor.ndim == 3 and tensor.shape[0] == 3 and tensor.shape[2] != 3:
+        tensor = tensor.permute(1, 2, 0)  # (3, H, W) -> (H, W, 3)
+    return tensor
 
 
 def nvdec_decoder(codec: str, device: torch.device) -> FrameDecoder:
