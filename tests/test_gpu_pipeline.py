@@ -26,6 +26,7 @@ from streamdet.inference import build_engine
 from streamdet.models.weights import load_checkpoint
 from streamdet.pipeline import Pipeline
 from streamdet.preprocess_torch import preprocess_tensor
+from streamdet.report import RunSummary
 from streamdet.sources import Backoff, CaptureThread, Pacing, SourceKind, Status, StatusChange
 from streamdet.sources.decoding import DevicePath, TensorFrames
 
@@ -151,26 +152,35 @@ def test_a_stuck_read_is_abandoned_and_its_late_frame_dropped_on_either_path(sea
     assert capture.ring.frames_written == 20
 
 
+def run_demo(
+    folder: Path, name: str, path: DevicePath | None, **overrides: Any
+) -> tuple[list[dict[str, Any]], RunSummary]:
+    """The bundled demo replayed on the host path (``path`` None) or a device path: its event
+    log's lines and the run's summary."""
+    checkpoint = load_checkpoint(demo.config_path().parent / "c3d_bn_demo.safetensors")
+    engine = build_engine(checkpoint.model, "cpu", "fp32")
+    events = folder / f"{name}.jsonl"
+    overrides = {
+        "sinks": {"events": {"path": str(events)}, "overlay": {"video": None}},
+        "model": {"device": "cpu", "precision": "fp32"},
+        "truth": None,
+        **overrides,
+    }
+    cfg = load_config(demo.config_path(), overrides)
+    pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None, device_path=path)
+    assert isinstance(pipeline.rings[0], DeviceRingBuffer) == (path is not None)
+    summary = pipeline.run()
+    return [json.loads(line) for line in events.read_text().splitlines()], summary
+
+
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     """The bundled demo replayed on the host path and on the device path (torch on cpu)."""
     folder = tmp_path_factory.mktemp("demo-runs")
-    checkpoint = load_checkpoint(demo.config_path().parent / "c3d_bn_demo.safetensors")
-    engine = build_engine(checkpoint.model, "cpu", "fp32")
-    logs = {}
-    for name, path in (("host", None), ("device", CPU_PATH)):
-        events = folder / f"{name}.jsonl"
-        overrides = {
-            "sinks": {"events": {"path": str(events)}, "overlay": {"video": None}},
-            "model": {"device": "cpu", "precision": "fp32"},
-            "truth": None,
-        }
-        cfg = load_config(demo.config_path(), overrides)
-        pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None, device_path=path)
-        assert isinstance(pipeline.rings[0], DeviceRingBuffer) == (path is not None)
-        pipeline.run()
-        logs[name] = [json.loads(line) for line in events.read_text().splitlines()]
-    return logs
+    return {
+        name: run_demo(folder, name, path)[0]
+        for name, path in (("host", None), ("device", CPU_PATH))
+    }
 
 
 @pytest.mark.timeout(300)
@@ -214,3 +224,18 @@ def test_decode_gpu_without_a_gpu_warns_once_and_runs_on_the_cpu(
         "instead"
     ]
     assert any(json.loads(line)["type"] == "status" for line in events.read_text().splitlines())
+
+
+@pytest.mark.timeout(300)
+def test_motion_gating_on_the_device_path_gates_as_on_the_host_path(tmp_path: Path) -> None:
+    """The device ring's frames are measured on a host copy: the same windows are gated."""
+    gating = {"window": {"length": 16, "stride": 4, "gating": {"enabled": True}}}
+    host_log, host = run_demo(tmp_path, "host", None, **gating)
+    device_log, device = run_demo(tmp_path, "device", CPU_PATH, **gating)
+    assert host.windows_gated and device.windows == host.windows
+    assert abs(device.windows_gated - host.windows_gated) <= max(2, host.windows_gated // 50)
+    labels = [(o["label"], o["start_frame"]) for o in host_log if o["type"] == "new"]
+    assert (
+        labels
+        and [(o["label"], o["start_frame"]) for o in device_log if o["type"] == "new"] == labels
+    )
