@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import av
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -239,3 +241,37 @@ def test_motion_gating_on_the_device_path_gates_as_on_the_host_path(tmp_path: Pa
         labels
         and [(o["label"], o["start_frame"]) for o in device_log if o["type"] == "new"] == labels
     )
+
+
+@pytest.mark.timeout(120)
+def test_a_paced_source_on_the_device_path_is_drawn_in_its_own_colours(tmp_path: Path) -> None:
+    """The overlay draws host BGR frames: a device frame (RGB tensor) is converted for it."""
+    video = tmp_path / "orange.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        rgb = np.zeros((120, 160, 3), np.uint8)
+        rgb[...] = (220, 120, 0)  # orange: red high, blue none
+        for _ in range(45):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    checkpoint = load_checkpoint(demo.config_path().parent / "c3d_bn_demo.safetensors")
+    engine = build_engine(checkpoint.model, "cpu", "fp32")
+    drawn = tmp_path / "drawn.avi"
+    cfg = load_config(
+        None,
+        {
+            "sources": [{"name": "cam", "url": str(video), "realtime": True}],
+            "model": {"device": "cpu", "precision": "fp32"},
+            "sinks": {"events": {"path": None}, "overlay": {"video": str(drawn)}},
+        },
+    )
+    Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None, device_path=CPU_PATH).run()
+    capture = cv2.VideoCapture(str(drawn))
+    ok, frame = capture.read()
+    capture.release()
+    assert ok, "no frame drawn"
+    b, g, r = frame[-10:, -10:].reshape(-1, 3).mean(axis=0)  # a corner the overlay leaves
+    assert r > 180 and b < 60, (b, g, r)
