@@ -3,8 +3,11 @@ with a CPU decoder standing in for NVDEC; NVDEC itself runs only in tests/test_g
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -216,3 +219,61 @@ def test_a_camera_on_the_nvdec_path_is_read_by_its_own_opener() -> None:
     assert frame is not None and frame.shape == (24, 32, 3)
     source.release()
     assert opened == ["opened", "released"]
+
+
+class FakeNvc:
+    """A stand-in for the PyNvVideoCodec module, as streamdet uses it: ``CreateDecoder`` with
+    keyword arguments, ``PacketData`` carrying a pointer (``bsl_data``) and a size (``bsl``, 0
+    to flush), frames exported through DLPack. It decodes with FFmpeg on the CPU."""
+
+    class OutputColorType:
+        RGB = "RGB"
+
+    class cudaVideoCodec:  # noqa: N801 (the module's own name)
+        H264 = "h264"
+
+    class PacketData:
+        bsl_data = 0
+        bsl = 0
+
+    def __init__(self) -> None:
+        self.created: list[dict[str, Any]] = []
+
+    def CreateDecoder(self, **kwargs: Any) -> Any:  # noqa: N802 (the module's own name)
+        self.created.append(kwargs)
+        context = av.CodecContext.create(kwargs["codec"], "r")
+
+        class Decoder:
+            def Decode(self, packet: Any) -> list[np.ndarray]:  # noqa: N802
+                data = ctypes.string_at(packet.bsl_data, packet.bsl) if packet.bsl else None
+                frames = context.decode(av.Packet(data) if data else None)
+                return [f.to_ndarray(format="rgb24") for f in frames]  # DLPack exporters
+
+        return Decoder()
+
+
+@pytest.mark.timeout(60)
+def test_the_nvdec_factory_hands_packets_as_pointers_and_flushes_with_an_empty_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The glue to PyNvVideoCodec itself (``nvdec_decoder``) against a fake of its API."""
+    fake = FakeNvc()
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", fake)
+    video = write_video(tmp_path / "clip.mp4")
+    with NvdecSource(str(video), device=CPU) as ours, PyAVSource(str(video)) as reference:
+        count = 0
+        while (expected := reference.read()) is not None:
+            frame = ours.read()
+            assert frame is not None and np.array_equal(frame.numpy()[:, :, ::-1], expected)
+            count += 1
+        assert ours.read() is None and count == 30
+    assert fake.created == [
+        {
+            "gpuid": 0,
+            "codec": "h264",
+            "cudacontext": 0,
+            "cudastream": 0,
+            "usedevicememory": True,
+            "outputColorType": "RGB",
+        }
+    ]

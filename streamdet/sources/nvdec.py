@@ -76,12 +76,12 @@ class _Nvdec:
         nvc: Any = importlib.import_module("PyNvVideoCodec")
         self._nvc = nvc
         self._device = device
-        stream = torch.cuda.current_stream(device)
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         self._decoder = nvc.CreateDecoder(
             gpuid=device.index or 0,
             codec=getattr(nvc.cudaVideoCodec, NVDEC_CODECS[codec]),
             cudacontext=0,
-            cudastream=stream.cuda_stream,
+            cudastream=stream,
             usedevicememory=True,
             outputColorType=nvc.OutputColorType.RGB,
         )
