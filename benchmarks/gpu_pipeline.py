@@ -30,6 +30,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -307,23 +308,39 @@ def main(argv: list[str] | None = None) -> int:
     step = checkpoint.contract.step_for(FPS)
     windows_per_stream = FPS / step / args.stride
     frames_decode = int(FPS * min(args.seconds, 4))
-    one = time_decode(video, path, 1, frames_decode)
-    many = time_decode(video, path, args.decode_threads, frames_decode)
-    pre_us = time_preprocess(video, path, 50 if args.smoke else 500)
     batch = min(args.max_batch, 128)
-    model_ms = time_model(engine, device, batch, 3 if args.smoke else 10)
-    stages = {
-        "decode, 1 source": (f"{one:.0f} frames/s", one / FPS),
-        f"decode, {args.decode_threads} sources": (f"{many:.0f} frames/s", many / FPS),
-        "preprocess": (f"{pre_us:.0f} us/frame", 1e6 / pre_us / (FPS / step)),
+    stages: dict[str, tuple[str, Callable[[], float], Callable[[float], float]]] = {
+        "decode, 1 source": (
+            "{:.0f} frames/s",
+            lambda: time_decode(video, path, 1, frames_decode),
+            lambda rate: rate / FPS,
+        ),
+        f"decode, {args.decode_threads} sources": (
+            "{:.0f} frames/s",
+            lambda: time_decode(video, path, args.decode_threads, frames_decode),
+            lambda rate: rate / FPS,
+        ),
+        "preprocess": (
+            "{:.0f} us/frame",
+            lambda: time_preprocess(video, path, 50 if args.smoke else 500),
+            lambda us: 1e6 / us / (FPS / step),
+        ),
         f"model, batch {batch}": (
-            f"{model_ms:.1f} ms/batch",
-            batch / (model_ms / 1e3) / windows_per_stream,
+            "{:.1f} ms/batch",
+            lambda: time_model(engine, device, batch, 3 if args.smoke else 10),
+            lambda ms: batch / (ms / 1e3) / windows_per_stream,
         ),
     }
+    measured: dict[str, str] = {}
     print("\n| stage | measured | streams it alone holds |\n|---|---|---|")
-    for stage, (measured, streams) in stages.items():
-        print(f"| {stage} | {measured} | {streams:.0f} |", flush=True)
+    for stage, (unit, measure, streams) in stages.items():
+        try:  # a stage that fails is reported, and the search still runs
+            value = measure()
+            measured[stage] = unit.format(value)
+            print(f"| {stage} | {measured[stage]} | {streams(value):.0f} |", flush=True)
+        except Exception as exc:
+            measured[stage] = f"failed: {type(exc).__name__}: {exc}"
+            print(f"| {stage} | {measured[stage]} | - |", flush=True)
 
     def try_n(n: int) -> Trial:
         trial = run_trial(n, video, checkpoint, engine, path, args)
@@ -351,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "device": name,
-                    "stages": {k: v[0] for k, v in stages.items()},
+                    "stages": measured,
                     "trials": [asdict(t) for t in trials],
                 },
                 indent=1,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should measure, in one call of at most ~7.5 minutes (plus the
+# Everything a lent GPU machine should measure, in one call of at most ~7.7 minutes (plus the
 # machine's start), most important first; each step has its own time limit, and its output goes
 # to $OUT (or benchmarks/out/).
 #
@@ -26,12 +26,13 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, keep the output, nev
     timeout "$limit" "$@" 2>&1 | grep -v '^USDT:' | tee "$out/$name.txt"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv,noheader
-python3 -c "import PyNvVideoCodec as n, av; print('PyNvVideoCodec', n.__version__, 'PyAV', av.__version__)"
+# NVDEC first: a small clip through NvdecSource against PyAV, or what of the API to fix.
+step 30 nvdec-probe python3 benchmarks/gpu_nvdec_probe.py
 # CUDA tests: the engine's, NVDEC's frames and the device path against the CPU path's.
 step 75 cuda-tests python3 -m pytest -q -x -p no:cacheprovider tests/test_inference_cuda.py tests/test_gpu_cuda.py
 # The whole pipeline, decode gpu: N synthetic 1080p30 H.264 streams at stride 8, the N it holds
 # and where the time goes. The default (eager) engine: decoding, not the model, bounds N.
-step 190 pipeline python3 benchmarks/gpu_pipeline.py --budget-s 140 --start 64 --json "$out/pipeline.json"
+step 180 pipeline python3 benchmarks/gpu_pipeline.py --budget-s 130 --start 64 --json "$out/pipeline.json"
 # The engine as `streamdet run` builds it, at the varying batch sizes a run gives it: the
 # default engine, then the compiled one (model.compile: true; a cold compile takes minutes).
-step 180 engine-batches python3 benchmarks/gpu_engine_batches.py --rounds 3
+step 170 engine-batches python3 benchmarks/gpu_engine_batches.py --rounds 3
