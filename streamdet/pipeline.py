@@ -368,10 +368,12 @@ class Pipeline:
         if cfg.media is None or not cfg.media.clips.enabled:
             return {}
         seconds = cfg.media.clips.pre_capture_s + PACKET_RING_MARGIN_S
+        # NVDEC's frames do not say which packet each came from: what it decodes has no clips
+        nvdec = self.device_path is not None and self.device_path.nvdec
         return {
             s.name: PacketRing(max_seconds=seconds, max_bytes=PACKET_RING_MAX_BYTES)
             for s in cfg.sources
-            if source_kind(s.url) is not SourceKind.FILE
+            if source_kind(s.url) is not SourceKind.FILE and not nvdec
         }
 
     def _build_capture(

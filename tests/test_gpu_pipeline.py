@@ -275,3 +275,28 @@ def test_a_paced_source_on_the_device_path_is_drawn_in_its_own_colours(tmp_path:
     assert ok, "no frame drawn"
     b, g, r = frame[-10:, -10:].reshape(-1, 3).mean(axis=0)  # a corner the overlay leaves
     assert r > 180 and b < 60, (b, g, r)
+
+
+@pytest.mark.parametrize(
+    ("path", "rings"),
+    [(None, ["cam"]), (CPU_PATH, ["cam"]), (DevicePath(torch.device("cpu"), nvdec=True), [])],
+    ids=["host", "device-pyav", "device-nvdec"],
+)
+def test_a_stream_decoded_by_nvdec_keeps_no_packets_for_clips(
+    tmp_path: Path, path: DevicePath | None, rings: list[str]
+) -> None:
+    """Its frames do not say which packet each came from: the media output says once that the
+    source has no clips (snapshots only) instead of waiting on an empty packet ring."""
+    checkpoint = load_checkpoint(demo.config_path().parent / "c3d_bn_demo.safetensors")
+    cfg = load_config(
+        None,
+        {
+            "sources": [{"name": "cam", "url": "rtsp://127.0.0.1:9/cam"}],
+            "model": {"device": "cpu", "precision": "fp32"},
+            "sinks": {"events": {"path": None}},
+            "media": {"dir": str(tmp_path / "media")},
+        },
+    )
+    engine = build_engine(checkpoint.model, "cpu", "fp32")
+    pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None, device_path=path)
+    assert sorted(pipeline.packet_rings) == rings
