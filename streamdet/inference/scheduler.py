@@ -159,8 +159,8 @@ class InferenceThread(threading.Thread):
 
     def _gather(self, batch: Any) -> tuple[list[Window], list[Window]]:
         """Take ready windows into ``batch`` (a host array, or a tensor on the rings' device):
-        (every window taken, in order; those to score,
-        each in the batch slot of its position in this list)."""
+        (every window taken, in order; those to score, each in the batch slot of its position in
+        this list)."""
         taken: list[Window] = []
         scored: list[Window] = []
         n = len(self.rings)
