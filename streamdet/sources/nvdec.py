@@ -101,7 +101,7 @@ def _as_hwc(frame: Any, device: torch.device) -> torch.Tensor:
     CUDA array interface; a planar (3, H, W) frame is viewed as (H, W, 3)."""
     try:
         tensor = torch.from_dlpack(frame)
-    except (AttributeError, TypeError, BufferError):
+    except (AttributeError, TypeError, BufferError, RuntimeError):
         tensor = torch.as_tensor(frame, device=device)
     if tensor.ndim == 3 and tensor.shape[0] == 3 and tensor.shape[2] != 3:
         tensor = tensor.permute(1, 2, 0)  # (3, H, W) -> (H, W, 3)
