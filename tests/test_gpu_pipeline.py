@@ -65,6 +65,17 @@ def seam_capture(seam: str, opener: Callable[[], Any], **kwargs: Any) -> Capture
     )
 
 
+def read_to_the_end(capture: CaptureThread) -> Reader:
+    """Run ``capture`` until its source is done, a reader taking every window of its ring."""
+    reader = Reader(capture.ring)
+    reader.start()
+    capture.start()
+    capture.join(10)
+    capture.ring.close()
+    reader.join(10)
+    return reader
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("seam", SEAMS)
 def test_a_lost_stream_reconnects_and_no_window_spans_the_outage_on_either_path(seam: str) -> None:
@@ -81,12 +92,7 @@ def test_a_lost_stream_reconnects_and_no_window_spans_the_outage_on_either_path(
     capture = seam_capture(seam, opener, on_status=statuses.append)
     capture.ring.lossless = True  # read every window: the spans are exact
     captures.append(capture)
-    reader = Reader(capture.ring)
-    reader.start()
-    capture.start()
-    capture.join(10)
-    capture.ring.close()
-    reader.join(10)
+    reader = read_to_the_end(capture)
     assert capture.stats.reconnects == 1
     assert [s.status for s in statuses] == [Status.ONLINE, Status.OFFLINE] * 2
     assert spans(reader.windows) == [(0, 15), (8, 23), (30, 45), (38, 53)]
@@ -99,12 +105,7 @@ def test_a_resolution_change_and_a_bad_frame_each_mark_a_gap_on_either_path(seam
     source = FakeSource(frames(20) + bad + frames(20, start=21) + frames(20, (40, 30), start=41))
     capture = seam_capture(seam, lambda: source, reconnect=False)
     capture.ring.lossless = True
-    reader = Reader(capture.ring)
-    reader.start()
-    capture.start()
-    capture.join(10)
-    capture.ring.close()
-    reader.join(10)
+    reader = read_to_the_end(capture)
     assert capture.error is None and capture.stats.frames_skipped == 1
     assert spans(reader.windows) == [(0, 15), (21, 36), (41, 56)]
 
