@@ -62,7 +62,7 @@ import numpy as np
 from streamdet.buffer import Window
 
 BLOCK = 8  # pixels per block side: 8x8 block means of a 112x112 frame make a 14x14 grid
-WARMUP_FRAMES = 16  # frames after a (re)start that count as active: no reference yet
+WARMUP_FRAMES = 16  # frames after a (re)start left unmeasured (activity inf): no reference yet
 HISTORY_FRAMES = 256  # frames of measures the noise floor is taken from
 FLOOR_EVERY = 8  # frames between recomputations of the floor (a median of the history)
 ACTIVE_SAMPLE = 8  # one active frame in this many enters the history
