@@ -245,6 +245,7 @@ class Gate:
         return score
 
     def _wanted(self, window: Window, settings: GateSettings) -> bool:
+        """Whether a gated source's ``window`` is active, in its hangover or due a keep-alive."""
         if window.newest_active >= 0:
             self._last_active[window.source] = window.newest_active
         last_active = self._last_active.get(window.source)
