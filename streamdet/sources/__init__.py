@@ -6,6 +6,11 @@ One module per part:
   it (:func:`backend_for`), cameras read with OpenCV (:class:`OpenCVSource`), the start-up check.
 - :mod:`~streamdet.sources.pyav`: files and streams read with PyAV (:class:`PyAVSource`):
   decoded frames and the encoded packets event clips are cut from, from one demuxer.
+- :mod:`~streamdet.sources.decoding`: ``decode: cpu`` (host frames, the default) or ``gpu``
+  (frames as tensors on a device, :class:`~streamdet.sources.decoding.DevicePath`), and the
+  one-warning fallback where ``gpu`` cannot run.
+- :mod:`~streamdet.sources.nvdec`: NVDEC decoding through PyNvVideoCodec, PyAV demuxing
+  (:class:`~streamdet.sources.nvdec.NvdecSource`).
 - :mod:`~streamdet.sources.pacing`: whether a source is live, a paced file or a replay
   (:class:`Pacing`, decided once per source by :func:`pacing_of`), and what that means for
   capture, the ring buffer, the inference scheduler and the outputs.
