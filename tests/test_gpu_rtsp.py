@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from test_gpu_decode import CpuStandIn
+from test_rtsp_reliability import wait_until
 
 from streamdet import kernels
 from streamdet.device_buffer import DeviceRingBuffer
@@ -56,13 +55,6 @@ def nvdec_capture(url: str, seen: list[StatusChange], **kwargs: Any) -> CaptureT
         preprocess=preprocess_tensor,
         **kwargs,
     )
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.02)
 
 
 @pytest.mark.timeout(120)

@@ -93,6 +93,27 @@ def write_config(
     return path
 
 
+def vtest_cut(assets_dir: Path, frames: int) -> Path:
+    """The first ``frames`` frames of vtest.avi at 320x240, cut once into the shared assets."""
+    clip = assets_dir / f"walk{frames}.avi"
+    if not clip.exists():
+        cut_clip(vtest_path(), clip, start_frame=0, n_frames=frames, size=(320, 240))
+    return clip
+
+
+def start_ray_run(config: Path, address: str, *, max_seconds: int) -> subprocess.Popen[str]:
+    """``streamdet run CONFIG --backend ray`` on the cluster at ``address``, this checkout's
+    package first on the path; stdout and stderr together, as text."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamdet", "run", str(config), "--backend", "ray"]
+        + ["--address", address, "--max-seconds", str(max_seconds)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
 def read_log(path: Path) -> list[dict[str, Any]]:
     """Every whole line of the log (each must parse: a malformed line fails the test)."""
     if not path.exists():
@@ -170,9 +191,7 @@ def test_a_lost_nodes_sources_come_back_online_elsewhere_and_every_line_reaches_
     node's report; a node removed mid-run has its sources online on the others within 30 s (its
     open events end stream_lost); SIGTERM stops the run within 5 s, open events ending
     shutdown."""
-    clip = assets_dir / "walk300.avi"  # 30 s paced: the first 100 frames make the tiny events
-    if not clip.exists():
-        cut_clip(vtest_path(), clip, start_frame=0, n_frames=300, size=(320, 240))
+    clip = vtest_cut(assets_dir, 300)  # 30 s paced: the first 100 frames make the tiny events
     camera = rtsp_server(clip, user="viewer", password=CAMERA_PASSWORD)  # each client: frame 0
     files = {f"cam{i}": clip for i in range(5)}
     sources = {**files, "rtsp": camera.url}
@@ -187,15 +206,7 @@ def test_a_lost_nodes_sources_come_back_online_elsewhere_and_every_line_reaches_
     )
     c = cluster(3)
     log_path = tmp_path / "events.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamdet", "run", str(config), "--backend", "ray"]
-        + ["--address", c.address, "--max-seconds", "300"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    proc = start_ray_run(config, c.address, max_seconds=300)
     try:
 
         def each_source_has(kind: str) -> bool:

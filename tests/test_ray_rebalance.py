@@ -5,11 +5,8 @@ tiny fitted model of tests/tiny_model.py)."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,8 +16,16 @@ from typing import Any
 
 import pytest
 import ray
-from assets import cut_clip, vtest_path
-from test_ray_backend import check_log, cluster, read_log, wait_for, weights, write_config
+from test_ray_backend import (
+    check_log,
+    cluster,
+    read_log,
+    start_ray_run,
+    vtest_cut,
+    wait_for,
+    weights,
+    write_config,
+)
 from test_ray_merge import change
 from threads import run_in_thread
 from tiny_model import make_tiny_weights
@@ -56,10 +61,7 @@ def checkpoint(assets_dir: Path, walk_clip: Path) -> Checkpoint:
 @pytest.fixture(scope="module")
 def walk300(assets_dir: Path) -> Path:
     """30 s paced: the first 100 frames make the tiny model's walk and run events."""
-    clip = assets_dir / "walk300.avi"
-    if not clip.exists():
-        cut_clip(vtest_path(), clip, start_frame=0, n_frames=300, size=(320, 240))
-    return clip
+    return vtest_cut(assets_dir, 300)
 
 
 def run_config(sources: dict[str, Path], events: Path, threshold: float) -> RunConfig:
@@ -167,10 +169,7 @@ MOVED_WITHIN_S = 60.0
 @pytest.fixture(scope="module")
 def walk600(assets_dir: Path) -> Path:
     """60 s paced, so that the sources still run when the added node is ready."""
-    clip = assets_dir / "walk600.avi"
-    if not clip.exists():
-        cut_clip(vtest_path(), clip, start_frame=0, n_frames=600, size=(320, 240))
-    return clip
+    return vtest_cut(assets_dir, 600)
 
 
 def where_online(lines: list[dict[str, Any]]) -> dict[str, str]:
@@ -222,15 +221,7 @@ def test_nodes_that_join_take_a_share_of_the_running_sources_between_their_event
     config = write_config(tmp_path / "c.yaml", sources, weights, realtime=True)
     c = cluster(1)
     log_path = tmp_path / "events.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamdet", "run", str(config), "--backend", "ray"]
-        + ["--address", c.address, "--max-seconds", "240"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
+    proc = start_ray_run(config, c.address, max_seconds=240)
     out: list[str] = []
     reader = threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True)
     reader.start()
