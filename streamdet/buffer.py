@@ -27,12 +27,25 @@ from typing import Protocol
 import numpy as np
 
 
+@dataclass(frozen=True)
+class Scene:
+    """What a frame meter saw of one frame: its grid of block means, and the noise thresholds
+    a change of that grid must pass to count (``streamdet.gating``: local, global)."""
+
+    grid: np.ndarray
+    local_threshold: float
+    global_threshold: float
+
+
 class FrameMeter(Protocol):
     """Measures each committed frame (``streamdet.gating.ActivityMeter``: its activity)."""
 
     def update(self, frame: np.ndarray) -> float: ...
 
     def reset(self) -> None: ...
+
+    def scene(self) -> Scene | None:
+        """The last frame measured, or None when it was not (a warm-up)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,7 @@ class Window:
     # and the seq of the newest measured active one (-1: none).
     activity: float = math.inf
     newest_active: int = -1
+    scene: Scene | None = None  # the newest frame's, when a meter measured it
 
     @property
     def first_time(self) -> float:
@@ -122,6 +136,7 @@ class RingBuffer:
         self._wall = np.zeros(capacity, np.float64)
         self._mono = np.zeros(capacity, np.float64)
         self._activity = np.full(capacity, math.inf, np.float64)
+        self._scene: list[Scene | None] = [None] * capacity
 
         # The lock protects every attribute below and the slots of published frames. Invariants:
         # frames with seq in [max(0, _written - capacity + 1), _written) are published and intact;
@@ -182,15 +197,17 @@ class RingBuffer:
 
     def commit(self, meta: FrameMeta) -> None:
         """Publish the frame just written into ``slot()``."""
-        activity = math.inf
+        activity, scene = math.inf, None
         if self.meter is not None:
             # Only this (the writer's) thread moves _written, and the slot is its own until the
             # commit below: both are read without the lock.
             activity = self.meter.update(self._frames[:, self._written % self.capacity])
+            scene = self.meter.scene()
         with self._lock:
             seq = self._written
             k = seq % self.capacity
             self._activity[k] = activity
+            self._scene[k] = scene
             self._frames[:, k + self.capacity] = self._frames[:, k]
             self._index[k] = meta.index
             self._wall[k] = meta.wall_time
@@ -269,6 +286,7 @@ class RingBuffer:
                 seq=end,
                 activity=activity,
                 newest_active=newest_active,
+                scene=self._scene[end % self.capacity],
             )
             self._last_taken = end
             self.windows_taken += 1

@@ -133,7 +133,18 @@ class GatingConfig(_Model):
 
     enabled: bool = Field(False, description="Skip the forward pass of quiet windows.")
     keepalive_s: float = Field(
-        30.0, gt=0, le=3600, description="A quiet source is still scored once per this many s."
+        30.0,
+        gt=0,
+        le=3600,
+        description="A quiet source is looked at once per this many s, and scored if its scene "
+        "drifted from the one last scored.",
+    )
+    keepalive_max_s: float | None = Field(
+        None,
+        gt=0,
+        le=86400,
+        description="A quiet source is scored at least this often, changed or not (null: 10 x "
+        "keepalive_s).",
     )
     hangover_frames: int = Field(
         8,
@@ -154,6 +165,12 @@ class GatingConfig(_Model):
     lag_frames: int = Field(
         4, ge=1, le=64, description="Each frame is compared with the one this many frames back."
     )
+
+    @model_validator(mode="after")
+    def _keepalive_order(self) -> GatingConfig:
+        if self.keepalive_max_s is not None and self.keepalive_max_s < self.keepalive_s:
+            raise ValueError("keepalive_max_s must be >= keepalive_s")
+        return self
 
 
 class SourceConfig(_Model):

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streamdet.buffer import FrameMeta, FrameMeter, RingBuffer
+from streamdet.buffer import FrameMeta, FrameMeter, RingBuffer, Scene
 
 __all__ = ["DeviceRingBuffer", "FrameMeta", "HostMeter"]
 
@@ -52,6 +52,9 @@ class HostMeter:
 
     def reset(self) -> None:
         self.meter.reset()
+
+    def scene(self) -> Scene | None:
+        return self.meter.scene()
 
 
 class DeviceRingBuffer(RingBuffer):

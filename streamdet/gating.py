@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from streamdet.buffer import Window
+from streamdet.buffer import Scene, Window
 
 BLOCK = 8  # pixels per block side: 8x8 block means of a 112x112 frame make a 14x14 grid
 WARMUP_FRAMES = 16  # frames after a (re)start left unmeasured (activity inf): no reference yet
@@ -78,8 +78,11 @@ class GateSettings:
         local_margin: least block change (normalised units) above the floor that counts.
         global_margin: least mean block change (normalised units) above the floor that counts.
         lag_frames: each frame is compared with the one this many frames before it.
-        keepalive_s: a quiet source is still scored once this many seconds (of its frame
-            times) have passed since its last scored window.
+        keepalive_s: a quiet source is looked at once this many seconds (of its frame times)
+            have passed since it was last scored or looked at: scored if its scene has drifted
+            from the one last scored (a change too slow for the activity measure), else not.
+        keepalive_max_s: a quiet source is scored at least this often even when its scene is
+            unchanged (None: 10 x ``keepalive_s``; ``keepalive_s`` scores every keep-alive).
         hangover_frames: windows are still scored until the newest active frame lies this many
             frames back from their newest frame. The default, 8, half the model's 16-frame
             window, scores until the end of an event has reached the window's centre, which is
@@ -92,6 +95,7 @@ class GateSettings:
     global_margin: float = 0.08
     lag_frames: int = 4
     keepalive_s: float = 30.0
+    keepalive_max_s: float | None = None
     hangover_frames: int = 8
 
     def __post_init__(self) -> None:
@@ -103,6 +107,16 @@ class GateSettings:
             raise ValueError(f"hangover_frames must be >= 0, but got {self.hangover_frames}")
         if self.keepalive_s <= 0:
             raise ValueError(f"keepalive_s must be > 0, but got {self.keepalive_s}")
+        if self.keepalive_max_s is not None and self.keepalive_max_s < self.keepalive_s:
+            raise ValueError(
+                f"keepalive_max_s must be >= keepalive_s ({self.keepalive_s}), but got "
+                f"{self.keepalive_max_s}"
+            )
+
+    @property
+    def keepalive_max(self) -> float:
+        """``keepalive_max_s``, or its default, 10 x ``keepalive_s``."""
+        return 10 * self.keepalive_s if self.keepalive_max_s is None else self.keepalive_max_s
 
 
 class _Floor:
@@ -151,11 +165,13 @@ class ActivityMeter:
         self._global = _Floor(self.settings.sensitivity, self.settings.global_margin)
         self._past: deque[np.ndarray] = deque(maxlen=self.settings.lag_frames)
         self._since_reset = 0
+        self._scene: Scene | None = None
 
     def reset(self) -> None:
         """Forget the past frames (a reconnect or a new resolution); the floor is kept."""
         self._past = deque(maxlen=self.settings.lag_frames)
         self._since_reset = 0
+        self._scene = None
 
     def update(self, frame: np.ndarray) -> float:
         """Measures one preprocessed (C, H, W) frame and learns from it; returns its activity."""
@@ -171,7 +187,15 @@ class ActivityMeter:
         activity = max(local / self._local.threshold, global_ / self._global.threshold)
         self._local.add(local, activity > 1.0)
         self._global.add(global_, activity > 1.0)
-        return math.inf if self._since_reset <= WARMUP_FRAMES else activity
+        if self._since_reset <= WARMUP_FRAMES:
+            self._scene = None
+            return math.inf
+        self._scene = Scene(grid, self._local.threshold, self._global.threshold)
+        return activity
+
+    def scene(self) -> Scene | None:
+        """The last frame's block grid and the thresholds it was judged by; None in a warm-up."""
+        return self._scene
 
 
 def block_means(frame: np.ndarray) -> np.ndarray:
@@ -203,6 +227,13 @@ def change_measures(grid: np.ndarray, reference: np.ndarray) -> tuple[float, flo
     return float(np.abs(residual).max()), float(np.abs(y - x).mean())
 
 
+def scene_changed(now: Scene, seen: Scene) -> bool:
+    """Whether the scene ``now`` differs from ``seen`` by more than ``now``'s noise thresholds
+    (the activity measure at a lag of however long lies between them)."""
+    local, global_ = change_measures(now.grid, seen.grid)
+    return local > now.local_threshold or global_ > now.global_threshold
+
+
 class Gate:
     """Decides per window whether it is scored, and counts the decisions per source.
 
@@ -217,7 +248,9 @@ class Gate:
     def __init__(self, settings: Mapping[str, GateSettings], background_probs: np.ndarray) -> None:
         self.settings = dict(settings)
         self.background_probs = np.asarray(background_probs, np.float32)
-        self._last_scored: dict[str, float] = {}
+        self._looked: dict[str, float] = {}  # per source: frame time last scored or looked at
+        self._scored_at: dict[str, float] = {}  # per source: frame time last scored
+        self._seen: dict[str, Scene | None] = {}  # per source: the scene last scored
         self._last_active: dict[str, int] = {}  # seq of the newest active frame seen per source
         self.scored: dict[str, int] = {}
         self.gated: dict[str, int] = {}
@@ -225,7 +258,15 @@ class Gate:
     def should_score(self, window: Window) -> bool:
         """True unless ``window``'s source is gated, none of the frames new to the window was
         active, the source's newest active frame lies more than ``hangover_frames`` before the
-        window's newest frame, and the source was scored within its keep-alive period.
+        window's newest frame, and no keep-alive is due.
+
+        A keep-alive is due once ``keepalive_s`` have passed since the source was last scored
+        or looked at. It scores the window if the scene has drifted from the one last scored
+        (:func:`scene_changed`: what changes too slowly for the activity measure), if the scene
+        was not measured, or if ``keepalive_max_s`` have passed since the last score; otherwise
+        the source counts as looked at. A keep-alive of an unchanged scene only repeated what
+        the model had said of it: on a real clip 80% still, one scored window in eight at 24
+        cameras.
 
         A source's first keep-alive window comes a fixed fraction of the period
         (:func:`keepalive_phase`) after its first window, so cameras started together spread
@@ -238,7 +279,8 @@ class Gate:
         settings = self.settings.get(window.source)
         score = settings is None or self._wanted(window, settings)
         if score:
-            self._last_scored[window.source] = window.last_time
+            self._looked[window.source] = self._scored_at[window.source] = window.last_time
+            self._seen[window.source] = window.scene
             self.scored[window.source] = self.scored.get(window.source, 0) + 1
         else:
             self.gated[window.source] = self.gated.get(window.source, 0) + 1
@@ -249,15 +291,30 @@ class Gate:
         if window.newest_active >= 0:
             self._last_active[window.source] = window.newest_active
         last_active = self._last_active.get(window.source)
-        last = self._last_scored.get(window.source)
-        if last is None:  # the keep-alive clock starts with the source's first window
-            last = window.last_time - keepalive_phase(window.source) * settings.keepalive_s
-            self._last_scored[window.source] = last
-        return (
-            1.0 < window.activity < math.inf
-            or (last_active is not None and window.seq - last_active <= settings.hangover_frames)
-            or not (0.0 <= window.last_time - last < settings.keepalive_s)  # or the clock jumped
-        )
+        if 1.0 < window.activity < math.inf or (
+            last_active is not None and window.seq - last_active <= settings.hangover_frames
+        ):
+            return True
+        now = window.last_time
+        looked = self._looked.get(window.source)
+        if looked is None:  # the keep-alive clock starts with the source's first window
+            looked = now - keepalive_phase(window.source) * settings.keepalive_s
+            self._looked[window.source] = looked
+        if 0.0 <= now - looked < settings.keepalive_s:
+            return False
+        # A keep-alive is due (or the clock jumped): score unless the scene is the one scored.
+        seen = self._seen.get(window.source)
+        scored_at = self._scored_at.get(window.source)
+        if (
+            window.scene is None
+            or seen is None
+            or scored_at is None
+            or not 0.0 <= now - scored_at < settings.keepalive_max
+            or scene_changed(window.scene, seen)
+        ):
+            return True
+        self._looked[window.source] = now
+        return False
 
 
 def keepalive_phase(source: str) -> float:

@@ -128,6 +128,7 @@ def build_gate(cfg: RunConfig, class_names: tuple[str, ...]) -> Gate | None:
             global_margin=g.global_margin,
             lag_frames=g.lag_frames,
             keepalive_s=g.keepalive_s,
+            keepalive_max_s=g.keepalive_max_s,
             hangover_frames=g.hangover_frames,
         )
         for s in cfg.sources

@@ -180,6 +180,49 @@ def test_the_gate_scores_active_windows_and_a_quiet_source_at_the_keepalive_rate
     assert (gate.scored["cam"], gate.gated["cam"]) == (5, 16)
 
 
+def keepalive_decisions(
+    scene: np.ndarray, keepalive_max_s: float
+) -> tuple[list[tuple[int, bool]], list[float]]:
+    """A real still scene at 10 fps through the meter, a ring (stride 8) and a gate (keep-alive
+    10 s): 60 s still, then 40 s in which a dark object fades in (too slowly for the activity
+    measure), then 20 s still again. Returns (last frame, scored) per window, and the
+    windows' activities during the fade."""
+    gate = Gate(
+        {"cam": GateSettings(keepalive_s=10.0, keepalive_max_s=keepalive_max_s)}, np.ones(2)
+    )
+    ring = RingBuffer("cam", length=16, stride=8, capacity=64, lossless=True, meter=ActivityMeter())
+    rng = np.random.default_rng(3)
+    dark = scene.copy()
+    dark[100:150, 140:190] = 30
+    decisions, fading = [], []
+    for i in range(1200):
+        alpha = min(max((i - 600) / 400, 0.0), 1.0)
+        frame = noisy(cv2.addWeighted(scene, 1 - alpha, dark, alpha, 0), rng)
+        ring.write_frame(preprocess_frame(frame, DEFAULT_CONTRACT), FrameMeta(i, i / 10, 0.0))
+        for w in iter(ring.take_window, None):
+            decisions.append((w.last_frame, gate.should_score(w)))
+            if 600 <= w.last_frame < 1000:
+                fading.append(w.activity)
+    return decisions, fading
+
+
+def test_a_keepalive_scores_a_scene_that_drifted_and_not_one_that_stayed_the_same(
+    scene: np.ndarray,
+) -> None:
+    """A keep-alive of an unchanged scene repeated what the model had said of it (one scored
+    window in eight at 24 real 80%-still cameras); one whose scene drifted, too slowly for the
+    activity measure, is what the keep-alive is for."""
+    decisions, fading = keepalive_decisions(scene, keepalive_max_s=1000.0)
+    assert max(fading) < 1.0  # the fade never opened the gate: only keep-alives see it
+    scored = [f for f, s in decisions if s]
+    assert len([f for f in scored if f < 600]) == 1  # the first keep-alive; then unchanged
+    assert len([f for f in scored if 600 <= f < 1100]) >= 3  # drifting: every 10 s or so
+    assert not [f for f in scored if f >= 1100]  # the scene stands still again
+    # keepalive_max_s = keepalive_s: every keep-alive is scored, changed or not
+    every, _ = keepalive_decisions(scene, keepalive_max_s=10.0)
+    assert len([f for f, s in every if s and f < 600]) >= 5
+
+
 def test_cameras_started_together_spread_their_keepalive_windows() -> None:
     """Regression: quiet cameras started together scored their keep-alive windows in the same
     instant, every keepalive_s: a burst of one window per camera that skipped windows on a
@@ -216,6 +259,9 @@ class ScriptedMeter:
 
     def reset(self) -> None:
         pass
+
+    def scene(self) -> None:
+        return None
 
 
 def test_a_window_is_judged_by_the_frames_new_to_it_not_all_of_its_frames() -> None:
