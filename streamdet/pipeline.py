@@ -12,6 +12,7 @@ with a timeout.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -392,6 +393,7 @@ class Pipeline:
             on_status=self.router.on_status,
             # Only frames some output wants are decoded whole; the others skip decoding.
             on_frame=self._on_frame if self.router.wants_frames(s.name) else None,
+            wants_frame=functools.partial(self.router.wants_frame, s.name, False),
             on_used=self._wake.set,
             reconnect=opts.reconnect,
             backoff=Backoff(opts.backoff_initial_s, opts.backoff_max_s),
@@ -441,7 +443,7 @@ class Pipeline:
     def _on_frame(self, source: str, meta: FrameMeta, frame: Any, used: bool) -> None:
         if isinstance(frame, torch.Tensor):  # the device path: outputs draw host BGR frames
             frame = to_host_bgr(frame)
-        self.router.on_frame(source, meta.index, frame, self._by_name[source].fps or 10.0)
+        self.router.on_frame(source, meta.index, frame, self._by_name[source].fps or 10.0, used)
 
     def _on_source_done(self, source: str) -> None:
         """Every window of an ended source has been scored (a stopping run ends it as shutdown)."""

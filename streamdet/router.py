@@ -145,13 +145,19 @@ class EventRouter:
     def wants_frames(self, source: str) -> bool:
         return source in self._frame_workers
 
-    def on_frame(self, source: str, index: int, frame: np.ndarray, fps: float) -> None:
+    def wants_frame(self, source: str, used: bool) -> bool:
+        """Whether an output wants ``source``'s next frame (capture threads ask before they
+        convert a frame the model does not use)."""
+        return any(w.sink.wants_frame(source, used) for w in self._frame_workers.get(source, ()))
+
+    def on_frame(self, source: str, index: int, frame: np.ndarray, fps: float, used: bool) -> None:
         # One array for every output that wants it: read-only, so none can draw on another's
         # picture (the overlay's labels in the web page's frame or in a snapshot).
         frame.flags.writeable = False
         msg = FrameMessage(source, index, frame, fps)
         for w in self._frame_workers.get(source, ()):
-            w.offer_frame(msg)
+            if w.sink.wants_frame(source, used):
+                w.offer_frame(msg)
 
     def on_status(self, change: StatusChange) -> None:
         """A source went online or offline, or ended (a file's last frame was read: its events

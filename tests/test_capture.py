@@ -283,6 +283,37 @@ def test_every_frame_is_decoded_when_a_frame_callback_watches_them() -> None:
 
 
 @pytest.mark.timeout(20)
+def test_a_frame_callback_gets_only_the_unsampled_frames_it_wants_converted() -> None:
+    """The web page wants a frame at its own rate and snapshots only the model's: a frame the
+    model skips is converted only when ``wants_frame`` says yes (at 30 fps, before this, two in
+    three were converted to BGR for outputs that dropped them)."""
+    source = SkippingSource(frames(90), fps=30.0)
+    seen: list[tuple[int, bool]] = []
+    asked: list[int] = []
+
+    def wants_frame() -> bool:  # every fifth frame the model does not sample
+        asked.append(1)
+        return len(asked) % 5 == 0
+
+    capture = make_capture(
+        source,
+        on_frame=lambda name, meta, frame, used: seen.append((int(frame[0, 0, 0]), used)),
+        wants_frame=wants_frame,
+    )
+    reader = Reader(capture.ring)
+    reader.start()
+    capture.start()
+    capture.join(10)
+    reader.join(10)
+
+    assert len(asked) == 60  # asked of each of the 60 frames the model does not sample only
+    assert (source.reads, source.skips) == (31 + 12, 60 - 12)
+    assert [i for i, used in seen if used] == list(range(0, 90, 3))
+    unsampled = [i for i in range(90) if i % 3]
+    assert [i for i, used in seen if not used] == unsampled[4::5]
+
+
+@pytest.mark.timeout(20)
 def test_a_resolution_change_marks_a_gap_no_window_spans() -> None:
     source = FakeSource(frames(40, (32, 24)) + frames(40, (40, 30), start=40))
     capture = make_capture(source)

@@ -316,3 +316,11 @@ def test_sigkill_while_a_clip_is_being_written_leaves_no_visible_partial_file(
     stop.set()
     assert worker.close(timeout=30.0)
     assert not temp.exists()
+
+
+def test_snapshots_want_the_models_frames_only(tmp_path: Path) -> None:
+    """A snapshot is of the model's frame nearest its best window's centre: the frames the
+    model skips (two in three at 30 fps) are not converted for it."""
+    cfg = MediaConfig.model_validate({"dir": str(tmp_path / "media")})
+    sink = MediaSink(cfg, sources={}, record_media=MediaLines(), stop_event=threading.Event())
+    assert sink.wants_frame("cam", used=True) and not sink.wants_frame("cam", used=False)

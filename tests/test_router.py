@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 from tiny_model import make_tiny_weights
 
@@ -208,6 +210,63 @@ def test_frames_are_decoded_and_sent_only_for_sources_an_output_subscribes_to(
     ) is subscribed  # otherwise frames skip decoding
     pipeline.run()
     assert (counter.frames > 0) is subscribed
+
+
+class Choosy(FrameCounter):
+    """Wants the model's frames only (as snapshots do), or every frame (as the overlay does)."""
+
+    def __init__(self, sources: list[str], *, model_frames_only: bool) -> None:
+        super().__init__(sources)
+        self.model_frames_only = model_frames_only
+        self.indexes: list[int] = []
+
+    def wants_frame(self, source: str, used: bool) -> bool:
+        return used or not self.model_frames_only
+
+    def on_frame(self, msg: FrameMessage) -> None:
+        super().on_frame(msg)
+        self.indexes.append(msg.index)
+
+
+def test_an_output_gets_only_the_frames_it_wants_and_unwanted_ones_are_not_converted(
+    tmp_path: Path, checkpoint: Checkpoint, engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 30-fps file: the model uses every third frame. An output that wants only those gets
+    only those, and alone it has the other two skipped undecoded; one that wants every frame
+    beside it gets every frame."""
+    clip = tmp_path / "cam30.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter.fourcc(*"MJPG"), 30.0, (160, 120))
+    for i in range(60):
+        writer.write(np.full((120, 160, 3), (i * 4) % 256, np.uint8))
+    writer.release()
+
+    def run(*sinks: Choosy) -> Pipeline:
+        cfg = config(clip, tmp_path / "e.jsonl", realtime=True)
+        pipeline = Pipeline(cfg, checkpoint, engine, print_fn=lambda s: None, sinks=sinks)
+        pipeline.run()
+        return pipeline
+
+    alone = Choosy(["walk"], model_frames_only=True)
+    converted: list[int] = []
+    original = Pipeline._on_frame
+
+    def counting(self: Pipeline, source: str, meta: Any, frame: Any, used: bool) -> None:
+        converted.append(meta.index)
+        original(self, source, meta, frame, used)
+
+    with monkeypatch.context() as m:
+        m.setattr(Pipeline, "_on_frame", counting)
+        run(alone)
+    assert alone.indexes == list(range(0, 60, 3))
+    assert converted == alone.indexes  # the model's frames only reached the outputs' callback
+
+    picky, greedy = (
+        Choosy(["walk"], model_frames_only=True),
+        Choosy(["walk"], model_frames_only=False),
+    )
+    run(picky, greedy)
+    assert picky.indexes == list(range(0, 60, 3))
+    assert greedy.indexes == list(range(60))
 
 
 class Scribbler(BaseSink):

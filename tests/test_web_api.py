@@ -438,6 +438,22 @@ def test_frames_are_encoded_at_most_mjpeg_fps_and_every_viewer_gets_the_same_byt
         sink.close()
 
 
+def test_the_page_asks_for_a_frame_only_when_one_is_due() -> None:
+    """The capture converts a frame the model skips only if an output wants it: the page wants
+    one per 1 / mjpeg_fps s, whether the model uses it or not."""
+    sink = make_sink(web={"mjpeg_fps": 2})
+    try:
+        assert sink.wants_frame("cam", used=False)
+        sink.on_frame(FrameMessage("cam", 0, frame(0), 10.0))
+        assert not sink.wants_frame("cam", used=False) and not sink.wants_frame("cam", used=True)
+        deadline = time.monotonic() + 10
+        while not sink.wants_frame("cam", used=False):
+            assert time.monotonic() < deadline, "no frame due again within 10 s"
+            time.sleep(0.05)
+    finally:
+        sink.close()
+
+
 def test_stop_ends_within_2_s_with_viewers_connected_one_never_reading() -> None:
     sink = make_sink(web={"max_clients": 10})
     port = sink.server.port

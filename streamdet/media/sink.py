@@ -190,6 +190,11 @@ class MediaSink(BaseSink):
             return ()
         return tuple(name for name, s in self.sources.items() if s.file is None)
 
+    def wants_frame(self, source: str, used: bool) -> bool:
+        """The model's frames only: a snapshot is of the frame nearest its best window's centre,
+        and at 30 fps the two frames in three the model skips need no conversion."""
+        return used
+
     def event_line_fields(self, change: EventChange) -> Mapping[str, Any]:
         """What the event log's line for ``change`` says of this event's media: the snapshot's
         path on ``end``. Called by the router, from any thread: it only builds a path."""

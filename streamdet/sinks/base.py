@@ -12,7 +12,8 @@ else) and calls the sink's methods from that thread only, in the order the route
                        log line is written, and for ``new``/``end`` fsynced, before it
 ``on_status(msg)``     a source went online or offline (:class:`StatusMessage`)
 ``on_scores(msg)``     a window was scored (:class:`ScoresMessage`), every window
-``on_frame(msg)``      a decoded frame of a source named by ``frame_sources()``
+``on_frame(msg)``      a decoded frame of a source named by ``frame_sources()``, when
+                       ``wants_frame`` said yes
 ``on_source_ended``    every window of an ended source has been scored
 ``on_media(msg)``      a clip or snapshot of an event is complete (:class:`MediaMessage`): its
                        log line is written and fsynced before it
@@ -185,6 +186,13 @@ class Sink(Protocol):
         """Sources whose decoded frames this sink wants (a frame no sink wants is not decoded)."""
         ...
 
+    def wants_frame(self, source: str, used: bool) -> bool:
+        """Whether this sink wants the next frame of ``source`` (``used``: the model's too).
+        Called from the source's capture thread before the frame is converted to BGR, so it
+        must be cheap and thread-safe; a frame that no sink wants and the model does not use
+        (at 30 fps, two in three) is never converted."""
+        ...
+
     def on_event(self, msg: EventMessage) -> None: ...
 
     def on_status(self, msg: StatusMessage) -> None: ...
@@ -223,6 +231,9 @@ class BaseSink:
 
     def frame_sources(self) -> Collection[str]:
         return ()
+
+    def wants_frame(self, source: str, used: bool) -> bool:
+        return True
 
     def on_event(self, msg: EventMessage) -> None:
         pass

@@ -154,9 +154,11 @@ class CaptureThread(threading.Thread):
             at its fps) or a ``REPLAY`` (read as fast as the ring takes its frames, stamped on
             the file's own timeline).
         on_status: called (in this thread) on each online/offline/ended change.
-        on_frame: called (in this thread) with every decoded frame, e.g. for the overlay. Without
-            it, frames the model does not sample (``frame_step``) are skipped where the source
-            can (``skip()``: decoded without the colour conversion to BGR).
+        on_frame: called (in this thread) with every decoded frame, e.g. for the overlay.
+        wants_frame: asked (in this thread) before a frame the model does not sample
+            (``frame_step``) is converted: whether ``on_frame`` wants it (None: it wants every
+            frame). A frame nobody wants is skipped where the source can (``skip()``: decoded
+            without the colour conversion to BGR).
         on_used: called (in this thread) after each frame written to the ring.
         reconnect: reopen lost cameras/streams with backoff.
         backoff: reconnect delays (default 0.5 s doubling to 30 s, with jitter).
@@ -189,6 +191,7 @@ class CaptureThread(threading.Thread):
         pacing: Pacing,
         on_status: Callable[[StatusChange], None] = lambda change: None,
         on_frame: Callable[[str, FrameMeta, np.ndarray, bool], None] | None = None,
+        wants_frame: Callable[[], bool] | None = None,
         on_used: Callable[[], None] | None = None,
         reconnect: bool = True,
         backoff: Backoff | None = None,
@@ -214,6 +217,7 @@ class CaptureThread(threading.Thread):
         self.pacing = pacing
         self.on_status = on_status
         self.on_frame = on_frame
+        self.wants_frame = wants_frame
         self.on_used = on_used
         self.reconnect = reconnect and kind is not SourceKind.FILE
         self.backoff = backoff or Backoff(0.5, 30.0)
@@ -439,14 +443,14 @@ class CaptureThread(threading.Thread):
             (time.time(), source.fps or self.contract.fps) if self.pacing is Pacing.REPLAY else None
         )
         # Frames nobody looks at need no colour conversion: skip them where the source can.
-        skip = getattr(source, "skip", None) if self.on_frame is None else None
+        skip = getattr(source, "skip", None)
         drain = getattr(source, "drain_packets", None) if self.packet_ring is not None else None
         n_in_session = 0
         fps_window_start, fps_window_count = time.monotonic(), 0
         while not self.stop_event.is_set():
             used = n_in_session % step == 0
             read_started = time.monotonic()
-            if used or skip is None:
+            if used or skip is None or self._frame_wanted():
                 frame = source.read()
                 got = frame is not None
             else:
@@ -484,6 +488,12 @@ class CaptureThread(threading.Thread):
                 if delay > 0 and self.stop_event.wait(delay):
                     break
         return Outcome.STOPPED
+
+    def _frame_wanted(self) -> bool:
+        """Whether ``on_frame`` wants a frame the model does not use."""
+        if self.on_frame is None:
+            return False
+        return self.wants_frame is None or self.wants_frame()
 
     def _keep_packets(
         self, source: VideoSource, packets: list[EncodedPacket], session: _Session

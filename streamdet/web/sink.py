@@ -146,6 +146,10 @@ class WebSink(BaseSink):
     def frame_sources(self) -> Collection[str]:
         return self.sources
 
+    def wants_frame(self, source: str, used: bool) -> bool:
+        """Only a frame due on the page (``mjpeg_fps``): the rest need no conversion."""
+        return self.live.due(source)
+
     def on_event(self, msg: EventMessage) -> None:
         c = msg.change
         self.store.apply(c, msg.latency_ms, time.time())
