@@ -416,7 +416,7 @@ class MqttConfig(_Model):
         return self
 
 
-WebhookEvent = Literal["new", "update", "end", "clip"]
+WebhookEvent = Literal["new", "update", "end", "clip", "snapshot"]
 # Headers a webhook request gets from streamdet (lower case), which a config may not set.
 _WEBHOOK_OWN_HEADERS = frozenset(
     {

@@ -196,7 +196,7 @@ def test_a_run_without_an_event_log_sends_the_fields_the_log_would_have_written(
 def test_filters_pick_lines_by_type_source_label_and_peak_score(
     receiver: Receiver, event_log: EventLog
 ) -> None:
-    every = ["new", "update", "end", "clip"]
+    every = ["new", "update", "end", "clip", "snapshot"]
     hooks = {
         "/default": {},  # new and end
         "/every": {"events": every},
@@ -222,6 +222,11 @@ def test_filters_pick_lines_by_type_source_label_and_peak_score(
                 {"type": "clip", "id": "run1-cam2-walk-1", "source": "cam2", "path": "b.mp4"}
             )
         ),
+        MediaMessage(
+            event_log.write_media(
+                {"type": "snapshot", "id": "run1-cam-fall-1", "source": "cam", "path": "a.jpg"}
+            )
+        ),
     ]
     with webhooks(*({"url": receiver.url(path), **h} for path, h in hooks.items())) as sink:
         for msg in msgs:
@@ -240,7 +245,7 @@ def test_filters_pick_lines_by_type_source_label_and_peak_score(
         "cam-fall-1-end-4",
         "cam2-walk-1-end-5",
     ]
-    assert len(got("/every")) == 7
+    assert len(got("/every")) == 8
     assert got("/cam2") == ["cam2-walk-1-new-3", "cam2-walk-1-end-5"]
     assert got("/fall") == ["cam-fall-1-new-1", "cam-fall-1-end-4", "cam-fall-1-clip-6"]
     assert got("/score") == [
@@ -248,6 +253,7 @@ def test_filters_pick_lines_by_type_source_label_and_peak_score(
         "cam-fall-1-update-2",
         "cam-fall-1-end-4",
         "cam-fall-1-clip-6",
+        "cam-fall-1-snapshot-8",
     ]
 
 
