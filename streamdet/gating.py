@@ -265,8 +265,8 @@ class Gate:
         (:func:`scene_changed`: what changes too slowly for the activity measure), if the scene
         was not measured, or if ``keepalive_max_s`` have passed since the last score; otherwise
         the source counts as looked at. A keep-alive of an unchanged scene only repeated what
-        the model had said of it: on a real clip 80% still, one scored window in eight at 24
-        cameras.
+        the model had said of it (each source's first keep-alive is still scored: the model has
+        not seen its scene). See ``benchmarks/RESULTS.md``, 'Motion gating, fourth pass'.
 
         A source's first keep-alive window comes a fixed fraction of the period
         (:func:`keepalive_phase`) after its first window, so cameras started together spread

@@ -209,9 +209,8 @@ def keepalive_decisions(
 def test_a_keepalive_scores_a_scene_that_drifted_and_not_one_that_stayed_the_same(
     scene: np.ndarray,
 ) -> None:
-    """A keep-alive of an unchanged scene repeated what the model had said of it (one scored
-    window in eight at 24 real 80%-still cameras); one whose scene drifted, too slowly for the
-    activity measure, is what the keep-alive is for."""
+    """A keep-alive of an unchanged scene repeated what the model had said of it; one whose
+    scene drifted, too slowly for the activity measure, is what the keep-alive is for."""
     decisions, fading = keepalive_decisions(scene, keepalive_max_s=1000.0)
     assert max(fading) < 1.0  # the fade never opened the gate: only keep-alives see it
     scored = [f for f, s in decisions if s]
