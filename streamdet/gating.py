@@ -249,8 +249,8 @@ class Gate:
         self.settings = dict(settings)
         self.background_probs = np.asarray(background_probs, np.float32)
         self._looked: dict[str, float] = {}  # per source: frame time last scored or looked at
-        self._scored_at: dict[str, float] = {}  # per source: frame time last scored
-        self._seen: dict[str, Scene | None] = {}  # per source: the scene last scored
+        # per source: the frame time and the scene (None: unmeasured) of its last scored window
+        self._last_score: dict[str, tuple[float, Scene | None]] = {}
         self._last_active: dict[str, int] = {}  # seq of the newest active frame seen per source
         self.scored: dict[str, int] = {}
         self.gated: dict[str, int] = {}
@@ -279,8 +279,8 @@ class Gate:
         settings = self.settings.get(window.source)
         score = settings is None or self._wanted(window, settings)
         if score:
-            self._looked[window.source] = self._scored_at[window.source] = window.last_time
-            self._seen[window.source] = window.scene
+            self._looked[window.source] = window.last_time
+            self._last_score[window.source] = (window.last_time, window.scene)
             self.scored[window.source] = self.scored.get(window.source, 0) + 1
         else:
             self.gated[window.source] = self.gated.get(window.source, 0) + 1
@@ -303,15 +303,10 @@ class Gate:
         if 0.0 <= now - looked < settings.keepalive_s:
             return False
         # A keep-alive is due (or the clock jumped): score unless the scene is the one scored.
-        seen = self._seen.get(window.source)
-        scored_at = self._scored_at.get(window.source)
-        if (
-            window.scene is None
-            or seen is None
-            or scored_at is None
-            or not 0.0 <= now - scored_at < settings.keepalive_max
-            or scene_changed(window.scene, seen)
-        ):
+        scored_at, seen = self._last_score.get(window.source, (now, None))
+        if seen is None or window.scene is None:
+            return True  # never scored, or a scene that was not measured: nothing to compare
+        if not 0.0 <= now - scored_at < settings.keepalive_max or scene_changed(window.scene, seen):
             return True
         self._looked[window.source] = now
         return False
