@@ -227,7 +227,11 @@ class Pipeline:
             log.info("decode: %s", self.device_path.describe())
         self.packet_rings = self._packet_rings(cfg)
         openers = {
-            s.name: self._opener(s, self.pacing[s.name], keep_packets=s.name in self.packet_rings)
+            s.name: self._opener(
+                s,
+                self.pacing[s.name].decode_threads(len(cfg.sources)),
+                keep_packets=s.name in self.packet_rings,
+            )
             for s in cfg.sources
         }
         # A replay is drawn from the overlay's own read of the file (with the same opener).
@@ -334,9 +338,10 @@ class Pipeline:
         return ActivityMeter(self.gate.settings[source])
 
     @staticmethod
-    def _opener(s: SourceConfig, pacing: Pacing, *, keep_packets: bool) -> Opener:
-        """How ``s`` is opened: its backend and options, the decoding threads its pacing asks
-        for, and whether its encoded packets are kept (for its packet ring)."""
+    def _opener(s: SourceConfig, decode_threads: int | None, *, keep_packets: bool) -> Opener:
+        """How ``s`` is opened: its backend and options, the decoding threads its pacing and
+        the run's source count ask for, and whether its encoded packets are kept (for its packet
+        ring)."""
         opts = s.options
         return make_opener(
             s.url,
@@ -345,7 +350,7 @@ class Pipeline:
             open_timeout_s=opts.open_timeout_s,
             read_timeout_s=opts.read_timeout_s,
             fps=opts.fps,
-            decode_threads=pacing.decode_threads,
+            decode_threads=decode_threads,
         )
 
     def _build_overlay(

@@ -9,6 +9,7 @@ makes no events.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -250,10 +251,11 @@ def test_two_inference_workers_log_the_same_events_as_one(
     assert logs[2] == logs[1]
 
 
-def test_a_replay_decodes_on_one_thread_and_a_live_source_on_ffmpegs_choice(
+def test_a_replay_decodes_on_one_thread_and_a_live_source_on_ffmpegs_choice_with_cores_to_spare(
     tmp_path: Path, walk_clip: Path, checkpoint: Checkpoint, engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A replay's workers keep every core busy: frame-threaded decoding would only cost more CPU."""
+    """A replay's workers keep every core busy: frame-threaded decoding would only cost more CPU.
+    With as many sources as cores, every source decodes on one thread."""
     asked: dict[str, int | None] = {}
     real_make_opener = pipeline_module.make_opener
 
@@ -272,9 +274,13 @@ def test_a_replay_decodes_on_one_thread_and_a_live_source_on_ffmpegs_choice(
         None,
     )
 
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
     Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
-
     assert asked == {str(walk_clip): 1, str(paced): None}
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    Pipeline(cfg, checkpoint, engine, print_fn=lambda line: None)
+    assert asked == {str(walk_clip): 1, str(paced): 1}
 
 
 def test_live_sources_get_their_windows_in_spread_phases_and_a_replay_in_phase_zero(

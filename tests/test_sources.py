@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import doctest
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -58,9 +59,19 @@ def test_pacing_of_a_source_follows_its_kind_and_realtime(
     ],
 )
 def test_only_a_replay_is_lossless_and_decodes_on_one_thread(
-    pacing: Pacing, lossless: bool, decode_threads: int | None
+    pacing: Pacing, lossless: bool, decode_threads: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert (pacing.lossless, pacing.decode_threads) == (lossless, decode_threads)
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert (pacing.lossless, pacing.decode_threads(sources=3)) == (lossless, decode_threads)
+
+
+@pytest.mark.parametrize("pacing", list(Pacing))
+def test_every_source_decodes_on_one_thread_once_a_run_has_as_many_sources_as_cores(
+    pacing: Pacing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their decoders already share every core: frame threading would only add switches."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert pacing.decode_threads(sources=4) == pacing.decode_threads(sources=27) == 1
 
 
 def pipeline_of(

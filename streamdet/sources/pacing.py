@@ -13,8 +13,9 @@ ring buffer     overwrites the oldest      overwrites the oldest       the write
                                                                        skipped (``lossless``)
 scheduler       the newest window when     the newest window when      every window, in order
                 inference lags             inference lags
-FFmpeg decode   FFmpeg's choice            FFmpeg's choice             one thread
-                                                                       (``decode_threads``)
+FFmpeg decode   FFmpeg's choice; one       FFmpeg's choice; one        one thread
+                thread with as many        thread with as many         (``decode_threads``)
+                sources as cores           sources as cores
 overlay         the capture's frames       the capture's frames        its own read of the file
 ==============  =========================  ==========================  ===========================
 
@@ -29,11 +30,14 @@ Example:
     <Pacing.PACED: 'paced'>
     >>> pacing_of(SourceConfig(name="clip", url="clip.mp4")).lossless
     True
+    >>> Pacing.LIVE.decode_threads(sources=64), Pacing.REPLAY.decode_threads()
+    (1, 1)
 """
 
 from __future__ import annotations
 
 import enum
+import os
 from typing import TYPE_CHECKING
 
 from streamdet.sources.opening import SourceKind, source_kind
@@ -58,11 +62,16 @@ class Pacing(enum.Enum):
         newest window when inference lags, so latency stays bounded."""
         return self is Pacing.REPLAY
 
-    @property
-    def decode_threads(self) -> int | None:
-        """FFmpeg decoding threads: one for a replay, whose inference keeps every core busy (see
-        :class:`~streamdet.sources.opening.OpenCVSource`), else None (FFmpeg's choice)."""
-        return 1 if self is Pacing.REPLAY else None
+    def decode_threads(self, sources: int = 1) -> int | None:
+        """FFmpeg decoding threads for one of a run's ``sources`` sources: one for a replay,
+        whose inference keeps every core busy (see :class:`~streamdet.sources.opening.OpenCVSource`),
+        and for any source of a run with at least as many sources as cores, whose decoders
+        already share every core between them (frame threading there only adds switches and a
+        frame of latency per thread: 27 paced 10-fps cameras took 6% less CPU per frame, see
+        ``benchmarks/RESULTS.md``, 'Motion gating, fifth pass'); else None (FFmpeg's choice)."""
+        if self is Pacing.REPLAY or sources >= (os.cpu_count() or 1):
+            return 1
+        return None
 
 
 def pacing_of(source: SourceConfig) -> Pacing:
