@@ -78,17 +78,22 @@ def bench_cost(frames: int = 2000) -> str:
 
 
 def write_stream(
-    out: Path, seed: int, seconds: float, gaps: tuple[int, int], still: bool = False
+    out: Path, seed: int, seconds: float, gaps: tuple[int, int], still: bool = False, burst: int = 1
 ) -> tuple[Path, Path]:
     """A synthetic stream and its truth (as make_stream, with the quiet gaps chosen; ``still``:
-    a fixed camera's quiet scene)."""
+    a fixed camera's quiet scene; ``burst``: events in bursts of that many, back to back)."""
     bg = load_background_frames(list(BACKGROUNDS))
-    tag = f"s{seed}_{gaps[0]}{'_still' if still else ''}"
+    tag = f"s{seed}_{gaps[0]}{'_still' if still else ''}_x{burst}"
     video, truth = out / f"{tag}.mp4", out / f"{tag}_truth.json"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter.fourcc(*"mp4v"), 10.0, (WIDTH, HEIGHT))
     events, n = [], 0
     frames = iter_stream(
-        seed, duration_s=seconds, background_frames=bg, gap_frames=gaps, still_camera=still
+        seed,
+        duration_s=seconds,
+        background_frames=bg,
+        gap_frames=gaps,
+        still_camera=still,
+        burst=burst,
     )
     for frame, ev in frames:
         writer.write(frame)
@@ -198,14 +203,19 @@ def bound_windows(truth: Path, keepalive_s: float) -> int:
 
 
 def bench_synthetic(
-    out: Path, seeds: list[int], seconds: float, gaps: tuple[int, int], still: bool = False
+    out: Path,
+    seeds: list[int],
+    seconds: float,
+    gaps: tuple[int, int],
+    still: bool = False,
+    burst: int = 1,
 ) -> list[str]:
     totals = {g: {c: [0, 0, 0, []] for c in EVENT_CLASSES} for g in (False, True)}
     windows = {False: [0, 0], True: [0, 0]}
     quiet = [0, 0]
     bound = 0
     for seed in seeds:
-        video, truth = write_stream(out, seed, seconds, gaps, still)
+        video, truth = write_stream(out, seed, seconds, gaps, still, burst)
         q, n = quiet_share(truth)
         quiet = [quiet[0] + q, quiet[1] + n]
         bound += bound_windows(truth, GATING.get("keepalive_s", GatingConfig().keepalive_s))
@@ -220,7 +230,8 @@ def bench_synthetic(
                 t[2] += fn
                 t[3] += delays
     lines = [
-        f"streams: seeds {seeds}, {seconds:g} s, quiet gaps {gaps[0]}-{gaps[1]} frames, "
+        f"streams: seeds {seeds}, {seconds:g} s, quiet gaps {gaps[0]}-{gaps[1]} frames"
+        f"{f' between bursts of {burst} events' if burst > 1 else ''}, "
         f"{'still' if still else 'swaying'} camera, {100 * quiet[0] / max(quiet[1], 1):.0f}% "
         "of frames outside events"
     ]
@@ -266,8 +277,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=180.0)
     ap.add_argument(
         "--gaps",
-        default="22-45,90-150,still:50-80",
-        help="quiet gaps (frames) of the streams, comma-separated; still:LOW-HIGH: a fixed camera",
+        default="22-45,90-150,still:50-80,still:250-300x5",
+        help="quiet gaps (frames) of the streams, comma-separated; still:LOW-HIGH: a fixed "
+        "camera; LOW-HIGHxN: events in bursts of N, back to back, the gaps between bursts",
     )
     ap.add_argument("--skip-real", action="store_true", help="no real-footage run")
     ap.add_argument("--hangover-frames", type=int, help="window.gating.hangover_frames")
@@ -287,8 +299,10 @@ def main() -> None:
             print(line, flush=True)
         for text in args.gaps.split(","):
             still = text.startswith("still:")
-            low, high = (int(v) for v in text.removeprefix("still:").split("-"))
-            for line in bench_synthetic(out, seeds, args.seconds, (low, high), still):
+            gaps, _, burst = text.removeprefix("still:").partition("x")
+            low, high = (int(v) for v in gaps.split("-"))
+            bursts = int(burst or 1)
+            for line in bench_synthetic(out, seeds, args.seconds, (low, high), still, bursts):
                 print(line, flush=True)
 
 

@@ -104,3 +104,33 @@ def test_stream_scenes_change_only_behind_a_camera_tamper(monkeypatch):
     tampers = [(e.start_frame, e.end_frame) for e in truth if e.label == "camera_tamper"]
     for at in changes:
         assert any(start < at <= end for start, end in tampers), (at, tampers)
+
+
+def events_of(seed: int, **kwargs) -> list[synthetic.TruthEvent]:
+    stream = synthetic.iter_stream(seed, duration_s=60.0, **kwargs)
+    return [event for _, event in stream if event is not None]
+
+
+def test_a_bursty_stream_has_its_events_back_to_back_and_its_quiet_gaps_between_bursts():
+    """bench_gating's 80%-quiet synthetic twin of the real-footage stream: activity now and then."""
+    gaps = (120, 150)
+    events = events_of(3, gap_frames=gaps, burst=3, burst_gap_frames=(0, 2))
+    assert len(events) >= 6
+    for i in range(1, len(events)):
+        gap = events[i].start_frame - events[i - 1].end_frame - 1
+        if i % 3:
+            assert 0 <= gap <= 2, (i, gap)
+        else:
+            assert gaps[0] <= gap <= gaps[1], (i, gap)
+    assert events[0].start_frame >= gaps[0]
+
+
+def test_without_bursts_every_event_has_a_quiet_gap_before_it():
+    gaps = (22, 45)
+    events = events_of(4, gap_frames=gaps, burst_gap_frames=(0, 2))
+    starts = [e.start_frame for e in events]
+    ends = [-1] + [e.end_frame for e in events[:-1]]
+    assert len(events) >= 10
+    assert all(gaps[0] <= s - e - 1 <= gaps[1] for s, e in zip(starts, ends, strict=True))
+    with pytest.raises(ValueError, match="burst must be >= 1"):
+        events_of(4, burst=0)

@@ -816,6 +816,8 @@ def iter_stream(
     gap_frames: tuple[int, int] = (22, 45),
     new_scene_every: int = 6,
     still_camera: bool = False,
+    burst: int = 1,
+    burst_gap_frames: tuple[int, int] = (0, 4),
 ) -> Iterator[tuple[np.ndarray, TruthEvent | None]]:
     """Frames of a long stream; yields ``(frame, event)`` where ``event`` is set on the frame an
     event ends (its truth). Events alternate with quiet gaps of ``gap_frames`` frames. Every
@@ -830,7 +832,13 @@ def iter_stream(
     are the model's hard negatives) keeps scene objects from swaying and the camera from
     jittering, as a fixed monitoring camera's empty scene; sensor noise, light flicker and, when
     written to a file, compression remain. The same seed gives the same events at the same
-    frames either way (the random draws are the same)."""
+    frames either way (the random draws are the same).
+
+    ``burst`` > 1 makes events come in bursts of that many, ``burst_gap_frames`` apart, with
+    the ``gap_frames`` quiet gaps only between bursts: one stretch of activity now and then, as
+    when someone walks into a watched room, does several things and leaves."""
+    if burst < 1:
+        raise ValueError(f"burst must be >= 1, but got {burst}")
     rng = np.random.default_rng([int(seed), 0x57])
     total = int(round(duration_s * fps))
     scene = new_scene(rng, difficulty, background_frames, dark=False)
@@ -839,8 +847,11 @@ def iter_stream(
     events_in_scene = 0
     labels = [c for c in CLASSES if c != BACKGROUND_CLASS]
     counts = dict.fromkeys(labels, 0)
+    events = 0
     while produced < total:
-        gap = int(rng.integers(gap_frames[0], gap_frames[1] + 1))
+        low, high = gap_frames if events % burst == 0 else burst_gap_frames
+        gap = int(rng.integers(low, high + 1))
+        events += 1
         for _ in range(gap):
             if produced >= total:
                 return
