@@ -7,7 +7,9 @@
    ``scripts/build_demo.py``'s held-out streams (seeds 7001-7003, 180 s: events every 2-4.5 s)
    and, with the same seeds, streams with longer quiet gaps (``--gaps``); a gap set written
    ``still:LOW-HIGH`` is rendered as a fixed camera (``iter_stream(still_camera=True)``: no
-   sway of scene objects, no camera jitter; noise, flicker and compression kept). The share of
+   sway of scene objects, no camera jitter; noise, flicker and compression kept), and one
+   written ``LOW-HIGHxN`` has its events in bursts of N, back to back (0-4 frames apart), the
+   gaps between bursts (activity now and then, as in the real-footage stream). The share of
    quiet frames (frame count outside every true event) is printed per set, and a bound: the
    windows a gate that knew the truth would score and still give the tracker what it needs
    (``bound_windows``), so what a gate's count leaves on the table is plain.
@@ -18,7 +20,7 @@
 
 Usage:
     python benchmarks/bench_gating.py [--seeds 7001,7002,7003] [--seconds 180]
-    python benchmarks/bench_gating.py --gaps 22-45,still:50-80 --skip-real
+    python benchmarks/bench_gating.py --gaps 22-45,still:50-80,still:250-300x5 --skip-real
 """
 
 from __future__ import annotations
