@@ -21,12 +21,16 @@
    video (people walking through the hall), its last frame held for 40 s, the next 10 s, ...;
    camera i of N starts at slot i * 25 // N of that 50-s cycle, so at any time 20% of the
    cameras see activity (as independent cameras would), never all at once.
+4. Quiet replay (with ``--gating``): one 80%-quiet camera's clip (``--replay-seconds``, from the
+   start of the cycle) replayed as fast as possible (``realtime: false``), gating off and on in
+   alternating rounds (``--replay-rounds``): median seconds per replay, windows scored, speed-up.
 
 Usage:
     python benchmarks/bench_pipeline.py --precision int8
     python benchmarks/bench_pipeline.py --quick
     python benchmarks/bench_pipeline.py --precision int8 --file-frames 795 --skip preprocess,streams
     python benchmarks/bench_pipeline.py --precision int8 --skip preprocess,file --gating both
+    python benchmarks/bench_pipeline.py --precision int8 --skip preprocess,file,streams --gating both
 """
 
 from __future__ import annotations
@@ -513,6 +517,41 @@ class QuietTimeline:
         return dst
 
 
+def bench_replay(checkpoint: Checkpoint, engine, clip: Path, args: argparse.Namespace, tmp: Path):
+    """``clip`` replayed as fast as possible, gating off and on in alternating rounds; table
+    lines: median seconds per replay, windows scored, and how much faster gating made it."""
+    source = {"name": "quiet", "url": str(clip), "realtime": False}
+    cfg = RunConfig.model_validate({"sources": [source], "model": {"device": "cpu"}})
+    workers, per_worker = inference_plan(
+        cfg, engine.device, engine.concurrent, torch.get_num_threads()
+    )
+    seconds: dict[bool, list[float]] = {False: [], True: []}
+    windows: dict[bool, tuple[int, int]] = {}
+    for _ in range(args.replay_rounds):
+        for gating in (False, True):
+            s = run_pipeline(
+                checkpoint, engine, [source], args.max_batch, tmp, None, workers, per_worker, gating
+            )
+            seconds[gating].append(s.seconds)
+            windows[gating] = (s.windows - (s.windows_gated or 0), s.windows)
+    off = statistics.median(seconds[False])
+    lines = [
+        f"{args.replay_rounds} rounds, off and on alternating, {workers} x "
+        f"{per_worker or torch.get_num_threads()} workers x threads; medians\n",
+        "| gating | seconds per replay, per round | median | windows scored / all | faster |",
+        "|---|---|---:|---|---:|",
+    ]
+    for gating in (False, True):
+        med = statistics.median(seconds[gating])
+        rounds = ", ".join(f"{v:.1f}" for v in seconds[gating])
+        scored, total = windows[gating]
+        lines.append(
+            f"| {'on' if gating else 'off'} | {rounds} | {med:.1f} | {scored} / {total} | "
+            f"{off / med:.2f}x |"
+        )
+    return lines
+
+
 def noisy(frame: np.ndarray, rng: np.random.Generator, sigma: float = 3.0) -> np.ndarray:
     """``frame`` with fresh sensor noise."""
     return np.clip(frame + rng.normal(0, sigma, frame.shape), 0, 255).astype(np.uint8)
@@ -609,6 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", default="1,2,4,6,8,10,12", help="stream counts to try, ascending")
     ap.add_argument("--stream-seconds", type=float, default=20.0, help="length of each paced trial")
     ap.add_argument(
+        "--replay-seconds", type=float, default=100.0, help="part 4: the quiet clip's length"
+    )
+    ap.add_argument("--replay-rounds", type=int, default=3, help="part 4: rounds, off and on")
+    ap.add_argument(
         "--stream-fps",
         type=float,
         default=30.0,
@@ -645,7 +688,9 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="width 0.25, 120 frames, streams 1,2, 8 s trials"
     )
     ap.add_argument(
-        "--skip", default="", help="comma-separated parts to skip: preprocess,file,streams"
+        "--skip",
+        default="",
+        help="comma-separated parts to skip: preprocess,file,streams,replay (replay: with --gating)",
     )
     ap.add_argument(
         "--gating",
@@ -699,8 +744,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n## {codec} file as fast as possible (realtime: false) vs the bare engine\n")
             print(bench_file(checkpoint, engine, windows, clip, args, tmp))
 
+        timeline = None
+        if args.gating != "off" and not {"streams", "replay"} <= skip:
+            timeline = QuietTimeline(video, tmp / "quiet", args.stream_fps)
+            print(f"\n# 80%-quiet cameras: {timeline.describe()}")
+        if timeline is not None and "replay" not in skip:
+            clip = timeline.camera(0, int(np.ceil(args.replay_seconds / SLOT_S)))
+            print(
+                f"\n## An 80%-quiet {args.stream_fps:g} fps camera's {args.replay_seconds:g} s "
+                "replayed as fast as possible (realtime: false), gating off and on\n"
+            )
+            print("\n".join(bench_replay(checkpoint, engine, clip, args, tmp)))
         if "streams" not in skip:
-            if args.gating == "off":
+            if timeline is None:
                 clip30 = (
                     make_h264_clip(video, tmp / "cam30.mp4", 795, args.stream_fps)
                     if args.stream_codec == "h264"
@@ -716,9 +772,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"\nstreams held in real time: {held}")
             else:
-                timeline = QuietTimeline(video, tmp / "quiet", args.stream_fps)
                 slots = int(np.ceil(args.stream_seconds / SLOT_S)) + 4  # start-up margin
-                print(f"\n# 80%-quiet cameras: {timeline.describe()}")
                 held = {}
                 for gating in [False, True] if args.gating == "both" else [True]:
                     held[gating] = bench_streams(
