@@ -30,7 +30,8 @@ Example:
     <Pacing.PACED: 'paced'>
     >>> pacing_of(SourceConfig(name="clip", url="clip.mp4")).lossless
     True
-    >>> Pacing.LIVE.decode_threads(sources=64), Pacing.REPLAY.decode_threads()
+    >>> import os
+    >>> Pacing.LIVE.decode_threads(sources=os.cpu_count() or 1), Pacing.REPLAY.decode_threads()
     (1, 1)
 """
 
@@ -63,12 +64,15 @@ class Pacing(enum.Enum):
         return self is Pacing.REPLAY
 
     def decode_threads(self, sources: int = 1) -> int | None:
-        """FFmpeg decoding threads for one of a run's ``sources`` sources: one for a replay,
-        whose inference keeps every core busy (see :class:`~streamdet.sources.opening.OpenCVSource`),
-        and for any source of a run with at least as many sources as cores, whose decoders
-        already share every core between them (frame threading there only adds switches and a
-        frame of latency per thread: 27 paced 10-fps cameras took 6% less CPU per frame, see
-        ``benchmarks/RESULTS.md``, 'Motion gating, fifth pass'); else None (FFmpeg's choice)."""
+        """FFmpeg decoding threads for one of a run's ``sources`` sources.
+
+        One for a replay, whose inference keeps every core busy (see
+        :class:`~streamdet.sources.opening.OpenCVSource`), and for any source of a run with at
+        least as many sources as cores, whose decoders already share every core between them:
+        frame threading there only adds thread switches and a frame of latency per thread (27
+        paced 10-fps cameras took 5-6% less CPU per frame on one thread each, see
+        ``benchmarks/RESULTS.md``, 'Motion gating, fifth pass'). Else None: FFmpeg's choice.
+        """
         if self is Pacing.REPLAY or sources >= (os.cpu_count() or 1):
             return 1
         return None
