@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from threads import wait_until
 from web_helpers import FakeHealth, change, frame, get, make_sink
 
 from streamdet.errors import StreamdetError
@@ -446,10 +447,7 @@ def test_the_page_asks_for_a_frame_only_when_one_is_due() -> None:
         assert sink.wants_frame("cam", used=False)
         sink.on_frame(FrameMessage("cam", 0, frame(0), 10.0))
         assert not sink.wants_frame("cam", used=False) and not sink.wants_frame("cam", used=True)
-        deadline = time.monotonic() + 10
-        while not sink.wants_frame("cam", used=False):
-            assert time.monotonic() < deadline, "no frame due again within 10 s"
-            time.sleep(0.05)
+        wait_until(lambda: sink.wants_frame("cam", used=False), 10, "frame due again")
     finally:
         sink.close()
 
