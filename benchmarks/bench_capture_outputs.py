@@ -1,11 +1,11 @@
 """What the outputs that take decoded frames cost capture: the web page, snapshots, and an
 output that wants every frame, on paced 30-fps cameras; and what FFmpeg's frame threads cost.
 
-Each camera decodes 30 frames a second (``--fps``); the model uses every third. A frame the model skips is
-converted to BGR only if an output wants it (``Sink.wants_frame``): the web page one per
-``1 / mjpeg_fps`` s, snapshots only the model's frames, an annotated video every frame. The
-engine is a stub that answers at once, so the process's CPU is capture and the outputs. Modes,
-in alternating rounds, medians: no output taking frames; the web page and media (snapshots,
+Each camera decodes 30 frames a second (``--fps``); the model uses every third. A frame the
+model skips is converted to BGR only if an output wants it (``Sink.wants_frame``): the web page
+one per ``1 / mjpeg_fps`` s, snapshots only the model's frames, an annotated video every frame.
+The engine is a stub that answers at once, so the process's CPU is capture and the outputs.
+Modes, in alternating rounds, medians: no output taking frames; the web page and media (snapshots,
 clips); the same plus an output that wants every frame (what any frame output cost before
 outputs could say which frames they want); no output, with each camera's decoder on FFmpeg's
 own thread count (``ffmpeg-threads``: frame threads, what a live source had before a run with
